@@ -1,0 +1,78 @@
+"""A fake Discord, a fake fal and the real bot process, wired together: used by the end-to-end
+tests, the sandbox and the benchmark."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import AsyncIterator, Mapping
+
+from .bot_process import BotProcess
+from .discord_fake import FakeDiscord
+from .fal_fake import FakeFal, JobScript, make_image
+
+FAL_KEY = "test-fal-key"
+DISCORD_TOKEN = "test-discord-token"
+
+
+class World:
+    def __init__(self, discord: FakeDiscord, fal: FakeFal, data_dir: Path,
+                 settings: Mapping[str, str] | None = None) -> None:
+        self.discord = discord
+        self.fal = fal
+        self.data_dir = data_dir
+        self.settings = dict(settings or {})
+        self.bot: BotProcess | None = None
+
+    def new_bot(self, **settings: str) -> BotProcess:
+        return BotProcess(
+            discord_api_base=self.discord.api_base,
+            discord_token=DISCORD_TOKEN,
+            fal_url=self.fal.base_url,
+            fal_key=FAL_KEY,
+            data_dir=self.data_dir,
+            settings={**self.settings, **settings},
+        )
+
+    async def start_bot(self, **settings: str) -> BotProcess:
+        """Start `python bot.py` and wait until it is connected with its commands synced."""
+        syncs = len(self.discord.requests_to("PUT", r"/commands$"))
+        identified = self.discord.identify_count
+        self.bot = self.new_bot(**settings)
+        await self.bot.start()
+        try:
+            await self.discord.wait_until(
+                lambda: len(self.discord.requests_to("PUT", r"/commands$")) > syncs
+                and self.discord.identify_count > identified,
+                timeout=20,
+            )
+        except Exception:
+            raise AssertionError("the bot did not come up:\n" + self.bot.log_text()[-5000:]) from None
+        return self.bot
+
+    def input_image(self, size: int = 4096, fmt: str = "png") -> dict:
+        data, width, height = make_image(fmt, size, 64, 64)
+        return self.discord.add_cdn_file(data, f"input.{fmt}", f"image/{fmt}", width=width, height=height)
+
+    async def kontext(self, user: str = "alice", channel_id: str | None = None, **options):
+        """Run `/kontext` as a member would: an image attached and a prompt."""
+        options.setdefault("image", self.input_image())
+        options.setdefault("prompt", "make the sky purple")
+        return await self.discord.invoke_slash("kontext", options=options, user=user, channel_id=channel_id)
+
+
+@contextlib.asynccontextmanager
+async def running_world(data_dir: Path, *, spec_validation: bool = True, fal_script: JobScript | None = None,
+                        settings: Mapping[str, str] | None = None) -> AsyncIterator[World]:
+    discord = FakeDiscord(token=DISCORD_TOKEN, spec_validation=spec_validation)
+    fal = FakeFal(key=FAL_KEY, default=fal_script or JobScript())
+    await discord.start()
+    await fal.start()
+    world = World(discord, fal, data_dir, settings)
+    try:
+        yield world
+    finally:
+        if world.bot is not None:
+            await world.bot.stop()
+        await fal.stop()
+        await discord.stop()
