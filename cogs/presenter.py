@@ -1,0 +1,165 @@
+"""Shows jobs in Discord: throttled progress edits, then the final delivery.
+
+The runner reports changes; this listener decides what reaches Discord. Progress edits are
+best-effort and only sent when the rendered message differs from the one shown; delivery is
+awaited and raises, so the runner retries it until it is shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+import discord
+
+from services.job import Job
+
+from .render import Rendered, attachment_name, pack_files, render
+
+if TYPE_CHECKING:
+    from bot import KontextBot
+
+log = logging.getLogger(__name__)
+
+# Discord answers 401 with this code once an interaction token is older than 15 minutes.
+INVALID_WEBHOOK_TOKEN = 50027
+UNKNOWN_MESSAGE = 10008
+
+
+class ProgressTicker:
+    """Edits one message with the newest rendering, at most once per `interval` and only when it
+    changed. Intermediate states that come and go within one interval are never sent."""
+
+    def __init__(self, edit: Callable[[Rendered], Awaitable[None]], interval: float, job_id: int) -> None:
+        self._edit = edit
+        self._interval = interval
+        self._job_id = job_id
+        self._latest: Rendered | None = None
+        self._shown_key: tuple[object, ...] | None = None
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"progress-{job_id}")
+
+    def show(self, rendered: Rendered) -> None:
+        self._latest = rendered
+        self._changed.set()
+
+    async def _run(self) -> None:
+        # The deferred "thinking…" stands for the first interval, so a job that is submitted
+        # within it goes straight to its queue position.
+        await asyncio.sleep(self._interval)
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            rendered = self._latest
+            if rendered is None or rendered.key() == self._shown_key:
+                continue
+            try:
+                await self._edit(rendered)
+                self._shown_key = rendered.key()
+            except discord.HTTPException as exc:
+                log.warning("job %d: progress edit failed: %s", self._job_id, exc)
+            await asyncio.sleep(self._interval)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class DiscordPresenter:
+    """The runner's listener (see `services.runner.JobListener`)."""
+
+    def __init__(self, bot: KontextBot, edit_interval: float) -> None:
+        self._bot = bot
+        self._edit_interval = edit_interval
+        self._tickers: dict[int, ProgressTicker] = {}
+
+    def job_changed(self, job: Job) -> None:
+        if job.state.is_final or not job.token_valid():
+            return  # the final state is shown by deliver(); an expired token cannot edit
+        ticker = self._tickers.get(job.id)
+        if ticker is None:
+            webhook = self._webhook(job)
+
+            async def edit(rendered: Rendered) -> None:
+                await webhook.edit_message(
+                    job.message_id, content=rendered.content, embed=rendered.embed, view=rendered.view()
+                )
+
+            ticker = self._tickers[job.id] = ProgressTicker(edit, self._edit_interval, job.id)
+        ticker.show(render(job))
+
+    async def close(self) -> None:
+        tickers = list(self._tickers.values())
+        self._tickers.clear()
+        for ticker in tickers:
+            await ticker.close()
+
+    async def deliver(self, job: Job) -> None:
+        ticker = self._tickers.pop(job.id, None)
+        if ticker is not None:
+            await ticker.close()  # no progress edit may land after the final one
+        rendered = render(job)
+        groups, too_large = pack_files([image.size for image in rendered.files], job.upload_limit)
+        if too_large:
+            links = ", ".join(f"[image {i + 1}]({rendered.files[i].url})" for i in too_large)
+            rendered.content = f"{rendered.content}\n📦 Too large for this server's upload limit: {links}"
+        first, *rest = groups or [[]]
+        if job.token_valid():
+            try:
+                await self._deliver_by_interaction(job, rendered, first, rest)
+                return
+            except discord.HTTPException as exc:
+                if exc.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE):
+                    raise
+                log.info("job %d: the reply can no longer be edited (%s); posting in the channel", job.id, exc)
+        await self._deliver_in_channel(job, rendered, [first, *rest])
+
+    async def _deliver_by_interaction(self, job: Job, rendered: Rendered, first: list[int], rest: list[list[int]]) -> None:
+        webhook = self._webhook(job)
+        await webhook.edit_message(
+            job.message_id,
+            content=rendered.content,
+            embed=rendered.embed,
+            attachments=self._files(job, rendered, first),
+            view=rendered.view(),
+        )
+        for group in rest:
+            await webhook.send(files=self._files(job, rendered, group), wait=True)
+
+    async def _deliver_in_channel(self, job: Job, rendered: Rendered, groups: list[list[int]]) -> None:
+        """After the 15-minute token: a channel message replying to the original, which mentions
+        only the member who asked."""
+        channel = self._bot.get_channel(job.channel_id) or await self._bot.fetch_channel(job.channel_id)
+        assert isinstance(channel, discord.abc.Messageable)
+        reference = (
+            discord.MessageReference(message_id=job.message_id, channel_id=job.channel_id, fail_if_not_exists=False)
+            if job.message_id
+            else None
+        )
+        only_requester = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
+        content = f"<@{job.user_id}> {rendered.content or ''}".strip()
+        for index, group in enumerate(groups):
+            await channel.send(
+                content=content if index == 0 else None,
+                embed=rendered.embed if index == 0 else None,  # type: ignore[arg-type]
+                files=self._files(job, rendered, group),
+                reference=reference,  # type: ignore[arg-type]
+                allowed_mentions=only_requester if index == 0 else discord.AllowedMentions.none(),
+            )
+
+    def _webhook(self, job: Job) -> discord.Webhook:
+        return discord.Webhook.partial(job.application_id, job.interaction_token, client=self._bot)
+
+    @staticmethod
+    def _files(job: Job, rendered: Rendered, indexes: list[int]) -> list[discord.File]:
+        return [
+            discord.File(
+                rendered.files[i].path,
+                filename=attachment_name(job, i + 1, rendered.files[i]),
+                spoiler=rendered.files[i].nsfw,
+            )
+            for i in indexes
+        ]

@@ -1,0 +1,180 @@
+"""What a member sees for a job: one pure function from job state to message parts.
+
+Because rendering is pure, the presenter can compare two renderings and edit a message only
+when what it shows changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import discord
+
+from services.images import EXTENSIONS
+from services.job import Job, JobState, ResultImage
+
+from .views import CancelButton
+
+EMBED_COLOUR = discord.Colour.from_rgb(88, 101, 242)
+FAILURE_COLOUR = discord.Colour.red()
+
+# Failure codes (set by the services) -> what the member reads. `{detail}` is fal's own words.
+FAILURE_MESSAGES: dict[str, str] = {
+    "fal_rejected": "FLUX.1 Kontext refused this edit: {detail}",
+    "content_policy": "FLUX.1 Kontext's safety system refused this prompt or image. Try rephrasing it.",
+    "fal_auth": "The bot's fal.ai key was refused. A server admin needs to check the bot's configuration.",
+    "fal_unavailable": "fal.ai is not answering right now, even after several retries. Please try again in a few minutes.",
+    "submit_uncertain": (
+        "The connection to fal.ai broke while your edit was being sent, so the bot cannot tell whether "
+        "fal received it. It was not re-sent (so you are never billed twice). Please run the command again."
+    ),
+    "result_expired": "fal.ai no longer has this result (it keeps results only a few minutes). Please run the command again.",
+    "bad_output": "fal.ai sent back something that is not a usable image. Please try again.",
+    "timeout": "This edit took too long and was stopped. Please try again later.",
+    "missing_files": "The result files were lost before they could be posted. Please run the command again.",
+}
+GENERIC_FAILURE = "Something went wrong with this edit. Please try again."
+
+OPTION_LABELS = (
+    ("aspect_ratio", "Aspect ratio"),
+    ("num_images", "Images"),
+    ("guidance_scale", "Guidance"),
+    ("output_format", "Format"),
+    ("safety_tolerance", "Safety tolerance"),
+)
+
+
+@dataclass
+class Rendered:
+    content: str | None
+    embed: discord.Embed
+    cancel_job_id: int | None = None
+    files: list[ResultImage] = field(default_factory=list)
+
+    def key(self) -> tuple[Any, ...]:
+        """Equal keys mean the member would see the same message."""
+        return (self.content, self.embed.to_dict(), self.cancel_job_id, tuple(str(f.path) for f in self.files))
+
+    def view(self) -> discord.ui.View:
+        """The buttons; an empty view removes any shown before."""
+        view = discord.ui.View(timeout=None)
+        if self.cancel_job_id is not None:
+            view.add_item(CancelButton(self.cancel_job_id))
+        return view
+
+
+def failure_text(code: str | None, detail: str | None) -> str:
+    template = FAILURE_MESSAGES.get(code or "", GENERIC_FAILURE)
+    return template.format(detail=detail or "no reason given")
+
+
+def render(job: Job) -> Rendered:
+    """The message for `job` as it stands now."""
+    embed = _request_embed(job)
+    state = job.state
+    if state is JobState.PENDING:
+        place = job.bot_queue_position
+        where = f"you are **#{place}** in line" if place else "starting"
+        return Rendered(f"⏳ Waiting for a free slot: {where}.", embed, cancel_job_id=job.id)
+    if state is JobState.SUBMITTING:
+        return Rendered("📤 Sending your edit to FLUX.1 Kontext…", embed)
+    if state is JobState.QUEUED:
+        position = (job.queue_position or 0) + 1
+        return Rendered(f"🕒 In queue, position **{position}**.", embed, cancel_job_id=job.id)
+    if state is JobState.RUNNING:
+        started = int(job.started_at or job.created_at)
+        return Rendered(f"🎨 Generating… (started <t:{started}:R>)", embed)
+    if state is JobState.CANCELLED:
+        who = f"<@{job.cancelled_by}>" if job.cancelled_by else "the bot"
+        return Rendered(f"🚫 Cancelled by {who}.", embed)
+    if state is JobState.FAILED:
+        embed.colour = FAILURE_COLOUR
+        return Rendered(f"❌ {failure_text(job.error_code, job.error_detail)}", embed)
+    return _render_result(job, embed)
+
+
+def _render_result(job: Job, embed: discord.Embed) -> Rendered:
+    assert job.result is not None
+    shown, withheld = [], 0
+    for image in job.result.images:
+        if image.nsfw and not job.channel_nsfw:
+            withheld += 1
+        else:
+            shown.append(image)
+    if job.result.seed is not None:
+        embed.add_field(name="Seed", value=str(job.result.seed))
+    timing = _timing(job)
+    if timing:
+        embed.add_field(name="Time", value=timing)
+    notes = []
+    if withheld:
+        notes.append(
+            f"🛡️ {withheld} of {len(job.result.images)} image(s) were flagged by the safety checker and are not shown"
+            + (" (age-restricted channels show them behind a spoiler)." if not job.channel_nsfw else ".")
+        )
+    if any(image.nsfw for image in shown):
+        notes.append("⚠️ Flagged by the safety checker: shown behind a spoiler.")
+    content = "\n".join(notes) if notes else ("✅ Done." if shown else "No image could be shown.")
+    return Rendered(content, embed, files=shown)
+
+
+def _request_embed(job: Job) -> discord.Embed:
+    embed = discord.Embed(description=_quote(job.prompt), colour=EMBED_COLOUR)
+    embed.set_author(name="FLUX.1 Kontext [max]")
+    options = " · ".join(
+        f"{label} {job.params[name]}" for name, label in OPTION_LABELS if job.params.get(name) is not None
+    )
+    embed.add_field(name="Requested by", value=f"<@{job.user_id}>")
+    if options:
+        embed.add_field(name="Options", value=options, inline=False)
+    limited_to = job.notes.get("safety_limited_to")
+    if limited_to is not None:
+        embed.add_field(name="Policy", value=f"Safety tolerance limited to {limited_to} by this server's policy.", inline=False)
+    footer = f"Job #{job.id}"
+    if job.parent_job_id:
+        footer += f" · from job #{job.parent_job_id}"
+    embed.set_footer(text=footer)
+    return embed
+
+
+def _quote(prompt: str) -> str:
+    return "\n".join(f"> {line}" for line in prompt.splitlines() or [""])[:4096]
+
+
+def _timing(job: Job) -> str | None:
+    parts = []
+    if job.submitted_at and job.started_at:
+        parts.append(f"queued {job.started_at - job.submitted_at:.1f}s")
+    if job.result and job.result.inference_seconds:
+        parts.append(f"generated in {job.result.inference_seconds:.1f}s")
+    elif job.started_at and job.completed_at:
+        parts.append(f"generated in {job.completed_at - job.started_at:.1f}s")
+    return ", ".join(parts) or None
+
+
+def attachment_name(job: Job, index: int, image: ResultImage) -> str:
+    extension = EXTENSIONS.get(image.content_type, "png")
+    return f"kontext-{job.id}-{index}.{extension}"
+
+
+def pack_files(sizes: list[int], limit: int, per_message: int = 10) -> tuple[list[list[int]], list[int]]:
+    """Group file indexes into messages whose total stays within `limit` (Discord's upload
+    limit for the server) and `per_message` files; files larger than `limit` on their own are
+    returned separately, since they cannot be uploaded at all."""
+    groups: list[list[int]] = []
+    too_large: list[int] = []
+    current: list[int] = []
+    total = 0
+    for index, size in enumerate(sizes):
+        if size > limit:
+            too_large.append(index)
+            continue
+        if current and (total + size > limit or len(current) == per_message):
+            groups.append(current)
+            current, total = [], 0
+        current.append(index)
+        total += size
+    if current:
+        groups.append(current)
+    return groups, too_large

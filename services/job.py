@@ -1,0 +1,144 @@
+"""The job record: one row per `/kontext` request, from acceptance to delivery."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fal_queue import FalRequest
+
+ENDPOINT_SINGLE = "fal-ai/flux-pro/kontext/max"
+ENDPOINT_MULTI = "fal-ai/flux-pro/kontext/max/multi"
+
+# The interaction token of the reply lives 15 minutes; leave a margin for the final upload.
+INTERACTION_TOKEN_LIFETIME = 15 * 60
+TOKEN_SAFETY_MARGIN = 30
+
+
+class JobState(str, enum.Enum):
+    """Where a job stands. Every transition is stored before the bot acts on it."""
+
+    PENDING = "pending"  # accepted; waiting for a free slot in the bot's own queue
+    SUBMITTING = "submitting"  # submit sent: after a crash here nobody knows whether fal took it
+    QUEUED = "queued"  # at fal, waiting in its queue
+    RUNNING = "running"  # at fal, generating
+    SUCCEEDED = "succeeded"  # result images downloaded to DATA_DIR, ready to post
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    @property
+    def at_fal(self) -> bool:
+        return self in (JobState.QUEUED, JobState.RUNNING)
+
+
+@dataclass
+class ResultImage:
+    path: Path
+    size: int
+    content_type: str
+    nsfw: bool
+    width: int | None = None
+    height: int | None = None
+    # fal's CDN address: a fallback link when the file is over the server's upload limit.
+    url: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "path": str(self.path),
+            "size": self.size,
+            "content_type": self.content_type,
+            "nsfw": self.nsfw,
+            "width": self.width,
+            "height": self.height,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResultImage:
+        return cls(
+            Path(data["path"]),
+            data["size"],
+            data["content_type"],
+            data["nsfw"],
+            data.get("width"),
+            data.get("height"),
+            data.get("url"),
+        )
+
+
+@dataclass
+class JobResult:
+    seed: int | None
+    images: list[ResultImage]
+    inference_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "images": [image.to_dict() for image in self.images],
+            "inference_seconds": self.inference_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobResult:
+        return cls(data.get("seed"), [ResultImage.from_dict(i) for i in data["images"]], data.get("inference_seconds"))
+
+
+@dataclass
+class JobRequest:
+    """Everything needed to start a job, gathered by whoever accepted it (the Discord cog)."""
+
+    guild_id: int | None
+    channel_id: int
+    user_id: int
+    application_id: int
+    interaction_token: str = field(repr=False)
+    interaction_created_at: float
+    message_id: int | None
+    channel_nsfw: bool
+    upload_limit: int
+    endpoint: str
+    params: dict[str, Any]
+    # Policy notes for the member, e.g. {"safety_limited_to": 3}.
+    notes: dict[str, Any] = field(default_factory=dict)
+    parent_job_id: int | None = None
+
+
+@dataclass
+class Job(JobRequest):
+    id: int = 0
+    state: JobState = JobState.PENDING
+    created_at: float = field(default_factory=time.time)
+    # Place in the bot's own queue while PENDING (1 = next), then fal's queue_position while QUEUED.
+    bot_queue_position: int | None = None
+    queue_position: int | None = None
+    request: FalRequest | None = None
+    submitted_at: float | None = None
+    started_at: float | None = None
+    completed_at: float | None = None
+    delivered_at: float | None = None
+    error_code: str | None = None
+    error_detail: str | None = None
+    cancelled_by: int | None = None
+    result: JobResult | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Final and shown to the member: nothing left to do."""
+        return self.delivered_at is not None
+
+    def token_valid(self, now: float | None = None) -> bool:
+        """Whether the reply can still be edited through the interaction token."""
+        age = (now or time.time()) - self.interaction_created_at
+        return age < INTERACTION_TOKEN_LIFETIME - TOKEN_SAFETY_MARGIN
+
+    @property
+    def prompt(self) -> str:
+        return str(self.params.get("prompt", ""))

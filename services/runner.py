@@ -1,0 +1,322 @@
+"""The job state machine: drives each job from acceptance to delivery, the same way whether it
+was just accepted or found unfinished at start-up (resuming is "load the unfinished rows and
+drive them"). It knows nothing of Discord: it reports every change to a listener."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from .fal_queue import FalBadOutput, FalError, FalQueueClient, FalRequest, QueueStatus
+from .job import Job, JobRequest, JobResult, JobState, ResultImage
+from .retry import Backoff, retrying
+from .slots import SlotQueue
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class JobListener(Protocol):
+    def job_changed(self, job: Job) -> None:
+        """A job's visible state changed. Must return at once (it runs on the runner's path)."""
+
+    async def deliver(self, job: Job) -> None:
+        """Show the final state (result, failure, cancellation) to the member; raise on failure
+        and it is retried."""
+
+
+class RunnerStopped(Exception):
+    """The bot is shutting down and takes no new jobs."""
+
+
+class CancelOutcome(enum.Enum):
+    CANCELLED = "cancelled"
+    REQUESTED = "requested"  # submit in flight: cancelled at fal as soon as it has an id
+    TOO_LATE = "too_late"  # already finished at fal; the result is on its way
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: Store,
+        fal: FalQueueClient,
+        listener: JobListener,
+        *,
+        results_dir: Path,
+        max_concurrent_jobs: int,
+        job_timeout: float,
+        max_result_bytes: int,
+        backoff: Backoff,
+    ) -> None:
+        self._store = store
+        self._fal = fal
+        self._listener = listener
+        self._results_dir = results_dir
+        self._job_timeout = job_timeout
+        self._max_result_bytes = max_result_bytes
+        self._backoff = backoff
+        self._slots = SlotQueue(max_concurrent_jobs, self._show_bot_queue)
+        self._jobs: dict[int, Job] = {}
+        self._drivers: dict[int, asyncio.Task[None]] = {}
+        self._work: dict[int, asyncio.Task[None]] = {}
+        self._cancel_requests: dict[int, int] = {}
+        self._stopping = False
+
+    # -- public interface -------------------------------------------------------------------
+
+    async def submit(self, request: JobRequest) -> Job:
+        """Record a new job (before anything is spent) and start driving it."""
+        if self._stopping:
+            raise RunnerStopped()
+        job = await self._store.create_job(request)
+        log.info("job %d accepted: user %d channel %d endpoint %s", job.id, job.user_id, job.channel_id, job.endpoint)
+        self._start(job)
+        return job
+
+    async def resume(self) -> int:
+        """Drive every job a previous run left unfinished; returns how many."""
+        jobs = await self._store.unfinished_jobs()
+        for job in jobs:
+            log.info("job %d resumed in state %s", job.id, job.state.value)
+            if job.state.at_fal:
+                self._slots.take()  # already at fal: it must be followed now, not queued again
+            self._start(job)
+        return len(jobs)
+
+    def active_job(self, job_id: int) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def active_jobs(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    async def cancel(self, job_id: int, by_user: int) -> CancelOutcome:
+        job = self._jobs.get(job_id)
+        if job is None or job.state.is_final:
+            return CancelOutcome.TOO_LATE
+        if job.state is JobState.SUBMITTING:
+            self._cancel_requests[job_id] = by_user
+            return CancelOutcome.REQUESTED
+        if job.state.at_fal:
+            assert job.request is not None
+            answer = await self._fal.cancel(job.request)
+            log.info("job %d: fal answered cancel with %s", job.id, answer)
+            if answer == "ALREADY_COMPLETED":
+                return CancelOutcome.TOO_LATE
+        work = self._work.get(job_id)
+        if work is None or work.done():
+            return CancelOutcome.TOO_LATE
+        # State first, then stop the work: the driver delivers as soon as the work ends.
+        job.state = JobState.CANCELLED
+        job.cancelled_by = by_user
+        work.cancel()
+        await self._transition(job, JobState.CANCELLED)
+        return CancelOutcome.CANCELLED
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking jobs and stop driving them, leaving each resumable from its stored state.
+        A submit already in flight is allowed to finish (within `grace`) so its id is kept."""
+        self._stopping = True
+        drivers = list(self._drivers.values())
+        for task in drivers:
+            task.cancel()
+        if drivers:
+            await asyncio.wait(drivers, timeout=grace)
+
+    # -- driving ----------------------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        task = asyncio.create_task(self._drive(job), name=f"job-{job.id}")
+        self._drivers[job.id] = task
+        task.add_done_callback(lambda _: self._forget(job.id))
+
+    def _forget(self, job_id: int) -> None:
+        self._drivers.pop(job_id, None)
+        self._jobs.pop(job_id, None)
+        self._cancel_requests.pop(job_id, None)
+
+    async def _drive(self, job: Job) -> None:
+        if not job.state.is_final:
+            work = asyncio.create_task(self._run_at_fal(job), name=f"job-{job.id}-work")
+            self._work[job.id] = work
+            try:
+                await work
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # shutdown: leave the job as stored, to resume later
+                # otherwise the member cancelled it: cancel() has already recorded that
+            finally:
+                self._work.pop(job.id, None)
+        await self._deliver(job)
+
+    async def _run_at_fal(self, job: Job) -> None:
+        deadline = self._deadline(job)
+        holding_slot = job.state.at_fal
+        try:
+            if job.state is JobState.PENDING:
+                async with asyncio.timeout_at(deadline):
+                    await self._slots.acquire(job.id)
+                holding_slot = True
+                await self._submit(job, deadline)
+            elif job.state is JobState.SUBMITTING:
+                # A previous run crashed between sending the submit and recording fal's answer.
+                await self._fail(job, "submit_uncertain", None)
+                return
+            if job.state.at_fal:
+                await self._follow(job, deadline)
+        except FalError as exc:
+            log.warning("job %d failed: %s (%s)", job.id, exc, exc.code)
+            await self._fail(job, exc.code, _describe_detail(exc))
+        except TimeoutError:
+            log.warning("job %d timed out after %.0fs", job.id, self._job_timeout)
+            if job.request is not None:
+                await self._cancel_quietly(job)
+            await self._fail(job, "timeout", None)
+        finally:
+            if holding_slot:
+                self._slots.release()
+
+    def _deadline(self, job: Job) -> float:
+        loop = asyncio.get_running_loop()
+        return loop.time() + (job.created_at + self._job_timeout - time.time())
+
+    async def _submit(self, job: Job, deadline: float) -> None:
+        job.bot_queue_position = None
+        await self._transition(job, JobState.SUBMITTING)
+        sending = asyncio.ensure_future(self._fal.submit(job.endpoint, job.params, deadline=deadline))
+        try:
+            request, status = await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            # Shutting down mid-submit: wait for fal's answer so the job stays resumable.
+            with contextlib.suppress(Exception):
+                await self._record_submission(job, *(await sending))
+            raise
+        await self._record_submission(job, request, status)
+        by_user = self._cancel_requests.pop(job.id, None)
+        if by_user is not None:
+            await self._fal.cancel(request)
+            job.cancelled_by = by_user
+            await self._transition(job, JobState.CANCELLED)
+
+    async def _record_submission(self, job: Job, request: FalRequest, status: QueueStatus) -> None:
+        job.request = request
+        job.submitted_at = time.time()
+        job.queue_position = status.queue_position
+        log.info("job %d submitted as fal request %s", job.id, request.request_id)
+        await self._transition(job, JobState.QUEUED)
+        await self._apply_status(job, status)
+
+    async def _follow(self, job: Job, deadline: float) -> None:
+        assert job.request is not None
+        async with asyncio.timeout_at(deadline):
+            async for status in self._fal.statuses(job.request, deadline=deadline):
+                await self._apply_status(job, status)
+            output = await self._fal.result(job.request, deadline=deadline)
+            job.completed_at = time.time()
+            job.result = await self._download(job, output, deadline)
+        await self._transition(job, JobState.SUCCEEDED)
+
+    async def _apply_status(self, job: Job, status: QueueStatus) -> None:
+        for line in status.logs:
+            log.debug("job %d fal log: %s", job.id, line)
+        if status.state == "IN_QUEUE":
+            job.queue_position = status.queue_position
+            if job.state is not JobState.QUEUED:
+                await self._transition(job, JobState.QUEUED)
+            else:
+                self._listener.job_changed(job)
+        elif status.state == "IN_PROGRESS" and job.state is not JobState.RUNNING:
+            job.started_at = time.time()
+            job.queue_position = None
+            await self._transition(job, JobState.RUNNING)
+
+    async def _download(self, job: Job, output: dict[str, Any], deadline: float) -> JobResult:
+        images = output.get("images")
+        if not isinstance(images, list) or not images:
+            raise FalBadOutput("the result has no images")
+        flags = output.get("has_nsfw_concepts") or []
+        self._results_dir.mkdir(parents=True, exist_ok=True)
+
+        async def fetch(index: int, image: dict[str, Any]) -> ResultImage:
+            dest = self._results_dir / f"job-{job.id}-{index + 1}"
+            downloaded = await self._fal.download(
+                image["url"], dest, max_bytes=self._max_result_bytes, deadline=deadline
+            )
+            nsfw = bool(flags[index]) if index < len(flags) else False
+            return ResultImage(
+                downloaded.path,
+                downloaded.size,
+                downloaded.content_type,
+                nsfw,
+                image.get("width"),
+                image.get("height"),
+                image["url"],
+            )
+
+        # Download at once: fal keeps results of 10 KB and more for only 6 minutes.
+        fetched = await asyncio.gather(*(fetch(i, image) for i, image in enumerate(images)))
+        timings = output.get("timings") or {}
+        inference = timings.get("inference") if isinstance(timings, dict) else None
+        return JobResult(output.get("seed"), list(fetched), inference)
+
+    async def _cancel_quietly(self, job: Job) -> None:
+        assert job.request is not None
+        try:
+            await self._fal.cancel(job.request)
+        except Exception:
+            log.warning("job %d: cancel at fal failed", job.id, exc_info=True)
+
+    async def _fail(self, job: Job, code: str, detail: str | None) -> None:
+        job.error_code = code
+        job.error_detail = detail
+        await self._transition(job, JobState.FAILED)
+
+    async def _transition(self, job: Job, state: JobState) -> None:
+        job.state = state
+        if state.is_final:
+            job.queue_position = job.bot_queue_position = None
+        await self._store.save(job)
+        self._listener.job_changed(job)
+
+    def _show_bot_queue(self, positions: dict[int, int]) -> None:
+        for job_id, place in positions.items():
+            job = self._jobs.get(job_id)
+            if job is not None and job.bot_queue_position != place:
+                job.bot_queue_position = place
+                self._listener.job_changed(job)
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    async def _deliver(self, job: Job) -> None:
+        """Hand the final state to the listener until it is shown, then forget the files."""
+        loop = asyncio.get_running_loop()
+        try:
+            await retrying(
+                lambda: self._listener.deliver(job),
+                retryable=lambda exc: not isinstance(exc, asyncio.CancelledError),
+                backoff=self._backoff,
+                deadline=loop.time() + 120,
+                what=f"job {job.id} delivery",
+            )
+        except Exception:
+            log.exception("job %d could not be delivered; it will be tried again at the next start", job.id)
+            return
+        job.delivered_at = time.time()
+        await self._store.save(job)
+        log.info("job %d delivered (%s)", job.id, job.state.value)
+        if job.result:
+            for image in job.result.images:
+                image.path.unlink(missing_ok=True)
+
+
+def _describe_detail(exc: FalError) -> str | None:
+    messages = getattr(exc, "messages", None)
+    if messages:
+        return "; ".join(messages)[:500]
+    return None

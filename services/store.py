@@ -1,0 +1,147 @@
+"""SQLite persistence (aiosqlite): jobs and per-server settings, with versioned migrations.
+
+WAL journal and one transaction per write: a `kill -9` at any moment leaves the last committed
+state, which is what resuming relies on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import aiosqlite
+
+from .fal_queue import FalRequest
+from .job import Job, JobRequest, JobResult, JobState
+
+log = logging.getLogger(__name__)
+
+# Append-only: each entry upgrades the schema by one version; never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        guild_id INTEGER,
+        channel_id INTEGER NOT NULL,
+        user_id INTEGER NOT NULL,
+        application_id INTEGER NOT NULL,
+        interaction_token TEXT NOT NULL,
+        interaction_created_at REAL NOT NULL,
+        message_id INTEGER,
+        channel_nsfw INTEGER NOT NULL,
+        upload_limit INTEGER NOT NULL,
+        endpoint TEXT NOT NULL,
+        params TEXT NOT NULL,
+        notes TEXT NOT NULL,
+        parent_job_id INTEGER REFERENCES jobs(id),
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        bot_queue_position INTEGER,
+        queue_position INTEGER,
+        request_id TEXT,
+        status_url TEXT,
+        response_url TEXT,
+        cancel_url TEXT,
+        submitted_at REAL,
+        started_at REAL,
+        completed_at REAL,
+        delivered_at REAL,
+        error_code TEXT,
+        error_detail TEXT,
+        cancelled_by INTEGER,
+        result TEXT
+    );
+    CREATE INDEX jobs_unfinished ON jobs (delivered_at) WHERE delivered_at IS NULL;
+    CREATE INDEX jobs_member ON jobs (guild_id, user_id, created_at);
+    CREATE INDEX jobs_guild ON jobs (guild_id, created_at);
+    """,
+)
+
+_JSON_COLUMNS = ("params", "notes")
+_REQUEST_FIELDS = ("request_id", "status_url", "response_url", "cancel_url")
+_SCALAR_COLUMNS = tuple(
+    f.name
+    for f in dataclasses.fields(Job)
+    if f.name not in (*_JSON_COLUMNS, "id", "state", "request", "result")
+)
+
+
+def _to_row(job: Job) -> dict[str, Any]:
+    row = {name: getattr(job, name) for name in _SCALAR_COLUMNS}
+    row["channel_nsfw"] = int(job.channel_nsfw)
+    row.update({name: json.dumps(getattr(job, name)) for name in _JSON_COLUMNS})
+    row["state"] = job.state.value
+    request = job.request
+    row.update({name: getattr(request, name) if request else None for name in _REQUEST_FIELDS})
+    row["result"] = json.dumps(job.result.to_dict()) if job.result else None
+    return row
+
+
+def _from_row(row: aiosqlite.Row) -> Job:
+    values = {name: row[name] for name in _SCALAR_COLUMNS}
+    values["channel_nsfw"] = bool(row["channel_nsfw"])
+    values.update({name: json.loads(row[name]) for name in _JSON_COLUMNS})
+    request = FalRequest(*(row[name] for name in _REQUEST_FIELDS)) if row["request_id"] else None
+    result = JobResult.from_dict(json.loads(row["result"])) if row["result"] else None
+    return Job(**values, id=row["id"], state=JobState(row["state"]), request=request, result=result)
+
+
+class Store:
+    """The bot's only database handle. One connection; aiosqlite runs it off the event loop."""
+
+    def __init__(self, connection: aiosqlite.Connection) -> None:
+        self._db = connection
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = await aiosqlite.connect(path)
+        connection.row_factory = aiosqlite.Row
+        await connection.execute("PRAGMA journal_mode=WAL")
+        await connection.execute("PRAGMA synchronous=NORMAL")
+        await connection.execute("PRAGMA foreign_keys=ON")
+        store = cls(connection)
+        await store._migrate()
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _migrate(self) -> None:
+        async with self._db.execute("PRAGMA user_version") as cursor:
+            (version,) = await cursor.fetchone()
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            log.info("upgrading the database to schema version %d", number)
+            # executescript commits first; the version bump rides in the same script.
+            await self._db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+
+    async def create_job(self, request: JobRequest) -> Job:
+        job = Job(**{f.name: getattr(request, f.name) for f in dataclasses.fields(JobRequest)})
+        row = _to_row(job)
+        columns = ", ".join(row)
+        placeholders = ", ".join(f":{name}" for name in row)
+        async with self._db.execute(f"INSERT INTO jobs ({columns}) VALUES ({placeholders})", row) as cursor:
+            job.id = cursor.lastrowid
+        await self._db.commit()
+        return job
+
+    async def save(self, job: Job) -> None:
+        row = _to_row(job)
+        assignments = ", ".join(f"{name} = :{name}" for name in row)
+        await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**row, "id": job.id})
+        await self._db.commit()
+
+    async def get_job(self, job_id: int) -> Job | None:
+        async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cursor:
+            row = await cursor.fetchone()
+        return _from_row(row) if row else None
+
+    async def unfinished_jobs(self) -> list[Job]:
+        return await self._jobs("SELECT * FROM jobs WHERE delivered_at IS NULL ORDER BY id", ())
+
+    async def _jobs(self, sql: str, args: Iterable[Any]) -> list[Job]:
+        async with self._db.execute(sql, tuple(args)) as cursor:
+            return [_from_row(row) for row in await cursor.fetchall()]

@@ -1,0 +1,241 @@
+"""/kontext end to end: a member's command through the real bot process to the fake fal and
+back to the fake Discord, checked as the member would see it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fakes.discord_fake import EPHEMERAL
+from tests.fakes.fal_fake import JobScript
+
+FINAL_MARKS = ("✅", "❌", "🚫", "🛡️", "⚠️", "No image")
+
+
+def contents(message) -> list[str]:
+    return [snapshot.get("content") or "" for snapshot in message.history]
+
+
+def is_final(handle) -> bool:
+    message = handle.original
+    return message is not None and message.content.startswith(FINAL_MARKS)
+
+
+async def finished(handle, timeout: float = 15):
+    await handle.wait_until(is_final, timeout=timeout)
+    return handle.original
+
+
+def private_answer(handle) -> str:
+    callback = handle.callback
+    assert callback is not None and callback["type"] == 4, callback
+    assert callback["data"]["flags"] & EPHEMERAL
+    return callback["data"]["content"]
+
+
+def fal_job(world):
+    (job,) = world.fal.jobs.values()
+    return job
+
+
+async def test_edit_is_queued_shown_and_posted(world):
+    world.fal.default = JobScript(queue_positions=(2, 1, 0), step=0.3, run_time=0.3, image_size=50_000)
+    await world.start_bot()
+    handle = await world.kontext(prompt="make it blue", seed=42, num_images=2, safety_tolerance=3, aspect_ratio="16:9")
+    assert (await handle.wait_for_callback())["type"] == 5  # "thinking…" at once
+    message = await finished(handle)
+    shown = contents(message)
+    assert any("position **3**" in c for c in shown), shown
+    assert any("position **1**" in c for c in shown), shown
+    assert any("Generating" in c for c in shown), shown
+    assert world.fal.submits == [
+        {
+            "prompt": "make it blue",
+            "image_url": handle.payload["data"]["resolved"]["attachments"].popitem()[1]["url"],
+            "seed": 42,
+            "num_images": 2,
+            "safety_tolerance": "3",
+            "aspect_ratio": "16:9",
+        }
+    ]
+    expected, _, _ = fal_job(world).image_blob()
+    assert sorted(message.files) == [f"kontext-1-{i}.jpg" for i in (1, 2)]
+    assert all(data == expected for data in message.files.values())  # byte for byte
+    embed = message.embeds[0]
+    assert embed["description"] == "> make it blue"
+    assert {f["name"] for f in embed["fields"]} >= {"Seed", "Options", "Requested by", "Time"}
+    # While queued the reply offers Cancel; the result no longer does.
+    assert any("kontext:cancel:1" in str(s["components"]) for s in message.history)
+    assert "kontext:cancel" not in str(message.components)
+
+
+async def test_only_changes_are_edited(world):
+    world.fal.default = JobScript(queue_positions=(0,), step=1.0, run_time=1.0)
+    await world.start_bot()
+    handle = await world.kontext()
+    message = await finished(handle)
+    shown = contents(message)
+    assert len(shown) == len(set(shown)), shown  # no edit repeats what was already shown
+    assert len(world.discord.requests_to("PATCH", "/webhooks/")) == len(shown) - 1
+
+
+async def test_mentions_in_the_prompt_never_ping(world):
+    await world.start_bot()
+    handle = await world.kontext(prompt="@everyone look <@&123> @here")
+    message = await finished(handle)
+    assert "@everyone" in message.embeds[0]["description"]
+    writes = [r for r in world.discord.requests if r.method in ("POST", "PATCH") and "/webhooks/" in r.path]
+    assert writes
+    assert all(r.json.get("allowed_mentions") == {"parse": []} for r in writes), [r.json for r in writes]
+
+
+@pytest.mark.parametrize(
+    "attachment,expected",
+    [
+        (dict(data=b"just text", filename="notes.txt", content_type="text/plain"), "not an image"),
+        (dict(data=b"%PDF-1.7", filename="scan.pdf", content_type="application/pdf"), "not an image"),
+    ],
+)
+async def test_unreadable_attachments_are_refused_privately(world, attachment, expected):
+    await world.start_bot()
+    image = world.discord.add_cdn_file(**attachment)
+    handle = await world.kontext(image=image)
+    await handle.wait_for_callback()
+    assert expected in private_answer(handle)
+    assert world.fal.submits == []
+
+
+async def test_oversized_attachment_and_blank_prompt_are_refused(world):
+    await world.start_bot(MAX_INPUT_BYTES="1000")
+    big = await world.kontext(image=world.input_image(size=5000))
+    await big.wait_for_callback()
+    assert "limit" in private_answer(big)
+    blank = await world.kontext(prompt="    ")
+    await blank.wait_for_callback()
+    assert "describe the edit" in private_answer(blank)
+    assert world.fal.submits == []
+
+
+async def test_fal_validation_error_is_explained(world):
+    await world.start_bot()
+    world.fal.fail_next(
+        "submit", status=422, json={"detail": [{"loc": ["body", "image_url"], "msg": "Image is too small", "type": "value_error"}]}
+    )
+    message = await finished(await world.kontext())
+    assert message.content == "❌ FLUX.1 Kontext refused this edit: Image is too small"
+    assert world.fal.count("submit") == 1  # a 4xx is not retried
+
+
+async def test_content_policy_rejection_from_the_result(world):
+    world.fal.default = JobScript(
+        result_status=422,
+        result_body={"detail": [{"loc": ["body", "prompt"], "msg": "flagged", "type": "content_policy_violation"}]},
+    )
+    await world.start_bot()
+    message = await finished(await world.kontext())
+    assert "safety system refused" in message.content
+
+
+async def test_plain_string_detail_is_shown(world):
+    world.fal.default = JobScript(result_status=400, result_body={"detail": "Unsupported image dimensions"})
+    await world.start_bot()
+    message = await finished(await world.kontext())
+    assert "Unsupported image dimensions" in message.content
+
+
+async def test_fal_5xx_and_dropped_connections_are_retried(world):
+    await world.start_bot()
+    world.fal.fail_next("submit", status=503, times=2)
+    world.fal.fail_next("status", status="drop", times=2)
+    world.fal.fail_next("result", status=502, times=2)
+    world.fal.fail_next("file", status="drop", times=2)
+    message = await finished(await world.kontext())
+    assert message.content.startswith("✅"), message.content
+    assert len(world.fal.jobs) == 1  # fal created exactly one job
+
+
+@pytest.mark.parametrize("drop,jobs_at_fal", [("drop_after", 1), ("drop", 0)])
+async def test_submit_whose_answer_was_lost_is_not_resent(world, drop, jobs_at_fal):
+    """Once the request was sent, a broken connection leaves the bot unable to tell whether fal
+    took the job, so it says so instead of risking a second billed job."""
+    await world.start_bot()
+    world.fal.fail_next("submit", status=drop)
+    message = await finished(await world.kontext())
+    assert "cannot tell whether fal received it" in message.content
+    assert len(world.fal.jobs) == jobs_at_fal and world.fal.count("submit") == 1
+
+
+async def test_fal_down_ends_in_a_clear_message(world):
+    await world.start_bot(JOB_TIMEOUT="1.5")
+    world.fal.fail_next("submit", status=503, times=1000)
+    message = await finished(await world.kontext())
+    assert "fal.ai is not answering" in message.content
+    assert world.fal.jobs == {}
+
+
+@pytest.mark.parametrize("mode", ["unavailable", "drop", "stall"])
+async def test_broken_status_stream_falls_back_to_polling(world, mode):
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.2, stream_mode=mode)
+    await world.start_bot()
+    message = await finished(await world.kontext())
+    assert message.content.startswith("✅")
+    assert world.fal.count("status") >= 1
+
+
+async def test_polling_mode_when_the_stream_is_disabled(world):
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.2)
+    await world.start_bot(FAL_STATUS_STREAM="0")
+    message = await finished(await world.kontext())
+    assert message.content.startswith("✅")
+    assert world.fal.count("stream") == 0 and world.fal.count("status") >= 3
+
+
+async def test_slow_queue_hits_the_deadline_and_is_cancelled_at_fal(world):
+    world.fal.default = JobScript(queue_positions=(5, 4, 3, 2, 1), step=2.0)
+    await world.start_bot(JOB_TIMEOUT="1.0")
+    message = await finished(await world.kontext())
+    assert "took too long" in message.content
+    assert world.fal.count("cancel") == 1 and fal_job(world).cancelled
+
+
+async def test_flagged_image_is_withheld_in_ordinary_channels(world):
+    world.fal.default = JobScript(nsfw=(False, True))
+    await world.start_bot()
+    message = await finished(await world.kontext(num_images=2))
+    assert list(message.files) == ["kontext-1-1.jpg"]
+    assert "1 of 2" in message.content
+
+
+async def test_flagged_image_is_spoilered_in_age_restricted_channels(world):
+    world.fal.default = JobScript(nsfw=(True,))
+    await world.start_bot()
+    message = await finished(await world.kontext(channel_id=world.discord.nsfw_channel_id))
+    assert list(message.files) == ["SPOILER_kontext-1-1.jpg"]
+
+
+async def test_results_over_the_upload_limit_are_split_across_followups(world):
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot()
+    handle = await world.discord.invoke_slash(
+        "kontext",
+        options={"image": world.input_image(), "prompt": "four", "num_images": 4},
+        attachment_size_limit=100_000,
+    )
+    await finished(handle)
+    await handle.wait_until(lambda h: len(h.followups) == 1)
+    assert len(handle.original.files) == 2 and len(handle.followups[0].files) == 2
+
+
+async def test_requester_can_cancel_while_queued(world):
+    world.fal.default = JobScript(queue_positions=(3, 2, 1, 0), step=1.0)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: h.original is not None and "kontext:cancel:1" in str(h.original.components))
+    world.discord.add_member(name="bob")
+    stranger = await world.discord.click_button(handle.original.id, "kontext:cancel:1", user="bob")
+    await stranger.wait_for_callback()
+    assert "Only the member who asked" in private_answer(stranger)
+    click = await world.discord.click_button(handle.original.id, "kontext:cancel:1", user="alice")
+    message = await finished(handle)
+    assert message.content.startswith("🚫 Cancelled by")
+    assert (await click.wait_for_callback())["type"] == 6
+    assert fal_job(world).cancelled

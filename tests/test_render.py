@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+
+from cogs.render import FAILURE_MESSAGES, failure_text, pack_files, render
+from services.job import Job, JobResult, JobState, ResultImage
+
+MIB = 1024 * 1024
+
+
+def make_job(**changes) -> Job:
+    values = dict(
+        guild_id=1, channel_id=2, user_id=3, application_id=4, interaction_token="t", interaction_created_at=0.0,
+        message_id=5, channel_nsfw=False, upload_limit=10 * MIB, endpoint="fal-ai/flux-pro/kontext/max",
+        params={"prompt": "make it blue @everyone", "image_url": "http://x/a.png", "safety_tolerance": "2"},
+        id=7,
+    )
+    values.update(changes)
+    return Job(**values)
+
+
+def image(name: str, nsfw: bool = False, size: int = 100) -> ResultImage:
+    return ResultImage(Path(name), size, "image/png", nsfw)
+
+
+@pytest.mark.parametrize(
+    "sizes,limit,groups,too_large",
+    [
+        ([], 10, [], []),
+        ([3, 3, 3], 10, [[0, 1, 2]], []),
+        ([6, 6, 6], 10, [[0], [1], [2]], []),
+        ([4, 7, 3, 12], 10, [[0], [1, 2]], [3]),
+        ([10, 10], 10, [[0], [1]], []),
+    ],
+)
+def test_pack_files_respects_the_upload_limit(sizes, limit, groups, too_large):
+    assert pack_files(sizes, limit) == (groups, too_large)
+
+
+def test_pack_files_caps_files_per_message():
+    groups, _ = pack_files([1] * 12, 100, per_message=10)
+    assert [len(g) for g in groups] == [10, 2]
+
+
+def test_queue_position_is_shown_one_based_with_a_cancel_button():
+    rendered = render(make_job(state=JobState.QUEUED, queue_position=0))
+    assert "position **1**" in rendered.content
+    assert rendered.cancel_job_id == 7
+
+
+def test_running_shows_a_live_relative_timestamp_and_no_cancel():
+    rendered = render(make_job(state=JobState.RUNNING, started_at=1700000000.5))
+    assert "<t:1700000000:R>" in rendered.content
+    assert rendered.cancel_job_id is None
+
+
+def test_equal_states_render_equal_keys_and_changes_differ():
+    a = render(make_job(state=JobState.QUEUED, queue_position=3))
+    b = render(make_job(state=JobState.QUEUED, queue_position=3))
+    c = render(make_job(state=JobState.QUEUED, queue_position=2))
+    assert a.key() == b.key() != c.key()
+
+
+def test_prompt_is_quoted_in_the_embed_not_the_content():
+    rendered = render(make_job(state=JobState.QUEUED))
+    assert "@everyone" not in rendered.content
+    assert "> make it blue @everyone" == rendered.embed.description
+
+
+@pytest.mark.parametrize("code", sorted(FAILURE_MESSAGES))
+def test_every_failure_code_has_words(code):
+    rendered = render(make_job(state=JobState.FAILED, error_code=code, error_detail="image too small"))
+    assert rendered.content.startswith("❌ ")
+    assert "{detail}" not in rendered.content
+
+
+def test_fal_detail_is_passed_on_and_unknown_codes_are_generic():
+    assert "image too small" in failure_text("fal_rejected", "image too small")
+    assert failure_text("something_new", None).startswith("Something went wrong")
+
+
+def test_flagged_images_are_withheld_outside_age_restricted_channels():
+    result = JobResult(1, [image("a"), image("b", nsfw=True)])
+    rendered = render(make_job(state=JobState.SUCCEEDED, result=result))
+    assert [f.path.name for f in rendered.files] == ["a"]
+    assert "1 of 2" in rendered.content
+
+
+def test_flagged_images_are_spoilered_in_age_restricted_channels():
+    result = JobResult(1, [image("b", nsfw=True)])
+    rendered = render(make_job(state=JobState.SUCCEEDED, result=result, channel_nsfw=True))
+    assert [f.path.name for f in rendered.files] == ["b"]
+    assert "spoiler" in rendered.content
+
+
+def test_result_embed_shows_seed_and_policy_note():
+    result = JobResult(1234, [image("a")])
+    rendered = render(make_job(state=JobState.SUCCEEDED, result=result, notes={"safety_limited_to": 3}))
+    fields = {f.name: f.value for f in rendered.embed.fields}
+    assert fields["Seed"] == "1234"
+    assert "limited to 3" in fields["Policy"]
