@@ -11,6 +11,7 @@ import discord
 from discord.ext import commands
 from dotenv import find_dotenv, load_dotenv
 
+from cogs.errors import KontextTree
 from cogs.presenter import DiscordPresenter
 from services.config import Settings, SettingsError, load_settings
 from services.fal_queue import FalQueueClient
@@ -20,7 +21,7 @@ from services.store import Store
 
 log = logging.getLogger("kontext")
 
-EXTENSIONS = ("cogs.errors", "cogs.kontext")
+EXTENSIONS = ("cogs.kontext", "cogs.admin")
 
 
 class KontextBot(commands.AutoShardedBot):
@@ -38,6 +39,7 @@ class KontextBot(commands.AutoShardedBot):
             # A prompt may say @everyone: nothing the bot sends pings anyone unless it says so.
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
+            tree_cls=KontextTree,
         )
         self.settings = settings
 

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
-from discord.ext import commands
-
-if TYPE_CHECKING:
-    from bot import KontextBot
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +53,8 @@ async def report(interaction: discord.Interaction, error: Exception) -> None:
         log.warning("could not tell the member about an error", exc_info=True)
 
 
-class Errors(commands.Cog):
-    """Installs `report` as the handler for every application command error."""
+class KontextTree(app_commands.CommandTree):
+    """The command tree whose error handler is `report`: one place for every command's errors."""
 
-    def __init__(self, bot: KontextBot) -> None:
-        self.bot = bot
-        self._previous = bot.tree.on_error
-
-    async def cog_load(self) -> None:
-        async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-            await report(interaction, error)
-
-        self.bot.tree.on_error = on_error  # type: ignore[method-assign]
-
-    async def cog_unload(self) -> None:
-        self.bot.tree.on_error = self._previous  # type: ignore[method-assign]
-
-
-async def setup(bot: KontextBot) -> None:
-    await bot.add_cog(Errors(bot))
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await report(interaction, error)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from services.images import ACCEPTED_CONTENT_TYPES, declared_image_type
-from services.job import ENDPOINT_SINGLE, JobRequest
+from services.job import ENDPOINT_MULTI, ENDPOINT_SINGLE, Job, JobRequest
+from services.policy import Allowed, JobAsk, Refused, RefusalReason, Requester, resolve
 from services.runner import RunnerStopped
 
 from .errors import UserFacingError
-from .views import CancelButton
+from .inputs import MAX_PROMPT_LENGTH, clean_prompt, first_image_url, image_url
+from .views import JobButton, PromptModal
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -22,31 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
-MAX_PROMPT_LENGTH = 2000
 MAX_SEED = 2**32 - 1
-
-
-def _image_url(attachment: discord.Attachment, max_bytes: int) -> str:
-    """The attachment's URL for fal to fetch, once it is known to be an image fal can read."""
-    if declared_image_type(attachment.content_type, attachment.filename) is None:
-        kinds = ", ".join(sorted(t.split("/")[1].upper() for t in ACCEPTED_CONTENT_TYPES))
-        raise UserFacingError(f"`{attachment.filename}` is not an image Kontext can read. Please attach {kinds}.")
-    if attachment.size <= 0:
-        raise UserFacingError(f"`{attachment.filename}` is empty.")
-    if attachment.size > max_bytes:
-        raise UserFacingError(
-            f"`{attachment.filename}` is {attachment.size / 1_048_576:.1f} MB; the limit is {max_bytes / 1_048_576:.0f} MB."
-        )
-    return attachment.url
-
-
-def _clean_prompt(prompt: str) -> str:
-    cleaned = prompt.strip()
-    if not cleaned:
-        raise UserFacingError("Please describe the edit you want in `prompt`.")
-    if len(cleaned) > MAX_PROMPT_LENGTH:
-        raise UserFacingError(f"The prompt is {len(cleaned)} characters; the limit is {MAX_PROMPT_LENGTH}.")
-    return cleaned
 
 
 def is_nsfw_channel(channel: Any) -> bool:
@@ -54,11 +34,59 @@ def is_nsfw_channel(channel: Any) -> bool:
     return bool(is_nsfw()) if callable(is_nsfw) else False
 
 
+def requester_of(interaction: discord.Interaction) -> Requester:
+    channel = interaction.channel
+    member = interaction.user
+    return Requester(
+        user_id=member.id,
+        role_ids=frozenset(role.id for role in getattr(member, "roles", ())),
+        channel_id=interaction.channel_id or 0,
+        parent_channel_id=channel.parent_id if isinstance(channel, discord.Thread) else None,
+        channel_nsfw=is_nsfw_channel(channel),
+    )
+
+
+def refusal_text(refused: Refused) -> str:
+    """Why a member may not start a job now, and when they can try again."""
+    when = f" <t:{int(refused.retry_at)}:R>" if refused.retry_at else ""
+    limit = refused.limit
+    reason = refused.reason
+    if reason is RefusalReason.CHANNEL_NOT_ALLOWED:
+        return "Kontext isn't enabled in this channel. A moderator can allow it with `/kontext-admin access`."
+    if reason is RefusalReason.MISSING_ROLE:
+        return "You need a role that this server's moderators chose to use `/kontext` here."
+    if reason is RefusalReason.MEMBER_CONCURRENCY:
+        return f"You already have {limit} edit(s) running. Wait for one to finish, then try again."
+    if reason is RefusalReason.GUILD_CONCURRENCY:
+        return f"This server already has {limit} edit(s) running. Please try again in a moment."
+    if reason is RefusalReason.COOLDOWN:
+        return f"Slow down: this server allows one edit every {limit}s. You can start the next one{when}."
+    if reason is RefusalReason.DAILY_LIMIT:
+        return f"You've used your {limit} edit(s) for today. You can start more{when}."
+    if reason is RefusalReason.MONTHLY_IMAGE_BUDGET:
+        return f"This server's monthly budget of {limit} image(s) would be exceeded. It resets{when}."
+    return f"This server's monthly budget of ${limit:,.2f} would be exceeded. It resets{when}."
+
+
 class Kontext(commands.Cog):
     def __init__(self, bot: KontextBot) -> None:
         self.bot = bot
+        # Checking a server's limits and recording the new job happen under its lock, so two
+        # requests at the same instant cannot both take the last free place.
+        self._guild_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Context menus cannot be methods decorated in a class: build it around a bound method.
+        self.edit_menu = app_commands.guild_only(
+            app_commands.ContextMenu(name="Edit with Kontext", callback=self.edit_message_image)
+        )
+
+    async def cog_load(self) -> None:
+        self.bot.tree.add_command(self.edit_menu)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.edit_menu.name, type=self.edit_menu.type)
 
     @app_commands.command(name="kontext", description="Edit an image with FLUX.1 Kontext [max]")
+    @app_commands.guild_only()
     @app_commands.describe(
         image="The image to edit (PNG, JPEG, WebP or GIF)",
         prompt="What to change, e.g. 'make it a watercolour painting'",
@@ -68,6 +96,10 @@ class Kontext(commands.Cog):
         guidance_scale="How closely to follow the prompt (1-20, default 3.5)",
         output_format="File type of the result (default JPEG)",
         safety_tolerance="1 is the strictest, 6 the most permissive (default 2; servers may cap it)",
+        enhance_prompt="Let fal improve the prompt before editing (default off)",
+        image2="A second image to combine with the first (e.g. 'put the hat from image 2 on...')",
+        image3="A third image to combine",
+        image4="A fourth image to combine",
     )
     @app_commands.choices(
         aspect_ratio=[app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_RATIOS],
@@ -84,28 +116,94 @@ class Kontext(commands.Cog):
         guidance_scale: app_commands.Range[float, 1.0, 20.0] | None = None,
         output_format: str | None = None,
         safety_tolerance: app_commands.Range[int, 1, 6] | None = None,
+        enhance_prompt: bool | None = None,
+        image2: discord.Attachment | None = None,
+        image3: discord.Attachment | None = None,
+        image4: discord.Attachment | None = None,
     ) -> None:
         # Everything is checked before the interaction is acknowledged, so bad input gets a
         # private answer and nothing is spent.
+        prompt = clean_prompt(prompt)
+        limit = self.bot.settings.max_input_bytes
+        urls = [image_url(a, limit) for a in (image, image2, image3, image4) if a is not None]
+        # Several images go to the /multi endpoint, which takes a list instead of one URL.
+        endpoint, images = (ENDPOINT_MULTI, {"image_urls": urls}) if len(urls) > 1 else (ENDPOINT_SINGLE, {"image_url": urls[0]})
         params: dict[str, Any] = {
-            "prompt": _clean_prompt(prompt),
-            "image_url": _image_url(image, self.bot.settings.max_input_bytes),
+            "prompt": prompt,
+            **images,
             "aspect_ratio": aspect_ratio,
             "num_images": num_images,
             "seed": seed,
             "guidance_scale": guidance_scale,
             "output_format": output_format,
-            "safety_tolerance": str(safety_tolerance) if safety_tolerance is not None else None,
+            "enhance_prompt": enhance_prompt,
         }
         params = {name: value for name, value in params.items() if value is not None}
-        await self.start_job(interaction, ENDPOINT_SINGLE, params)
+        await self.start_job(interaction, endpoint, params, safety_tolerance)
 
-    async def start_job(self, interaction: discord.Interaction, endpoint: str, params: dict[str, Any]) -> None:
-        """Acknowledge within Discord's 3 seconds, record the job, and hand it to the runner."""
-        callback = await interaction.response.defer(thinking=True)
-        message_id = callback.message_id if callback is not None else None
-        if message_id is None:
-            message_id = (await interaction.original_response()).id
+    async def edit_message_image(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        """Message context menu: edit the message's first image with a prompt from a modal."""
+        url = first_image_url(message)
+        if url is None:
+            raise UserFacingError("That message has no image to edit.")
+        await interaction.response.send_modal(
+            PromptModal(title="Edit with Kontext", images=[("Image", url)], params={}, safety_tolerance=None, parent_job_id=None)
+        )
+
+    async def start_job(
+        self,
+        interaction: discord.Interaction,
+        endpoint: str,
+        params: dict[str, Any],
+        safety_tolerance: int | None,
+        *,
+        parent_job_id: int | None = None,
+    ) -> None:
+        """Apply the server's policy, acknowledge within Discord's 3 seconds, record the job and
+        hand it to the runner. A refusal is private and nothing is spent."""
+        assert interaction.guild_id is not None
+        async with self._guild_locks[interaction.guild_id]:
+            decision = await self._decide(interaction, safety_tolerance, params.get("num_images", 1))
+            if isinstance(decision, Refused):
+                raise UserFacingError(refusal_text(decision))
+            params = {**params, "safety_tolerance": str(decision.safety_tolerance)}
+            notes = {"safety_limited_to": decision.limited_to} if decision.limited_to is not None else {}
+            job = await self._accept(interaction, endpoint, params, notes, parent_job_id)
+        # Acknowledge outside the lock: a burst in one server must not queue up behind Discord's
+        # round trips (each interaction has its own 3 seconds).
+        try:
+            callback = await interaction.response.defer(thinking=True)
+            message_id = callback.message_id if callback is not None else None
+            if message_id is None:
+                message_id = (await interaction.original_response()).id
+        except discord.HTTPException as exc:
+            await self.bot.runner.abandon(job, f"could not acknowledge the interaction: {exc}")
+            raise
+        await self.bot.runner.start(job, message_id=message_id)
+
+    async def _decide(self, interaction: discord.Interaction, safety_tolerance: int | None, num_images: int) -> Allowed | Refused:
+        assert interaction.guild_id is not None
+        now = time.time()
+        store = self.bot.store
+        policy = await store.policy(interaction.guild_id)
+        usage = await store.usage(interaction.guild_id, interaction.user.id, now)
+        return resolve(
+            policy,
+            requester_of(interaction),
+            usage,
+            JobAsk(safety_tolerance, num_images),
+            now=now,
+            price_per_image=self.bot.settings.price_per_image_usd,
+        )
+
+    async def _accept(
+        self,
+        interaction: discord.Interaction,
+        endpoint: str,
+        params: dict[str, Any],
+        notes: dict[str, Any],
+        parent_job_id: int | None,
+    ) -> Job:
         request = JobRequest(
             guild_id=interaction.guild_id,
             channel_id=interaction.channel_id or 0,
@@ -113,18 +211,20 @@ class Kontext(commands.Cog):
             application_id=interaction.application_id,
             interaction_token=interaction.token,
             interaction_created_at=interaction.created_at.timestamp(),
-            message_id=message_id,
+            message_id=None,
             channel_nsfw=is_nsfw_channel(interaction.channel),
             upload_limit=interaction.filesize_limit,
             endpoint=endpoint,
             params=params,
+            notes=notes,
+            parent_job_id=parent_job_id,
         )
         try:
-            await self.bot.runner.submit(request)
+            return await self.bot.runner.accept(request)
         except RunnerStopped:
             raise UserFacingError("The bot is restarting. Please try again in a minute.") from None
 
 
 async def setup(bot: KontextBot) -> None:
-    bot.add_dynamic_items(CancelButton)
+    bot.add_dynamic_items(JobButton)
     await bot.add_cog(Kontext(bot))

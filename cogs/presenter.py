@@ -16,7 +16,8 @@ import discord
 
 from services.job import Job
 
-from .render import Rendered, attachment_name, pack_files, render
+from .modlog import post_to_log_channel
+from .render import Rendered, attachment_name, job_log_line, pack_files, render
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -107,15 +108,20 @@ class DiscordPresenter:
             links = ", ".join(f"[image {i + 1}]({rendered.files[i].url})" for i in too_large)
             rendered.content = f"{rendered.content}\n📦 Too large for this server's upload limit: {links}"
         first, *rest = groups or [[]]
+        delivered = False
         if job.token_valid():
             try:
                 await self._deliver_by_interaction(job, rendered, first, rest)
-                return
+                delivered = True
             except discord.HTTPException as exc:
                 if exc.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE):
                     raise
                 log.info("job %d: the reply can no longer be edited (%s); posting in the channel", job.id, exc)
-        await self._deliver_in_channel(job, rendered, [first, *rest])
+        if not delivered:
+            await self._deliver_in_channel(job, rendered, [first, *rest])
+        if job.guild_id is not None:
+            policy = await self._bot.store.policy(job.guild_id)
+            await post_to_log_channel(self._bot, policy, job_log_line(job))
 
     async def _deliver_by_interaction(self, job: Job, rendered: Rendered, first: list[int], rest: list[list[int]]) -> None:
         webhook = self._webhook(job)

@@ -14,7 +14,7 @@ import discord
 from services.images import EXTENSIONS
 from services.job import Job, JobState, ResultImage
 
-from .views import CancelButton
+from .views import JobButton
 
 EMBED_COLOUR = discord.Colour.from_rgb(88, 101, 242)
 FAILURE_COLOUR = discord.Colour.red()
@@ -45,22 +45,28 @@ OPTION_LABELS = (
 )
 
 
+WHILE_WAITING = ("cancel",)
+ON_RESULT = ("reroll", "edit", "delete")
+ON_FAILURE = ("retry",)
+
+
 @dataclass
 class Rendered:
+    job_id: int
     content: str | None
     embed: discord.Embed
-    cancel_job_id: int | None = None
+    buttons: tuple[str, ...] = ()
     files: list[ResultImage] = field(default_factory=list)
 
     def key(self) -> tuple[Any, ...]:
         """Equal keys mean the member would see the same message."""
-        return (self.content, self.embed.to_dict(), self.cancel_job_id, tuple(str(f.path) for f in self.files))
+        return (self.content, self.embed.to_dict(), self.buttons, tuple(str(f.path) for f in self.files))
 
     def view(self) -> discord.ui.View:
-        """The buttons; an empty view removes any shown before."""
+        """The buttons, in one row; an empty view removes any shown before."""
         view = discord.ui.View(timeout=None)
-        if self.cancel_job_id is not None:
-            view.add_item(CancelButton(self.cancel_job_id))
+        for action in self.buttons:
+            view.add_item(JobButton(action, self.job_id))
         return view
 
 
@@ -76,21 +82,21 @@ def render(job: Job) -> Rendered:
     if state is JobState.PENDING:
         place = job.bot_queue_position
         where = f"you are **#{place}** in line" if place else "starting"
-        return Rendered(f"⏳ Waiting for a free slot: {where}.", embed, cancel_job_id=job.id)
+        return Rendered(job.id, f"⏳ Waiting for a free slot: {where}.", embed, WHILE_WAITING)
     if state is JobState.SUBMITTING:
-        return Rendered("📤 Sending your edit to FLUX.1 Kontext…", embed)
+        return Rendered(job.id, "📤 Sending your edit to FLUX.1 Kontext…", embed)
     if state is JobState.QUEUED:
         position = (job.queue_position or 0) + 1
-        return Rendered(f"🕒 In queue, position **{position}**.", embed, cancel_job_id=job.id)
+        return Rendered(job.id, f"🕒 In queue, position **{position}**.", embed, WHILE_WAITING)
     if state is JobState.RUNNING:
         started = int(job.started_at or job.created_at)
-        return Rendered(f"🎨 Generating… (started <t:{started}:R>)", embed)
+        return Rendered(job.id, f"🎨 Generating… (started <t:{started}:R>)", embed)
     if state is JobState.CANCELLED:
         who = f"<@{job.cancelled_by}>" if job.cancelled_by else "the bot"
-        return Rendered(f"🚫 Cancelled by {who}.", embed)
+        return Rendered(job.id, f"🚫 Cancelled by {who}.", embed)
     if state is JobState.FAILED:
         embed.colour = FAILURE_COLOUR
-        return Rendered(f"❌ {failure_text(job.error_code, job.error_detail)}", embed)
+        return Rendered(job.id, f"❌ {failure_text(job.error_code, job.error_detail)}", embed, ON_FAILURE)
     return _render_result(job, embed)
 
 
@@ -116,7 +122,7 @@ def _render_result(job: Job, embed: discord.Embed) -> Rendered:
     if any(image.nsfw for image in shown):
         notes.append("⚠️ Flagged by the safety checker: shown behind a spoiler.")
     content = "\n".join(notes) if notes else ("✅ Done." if shown else "No image could be shown.")
-    return Rendered(content, embed, files=shown)
+    return Rendered(job.id, content, embed, ON_RESULT if shown else ON_FAILURE, files=shown)
 
 
 def _request_embed(job: Job) -> discord.Embed:
@@ -151,6 +157,20 @@ def _timing(job: Job) -> str | None:
     elif job.started_at and job.completed_at:
         parts.append(f"generated in {job.completed_at - job.started_at:.1f}s")
     return ", ".join(parts) or None
+
+
+OUTCOME_MARKS = {JobState.SUCCEEDED: "✅", JobState.FAILED: "❌", JobState.CANCELLED: "🚫"}
+
+
+def job_log_line(job: Job) -> str:
+    """One line for the moderators' log channel: who, where, what, at which tolerance, outcome."""
+    prompt = job.prompt if len(job.prompt) <= 200 else job.prompt[:199] + "…"
+    outcome = job.state.value if job.state is not JobState.FAILED else f"failed ({job.error_code})"
+    link = f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{job.message_id}"
+    return (
+        f"{OUTCOME_MARKS.get(job.state, '•')} Job #{job.id} by <@{job.user_id}> in <#{job.channel_id}> · "
+        f"tolerance {job.params.get('safety_tolerance', '?')} · {outcome} · “{prompt}” · {link}"
+    )
 
 
 def attachment_name(job: Job, index: int, image: ResultImage) -> str:

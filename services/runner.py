@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from .fal_queue import FalBadOutput, FalError, FalQueueClient, FalRequest, QueueStatus
+from .fal_queue import FalBadOutput, FalError, FalQueueClient, FalRequest, FalResultExpired, QueueStatus
 from .job import Job, JobRequest, JobResult, JobState, ResultImage
 from .retry import Backoff, retrying
 from .slots import SlotQueue
@@ -65,18 +65,33 @@ class JobRunner:
         self._drivers: dict[int, asyncio.Task[None]] = {}
         self._work: dict[int, asyncio.Task[None]] = {}
         self._cancel_requests: dict[int, int] = {}
+        self._delivering: set[int] = set()
         self._stopping = False
 
     # -- public interface -------------------------------------------------------------------
 
-    async def submit(self, request: JobRequest) -> Job:
-        """Record a new job (before anything is spent) and start driving it."""
+    async def accept(self, request: JobRequest) -> Job:
+        """Record a new job before anything is spent; `start` drives it once its reply exists."""
         if self._stopping:
             raise RunnerStopped()
         job = await self._store.create_job(request)
         log.info("job %d accepted: user %d channel %d endpoint %s", job.id, job.user_id, job.channel_id, job.endpoint)
-        self._start(job)
         return job
+
+    async def start(self, job: Job, *, message_id: int) -> None:
+        """Start driving an accepted job whose reply message is `message_id`."""
+        job.message_id = message_id
+        await self._store.save(job)
+        self._start(job)
+
+    async def abandon(self, job: Job, reason: str) -> None:
+        """Close an accepted job that never started (its reply could not be created)."""
+        log.warning("job %d abandoned before it started: %s", job.id, reason)
+        job.error_code = "abandoned"
+        job.error_detail = reason
+        job.state = JobState.FAILED
+        job.delivered_at = time.time()
+        await self._store.save(job)
 
     async def resume(self) -> int:
         """Drive every job a previous run left unfinished; returns how many."""
@@ -103,12 +118,22 @@ class JobRunner:
             return CancelOutcome.REQUESTED
         if job.state.at_fal:
             assert job.request is not None
-            answer = await self._fal.cancel(job.request)
+            # Noted before asking fal: fal may end the job (and the status stream report it as
+            # failed) before its answer to the cancel arrives; the work then records a cancel.
+            self._cancel_requests[job_id] = by_user
+            try:
+                answer = await self._fal.cancel(job.request)
+            except BaseException:
+                self._cancel_requests.pop(job_id, None)
+                raise
             log.info("job %d: fal answered cancel with %s", job.id, answer)
             if answer == "ALREADY_COMPLETED":
+                self._cancel_requests.pop(job_id, None)
                 return CancelOutcome.TOO_LATE
         work = self._work.get(job_id)
         if work is None or work.done():
+            if job.state is JobState.CANCELLED:
+                return CancelOutcome.CANCELLED  # the work saw fal end the job first
             return CancelOutcome.TOO_LATE
         # State first, then stop the work: the driver delivers as soon as the work ends.
         job.state = JobState.CANCELLED
@@ -122,10 +147,17 @@ class JobRunner:
         A submit already in flight is allowed to finish (within `grace`) so its id is kept."""
         self._stopping = True
         drivers = list(self._drivers.values())
-        for task in drivers:
-            task.cancel()
+        for job_id, task in list(self._drivers.items()):
+            # A delivery under way is let finish: cut short, it could be shown twice after the
+            # restart (a follow-up or channel message is not an idempotent edit).
+            if job_id not in self._delivering:
+                task.cancel()
         if drivers:
-            await asyncio.wait(drivers, timeout=grace)
+            _, pending = await asyncio.wait(drivers, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
 
     # -- driving ----------------------------------------------------------------------------
 
@@ -153,6 +185,8 @@ class JobRunner:
                 # otherwise the member cancelled it: cancel() has already recorded that
             finally:
                 self._work.pop(job.id, None)
+        if job.state is JobState.SUCCEEDED:
+            await self._restore_files(job)
         await self._deliver(job)
 
     async def _run_at_fal(self, job: Job) -> None:
@@ -171,6 +205,13 @@ class JobRunner:
             if job.state.at_fal:
                 await self._follow(job, deadline)
         except FalError as exc:
+            by_user = self._cancel_requests.get(job.id)
+            if by_user is not None and job.state.at_fal:
+                # fal ended the job because the member cancelled it (its result says "cancelled").
+                log.info("job %d: fal ended it after the cancel request (%s)", job.id, exc)
+                job.cancelled_by = by_user
+                await self._transition(job, JobState.CANCELLED)
+                return
             log.warning("job %d failed: %s (%s)", job.id, exc, exc.code)
             await self._fail(job, exc.code, _describe_detail(exc))
         except TimeoutError:
@@ -265,6 +306,25 @@ class JobRunner:
         inference = timings.get("inference") if isinstance(timings, dict) else None
         return JobResult(output.get("seed"), list(fetched), inference)
 
+    async def _restore_files(self, job: Job) -> None:
+        """A succeeded job found after a restart whose files are gone from DATA_DIR (a lost or
+        cleaned volume): fetch them again from fal's CDN, or say plainly that they are lost."""
+        assert job.result is not None
+        missing = [image for image in job.result.images if not image.path.exists()]
+        if not missing:
+            return
+        log.warning("job %d: %d result file(s) missing; fetching them again from fal", job.id, len(missing))
+        deadline = asyncio.get_running_loop().time() + 60
+        try:
+            for image in missing:
+                if not image.url:
+                    raise FileNotFoundError(image.path)
+                image.path.parent.mkdir(parents=True, exist_ok=True)
+                await self._fal.download(image.url, image.path, max_bytes=self._max_result_bytes, deadline=deadline)
+        except Exception as exc:
+            log.warning("job %d: result files could not be fetched again: %r", job.id, exc)
+            await self._fail(job, "result_expired" if isinstance(exc, FalResultExpired) else "missing_files", None)
+
     async def _cancel_quietly(self, job: Job) -> None:
         assert job.request is not None
         try:
@@ -296,19 +356,23 @@ class JobRunner:
     async def _deliver(self, job: Job) -> None:
         """Hand the final state to the listener until it is shown, then forget the files."""
         loop = asyncio.get_running_loop()
+        self._delivering.add(job.id)
         try:
-            await retrying(
-                lambda: self._listener.deliver(job),
-                retryable=lambda exc: not isinstance(exc, asyncio.CancelledError),
-                backoff=self._backoff,
-                deadline=loop.time() + 120,
-                what=f"job {job.id} delivery",
-            )
-        except Exception:
-            log.exception("job %d could not be delivered; it will be tried again at the next start", job.id)
-            return
-        job.delivered_at = time.time()
-        await self._store.save(job)
+            try:
+                await retrying(
+                    lambda: self._listener.deliver(job),
+                    retryable=lambda exc: not isinstance(exc, asyncio.CancelledError),
+                    backoff=self._backoff,
+                    deadline=loop.time() + 120,
+                    what=f"job {job.id} delivery",
+                )
+            except Exception:
+                log.exception("job %d could not be delivered; it will be tried again at the next start", job.id)
+                return
+            job.delivered_at = time.time()
+            await self._store.save(job)
+        finally:
+            self._delivering.discard(job.id)
         log.info("job %d delivered (%s)", job.id, job.state.value)
         if job.result:
             for image in job.result.images:

@@ -16,6 +16,7 @@ import aiosqlite
 
 from .fal_queue import FalRequest
 from .job import Job, JobRequest, JobResult, JobState
+from .policy import GuildPolicy, Usage, day_start, month_start, policy_from_dict, policy_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,24 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_member ON jobs (guild_id, user_id, created_at);
     CREATE INDEX jobs_guild ON jobs (guild_id, created_at);
     """,
+    """
+    CREATE TABLE guild_policies (
+        guild_id INTEGER PRIMARY KEY,
+        policy TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        updated_by INTEGER NOT NULL
+    );
+    """,
 )
+
+# SQL fragments over job rows; the state names are our own enum values, never user input.
+_ACTIVE = "state IN ({})".format(", ".join(f"'{state.value}'" for state in JobState if not state.is_final))
+# Budgets count images of jobs still in flight (reserved) or that reached fal; a job
+# cancelled before fal started it is free.
+_SPENT = (
+    f"({_ACTIVE} OR (request_id IS NOT NULL AND NOT (state = 'cancelled' AND started_at IS NULL)))"
+)
+_IMAGES = "COALESCE(json_extract(params, '$.num_images'), 1)"
 
 _JSON_COLUMNS = ("params", "notes")
 _REQUEST_FIELDS = ("request_id", "status_url", "response_url", "cancel_url")
@@ -141,6 +159,37 @@ class Store:
 
     async def unfinished_jobs(self) -> list[Job]:
         return await self._jobs("SELECT * FROM jobs WHERE delivered_at IS NULL ORDER BY id", ())
+
+    async def policy(self, guild_id: int) -> GuildPolicy:
+        """The server's policy; a server that never changed it gets the defaults."""
+        async with self._db.execute("SELECT policy FROM guild_policies WHERE guild_id = ?", (guild_id,)) as cursor:
+            row = await cursor.fetchone()
+        return policy_from_dict(json.loads(row["policy"])) if row else GuildPolicy()
+
+    async def save_policy(self, guild_id: int, policy: GuildPolicy, *, by_user: int, now: float) -> None:
+        await self._db.execute(
+            "INSERT INTO guild_policies (guild_id, policy, updated_at, updated_by) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (guild_id) DO UPDATE SET policy = excluded.policy, "
+            "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+            (guild_id, json.dumps(policy_to_dict(policy)), now, by_user),
+        )
+        await self._db.commit()
+
+    async def usage(self, guild_id: int, user_id: int, now: float) -> Usage:
+        """What the policy's limits count, read from the job rows in one query."""
+        sql = f"""
+            SELECT
+                MAX(CASE WHEN user_id = :user THEN created_at END),
+                COUNT(CASE WHEN user_id = :user AND created_at >= :day THEN 1 END),
+                COUNT(CASE WHEN user_id = :user AND {_ACTIVE} THEN 1 END),
+                COUNT(CASE WHEN {_ACTIVE} THEN 1 END),
+                COALESCE(SUM(CASE WHEN created_at >= :month AND {_SPENT} THEN {_IMAGES} END), 0)
+            FROM jobs WHERE guild_id = :guild
+        """
+        args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": month_start(now)}
+        async with self._db.execute(sql, args) as cursor:
+            row = await cursor.fetchone()
+        return Usage(row[0], row[1], row[2], row[3], int(row[4]))
 
     async def _jobs(self, sql: str, args: Iterable[Any]) -> list[Job]:
         async with self._db.execute(sql, tuple(args)) as cursor:

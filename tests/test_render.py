@@ -45,13 +45,13 @@ def test_pack_files_caps_files_per_message():
 def test_queue_position_is_shown_one_based_with_a_cancel_button():
     rendered = render(make_job(state=JobState.QUEUED, queue_position=0))
     assert "position **1**" in rendered.content
-    assert rendered.cancel_job_id == 7
+    assert rendered.buttons == ("cancel",) and rendered.job_id == 7
 
 
 def test_running_shows_a_live_relative_timestamp_and_no_cancel():
     rendered = render(make_job(state=JobState.RUNNING, started_at=1700000000.5))
     assert "<t:1700000000:R>" in rendered.content
-    assert rendered.cancel_job_id is None
+    assert rendered.buttons == ()
 
 
 def test_equal_states_render_equal_keys_and_changes_differ():

@@ -1,0 +1,454 @@
+"""Per-guild usage policy for `/kontext`: pure decisions, no Discord, no storage.
+
+The cog gathers the facts (policy row, who is asking and where, usage counters,
+what they asked for) and calls `resolve`. Everything that decides whether a job
+runs, and at which `safety_tolerance`, lives here so it can be tested exhaustively.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, NamedTuple
+
+SAFETY_MIN, SAFETY_MAX = 1, 6
+
+
+@dataclass(frozen=True)
+class GuildPolicy:
+    """What a guild's moderators set. The defaults are what a new server gets."""
+
+    # Used when the member sets none.
+    safety_default: int = 2
+    # Highest a member may ask for in ordinary channels.
+    safety_maximum: int = 2
+    # Highest allowed in age-restricted channels; replaces safety_maximum there.
+    safety_nsfw_maximum: int = 4
+    # Empty = every channel. A listed channel also allows its threads.
+    allowed_channel_ids: frozenset[int] = frozenset()
+    required_role_id: int | None = None
+    cooldown_seconds: int = 0
+    # None = unlimited.
+    daily_jobs_per_member: int | None = None
+    concurrent_jobs_per_member: int | None = 2
+    concurrent_jobs_per_guild: int | None = None
+    monthly_image_budget: int | None = None
+    monthly_usd_budget: float | None = None
+    log_channel_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Requester:
+    user_id: int
+    role_ids: frozenset[int]
+    channel_id: int
+    # A thread's parent channel (None outside threads), so allowing a channel allows its threads.
+    parent_channel_id: int | None
+    # Age-restricted channel; for a thread, the cog passes the parent's flag.
+    channel_nsfw: bool
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Facts read from storage at request time."""
+
+    member_last_job_at: float | None  # unix seconds
+    member_jobs_today: int  # since the current UTC midnight (see day_start)
+    member_active_jobs: int
+    guild_active_jobs: int
+    guild_images_this_month: int  # images billed this UTC calendar month (see month_start)
+
+
+@dataclass(frozen=True)
+class JobAsk:
+    safety_tolerance: int | None  # None = the member set none
+    num_images: int
+
+
+@dataclass(frozen=True)
+class Allowed:
+    safety_tolerance: int  # what to send to the model
+    requested: int | None  # what the member asked for, None if nothing
+    # Set only when the member's own request was clamped down ("limited to N by
+    # this server's policy"). A default above the maximum is clamped silently.
+    limited_to: int | None
+
+
+class RefusalReason(enum.Enum):
+    CHANNEL_NOT_ALLOWED = "channel_not_allowed"
+    MISSING_ROLE = "missing_role"
+    MEMBER_CONCURRENCY = "member_concurrency"
+    GUILD_CONCURRENCY = "guild_concurrency"
+    COOLDOWN = "cooldown"
+    DAILY_LIMIT = "daily_limit"
+    MONTHLY_IMAGE_BUDGET = "monthly_image_budget"
+    MONTHLY_USD_BUDGET = "monthly_usd_budget"
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: RefusalReason
+    # When trying again can succeed as far as *this* reason goes; None when waiting
+    # does not help (access) or the moment is unknown (concurrency: when a job ends).
+    retry_at: float | None
+    # The policy value that was hit (seconds, jobs, images or USD), for the reply.
+    limit: int | float | None
+
+
+Decision = Allowed | Refused
+
+
+# --- time keys -------------------------------------------------------------------------
+
+
+def _utc(now: float) -> datetime:
+    return datetime.fromtimestamp(now, tz=timezone.utc)
+
+
+def next_utc_midnight(now: float) -> float:
+    """Start of the next UTC day (strictly after `now`): when daily counters reset."""
+    today = _utc(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (today + timedelta(days=1)).timestamp()
+
+
+def next_month_start(now: float) -> float:
+    """First instant of the next UTC calendar month (strictly after `now`): when budgets reset."""
+    d = _utc(now)
+    year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
+    return datetime(year, month, 1, tzinfo=timezone.utc).timestamp()
+
+
+def day_start(now: float) -> float:
+    """Start of the current UTC day: daily counters count jobs since then."""
+    return next_utc_midnight(now) - 86400
+
+
+def month_start(now: float) -> float:
+    """First instant of the current UTC calendar month: budgets count images since then."""
+    return _utc(now).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+# --- decision --------------------------------------------------------------------------
+
+
+def _clamp_safety(value: int) -> int:
+    return max(SAFETY_MIN, min(SAFETY_MAX, value))
+
+
+def effective_maximum(policy: GuildPolicy, channel_nsfw: bool) -> int:
+    """Highest safety_tolerance allowed in this kind of channel.
+
+    Always within SAFETY_MIN..SAFETY_MAX, even for an invalid stored policy, so a
+    bad row can never send an out-of-range value to the model.
+    """
+    raw = policy.safety_nsfw_maximum if channel_nsfw else policy.safety_maximum
+    return _clamp_safety(raw)
+
+
+def _channel_allowed(policy: GuildPolicy, requester: Requester) -> bool:
+    allowed = policy.allowed_channel_ids
+    if not allowed:
+        return True
+    return requester.channel_id in allowed or (
+        requester.parent_channel_id is not None and requester.parent_channel_id in allowed
+    )
+
+
+def _usd_exceeds(images: int, price_per_image: float, budget: float) -> bool:
+    """True if `images` cost more than `budget`, ignoring binary float noise.
+
+    35 * 0.08 is 2.8000000000000003 in floats; without the tolerance a $2.80
+    budget would admit only 34 images at $0.08.
+    """
+    cost = images * price_per_image
+    return cost > budget and not math.isclose(cost, budget, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def _check(
+    policy: GuildPolicy, requester: Requester, usage: Usage, ask: JobAsk, now: float, price: float
+) -> Refused | None:
+    if not _channel_allowed(policy, requester):
+        return Refused(RefusalReason.CHANNEL_NOT_ALLOWED, None, None)
+    role = policy.required_role_id
+    if role is not None and role not in requester.role_ids:
+        return Refused(RefusalReason.MISSING_ROLE, None, None)
+
+    limit = policy.concurrent_jobs_per_member
+    if limit is not None and usage.member_active_jobs >= limit:
+        return Refused(RefusalReason.MEMBER_CONCURRENCY, None, limit)
+    limit = policy.concurrent_jobs_per_guild
+    if limit is not None and usage.guild_active_jobs >= limit:
+        return Refused(RefusalReason.GUILD_CONCURRENCY, None, limit)
+
+    cooldown = policy.cooldown_seconds
+    if cooldown > 0 and usage.member_last_job_at is not None:
+        ready_at = usage.member_last_job_at + cooldown
+        if now < ready_at:
+            return Refused(RefusalReason.COOLDOWN, ready_at, cooldown)
+
+    limit = policy.daily_jobs_per_member
+    if limit is not None and usage.member_jobs_today >= limit:
+        return Refused(RefusalReason.DAILY_LIMIT, next_utc_midnight(now), limit)
+
+    images_after = usage.guild_images_this_month + ask.num_images
+    limit = policy.monthly_image_budget
+    if limit is not None and images_after > limit:
+        return Refused(RefusalReason.MONTHLY_IMAGE_BUDGET, next_month_start(now), limit)
+    usd = policy.monthly_usd_budget
+    if usd is not None and _usd_exceeds(images_after, price, usd):
+        return Refused(RefusalReason.MONTHLY_USD_BUDGET, next_month_start(now), usd)
+    return None
+
+
+def resolve(
+    policy: GuildPolicy,
+    requester: Requester,
+    usage: Usage,
+    ask: JobAsk,
+    *,
+    now: float,
+    price_per_image: float,
+) -> Decision:
+    """Decide whether this job may run and at which safety_tolerance.
+
+    Moderators get no bypass: they change the policy instead.
+
+    Checks run in this order and the first failure is reported:
+
+    1. Access (channel, then role). These are not about usage: waiting does not
+       help, so they come first, before any reason that would invite a pointless
+       retry, and they tell someone who may not use the bot here nothing about
+       counters or budgets.
+    2. Concurrency (member, then guild). A running job also usually means the
+       cooldown is active, and "your job is still running" is the truer reason;
+       it clears on its own within about a minute.
+    3. Cooldown, then the daily limit: the member's own pacing before the
+       member's own quota.
+    4. Budgets (images, then USD) last: they are guild-wide and say something
+       about the whole server, so they are only reported when nothing about the
+       member themself stands in the way. The images this job would add count.
+
+    `retry_at` describes the reported reason only; a member on cooldown who has
+    also used up the day is told about the cooldown first.
+
+    Safety: a member's request above the channel's effective maximum is clamped
+    and reported via `limited_to`. With no request, `safety_default` is used,
+    clamped silently to the effective maximum (the member asked for nothing, so
+    there is nothing to report as limited).
+
+    Raises ValueError for inputs the cog must never send: a requested tolerance
+    outside SAFETY_MIN..SAFETY_MAX (the slash option is constrained to that),
+    fewer than one image, or a negative price.
+    """
+    requested = ask.safety_tolerance
+    if requested is not None and not SAFETY_MIN <= requested <= SAFETY_MAX:
+        raise ValueError(f"safety_tolerance must be {SAFETY_MIN}..{SAFETY_MAX}, got {requested}")
+    if ask.num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {ask.num_images}")
+    if price_per_image < 0 or not math.isfinite(price_per_image):
+        raise ValueError(f"price_per_image must be a non-negative number, got {price_per_image}")
+
+    refused = _check(policy, requester, usage, ask, now, price_per_image)
+    if refused is not None:
+        return refused
+
+    maximum = effective_maximum(policy, requester.channel_nsfw)
+    if requested is None:
+        return Allowed(min(_clamp_safety(policy.safety_default), maximum), None, None)
+    if requested > maximum:
+        return Allowed(maximum, requested, maximum)
+    return Allowed(requested, requested, None)
+
+
+# --- admin support ---------------------------------------------------------------------
+
+
+class FieldInfo(NamedTuple):
+    label: str
+    default: Any
+
+
+_LABELS: dict[str, str] = {
+    "safety_default": "Default safety tolerance",
+    "safety_maximum": "Maximum safety tolerance",
+    "safety_nsfw_maximum": "Maximum safety tolerance in NSFW channels",
+    "allowed_channel_ids": "Allowed channels",
+    "required_role_id": "Required role",
+    "cooldown_seconds": "Cooldown (seconds)",
+    "daily_jobs_per_member": "Daily jobs per member",
+    "concurrent_jobs_per_member": "Concurrent jobs per member",
+    "concurrent_jobs_per_guild": "Concurrent jobs per server",
+    "monthly_image_budget": "Monthly image budget",
+    "monthly_usd_budget": "Monthly budget (USD)",
+    "log_channel_id": "Log channel",
+}
+
+# Field name -> (human label, default), in declaration order; built from the dataclass so
+# it cannot drift from it. Reset a setting with dataclasses.replace(p, **{name: info.default}).
+POLICY_FIELDS: Mapping[str, FieldInfo] = MappingProxyType(
+    {f.name: FieldInfo(_LABELS[f.name], f.default) for f in fields(GuildPolicy)}
+)
+
+
+def validate_policy(policy: GuildPolicy) -> list[str]:
+    """Human-readable problems with a policy; empty when it is fine.
+
+    The admin cog shows these instead of saving. `resolve` still behaves sanely on
+    an invalid policy (it clamps safety values), so a bad stored row cannot crash it.
+    """
+    problems: list[str] = []
+    label = {name: info.label for name, info in POLICY_FIELDS.items()}
+
+    safety_ok = True
+    for name in ("safety_default", "safety_maximum", "safety_nsfw_maximum"):
+        value = getattr(policy, name)
+        if not SAFETY_MIN <= value <= SAFETY_MAX:
+            safety_ok = False
+            problems.append(f"{label[name]} must be between {SAFETY_MIN} and {SAFETY_MAX} (is {value}).")
+    if safety_ok:
+        if policy.safety_default > policy.safety_maximum:
+            problems.append(
+                f"The default safety tolerance ({policy.safety_default}) is above the maximum "
+                f"({policy.safety_maximum})."
+            )
+        if policy.safety_default > policy.safety_nsfw_maximum:
+            problems.append(
+                f"The default safety tolerance ({policy.safety_default}) is above the NSFW maximum "
+                f"({policy.safety_nsfw_maximum})."
+            )
+
+    for name in (
+        "cooldown_seconds",
+        "daily_jobs_per_member",
+        "concurrent_jobs_per_member",
+        "concurrent_jobs_per_guild",
+    ):
+        value = getattr(policy, name)
+        if value is not None and value < 0:
+            problems.append(f"{label[name]} must not be negative (is {value}).")
+
+    # A zero budget would silently stop the bot; "unlimited" is None, a pause is a channel list.
+    if policy.monthly_image_budget is not None and policy.monthly_image_budget <= 0:
+        problems.append(f"{label['monthly_image_budget']} must be above 0 (is {policy.monthly_image_budget}).")
+    usd = policy.monthly_usd_budget
+    if usd is not None and (not math.isfinite(usd) or usd <= 0):
+        problems.append(f"{label['monthly_usd_budget']} must be above 0 (is {usd}).")
+
+    for name in ("required_role_id", "log_channel_id"):
+        value = getattr(policy, name)
+        if value is not None and value <= 0:
+            problems.append(f"{label[name]} is not a valid Discord id ({value}).")
+    bad_ids = sorted(i for i in policy.allowed_channel_ids if i <= 0)
+    if bad_ids:
+        problems.append(f"{label['allowed_channel_ids']} contains invalid ids: {bad_ids}.")
+    return problems
+
+
+def policy_to_dict(policy: GuildPolicy) -> dict[str, Any]:
+    """JSON-friendly dict: frozensets become sorted lists."""
+    out: dict[str, Any] = {}
+    for f in fields(GuildPolicy):
+        value = getattr(policy, f.name)
+        out[f.name] = sorted(value) if isinstance(value, frozenset) else value
+    return out
+
+
+def _to_int(value: Any) -> int:
+    # bool is an int subclass but True as a limit is surely a corrupt row.
+    if isinstance(value, bool):
+        raise ValueError("bool")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        return int(value.strip())  # snowflakes are often stored as strings
+    raise ValueError(f"not an int: {value!r}")
+
+
+def _to_opt_int(value: Any) -> int | None:
+    return None if value is None else _to_int(value)
+
+
+def _to_opt_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("bool")
+    if isinstance(value, (int, float, str)):
+        result = float(value)
+        if not math.isfinite(result):
+            raise ValueError("not finite")
+        return result
+    raise ValueError(f"not a number: {value!r}")
+
+
+def _to_ids(value: Any) -> frozenset[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise ValueError(f"not a list of ids: {value!r}")
+    return frozenset(_to_int(v) for v in value)
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "safety_default": _to_int,
+    "safety_maximum": _to_int,
+    "safety_nsfw_maximum": _to_int,
+    "allowed_channel_ids": _to_ids,
+    "required_role_id": _to_opt_int,
+    "cooldown_seconds": _to_int,
+    "daily_jobs_per_member": _to_opt_int,
+    "concurrent_jobs_per_member": _to_opt_int,
+    "concurrent_jobs_per_guild": _to_opt_int,
+    "monthly_image_budget": _to_opt_int,
+    "monthly_usd_budget": _to_opt_float,
+    "log_channel_id": _to_opt_int,
+}
+
+
+def policy_from_dict(d: Mapping[str, Any]) -> GuildPolicy:
+    """Rebuild a policy from `policy_to_dict` output, tolerant of old or damaged rows.
+
+    Unknown keys are ignored (rows written by a newer or older version), missing
+    keys take the default, and a value of the wrong type also falls back to the
+    default for that one field, so one bad value cannot take a guild's bot down.
+    Ranges are not checked here; that is `validate_policy`'s job.
+    """
+    if not isinstance(d, Mapping):
+        raise TypeError(f"policy row must be a mapping, got {type(d).__name__}")
+    kwargs: dict[str, Any] = {}
+    for name, convert in _CONVERTERS.items():
+        if name not in d:
+            continue
+        try:
+            kwargs[name] = convert(d[name])
+        except (TypeError, ValueError, OverflowError):
+            continue
+    return GuildPolicy(**kwargs)
+
+
+__all__ = [
+    "SAFETY_MIN",
+    "SAFETY_MAX",
+    "GuildPolicy",
+    "Requester",
+    "Usage",
+    "JobAsk",
+    "Allowed",
+    "Refused",
+    "RefusalReason",
+    "Decision",
+    "FieldInfo",
+    "POLICY_FIELDS",
+    "resolve",
+    "effective_maximum",
+    "validate_policy",
+    "next_utc_midnight",
+    "next_month_start",
+    "day_start",
+    "month_start",
+    "policy_to_dict",
+    "policy_from_dict",
+]

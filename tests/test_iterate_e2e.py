@@ -1,0 +1,124 @@
+"""Iterating together: re-roll, edit a result, edit any image in chat, combine images."""
+
+from __future__ import annotations
+
+from tests.fakes.fal_fake import JobScript
+from tests.test_kontext_e2e import finished, private_answer
+from tests.test_policy_e2e import admin
+
+
+async def first_result(world, **options):
+    handle = await world.kontext(**options)
+    message = await finished(handle)
+    assert message.content.startswith("✅"), message.content
+    return message
+
+
+def footer(message) -> str:
+    return message.embeds[0]["footer"]["text"]
+
+
+async def test_result_carries_one_row_of_buttons(world):
+    await world.start_bot()
+    message = await first_result(world)
+    (row,) = message.components
+    assert [c["custom_id"] for c in row["components"]] == ["kontext:reroll:1", "kontext:edit:1", "kontext:delete:1"]
+
+
+async def test_reroll_reuses_the_inputs_with_a_new_seed(world):
+    await world.start_bot()
+    message = await first_result(world, prompt="a red scarf", seed=7, aspect_ratio="1:1", safety_tolerance=1)
+    click = await world.discord.click_button(message.id, "kontext:reroll:1", user="alice")
+    again = await finished(click)
+    first, second = world.fal.submits
+    assert "seed" not in second
+    assert {k: v for k, v in first.items() if k != "seed"} == second
+    assert footer(again) == "Job #2 · from job #1"
+    assert again.id != message.id  # a new reply; the first result stays
+
+
+async def test_only_the_requester_or_a_moderator_may_reroll_or_delete(world):
+    await world.start_bot()
+    message = await first_result(world)
+    world.discord.add_member(name="bob")
+    for action in ("reroll", "delete"):
+        click = await world.discord.click_button(message.id, f"kontext:{action}:1", user="bob")
+        await click.wait_for_callback()
+        assert "Only the member who asked" in private_answer(click)
+    assert len(world.fal.submits) == 1 and not message.deleted
+    moderator = await world.discord.click_button(message.id, "kontext:reroll:1", user="mod")
+    await finished(moderator)
+    assert len(world.fal.submits) == 2
+    delete = await world.discord.click_button(message.id, "kontext:delete:1", user="alice")
+    await delete.wait_for_callback()
+    await world.discord.wait_until(lambda: message.deleted)
+
+
+async def test_anyone_can_edit_a_result_through_a_modal(world):
+    world.fal.fetch_inputs = True  # fal really fetches the result image from Discord's CDN
+    await world.start_bot()
+    message = await first_result(world, num_images=2, aspect_ratio="3:4")
+    world.discord.add_member(name="bob")
+    click = await world.discord.click_button(message.id, "kontext:edit:1", user="bob")
+    modal = (await click.wait_for_callback())["data"]
+    assert (await click.wait_for_callback())["type"] == 9
+    assert "job #1" in modal["title"]
+    submitted = await world.discord.submit_modal(click, {"prompt": "now at night", "image": ["1"]}, user="bob")
+    edited = await finished(submitted)
+    second_image = message.attachments[1]["url"]
+    submit = world.fal.submits[-1]
+    assert submit["image_url"] == second_image and submit["prompt"] == "now at night"
+    assert submit["aspect_ratio"] == "3:4" and "num_images" not in submit
+    assert footer(edited) == "Job #2 · from job #1"
+    assert any("Requested by" == f["name"] and "<@" in f["value"] for f in edited.embeds[0]["fields"])
+
+
+async def test_edit_with_kontext_context_menu_uses_the_messages_first_image(world):
+    world.fal.fetch_inputs = True  # fal really fetches the image URL it is given
+    await world.start_bot()
+    photo = world.input_image()
+    post = world.discord.post_user_message("look at this", user="mod", attachments=[photo])
+    menu = await world.discord.invoke_message_command("Edit with Kontext", post.id, user="alice")
+    assert (await menu.wait_for_callback())["type"] == 9
+    submitted = await world.discord.submit_modal(menu, {"prompt": "add a rainbow"}, user="alice")
+    await finished(submitted)
+    assert world.fal.submits[-1] == {"prompt": "add a rainbow", "image_url": photo["url"], "safety_tolerance": "2"}
+
+
+async def test_context_menu_on_a_message_without_an_image(world):
+    await world.start_bot()
+    post = world.discord.post_user_message("no pictures here")
+    menu = await world.discord.invoke_message_command("Edit with Kontext", post.id)
+    await menu.wait_for_callback()
+    assert "no image" in private_answer(menu)
+
+
+async def test_several_images_are_combined_with_the_multi_endpoint(world):
+    await world.start_bot()
+    hat, person = world.input_image(), world.input_image(fmt="jpeg")
+    await first_result(world, image=person, image2=hat, prompt="put the hat from image 2 on the person", enhance_prompt=True)
+    (job,) = world.fal.jobs.values()
+    assert job.endpoint == "fal-ai/flux-pro/kontext/max/multi"
+    assert job.payload["image_urls"] == [person["url"], hat["url"]] and "image_url" not in job.payload
+    assert job.payload["enhance_prompt"] is True
+
+
+async def test_iteration_respects_the_servers_limits(world):
+    world.fal.default = JobScript()
+    await world.start_bot()
+    await admin(world, "limits", cooldown_seconds=600)
+    message = await first_result(world)
+    click = await world.discord.click_button(message.id, "kontext:reroll:1", user="alice")
+    await click.wait_for_callback()
+    assert "Slow down" in private_answer(click)
+    assert len(world.fal.submits) == 1
+
+
+async def test_buttons_work_after_a_restart(world):
+    await world.start_bot()
+    message = await first_result(world)
+    assert await world.bot.stop() == 0
+    await world.start_bot()
+    click = await world.discord.click_button(message.id, "kontext:reroll:1", user="alice")
+    assert (await finished(click)).content.startswith("✅")
+    assert len(world.fal.submits) == 2

@@ -1,0 +1,171 @@
+"""Moderators decide: /kontext-admin end to end, and the policy applied to /kontext."""
+
+from __future__ import annotations
+
+from tests.fakes.discord_fake import EPHEMERAL
+from tests.fakes.fal_fake import JobScript
+from tests.test_kontext_e2e import finished, private_answer
+
+
+async def admin(world, command: str, user: str = "mod", **options) -> str:
+    """Run a /kontext-admin command; returns the private answer, embed fields as `**name**: value`."""
+    handle = await world.discord.invoke_slash(f"kontext-admin {command}", options=options, user=user)
+    await handle.wait_for_callback()
+    text = private_answer(handle)
+    for embed in handle.callback["data"].get("embeds", []):
+        text += "\n" + "\n".join(f"**{field['name']}**: {field['value']}" for field in embed.get("fields", []))
+    return text
+
+
+async def refused(world, **options) -> str:
+    handle = await world.kontext(**options)
+    await handle.wait_for_callback()
+    return private_answer(handle)
+
+
+def policy_note(message) -> str:
+    return next((f["value"] for f in message.embeds[0]["fields"] if f["name"] == "Policy"), "")
+
+
+async def test_admin_commands_are_hidden_from_members_by_default(world):
+    await world.start_bot()
+    command = world.discord.commands["kontext-admin"]
+    assert command["default_member_permissions"] in (32, "32")  # Manage Server
+    assert command["contexts"] == [0]  # servers only
+
+
+async def test_maximum_clamps_a_members_request_and_says_so(world):
+    await world.start_bot()
+    confirmation = await admin(world, "safety", maximum=3)
+    assert "Maximum safety tolerance" in confirmation and "2 → 3" in confirmation
+    message = await finished(await world.kontext(safety_tolerance=6))
+    assert world.fal.submits[-1]["safety_tolerance"] == "3"
+    assert "limited to 3" in policy_note(message)
+
+
+async def test_requests_within_the_maximum_are_untouched(world):
+    await world.start_bot()
+    message = await finished(await world.kontext(safety_tolerance=1))
+    assert world.fal.submits[-1]["safety_tolerance"] == "1"
+    assert policy_note(message) == ""
+
+
+async def test_default_applies_when_the_member_sets_none(world):
+    await world.start_bot()
+    await admin(world, "safety", default=1)
+    await finished(await world.kontext())
+    assert world.fal.submits[-1]["safety_tolerance"] == "1"
+
+
+async def test_nsfw_maximum_applies_only_in_age_restricted_channels(world):
+    await world.start_bot()
+    await admin(world, "safety", maximum=2, nsfw_maximum=5)
+    await finished(await world.kontext(safety_tolerance=6, channel_id=world.discord.nsfw_channel_id))
+    assert world.fal.submits[-1]["safety_tolerance"] == "5"
+    await finished(await world.kontext(safety_tolerance=6))
+    assert world.fal.submits[-1]["safety_tolerance"] == "2"
+
+
+async def test_members_without_manage_server_cannot_change_policy(world):
+    await world.start_bot()
+    answer = await admin(world, "safety", user="alice", maximum=6)
+    assert "Manage Guild" in answer
+    await finished(await world.kontext(safety_tolerance=6))
+    assert world.fal.submits[-1]["safety_tolerance"] == "2"
+
+
+async def test_invalid_combinations_are_not_saved(world):
+    await world.start_bot()
+    answer = await admin(world, "safety", default=5, maximum=3)
+    assert answer.startswith("Not saved")
+    assert "Default safety tolerance**: 2" in await admin(world, "show")
+
+
+async def test_cooldown_refuses_with_when_and_submits_nothing(world):
+    await world.start_bot()
+    await admin(world, "limits", cooldown_seconds=600)
+    await finished(await world.kontext())
+    answer = await refused(world)
+    assert "Slow down" in answer and "<t:" in answer
+    assert len(world.fal.submits) == 1
+
+
+async def test_daily_limit_and_member_concurrency(world):
+    world.fal.default = JobScript(queue_positions=(0,), step=2.0)
+    await world.start_bot()
+    await admin(world, "limits", member_concurrent=1)
+    first = await world.kontext()
+    await first.wait_for_callback()
+    assert "already have 1 edit" in await refused(world)
+    await finished(first)
+    await admin(world, "limits", daily_jobs=1)
+    assert "for today" in await refused(world)
+    assert len(world.fal.submits) == 1
+
+
+async def test_monthly_budget_counts_the_images_asked_for(world):
+    await world.start_bot()
+    await admin(world, "limits", monthly_images=3)
+    await finished(await world.kontext(num_images=2))
+    assert "budget of 3 image(s)" in await refused(world, num_images=2)
+    await finished(await world.kontext(num_images=1))
+    assert "3 image(s), about $0.24" in await admin(world, "show")
+
+
+async def test_usd_budget(world):
+    await world.start_bot()
+    await admin(world, "limits", monthly_usd=0.10)
+    await finished(await world.kontext())
+    assert "$0.10" in await refused(world)
+
+
+async def test_access_by_channel_and_role(world):
+    await world.start_bot()
+    await admin(world, "access channel-add", channel=world.discord.nsfw_channel_id)
+    assert "isn't enabled in this channel" in await refused(world)
+    await finished(await world.kontext(channel_id=world.discord.nsfw_channel_id))
+    await admin(world, "access all-channels")
+    artists = world.discord.add_role("artists")
+    await world.discord.dispatch("GUILD_ROLE_CREATE", {"guild_id": world.discord.guild_id, "role": artists})
+    world.discord.add_member(name="carol", roles=[artists])
+    await admin(world, "access role", role=artists)
+    assert "You need a role" in await refused(world)
+    await finished(await world.kontext(user="carol"))
+    assert len(world.fal.submits) == 2
+
+
+async def test_reset_restores_the_default(world):
+    await world.start_bot()
+    await admin(world, "limits", cooldown_seconds=600)
+    answer = await admin(world, "reset", setting="cooldown_seconds")
+    assert "600s → none" in answer
+    await finished(await world.kontext())
+    await finished(await world.kontext())
+
+
+async def test_policy_survives_a_restart(world):
+    await world.start_bot()
+    await admin(world, "safety", maximum=4)
+    await admin(world, "limits", daily_jobs=5)
+    assert await world.bot.stop() == 0
+    await world.start_bot()
+    shown = await admin(world, "show")
+    assert "Maximum safety tolerance**: 4" in shown and "Daily jobs per member**: 5" in shown
+    await finished(await world.kontext(safety_tolerance=6))
+    assert world.fal.submits[-1]["safety_tolerance"] == "4"
+
+
+async def test_changes_and_jobs_are_posted_in_the_log_channel(world):
+    await world.start_bot()
+    channel = world.discord.add_channel("kontext-log")
+    await world.discord.dispatch("CHANNEL_CREATE", channel)
+    log_channel = channel["id"]
+    await admin(world, "log-channel", channel=log_channel)
+    await admin(world, "safety", maximum=3)
+    message = await finished(await world.kontext(prompt="a hat @everyone", safety_tolerance=5))
+    await world.discord.wait_until(lambda: len(world.discord.channel_messages(log_channel)) >= 3)
+    change, job_line = [m.content for m in world.discord.channel_messages(log_channel)][-2:]
+    assert "Maximum safety tolerance" in change
+    assert "a hat @everyone" in job_line and "tolerance 3" in job_line and message.id in job_line
+    assert all(m.allowed_mentions == {"parse": []} for m in world.discord.channel_messages(log_channel))
+    assert not any(m.flags & EPHEMERAL for m in world.discord.channel_messages(log_channel))
