@@ -76,6 +76,10 @@ class DiscordPresenter:
         self._bot = bot
         self._edit_interval = edit_interval
         self._tickers: dict[int, ProgressTicker] = {}
+        # Per job being delivered: how many message groups are already shown, and whether the
+        # rest goes to the channel. A retried delivery resumes there, so nothing is posted twice.
+        self._posted: dict[int, int] = {}
+        self._in_channel: set[int] = set()
 
     def job_changed(self, job: Job) -> None:
         if job.state.is_final or not job.token_valid():
@@ -107,33 +111,39 @@ class DiscordPresenter:
         if too_large:
             links = ", ".join(f"[image {i + 1}]({rendered.files[i].url})" for i in too_large)
             rendered.content = f"{rendered.content}\n📦 Too large for this server's upload limit: {links}"
-        first, *rest = groups or [[]]
-        delivered = False
-        if job.token_valid():
+        groups = groups or [[]]
+        if job.token_valid() and job.id not in self._in_channel:
             try:
-                await self._deliver_by_interaction(job, rendered, first, rest)
-                delivered = True
+                await self._deliver_by_interaction(job, rendered, groups)
             except discord.HTTPException as exc:
                 if exc.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE):
                     raise
                 log.info("job %d: the reply can no longer be edited (%s); posting in the channel", job.id, exc)
-        if not delivered:
-            await self._deliver_in_channel(job, rendered, [first, *rest])
+                self._in_channel.add(job.id)
+        else:
+            self._in_channel.add(job.id)
+        if job.id in self._in_channel:
+            await self._deliver_in_channel(job, rendered, groups)
         if job.guild_id is not None:
             policy = await self._bot.store.policy(job.guild_id)
             await post_to_log_channel(self._bot, policy, job_log_line(job))
+        self._posted.pop(job.id, None)
+        self._in_channel.discard(job.id)
 
-    async def _deliver_by_interaction(self, job: Job, rendered: Rendered, first: list[int], rest: list[list[int]]) -> None:
+    async def _deliver_by_interaction(self, job: Job, rendered: Rendered, groups: list[list[int]]) -> None:
         webhook = self._webhook(job)
-        await webhook.edit_message(
-            job.message_id,
-            content=rendered.content,
-            embed=rendered.embed,
-            attachments=self._files(job, rendered, first),
-            view=rendered.view(),
-        )
-        for group in rest:
-            await webhook.send(files=self._files(job, rendered, group), wait=True)
+        for index in range(self._posted.get(job.id, 0), len(groups)):
+            if index == 0:
+                await webhook.edit_message(
+                    job.message_id,
+                    content=rendered.content,
+                    embed=rendered.embed,
+                    attachments=self._files(job, rendered, groups[0]),
+                    view=rendered.view(),
+                )
+            else:
+                await webhook.send(files=self._files(job, rendered, groups[index]), wait=True)
+            self._posted[job.id] = index + 1
 
     async def _deliver_in_channel(self, job: Job, rendered: Rendered, groups: list[list[int]]) -> None:
         """After the 15-minute token: a channel message replying to the original, which mentions
@@ -147,14 +157,15 @@ class DiscordPresenter:
         )
         only_requester = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
         content = f"<@{job.user_id}> {rendered.content or ''}".strip()
-        for index, group in enumerate(groups):
+        for index in range(self._posted.get(job.id, 0), len(groups)):
             await channel.send(
                 content=content if index == 0 else None,
                 embed=rendered.embed if index == 0 else None,  # type: ignore[arg-type]
-                files=self._files(job, rendered, group),
+                files=self._files(job, rendered, groups[index]),
                 reference=reference,  # type: ignore[arg-type]
                 allowed_mentions=only_requester if index == 0 else discord.AllowedMentions.none(),
             )
+            self._posted[job.id] = index + 1
 
     def _webhook(self, job: Job) -> discord.Webhook:
         return discord.Webhook.partial(job.application_id, job.interaction_token, client=self._bot)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import discord
 
+from services.fal_queue import FalError
 from services.job import ENDPOINT_SINGLE, Job
 from services.runner import CancelOutcome
 
@@ -55,7 +56,10 @@ async def cancel_job(interaction: discord.Interaction, job: Job) -> None:
     bot: KontextBot = interaction.client  # type: ignore[assignment]
     ensure_requester_or_moderator(interaction, job, "cancel")
     await interaction.response.defer()
-    outcome = await bot.runner.cancel(job.id, interaction.user.id)
+    try:
+        outcome = await bot.runner.cancel(job.id, interaction.user.id)
+    except FalError:
+        raise UserFacingError("fal.ai did not answer the cancel request. Please try again in a moment.") from None
     if outcome is CancelOutcome.TOO_LATE:
         await tell(interaction, "Too late to cancel: this edit has already finished.")
     elif outcome is CancelOutcome.REQUESTED:

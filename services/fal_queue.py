@@ -170,6 +170,8 @@ class FalQueueClient:
         self._poll_interval = poll_interval
         self._use_stream = use_stream
         # fal sends a keep-alive comment every 15 s, so silence beyond this means a dead stream.
+        # Every other call uses it too: an answer that stops arriving for that long is a dead
+        # connection (retried, or for a submit reported as uncertain), never an endless wait.
         self._stall_timeout = stream_stall_timeout
         self._session: aiohttp.ClientSession | None = None
         self.requests_sent = 0
@@ -180,7 +182,7 @@ class FalQueueClient:
     async def open(self) -> None:
         # No connection cap: every followed job holds one stream open, and fal is the only host.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self._stall_timeout)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers={"User-Agent": "kontext-discord-bot"}
         )
@@ -322,19 +324,28 @@ class FalQueueClient:
 
         return await retrying(attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal result")
 
-    async def cancel(self, request: FalRequest) -> str:
+    async def cancel(self, request: FalRequest, *, timeout: float = 15.0) -> str:
         """Ask fal to cancel; returns fal's answer (OK, CANCELLATION_REQUESTED, ALREADY_COMPLETED,
-        NOT_FOUND). fal answers the last two with a 4xx, which is not an error here."""
-        self.requests_sent += 1
-        async with self.session.put(request.cancel_url, headers=self._auth) as response:
-            try:
-                body = await response.json(content_type=None)
-            except ValueError:
-                body = None
-            answer = body.get("status") if isinstance(body, dict) else None
-            if answer in ("OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"):
-                return answer
-            raise _error_for(response.status, body)
+        NOT_FOUND). fal answers the last two with a 4xx, which is not an error here. Asking twice
+        is harmless, so 5xx/429 and broken connections are retried for up to `timeout` seconds."""
+
+        async def attempt() -> str:
+            self.requests_sent += 1
+            async with self.session.put(request.cancel_url, headers=self._auth) as response:
+                try:
+                    body = await response.json(content_type=None)
+                except ValueError:
+                    body = None
+                answer = body.get("status") if isinstance(body, dict) else None
+                if answer in ("OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"):
+                    return answer
+                raise _error_for(response.status, body)
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            return await retrying(attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal cancel")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise FalUnavailable(f"could not reach fal to cancel {request.request_id}: {exc!r}") from exc
 
     async def download(self, url: str, dest: Path, *, max_bytes: int, deadline: float) -> DownloadedFile:
         """Stream a result image to `dest` (never all of it in memory), checking it is an image
@@ -343,6 +354,9 @@ class FalQueueClient:
         async def attempt() -> DownloadedFile:
             partial = dest.with_name(dest.name + ".part")
             async with self.session.get(url) as response:
+                if response.status in (404, 410):
+                    # The CDN deleted the file: the same "gone" as an expired result.
+                    raise FalResultExpired(f"fal no longer has this result file ({response.status})", status=response.status)
                 if response.status >= 300:
                     raise _error_for(response.status, None)
                 if (response.content_length or 0) > max_bytes:

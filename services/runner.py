@@ -142,7 +142,7 @@ class JobRunner:
         await self._transition(job, JobState.CANCELLED)
         return CancelOutcome.CANCELLED
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 3.0) -> None:
         """Stop taking jobs and stop driving them, leaving each resumable from its stored state.
         A submit already in flight is allowed to finish (within `grace`) so its id is kept."""
         self._stopping = True

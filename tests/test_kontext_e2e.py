@@ -239,3 +239,29 @@ async def test_requester_can_cancel_while_queued(world):
     assert message.content.startswith("🚫 Cancelled by")
     assert (await click.wait_for_callback())["type"] == 6
     assert fal_job(world).cancelled
+
+
+async def test_commands_sync_to_the_dev_guild_when_set(world):
+    await world.start_bot(DEV_GUILD_ID=world.discord.guild_id)
+    (sync,) = world.discord.requests_to("PUT", r"/commands$")
+    assert sync.path.endswith(f"/guilds/{world.discord.guild_id}/commands")
+    assert {c["name"] for c in sync.json} == {"kontext", "kontext-admin", "Edit with Kontext"}
+
+
+async def test_a_refused_fal_key_is_reported_as_a_configuration_problem(world):
+    await world.start_bot(FAL_KEY="not-the-right-key")
+    message = await finished(await world.kontext())
+    assert "fal.ai key was refused" in message.content
+
+
+async def test_secrets_and_interaction_tokens_never_reach_the_log(world):
+    from tests.fakes.world import DISCORD_TOKEN, FAL_KEY
+
+    await world.start_bot(LOG_LEVEL="DEBUG")
+    handle = await world.kontext()
+    await finished(handle)
+    await world.bot.stop()
+    log = world.bot.log_text()
+    assert "job 1 delivered" in log
+    for secret in (DISCORD_TOKEN, FAL_KEY, handle.token):
+        assert secret not in log

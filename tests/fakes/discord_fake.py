@@ -404,6 +404,8 @@ class FakeDiscord:
         self.guild_commands: dict[str, dict[str, dict]] = {}
         self.cdn_files: dict[str, tuple[bytes, str]] = {}  # cdn path -> (data, content type)
         self._faults: list[dict] = []
+        self._hang_release = asyncio.Event()
+        self._hanging = 0
 
         # gateway state
         self._ws: Optional[web.WebSocketResponse] = None
@@ -562,6 +564,7 @@ class FakeDiscord:
     async def start(self) -> "FakeDiscord":
         # re-create loop-bound primitives on the running loop
         self._identified, self._commands_synced, self._changed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._hang_release = asyncio.Event()
         app = web.Application(client_max_size=200 * 1024 * 1024)
         app.router.add_route("GET", "/gateway", self._gateway)
         app.router.add_route("GET", "/cdn/{tail:.*}", self._cdn)
@@ -575,6 +578,7 @@ class FakeDiscord:
         return self
 
     async def stop(self) -> None:
+        self._hang_release.set()
         for ws in list(self._all_ws):
             try:
                 await ws.close(code=1001)
@@ -618,10 +622,17 @@ class FakeDiscord:
         self.events.append((time.monotonic(), kind, detail))
 
     # ---------------------------------------------------------------- faults & clock
-    def fail_next(self, method: str, path_regex: str, status: int = 500, times: int = 1,
+    def fail_next(self, method: str, path_regex: str, status: int | str = 500, times: int = 1,
                   json: Optional[dict] = None, headers: Optional[dict] = None) -> None:
         """Answer the next `times` requests matching METHOD and regex (searched in the path after
-        /api/v10) with `status`. 429 gets Discord's body and a `Via` header by default."""
+        /api/v10) with `status`. 429 gets Discord's body and a `Via` header by default.
+
+        status="hang": record the request, never apply it and never answer until `release_hangs()`
+        or stop() (then the connection is dropped): a request lost in flight."""
+        if status == "hang":
+            self._faults.append({"method": method.upper(), "rx": re.compile(path_regex), "status": "hang",
+                                 "times": times, "json": None, "headers": {}})
+            return
         if json is None:
             if status == 429:
                 json = {"message": "You are being rate limited.", "retry_after": 0.2, "global": False}
@@ -637,6 +648,16 @@ class FakeDiscord:
         hdrs.update(headers or {})
         self._faults.append({"method": method.upper(), "rx": re.compile(path_regex), "status": status,
                              "times": times, "json": json, "headers": hdrs})
+
+    def release_hangs(self) -> None:
+        """Drop the connection of every request held by a "hang" fault."""
+        ev, self._hang_release = self._hang_release, asyncio.Event()
+        ev.set()
+
+    @property
+    def hanging(self) -> int:
+        """How many requests are held by a "hang" fault right now."""
+        return self._hanging
 
     def expire_token(self, token: str) -> None:
         h = self._by_token[token]
@@ -900,8 +921,10 @@ class FakeDiscord:
             custom_id = modal["custom_id"]
         comps = []
         for i, (k, v) in enumerate(values.items()):
-            comps.append({"type": 18, "id": 2 * i + 1,
-                          "component": {"type": 4, "id": 2 * i + 2, "custom_id": k, "value": v}})
+            # A list answers a select menu; a string a text input.
+            inner = ({"type": 3, "id": 2 * i + 2, "custom_id": k, "values": list(v)} if isinstance(v, list)
+                     else {"type": 4, "id": 2 * i + 2, "custom_id": k, "value": v})
+            comps.append({"type": 18, "id": 2 * i + 1, "component": inner})
         data = {"custom_id": custom_id, "components": comps}
         msg = self.messages.get(str(message_id)) if message_id else None
         payload, u = self._interaction_base(5, data, user, channel_id or (msg.channel_id if msg else None),
@@ -1020,6 +1043,9 @@ class FakeDiscord:
                     if f["times"] > 0 and f["method"] == method and f["rx"].search(path):
                         f["times"] -= 1
                         self.event("fault", {"where": where, "status": f["status"]})
+                        if f["status"] == "hang":
+                            await self._hang(request, rec)
+                            return web.Response(status=500)  # the connection is gone
                         raise ApiError(f["status"], f["json"], f["headers"])
                 # route: must exist in Discord's spec
                 tmpl = None
@@ -1063,6 +1089,17 @@ class FakeDiscord:
             return self._json_response(500, {"code": 0, "message": f"500: fake error {e!r}"})
         finally:
             self._notify()
+
+    async def _hang(self, request: web.Request, rec: RecordedRequest) -> None:
+        rec.status = 0
+        self._hanging += 1
+        self._notify()
+        try:
+            await self._hang_release.wait()
+        finally:
+            self._hanging -= 1
+            if request.transport is not None:
+                request.transport.abort()
 
     # ---------------------------------------------------------------- bot-token handlers
     async def _h_me(self, req, p, body, files):

@@ -1,0 +1,497 @@
+"""No job lost: restarts (kill -9 and SIGTERM), fal faults and Discord faults, end to end.
+
+Each test drives the real bot process through the fakes and ends the same way: the member sees
+the result exactly once or a clear message, fal ran each job once, and the bot keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import pytest
+
+from tests.fakes.fal_fake import JobScript
+
+FINAL_MARKS = ("✅", "❌", "🚫", "🛡️", "⚠️", "No image")
+WEBHOOK_MESSAGE = r"/webhooks/\d+/[^/]+/messages/"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def shows(handle, text: str) -> bool:
+    message = handle.original
+    return message is not None and text in message.content
+
+
+def is_final(handle) -> bool:
+    message = handle.original
+    return message is not None and message.content.startswith(FINAL_MARKS)
+
+
+async def finished(handle, timeout: float = 15):
+    await handle.wait_until(is_final, timeout=timeout)
+    return handle.original
+
+
+def contents(message) -> list[str]:
+    return [snapshot.get("content") or "" for snapshot in message.history]
+
+
+def fal_job(world, index: int = 0):
+    return list(world.fal.jobs.values())[index]
+
+
+def file_uploads(world, handle) -> list:
+    """Every accepted write that put files on the member's reply (interaction edits)."""
+    return [
+        r
+        for r in world.discord.requests_to("PATCH", WEBHOOK_MESSAGE)
+        if r.files and r.status == 200 and handle.token in r.path
+    ]
+
+
+def assert_delivered_once(world, handle) -> None:
+    message = handle.original
+    assert message.content.startswith("✅"), message.content
+    assert len(message.files) == 1, message.files
+    assert len(file_uploads(world, handle)) == 1, [r.path for r in file_uploads(world, handle)]
+    assert handle.followups == []
+    # Nothing but the interaction replies was posted in the channel (no duplicate delivery).
+    others = [m for m in world.discord.channel_messages() if m.interaction is None]
+    assert others == [], others
+
+
+def members(world, count: int) -> list[str]:
+    """Distinct members (servers cap concurrent jobs per member)."""
+    names = [f"member{n}" for n in range(count)]
+    for name in names:
+        world.discord.add_member(name=name)
+    return names
+
+
+async def still_serving(world) -> None:
+    """The bot answers a new /kontext end to end after whatever happened before."""
+    before = len(world.fal.jobs)
+    world.fal.script_next(JobScript())  # a quick job, whatever the test scripted before
+    handle = await world.kontext(prompt="and one more")
+    message = await finished(handle)
+    assert message.content.startswith("✅"), message.content
+    assert len(world.fal.jobs) == before + 1
+
+
+async def restart(world, *, kill: bool = True, **settings: str) -> None:
+    assert world.bot is not None
+    if kill:
+        await world.bot.kill()
+    else:
+        started = time.monotonic()
+        assert await world.bot.stop() == 0
+        assert time.monotonic() - started < 5
+    await world.start_bot(**settings)
+
+
+def db_rows(world) -> list[sqlite3.Row]:
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.row_factory = sqlite3.Row
+        return db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+
+
+# -- 1. kill -9 at every stage of a job ---------------------------------------------------------
+
+
+async def test_kill_while_queued_at_fal_resumes_and_delivers_once(world):
+    world.fal.default = JobScript(queue_positions=(3, 2, 1, 0), step=0.4, run_time=0.1)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await restart(world)
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
+async def test_kill_while_running_at_fal_resumes_and_delivers_once(world):
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=1.0)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "Generating"))
+    await restart(world)
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
+async def test_kill_while_downloading_the_result(world):
+    """Completed at fal, the result file download in flight: fetched again after the restart."""
+    await world.start_bot()
+    world.fal.fail_next("file", status="hang")
+    handle = await world.kontext()
+    await world.discord.wait_until(lambda: world.fal.count("file") >= 1)
+    await restart(world)
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1 and world.fal.count("file") == 2
+    await still_serving(world)
+
+
+@pytest.mark.parametrize("lose_files", [False, True])
+async def test_kill_while_posting_the_result(world, lose_files):
+    """Downloaded and recorded as succeeded, the final edit in flight at Discord: posted once after
+    the restart (from DATA_DIR, or fetched again from fal if the files were lost)."""
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.5)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "Generating"))
+    world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status="hang")
+    await world.discord.wait_until(lambda: world.discord.hanging == 1)
+    await world.bot.kill()
+    (row,) = db_rows(world)
+    assert row["state"] == "succeeded" and row["delivered_at"] is None
+    if lose_files:
+        for path in (world.data_dir / "results").iterdir():
+            path.unlink()
+    world.discord.release_hangs()
+    await world.start_bot()
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1
+    assert world.fal.count("file") == (2 if lose_files else 1)
+    await still_serving(world)
+    # posted files are cleaned up
+    await world.discord.wait_until(lambda: list((world.data_dir / "results").iterdir()) == [], timeout=5)
+
+
+# -- 2. a submit in flight at the crash ---------------------------------------------------------
+
+
+async def test_submit_in_flight_at_the_crash_is_not_resent(world):
+    await world.start_bot(FAL_STREAM_STALL_TIMEOUT="10")
+    world.fal.fail_next("submit", status="hang")
+    handle = await world.kontext()
+    await world.discord.wait_until(lambda: world.fal.count("submit") == 1)
+    await world.bot.kill()
+    (row,) = db_rows(world)
+    assert row["state"] == "submitting"
+    await world.start_bot()
+    message = await finished(handle)
+    assert message.content.startswith("❌")
+    assert "cannot tell whether fal received it" in message.content
+    assert "Please run the command again" in message.content
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
+# -- 3. the 15-minute interaction token ----------------------------------------------------------
+
+
+def channel_replies(world, handle) -> list:
+    return [
+        m
+        for m in world.discord.channel_messages()
+        if m.interaction is None and (m.message_reference or {}).get("message_id") == handle.original.id
+    ]
+
+
+def assert_posted_as_reply(world, handle) -> None:
+    alice = world.discord.alice["id"]
+    (reply,) = channel_replies(world, handle)
+    assert reply.type == 19  # a reply
+    assert reply.content.startswith(f"<@{alice}>") and "✅" in reply.content, reply.content
+    assert len(reply.files) == 1
+    mentions = reply.allowed_mentions
+    assert mentions is not None and [str(u) for u in mentions.get("users", [])] == [alice], mentions
+    assert not {"everyone", "roles", "users"} & set(mentions.get("parse", [])), mentions
+    assert not mentions.get("roles")
+    # The reply itself shows no result; nothing was posted twice.
+    assert not handle.original.files and handle.followups == []
+
+
+async def test_token_expired_mid_job_posts_a_reply_in_the_channel(world):
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: channel_replies(world, handle), timeout=15)
+    assert_posted_as_reply(world, handle)
+    assert any(r[0] == 401 and r[1]["code"] == 50027 for r in world.discord.rejections)
+    await still_serving(world)
+
+
+async def test_token_expired_while_the_bot_was_down(world):
+    world.fal.default = JobScript(queue_positions=(2, 1, 0), step=0.3, run_time=0.2)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await world.bot.kill()
+    world.discord.age_interactions(16 * 60)
+    await world.start_bot()
+    await world.discord.wait_until(lambda: channel_replies(world, handle), timeout=15)
+    assert_posted_as_reply(world, handle)
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
+async def test_token_expiring_between_split_messages_posts_only_the_rest(world):
+    """Four images over two messages: the reply is edited with the first two, then the token dies
+    before the follow-up; only the other two go to the channel (nothing posted twice)."""
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot()
+    world.discord.fail_next(
+        "POST", r"/webhooks/\d+/[^/]+$", status=401, json={"message": "Invalid Webhook Token", "code": 50027}
+    )
+    handle = await world.discord.invoke_slash(
+        "kontext",
+        options={"image": world.input_image(), "prompt": "four", "num_images": 4},
+        attachment_size_limit=100_000,
+    )
+    await finished(handle)
+    await world.discord.wait_until(lambda: channel_replies(world, handle))
+    assert sorted(handle.original.files) == ["kontext-1-1.jpg", "kontext-1-2.jpg"]
+    (rest,) = channel_replies(world, handle)
+    assert sorted(rest.files) == ["kontext-1-3.jpg", "kontext-1-4.jpg"]
+    assert handle.followups == []
+    await still_serving(world)
+
+
+# -- 4. fal no longer has the result ------------------------------------------------------------
+
+
+async def test_result_expired_during_a_restart(world):
+    ttl = 0.2
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.1, result_ttl=ttl)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await world.bot.kill()
+    job = fal_job(world)
+    while job.completed_at is None or time.monotonic() < job.completed_at + ttl + 0.05:
+        await asyncio.sleep(0.05)
+    await world.start_bot()
+    message = await finished(handle)
+    assert "no longer has this result" in message.content, message.content
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
+async def test_result_files_gone_from_the_cdn(world):
+    world.fal.default = JobScript(queue_positions=(0,), step=0.1, run_time=0.1)
+    await world.start_bot()
+    handle = await world.kontext()
+    await world.fal.wait_for_submits(1)
+    world.fal.expire_files()
+    message = await finished(handle)
+    assert "no longer has this result" in message.content, message.content
+    await still_serving(world)
+
+
+# -- 5. fal faults of every kind -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "op,status,times",
+    [
+        ("submit", 429, 2),
+        ("submit", 502, 2),
+        ("stream", 503, 1),  # the stream refused: polled instead
+        ("stream", "drop", 2),
+        ("stream", "hang", 1),  # no answer at all: the stall timeout fires
+        ("result", 429, 2),
+        ("result", 500, 2),
+        ("result", "drop", 2),
+        ("result", "hang", 1),
+        ("file", 503, 2),
+        ("file", "drop", 2),
+        ("file", "hang", 1),
+    ],
+)
+async def test_fal_fault_is_ridden_out(world, op, status, times):
+    await world.start_bot()
+    world.fal.fail_next(op, status=status, times=times)
+    handle = await world.kontext()
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == (times + 1 if op == "submit" else 1)
+    assert len(world.fal.jobs) == 1
+    await still_serving(world)
+
+
+async def test_hanging_status_poll_times_out_and_is_retried(world):
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.2, stream_mode="drop")
+    await world.start_bot()
+    world.fal.fail_next("status", status="hang")
+    handle = await world.kontext()
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    await still_serving(world)
+
+
+async def test_stalled_status_stream_is_given_up(world):
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.2, stream_mode="stall")
+    await world.start_bot()
+    handle = await world.kontext()
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    await still_serving(world)
+
+
+async def test_hanging_submit_ends_in_a_clear_message(world):
+    await world.start_bot()
+    world.fal.fail_next("submit", status="hang")
+    message = await finished(await world.kontext())
+    assert "cannot tell whether fal received it" in message.content
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
+async def test_fal_down_for_the_result_ends_in_a_clear_message(world):
+    await world.start_bot(JOB_TIMEOUT="2")
+    world.fal.fail_next("result", status=503, times=1000)
+    message = await finished(await world.kontext())
+    assert message.content.startswith("❌")
+    assert "fal.ai is not answering" in message.content or "took too long" in message.content, message.content
+    world.fal._faults["result"].clear()
+    await still_serving(world)
+
+
+# -- 6. Discord 5xx on the final edit -------------------------------------------------------------
+
+
+async def test_discord_5xx_on_the_final_edit_still_delivers_once(world):
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.5)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "Generating"))
+    world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status=500, times=1)
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert any(r[0] == 500 for r in world.discord.rejections)
+    await still_serving(world)
+
+
+# -- 7. Cancel after a restart ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kill", [False, True])
+async def test_cancel_button_works_after_a_restart(world, kill):
+    world.fal.default = JobScript(queue_positions=(5, 4, 3, 2, 1, 0), step=1.0)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: h.original is not None and "kontext:cancel:1" in str(h.original.components))
+    await restart(world, kill=kill)
+    click = await world.discord.click_button(handle.original.id, "kontext:cancel:1", user="alice")
+    message = await finished(handle)
+    assert message.content.startswith("🚫 Cancelled by"), message.content
+    assert (await click.wait_for_callback())["type"] == 6
+    assert world.fal.count("cancel") == 1 and fal_job(world).cancelled
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
+@pytest.mark.parametrize("faults", [[(503, 1), ("drop", 2)], [("drop_after", 3)]])
+async def test_cancel_survives_a_flaky_cancel_call(world, faults):
+    """fal's answer to the cancel fails or is lost (with "drop_after" fal has cancelled the job
+    and says so on the status stream before the bot hears back): still shown as cancelled."""
+    world.fal.default = JobScript(queue_positions=(5, 4, 3, 2, 1, 0), step=1.0)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: h.original is not None and "kontext:cancel:1" in str(h.original.components))
+    for status, times in faults:
+        world.fal.fail_next("cancel", status=status, times=times)
+    await world.discord.click_button(handle.original.id, "kontext:cancel:1", user="alice")
+    message = await finished(handle)
+    assert message.content.startswith("🚫 Cancelled by"), message.content
+    assert fal_job(world).cancelled
+    await still_serving(world)
+
+
+# -- 8. SIGTERM with jobs in flight --------------------------------------------------------------
+
+
+async def test_sigterm_with_jobs_running_exits_cleanly_and_they_finish(world):
+    world.fal.script_next(JobScript(queue_positions=(2, 1, 0), step=0.4, run_time=0.2))
+    world.fal.script_next(JobScript(queue_positions=(0,), step=0.05, run_time=1.0))
+    await world.start_bot()
+    queued = await world.kontext(prompt="first")
+    running = await world.kontext(prompt="second")
+    await queued.wait_until(lambda h: shows(h, "In queue"))
+    await running.wait_until(lambda h: shows(h, "Generating"))
+    await restart(world, kill=False)
+    for handle in (queued, running):
+        await finished(handle)
+        assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 2
+    await still_serving(world)
+
+
+async def test_sigterm_during_a_hanging_submit_exits_promptly(world):
+    await world.start_bot(FAL_STREAM_STALL_TIMEOUT="30")
+    world.fal.fail_next("submit", status="hang")
+    handle = await world.kontext()
+    await world.discord.wait_until(lambda: world.fal.count("submit") == 1)
+    await restart(world, kill=False)
+    message = await finished(handle)
+    assert "cannot tell whether fal received it" in message.content
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
+# -- 9. overload: the bot's own queue --------------------------------------------------------------
+
+
+async def test_overload_shows_places_in_line_and_delivers_all(world):
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.4)
+    await world.start_bot(MAX_CONCURRENT_JOBS="1")
+    handles = [await world.kontext(user=user, prompt=f"job {n}") for n, user in enumerate(members(world, 3))]
+    for handle in handles:
+        await finished(handle)
+        assert_delivered_once(world, handle)
+    second, third = (contents(h.original) for h in handles[1:])
+    assert any("**#1** in line" in c for c in second), second
+    assert any("**#2** in line" in c for c in third), third
+    assert any("**#1** in line" in c for c in third), third
+    # never more than one job at fal at once
+    spans = sorted((j.submitted_at, j.completed_at) for j in world.fal.jobs.values())
+    assert all(later[0] >= earlier[1] - 0.01 for earlier, later in zip(spans, spans[1:])), spans
+
+
+async def test_overload_queue_survives_a_restart(world):
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.4)
+    await world.start_bot(MAX_CONCURRENT_JOBS="1")
+    handles = [await world.kontext(user=user, prompt=f"job {n}") for n, user in enumerate(members(world, 3))]
+    await handles[2].wait_until(lambda h: shows(h, "**#2** in line"))
+    await world.bot.kill()
+    await world.start_bot(MAX_CONCURRENT_JOBS="1")
+    for handle in handles:
+        await finished(handle)
+        assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 3
+
+
+# -- 10. the database after kill -9 -----------------------------------------------------------------
+
+
+async def test_database_is_consistent_after_kill(world):
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.3)
+    await world.start_bot()
+    handles = [await world.kontext(user=user, prompt=f"job {n}") for n, user in enumerate(members(world, 4))]
+    for handle in handles:  # each recorded as at fal (a kill mid-submit is another test)
+        await handle.wait_until(lambda h: shows(h, "In queue"))
+    await world.bot.kill()
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 4
+    await world.start_bot()
+    for handle in handles:
+        await finished(handle)
+        assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 4
+    assert await world.bot.stop() == 0
+    rows = db_rows(world)
+    assert [r["state"] for r in rows] == ["succeeded"] * 4
+    assert all(r["delivered_at"] is not None for r in rows)
