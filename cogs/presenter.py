@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import discord
 
@@ -27,41 +27,53 @@ log = logging.getLogger(__name__)
 # Discord answers 401 with this code once an interaction token is older than 15 minutes.
 INVALID_WEBHOOK_TOKEN = 50027
 UNKNOWN_MESSAGE = 10008
+# All replies together get at most this many progress edits per second.
+MAX_PROGRESS_EDITS_PER_SECOND = 20
 
 
 class ProgressTicker:
-    """Edits one message with the newest rendering, at most once per `interval` and only when it
-    changed. Intermediate states that come and go within one interval are never sent."""
+    """Keeps one reply showing its job's newest state: at most one edit per `pace()` seconds,
+    only when the rendering changed, with the buttons sent only when they changed. Rendering
+    happens when an edit is due, so states that come and go in between cost nothing."""
 
-    def __init__(self, edit: Callable[[Rendered], Awaitable[None]], interval: float, job_id: int) -> None:
-        self._edit = edit
-        self._interval = interval
-        self._job_id = job_id
-        self._latest: Rendered | None = None
-        self._shown_key: tuple[object, ...] | None = None
+    def __init__(self, job: Job, webhook: discord.Webhook, pace: Callable[[], float]) -> None:
+        self._job = job
+        self._webhook = webhook
+        self._pace = pace
+        self._shown: Rendered | None = None
         self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name=f"progress-{job_id}")
+        self._task = asyncio.create_task(self._run(), name=f"progress-{job.id}")
 
-    def show(self, rendered: Rendered) -> None:
-        self._latest = rendered
+    def poke(self) -> None:
+        """The job changed; show it when the next edit is due."""
         self._changed.set()
 
     async def _run(self) -> None:
         # The deferred "thinking…" stands for the first interval, so a job that is submitted
         # within it goes straight to its queue position.
-        await asyncio.sleep(self._interval)
-        while True:
+        await asyncio.sleep(self._pace())
+        while not self._job.state.is_final:  # the final state is deliver()'s to show
             await self._changed.wait()
             self._changed.clear()
-            rendered = self._latest
-            if rendered is None or rendered.key() == self._shown_key:
+            rendered = render(self._job)
+            if self._shown is not None and rendered.key() == self._shown.key():
                 continue
             try:
                 await self._edit(rendered)
-                self._shown_key = rendered.key()
+                self._shown = rendered
             except discord.HTTPException as exc:
-                log.warning("job %d: progress edit failed: %s", self._job_id, exc)
-            await asyncio.sleep(self._interval)
+                log.warning("job %d: progress edit failed: %s", self._job.id, exc)
+            await asyncio.sleep(self._pace())
+
+    async def _edit(self, rendered: Rendered) -> None:
+        # Only what changed is sent: Discord keeps the fields an edit leaves out.
+        changes: dict[str, Any] = {"content": rendered.content}
+        shown = self._shown
+        if shown is None or rendered.embed.to_dict() != shown.embed.to_dict():
+            changes["embed"] = rendered.embed
+        if shown is None or rendered.buttons != shown.buttons:
+            changes["view"] = rendered.view()
+        await self._webhook.edit_message(self._job.message_id, **changes)
 
     async def close(self) -> None:
         self._task.cancel()
@@ -86,15 +98,13 @@ class DiscordPresenter:
             return  # the final state is shown by deliver(); an expired token cannot edit
         ticker = self._tickers.get(job.id)
         if ticker is None:
-            webhook = self._webhook(job)
+            ticker = self._tickers[job.id] = ProgressTicker(job, self._webhook(job), self._progress_pace)
+        ticker.poke()
 
-            async def edit(rendered: Rendered) -> None:
-                await webhook.edit_message(
-                    job.message_id, content=rendered.content, embed=rendered.embed, view=rendered.view()
-                )
-
-            ticker = self._tickers[job.id] = ProgressTicker(edit, self._edit_interval, job.id)
-        ticker.show(render(job))
+    def _progress_pace(self) -> float:
+        """Seconds between two progress edits of one reply: EDIT_INTERVAL, stretched when many
+        jobs are in progress so the bot's own work stays bounded. Final results never wait."""
+        return max(self._edit_interval, len(self._tickers) / MAX_PROGRESS_EDITS_PER_SECOND)
 
     async def close(self) -> None:
         tickers = list(self._tickers.values())

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 QueueState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 _STATES = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
 _TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_CHUNK = 64 * 1024
+_CHUNK = 256 * 1024
 # After this many broken status streams for one job, poll for the rest of it.
 MAX_BROKEN_STREAMS = 3
 

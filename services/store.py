@@ -55,7 +55,7 @@ MIGRATIONS: tuple[str, ...] = (
         cancelled_by INTEGER,
         result TEXT
     );
-    CREATE INDEX jobs_unfinished ON jobs (delivered_at) WHERE delivered_at IS NULL;
+    CREATE INDEX jobs_unfinished ON jobs (guild_id, user_id) WHERE delivered_at IS NULL;
     CREATE INDEX jobs_member ON jobs (guild_id, user_id, created_at);
     CREATE INDEX jobs_guild ON jobs (guild_id, created_at);
     """,
@@ -112,11 +112,15 @@ class Store:
 
     def __init__(self, connection: aiosqlite.Connection) -> None:
         self._db = connection
+        # Policies are read on every job and change only by /kontext-admin, which goes through
+        # save_policy: a read-through cache is always current.
+        self._policies: dict[int, GuildPolicy] = {}
 
     @classmethod
     async def open(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
-        connection = await aiosqlite.connect(path)
+        # Autocommit: each statement is its own transaction, one trip to the database thread.
+        connection = await aiosqlite.connect(path, isolation_level=None)
         connection.row_factory = aiosqlite.Row
         await connection.execute("PRAGMA journal_mode=WAL")
         await connection.execute("PRAGMA synchronous=NORMAL")
@@ -133,7 +137,7 @@ class Store:
             (version,) = await cursor.fetchone()
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             log.info("upgrading the database to schema version %d", number)
-            # executescript commits first; the version bump rides in the same script.
+            # One transaction per version: the schema change and its version number together.
             await self._db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
 
     async def create_job(self, request: JobRequest) -> Job:
@@ -141,16 +145,13 @@ class Store:
         row = _to_row(job)
         columns = ", ".join(row)
         placeholders = ", ".join(f":{name}" for name in row)
-        async with self._db.execute(f"INSERT INTO jobs ({columns}) VALUES ({placeholders})", row) as cursor:
-            job.id = cursor.lastrowid
-        await self._db.commit()
+        (job.id,) = await self._db.execute_insert(f"INSERT INTO jobs ({columns}) VALUES ({placeholders})", row)
         return job
 
     async def save(self, job: Job) -> None:
         row = _to_row(job)
         assignments = ", ".join(f"{name} = :{name}" for name in row)
         await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**row, "id": job.id})
-        await self._db.commit()
 
     async def get_job(self, job_id: int) -> Job | None:
         async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cursor:
@@ -162,9 +163,12 @@ class Store:
 
     async def policy(self, guild_id: int) -> GuildPolicy:
         """The server's policy; a server that never changed it gets the defaults."""
-        async with self._db.execute("SELECT policy FROM guild_policies WHERE guild_id = ?", (guild_id,)) as cursor:
-            row = await cursor.fetchone()
-        return policy_from_dict(json.loads(row["policy"])) if row else GuildPolicy()
+        cached = self._policies.get(guild_id)
+        if cached is None:
+            async with self._db.execute("SELECT policy FROM guild_policies WHERE guild_id = ?", (guild_id,)) as cursor:
+                row = await cursor.fetchone()
+            cached = self._policies[guild_id] = policy_from_dict(json.loads(row["policy"])) if row else GuildPolicy()
+        return cached
 
     async def save_policy(self, guild_id: int, policy: GuildPolicy, *, by_user: int, now: float) -> None:
         await self._db.execute(
@@ -173,18 +177,20 @@ class Store:
             "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
             (guild_id, json.dumps(policy_to_dict(policy)), now, by_user),
         )
-        await self._db.commit()
+        self._policies[guild_id] = policy
 
     async def usage(self, guild_id: int, user_id: int, now: float) -> Usage:
-        """What the policy's limits count, read from the job rows in one query."""
+        """What the policy's limits count. Each part reads an index range (a member's jobs since
+        today, the unfinished jobs, the server's jobs this month), never the whole history."""
         sql = f"""
             SELECT
-                MAX(CASE WHEN user_id = :user THEN created_at END),
-                COUNT(CASE WHEN user_id = :user AND created_at >= :day THEN 1 END),
-                COUNT(CASE WHEN user_id = :user AND {_ACTIVE} THEN 1 END),
-                COUNT(CASE WHEN {_ACTIVE} THEN 1 END),
-                COALESCE(SUM(CASE WHEN created_at >= :month AND {_SPENT} THEN {_IMAGES} END), 0)
-            FROM jobs WHERE guild_id = :guild
+                (SELECT MAX(created_at) FROM jobs WHERE guild_id = :guild AND user_id = :user),
+                (SELECT COUNT(*) FROM jobs WHERE guild_id = :guild AND user_id = :user AND created_at >= :day),
+                (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND guild_id = :guild AND user_id = :user
+                    AND {_ACTIVE}),
+                (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND guild_id = :guild AND {_ACTIVE}),
+                (SELECT COALESCE(SUM({_IMAGES}), 0) FROM jobs
+                    WHERE guild_id = :guild AND created_at >= :month AND {_SPENT})
         """
         args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": month_start(now)}
         async with self._db.execute(sql, args) as cursor:
