@@ -174,7 +174,6 @@ class FalQueueClient:
         # connection (retried, or for a submit reported as uncertain), never an endless wait.
         self._stall_timeout = stream_stall_timeout
         self._session: aiohttp.ClientSession | None = None
-        self.requests_sent = 0
 
     def __repr__(self) -> str:  # the key stays out of every repr and log line
         return f"<FalQueueClient {self._base_url}>"
@@ -198,9 +197,8 @@ class FalQueueClient:
             raise RuntimeError("FalQueueClient.open() was not called")
         return self._session
 
-    async def _json_call(self, method: str, url: str, *, json_body: Any = None, params: Any = None) -> tuple[int, Any]:
-        """One queue API call: returns (status, parsed body) for 2xx, raises FalError otherwise."""
-        self.requests_sent += 1
+    async def _json_call(self, method: str, url: str, *, json_body: Any = None, params: Any = None) -> Any:
+        """One queue API call: returns the parsed body of a 2xx answer, raises FalError otherwise."""
         async with self.session.request(method, url, json=json_body, params=params, headers=self._auth) as response:
             text = await response.text()
             try:
@@ -209,14 +207,14 @@ class FalQueueClient:
                 body = text
             if response.status >= 300:
                 raise _error_for(response.status, body)
-            return response.status, body
+            return body
 
     async def submit(self, endpoint: str, payload: dict[str, Any], *, deadline: float) -> tuple[FalRequest, QueueStatus]:
         """POST the job. Retried only when fal surely did not take it: the connection was never
         made, or fal answered with a 5xx/429 and no request. A lost answer is `FalSubmitUncertain`."""
         url = f"{self._base_url}/{endpoint.strip('/')}"
 
-        async def attempt() -> tuple[int, Any]:
+        async def attempt() -> Any:
             try:
                 return await self._json_call("POST", url, json_body=payload)
             except aiohttp.ClientConnectorError:
@@ -228,7 +226,7 @@ class FalQueueClient:
             return isinstance(exc, (aiohttp.ClientConnectorError, FalUnavailable))
 
         try:
-            _, body = await retrying(attempt, retryable=retryable, backoff=self._backoff, deadline=deadline, what="fal submit")
+            body = await retrying(attempt, retryable=retryable, backoff=self._backoff, deadline=deadline, what="fal submit")
         except aiohttp.ClientConnectorError as exc:
             raise FalUnavailable(f"could not connect to fal: {exc}") from exc
         try:
@@ -277,8 +275,7 @@ class FalQueueClient:
         """One status poll, retried on transient failures."""
 
         async def attempt() -> QueueStatus:
-            _, body = await self._json_call("GET", request.status_url, params={"logs": "1"})
-            return QueueStatus.from_json(body)
+            return QueueStatus.from_json(await self._json_call("GET", request.status_url, params={"logs": "1"}))
 
         return await retrying(attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal status")
 
@@ -291,11 +288,7 @@ class FalQueueClient:
             await asyncio.sleep(self._poll_interval)
 
     async def _stream(self, request: FalRequest) -> AsyncIterator[QueueStatus]:
-        self.requests_sent += 1
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self._stall_timeout)
-        async with self.session.get(
-            f"{request.status_url}/stream", params={"logs": "1"}, headers=self._auth, timeout=timeout
-        ) as response:
+        async with self.session.get(f"{request.status_url}/stream", params={"logs": "1"}, headers=self._auth) as response:
             if response.status >= 300:
                 raise _StreamUnsupported(f"status stream answered {response.status}")
             data_lines: list[str] = []
@@ -313,7 +306,7 @@ class FalQueueClient:
 
         async def attempt() -> dict[str, Any]:
             try:
-                _, body = await self._json_call("GET", request.response_url)
+                body = await self._json_call("GET", request.response_url)
             except FalRejected as exc:
                 if exc.status in (404, 410):
                     raise FalResultExpired("fal no longer has this result", status=exc.status) from exc
@@ -330,7 +323,6 @@ class FalQueueClient:
         is harmless, so 5xx/429 and broken connections are retried for up to `timeout` seconds."""
 
         async def attempt() -> str:
-            self.requests_sent += 1
             async with self.session.put(request.cancel_url, headers=self._auth) as response:
                 try:
                     body = await response.json(content_type=None)

@@ -106,9 +106,6 @@ class JobRunner:
     def active_job(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)
 
-    def active_jobs(self) -> list[Job]:
-        return list(self._jobs.values())
-
     async def cancel(self, job_id: int, by_user: int) -> CancelOutcome:
         job = self._jobs.get(job_id)
         if job is None or job.state.is_final:

@@ -314,9 +314,15 @@ async def test_fetch_inputs(http):
     png, _, _ = make_png(300, 4, 4)
     jpg, _, _ = make_jpeg(400, 8, 8)
     origin = web.Application()
-    origin.router.add_get("/ok.png", lambda r: web.Response(body=png, content_type="image/png"))
-    origin.router.add_get("/ok.jpg", lambda r: web.Response(body=jpg, content_type="image/jpeg"))
-    origin.router.add_get("/text", lambda r: web.Response(text="<html>hi</html>"))
+    def serve(**response):
+        async def handler(request):
+            return web.Response(**response)
+
+        return handler
+
+    origin.router.add_get("/ok.png", serve(body=png, content_type="image/png"))
+    origin.router.add_get("/ok.jpg", serve(body=jpg, content_type="image/jpeg"))
+    origin.router.add_get("/text", serve(text="<html>hi</html>"))
     runner = web.AppRunner(origin)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

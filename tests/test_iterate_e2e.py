@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from tests.e2e import admin, finished, private_answer
 from tests.fakes.fal_fake import JobScript
-from tests.test_kontext_e2e import finished, private_answer
-from tests.test_policy_e2e import admin
 
 
 async def first_result(world, **options):

@@ -5,37 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fakes.discord_fake import EPHEMERAL
+from tests.e2e import contents, fal_job, finished, private_answer
 from tests.fakes.fal_fake import JobScript
-
-FINAL_MARKS = ("✅", "❌", "🚫", "🛡️", "⚠️", "No image")
-
-
-def contents(message) -> list[str]:
-    return [snapshot.get("content") or "" for snapshot in message.history]
-
-
-def is_final(handle) -> bool:
-    message = handle.original
-    return message is not None and message.content.startswith(FINAL_MARKS)
-
-
-async def finished(handle, timeout: float = 15):
-    await handle.wait_until(is_final, timeout=timeout)
-    return handle.original
-
-
-def private_answer(handle) -> str:
-    callback = handle.callback
-    assert callback is not None and callback["type"] == 4, callback
-    assert callback["data"]["flags"] & EPHEMERAL
-    return callback["data"].get("content") or ""
-
-
-def fal_job(world):
-    (job,) = world.fal.jobs.values()
-    return job
-
 
 async def test_edit_is_queued_shown_and_posted(world):
     world.fal.default = JobScript(queue_positions=(2, 1, 0), step=0.3, run_time=0.3, image_size=50_000)

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
+from tests.e2e import admin, finished, private_answer
 from tests.fakes.discord_fake import EPHEMERAL
 from tests.fakes.fal_fake import JobScript
-from tests.test_kontext_e2e import finished, private_answer
-
-
-async def admin(world, command: str, user: str = "mod", **options) -> str:
-    """Run a /kontext-admin command; returns the private answer, embed fields as `**name**: value`."""
-    handle = await world.discord.invoke_slash(f"kontext-admin {command}", options=options, user=user)
-    await handle.wait_for_callback()
-    text = private_answer(handle)
-    for embed in handle.callback["data"].get("embeds", []):
-        text += "\n" + "\n".join(f"**{field['name']}**: {field['value']}" for field in embed.get("fields", []))
-    return text
 
 
 async def refused(world, **options) -> str:

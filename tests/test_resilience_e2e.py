@@ -12,36 +12,13 @@ import time
 
 import pytest
 
+from tests.e2e import contents, fal_job, finished, shows
 from tests.fakes.fal_fake import JobScript
 
-FINAL_MARKS = ("✅", "❌", "🚫", "🛡️", "⚠️", "No image")
 WEBHOOK_MESSAGE = r"/webhooks/\d+/[^/]+/messages/"
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def shows(handle, text: str) -> bool:
-    message = handle.original
-    return message is not None and text in message.content
-
-
-def is_final(handle) -> bool:
-    message = handle.original
-    return message is not None and message.content.startswith(FINAL_MARKS)
-
-
-async def finished(handle, timeout: float = 15):
-    await handle.wait_until(is_final, timeout=timeout)
-    return handle.original
-
-
-def contents(message) -> list[str]:
-    return [snapshot.get("content") or "" for snapshot in message.history]
-
-
-def fal_job(world, index: int = 0):
-    return list(world.fal.jobs.values())[index]
 
 
 def file_uploads(world, handle) -> list:
@@ -102,23 +79,19 @@ def db_rows(world) -> list[sqlite3.Row]:
 # -- 1. kill -9 at every stage of a job ---------------------------------------------------------
 
 
-async def test_kill_while_queued_at_fal_resumes_and_delivers_once(world):
-    world.fal.default = JobScript(queue_positions=(3, 2, 1, 0), step=0.4, run_time=0.1)
+@pytest.mark.parametrize(
+    "script,stage",
+    [
+        (JobScript(queue_positions=(3, 2, 1, 0), step=0.4, run_time=0.1), "In queue"),
+        (JobScript(queue_positions=(0,), step=0.05, run_time=1.0), "Generating"),
+    ],
+    ids=["queued", "running"],
+)
+async def test_kill_at_fal_resumes_the_same_request_and_delivers_once(world, script, stage):
+    world.fal.default = script
     await world.start_bot()
     handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "In queue"))
-    await restart(world)
-    await finished(handle)
-    assert_delivered_once(world, handle)
-    assert world.fal.count("submit") == 1
-    await still_serving(world)
-
-
-async def test_kill_while_running_at_fal_resumes_and_delivers_once(world):
-    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=1.0)
-    await world.start_bot()
-    handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "Generating"))
+    await handle.wait_until(lambda h: shows(h, stage))
     await restart(world)
     await finished(handle)
     assert_delivered_once(world, handle)

@@ -155,34 +155,21 @@ class SandboxBot(BotProcess):
         self.profile = profile
         self.bot_root = bot_root
 
-    async def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        script = str((self.bot_root / "bot.py").resolve())
+    def command(self) -> list[str]:
         profiler = ["-m", "cProfile", "-o", str(self.profile.resolve())] if self.profile else []
-        command = [sys.executable, *profiler, script]
-        with open(self.log_path, "ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                *command, cwd=self.data_dir, env=self.env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL
-            )
+        return [sys.executable, *profiler, str((self.bot_root / "bot.py").resolve())]
 
 
 class SandboxWorld(World):
+    bot_class = SandboxBot
+
     def __init__(self, *args: Any, profile: Path | None = None, bot_root: Path = PROJECT_ROOT, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.profile = profile
         self.bot_root = bot_root
 
-    def new_bot(self, **settings: str) -> BotProcess:
-        return SandboxBot(
-            profile=self.profile,
-            bot_root=self.bot_root,
-            discord_api_base=self.discord.api_base,
-            discord_token=DISCORD_TOKEN,
-            fal_url=self.fal.base_url,
-            fal_key=FAL_KEY,
-            data_dir=self.data_dir,
-            settings={**self.settings, **settings},
-        )
+    def bot_options(self) -> dict[str, object]:
+        return {"profile": self.profile, "bot_root": self.bot_root}
 
 
 @contextlib.asynccontextmanager

@@ -41,16 +41,16 @@ class BotProcess:
         }
         self.process: asyncio.subprocess.Process | None = None
 
+    def command(self) -> list[str]:
+        return [sys.executable, str(PROJECT_ROOT / "bot.py")]
+
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        try:
+        with open(self.log_path, "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, str(PROJECT_ROOT / "bot.py"),
-                cwd=self.data_dir, env=self.env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+                *self.command(), cwd=self.data_dir, env=self.env, stdout=log, stderr=log,
+                stdin=asyncio.subprocess.DEVNULL,
             )
-        finally:
-            log.close()
 
     @property
     def pid(self) -> int:

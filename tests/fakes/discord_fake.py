@@ -705,6 +705,10 @@ class FakeDiscord:
                 self.gateway_received.append(data)
                 op = data.get("op")
                 if op == 1:
+                    # A network's worth of delay: discord.py records a heartbeat as sent only
+                    # after its send completes, so an instant ACK would be measured against the
+                    # previous heartbeat ("Can't keep up … 41s behind").
+                    await asyncio.sleep(0.01)
                     await self._send(ws, {"op": 11, "d": None, "s": None, "t": None})
                 elif op == 2:
                     await self._on_identify(ws, data.get("d") or {})

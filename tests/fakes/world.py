@@ -16,6 +16,12 @@ DISCORD_TOKEN = "test-discord-token"
 
 
 class World:
+    # What runs the bot; the sandbox swaps in a variant that can profile it.
+    bot_class: type[BotProcess] = BotProcess
+
+    def bot_options(self) -> dict[str, object]:
+        return {}
+
     def __init__(self, discord: FakeDiscord, fal: FakeFal, data_dir: Path,
                  settings: Mapping[str, str] | None = None) -> None:
         self.discord = discord
@@ -25,7 +31,8 @@ class World:
         self.bot: BotProcess | None = None
 
     def new_bot(self, **settings: str) -> BotProcess:
-        return BotProcess(
+        return self.bot_class(
+            **self.bot_options(),
             discord_api_base=self.discord.api_base,
             discord_token=DISCORD_TOKEN,
             fal_url=self.fal.base_url,

@@ -1,0 +1,50 @@
+"""What the end-to-end tests look at, as a member would: the reply, its states, private answers."""
+
+from __future__ import annotations
+
+from tests.fakes.discord_fake import EPHEMERAL
+
+FINAL_MARKS = ("✅", "❌", "🚫", "🛡️", "⚠️", "No image")
+
+
+def contents(message) -> list[str]:
+    """Every version of a message's text, in the order the member saw them."""
+    return [snapshot.get("content") or "" for snapshot in message.history]
+
+
+def shows(handle, text: str) -> bool:
+    message = handle.original
+    return message is not None and text in message.content
+
+
+def is_final(handle) -> bool:
+    message = handle.original
+    return message is not None and message.content.startswith(FINAL_MARKS)
+
+
+async def finished(handle, timeout: float = 15):
+    """The reply once it shows a final state (result, failure or cancellation)."""
+    await handle.wait_until(is_final, timeout=timeout)
+    return handle.original
+
+
+def private_answer(handle) -> str:
+    """The text of an immediate, ephemeral answer to an interaction."""
+    callback = handle.callback
+    assert callback is not None and callback["type"] == 4, callback
+    assert callback["data"]["flags"] & EPHEMERAL
+    return callback["data"].get("content") or ""
+
+
+def fal_job(world, index: int = 0):
+    return list(world.fal.jobs.values())[index]
+
+
+async def admin(world, command: str, user: str = "mod", **options) -> str:
+    """Run a /kontext-admin command; returns the private answer, embed fields as `**name**: value`."""
+    handle = await world.discord.invoke_slash(f"kontext-admin {command}", options=options, user=user)
+    await handle.wait_for_callback()
+    text = private_answer(handle)
+    for embed in handle.callback["data"].get("embeds", []):
+        text += "\n" + "\n".join(f"**{field['name']}**: {field['value']}" for field in embed.get("fields", []))
+    return text
