@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import discord
 
@@ -88,10 +88,6 @@ class DiscordPresenter:
         self._bot = bot
         self._edit_interval = edit_interval
         self._tickers: dict[int, ProgressTicker] = {}
-        # Per job being delivered: how many message groups are already shown, and whether the
-        # rest goes to the channel. A retried delivery resumes there, so nothing is posted twice.
-        self._posted: dict[int, int] = {}
-        self._in_channel: set[int] = set()
 
     def job_changed(self, job: Job) -> None:
         if job.state.is_final or not job.token_valid():
@@ -112,7 +108,7 @@ class DiscordPresenter:
         for ticker in tickers:
             await ticker.close()
 
-    async def deliver(self, job: Job) -> None:
+    async def deliver(self, job: Job, checkpoint: Callable[[], Awaitable[None]]) -> None:
         ticker = self._tickers.pop(job.id, None)
         if ticker is not None:
             await ticker.close()  # no progress edit may land after the final one
@@ -122,27 +118,27 @@ class DiscordPresenter:
             links = ", ".join(f"[image {i + 1}]({rendered.files[i].url})" for i in too_large)
             rendered.content = f"{rendered.content}\n📦 Too large for this server's upload limit: {links}"
         groups = groups or [[]]
-        if job.token_valid() and job.id not in self._in_channel:
+        if not job.delivered_in_channel and job.token_valid():
             try:
-                await self._deliver_by_interaction(job, rendered, groups)
+                await self._deliver_by_interaction(job, rendered, groups, checkpoint)
             except discord.HTTPException as exc:
                 if exc.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE):
                     raise
                 log.info("job %d: the reply can no longer be edited (%s); posting in the channel", job.id, exc)
-                self._in_channel.add(job.id)
+                job.delivered_in_channel = True
         else:
-            self._in_channel.add(job.id)
-        if job.id in self._in_channel:
-            await self._deliver_in_channel(job, rendered, groups)
+            job.delivered_in_channel = True
+        if job.delivered_in_channel:
+            await self._deliver_in_channel(job, rendered, groups, checkpoint)
         if job.guild_id is not None:
             policy = await self._bot.store.policy(job.guild_id)
             await post_to_log_channel(self._bot, policy, job_log_line(job))
-        self._posted.pop(job.id, None)
-        self._in_channel.discard(job.id)
 
-    async def _deliver_by_interaction(self, job: Job, rendered: Rendered, groups: list[list[int]]) -> None:
+    async def _deliver_by_interaction(
+        self, job: Job, rendered: Rendered, groups: list[list[int]], checkpoint: Callable[[], Awaitable[None]]
+    ) -> None:
         webhook = self._webhook(job)
-        for index in range(self._posted.get(job.id, 0), len(groups)):
+        for index in range(job.delivered_parts, len(groups)):
             if index == 0:
                 await webhook.edit_message(
                     job.message_id,
@@ -153,9 +149,12 @@ class DiscordPresenter:
                 )
             else:
                 await webhook.send(files=self._files(job, rendered, groups[index]), wait=True)
-            self._posted[job.id] = index + 1
+            job.delivered_parts = index + 1
+            await checkpoint()
 
-    async def _deliver_in_channel(self, job: Job, rendered: Rendered, groups: list[list[int]]) -> None:
+    async def _deliver_in_channel(
+        self, job: Job, rendered: Rendered, groups: list[list[int]], checkpoint: Callable[[], Awaitable[None]]
+    ) -> None:
         """After the 15-minute token: a channel message replying to the original, which mentions
         only the member who asked."""
         channel = self._bot.get_channel(job.channel_id) or await self._bot.fetch_channel(job.channel_id)
@@ -167,7 +166,7 @@ class DiscordPresenter:
         )
         only_requester = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
         content = f"<@{job.user_id}> {rendered.content or ''}".strip()
-        for index in range(self._posted.get(job.id, 0), len(groups)):
+        for index in range(job.delivered_parts, len(groups)):
             await channel.send(
                 content=content if index == 0 else None,
                 embed=rendered.embed if index == 0 else None,  # type: ignore[arg-type]
@@ -175,7 +174,8 @@ class DiscordPresenter:
                 reference=reference,  # type: ignore[arg-type]
                 allowed_mentions=only_requester if index == 0 else discord.AllowedMentions.none(),
             )
-            self._posted[job.id] = index + 1
+            job.delivered_parts = index + 1
+            await checkpoint()
 
     def _webhook(self, job: Job) -> discord.Webhook:
         return discord.Webhook.partial(job.application_id, job.interaction_token, client=self._bot)

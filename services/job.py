@@ -124,6 +124,10 @@ class Job(JobRequest):
     started_at: float | None = None
     completed_at: float | None = None
     delivered_at: float | None = None
+    # Delivery progress, stored as it goes, so a delivery cut short resumes without repeating a
+    # message: how many of the result's messages are posted, and whether it moved to the channel.
+    delivered_parts: int = 0
+    delivered_in_channel: bool = False
     error_code: str | None = None
     error_detail: str | None = None
     cancelled_by: int | None = None

@@ -10,7 +10,7 @@ import enum
 import logging
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from .fal_queue import FalBadOutput, FalError, FalQueueClient, FalRequest, FalResultExpired, QueueStatus
 from .job import Job, JobRequest, JobResult, JobState, ResultImage
@@ -25,9 +25,10 @@ class JobListener(Protocol):
     def job_changed(self, job: Job) -> None:
         """A job's visible state changed. Must return at once (it runs on the runner's path)."""
 
-    async def deliver(self, job: Job) -> None:
+    async def deliver(self, job: Job, checkpoint: Callable[[], Awaitable[None]]) -> None:
         """Show the final state (result, failure, cancellation) to the member; raise on failure
-        and it is retried."""
+        and it is retried. After each message it posts, it records its progress in the job
+        (`delivered_parts`, `delivered_in_channel`) and awaits `checkpoint()`, which stores it."""
 
 
 class RunnerStopped(Exception):
@@ -357,7 +358,7 @@ class JobRunner:
         try:
             try:
                 await retrying(
-                    lambda: self._listener.deliver(job),
+                    lambda: self._listener.deliver(job, checkpoint=lambda: self._store.save(job)),
                     retryable=lambda exc: not isinstance(exc, asyncio.CancelledError),
                     backoff=self._backoff,
                     deadline=loop.time() + 120,

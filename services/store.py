@@ -67,6 +67,10 @@ MIGRATIONS: tuple[str, ...] = (
         updated_by INTEGER NOT NULL
     );
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN delivered_parts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN delivered_in_channel INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 # SQL fragments over job rows; the state names are our own enum values, never user input.
@@ -79,6 +83,7 @@ _SPENT = (
 _IMAGES = "COALESCE(json_extract(params, '$.num_images'), 1)"
 
 _JSON_COLUMNS = ("params", "notes")
+_BOOL_COLUMNS = ("channel_nsfw", "delivered_in_channel")
 _REQUEST_FIELDS = ("request_id", "status_url", "response_url", "cancel_url")
 _SCALAR_COLUMNS = tuple(
     f.name
@@ -89,7 +94,7 @@ _SCALAR_COLUMNS = tuple(
 
 def _to_row(job: Job) -> dict[str, Any]:
     row = {name: getattr(job, name) for name in _SCALAR_COLUMNS}
-    row["channel_nsfw"] = int(job.channel_nsfw)
+    row.update({name: int(getattr(job, name)) for name in _BOOL_COLUMNS})
     row.update({name: json.dumps(getattr(job, name)) for name in _JSON_COLUMNS})
     row["state"] = job.state.value
     request = job.request
@@ -100,7 +105,7 @@ def _to_row(job: Job) -> dict[str, Any]:
 
 def _from_row(row: aiosqlite.Row) -> Job:
     values = {name: row[name] for name in _SCALAR_COLUMNS}
-    values["channel_nsfw"] = bool(row["channel_nsfw"])
+    values.update({name: bool(row[name]) for name in _BOOL_COLUMNS})
     values.update({name: json.loads(row[name]) for name in _JSON_COLUMNS})
     request = FalRequest(*(row[name] for name in _REQUEST_FIELDS)) if row["request_id"] else None
     result = JobResult.from_dict(json.loads(row["result"])) if row["result"] else None

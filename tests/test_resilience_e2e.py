@@ -210,6 +210,47 @@ async def test_token_expired_while_the_bot_was_down(world):
     await still_serving(world)
 
 
+async def test_bot_knows_an_old_token_is_dead_and_does_not_try_it(world):
+    """Back after more than 15 minutes: the bot reads the interaction's age from the job row and
+    goes straight to the channel, without one request on the dead token."""
+    world.fal.default = JobScript(queue_positions=(2, 1, 0), step=0.3, run_time=0.2)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await world.bot.kill()
+    world.discord.age_interactions(16 * 60)
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.execute("UPDATE jobs SET interaction_created_at = interaction_created_at - 960")
+    await world.start_bot()
+    await world.discord.wait_until(lambda: channel_replies(world, handle), timeout=15)
+    assert_posted_as_reply(world, handle)
+    assert not any(status == 401 for status, *_ in world.discord.rejections), world.discord.rejections
+    await still_serving(world)
+
+
+async def test_kill_between_split_messages_resumes_after_the_last_one_posted(world):
+    """Four images over two messages; killed while the follow-up is in flight: after the restart
+    the reply is not edited again and the follow-up is posted once."""
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot()
+    world.discord.fail_next("POST", r"/webhooks/\d+/[^/]+$", status="hang")
+    handle = await world.discord.invoke_slash(
+        "kontext",
+        options={"image": world.input_image(), "prompt": "four", "num_images": 4},
+        attachment_size_limit=100_000,
+    )
+    await world.discord.wait_until(lambda: world.discord.hanging == 1)
+    await world.bot.kill()
+    world.discord.release_hangs()
+    await world.start_bot()
+    await handle.wait_until(lambda h: len(h.followups) == 1)
+    assert len(file_uploads(world, handle)) == 1
+    assert sorted(handle.original.files) == ["kontext-1-1.jpg", "kontext-1-2.jpg"]
+    assert sorted(handle.followups[0].files) == ["kontext-1-3.jpg", "kontext-1-4.jpg"]
+    await world.discord.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None)
+    await still_serving(world)
+
+
 async def test_token_expiring_between_split_messages_posts_only_the_rest(world):
     """Four images over two messages: the reply is edited with the first two, then the token dies
     before the follow-up; only the other two go to the channel (nothing posted twice)."""
