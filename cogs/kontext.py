@@ -13,7 +13,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from services.job import ENDPOINT_MULTI, ENDPOINT_SINGLE, Job, JobRequest
-from services.policy import Allowed, JobAsk, Refused, RefusalReason, Requester, resolve
+from services.policy import Allowed, GuildPolicy, JobAsk, Refused, RefusalReason, Requester, resolve
 from services.runner import RunnerStopped
 
 from .errors import UserFacingError
@@ -46,15 +46,16 @@ def requester_of(interaction: discord.Interaction) -> Requester:
     )
 
 
-def refusal_text(refused: Refused) -> str:
+def refusal_text(refused: Refused, policy: GuildPolicy) -> str:
     """Why a member may not start a job now, and when they can try again."""
     when = f" <t:{int(refused.retry_at)}:R>" if refused.retry_at else ""
     limit = refused.limit
     reason = refused.reason
     if reason is RefusalReason.CHANNEL_NOT_ALLOWED:
-        return "Kontext isn't enabled in this channel. A moderator can allow it with `/kontext-admin access`."
+        channels = ", ".join(f"<#{channel}>" for channel in sorted(policy.allowed_channel_ids)[:10])
+        return f"Kontext isn't enabled in this channel. It works in {channels}."
     if reason is RefusalReason.MISSING_ROLE:
-        return "You need a role that this server's moderators chose to use `/kontext` here."
+        return f"You need the <@&{policy.required_role_id}> role to use `/kontext` in this server."
     if reason is RefusalReason.MEMBER_CONCURRENCY:
         return f"You already have {limit} edit(s) running. Wait for one to finish, then try again."
     if reason is RefusalReason.GUILD_CONCURRENCY:
@@ -163,9 +164,10 @@ class Kontext(commands.Cog):
         hand it to the runner. A refusal is private and nothing is spent."""
         assert interaction.guild_id is not None
         async with self._guild_locks[interaction.guild_id]:
-            decision = await self._decide(interaction, safety_tolerance, params.get("num_images", 1))
+            policy = await self.bot.store.policy(interaction.guild_id)
+            decision = await self._decide(interaction, policy, safety_tolerance, params.get("num_images", 1))
             if isinstance(decision, Refused):
-                raise UserFacingError(refusal_text(decision))
+                raise UserFacingError(refusal_text(decision, policy))
             params = {**params, "safety_tolerance": str(decision.safety_tolerance)}
             notes = {"safety_limited_to": decision.limited_to} if decision.limited_to is not None else {}
             job = await self._accept(interaction, endpoint, params, notes, parent_job_id)
@@ -181,12 +183,12 @@ class Kontext(commands.Cog):
             raise
         await self.bot.runner.start(job, message_id=message_id)
 
-    async def _decide(self, interaction: discord.Interaction, safety_tolerance: int | None, num_images: int) -> Allowed | Refused:
+    async def _decide(
+        self, interaction: discord.Interaction, policy: GuildPolicy, safety_tolerance: int | None, num_images: int
+    ) -> Allowed | Refused:
         assert interaction.guild_id is not None
         now = time.time()
-        store = self.bot.store
-        policy = await store.policy(interaction.guild_id)
-        usage = await store.usage(interaction.guild_id, interaction.user.id, now)
+        usage = await self.bot.store.usage(interaction.guild_id, interaction.user.id, now)
         return resolve(
             policy,
             requester_of(interaction),

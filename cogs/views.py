@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
     from .kontext import Kontext
 
-# Options of a job that carry over when a new job is built from it (re-roll, edit).
-CARRIED_OPTIONS = ("aspect_ratio", "num_images", "guidance_scale", "output_format", "enhance_prompt")
+# Options of a result that carry over to an edit of it (which makes one image from one image).
+EDIT_CARRIES = ("aspect_ratio", "guidance_scale", "output_format", "enhance_prompt")
 
 
 def is_moderator(interaction: discord.Interaction) -> bool:
@@ -80,8 +80,7 @@ async def edit_job(interaction: discord.Interaction, job: Job) -> None:
     images = image_attachments(interaction.message)
     if not images:
         raise UserFacingError("This message has no image left to edit.")
-    base = {name: job.params[name] for name in CARRIED_OPTIONS if name in job.params}
-    base.pop("num_images", None)
+    base = {name: job.params[name] for name in EDIT_CARRIES if name in job.params}
     await interaction.response.send_modal(
         PromptModal(
             title=f"Edit the result of job #{job.id}",

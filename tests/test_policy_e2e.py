@@ -112,14 +112,15 @@ async def test_usd_budget(world):
 async def test_access_by_channel_and_role(world):
     await world.start_bot()
     await admin(world, "access channel-add", channel=world.discord.nsfw_channel_id)
-    assert "isn't enabled in this channel" in await refused(world)
+    answer = await refused(world)
+    assert "isn't enabled in this channel" in answer and f"<#{world.discord.nsfw_channel_id}>" in answer
     await finished(await world.kontext(channel_id=world.discord.nsfw_channel_id))
     await admin(world, "access all-channels")
     artists = world.discord.add_role("artists")
     await world.discord.dispatch("GUILD_ROLE_CREATE", {"guild_id": world.discord.guild_id, "role": artists})
     world.discord.add_member(name="carol", roles=[artists])
     await admin(world, "access role", role=artists)
-    assert "You need a role" in await refused(world)
+    assert f"You need the <@&{artists['id']}> role" in await refused(world)
     await finished(await world.kontext(user="carol"))
     assert len(world.fal.submits) == 2
 
