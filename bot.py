@@ -30,6 +30,7 @@ class KontextBot(commands.AutoShardedBot):
 
     store: Store
     fal: FalQueueClient
+    presenter: DiscordPresenter
     runner: JobRunner
 
     def __init__(self, settings: Settings) -> None:

@@ -26,7 +26,7 @@ FAILURE_MESSAGES: dict[str, str] = {
     "fal_auth": "The bot's fal.ai key was refused. A server admin needs to check the bot's configuration.",
     "fal_unavailable": "fal.ai is not answering right now, even after several retries. Please try again in a few minutes.",
     "submit_uncertain": (
-        "The connection to fal.ai broke while your edit was being sent, so the bot cannot tell whether "
+        "The bot lost contact with fal.ai while your edit was being sent, so it cannot tell whether "
         "fal received it. It was not re-sent (so you are never billed twice). Please run the command again."
     ),
     "result_expired": "fal.ai no longer has this result (it keeps results only a few minutes). Please run the command again.",
@@ -42,9 +42,10 @@ OPTION_LABELS = (
     ("guidance_scale", "Guidance"),
     ("output_format", "Format"),
     ("safety_tolerance", "Safety tolerance"),
+    ("enhance_prompt", "Enhanced prompt"),
 )
 
-
+# Which buttons a reply carries, by state (see views.ACTIONS).
 WHILE_WAITING = ("cancel",)
 ON_RESULT = ("reroll", "edit", "delete")
 ON_FAILURE = ("retry",)
@@ -128,9 +129,10 @@ def _render_result(job: Job, embed: discord.Embed) -> Rendered:
 def _request_embed(job: Job) -> discord.Embed:
     embed = discord.Embed(description=_quote(job.prompt), colour=EMBED_COLOUR)
     embed.set_author(name="FLUX.1 Kontext [max]")
-    options = " · ".join(
-        f"{label} {job.params[name]}" for name, label in OPTION_LABELS if job.params.get(name) is not None
-    )
+    options = " · ".join(_option(label, job.params[name]) for name, label in OPTION_LABELS if job.params.get(name))
+    inputs = len(job.params.get("image_urls", ()))
+    if inputs:
+        options = f"{inputs} images combined · {options}" if options else f"{inputs} images combined"
     embed.add_field(name="Requested by", value=f"<@{job.user_id}>")
     if options:
         embed.add_field(name="Options", value=options, inline=False)
@@ -142,6 +144,10 @@ def _request_embed(job: Job) -> discord.Embed:
         footer += f" · from job #{job.parent_job_id}"
     embed.set_footer(text=footer)
     return embed
+
+
+def _option(label: str, value: Any) -> str:
+    return label if value is True else f"{label} {value}"
 
 
 def _quote(prompt: str) -> str:

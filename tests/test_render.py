@@ -99,3 +99,12 @@ def test_result_embed_shows_seed_and_policy_note():
     fields = {f.name: f.value for f in rendered.embed.fields}
     assert fields["Seed"] == "1234"
     assert "limited to 3" in fields["Policy"]
+
+
+def test_options_line_reads_naturally():
+    job = make_job(
+        state=JobState.QUEUED,
+        params={"prompt": "p", "image_urls": ["a", "b"], "enhance_prompt": True, "num_images": 2, "safety_tolerance": "3"},
+    )
+    options = next(f.value for f in render(job).embed.fields if f.name == "Options")
+    assert options == "2 images combined · Images 2 · Safety tolerance 3 · Enhanced prompt"
