@@ -181,7 +181,7 @@ class Kontext(commands.Cog):
         except discord.HTTPException as exc:
             await self.bot.runner.abandon(job, f"could not acknowledge the interaction: {exc}")
             raise
-        await self.bot.runner.start(job, message_id=message_id)
+        self.bot.runner.start(job, message_id=message_id)
 
     async def _decide(
         self, interaction: discord.Interaction, policy: GuildPolicy, safety_tolerance: int | None, num_images: int

@@ -140,6 +140,7 @@ class DiscordPresenter:
         webhook = self._webhook(job)
         for index in range(job.delivered_parts, len(groups)):
             if index == 0:
+                # Editing the reply needs no checkpoint: done again after a crash, it shows the same.
                 await webhook.edit_message(
                     job.message_id,
                     content=rendered.content,
@@ -147,10 +148,11 @@ class DiscordPresenter:
                     attachments=self._files(job, rendered, groups[0]),
                     view=rendered.view(),
                 )
+                job.delivered_parts = 1
             else:
                 await webhook.send(files=self._files(job, rendered, groups[index]), wait=True)
-            job.delivered_parts = index + 1
-            await checkpoint()
+                job.delivered_parts = index + 1
+                await checkpoint()
 
     async def _deliver_in_channel(
         self, job: Job, rendered: Rendered, groups: list[list[int]], checkpoint: Callable[[], Awaitable[None]]

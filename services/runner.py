@@ -79,10 +79,10 @@ class JobRunner:
         log.info("job %d accepted: user %d channel %d endpoint %s", job.id, job.user_id, job.channel_id, job.endpoint)
         return job
 
-    async def start(self, job: Job, *, message_id: int) -> None:
-        """Start driving an accepted job whose reply message is `message_id`."""
+    def start(self, job: Job, *, message_id: int) -> None:
+        """Start driving an accepted job whose reply message is `message_id` (stored with the
+        job's next write: at once if it has to wait for a slot, else with SUBMITTING)."""
         job.message_id = message_id
-        await self._store.save(job)
         self._start(job)
 
     async def abandon(self, job: Job, reason: str) -> None:
@@ -192,6 +192,8 @@ class JobRunner:
         holding_slot = job.state.at_fal
         try:
             if job.state is JobState.PENDING:
+                if self._slots.must_wait():
+                    await self._store.save(job)  # its reply must be known if we stop while it waits
                 async with asyncio.timeout_at(deadline):
                     await self._slots.acquire(job.id)
                 holding_slot = True

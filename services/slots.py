@@ -25,12 +25,16 @@ class SlotQueue:
     def positions(self) -> dict[int, int]:
         return {job_id: place for place, job_id in enumerate(self._waiters, start=1)}
 
+    def must_wait(self) -> bool:
+        """Whether `acquire` would wait now."""
+        return self._in_use >= self._capacity or bool(self._waiters)
+
     def take(self) -> None:
         """Occupy a slot without waiting: for resumed jobs that are already at fal."""
         self._in_use += 1
 
     async def acquire(self, job_id: int) -> None:
-        if self._in_use < self._capacity and not self._waiters:
+        if not self.must_wait():
             self._in_use += 1
             return
         waiter = asyncio.get_running_loop().create_future()

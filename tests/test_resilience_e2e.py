@@ -229,25 +229,24 @@ async def test_bot_knows_an_old_token_is_dead_and_does_not_try_it(world):
 
 
 async def test_kill_between_split_messages_resumes_after_the_last_one_posted(world):
-    """Four images over two messages; killed while the follow-up is in flight: after the restart
-    the reply is not edited again and the follow-up is posted once."""
+    """Four images, one per message (reply + three follow-ups); killed while the third message is
+    in flight: after the restart the second is not posted again and the rest once each."""
     world.fal.default = JobScript(image_size=40_000)
     await world.start_bot()
-    world.discord.fail_next("POST", r"/webhooks/\d+/[^/]+$", status="hang")
+    followup = r"/webhooks/\d+/[^/]+$"
+    world.discord.fail_next("POST", followup, status="hang", skip=1)
     handle = await world.discord.invoke_slash(
         "kontext",
         options={"image": world.input_image(), "prompt": "four", "num_images": 4},
-        attachment_size_limit=100_000,
+        attachment_size_limit=50_000,
     )
     await world.discord.wait_until(lambda: world.discord.hanging == 1)
     await world.bot.kill()
     world.discord.release_hangs()
     await world.start_bot()
-    await handle.wait_until(lambda h: len(h.followups) == 1)
-    assert len(file_uploads(world, handle)) == 1
-    assert sorted(handle.original.files) == ["kontext-1-1.jpg", "kontext-1-2.jpg"]
-    assert sorted(handle.followups[0].files) == ["kontext-1-3.jpg", "kontext-1-4.jpg"]
     await world.discord.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None)
+    assert [sorted(m.files) for m in handle.followups] == [[f"kontext-1-{i}.jpg"] for i in (2, 3, 4)]
+    assert sorted(handle.original.files) == ["kontext-1-1.jpg"]
     await still_serving(world)
 
 

@@ -623,15 +623,16 @@ class FakeDiscord:
 
     # ---------------------------------------------------------------- faults & clock
     def fail_next(self, method: str, path_regex: str, status: int | str = 500, times: int = 1,
-                  json: Optional[dict] = None, headers: Optional[dict] = None) -> None:
+                  json: Optional[dict] = None, headers: Optional[dict] = None, skip: int = 0) -> None:
         """Answer the next `times` requests matching METHOD and regex (searched in the path after
-        /api/v10) with `status`. 429 gets Discord's body and a `Via` header by default.
+        /api/v10) with `status`, after letting `skip` matching requests through. 429 gets
+        Discord's body and a `Via` header by default.
 
         status="hang": record the request, never apply it and never answer until `release_hangs()`
         or stop() (then the connection is dropped): a request lost in flight."""
         if status == "hang":
             self._faults.append({"method": method.upper(), "rx": re.compile(path_regex), "status": "hang",
-                                 "times": times, "json": None, "headers": {}})
+                                 "times": times, "json": None, "headers": {}, "skip": skip})
             return
         if json is None:
             if status == 429:
@@ -647,7 +648,7 @@ class FakeDiscord:
                     "X-RateLimit-Bucket": "fakebucket"}
         hdrs.update(headers or {})
         self._faults.append({"method": method.upper(), "rx": re.compile(path_regex), "status": status,
-                             "times": times, "json": json, "headers": hdrs})
+                             "times": times, "json": json, "headers": hdrs, "skip": skip})
 
     def release_hangs(self) -> None:
         """Drop the connection of every request held by a "hang" fault."""
@@ -1045,6 +1046,9 @@ class FakeDiscord:
                 # fault injection first (Discord/Cloudflare answers before validating)
                 for f in self._faults:
                     if f["times"] > 0 and f["method"] == method and f["rx"].search(path):
+                        if f["skip"] > 0:
+                            f["skip"] -= 1
+                            continue
                         f["times"] -= 1
                         self.event("fault", {"where": where, "status": f["status"]})
                         if f["status"] == "hang":
