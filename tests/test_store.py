@@ -1,0 +1,96 @@
+"""The SQLite store: migrations keep data, jobs round-trip, usage counts what the policy limits."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from services.fal_queue import FalRequest
+from services.job import JobRequest, JobResult, JobState, ResultImage
+from services.policy import GuildPolicy
+from services.store import MIGRATIONS, Store
+
+NOW = time.time()
+
+
+def request(user_id: int = 3, **changes) -> JobRequest:
+    values = dict(
+        guild_id=1, channel_id=2, user_id=user_id, application_id=4, interaction_token="tok",
+        interaction_created_at=NOW, message_id=None, channel_nsfw=False, upload_limit=10 << 20,
+        endpoint="fal-ai/flux-pro/kontext/max", params={"prompt": "p", "image_url": "u", "num_images": 2},
+    )
+    values.update(changes)
+    return JobRequest(**values)
+
+
+async def test_upgrading_an_old_database_keeps_policies_and_jobs(tmp_path: Path):
+    path = tmp_path / "kontext.sqlite3"
+    with sqlite3.connect(path) as db:  # a database left by an older release (schema v2)
+        for number, script in enumerate(MIGRATIONS[:2], start=1):
+            db.executescript(f"{script}\nPRAGMA user_version = {number};")
+        db.execute("INSERT INTO guild_policies VALUES (1, '{\"safety_maximum\": 4}', 0, 9)")
+    store = await Store.open(path)
+    try:
+        assert (await store.policy(1)).safety_maximum == 4
+        job = await store.create_job(request())
+        assert (await store.get_job(job.id)).delivered_parts == 0
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+
+
+async def test_a_job_round_trips_with_everything_it_carries(tmp_path: Path):
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        job = await store.create_job(request(notes={"safety_limited_to": 3}, parent_job_id=None))
+        job.state = JobState.SUCCEEDED
+        job.message_id = 77
+        job.request = FalRequest("rid", "s", "r", "c")
+        job.result = JobResult(5, [ResultImage(tmp_path / "a", 10, "image/png", True, 64, 64, "http://cdn/a")], 1.5)
+        job.delivered_in_channel = True
+        job.delivered_parts = 2
+        await store.save(job)
+        loaded = await store.get_job(job.id)
+        assert loaded == job
+        assert await store.unfinished_jobs() == [loaded]
+    finally:
+        await store.close()
+
+
+async def test_usage_counts_what_the_limits_are_about(tmp_path: Path):
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        running = await store.create_job(request())
+        finished = await store.create_job(request())
+        finished.state, finished.delivered_at = JobState.SUCCEEDED, NOW
+        finished.request = FalRequest("rid", "s", "r", "c")
+        await store.save(finished)
+        cancelled_in_queue = await store.create_job(request())
+        cancelled_in_queue.state, cancelled_in_queue.delivered_at = JobState.CANCELLED, NOW
+        cancelled_in_queue.request = FalRequest("rid2", "s", "r", "c")
+        await store.save(cancelled_in_queue)
+        await store.create_job(request(user_id=8))  # someone else
+        usage = await store.usage(1, 3, NOW)
+        assert usage.member_jobs_today == 3
+        assert usage.member_active_jobs == 1 and usage.guild_active_jobs == 2
+        # in flight (reserved) + reached fal; the job cancelled before it started is free
+        assert usage.guild_images_this_month == 2 + 2 + 2
+        assert usage.member_last_job_at == cancelled_in_queue.created_at
+        assert running.id < finished.id
+    finally:
+        await store.close()
+
+
+async def test_policies_are_saved_and_read_back(tmp_path: Path):
+    path = tmp_path / "db.sqlite3"
+    store = await Store.open(path)
+    await store.save_policy(1, GuildPolicy(safety_maximum=5, allowed_channel_ids=frozenset({7})), by_user=9, now=NOW)
+    await store.close()
+    store = await Store.open(path)
+    try:
+        assert await store.policy(1) == GuildPolicy(safety_maximum=5, allowed_channel_ids=frozenset({7}))
+        assert await store.policy(2) == GuildPolicy()
+    finally:
+        await store.close()
