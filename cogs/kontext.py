@@ -165,12 +165,13 @@ class Kontext(commands.Cog):
         assert interaction.guild_id is not None
         async with self._guild_locks[interaction.guild_id]:
             policy = await self.bot.store.policy(interaction.guild_id)
-            decision = await self._decide(interaction, policy, safety_tolerance, params.get("num_images", 1))
+            requester = requester_of(interaction)
+            decision = await self._decide(interaction, policy, requester, safety_tolerance, params.get("num_images", 1))
             if isinstance(decision, Refused):
                 raise UserFacingError(refusal_text(decision, policy))
             params = {**params, "safety_tolerance": str(decision.safety_tolerance)}
             notes = {"safety_limited_to": decision.limited_to} if decision.limited_to is not None else {}
-            job = await self._accept(interaction, endpoint, params, notes, parent_job_id)
+            job = await self._accept(interaction, endpoint, params, notes, requester.channel_nsfw, parent_job_id)
         # Acknowledge outside the lock: a burst in one server must not queue up behind Discord's
         # round trips (each interaction has its own 3 seconds).
         try:
@@ -184,14 +185,19 @@ class Kontext(commands.Cog):
         self.bot.runner.start(job, message_id=message_id)
 
     async def _decide(
-        self, interaction: discord.Interaction, policy: GuildPolicy, safety_tolerance: int | None, num_images: int
+        self,
+        interaction: discord.Interaction,
+        policy: GuildPolicy,
+        requester: Requester,
+        safety_tolerance: int | None,
+        num_images: int,
     ) -> Allowed | Refused:
         assert interaction.guild_id is not None
         now = time.time()
         usage = await self.bot.store.usage(interaction.guild_id, interaction.user.id, now)
         return resolve(
             policy,
-            requester_of(interaction),
+            requester,
             usage,
             JobAsk(safety_tolerance, num_images),
             now=now,
@@ -204,6 +210,7 @@ class Kontext(commands.Cog):
         endpoint: str,
         params: dict[str, Any],
         notes: dict[str, Any],
+        channel_nsfw: bool,
         parent_job_id: int | None,
     ) -> Job:
         request = JobRequest(
@@ -214,7 +221,7 @@ class Kontext(commands.Cog):
             interaction_token=interaction.token,
             interaction_created_at=interaction.created_at.timestamp(),
             message_id=None,
-            channel_nsfw=is_nsfw_channel(interaction.channel),
+            channel_nsfw=channel_nsfw,
             upload_limit=interaction.filesize_limit,
             endpoint=endpoint,
             params=params,

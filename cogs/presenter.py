@@ -52,9 +52,11 @@ class ProgressTicker:
         # The deferred "thinking…" stands for the first interval, so a job that is submitted
         # within it goes straight to its queue position.
         await asyncio.sleep(self._pace())
-        while not self._job.state.is_final:  # the final state is deliver()'s to show
+        while True:
             await self._changed.wait()
             self._changed.clear()
+            if self._job.state.is_final:
+                return  # the final state is deliver()'s to show, with its files
             rendered = render(self._job)
             if self._shown is not None and rendered.key() == self._shown.key():
                 continue

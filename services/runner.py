@@ -361,7 +361,7 @@ class JobRunner:
             try:
                 await retrying(
                     lambda: self._listener.deliver(job, checkpoint=lambda: self._store.save(job)),
-                    retryable=lambda exc: not isinstance(exc, asyncio.CancelledError),
+                    retryable=lambda exc: True,  # any failure to show it is worth another try
                     backoff=self._backoff,
                     deadline=loop.time() + 120,
                     what=f"job {job.id} delivery",
