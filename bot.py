@@ -66,6 +66,7 @@ class KontextBot(commands.AutoShardedBot):
             max_concurrent_jobs=settings.max_concurrent_jobs,
             job_timeout=settings.job_timeout,
             max_result_bytes=settings.max_result_bytes,
+            result_memory_bytes=settings.result_memory_bytes,
             backoff=backoff,
         )
         for extension in EXTENSIONS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -186,11 +187,10 @@ class DiscordPresenter:
 
     @staticmethod
     def _files(job: Job, rendered: Rendered, indexes: list[int]) -> list[discord.File]:
-        return [
-            discord.File(
-                rendered.files[i].path,
-                filename=attachment_name(job, i + 1, rendered.files[i]),
-                spoiler=rendered.files[i].nsfw,
-            )
-            for i in indexes
-        ]
+        files = []
+        for i in indexes:
+            image = rendered.files[i]
+            source = io.BytesIO(image.data) if image.data is not None else image.path
+            assert source is not None, "the runner hands over only images at hand"
+            files.append(discord.File(source, filename=attachment_name(job, i + 1, image), spoiler=image.nsfw))
+        return files

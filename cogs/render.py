@@ -61,7 +61,7 @@ class Rendered:
 
     def key(self) -> tuple[Any, ...]:
         """Equal keys mean the member would see the same message."""
-        return (self.content, self.embed.to_dict(), self.buttons, tuple(str(f.path) for f in self.files))
+        return (self.content, self.embed.to_dict(), self.buttons, tuple((f.url, f.size) for f in self.files))
 
     def view(self) -> discord.ui.View:
         """The buttons, in one row; an empty view removes any shown before."""

@@ -41,6 +41,9 @@ class Settings:
     # Largest input attachment accepted, and largest result image downloaded from fal.
     max_input_bytes: int = 20 * 1024 * 1024
     max_result_bytes: int = 50 * 1024 * 1024
+    # Result images held in memory at once on their way to Discord, all jobs together; beyond
+    # it (and for a result whose size fal does not announce) they pass through DATA_DIR.
+    result_memory_bytes: int = 32 * 1024 * 1024
     # Kontext Max price per image, used for budgets and the job log.
     price_per_image_usd: float = 0.08
 
@@ -63,10 +66,10 @@ def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], defau
         raise SettingsError(f"{name} has an invalid value: {raw!r}") from None
 
 
-def _positive(convert: Callable[[str], T]) -> Callable[[str], T]:
+def _positive(convert: Callable[[str], T], *, or_zero: bool = False) -> Callable[[str], T]:
     def parse(raw: str) -> T:
         value = convert(raw)
-        if value <= 0:  # type: ignore[operator]
+        if value < 0 or (value == 0 and not or_zero):  # type: ignore[operator]
             raise ValueError(raw)
         return value
 
@@ -110,5 +113,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         retry_base_delay=_parse(env, "RETRY_BASE_DELAY", _positive(float), Settings.retry_base_delay),
         max_input_bytes=_parse(env, "MAX_INPUT_BYTES", _positive(int), Settings.max_input_bytes),
         max_result_bytes=_parse(env, "MAX_RESULT_BYTES", _positive(int), Settings.max_result_bytes),
+        result_memory_bytes=_parse(env, "RESULT_MEMORY_BYTES", _positive(int, or_zero=True), Settings.result_memory_bytes),
         price_per_image_usd=_parse(env, "PRICE_PER_IMAGE_USD", float, Settings.price_per_image_usd),
     )

@@ -8,6 +8,7 @@ built from the endpoint id (fal drops the endpoint's sub-path from them).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -120,10 +121,10 @@ class QueueStatus:
 
 
 @dataclass(frozen=True)
-class DownloadedFile:
-    path: Path
+class DownloadedImage:
     size: int
     content_type: str
+    data: bytes | None  # None when it was streamed to a file
 
 
 def _detail_of(body: Any) -> Any:
@@ -339,12 +340,13 @@ class FalQueueClient:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise FalUnavailable(f"could not reach fal to cancel {request.request_id}: {exc!r}") from exc
 
-    async def download(self, url: str, dest: Path, *, max_bytes: int, deadline: float) -> DownloadedFile:
-        """Stream a result image to `dest` (never all of it in memory), checking it is an image
-        no larger than `max_bytes`. The fal key is not sent: the files live on a public CDN."""
+    async def download(self, url: str, *, max_bytes: int, deadline: float, to: Path | None = None) -> DownloadedImage:
+        """Fetch a result image, checking it is an image no larger than `max_bytes`: into memory,
+        or streamed to the file `to` (never all of it in memory). The fal key is not sent: the
+        files live on a public CDN."""
 
-        async def attempt() -> DownloadedFile:
-            partial = dest.with_name(dest.name + ".part")
+        async def attempt() -> DownloadedImage:
+            partial = to.with_name(to.name + ".part") if to is not None else None
             async with self.session.get(url) as response:
                 if response.status in (404, 410):
                     # The CDN deleted the file: the same "gone" as an expired result.
@@ -355,7 +357,8 @@ class FalQueueClient:
                     raise FalBadOutput(f"result image is {response.content_length} bytes, over {max_bytes}")
                 size = 0
                 content_type: str | None = None
-                with open(partial, "wb") as out:
+                data: bytes | None = None
+                with open(partial, "wb") if partial is not None else io.BytesIO() as out:
                     async for chunk in response.content.iter_chunked(_CHUNK):
                         if content_type is None:
                             content_type = sniff_image_type(chunk[:SNIFF_BYTES])
@@ -365,9 +368,12 @@ class FalQueueClient:
                         if size > max_bytes:
                             raise FalBadOutput(f"result image is over {max_bytes} bytes")
                         out.write(chunk)
+                    if isinstance(out, io.BytesIO):
+                        data = out.getvalue()
             if content_type is None:
                 raise FalBadOutput("result file is empty")
-            os.replace(partial, dest)
-            return DownloadedFile(dest, size, content_type)
+            if partial is not None:
+                os.replace(partial, to)  # type: ignore[arg-type]
+            return DownloadedImage(size, content_type, data)
 
         return await retrying(attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="result download")

@@ -25,7 +25,7 @@ class JobState(str, enum.Enum):
     SUBMITTING = "submitting"  # submit sent: after a crash here nobody knows whether fal took it
     QUEUED = "queued"  # at fal, waiting in its queue
     RUNNING = "running"  # at fal, generating
-    SUCCEEDED = "succeeded"  # result images downloaded to DATA_DIR, ready to post
+    SUCCEEDED = "succeeded"  # result images downloaded, ready to post
     FAILED = "failed"
     CANCELLED = "cancelled"
 
@@ -40,19 +40,29 @@ class JobState(str, enum.Enum):
 
 @dataclass
 class ResultImage:
-    path: Path
+    # The copy in DATA_DIR, when there is one: a result that could not be posted at once is
+    # kept there, so that neither a wait nor a restart depends on fal still having it.
+    path: Path | None
     size: int
     content_type: str
     nsfw: bool
     width: int | None = None
     height: int | None = None
-    # fal's CDN address: a fallback link when the file is over the server's upload limit.
+    # fal's CDN address: where the image is fetched again, and the link offered when the file
+    # is over the server's upload limit.
     url: str | None = None
+    # The bytes, while they are held in memory on their way from fal to Discord (never stored).
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def available(self) -> bool:
+        """Whether the image can be posted without fetching it again."""
+        return self.data is not None or (self.path is not None and self.path.exists())
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "url": self.url,
-            "path": str(self.path),
+            "path": str(self.path) if self.path else None,
             "size": self.size,
             "content_type": self.content_type,
             "nsfw": self.nsfw,
@@ -63,7 +73,7 @@ class ResultImage:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResultImage:
         return cls(
-            Path(data["path"]),
+            Path(data["path"]) if data.get("path") else None,
             data["size"],
             data["content_type"],
             data["nsfw"],

@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
+from .budget import ByteBudget
 from .fal_queue import FalBadOutput, FalError, FalQueueClient, FalRequest, FalResultExpired, QueueStatus
 from .job import Job, JobRequest, JobResult, JobState, ResultImage
 from .retry import Backoff, retrying
@@ -52,6 +54,7 @@ class JobRunner:
         max_concurrent_jobs: int,
         job_timeout: float,
         max_result_bytes: int,
+        result_memory_bytes: int,
         backoff: Backoff,
     ) -> None:
         self._store = store
@@ -60,6 +63,9 @@ class JobRunner:
         self._results_dir = results_dir
         self._job_timeout = job_timeout
         self._max_result_bytes = max_result_bytes
+        # Result images go from fal to Discord in memory, up to this many bytes for all jobs
+        # together; beyond it, and for any result that cannot be posted at once, through files.
+        self._memory = ByteBudget(result_memory_bytes)
         self._backoff = backoff
         self._slots = SlotQueue(max_concurrent_jobs, self._show_bot_queue)
         self._jobs: dict[int, Job] = {}
@@ -184,7 +190,7 @@ class JobRunner:
             finally:
                 self._work.pop(job.id, None)
         if job.state is JobState.SUCCEEDED:
-            await self._restore_files(job)
+            await self._restore_images(job)
         await self._deliver(job)
 
     async def _run_at_fal(self, job: Job) -> None:
@@ -261,7 +267,10 @@ class JobRunner:
             output = await self._fal.result(job.request, deadline=deadline)
             job.completed_at = time.time()
             job.result = await self._download(job, output, deadline)
-        await self._transition(job, JobState.SUCCEEDED)
+        # Stored now only if files in DATA_DIR depend on it; images held in memory are gone
+        # after a restart anyway, which then follows the request at fal again.
+        on_disk = any(image.path is not None for image in job.result.images)
+        await self._transition(job, JobState.SUCCEEDED, store=on_disk)
 
     async def _apply_status(self, job: Job, status: QueueStatus) -> None:
         for line in status.logs:
@@ -275,55 +284,102 @@ class JobRunner:
         elif status.state == "IN_PROGRESS" and job.state is not JobState.RUNNING:
             job.started_at = time.time()
             job.queue_position = None
-            await self._transition(job, JobState.RUNNING)
+            # Not stored: after a restart fal tells the state again, and nothing else needs it.
+            await self._transition(job, JobState.RUNNING, store=False)
 
     async def _download(self, job: Job, output: dict[str, Any], deadline: float) -> JobResult:
         images = output.get("images")
         if not isinstance(images, list) or not images:
             raise FalBadOutput("the result has no images")
         flags = output.get("has_nsfw_concepts") or []
-        self._results_dir.mkdir(parents=True, exist_ok=True)
-
-        async def fetch(index: int, image: dict[str, Any]) -> ResultImage:
-            dest = self._results_dir / f"job-{job.id}-{index + 1}"
-            downloaded = await self._fal.download(
-                image["url"], dest, max_bytes=self._max_result_bytes, deadline=deadline
-            )
-            nsfw = bool(flags[index]) if index < len(flags) else False
-            return ResultImage(
-                downloaded.path,
-                downloaded.size,
-                downloaded.content_type,
-                nsfw,
-                image.get("width"),
-                image.get("height"),
-                image["url"],
-            )
-
+        result = JobResult(
+            output.get("seed"),
+            [
+                ResultImage(
+                    None,
+                    _announced_size(image),
+                    "",
+                    bool(flags[index]) if index < len(flags) else False,
+                    image.get("width"),
+                    image.get("height"),
+                    image["url"],
+                )
+                for index, image in enumerate(images)
+            ],
+            _inference_seconds(output),
+        )
         # Download at once: fal keeps results of 10 KB and more for only 6 minutes.
-        fetched = await asyncio.gather(*(fetch(i, image) for i, image in enumerate(images)))
-        timings = output.get("timings") or {}
-        inference = timings.get("inference") if isinstance(timings, dict) else None
-        return JobResult(output.get("seed"), list(fetched), inference)
+        try:
+            async with asyncio.TaskGroup() as downloads:
+                for index, image in enumerate(result.images):
+                    downloads.create_task(self._fetch(job, index, image, deadline))
+        except BaseException as exc:
+            for image in result.images:
+                self._release(image)
+            if isinstance(exc, BaseExceptionGroup):
+                raise exc.exceptions[0] from None
+            raise
+        return result
 
-    async def _restore_files(self, job: Job) -> None:
-        """A succeeded job found after a restart whose files are gone from DATA_DIR (a lost or
-        cleaned volume): fetch them again from fal's CDN, or say plainly that they are lost."""
+    async def _fetch(self, job: Job, index: int, image: ResultImage, deadline: float) -> None:
+        """Download one result image into memory if its announced size fits the budget, else
+        into a file in DATA_DIR (fal does not always announce the size)."""
+        in_memory = image.size > 0 and self._memory.try_take(image.size)
+        dest = None if in_memory else self._result_path(job, index)
+        try:
+            downloaded = await self._fal.download(image.url or "", max_bytes=self._max_result_bytes, deadline=deadline, to=dest)
+        finally:
+            if in_memory:
+                self._memory.give_back(image.size)
+        image.size, image.content_type = downloaded.size, downloaded.content_type
+        if downloaded.data is not None:
+            self._memory.take(downloaded.size)
+            image.data = downloaded.data
+        else:
+            image.path = dest
+
+    def _result_path(self, job: Job, index: int) -> Path:
+        self._results_dir.mkdir(parents=True, exist_ok=True)
+        return self._results_dir / f"job-{job.id}-{index + 1}"
+
+    async def _restore_images(self, job: Job) -> None:
+        """A succeeded job found after a restart whose images are not at hand (held in memory by
+        the previous run, or files lost with a cleaned volume): fetch them again from fal's CDN,
+        or say plainly that they are lost."""
         assert job.result is not None
-        missing = [image for image in job.result.images if not image.path.exists()]
+        missing = [(index, image) for index, image in enumerate(job.result.images) if not image.available]
         if not missing:
             return
-        log.warning("job %d: %d result file(s) missing; fetching them again from fal", job.id, len(missing))
+        log.info("job %d: fetching %d result image(s) again from fal", job.id, len(missing))
         deadline = asyncio.get_running_loop().time() + 60
         try:
-            for image in missing:
+            for index, image in missing:
                 if not image.url:
                     raise FileNotFoundError(image.path)
-                image.path.parent.mkdir(parents=True, exist_ok=True)
-                await self._fal.download(image.url, image.path, max_bytes=self._max_result_bytes, deadline=deadline)
+                image.path = None
+                await self._fetch(job, index, image, deadline)
         except Exception as exc:
-            log.warning("job %d: result files could not be fetched again: %r", job.id, exc)
+            log.warning("job %d: result images could not be fetched again: %r", job.id, exc)
             await self._fail(job, "result_expired" if isinstance(exc, FalResultExpired) else "missing_files", None)
+
+    async def _keep_on_disk(self, job: Job) -> None:
+        """Move the images held in memory to DATA_DIR and record where they are: the delivery
+        failed once, so it may take a while or a restart, and memory is for passing through."""
+        if job.result is None:
+            return
+        for index, image in enumerate(job.result.images):
+            if image.data is None:
+                continue
+            path = self._result_path(job, index)
+            await asyncio.to_thread(_write_whole, path, image.data)
+            image.path = path
+            self._release(image)
+        await self._store.save(job)
+
+    def _release(self, image: ResultImage) -> None:
+        if image.data is not None:
+            self._memory.give_back(len(image.data))
+            image.data = None
 
     async def _cancel_quietly(self, job: Job) -> None:
         assert job.request is not None
@@ -337,11 +393,14 @@ class JobRunner:
         job.error_detail = detail
         await self._transition(job, JobState.FAILED)
 
-    async def _transition(self, job: Job, state: JobState) -> None:
+    async def _transition(self, job: Job, state: JobState, *, store: bool = True) -> None:
+        """Move the job on and show it; stored first unless a restart has no use for the state
+        (each write costs a trip to the database thread)."""
         job.state = state
         if state.is_final:
             job.queue_position = job.bot_queue_position = None
-        await self._store.save(job)
+        if store:
+            await self._store.save(job)
         self._listener.job_changed(job)
 
     def _show_bot_queue(self, positions: dict[int, int]) -> None:
@@ -354,13 +413,21 @@ class JobRunner:
     # -- delivery ---------------------------------------------------------------------------
 
     async def _deliver(self, job: Job) -> None:
-        """Hand the final state to the listener until it is shown, then forget the files."""
+        """Hand the final state to the listener until it is shown, then forget the images."""
         loop = asyncio.get_running_loop()
+
+        async def attempt() -> None:
+            try:
+                await self._listener.deliver(job, checkpoint=lambda: self._store.save(job))
+            except Exception:
+                await self._keep_on_disk(job)
+                raise
+
         self._delivering.add(job.id)
         try:
             try:
                 await retrying(
-                    lambda: self._listener.deliver(job, checkpoint=lambda: self._store.save(job)),
+                    attempt,
                     retryable=lambda exc: True,  # any failure to show it is worth another try
                     backoff=self._backoff,
                     deadline=loop.time() + 120,
@@ -373,10 +440,30 @@ class JobRunner:
             await self._store.save(job)
         finally:
             self._delivering.discard(job.id)
+            for image in job.result.images if job.result else ():
+                self._release(image)
         log.info("job %d delivered (%s)", job.id, job.state.value)
-        if job.result:
-            for image in job.result.images:
+        for image in job.result.images if job.result else ():
+            if image.path is not None:
                 image.path.unlink(missing_ok=True)
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a crash mid-write leaves no half image behind."""
+    partial = path.with_name(path.name + ".part")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def _announced_size(image: dict[str, Any]) -> int:
+    """The size fal announces for a result file (0 when it does not)."""
+    size = image.get("file_size")
+    return size if isinstance(size, int) and size > 0 else 0
+
+
+def _inference_seconds(output: dict[str, Any]) -> float | None:
+    timings = output.get("timings")
+    return timings.get("inference") if isinstance(timings, dict) else None
 
 
 def _describe_detail(exc: FalError) -> str | None:

@@ -173,9 +173,8 @@ class Store:
             await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**changed, "id": job.id})
 
     async def get_job(self, job_id: int) -> Job | None:
-        async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cursor:
-            row = await cursor.fetchone()
-        return _from_row(row) if row else None
+        rows = await self._db.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _from_row(rows[0]) if rows else None
 
     async def unfinished_jobs(self) -> list[Job]:
         return await self._jobs("SELECT * FROM jobs WHERE delivered_at IS NULL ORDER BY id", ())
@@ -184,9 +183,8 @@ class Store:
         """The server's policy; a server that never changed it gets the defaults."""
         cached = self._policies.get(guild_id)
         if cached is None:
-            async with self._db.execute("SELECT policy FROM guild_policies WHERE guild_id = ?", (guild_id,)) as cursor:
-                row = await cursor.fetchone()
-            cached = self._policies[guild_id] = policy_from_dict(json.loads(row["policy"])) if row else GuildPolicy()
+            rows = await self._db.execute_fetchall("SELECT policy FROM guild_policies WHERE guild_id = ?", (guild_id,))
+            cached = self._policies[guild_id] = policy_from_dict(json.loads(rows[0]["policy"])) if rows else GuildPolicy()
         return cached
 
     async def save_policy(self, guild_id: int, policy: GuildPolicy, *, by_user: int, now: float) -> None:
@@ -212,10 +210,8 @@ class Store:
                     WHERE guild_id = :guild AND created_at >= :month AND {_SPENT})
         """
         args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": month_start(now)}
-        async with self._db.execute(sql, args) as cursor:
-            row = await cursor.fetchone()
+        (row,) = await self._db.execute_fetchall(sql, args)  # one trip to the database thread
         return Usage(row[0], row[1], row[2], row[3], int(row[4]))
 
     async def _jobs(self, sql: str, args: Iterable[Any]) -> list[Job]:
-        async with self._db.execute(sql, tuple(args)) as cursor:
-            return [_from_row(row) for row in await cursor.fetchall()]
+        return [_from_row(row) for row in await self._db.execute_fetchall(sql, tuple(args))]

@@ -31,11 +31,16 @@ def test_missing_secret_names_the_variable(missing):
 
 
 @pytest.mark.parametrize(
-    "name,value", [("MAX_CONCURRENT_JOBS", "0"), ("EDIT_INTERVAL", "soon"), ("FAL_STATUS_STREAM", "maybe")]
+    "name,value",
+    [("MAX_CONCURRENT_JOBS", "0"), ("EDIT_INTERVAL", "soon"), ("FAL_STATUS_STREAM", "maybe"), ("RESULT_MEMORY_BYTES", "-1")],
 )
 def test_malformed_values_are_refused_by_name(name, value):
     with pytest.raises(SettingsError, match=name):
         load_settings({**SECRETS, name: value})
+
+
+def test_zero_result_memory_means_always_through_files():
+    assert load_settings({**SECRETS, "RESULT_MEMORY_BYTES": "0"}).result_memory_bytes == 0
 
 
 def test_overrides_and_trailing_slashes():

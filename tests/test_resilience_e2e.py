@@ -112,31 +112,82 @@ async def test_kill_while_downloading_the_result(world):
     await still_serving(world)
 
 
-@pytest.mark.parametrize("lose_files", [False, True])
-async def test_kill_while_posting_the_result(world, lose_files):
-    """Downloaded and recorded as succeeded, the final edit in flight at Discord: posted once after
-    the restart (from DATA_DIR, or fetched again from fal if the files were lost)."""
+def result_files(world) -> list:
+    results = world.data_dir / "results"
+    return sorted(results.iterdir()) if results.exists() else []
+
+
+async def kill_while_posting(world, **settings: str):
+    """Start a job and kill the bot while Discord holds its final edit (the upload)."""
     world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.5)
-    await world.start_bot()
+    await world.start_bot(**settings)
     handle = await world.kontext()
     await handle.wait_until(lambda h: shows(h, "Generating"))
     world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status="hang")
     await world.discord.wait_until(lambda: world.discord.hanging == 1)
     await world.bot.kill()
+    world.discord.release_hangs()
+    return handle
+
+
+async def test_kill_while_posting_a_result_held_in_memory(world):
+    """By default the image goes from fal to Discord in memory and is never written: after the
+    restart the bot follows the same request at fal, fetches the image again and posts it once."""
+    handle = await kill_while_posting(world)
+    (row,) = db_rows(world)
+    assert row["state"] in ("queued", "running") and row["delivered_at"] is None
+    assert result_files(world) == []
+    await world.start_bot()
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1 and world.fal.count("file") == 2
+    await still_serving(world)
+
+
+@pytest.mark.parametrize("lose_files", [False, True])
+async def test_kill_while_posting_a_result_kept_in_data_dir(world, lose_files):
+    """With no memory for results (RESULT_MEMORY_BYTES=0) they pass through DATA_DIR and are
+    recorded as succeeded: posted once after the restart from there, or fetched again from fal
+    if the files were lost."""
+    handle = await kill_while_posting(world, RESULT_MEMORY_BYTES="0")
     (row,) = db_rows(world)
     assert row["state"] == "succeeded" and row["delivered_at"] is None
+    assert len(result_files(world)) == 1
     if lose_files:
-        for path in (world.data_dir / "results").iterdir():
+        for path in result_files(world):
             path.unlink()
-    world.discord.release_hangs()
-    await world.start_bot()
+    await world.start_bot(RESULT_MEMORY_BYTES="0")
     await finished(handle)
     assert_delivered_once(world, handle)
     assert world.fal.count("submit") == 1
     assert world.fal.count("file") == (2 if lose_files else 1)
     await still_serving(world)
     # posted files are cleaned up
-    await world.discord.wait_until(lambda: list((world.data_dir / "results").iterdir()) == [], timeout=5)
+    await world.discord.wait_until(lambda: result_files(world) == [], timeout=5)
+
+
+async def test_a_failed_post_moves_the_result_to_data_dir(world):
+    """A first posting attempt that fails writes the images held in memory to DATA_DIR and
+    records them, so neither the retries nor a restart depend on fal still having them."""
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.5)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "Generating"))
+    # discord.py retries 5xx itself; a 400 reaches the bot's own retry at once.
+    world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status=400)
+    world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status="hang")
+    await world.discord.wait_until(lambda: world.discord.hanging == 1)
+    await world.bot.kill()
+    world.discord.release_hangs()
+    (row,) = db_rows(world)
+    assert row["state"] == "succeeded" and row["delivered_at"] is None
+    assert len(result_files(world)) == 1
+    await world.start_bot()
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1 and world.fal.count("file") == 1
+    await world.discord.wait_until(lambda: result_files(world) == [], timeout=5)
+    await still_serving(world)
 
 
 # -- 2. a submit in flight at the crash ---------------------------------------------------------
