@@ -8,6 +8,7 @@ built from the endpoint id (fal drops the endpoint's sub-path from them).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import io
 import json
 import logging
@@ -292,15 +293,21 @@ class FalQueueClient:
         async with self.session.get(f"{request.status_url}/stream", params={"logs": "1"}, headers=self._auth) as response:
             if response.status >= 300:
                 raise _StreamUnsupported(f"status stream answered {response.status}")
+            # Read whatever has arrived (usually one whole event) rather than line by line:
+            # a job's stream lives for its whole run, so its parsing is per-job CPU.
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            pending = ""
             data_lines: list[str] = []
-            async for raw in response.content:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if line.startswith("data:"):
-                    data_lines.append(line[5:].lstrip(" "))
-                elif not line and data_lines:
-                    yield QueueStatus.from_json(json.loads("\n".join(data_lines)))
-                    data_lines = []
-                # Comment lines (": ping") only keep the connection alive.
+            async for chunk in response.content.iter_any():
+                *lines, pending = (pending + decoder.decode(chunk)).split("\n")
+                for line in lines:
+                    line = line.rstrip("\r")
+                    if line.startswith("data:"):
+                        data_lines.append(line[5:].lstrip(" "))
+                    elif not line and data_lines:
+                        yield QueueStatus.from_json(json.loads("\n".join(data_lines)))
+                        data_lines = []
+                    # Comment lines (": ping") only keep the connection alive.
 
     async def result(self, request: FalRequest, *, deadline: float) -> dict[str, Any]:
         """The model's output; fal answers a failed job here with its error (often 422 + detail)."""
