@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -190,7 +189,9 @@ class DiscordPresenter:
         files = []
         for i in indexes:
             image = rendered.files[i]
-            source = io.BytesIO(image.data) if image.data is not None else image.path
+            if image.data is not None:
+                image.data.seek(0)  # a retried delivery sends it again from the start
+            source = image.data if image.data is not None else image.path
             assert source is not None, "the runner hands over only images at hand"
             files.append(discord.File(source, filename=attachment_name(job, i + 1, image), spoiler=image.nsfw))
         return files

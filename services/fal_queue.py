@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, BinaryIO, Literal
 
 import aiohttp
 
@@ -125,7 +125,25 @@ class QueueStatus:
 class DownloadedImage:
     size: int
     content_type: str
-    data: bytes | None  # None when it was streamed to a file
+    data: io.BytesIO | None  # None when it was streamed to a file
+
+
+async def _copy_image(content: aiohttp.StreamReader, sink: BinaryIO, max_bytes: int) -> tuple[int, str]:
+    """Copy a downloaded image to `sink` as it arrives; returns its size and sniffed type."""
+    size = 0
+    content_type: str | None = None
+    async for chunk in content.iter_chunked(_CHUNK):
+        if content_type is None:
+            content_type = sniff_image_type(chunk[:SNIFF_BYTES])
+            if content_type is None:
+                raise FalBadOutput("result file is not an image")
+        size += len(chunk)
+        if size > max_bytes:
+            raise FalBadOutput(f"result image is over {max_bytes} bytes")
+        sink.write(chunk)
+    if content_type is None:
+        raise FalBadOutput("result file is empty")
+    return size, content_type
 
 
 def _detail_of(body: Any) -> Any:
@@ -348,9 +366,9 @@ class FalQueueClient:
             raise FalUnavailable(f"could not reach fal to cancel {request.request_id}: {exc!r}") from exc
 
     async def download(self, url: str, *, max_bytes: int, deadline: float, to: Path | None = None) -> DownloadedImage:
-        """Fetch a result image, checking it is an image no larger than `max_bytes`: into memory,
-        or streamed to the file `to` (never all of it in memory). The fal key is not sent: the
-        files live on a public CDN."""
+        """Fetch a result image, checking it is an image no larger than `max_bytes`: into a
+        buffer the caller owns (and closes), or streamed to the file `to` (never all of it in
+        memory). The fal key is not sent: the files live on a public CDN."""
 
         async def attempt() -> DownloadedImage:
             partial = to.with_name(to.name + ".part") if to is not None else None
@@ -362,25 +380,18 @@ class FalQueueClient:
                     raise _error_for(response.status, None)
                 if (response.content_length or 0) > max_bytes:
                     raise FalBadOutput(f"result image is {response.content_length} bytes, over {max_bytes}")
-                size = 0
-                content_type: str | None = None
-                data: bytes | None = None
-                with open(partial, "wb") if partial is not None else io.BytesIO() as out:
-                    async for chunk in response.content.iter_chunked(_CHUNK):
-                        if content_type is None:
-                            content_type = sniff_image_type(chunk[:SNIFF_BYTES])
-                            if content_type is None:
-                                raise FalBadOutput("result file is not an image")
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise FalBadOutput(f"result image is over {max_bytes} bytes")
-                        out.write(chunk)
-                    if isinstance(out, io.BytesIO):
-                        data = out.getvalue()
-            if content_type is None:
-                raise FalBadOutput("result file is empty")
-            if partial is not None:
-                os.replace(partial, to)  # type: ignore[arg-type]
-            return DownloadedImage(size, content_type, data)
+                sink = io.BytesIO() if partial is None else open(partial, "wb")
+                try:
+                    size, content_type = await _copy_image(response.content, sink, max_bytes)
+                except BaseException:
+                    sink.close()
+                    raise
+            if isinstance(sink, io.BytesIO):
+                sink.seek(0)
+                return DownloadedImage(size, content_type, sink)
+            sink.close()
+            assert to is not None
+            os.replace(sink.name, to)
+            return DownloadedImage(size, content_type, None)
 
         return await retrying(attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="result download")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,9 @@ class ResultImage:
     # is over the server's upload limit.
     url: str | None = None
     # The bytes, while they are held in memory on their way from fal to Discord (never stored).
-    data: bytes | None = field(default=None, repr=False, compare=False)
+    # Closed by the runner once posted: that frees them even while aiohttp's request objects,
+    # which sit in reference cycles until the garbage collector runs, still point at them.
+    data: io.BytesIO | None = field(default=None, repr=False, compare=False)
 
     @property
     def available(self) -> bool:

@@ -371,15 +371,16 @@ class JobRunner:
             if image.data is None:
                 continue
             path = self._result_path(job, index)
-            await asyncio.to_thread(_write_whole, path, image.data)
+            await asyncio.to_thread(_write_whole, path, image.data.getvalue())
             image.path = path
             self._release(image)
         await self._store.save(job)
 
     def _release(self, image: ResultImage) -> None:
         if image.data is not None:
-            self._memory.give_back(len(image.data))
+            image.data.close()
             image.data = None
+            self._memory.give_back(image.size)
 
     async def _cancel_quietly(self, job: Job) -> None:
         assert job.request is not None
