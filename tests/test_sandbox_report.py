@@ -1,0 +1,30 @@
+"""The benchmark's arithmetic: percentiles and the median of repeated runs."""
+
+from __future__ import annotations
+
+from tools.sandbox import RunConfig, RunResult, compare_table, median_run, percentiles
+
+
+def run(cpu_seconds: float, jobs: int = 100) -> RunResult:
+    return RunResult(
+        config=RunConfig(jobs=jobs, label="status stream"), jobs=jobs, delivered=jobs, wall_seconds=1.0,
+        fal_requests={"submit": jobs}, discord_calls=2 * jobs, discord_edits=jobs, discord_acks=jobs,
+        discord_other=0, states_shown=2 * jobs, over_budget_jobs=0, completion_to_posted_ms=[10.0],
+        ack_ms=[2.0], unacknowledged=0, refused=0, bot_cpu_seconds=cpu_seconds, bot_user_seconds=cpu_seconds,
+        bot_peak_rss_mib=50.0, tool_cpu_seconds=0.0,
+    )
+
+
+def test_percentiles_by_nearest_rank():
+    assert percentiles([]) is None
+    assert percentiles([5.0]) == (5.0, 5.0, 5.0)
+    assert percentiles([float(v) for v in range(1, 101)]) == (50.0, 95.0, 100.0)
+
+
+def test_the_median_run_is_reported_with_every_runs_figure():
+    runs = [run(1.2), run(0.8), run(1.0), run(2.5)]
+    chosen = median_run(runs)
+    assert chosen is runs[2]  # 10 ms: the lower median of 8, 10, 12, 25
+    assert sorted(chosen.cpu_per_job_runs) == [8.0, 10.0, 12.0, 25.0]
+    table = compare_table([chosen])
+    assert "| Bot CPU / job, median of 4 runs (range) (ms) | 10.0 (8.0–25.0) |" in table
