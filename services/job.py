@@ -20,7 +20,8 @@ TOKEN_SAFETY_MARGIN = 30
 
 
 class JobState(str, enum.Enum):
-    """Where a job stands. Every transition is stored before the bot acts on it."""
+    """Where a job stands. Every state a restart needs is stored before the bot acts on it
+    (RUNNING is not; SUCCEEDED only once its images are in DATA_DIR: see JobRunner)."""
 
     PENDING = "pending"  # accepted; waiting for a free slot in the bot's own queue
     SUBMITTING = "submitting"  # submit sent: after a crash here nobody knows whether fal took it
