@@ -385,6 +385,8 @@ class FalQueueClient:
                     size, content_type = await _copy_image(response.content, sink, max_bytes)
                 except BaseException:
                     sink.close()
+                    if partial is not None:
+                        partial.unlink(missing_ok=True)
                     raise
             if isinstance(sink, io.BytesIO):
                 sink.seek(0)

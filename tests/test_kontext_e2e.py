@@ -113,15 +113,20 @@ async def test_plain_string_detail_is_shown(world):
     assert "Unsupported image dimensions" in message.content
 
 
-async def test_fal_5xx_and_dropped_connections_are_retried(world):
-    await world.start_bot()
+@pytest.mark.parametrize("result_memory", ["33554432", "0"], ids=["in-memory", "through-files"])
+async def test_fal_5xx_and_dropped_connections_are_retried(world, result_memory):
+    await world.start_bot(RESULT_MEMORY_BYTES=result_memory)
     world.fal.fail_next("submit", status=503, times=2)
     world.fal.fail_next("status", status="drop", times=2)
     world.fal.fail_next("result", status=502, times=2)
     world.fal.fail_next("file", status="drop", times=2)
     message = await finished(await world.kontext())
     assert message.content.startswith("✅"), message.content
+    assert len(message.files) == 1
     assert len(world.fal.jobs) == 1  # fal created exactly one job
+    # Nothing is left behind in DATA_DIR once the result is posted (no partial downloads).
+    results = world.data_dir / "results"
+    await world.discord.wait_until(lambda: not results.exists() or not any(results.iterdir()), timeout=5)
 
 
 @pytest.mark.parametrize("drop,jobs_at_fal", [("drop_after", 1), ("drop", 0)])
