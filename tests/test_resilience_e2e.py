@@ -117,12 +117,16 @@ def result_files(world) -> list:
     return sorted(results.iterdir()) if results.exists() else []
 
 
-async def kill_while_posting(world, **settings: str):
-    """Start a job and kill the bot while Discord holds its final edit (the upload)."""
+async def kill_while_posting(world, *, refuse_first_post: bool = False, **settings: str):
+    """Start a job and kill the bot while Discord holds its final edit (the upload), after
+    refusing a first attempt if asked."""
     world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.5)
     await world.start_bot(**settings)
     handle = await world.kontext()
     await handle.wait_until(lambda h: shows(h, "Generating"))
+    if refuse_first_post:
+        # discord.py retries 5xx itself; a 400 reaches the bot's own retry at once.
+        world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status=400)
     world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status="hang")
     await world.discord.wait_until(lambda: world.discord.hanging == 1)
     await world.bot.kill()
@@ -169,16 +173,7 @@ async def test_kill_while_posting_a_result_kept_in_data_dir(world, lose_files):
 async def test_a_failed_post_moves_the_result_to_data_dir(world):
     """A first posting attempt that fails writes the images held in memory to DATA_DIR and
     records them, so neither the retries nor a restart depend on fal still having them."""
-    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.5)
-    await world.start_bot()
-    handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "Generating"))
-    # discord.py retries 5xx itself; a 400 reaches the bot's own retry at once.
-    world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status=400)
-    world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status="hang")
-    await world.discord.wait_until(lambda: world.discord.hanging == 1)
-    await world.bot.kill()
-    world.discord.release_hangs()
+    handle = await kill_while_posting(world, refuse_first_post=True)
     (row,) = db_rows(world)
     assert row["state"] == "succeeded" and row["delivered_at"] is None
     assert len(result_files(world)) == 1
