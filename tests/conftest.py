@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fakes.world import World, running_world
+from fakes.world import World, running_world
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.fakes.discord_fake import EPHEMERAL
+from fakes.discord_fake import EPHEMERAL
 
 FINAL_MARKS = ("✅", "❌", "🚫", "🛡️", "⚠️", "No image")
 

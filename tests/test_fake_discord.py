@@ -13,7 +13,7 @@ import pytest_asyncio
 from discord import app_commands
 from discord.ext import commands
 
-from tests.fakes.discord_fake import FakeDiscord, MEMBER_PERMISSIONS
+from fakes.discord_fake import FakeDiscord, MEMBER_PERMISSIONS
 
 PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x02\x00\x00\x00\x03\x08\x02\x00\x00\x00"
        + b"\x00" * 40)

@@ -1,4 +1,4 @@
-"""Self-tests for tests/fakes/fal_fake.py (the fal.ai queue API double)."""
+"""Self-tests for fakes/fal_fake.py (the fal.ai queue API double)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from tests.fakes.fal_fake import FakeFal, JobScript, make_jpeg, make_png
+from fakes.fal_fake import FakeFal, JobScript, make_jpeg, make_png
 
 KEY = "test-fal-key"
 AUTH = {"Authorization": f"Key {KEY}"}

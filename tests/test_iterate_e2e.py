@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.e2e import admin, finished, private_answer
-from tests.fakes.fal_fake import JobScript
+from fakes.fal_fake import JobScript
 
 
 async def first_result(world, **options):

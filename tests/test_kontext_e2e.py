@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e import contents, fal_job, finished, private_answer
-from tests.fakes.fal_fake import JobScript
+from fakes.fal_fake import JobScript
 
 async def test_edit_is_queued_shown_and_posted(world):
     world.fal.default = JobScript(queue_positions=(2, 1, 0), step=0.3, run_time=0.3, image_size=50_000)
@@ -231,7 +231,7 @@ async def test_a_refused_fal_key_is_reported_as_a_configuration_problem(world):
 
 
 async def test_secrets_and_interaction_tokens_never_reach_the_log(world):
-    from tests.fakes.world import DISCORD_TOKEN, FAL_KEY
+    from fakes.world import DISCORD_TOKEN, FAL_KEY
 
     await world.start_bot(LOG_LEVEL="DEBUG")
     handle = await world.kontext()

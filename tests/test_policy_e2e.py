@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from tests.e2e import admin, finished, private_answer
-from tests.fakes.discord_fake import EPHEMERAL
-from tests.fakes.fal_fake import JobScript
+from fakes.discord_fake import EPHEMERAL
+from fakes.fal_fake import JobScript
 
 
 async def refused(world, **options) -> str:

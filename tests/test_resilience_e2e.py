@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.e2e import contents, fal_job, finished, shows
-from tests.fakes.fal_fake import JobScript
+from fakes.fal_fake import JobScript
 
 WEBHOOK_MESSAGE = r"/webhooks/\d+/[^/]+/messages/"
 

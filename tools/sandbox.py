@@ -5,7 +5,7 @@
     python -m tools.sandbox --jobs 100 --burst --concurrency 40
     python -m tools.sandbox --jobs 200 --arrival-seconds 10 --compare
 
-What runs: the fake Discord (REST + gateway) and the fake fal queue (tests/fakes/) start in this
+What runs: the fake Discord (REST + gateway) and the fake fal queue (fakes/) start in this
 process on 127.0.0.1, and the real, unmodified bot runs as a subprocess (`python bot.py`) pointed
 at them. The bot gets its *production* timing defaults (EDIT_INTERVAL 1.5 s, POLL_INTERVAL 1.0 s,
 ...; not the tests' fast ones) with LOG_LEVEL=INFO; `--concurrency` is its MAX_CONCURRENT_JOBS.
@@ -55,10 +55,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 from services.config import Settings
-from tests.fakes.bot_process import PROJECT_ROOT, BotProcess
-from tests.fakes.discord_fake import CALLBACK_WINDOW, LOADING, FakeDiscord, FakeMessage, InteractionHandle
-from tests.fakes.fal_fake import FakeFal, JobScript, make_image
-from tests.fakes.world import DISCORD_TOKEN, FAL_KEY, World
+from fakes.bot_process import PROJECT_ROOT, BotProcess
+from fakes.discord_fake import CALLBACK_WINDOW, LOADING, FakeDiscord, FakeMessage, InteractionHandle
+from fakes.fal_fake import FakeFal, JobScript, make_image
+from fakes.world import DISCORD_TOKEN, FAL_KEY, World
 
 MIB = 1024 * 1024
 FAL_QUEUE_OPS = ("submit", "status", "stream", "result", "cancel")

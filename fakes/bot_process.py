@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Fast timings for tests and the sandbox; each is an ordinary setting of the bot (see README).
 FAST_SETTINGS = {
