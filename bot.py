@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import signal
 import sys
@@ -12,9 +14,12 @@ from discord.ext import commands
 from dotenv import find_dotenv, load_dotenv
 
 from cogs.errors import KontextTree
+from cogs.intake import JobIntake
 from cogs.presenter import DiscordPresenter
-from services.config import Settings, SettingsError, load_settings
+from cogs.views import JobButton
+from services.config import CommandSync, Settings, SettingsError, load_settings
 from services.fal_queue import FalQueueClient
+from services.results import ResultCustody
 from services.retry import Backoff
 from services.runner import JobRunner
 from services.store import Store
@@ -28,12 +33,7 @@ class KontextBot(commands.AutoShardedBot):
     """AutoShardedBot asks `GET {DISCORD_API_BASE}/gateway/bot` for its gateway, so a REST proxy
     or a local fake Discord serves both REST and gateway."""
 
-    store: Store
-    fal: FalQueueClient
-    presenter: DiscordPresenter
-    runner: JobRunner
-
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, store: Store, fal: FalQueueClient) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=discord.Intents(guilds=True),
@@ -43,32 +43,28 @@ class KontextBot(commands.AutoShardedBot):
             tree_cls=KontextTree,
         )
         self.settings = settings
-
-    async def setup_hook(self) -> None:
-        settings = self.settings
-        backoff = Backoff(base=settings.retry_base_delay)
-        self.store = await Store.open(settings.db_path)
-        self.fal = FalQueueClient(
-            settings.fal_queue_url,
-            settings.fal_key,
-            backoff=backoff,
-            poll_interval=settings.poll_interval,
-            use_stream=settings.use_status_stream,
-            stream_stall_timeout=settings.stream_stall_timeout,
-        )
-        await self.fal.open()
+        self.store = store
+        self.fal = fal
         self.presenter = DiscordPresenter(self, settings.edit_interval)
         self.runner = JobRunner(
-            self.store,
-            self.fal,
+            store,
+            fal,
             self.presenter,
-            results_dir=settings.results_dir,
+            results=ResultCustody(
+                fal,
+                settings.results_dir,
+                memory_bytes=settings.result_memory_bytes,
+                max_image_bytes=settings.max_result_bytes,
+            ),
             max_concurrent_jobs=settings.max_concurrent_jobs,
             job_timeout=settings.job_timeout,
-            max_result_bytes=settings.max_result_bytes,
-            result_memory_bytes=settings.result_memory_bytes,
-            backoff=backoff,
+            backoff=Backoff(base=settings.retry_base_delay),
         )
+        self.intake = JobIntake(self)
+
+    async def setup_hook(self) -> None:
+        # Result buttons are posted by the presenter whichever command started the job.
+        self.add_dynamic_items(JobButton)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self._sync_commands()
@@ -77,29 +73,36 @@ class KontextBot(commands.AutoShardedBot):
             log.info("resumed %d unfinished job(s)", resumed)
 
     async def _sync_commands(self) -> None:
+        """Sync the application commands when they differ from the last sync recorded for this
+        application (discord.py advises against syncing at every start), or as SYNC_COMMANDS says."""
+        mode = self.settings.sync_commands
+        if mode is CommandSync.NEVER:
+            return
         guild_id = self.settings.dev_guild_id
-        if guild_id is None:
-            synced = await self.tree.sync()
-        else:
-            guild = discord.Object(guild_id)
+        guild = discord.Object(guild_id) if guild_id is not None else None
+        if guild is not None:
             self.tree.copy_global_to(guild=guild)
-            synced = await self.tree.sync(guild=guild)
-        log.info("synced %d application command(s) %s", len(synced), f"to guild {guild_id}" if guild_id else "globally")
+        where = f"to guild {guild_id}" if guild_id else "globally"
+        payload = [command.to_dict(self.tree) for command in self.tree.get_commands(guild=guild)]
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        key = f"synced_commands:{self.application_id}:{guild_id or 'global'}"
+        if mode is CommandSync.AUTO and await self.store.meta(key) == digest:
+            log.info("application commands unchanged since the last sync %s", where)
+            return
+        synced = await self.tree.sync(guild=guild)
+        await self.store.set_meta(key, digest)
+        log.info("synced %d application command(s) %s", len(synced), where)
 
     async def close(self) -> None:
-        """Stop taking jobs, leave running ones resumable, and close every connection."""
+        """Stop taking jobs, leave running ones resumable, and close the Discord connection (the
+        store and the fal client belong to `run`)."""
         if self.is_closed():
             return
         try:
-            if hasattr(self, "runner"):
-                await self.runner.stop()
-                await self.presenter.close()
+            await self.runner.stop()
+            await self.presenter.close()
         finally:
             await super().close()
-            if hasattr(self, "fal"):
-                await self.fal.close()
-            if hasattr(self, "store"):
-                await self.store.close()
 
 
 async def run(settings: Settings) -> None:
@@ -109,7 +112,15 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with KontextBot(settings) as bot:
+    fal = FalQueueClient(
+        settings.fal_queue_url,
+        settings.fal_key,
+        backoff=Backoff(base=settings.retry_base_delay),
+        poll_interval=settings.poll_interval,
+        use_stream=settings.use_status_stream,
+        stream_stall_timeout=settings.stream_stall_timeout,
+    )
+    async with Store(settings.db_path) as store, fal, KontextBot(settings, store=store, fal=fal) as bot:
         running = asyncio.create_task(bot.start(settings.discord_token))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -7,11 +7,47 @@ import logging
 import discord
 from discord import app_commands
 
+from services.flux_kontext import InvalidEdit
+from services.policy import GuildPolicy, RefusalReason, Refused
+from services.runner import RunnerStopped
+
 log = logging.getLogger(__name__)
 
 
 class UserFacingError(Exception):
     """Raised by commands and buttons with a message meant for the member who used them."""
+
+
+class PolicyRefusal(Exception):
+    """The server's policy does not let this member start a job now."""
+
+    def __init__(self, refused: Refused, policy: GuildPolicy) -> None:
+        super().__init__(refused.reason.value)
+        self.refused = refused
+        self.policy = policy
+
+
+def refusal_text(refused: Refused, policy: GuildPolicy) -> str:
+    """Why a member may not start a job now, and when they can try again."""
+    when = f" <t:{int(refused.retry_at)}:R>" if refused.retry_at else ""
+    limit = refused.limit
+    reason = refused.reason
+    if reason is RefusalReason.CHANNEL_NOT_ALLOWED:
+        channels = ", ".join(f"<#{channel}>" for channel in sorted(policy.allowed_channel_ids)[:10])
+        return f"Kontext isn't enabled in this channel. It works in {channels}."
+    if reason is RefusalReason.MISSING_ROLE:
+        return f"You need the <@&{policy.required_role_id}> role to use `/kontext` in this server."
+    if reason is RefusalReason.MEMBER_CONCURRENCY:
+        return f"You already have {limit} edit(s) running. Wait for one to finish, then try again."
+    if reason is RefusalReason.GUILD_CONCURRENCY:
+        return f"This server already has {limit} edit(s) running. Please try again in a moment."
+    if reason is RefusalReason.COOLDOWN:
+        return f"Slow down: this server allows one edit every {limit}s. You can start the next one{when}."
+    if reason is RefusalReason.DAILY_LIMIT:
+        return f"You've used your {limit} edit(s) for today. You can start more{when}."
+    if reason is RefusalReason.MONTHLY_IMAGE_BUDGET:
+        return f"This server's monthly budget of {limit} image(s) would be exceeded. It resets{when}."
+    return f"This server's monthly budget of ${limit:,.2f} would be exceeded. It resets{when}."
 
 
 async def tell(interaction: discord.Interaction, message: str) -> None:
@@ -28,6 +64,12 @@ def describe(error: Exception) -> str | None:
         error = error.original  # type: ignore[assignment]
     if isinstance(error, UserFacingError):
         return str(error)
+    if isinstance(error, PolicyRefusal):
+        return refusal_text(error.refused, error.policy)
+    if isinstance(error, InvalidEdit):
+        return f"That can't be sent to FLUX.1 Kontext: {error}."
+    if isinstance(error, RunnerStopped):
+        return "The bot is restarting. Please try again in a minute."
     if isinstance(error, app_commands.MissingPermissions):
         return "You need the " + ", ".join(p.replace("_", " ").title() for p in error.missing_permissions) + " permission for this."
     if isinstance(error, app_commands.NoPrivateMessage):

@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import discord
 
 from services.job import Job
+from services.runner import DeliveryProgress
 
 from .modlog import post_to_log_channel
 from .render import Rendered, attachment_name, job_log_line, pack_files, render
+from .views import job_view
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -74,7 +76,7 @@ class ProgressTicker:
         if shown is None or rendered.embed.to_dict() != shown.embed.to_dict():
             changes["embed"] = rendered.embed
         if shown is None or rendered.buttons != shown.buttons:
-            changes["view"] = rendered.view()
+            changes["view"] = job_view(rendered.job_id, rendered.buttons)
         await self._webhook.edit_message(self._job.message_id, **changes)
 
     async def close(self) -> None:
@@ -110,7 +112,7 @@ class DiscordPresenter:
         for ticker in tickers:
             await ticker.close()
 
-    async def deliver(self, job: Job, checkpoint: Callable[[], Awaitable[None]]) -> None:
+    async def deliver(self, job: Job, progress: DeliveryProgress) -> None:
         ticker = self._tickers.pop(job.id, None)
         if ticker is not None:
             await ticker.close()  # no progress edit may land after the final one
@@ -120,44 +122,43 @@ class DiscordPresenter:
             links = ", ".join(f"[image {i + 1}]({rendered.files[i].url})" for i in too_large)
             rendered.content = f"{rendered.content}\n📦 Too large for this server's upload limit: {links}"
         groups = groups or [[]]
-        if not job.delivered_in_channel and job.token_valid():
+        in_channel = job.delivered_in_channel or not job.token_valid()
+        if not in_channel:
             try:
-                await self._deliver_by_interaction(job, rendered, groups, checkpoint)
+                await self._deliver_by_interaction(job, rendered, groups, progress)
             except discord.HTTPException as exc:
                 if exc.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE):
                     raise
                 log.info("job %d: the reply can no longer be edited (%s); posting in the channel", job.id, exc)
-                job.delivered_in_channel = True
-        else:
-            job.delivered_in_channel = True
-        if job.delivered_in_channel:
-            await self._deliver_in_channel(job, rendered, groups, checkpoint)
+                in_channel = True
+        if in_channel:
+            await self._deliver_in_channel(job, rendered, groups, progress)
         if job.guild_id is not None:
             policy = await self._bot.store.policy(job.guild_id)
             await post_to_log_channel(self._bot, policy, job_log_line(job))
 
     async def _deliver_by_interaction(
-        self, job: Job, rendered: Rendered, groups: list[list[int]], checkpoint: Callable[[], Awaitable[None]]
+        self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress
     ) -> None:
         webhook = self._webhook(job)
         for index in range(job.delivered_parts, len(groups)):
             if index == 0:
-                # Editing the reply needs no checkpoint: done again after a crash, it shows the same.
+                assert job.message_id is not None
                 await webhook.edit_message(
                     job.message_id,
                     content=rendered.content,
                     embed=rendered.embed,
                     attachments=self._files(job, rendered, groups[0]),
-                    view=rendered.view(),
+                    view=job_view(job.id, rendered.buttons),
                 )
-                job.delivered_parts = 1
+                # Done again after a crash, an edit of the reply shows the same.
+                await progress.posted(1, in_channel=False, repeatable=True)
             else:
                 await webhook.send(files=self._files(job, rendered, groups[index]), wait=True)
-                job.delivered_parts = index + 1
-                await checkpoint()
+                await progress.posted(index + 1, in_channel=False)
 
     async def _deliver_in_channel(
-        self, job: Job, rendered: Rendered, groups: list[list[int]], checkpoint: Callable[[], Awaitable[None]]
+        self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress
     ) -> None:
         """After the 15-minute token: a channel message replying to the original, which mentions
         only the member who asked."""
@@ -170,6 +171,7 @@ class DiscordPresenter:
         )
         only_requester = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
         content = f"<@{job.user_id}> {rendered.content or ''}".strip()
+        # Parts already shown through the interaction (public follow-ups) are not posted again.
         for index in range(job.delivered_parts, len(groups)):
             await channel.send(
                 content=content if index == 0 else None,
@@ -178,8 +180,7 @@ class DiscordPresenter:
                 reference=reference,  # type: ignore[arg-type]
                 allowed_mentions=only_requester if index == 0 else discord.AllowedMentions.none(),
             )
-            job.delivered_parts = index + 1
-            await checkpoint()
+            await progress.posted(index + 1, in_channel=True)
 
     def _webhook(self, job: Job) -> discord.Webhook:
         return discord.Webhook.partial(job.application_id, job.interaction_token, client=self._bot)

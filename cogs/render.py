@@ -1,20 +1,21 @@
 """What a member sees for a job: one pure function from job state to message parts.
 
-Because rendering is pure, the presenter can compare two renderings and edit a message only
-when what it shows changed.
+Because rendering is pure (it builds content, an embed and the names of the buttons, and
+touches nothing else), the presenter can compare two renderings and edit a message only when
+what it shows changed. The buttons themselves are built by `cogs.views`.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 import discord
 
+from services.flux_kontext import KontextOptions
 from services.images import EXTENSIONS
 from services.job import Job, JobState, ResultImage
-
-from .views import JobButton
 
 EMBED_COLOUR = discord.Colour.from_rgb(88, 101, 242)
 FAILURE_COLOUR = discord.Colour.red()
@@ -45,10 +46,20 @@ OPTION_LABELS = (
     ("enhance_prompt", "Enhanced prompt"),
 )
 
-# Which buttons a reply carries, by state (see views.ACTIONS).
-WHILE_WAITING = ("cancel",)
-ON_RESULT = ("reroll", "edit", "delete")
-ON_FAILURE = ("retry",)
+class JobAction(enum.Enum):
+    """What a button on a job's message does; the value is its name in the button's custom_id."""
+
+    CANCEL = "cancel"
+    REROLL = "reroll"
+    RETRY = "retry"  # a re-roll offered on a failed job
+    EDIT = "edit"
+    DELETE = "delete"
+
+
+# Which buttons a reply carries, by state.
+WHILE_WAITING = (JobAction.CANCEL,)
+ON_RESULT = (JobAction.REROLL, JobAction.EDIT, JobAction.DELETE)
+ON_FAILURE = (JobAction.RETRY,)
 
 
 @dataclass
@@ -56,19 +67,12 @@ class Rendered:
     job_id: int
     content: str | None
     embed: discord.Embed
-    buttons: tuple[str, ...] = ()
+    buttons: tuple[JobAction, ...] = ()
     files: list[ResultImage] = field(default_factory=list)
 
     def key(self) -> tuple[Any, ...]:
         """Equal keys mean the member would see the same message."""
         return (self.content, self.embed.to_dict(), self.buttons, tuple((f.url, f.size) for f in self.files))
-
-    def view(self) -> discord.ui.View:
-        """The buttons, in one row; an empty view removes any shown before."""
-        view = discord.ui.View(timeout=None)
-        for action in self.buttons:
-            view.add_item(JobButton(action, self.job_id))
-        return view
 
 
 def failure_text(code: str | None, detail: str | None) -> str:
@@ -129,9 +133,9 @@ def _render_result(job: Job, embed: discord.Embed) -> Rendered:
 def _request_embed(job: Job) -> discord.Embed:
     embed = discord.Embed(description=_quote(job.prompt), colour=EMBED_COLOUR)
     embed.set_author(name="FLUX.1 Kontext [max]")
-    options = " · ".join(_option(label, job.params[name]) for name, label in OPTION_LABELS if job.params.get(name))
-    inputs = len(job.params.get("image_urls", ()))
-    if inputs:
+    options = _options_text(job.edit.options)
+    inputs = len(job.edit.image_urls)
+    if inputs > 1:
         options = f"{inputs} images combined · {options}" if options else f"{inputs} images combined"
     embed.add_field(name="Requested by", value=f"<@{job.user_id}>")
     if options:
@@ -146,8 +150,14 @@ def _request_embed(job: Job) -> discord.Embed:
     return embed
 
 
-def _option(label: str, value: Any) -> str:
-    return label if value is True else f"{label} {value}"
+def _options_text(options: KontextOptions) -> str:
+    shown = []
+    for name, label in OPTION_LABELS:
+        value = getattr(options, name)
+        if value is None or value is False:
+            continue
+        shown.append(label if value is True else f"{label} {value}")
+    return " · ".join(shown)
 
 
 def _quote(prompt: str) -> str:
@@ -175,7 +185,7 @@ def job_log_line(job: Job) -> str:
     link = f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{job.message_id}"
     return (
         f"{OUTCOME_MARKS.get(job.state, '•')} Job #{job.id} by <@{job.user_id}> in <#{job.channel_id}> · "
-        f"tolerance {job.params.get('safety_tolerance', '?')} · {outcome} · “{prompt}” · {link}"
+        f"tolerance {job.edit.options.safety_tolerance or '?'} · {outcome} · “{prompt}” · {link}"
     )
 
 

@@ -42,17 +42,14 @@ class World:
         )
 
     async def start_bot(self, **settings: str) -> BotProcess:
-        """Start `python bot.py` and wait until it is connected with its commands synced."""
-        syncs = len(self.discord.requests_to("PUT", r"/commands$"))
+        """Start `python bot.py` and wait until it is connected. discord.py runs the bot's
+        setup_hook (command sync, resuming jobs) before it opens the gateway, so by then the
+        bot is ready."""
         identified = self.discord.identify_count
         self.bot = self.new_bot(**settings)
         await self.bot.start()
         try:
-            await self.discord.wait_until(
-                lambda: len(self.discord.requests_to("PUT", r"/commands$")) > syncs
-                and self.discord.identify_count > identified,
-                timeout=20,
-            )
+            await self.discord.wait_until(lambda: self.discord.identify_count > identified, timeout=20)
         except Exception:
             raise AssertionError("the bot did not come up:\n" + self.bot.log_text()[-5000:]) from None
         return self.bot

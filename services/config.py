@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,14 @@ class SettingsError(Exception):
     """A setting is missing or malformed; the message names the variable and is safe to print."""
 
 
+class CommandSync(enum.Enum):
+    """When the application commands are synced with Discord at start-up."""
+
+    AUTO = "auto"  # when they changed since the last sync recorded in the database
+    ALWAYS = "always"
+    NEVER = "never"  # another process (or a person) syncs them
+
+
 @dataclass(frozen=True)
 class Settings:
     # Secrets are excluded from repr so a logged Settings never leaks them.
@@ -24,6 +33,7 @@ class Settings:
     data_dir: Path = Path("./data")
     log_level: str = "INFO"
     dev_guild_id: int | None = None
+    sync_commands: CommandSync = CommandSync.AUTO
     # How many jobs the bot keeps at fal at once (fal accounts run 2 to 40 in parallel).
     max_concurrent_jobs: int = 10
     # Seconds between two edits of one progress message (Discord tolerates about one per second).
@@ -102,6 +112,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         data_dir=_parse(env, "DATA_DIR", Path, Settings.data_dir),
         log_level=_parse(env, "LOG_LEVEL", str.upper, Settings.log_level),
         dev_guild_id=_parse(env, "DEV_GUILD_ID", int, None),
+        sync_commands=_parse(env, "SYNC_COMMANDS", lambda raw: CommandSync(raw.lower()), Settings.sync_commands),
         max_concurrent_jobs=_parse(env, "MAX_CONCURRENT_JOBS", _positive(int), Settings.max_concurrent_jobs),
         edit_interval=_parse(env, "EDIT_INTERVAL", _positive(float), Settings.edit_interval),
         poll_interval=_parse(env, "POLL_INTERVAL", _positive(float), Settings.poll_interval),

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import io
 import json
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, AsyncIterator, BinaryIO, Literal
+from typing import Any, AsyncIterator, Literal, Protocol
 
 import aiohttp
 
@@ -121,14 +118,16 @@ class QueueStatus:
         return cls(state, position, data.get("error"), data.get("error_type"), logs)
 
 
-@dataclass(frozen=True)
-class DownloadedImage:
-    size: int
-    content_type: str
-    data: io.BytesIO | None  # None when it was streamed to a file
+class DownloadSink(Protocol):
+    """Where a downloaded image goes as it arrives."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def discard(self) -> None:
+        """Forget what was written: the download failed or starts again."""
 
 
-async def _copy_image(content: aiohttp.StreamReader, sink: BinaryIO, max_bytes: int) -> tuple[int, str]:
+async def _copy_image(content: aiohttp.StreamReader, sink: DownloadSink, max_bytes: int) -> tuple[int, str]:
     """Copy a downloaded image to `sink` as it arrives; returns its size and sniffed type."""
     size = 0
     content_type: str | None = None
@@ -210,6 +209,13 @@ class FalQueueClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def __aenter__(self) -> FalQueueClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -365,13 +371,13 @@ class FalQueueClient:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise FalUnavailable(f"could not reach fal to cancel {request.request_id}: {exc!r}") from exc
 
-    async def download(self, url: str, *, max_bytes: int, deadline: float, to: Path | None = None) -> DownloadedImage:
-        """Fetch a result image, checking it is an image no larger than `max_bytes`: into a
-        buffer the caller owns (and closes), or streamed to the file `to` (never all of it in
-        memory). The fal key is not sent: the files live on a public CDN."""
+    async def download(self, url: str, sink: DownloadSink, *, max_bytes: int, deadline: float) -> tuple[int, str]:
+        """Fetch a result image into `sink` as it arrives, checking it is an image no larger
+        than `max_bytes`; returns its size and sniffed content type. A retry starts the file
+        again (the sink is told to discard what it got). The fal key is not sent: the files
+        live on a public CDN."""
 
-        async def attempt() -> DownloadedImage:
-            partial = to.with_name(to.name + ".part") if to is not None else None
+        async def attempt() -> tuple[int, str]:
             async with self.session.get(url) as response:
                 if response.status in (404, 410):
                     # The CDN deleted the file: the same "gone" as an expired result.
@@ -380,20 +386,10 @@ class FalQueueClient:
                     raise _error_for(response.status, None)
                 if (response.content_length or 0) > max_bytes:
                     raise FalBadOutput(f"result image is {response.content_length} bytes, over {max_bytes}")
-                sink = io.BytesIO() if partial is None else open(partial, "wb")
                 try:
-                    size, content_type = await _copy_image(response.content, sink, max_bytes)
+                    return await _copy_image(response.content, sink, max_bytes)
                 except BaseException:
-                    sink.close()
-                    if partial is not None:
-                        partial.unlink(missing_ok=True)
+                    sink.discard()
                     raise
-            if isinstance(sink, io.BytesIO):
-                sink.seek(0)
-                return DownloadedImage(size, content_type, sink)
-            sink.close()
-            assert to is not None
-            os.replace(sink.name, to)
-            return DownloadedImage(size, content_type, None)
 
         return await retrying(attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="result download")

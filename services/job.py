@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .fal_queue import FalRequest
-
-ENDPOINT_SINGLE = "fal-ai/flux-pro/kontext/max"
-ENDPOINT_MULTI = "fal-ai/flux-pro/kontext/max/multi"
+from .flux_kontext import KontextEdit
 
 # The interaction token of the reply lives 15 minutes; leave a margin for the final upload.
 INTERACTION_TOKEN_LIFETIME = 15 * 60
@@ -42,9 +40,6 @@ class JobState(str, enum.Enum):
 
 @dataclass
 class ResultImage:
-    # The copy in DATA_DIR, when there is one: a result that could not be posted at once is
-    # kept there, so that neither a wait nor a restart depends on fal still having it.
-    path: Path | None
     size: int
     content_type: str
     nsfw: bool
@@ -53,20 +48,23 @@ class ResultImage:
     # fal's CDN address: where the image is fetched again, and the link offered when the file
     # is over the server's upload limit.
     url: str | None = None
-    # The bytes, while they are held in memory on their way from fal to Discord (never stored).
-    # Closed by the runner once posted: that frees them even while aiohttp's request objects,
-    # which sit in reference cycles until the garbage collector runs, still point at them.
+    # Whether a copy is kept in DATA_DIR (see services.results): a result that could not be
+    # posted at once is kept there, so neither a wait nor a restart depends on fal still having it.
+    on_disk: bool = False
+    # Where the image is at hand right now, never stored: its file (the path is derived from the
+    # job, never read from the database) or its bytes on their way from fal to Discord.
+    path: Path | None = field(default=None, compare=False)
     data: io.BytesIO | None = field(default=None, repr=False, compare=False)
 
     @property
     def available(self) -> bool:
         """Whether the image can be posted without fetching it again."""
-        return self.data is not None or (self.path is not None and self.path.exists())
+        return self.data is not None or self.path is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "url": self.url,
-            "path": str(self.path) if self.path else None,
+            "on_disk": self.on_disk,
             "size": self.size,
             "content_type": self.content_type,
             "nsfw": self.nsfw,
@@ -77,13 +75,14 @@ class ResultImage:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResultImage:
         return cls(
-            Path(data["path"]) if data.get("path") else None,
             data["size"],
             data["content_type"],
             data["nsfw"],
             data.get("width"),
             data.get("height"),
             data.get("url"),
+            # Rows written before schema 4 stored a path instead of the flag.
+            on_disk=bool(data.get("on_disk", data.get("path"))),
         )
 
 
@@ -107,7 +106,7 @@ class JobResult:
 
 @dataclass
 class JobRequest:
-    """Everything needed to start a job, gathered by whoever accepted it (the Discord cog)."""
+    """Everything needed to start a job, gathered by whoever accepted it (the Discord intake)."""
 
     guild_id: int | None
     channel_id: int
@@ -118,8 +117,7 @@ class JobRequest:
     message_id: int | None
     channel_nsfw: bool
     upload_limit: int
-    endpoint: str
-    params: dict[str, Any]
+    edit: KontextEdit
     # Policy notes for the member, e.g. {"safety_limited_to": 3}.
     notes: dict[str, Any] = field(default_factory=dict)
     parent_job_id: int | None = None
@@ -159,4 +157,4 @@ class Job(JobRequest):
 
     @property
     def prompt(self) -> str:
-        return str(self.params.get("prompt", ""))
+        return self.edit.prompt

@@ -8,14 +8,13 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import time
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Protocol
 
-from .budget import ByteBudget
-from .fal_queue import FalBadOutput, FalError, FalQueueClient, FalRequest, FalResultExpired, QueueStatus
-from .job import Job, JobRequest, JobResult, JobState, ResultImage
+from .fal_queue import FalError, FalQueueClient, FalRequest, FalResultExpired, QueueStatus
+from .flux_kontext import parse_output
+from .job import Job, JobRequest, JobState
+from .results import ResultCustody
 from .retry import Backoff, retrying
 from .slots import SlotQueue
 from .store import Store
@@ -23,14 +22,21 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
+class DeliveryProgress(Protocol):
+    async def posted(self, parts: int, *, in_channel: bool, repeatable: bool = False) -> None:
+        """`parts` of the result's messages are shown (posted in the channel, if `in_channel`).
+        Stored at once, so a delivery cut short resumes without repeating a message, unless
+        doing it again shows the same (`repeatable`: an edit of the reply)."""
+
+
 class JobListener(Protocol):
     def job_changed(self, job: Job) -> None:
         """A job's visible state changed. Must return at once (it runs on the runner's path)."""
 
-    async def deliver(self, job: Job, checkpoint: Callable[[], Awaitable[None]]) -> None:
+    async def deliver(self, job: Job, progress: DeliveryProgress) -> None:
         """Show the final state (result, failure, cancellation) to the member; raise on failure
-        and it is retried. After each message it posts, it records its progress in the job
-        (`delivered_parts`, `delivered_in_channel`) and awaits `checkpoint()`, which stores it."""
+        and it is retried. It resumes from `job.delivered_parts` and `job.delivered_in_channel`
+        and reports each message it shows to `progress`."""
 
 
 class RunnerStopped(Exception):
@@ -50,22 +56,16 @@ class JobRunner:
         fal: FalQueueClient,
         listener: JobListener,
         *,
-        results_dir: Path,
+        results: ResultCustody,
         max_concurrent_jobs: int,
         job_timeout: float,
-        max_result_bytes: int,
-        result_memory_bytes: int,
         backoff: Backoff,
     ) -> None:
         self._store = store
         self._fal = fal
         self._listener = listener
-        self._results_dir = results_dir
+        self._results = results
         self._job_timeout = job_timeout
-        self._max_result_bytes = max_result_bytes
-        # Result images go from fal to Discord in memory, up to this many bytes for all jobs
-        # together; beyond it, and for any result that cannot be posted at once, through files.
-        self._memory = ByteBudget(result_memory_bytes)
         self._backoff = backoff
         self._slots = SlotQueue(max_concurrent_jobs, self._show_bot_queue)
         self._jobs: dict[int, Job] = {}
@@ -82,7 +82,7 @@ class JobRunner:
         if self._stopping:
             raise RunnerStopped()
         job = await self._store.create_job(request)
-        log.info("job %d accepted: user %d channel %d endpoint %s", job.id, job.user_id, job.channel_id, job.endpoint)
+        log.info("job %d accepted: user %d channel %d endpoint %s", job.id, job.user_id, job.channel_id, job.edit.endpoint)
         return job
 
     def start(self, job: Job, *, message_id: int) -> None:
@@ -236,7 +236,7 @@ class JobRunner:
     async def _submit(self, job: Job, deadline: float) -> None:
         job.bot_queue_position = None
         await self._transition(job, JobState.SUBMITTING)
-        sending = asyncio.ensure_future(self._fal.submit(job.endpoint, job.params, deadline=deadline))
+        sending = asyncio.ensure_future(self._fal.submit(job.edit.endpoint, job.edit.payload(), deadline=deadline))
         try:
             request, status = await asyncio.shield(sending)
         except asyncio.CancelledError:
@@ -264,12 +264,12 @@ class JobRunner:
         async with asyncio.timeout_at(deadline):
             async for status in self._fal.statuses(job.request, deadline=deadline):
                 await self._apply_status(job, status)
-            output = await self._fal.result(job.request, deadline=deadline)
+            output = parse_output(await self._fal.result(job.request, deadline=deadline))
             job.completed_at = time.time()
-            job.result = await self._download(job, output, deadline)
+            job.result = await self._results.take(job.id, output, deadline=deadline)
         # Stored now only if files in DATA_DIR depend on it; images held in memory are gone
         # after a restart anyway, which then follows the request at fal again.
-        on_disk = any(image.path is not None for image in job.result.images)
+        on_disk = any(image.on_disk for image in job.result.images)
         await self._transition(job, JobState.SUCCEEDED, store=on_disk)
 
     async def _apply_status(self, job: Job, status: QueueStatus) -> None:
@@ -287,100 +287,18 @@ class JobRunner:
             # Not stored: after a restart fal tells the state again, and nothing else needs it.
             await self._transition(job, JobState.RUNNING, store=False)
 
-    async def _download(self, job: Job, output: dict[str, Any], deadline: float) -> JobResult:
-        images = output.get("images")
-        if not isinstance(images, list) or not images:
-            raise FalBadOutput("the result has no images")
-        flags = output.get("has_nsfw_concepts") or []
-        result = JobResult(
-            output.get("seed"),
-            [
-                ResultImage(
-                    None,
-                    _announced_size(image),
-                    "",
-                    bool(flags[index]) if index < len(flags) else False,
-                    image.get("width"),
-                    image.get("height"),
-                    image["url"],
-                )
-                for index, image in enumerate(images)
-            ],
-            _inference_seconds(output),
-        )
-        # Download at once: fal keeps results of 10 KB and more for only 6 minutes.
-        try:
-            async with asyncio.TaskGroup() as downloads:
-                for index, image in enumerate(result.images):
-                    downloads.create_task(self._fetch(job, index, image, deadline))
-        except BaseException as exc:
-            for image in result.images:
-                self._release(image)
-            if isinstance(exc, BaseExceptionGroup):
-                raise exc.exceptions[0] from None
-            raise
-        return result
-
-    async def _fetch(self, job: Job, index: int, image: ResultImage, deadline: float) -> None:
-        """Download one result image into memory if its announced size fits the budget, else
-        into a file in DATA_DIR (fal does not always announce the size)."""
-        in_memory = image.size > 0 and self._memory.try_take(image.size)
-        dest = None if in_memory else self._result_path(job, index)
-        try:
-            downloaded = await self._fal.download(image.url or "", max_bytes=self._max_result_bytes, deadline=deadline, to=dest)
-        finally:
-            if in_memory:
-                self._memory.give_back(image.size)
-        image.size, image.content_type = downloaded.size, downloaded.content_type
-        if downloaded.data is not None:
-            self._memory.take(downloaded.size)
-            image.data = downloaded.data
-        else:
-            image.path = dest
-
-    def _result_path(self, job: Job, index: int) -> Path:
-        self._results_dir.mkdir(parents=True, exist_ok=True)
-        return self._results_dir / f"job-{job.id}-{index + 1}"
-
     async def _restore_images(self, job: Job) -> None:
         """A succeeded job found after a restart whose images are not at hand (held in memory by
         the previous run, or files lost with a cleaned volume): fetch them again from fal's CDN,
         or say plainly that they are lost."""
         assert job.result is not None
-        missing = [(index, image) for index, image in enumerate(job.result.images) if not image.available]
-        if not missing:
-            return
-        log.info("job %d: fetching %d result image(s) again from fal", job.id, len(missing))
         deadline = asyncio.get_running_loop().time() + 60
         try:
-            for index, image in missing:
-                if not image.url:
-                    raise FileNotFoundError(image.path)
-                image.path = None
-                await self._fetch(job, index, image, deadline)
+            await self._results.restore(job.id, job.result, deadline=deadline)
         except Exception as exc:
-            log.warning("job %d: result images could not be fetched again: %r", job.id, exc)
+            log.warning("job %d: result images could not be fetched again: %s", job.id, exc)
+            self._results.discard(job.id, job.result)
             await self._fail(job, "result_expired" if isinstance(exc, FalResultExpired) else "missing_files", None)
-
-    async def _keep_on_disk(self, job: Job) -> None:
-        """Move the images held in memory to DATA_DIR and record where they are: the delivery
-        failed once, so it may take a while or a restart, and memory is for passing through."""
-        if job.result is None:
-            return
-        for index, image in enumerate(job.result.images):
-            if image.data is None:
-                continue
-            path = self._result_path(job, index)
-            await asyncio.to_thread(_write_whole, path, image.data.getvalue())
-            image.path = path
-            self._release(image)
-        await self._store.save(job)
-
-    def _release(self, image: ResultImage) -> None:
-        if image.data is not None:
-            image.data.close()
-            image.data = None
-            self._memory.give_back(image.size)
 
     async def _cancel_quietly(self, job: Job) -> None:
         assert job.request is not None
@@ -419,9 +337,11 @@ class JobRunner:
 
         async def attempt() -> None:
             try:
-                await self._listener.deliver(job, checkpoint=lambda: self._store.save(job))
+                await self._listener.deliver(job, _StoredProgress(self._store, job))
             except Exception:
-                await self._keep_on_disk(job)
+                # It may take a while or a restart: memory is for passing through.
+                if job.result is not None and await self._results.keep_on_disk(job.id, job.result):
+                    await self._store.save(job)
                 raise
 
         self._delivering.add(job.id)
@@ -442,29 +362,23 @@ class JobRunner:
         finally:
             self._delivering.discard(job.id)
             for image in job.result.images if job.result else ():
-                self._release(image)
+                self._results.release(image)
         log.info("job %d delivered (%s)", job.id, job.state.value)
-        for image in job.result.images if job.result else ():
-            if image.path is not None:
-                image.path.unlink(missing_ok=True)
+        self._results.discard(job.id, job.result)
 
 
-def _write_whole(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all: a crash mid-write leaves no half image behind."""
-    partial = path.with_name(path.name + ".part")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+class _StoredProgress:
+    """Delivery progress written into the job and stored (see DeliveryProgress)."""
 
+    def __init__(self, store: Store, job: Job) -> None:
+        self._store = store
+        self._job = job
 
-def _announced_size(image: dict[str, Any]) -> int:
-    """The size fal announces for a result file (0 when it does not)."""
-    size = image.get("file_size")
-    return size if isinstance(size, int) and size > 0 else 0
-
-
-def _inference_seconds(output: dict[str, Any]) -> float | None:
-    timings = output.get("timings")
-    return timings.get("inference") if isinstance(timings, dict) else None
+    async def posted(self, parts: int, *, in_channel: bool, repeatable: bool = False) -> None:
+        self._job.delivered_parts = parts
+        self._job.delivered_in_channel = in_channel
+        if not repeatable:
+            await self._store.save(self._job)
 
 
 def _describe_detail(exc: FalError) -> str | None:

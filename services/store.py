@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import aiosqlite
 
 from .fal_queue import FalRequest
+from .flux_kontext import KontextEdit
 from .job import Job, JobRequest, JobResult, JobState
 from .policy import GuildPolicy, Usage, day_start, month_start, policy_from_dict, policy_to_dict
 
@@ -71,6 +72,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN delivered_parts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN delivered_in_channel INTEGER NOT NULL DEFAULT 0;
     """,
+    """
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 )
 
 # SQL fragments over job rows; the state names are our own enum values, never user input.
@@ -82,13 +89,13 @@ _SPENT = (
 )
 _IMAGES = "COALESCE(json_extract(params, '$.num_images'), 1)"
 
-_JSON_COLUMNS = ("params", "notes")
+_JSON_COLUMNS = ("notes",)
 _BOOL_COLUMNS = ("channel_nsfw", "delivered_in_channel")
 _REQUEST_FIELDS = ("request_id", "status_url", "response_url", "cancel_url")
 _SCALAR_COLUMNS = tuple(
     f.name
     for f in dataclasses.fields(Job)
-    if f.name not in (*_JSON_COLUMNS, "id", "state", "request", "result")
+    if f.name not in (*_JSON_COLUMNS, "id", "state", "edit", "request", "result")
 )
 
 
@@ -97,6 +104,8 @@ def _to_row(job: Job) -> dict[str, Any]:
     row.update({name: int(getattr(job, name)) for name in _BOOL_COLUMNS})
     row.update({name: json.dumps(getattr(job, name)) for name in _JSON_COLUMNS})
     row["state"] = job.state.value
+    row["endpoint"] = job.edit.endpoint
+    row["params"] = json.dumps(job.edit.payload())
     request = job.request
     row.update({name: getattr(request, name) if request else None for name in _REQUEST_FIELDS})
     row["result"] = json.dumps(job.result.to_dict()) if job.result else None
@@ -109,35 +118,51 @@ def _from_row(row: aiosqlite.Row) -> Job:
     values.update({name: json.loads(row[name]) for name in _JSON_COLUMNS})
     request = FalRequest(*(row[name] for name in _REQUEST_FIELDS)) if row["request_id"] else None
     result = JobResult.from_dict(json.loads(row["result"])) if row["result"] else None
-    return Job(**values, id=row["id"], state=JobState(row["state"]), request=request, result=result)
+    edit = KontextEdit.from_payload(row["endpoint"], json.loads(row["params"]))
+    return Job(**values, edit=edit, id=row["id"], state=JobState(row["state"]), request=request, result=result)
 
 
 class Store:
-    """The bot's only database handle. One connection; aiosqlite runs it off the event loop."""
+    """The bot's only database handle. One connection; aiosqlite runs it off the event loop.
+    Opened with `async with Store(path) as store` (or `await Store(path).open()`)."""
 
-    def __init__(self, connection: aiosqlite.Connection) -> None:
-        self._db = connection
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._connection: aiosqlite.Connection | None = None
         # Policies are read on every job and change only by /kontext-admin, which goes through
         # save_policy: a read-through cache is always current.
         self._policies: dict[int, GuildPolicy] = {}
         # The row as last written, per unfinished job this process wrote, for save()'s diff.
         self._written: dict[int, dict[str, Any]] = {}
 
-    @classmethod
-    async def open(cls, path: Path) -> Store:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    async def open(self) -> Store:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit: each statement is its own transaction, one trip to the database thread.
-        connection = await aiosqlite.connect(path, isolation_level=None)
+        connection = await aiosqlite.connect(self._path, isolation_level=None)
         connection.row_factory = aiosqlite.Row
         await connection.execute("PRAGMA journal_mode=WAL")
         await connection.execute("PRAGMA synchronous=NORMAL")
         await connection.execute("PRAGMA foreign_keys=ON")
-        store = cls(connection)
-        await store._migrate()
-        return store
+        self._connection = connection
+        await self._migrate()
+        return self
 
     async def close(self) -> None:
-        await self._db.close()
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def __aenter__(self) -> Store:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def _db(self) -> aiosqlite.Connection:
+        if self._connection is None:
+            raise RuntimeError("the store is not open")
+        return self._connection
 
     async def _migrate(self) -> None:
         async with self._db.execute("PRAGMA user_version") as cursor:
@@ -212,6 +237,17 @@ class Store:
         args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": month_start(now)}
         (row,) = await self._db.execute_fetchall(sql, args)  # one trip to the database thread
         return Usage(row[0], row[1], row[2], row[3], int(row[4]))
+
+    async def meta(self, key: str) -> str | None:
+        """A value the bot keeps about itself (e.g. the commands last synced)."""
+        rows = await self._db.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     async def _jobs(self, sql: str, args: Iterable[Any]) -> list[Job]:
         return [_from_row(row) for row in await self._db.execute_fetchall(sql, tuple(args))]

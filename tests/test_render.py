@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from cogs.render import FAILURE_MESSAGES, failure_text, pack_files, render
+from cogs.render import FAILURE_MESSAGES, JobAction, failure_text, pack_files, render
+from services.flux_kontext import KontextEdit, KontextOptions
 from services.job import Job, JobResult, JobState, ResultImage
 
 MIB = 1024 * 1024
@@ -11,8 +12,8 @@ MIB = 1024 * 1024
 def make_job(**changes) -> Job:
     values = dict(
         guild_id=1, channel_id=2, user_id=3, application_id=4, interaction_token="t", interaction_created_at=0.0,
-        message_id=5, channel_nsfw=False, upload_limit=10 * MIB, endpoint="fal-ai/flux-pro/kontext/max",
-        params={"prompt": "make it blue @everyone", "image_url": "http://x/a.png", "safety_tolerance": "2"},
+        message_id=5, channel_nsfw=False, upload_limit=10 * MIB,
+        edit=KontextEdit("make it blue @everyone", ("http://x/a.png",), KontextOptions(safety_tolerance=2)),
         id=7,
     )
     values.update(changes)
@@ -20,7 +21,7 @@ def make_job(**changes) -> Job:
 
 
 def image(name: str, nsfw: bool = False, size: int = 100) -> ResultImage:
-    return ResultImage(Path(name), size, "image/png", nsfw)
+    return ResultImage(size, "image/png", nsfw, path=Path(name))
 
 
 @pytest.mark.parametrize(
@@ -45,7 +46,7 @@ def test_pack_files_caps_files_per_message():
 def test_queue_position_is_shown_one_based_with_a_cancel_button():
     rendered = render(make_job(state=JobState.QUEUED, queue_position=0))
     assert "position **1**" in rendered.content
-    assert rendered.buttons == ("cancel",) and rendered.job_id == 7
+    assert rendered.buttons == (JobAction.CANCEL,) and rendered.job_id == 7
 
 
 def test_running_shows_a_live_relative_timestamp_and_no_cancel():
@@ -104,7 +105,7 @@ def test_result_embed_shows_seed_and_policy_note():
 def test_options_line_reads_naturally():
     job = make_job(
         state=JobState.QUEUED,
-        params={"prompt": "p", "image_urls": ["a", "b"], "enhance_prompt": True, "num_images": 2, "safety_tolerance": "3"},
+        edit=KontextEdit("p", ("a", "b"), KontextOptions(enhance_prompt=True, num_images=2, safety_tolerance=3)),
     )
     options = next(f.value for f in render(job).embed.fields if f.name == "Options")
     assert options == "2 images combined · Images 2 · Safety tolerance 3 · Enhanced prompt"

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from services.fal_queue import FalRequest
+from services.flux_kontext import KontextEdit, KontextOptions
 from services.job import JobRequest, JobResult, JobState, ResultImage
 from services.policy import GuildPolicy
 from services.store import MIGRATIONS, Store
@@ -18,7 +19,7 @@ def request(user_id: int = 3, **changes) -> JobRequest:
     values = dict(
         guild_id=1, channel_id=2, user_id=user_id, application_id=4, interaction_token="tok",
         interaction_created_at=NOW, message_id=None, channel_nsfw=False, upload_limit=10 << 20,
-        endpoint="fal-ai/flux-pro/kontext/max", params={"prompt": "p", "image_url": "u", "num_images": 2},
+        edit=KontextEdit("p", ("https://cdn/u.png",), KontextOptions(num_images=2, safety_tolerance=3)),
     )
     values.update(changes)
     return JobRequest(**values)
@@ -30,7 +31,7 @@ async def test_upgrading_an_old_database_keeps_policies_and_jobs(tmp_path: Path)
         for number, script in enumerate(MIGRATIONS[:2], start=1):
             db.executescript(f"{script}\nPRAGMA user_version = {number};")
         db.execute("INSERT INTO guild_policies VALUES (1, '{\"safety_maximum\": 4}', 0, 9)")
-    store = await Store.open(path)
+    store = await Store(path).open()
     try:
         assert (await store.policy(1)).safety_maximum == 4
         job = await store.create_job(request())
@@ -42,13 +43,13 @@ async def test_upgrading_an_old_database_keeps_policies_and_jobs(tmp_path: Path)
 
 
 async def test_a_job_round_trips_with_everything_it_carries(tmp_path: Path):
-    store = await Store.open(tmp_path / "db.sqlite3")
+    store = await Store(tmp_path / "db.sqlite3").open()
     try:
         job = await store.create_job(request(notes={"safety_limited_to": 3}, parent_job_id=None))
         job.state = JobState.SUCCEEDED
         job.message_id = 77
         job.request = FalRequest("rid", "s", "r", "c")
-        job.result = JobResult(5, [ResultImage(tmp_path / "a", 10, "image/png", True, 64, 64, "http://cdn/a")], 1.5)
+        job.result = JobResult(5, [ResultImage(10, "image/png", True, 64, 64, "http://cdn/a", on_disk=True)], 1.5)
         job.delivered_in_channel = True
         job.delivered_parts = 2
         await store.save(job)
@@ -60,7 +61,7 @@ async def test_a_job_round_trips_with_everything_it_carries(tmp_path: Path):
 
 
 async def test_usage_counts_what_the_limits_are_about(tmp_path: Path):
-    store = await Store.open(tmp_path / "db.sqlite3")
+    store = await Store(tmp_path / "db.sqlite3").open()
     try:
         await store.create_job(request())  # still running
         finished = await store.create_job(request())
@@ -84,10 +85,10 @@ async def test_usage_counts_what_the_limits_are_about(tmp_path: Path):
 
 async def test_policies_are_saved_and_read_back(tmp_path: Path):
     path = tmp_path / "db.sqlite3"
-    store = await Store.open(path)
+    store = await Store(path).open()
     await store.save_policy(1, GuildPolicy(safety_maximum=5, allowed_channel_ids=frozenset({7})), by_user=9, now=NOW)
     await store.close()
-    store = await Store.open(path)
+    store = await Store(path).open()
     try:
         assert await store.policy(1) == GuildPolicy(safety_maximum=5, allowed_channel_ids=frozenset({7}))
         assert await store.policy(2) == GuildPolicy()

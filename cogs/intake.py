@@ -1,0 +1,96 @@
+"""Job intake: every way a job starts (the command, the context menu's modal, Re-roll, Try again,
+Edit) ends here. It applies the server's policy, acknowledges within Discord's 3 seconds,
+records the job and hands it to the runner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from services.flux_kontext import KontextEdit
+from services.job import JobRequest
+from services.policy import JobAsk, Refused, Requester, resolve
+
+from .errors import PolicyRefusal
+
+if TYPE_CHECKING:
+    from bot import KontextBot
+
+log = logging.getLogger(__name__)
+
+
+def is_nsfw_channel(channel: Any) -> bool:
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
+
+
+def requester_of(interaction: discord.Interaction[KontextBot]) -> Requester:
+    channel = interaction.channel
+    member = interaction.user
+    return Requester(
+        user_id=member.id,
+        role_ids=frozenset(role.id for role in getattr(member, "roles", ())),
+        channel_id=interaction.channel_id or 0,
+        parent_channel_id=channel.parent_id if isinstance(channel, discord.Thread) else None,
+        channel_nsfw=is_nsfw_channel(channel),
+    )
+
+
+class JobIntake:
+    def __init__(self, bot: KontextBot) -> None:
+        self._bot = bot
+        # Checking a server's limits and recording the new job happen under its lock, so two
+        # requests at the same instant cannot both take the last free place.
+        self._guild_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def start(
+        self, interaction: discord.Interaction[KontextBot], edit: KontextEdit, *, parent_job_id: int | None = None
+    ) -> None:
+        """Apply the server's policy to `edit` (its safety tolerance is what the member asked
+        for), acknowledge, record the job and start it. A refusal is private (PolicyRefusal)
+        and nothing is spent."""
+        assert interaction.guild_id is not None
+        bot = self._bot
+        edit.options.check()
+        async with self._guild_locks[interaction.guild_id]:
+            policy = await bot.store.policy(interaction.guild_id)
+            requester = requester_of(interaction)
+            now = time.time()
+            usage = await bot.store.usage(interaction.guild_id, interaction.user.id, now)
+            ask = JobAsk(edit.options.safety_tolerance, edit.options.image_count)
+            decision = resolve(policy, requester, usage, ask, now=now, price_per_image=bot.settings.price_per_image_usd)
+            if isinstance(decision, Refused):
+                raise PolicyRefusal(decision, policy)
+            notes = {"safety_limited_to": decision.limited_to} if decision.limited_to is not None else {}
+            job = await bot.runner.accept(
+                JobRequest(
+                    guild_id=interaction.guild_id,
+                    channel_id=interaction.channel_id or 0,
+                    user_id=interaction.user.id,
+                    application_id=interaction.application_id,
+                    interaction_token=interaction.token,
+                    interaction_created_at=interaction.created_at.timestamp(),
+                    message_id=None,
+                    channel_nsfw=requester.channel_nsfw,
+                    upload_limit=interaction.filesize_limit,
+                    edit=edit.with_options(safety_tolerance=decision.safety_tolerance),
+                    notes=notes,
+                    parent_job_id=parent_job_id,
+                )
+            )
+        # Acknowledge outside the lock: a burst in one server must not queue up behind Discord's
+        # round trips (each interaction has its own 3 seconds).
+        try:
+            callback = await interaction.response.defer(thinking=True)
+            message_id = callback.message_id if callback is not None else None
+            if message_id is None:
+                message_id = (await interaction.original_response()).id
+        except discord.HTTPException as exc:
+            await bot.runner.abandon(job, f"could not acknowledge the interaction: {exc}")
+            raise
+        bot.runner.start(job, message_id=message_id)
