@@ -11,7 +11,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from services.policy import POLICY_FIELDS, GuildPolicy, validate_policy
+from services.policy import POLICY_FIELDS, validate_policy
 
 from .errors import UserFacingError
 from .modlog import post_to_log_channel

@@ -61,7 +61,7 @@ async def tell(interaction: discord.Interaction, message: str) -> None:
 def describe(error: Exception) -> str | None:
     """The member-facing text for an error, or None for a bug (logged, then a generic text)."""
     if isinstance(error, app_commands.CommandInvokeError):
-        error = error.original  # type: ignore[assignment]
+        error = error.original
     if isinstance(error, UserFacingError):
         return str(error)
     if isinstance(error, PolicyRefusal):
@@ -71,7 +71,11 @@ def describe(error: Exception) -> str | None:
     if isinstance(error, RunnerStopped):
         return "The bot is restarting. Please try again in a minute."
     if isinstance(error, app_commands.MissingPermissions):
-        return "You need the " + ", ".join(p.replace("_", " ").title() for p in error.missing_permissions) + " permission for this."
+        return (
+            "You need the "
+            + ", ".join(p.replace("_", " ").title() for p in error.missing_permissions)
+            + " permission for this."
+        )
     if isinstance(error, app_commands.NoPrivateMessage):
         return "This only works in a server."
     if isinstance(error, app_commands.CommandOnCooldown):

@@ -23,7 +23,9 @@ def image_url(attachment: discord.Attachment, max_bytes: int) -> str:
     if attachment.size <= 0:
         raise UserFacingError(f"`{attachment.filename}` is empty.")
     if attachment.size > max_bytes:
-        raise UserFacingError(f"`{attachment.filename}` is {human_size(attachment.size)}; the limit is {human_size(max_bytes)}.")
+        raise UserFacingError(
+            f"`{attachment.filename}` is {human_size(attachment.size)}; the limit is {human_size(max_bytes)}."
+        )
     return attachment.url
 
 

@@ -104,7 +104,9 @@ class Kontext(commands.Cog):
         if url is None:
             raise UserFacingError("That message has no image to edit.")
         await interaction.response.send_modal(
-            PromptModal(title="Edit with Kontext", images=[("Image", url)], options=KontextOptions(), parent_job_id=None)
+            PromptModal(
+                title="Edit with Kontext", images=[("Image", url)], options=KontextOptions(), parent_job_id=None
+            )
         )
 
 

@@ -39,7 +39,8 @@ class PromptModal(discord.ui.Modal):
             self.choice = discord.ui.Select(
                 custom_id="image",
                 options=[
-                    discord.SelectOption(label=label, value=str(i), default=i == 0) for i, (label, _) in enumerate(images)
+                    discord.SelectOption(label=label, value=str(i), default=i == 0)
+                    for i, (label, _) in enumerate(images)
                 ],
             )
             self.add_item(discord.ui.Label(text="Which image?", component=self.choice))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import discord
 
@@ -77,6 +78,7 @@ class ProgressTicker:
             changes["embed"] = rendered.embed
         if shown is None or rendered.buttons != shown.buttons:
             changes["view"] = job_view(rendered.job_id, rendered.buttons)
+        assert self._job.message_id is not None, "a job is started once its reply exists"
         await self._webhook.edit_message(self._job.message_id, **changes)
 
     async def close(self) -> None:
@@ -170,7 +172,7 @@ class DiscordPresenter:
             else None
         )
         only_requester = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
-        content = f"<@{job.user_id}> {rendered.content or ''}".strip()
+        content = f"<@{job.user_id}> {rendered.content}"
         # Parts already shown through the interaction (public follow-ups) are not posted again.
         for index in range(job.delivered_parts, len(groups)):
             await channel.send(

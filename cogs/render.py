@@ -46,6 +46,7 @@ OPTION_LABELS = (
     ("enhance_prompt", "Enhanced prompt"),
 )
 
+
 class JobAction(enum.Enum):
     """What a button on a job's message does; the value is its name in the button's custom_id."""
 
@@ -65,7 +66,7 @@ ON_FAILURE = (JobAction.RETRY,)
 @dataclass
 class Rendered:
     job_id: int
-    content: str | None
+    content: str
     embed: discord.Embed
     buttons: tuple[JobAction, ...] = ()
     files: list[ResultImage] = field(default_factory=list)
@@ -142,7 +143,9 @@ def _request_embed(job: Job) -> discord.Embed:
         embed.add_field(name="Options", value=options, inline=False)
     limited_to = job.notes.get("safety_limited_to")
     if limited_to is not None:
-        embed.add_field(name="Policy", value=f"Safety tolerance limited to {limited_to} by this server's policy.", inline=False)
+        embed.add_field(
+            name="Policy", value=f"Safety tolerance limited to {limited_to} by this server's policy.", inline=False
+        )
     footer = f"Job #{job.id}"
     if job.parent_job_id:
         footer += f" · from job #{job.parent_job_id}"

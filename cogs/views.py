@@ -4,8 +4,9 @@ and job id (`kontext:<action>:<job id>`), so buttons keep working after a restar
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import discord
 
@@ -114,12 +115,12 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"kontext:(?
         self.job: Job | None = None
 
     @classmethod
-    async def from_custom_id(
-        cls, interaction: Interaction, item: discord.ui.Button, match: re.Match[str]
+    async def from_custom_id(  # type: ignore[override]  # typed with the bot's own interactions
+        cls, interaction: Interaction, item: discord.ui.Item[Any], match: re.Match[str]
     ) -> JobButton:
         return cls(JobAction(match["action"]), int(match["job_id"]))  # ValueError for an unknown action
 
-    async def interaction_check(self, interaction: Interaction) -> bool:
+    async def interaction_check(self, interaction: Interaction) -> bool:  # type: ignore[override]
         """Find the job and check who may press this. discord.py ignores an error raised here
         for a dynamic item, so the member is told here."""
         try:
@@ -136,7 +137,7 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"kontext:(?
         self.job = job
         return True
 
-    async def callback(self, interaction: Interaction) -> None:
+    async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]
         assert self.job is not None, "interaction_check found the job"
         try:
             await BUTTONS[self.action].handler(interaction, self.job)

@@ -6,8 +6,8 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,16 @@ FAST_SETTINGS = {
 class BotProcess:
     """One `python bot.py` process. Its log goes to `log_path` so a failing test can show it."""
 
-    def __init__(self, *, discord_api_base: str, discord_token: str, fal_url: str, fal_key: str, data_dir: Path,
-                 settings: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        discord_api_base: str,
+        discord_token: str,
+        fal_url: str,
+        fal_key: str,
+        data_dir: Path,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = data_dir / "bot.log"
         self.env = {
@@ -46,9 +54,13 @@ class BotProcess:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - opening a local log file is instant
             self.process = await asyncio.create_subprocess_exec(
-                *self.command(), cwd=self.data_dir, env=self.env, stdout=log, stderr=log,
+                *self.command(),
+                cwd=self.data_dir,
+                env=self.env,
+                stdout=log,
+                stderr=log,
                 stdin=asyncio.subprocess.DEVNULL,
             )
 
@@ -67,12 +79,14 @@ class BotProcess:
 
     async def _end(self, signum: int, timeout: float) -> int:
         process = self.process
-        if process is None or process.returncode is not None:
-            return process.returncode if process else 0
+        if process is None:
+            return 0
+        if process.returncode is not None:
+            return process.returncode
         process.send_signal(signum)
         try:
             return await asyncio.wait_for(process.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             process.kill()
             await process.wait()
             raise AssertionError(f"the bot did not exit within {timeout}s of signal {signum}") from None

@@ -4,8 +4,8 @@ tests, the sandbox and the benchmark."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import AsyncIterator, Mapping
 
 from .bot_process import BotProcess
 from .discord_fake import FakeDiscord
@@ -22,8 +22,9 @@ class World:
     def bot_options(self) -> dict[str, object]:
         return {}
 
-    def __init__(self, discord: FakeDiscord, fal: FakeFal, data_dir: Path,
-                 settings: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, discord: FakeDiscord, fal: FakeFal, data_dir: Path, settings: Mapping[str, str] | None = None
+    ) -> None:
         self.discord = discord
         self.fal = fal
         self.data_dir = data_dir
@@ -66,8 +67,13 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def running_world(data_dir: Path, *, spec_validation: bool = True, fal_script: JobScript | None = None,
-                        settings: Mapping[str, str] | None = None) -> AsyncIterator[World]:
+async def running_world(
+    data_dir: Path,
+    *,
+    spec_validation: bool = True,
+    fal_script: JobScript | None = None,
+    settings: Mapping[str, str] | None = None,
+) -> AsyncIterator[World]:
     discord = FakeDiscord(token=DISCORD_TOKEN, spec_validation=spec_validation)
     fal = FakeFal(key=FAL_KEY, default=fal_script or JobScript())
     await discord.start()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -117,13 +118,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         edit_interval=_parse(env, "EDIT_INTERVAL", _positive(float), Settings.edit_interval),
         poll_interval=_parse(env, "POLL_INTERVAL", _positive(float), Settings.poll_interval),
         use_status_stream=_parse(env, "FAL_STATUS_STREAM", _flag, Settings.use_status_stream),
-        stream_stall_timeout=_parse(
-            env, "FAL_STREAM_STALL_TIMEOUT", _positive(float), Settings.stream_stall_timeout
-        ),
+        stream_stall_timeout=_parse(env, "FAL_STREAM_STALL_TIMEOUT", _positive(float), Settings.stream_stall_timeout),
         job_timeout=_parse(env, "JOB_TIMEOUT", _positive(float), Settings.job_timeout),
         retry_base_delay=_parse(env, "RETRY_BASE_DELAY", _positive(float), Settings.retry_base_delay),
         max_input_bytes=_parse(env, "MAX_INPUT_BYTES", _positive(int), Settings.max_input_bytes),
         max_result_bytes=_parse(env, "MAX_RESULT_BYTES", _positive(int), Settings.max_result_bytes),
-        result_memory_bytes=_parse(env, "RESULT_MEMORY_BYTES", _positive(int, or_zero=True), Settings.result_memory_bytes),
+        result_memory_bytes=_parse(
+            env, "RESULT_MEMORY_BYTES", _positive(int, or_zero=True), Settings.result_memory_bytes
+        ),
         price_per_image_usd=_parse(env, "PRICE_PER_IMAGE_USD", float, Settings.price_per_image_usd),
     )

@@ -11,8 +11,9 @@ import asyncio
 import codecs
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import aiohttp
 
@@ -235,7 +236,9 @@ class FalQueueClient:
                 raise _error_for(response.status, body)
             return body
 
-    async def submit(self, endpoint: str, payload: dict[str, Any], *, deadline: float) -> tuple[FalRequest, QueueStatus]:
+    async def submit(
+        self, endpoint: str, payload: dict[str, Any], *, deadline: float
+    ) -> tuple[FalRequest, QueueStatus]:
         """POST the job. Retried only when fal surely did not take it: the connection was never
         made, or fal answered with a 5xx/429 and no request. A lost answer is `FalSubmitUncertain`."""
         url = f"{self._base_url}/{endpoint.strip('/')}"
@@ -245,21 +248,25 @@ class FalQueueClient:
                 return await self._json_call("POST", url, json_body=payload)
             except aiohttp.ClientConnectorError:
                 raise  # never connected: safe to retry
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 raise FalSubmitUncertain(f"submit outcome unknown: {exc!r}") from exc
 
         def retryable(exc: BaseException) -> bool:
             return isinstance(exc, (aiohttp.ClientConnectorError, FalUnavailable))
 
         try:
-            body = await retrying(attempt, retryable=retryable, backoff=self._backoff, deadline=deadline, what="fal submit")
+            body = await retrying(
+                attempt, retryable=retryable, backoff=self._backoff, deadline=deadline, what="fal submit"
+            )
         except aiohttp.ClientConnectorError as exc:
             raise FalUnavailable(f"could not connect to fal: {exc}") from exc
         try:
             request = FalRequest(body["request_id"], body["status_url"], body["response_url"], body["cancel_url"])
         except (KeyError, TypeError) as exc:
             raise FalBadOutput(f"submit answer lacks {exc}") from exc
-        status = QueueStatus.from_json(body) if body.get("status") else QueueStatus("IN_QUEUE", body.get("queue_position"))
+        status = (
+            QueueStatus.from_json(body) if body.get("status") else QueueStatus("IN_QUEUE", body.get("queue_position"))
+        )
         return request, status
 
     async def statuses(self, request: FalRequest, *, deadline: float) -> AsyncIterator[QueueStatus]:
@@ -284,7 +291,7 @@ class FalQueueClient:
             except _StreamUnsupported as exc:
                 log.info("no status stream for %s (%s); polling", request.request_id, exc)
                 broken_streams = MAX_BROKEN_STREAMS
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 if not streaming:
                     raise FalUnavailable(f"lost track of {request.request_id}: {exc!r}") from exc
                 broken_streams += 1
@@ -303,7 +310,9 @@ class FalQueueClient:
         async def attempt() -> QueueStatus:
             return QueueStatus.from_json(await self._json_call("GET", request.status_url, params={"logs": "1"}))
 
-        return await retrying(attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal status")
+        return await retrying(
+            attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal status"
+        )
 
     async def _poll(self, request: FalRequest, deadline: float) -> AsyncIterator[QueueStatus]:
         while True:
@@ -314,7 +323,9 @@ class FalQueueClient:
             await asyncio.sleep(self._poll_interval)
 
     async def _stream(self, request: FalRequest) -> AsyncIterator[QueueStatus]:
-        async with self.session.get(f"{request.status_url}/stream", params={"logs": "1"}, headers=self._auth) as response:
+        async with self.session.get(
+            f"{request.status_url}/stream", params={"logs": "1"}, headers=self._auth
+        ) as response:
             if response.status >= 300:
                 raise _StreamUnsupported(f"status stream answered {response.status}")
             # Read whatever has arrived (usually one whole event) rather than line by line:
@@ -347,7 +358,9 @@ class FalQueueClient:
                 raise FalBadOutput("result is not a JSON object")
             return body
 
-        return await retrying(attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal result")
+        return await retrying(
+            attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal result"
+        )
 
     async def cancel(self, request: FalRequest, *, timeout: float = 15.0) -> str:
         """Ask fal to cancel; returns fal's answer (OK, CANCELLATION_REQUESTED, ALREADY_COMPLETED,
@@ -367,8 +380,10 @@ class FalQueueClient:
 
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            return await retrying(attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal cancel")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return await retrying(
+                attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal cancel"
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise FalUnavailable(f"could not reach fal to cancel {request.request_id}: {exc!r}") from exc
 
     async def download(self, url: str, sink: DownloadSink, *, max_bytes: int, deadline: float) -> tuple[int, str]:
@@ -381,7 +396,9 @@ class FalQueueClient:
             async with self.session.get(url) as response:
                 if response.status in (404, 410):
                     # The CDN deleted the file: the same "gone" as an expired result.
-                    raise FalResultExpired(f"fal no longer has this result file ({response.status})", status=response.status)
+                    raise FalResultExpired(
+                        f"fal no longer has this result file ({response.status})", status=response.status
+                    )
                 if response.status >= 300:
                     raise _error_for(response.status, None)
                 if (response.content_length or 0) > max_bytes:
@@ -392,4 +409,6 @@ class FalQueueClient:
                     sink.discard()
                     raise
 
-        return await retrying(attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="result download")
+        return await retrying(
+            attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="result download"
+        )

@@ -17,7 +17,7 @@ INTERACTION_TOKEN_LIFETIME = 15 * 60
 TOKEN_SAFETY_MARGIN = 30
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """Where a job stands. Every state a restart needs is stored before the bot acts on it
     (RUNNING is not; SUCCEEDED only once its images are in DATA_DIR: see JobRunner)."""
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 SAFETY_MIN, SAFETY_MAX = 1, 6
 
@@ -105,7 +106,7 @@ Decision = Allowed | Refused
 
 
 def _utc(now: float) -> datetime:
-    return datetime.fromtimestamp(now, tz=timezone.utc)
+    return datetime.fromtimestamp(now, tz=UTC)
 
 
 def next_utc_midnight(now: float) -> float:
@@ -118,7 +119,7 @@ def next_month_start(now: float) -> float:
     """First instant of the next UTC calendar month (strictly after `now`): when budgets reset."""
     d = _utc(now)
     year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
-    return datetime(year, month, 1, tzinfo=timezone.utc).timestamp()
+    return datetime(year, month, 1, tzinfo=UTC).timestamp()
 
 
 def day_start(now: float) -> float:

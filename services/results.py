@@ -122,9 +122,7 @@ class ResultCustody:
         for only 6 minutes)."""
         result = JobResult(
             seed=output.seed,
-            images=[
-                ResultImage(0, "", image.nsfw, image.width, image.height, image.url) for image in output.images
-            ],
+            images=[ResultImage(0, "", image.nsfw, image.width, image.height, image.url) for image in output.images],
             inference_seconds=output.inference_seconds,
         )
         await self._fetch(job_id, list(enumerate(result.images)), deadline)
@@ -154,7 +152,7 @@ class ResultCustody:
                 for index, image in images:
                     downloads.create_task(self._fetch_one(self.path(job_id, index), image, deadline))
         except BaseExceptionGroup as group:
-            for index, image in images:
+            for _, image in images:
                 self.release(image)
                 if image.path is not None:
                     image.path.unlink(missing_ok=True)

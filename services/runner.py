@@ -82,7 +82,9 @@ class JobRunner:
         if self._stopping:
             raise RunnerStopped()
         job = await self._store.create_job(request)
-        log.info("job %d accepted: user %d channel %d endpoint %s", job.id, job.user_id, job.channel_id, job.edit.endpoint)
+        log.info(
+            "job %d accepted: user %d channel %d endpoint %s", job.id, job.user_id, job.channel_id, job.edit.endpoint
+        )
         return job
 
     def start(self, job: Job, *, message_id: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 
 class SlotQueue:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import aiosqlite
 
@@ -84,9 +85,7 @@ MIGRATIONS: tuple[str, ...] = (
 _ACTIVE = "state IN ({})".format(", ".join(f"'{state.value}'" for state in JobState if not state.is_final))
 # Budgets count images of jobs still in flight (reserved) or that reached fal; a job
 # cancelled before fal started it is free.
-_SPENT = (
-    f"({_ACTIVE} OR (request_id IS NOT NULL AND NOT (state = 'cancelled' AND started_at IS NULL)))"
-)
+_SPENT = f"({_ACTIVE} OR (request_id IS NOT NULL AND NOT (state = 'cancelled' AND started_at IS NULL)))"
 _IMAGES = "COALESCE(json_extract(params, '$.num_images'), 1)"
 
 _JSON_COLUMNS = ("notes",)
@@ -165,8 +164,8 @@ class Store:
         return self._connection
 
     async def _migrate(self) -> None:
-        async with self._db.execute("PRAGMA user_version") as cursor:
-            (version,) = await cursor.fetchone()
+        (row,) = await self._db.execute_fetchall("PRAGMA user_version")
+        version = row[0]
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             log.info("upgrading the database to schema version %d", number)
             # One transaction per version: the schema change and its version number together.
@@ -177,7 +176,9 @@ class Store:
         row = _to_row(job)
         columns = ", ".join(row)
         placeholders = ", ".join(f":{name}" for name in row)
-        (job.id,) = await self._db.execute_insert(f"INSERT INTO jobs ({columns}) VALUES ({placeholders})", row)
+        inserted = await self._db.execute_insert(f"INSERT INTO jobs ({columns}) VALUES ({placeholders})", row)
+        assert inserted is not None
+        job.id = inserted[0]
         self._written[job.id] = row
         return job
 
@@ -198,7 +199,7 @@ class Store:
             await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**changed, "id": job.id})
 
     async def get_job(self, job_id: int) -> Job | None:
-        rows = await self._db.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        rows = list(await self._db.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,)))
         return _from_row(rows[0]) if rows else None
 
     async def unfinished_jobs(self) -> list[Job]:
@@ -208,8 +209,11 @@ class Store:
         """The server's policy; a server that never changed it gets the defaults."""
         cached = self._policies.get(guild_id)
         if cached is None:
-            rows = await self._db.execute_fetchall("SELECT policy FROM guild_policies WHERE guild_id = ?", (guild_id,))
-            cached = self._policies[guild_id] = policy_from_dict(json.loads(rows[0]["policy"])) if rows else GuildPolicy()
+            sql = "SELECT policy FROM guild_policies WHERE guild_id = ?"
+            rows = list(await self._db.execute_fetchall(sql, (guild_id,)))
+            cached = self._policies[guild_id] = (
+                policy_from_dict(json.loads(rows[0]["policy"])) if rows else GuildPolicy()
+            )
         return cached
 
     async def save_policy(self, guild_id: int, policy: GuildPolicy, *, by_user: int, now: float) -> None:
@@ -240,8 +244,8 @@ class Store:
 
     async def meta(self, key: str) -> str | None:
         """A value the bot keeps about itself (e.g. the commands last synced)."""
-        rows = await self._db.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,))
-        return rows[0]["value"] if rows else None
+        rows = list(await self._db.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,)))
+        return str(rows[0]["value"]) if rows else None
 
     async def set_meta(self, key: str, value: str) -> None:
         await self._db.execute(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
 from fakes.world import World, running_world
 
 
 @pytest.fixture
-async def world(tmp_path, request) -> World:
+async def world(tmp_path, request) -> AsyncIterator[World]:
     async with running_world(tmp_path / "data") as world:
         yield world
         # Nothing the bot sent may be something real Discord would reject.

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from services.config import Settings, SettingsError, load_settings
+from services.config import SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {"DISCORD_TOKEN": "discord-secret", "FAL_KEY": "fal-secret"}
@@ -32,7 +32,12 @@ def test_missing_secret_names_the_variable(missing):
 
 @pytest.mark.parametrize(
     "name,value",
-    [("MAX_CONCURRENT_JOBS", "0"), ("EDIT_INTERVAL", "soon"), ("FAL_STATUS_STREAM", "maybe"), ("RESULT_MEMORY_BYTES", "-1")],
+    [
+        ("MAX_CONCURRENT_JOBS", "0"),
+        ("EDIT_INTERVAL", "soon"),
+        ("FAL_STATUS_STREAM", "maybe"),
+        ("RESULT_MEMORY_BYTES", "-1"),
+    ],
 )
 def test_malformed_values_are_refused_by_name(name, value):
     with pytest.raises(SettingsError, match=name):

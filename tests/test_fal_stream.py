@@ -41,7 +41,8 @@ async def test_events_are_parsed_whatever_the_reads_cut():
     done = event({"status": "COMPLETED"})
     cut = log_line.index("✓".encode()) + 1  # inside the three bytes of one character
     pieces = [
-        queued[:7], queued[7:],  # one event over two reads
+        queued[:7],
+        queued[7:],  # one event over two reads
         b": ping\r\n\r\n" + log_line[:cut],  # a comment, then half an event
         log_line[cut:] + done,  # the rest, and the last event in the same read
     ]

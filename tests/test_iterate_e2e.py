@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tests.e2e import admin, finished, private_answer
 from fakes.fal_fake import JobScript
+from tests.e2e import admin, finished, private_answer
 
 
 async def first_result(world, **options):
@@ -69,7 +69,7 @@ async def test_anyone_can_edit_a_result_through_a_modal(world):
     assert submit["image_url"] == second_image and submit["prompt"] == "now at night"
     assert submit["aspect_ratio"] == "3:4" and "num_images" not in submit
     assert footer(edited) == "Job #2 · from job #1"
-    assert any("Requested by" == f["name"] and "<@" in f["value"] for f in edited.embeds[0]["fields"])
+    assert any(f["name"] == "Requested by" and "<@" in f["value"] for f in edited.embeds[0]["fields"])
 
 
 async def test_edit_with_kontext_context_menu_uses_the_messages_first_image(world):
@@ -95,7 +95,9 @@ async def test_context_menu_on_a_message_without_an_image(world):
 async def test_several_images_are_combined_with_the_multi_endpoint(world):
     await world.start_bot()
     hat, person = world.input_image(), world.input_image(fmt="jpeg")
-    await first_result(world, image=person, image2=hat, prompt="put the hat from image 2 on the person", enhance_prompt=True)
+    await first_result(
+        world, image=person, image2=hat, prompt="put the hat from image 2 on the person", enhance_prompt=True
+    )
     (job,) = world.fal.jobs.values()
     assert job.endpoint == "fal-ai/flux-pro/kontext/max/multi"
     assert job.payload["image_urls"] == [person["url"], hat["url"]] and "image_url" not in job.payload

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e import contents, fal_job, finished, private_answer
 from fakes.fal_fake import JobScript
+from tests.e2e import contents, fal_job, finished, private_answer
+
 
 async def test_edit_is_queued_shown_and_posted(world):
     world.fal.default = JobScript(queue_positions=(2, 1, 0), step=0.3, run_time=0.3, image_size=50_000)
@@ -89,7 +90,9 @@ async def test_oversized_attachment_and_blank_prompt_are_refused(world):
 async def test_fal_validation_error_is_explained(world):
     await world.start_bot()
     world.fal.fail_next(
-        "submit", status=422, json={"detail": [{"loc": ["body", "image_url"], "msg": "Image is too small", "type": "value_error"}]}
+        "submit",
+        status=422,
+        json={"detail": [{"loc": ["body", "image_url"], "msg": "Image is too small", "type": "value_error"}]},
     )
     message = await finished(await world.kontext())
     assert message.content == "❌ FLUX.1 Kontext refused this edit: Image is too small"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 import itertools
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -35,8 +36,8 @@ PRICE = 0.08
 SAFETY = range(SAFETY_MIN, SAFETY_MAX + 1)
 
 
-def ts(*args: int) -> float:
-    return datetime(*args, tzinfo=timezone.utc).timestamp()
+def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> float:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp()
 
 
 NOW = ts(2026, 11, 25, 15, 30, 12)
@@ -64,8 +65,11 @@ def usage(
     return Usage(last, today, member_active, guild_active, month_images)
 
 
+DEFAULT_POLICY = GuildPolicy()
+
+
 def run(
-    policy: GuildPolicy = GuildPolicy(),
+    policy: GuildPolicy = DEFAULT_POLICY,
     requester: Requester | None = None,
     use: Usage | None = None,
     ask: JobAsk | None = None,
@@ -202,9 +206,7 @@ def test_cooldown() -> None:
 def test_daily_limit_retry_at_next_utc_midnight() -> None:
     policy = GuildPolicy(daily_jobs_per_member=3)
     assert isinstance(run(policy, use=usage(today=2)), Allowed)
-    assert run(policy, use=usage(today=3)) == Refused(
-        RefusalReason.DAILY_LIMIT, ts(2026, 11, 26), 3
-    )
+    assert run(policy, use=usage(today=3)) == Refused(RefusalReason.DAILY_LIMIT, ts(2026, 11, 26), 3)
     late = ts(2026, 12, 31, 23, 59, 59)
     refused = run(policy, use=usage(today=3), now=late)
     assert isinstance(refused, Refused) and refused.retry_at == ts(2027, 1, 1)
@@ -229,12 +231,8 @@ def test_monthly_usd_budget_exact_float_boundary() -> None:
         assert isinstance(result, Allowed), done
     assert isinstance(run(policy, use=usage(month_images=0), ask=JobAsk(None, 10)), Allowed)
     assert isinstance(run(policy, use=usage(month_images=6), ask=JobAsk(None, 4)), Allowed)
-    assert run(policy, use=usage(month_images=10)) == Refused(
-        RefusalReason.MONTHLY_USD_BUDGET, ts(2026, 12, 1), 0.80
-    )
-    assert run(policy, use=usage(month_images=7), ask=JobAsk(None, 4)).reason is (
-        RefusalReason.MONTHLY_USD_BUDGET
-    )
+    assert run(policy, use=usage(month_images=10)) == Refused(RefusalReason.MONTHLY_USD_BUDGET, ts(2026, 12, 1), 0.80)
+    assert run(policy, use=usage(month_images=7), ask=JobAsk(None, 4)).reason is (RefusalReason.MONTHLY_USD_BUDGET)
 
 
 @pytest.mark.parametrize("budget", [0.08, 0.16, 0.24, 0.56, 0.8, 1.2, 2.4, 2.8, 8.0, 80.0, 123.04])
@@ -284,7 +282,7 @@ ORDER = [
     RefusalReason.MONTHLY_USD_BUDGET,
 ]
 # How to lift each check, in the same order.
-LIFT = [
+LIFT: list[dict[str, Any]] = [
     {"allowed_channel_ids": frozenset()},
     {"required_role_id": None},
     {"concurrent_jobs_per_member": None},
@@ -299,7 +297,7 @@ LIFT = [
 def test_check_order() -> None:
     assert list(RefusalReason) == ORDER
     policy = EVERYTHING_FAILS
-    for expected, lift in zip(ORDER, LIFT):
+    for expected, lift in zip(ORDER, LIFT, strict=True):
         result = run(policy, use=ALL_FAILING_USAGE, ask=JobAsk(6, 1))
         assert isinstance(result, Refused) and result.reason is expected
         policy = dataclasses.replace(policy, **lift)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tests.e2e import admin, finished, private_answer
 from fakes.discord_fake import EPHEMERAL
 from fakes.fal_fake import JobScript
+from tests.e2e import admin, finished, private_answer
 
 
 async def refused(world, **options) -> str:

@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,9 +11,16 @@ MIB = 1024 * 1024
 
 
 def make_job(**changes) -> Job:
-    values = dict(
-        guild_id=1, channel_id=2, user_id=3, application_id=4, interaction_token="t", interaction_created_at=0.0,
-        message_id=5, channel_nsfw=False, upload_limit=10 * MIB,
+    values: dict[str, Any] = dict(
+        guild_id=1,
+        channel_id=2,
+        user_id=3,
+        application_id=4,
+        interaction_token="t",
+        interaction_created_at=0.0,
+        message_id=5,
+        channel_nsfw=False,
+        upload_limit=10 * MIB,
         edit=KontextEdit("make it blue @everyone", ("http://x/a.png",), KontextOptions(safety_tolerance=2)),
         id=7,
     )
@@ -65,7 +73,7 @@ def test_equal_states_render_equal_keys_and_changes_differ():
 def test_prompt_is_quoted_in_the_embed_not_the_content():
     rendered = render(make_job(state=JobState.QUEUED))
     assert "@everyone" not in rendered.content
-    assert "> make it blue @everyone" == rendered.embed.description
+    assert rendered.embed.description == "> make it blue @everyone"
 
 
 @pytest.mark.parametrize("code", sorted(FAILURE_MESSAGES))
@@ -83,21 +91,21 @@ def test_fal_detail_is_passed_on_and_unknown_codes_are_generic():
 def test_flagged_images_are_withheld_outside_age_restricted_channels():
     result = JobResult(1, [image("a"), image("b", nsfw=True)])
     rendered = render(make_job(state=JobState.SUCCEEDED, result=result))
-    assert [f.path.name for f in rendered.files] == ["a"]
+    assert [f.path for f in rendered.files] == [Path("a")]
     assert "1 of 2" in rendered.content
 
 
 def test_flagged_images_are_spoilered_in_age_restricted_channels():
     result = JobResult(1, [image("b", nsfw=True)])
     rendered = render(make_job(state=JobState.SUCCEEDED, result=result, channel_nsfw=True))
-    assert [f.path.name for f in rendered.files] == ["b"]
+    assert [f.path for f in rendered.files] == [Path("b")]
     assert "spoiler" in rendered.content
 
 
 def test_result_embed_shows_seed_and_policy_note():
     result = JobResult(1234, [image("a")])
     rendered = render(make_job(state=JobState.SUCCEEDED, result=result, notes={"safety_limited_to": 3}))
-    fields = {f.name: f.value for f in rendered.embed.fields}
+    fields = {f.name: str(f.value) for f in rendered.embed.fields}
     assert fields["Seed"] == "1234"
     assert "limited to 3" in fields["Policy"]
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.e2e import contents, fal_job, finished, shows
 from fakes.fal_fake import JobScript
+from tests.e2e import contents, fal_job, finished, shows
 
 WEBHOOK_MESSAGE = r"/webhooks/\d+/[^/]+/messages/"
 
@@ -329,7 +329,7 @@ async def test_result_expired_during_a_restart(world):
     await handle.wait_until(lambda h: shows(h, "In queue"))
     await world.bot.kill()
     job = fal_job(world)
-    while job.completed_at is None or time.monotonic() < job.completed_at + ttl + 0.05:
+    while job.completed_at is None or time.monotonic() < job.completed_at + ttl + 0.05:  # noqa: ASYNC110 - fal's clock
         await asyncio.sleep(0.05)
     await world.start_bot()
     message = await finished(handle)
@@ -516,7 +516,7 @@ async def test_overload_shows_places_in_line_and_delivers_all(world):
     assert any("**#1** in line" in c for c in third), third
     # never more than one job at fal at once
     spans = sorted((j.submitted_at, j.completed_at) for j in world.fal.jobs.values())
-    assert all(later[0] >= earlier[1] - 0.01 for earlier, later in zip(spans, spans[1:])), spans
+    assert all(later[0] >= earlier[1] - 0.01 for earlier, later in zip(spans, spans[1:], strict=False)), spans
 
 
 async def test_overload_queue_survives_a_restart(world):

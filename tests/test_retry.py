@@ -32,8 +32,11 @@ async def test_retrying_retries_transient_errors_until_success():
 
     loop = asyncio.get_running_loop()
     result = await retrying(
-        flaky, retryable=lambda e: isinstance(e, ConnectionError), backoff=Backoff(base=0.001),
-        deadline=loop.time() + 5, what="test",
+        flaky,
+        retryable=lambda e: isinstance(e, ConnectionError),
+        backoff=Backoff(base=0.001),
+        deadline=loop.time() + 5,
+        what="test",
     )
     assert result == "ok" and len(calls) == 3
 
@@ -47,7 +50,9 @@ async def test_retrying_does_not_retry_permanent_errors():
 
     loop = asyncio.get_running_loop()
     with pytest.raises(ValueError):
-        await retrying(broken, retryable=lambda e: False, backoff=Backoff(base=0.001), deadline=loop.time() + 5, what="t")
+        await retrying(
+            broken, retryable=lambda e: False, backoff=Backoff(base=0.001), deadline=loop.time() + 5, what="t"
+        )
     assert len(calls) == 1
 
 
@@ -61,6 +66,8 @@ async def test_retrying_gives_up_when_the_next_wait_would_pass_the_deadline():
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(ConnectionError):
-        await retrying(down, retryable=lambda e: True, backoff=Backoff(base=0.05, cap=0.05), deadline=started + 0.2, what="t")
+        await retrying(
+            down, retryable=lambda e: True, backoff=Backoff(base=0.05, cap=0.05), deadline=started + 0.2, what="t"
+        )
     assert loop.time() - started < 0.3
     assert 2 <= len(calls) <= 8

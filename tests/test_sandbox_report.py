@@ -7,11 +7,25 @@ from tools.sandbox import RunConfig, RunResult, compare_table, median_run, perce
 
 def run(cpu_seconds: float, jobs: int = 100) -> RunResult:
     return RunResult(
-        config=RunConfig(jobs=jobs, label="status stream"), jobs=jobs, delivered=jobs, wall_seconds=1.0,
-        fal_requests={"submit": jobs}, discord_calls=2 * jobs, discord_edits=jobs, discord_acks=jobs,
-        discord_other=0, states_shown=2 * jobs, over_budget_jobs=0, completion_to_posted_ms=[10.0],
-        ack_ms=[2.0], unacknowledged=0, refused=0, bot_cpu_seconds=cpu_seconds, bot_user_seconds=cpu_seconds,
-        bot_peak_rss_mib=50.0, tool_cpu_seconds=0.0,
+        config=RunConfig(jobs=jobs, label="status stream"),
+        jobs=jobs,
+        delivered=jobs,
+        wall_seconds=1.0,
+        fal_requests={"submit": jobs},
+        discord_calls=2 * jobs,
+        discord_edits=jobs,
+        discord_acks=jobs,
+        discord_other=0,
+        states_shown=2 * jobs,
+        over_budget_jobs=0,
+        completion_to_posted_ms=[10.0],
+        ack_ms=[2.0],
+        unacknowledged=0,
+        refused=0,
+        bot_cpu_seconds=cpu_seconds,
+        bot_user_seconds=cpu_seconds,
+        bot_peak_rss_mib=50.0,
+        tool_cpu_seconds=0.0,
     )
 
 

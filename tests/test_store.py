@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from services.fal_queue import FalRequest
 from services.flux_kontext import KontextEdit, KontextOptions
@@ -16,9 +17,16 @@ NOW = time.time()
 
 
 def request(user_id: int = 3, **changes) -> JobRequest:
-    values = dict(
-        guild_id=1, channel_id=2, user_id=user_id, application_id=4, interaction_token="tok",
-        interaction_created_at=NOW, message_id=None, channel_nsfw=False, upload_limit=10 << 20,
+    values: dict[str, Any] = dict(
+        guild_id=1,
+        channel_id=2,
+        user_id=user_id,
+        application_id=4,
+        interaction_token="tok",
+        interaction_created_at=NOW,
+        message_id=None,
+        channel_nsfw=False,
+        upload_limit=10 << 20,
         edit=KontextEdit("p", ("https://cdn/u.png",), KontextOptions(num_images=2, safety_tolerance=3)),
     )
     values.update(changes)
@@ -35,7 +43,8 @@ async def test_upgrading_an_old_database_keeps_policies_and_jobs(tmp_path: Path)
     try:
         assert (await store.policy(1)).safety_maximum == 4
         job = await store.create_job(request())
-        assert (await store.get_job(job.id)).delivered_parts == 0
+        loaded = await store.get_job(job.id)
+        assert loaded is not None and loaded.delivered_parts == 0
     finally:
         await store.close()
     with sqlite3.connect(path) as db:

@@ -50,15 +50,16 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
-from services.config import Settings
 from fakes.bot_process import PROJECT_ROOT, BotProcess
 from fakes.discord_fake import CALLBACK_WINDOW, LOADING, FakeDiscord, FakeMessage, InteractionHandle
-from fakes.fal_fake import FakeFal, JobScript, make_image
+from fakes.fal_fake import FakeFal, JobScript
 from fakes.world import DISCORD_TOKEN, FAL_KEY, World
+from services.config import Settings
 
 MIB = 1024 * 1024
 FAL_QUEUE_OPS = ("submit", "status", "stream", "result", "cancel")
@@ -389,8 +390,14 @@ class RunResult:
 
 
 def collect(
-    world: World, config: RunConfig, handles: list[InteractionHandle], first_request: int,
-    cpu: tuple[float, float], rss: float, wall: float, tool_cpu: float,
+    world: World,
+    config: RunConfig,
+    handles: list[InteractionHandle],
+    first_request: int,
+    cpu: tuple[float, float],
+    rss: float,
+    wall: float,
+    tool_cpu: float,
 ) -> RunResult:
     discord, fal = world.discord, world.fal
     requests = discord.requests[first_request:]
@@ -405,7 +412,12 @@ def collect(
         n_calls = len(mine)
         n_edits = sum(1 for i in mine if requests[i].method == "PATCH" and "/messages/" in requests[i].path)
         n_states = sum(len(distinct_states(m)) for m in [handle.original, *handle.followups] if m)
-        calls, edits, acks, states = calls + n_calls, edits + n_edits, acks + (handle.callback is not None), states + n_states
+        calls, edits, acks, states = (
+            calls + n_calls,
+            edits + n_edits,
+            acks + (handle.callback is not None),
+            states + n_states,
+        )
         over_budget += n_calls > n_states + 1
         if handle.id in ack_age:
             ack_ms.append(ack_age[handle.id] * 1000)
@@ -435,7 +447,9 @@ def collect(
         tool_cpu_seconds=tool_cpu,
         rejections=[f"{status} {where}" for status, _, where in discord.rejections],
         bot_warnings=sum(
-            1 for line in log.splitlines() if re.search(r"WARNING|ERROR|CRITICAL", line) and "voice will NOT" not in line
+            1
+            for line in log.splitlines()
+            if re.search(r"WARNING|ERROR|CRITICAL", line) and "voice will NOT" not in line
         ),
     )
 
@@ -462,12 +476,14 @@ async def sampling(pid: int, output: Path | None) -> AsyncIterator[None]:
             spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             try:
                 await asyncio.wait_for(spy.wait(), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 spy.kill()
                 await spy.wait()
 
 
-async def run_once(config: RunConfig, data_dir: Path, *, show: bool, out: Path | None, input_path: Path | None) -> RunResult:
+async def run_once(
+    config: RunConfig, data_dir: Path, *, show: bool, out: Path | None, input_path: Path | None
+) -> RunResult:
     async with sandbox_world(config, data_dir) as world, sampling(world.bot.pid if world.bot else 0, config.py_spy):
         assert world.bot is not None
         pid = world.bot.pid
@@ -477,7 +493,7 @@ async def run_once(config: RunConfig, data_dir: Path, *, show: bool, out: Path |
         handles = await send_commands(world, config, image)
         try:
             await world.discord.wait_until(lambda: all(is_settled(h) for h in handles), config.delivery_timeout())
-        except asyncio.TimeoutError:
+        except TimeoutError:
             print(f"warning: not every job settled within {config.delivery_timeout():.0f}s", file=sys.stderr)
         wall = time.monotonic() - t0
         cpu1 = cpu_times(pid)
@@ -485,7 +501,7 @@ async def run_once(config: RunConfig, data_dir: Path, *, show: bool, out: Path |
         rss, tool_cpu = peak_rss_mib(pid), time.process_time() - tool_cpu0
         if show:
             command = f"/kontext image:{image['filename']} prompt:{config.prompt}"
-            print_conversation(handles[0], world.discord.bot_user["username"], command)
+            print_conversation(handles[0], str(world.discord.bot_user["username"]), command)
             if out is not None:
                 for path in save_files(handles[0], out):
                     print(f"\nsaved {path}")
@@ -520,13 +536,22 @@ def report_rows(result: RunResult) -> list[tuple[str, str]]:
     return [
         ("jobs delivered", f"{result.delivered} / {result.jobs} (refused at once: {result.refused})"),
         ("fal queue requests per job", f"{result.fal_per_job:.2f} ({fal_ops})"),
-        ("Discord calls per job", f"{per(result.discord_calls):.2f} (ack {per(result.discord_acks):.2f}, "
-                                  f"edits {per(result.discord_edits):.2f}; other calls in the run: {result.discord_other})"),
-        ("states shown per job", f"{per(result.states_shown):.2f} (jobs with calls > states + 1: {result.over_budget_jobs})"),
+        (
+            "Discord calls per job",
+            f"{per(result.discord_calls):.2f} (ack {per(result.discord_acks):.2f}, "
+            f"edits {per(result.discord_edits):.2f}; other calls in the run: {result.discord_other})",
+        ),
+        (
+            "states shown per job",
+            f"{per(result.states_shown):.2f} (jobs with calls > states + 1: {result.over_budget_jobs})",
+        ),
         ("fal COMPLETED -> posted p50/p95/max", fmt_pct(result.completion_to_posted_ms)),
         ("acknowledgement p50/p95/max", fmt_pct(result.ack_ms) + f" (never acknowledged: {result.unacknowledged})"),
-        ("bot CPU per job", f"{per(result.bot_cpu_seconds) * 1000:.1f} ms ({result.bot_cpu_seconds:.2f} s in all: "
-                            f"user {result.bot_user_seconds:.2f}, system {result.bot_cpu_seconds - result.bot_user_seconds:.2f})"),
+        (
+            "bot CPU per job",
+            f"{per(result.bot_cpu_seconds) * 1000:.1f} ms ({result.bot_cpu_seconds:.2f} s in all: "
+            f"user {result.bot_user_seconds:.2f}, system {result.bot_cpu_seconds - result.bot_user_seconds:.2f})",
+        ),
         *([("bot CPU per job, all runs", runs_text(result.cpu_per_job_runs))] if result.cpu_per_job_runs else []),
         ("bot peak RSS (VmHWM)", f"{result.bot_peak_rss_mib:.1f} MiB"),
         ("wall time, first command -> all settled", f"{result.wall_seconds:.1f} s"),
@@ -537,7 +562,9 @@ def report_rows(result: RunResult) -> list[tuple[str, str]]:
 
 def runs_text(values: Sequence[float]) -> str:
     ordered = sorted(values)
-    return f"median {statistics.median(ordered):.1f} ms of {len(ordered)} runs: " + ", ".join(f"{v:.1f}" for v in ordered)
+    return f"median {statistics.median(ordered):.1f} ms of {len(ordered)} runs: " + ", ".join(
+        f"{v:.1f}" for v in ordered
+    )
 
 
 def median_run(runs: list[RunResult]) -> RunResult:
@@ -573,21 +600,32 @@ def compare_table(results: list[RunResult]) -> str:
             "n/a" if delays is None else f"{delays[0]:.0f} / {delays[1]:.0f} / {delays[2]:.0f}",
             "n/a" if acks is None else f"{acks[1]:.0f} / {acks[2]:.0f}",
             f"{per(result.bot_cpu_seconds) * 1000:.1f}"
-            + (f" ({min(result.cpu_per_job_runs):.1f}–{max(result.cpu_per_job_runs):.1f})" if result.cpu_per_job_runs else ""),
+            + (
+                f" ({min(result.cpu_per_job_runs):.1f}–{max(result.cpu_per_job_runs):.1f})"
+                if result.cpu_per_job_runs
+                else ""
+            ),
             f"{result.bot_peak_rss_mib:.0f}",
         ]
 
     names = [
-        "Jobs delivered", "fal queue requests / job", "Discord calls / job", "Reply states shown / job",
-        "fal COMPLETED → posted, p50 / p95 / max (ms)", "Acknowledgement p95 / max (ms)",
-        "Bot CPU / job (ms)", "Bot peak RSS (MiB)",
+        "Jobs delivered",
+        "fal queue requests / job",
+        "Discord calls / job",
+        "Reply states shown / job",
+        "fal COMPLETED → posted, p50 / p95 / max (ms)",
+        "Acknowledgement p95 / max (ms)",
+        "Bot CPU / job (ms)",
+        "Bot peak RSS (MiB)",
     ]
     repeats = max(len(r.cpu_per_job_runs) for r in results)
     if repeats > 1:
         names[names.index("Bot CPU / job (ms)")] = f"Bot CPU / job, median of {repeats} runs (range) (ms)"
     columns = [cells(r) for r in results]
-    lines = ["| | " + " | ".join(r.config.label or r.config.mode() for r in results) + " |",
-             "|---|" + "---|" * len(results)]
+    lines = [
+        "| | " + " | ".join(r.config.label or r.config.mode() for r in results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
     for i, name in enumerate(names):
         lines.append(f"| {name} | " + " | ".join(col[i] for col in columns) + " |")
     return "\n".join(lines)
@@ -604,46 +642,103 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     load = parser.add_argument_group("load")
     load.add_argument("--jobs", type=int, default=1, help="number of /kontext commands (default 1: the sandbox)")
-    load.add_argument("--concurrency", type=int, default=Settings.max_concurrent_jobs,
-                      help="the bot's MAX_CONCURRENT_JOBS (default %(default)s)")
-    load.add_argument("--arrival-seconds", type=float, default=0.0,
-                      help="spread the commands evenly over this many seconds (default 0: all at once)")
+    load.add_argument(
+        "--concurrency",
+        type=int,
+        default=Settings.max_concurrent_jobs,
+        help="the bot's MAX_CONCURRENT_JOBS (default %(default)s)",
+    )
+    load.add_argument(
+        "--arrival-seconds",
+        type=float,
+        default=0.0,
+        help="spread the commands evenly over this many seconds (default 0: all at once)",
+    )
     load.add_argument("--burst", action="store_true", help="send every command at the same instant")
     fal = parser.add_argument_group("fake fal")
-    fal.add_argument("--queue-seconds", type=float, default=5.0, help="seconds each job waits in fal's queue (default 5)")
-    fal.add_argument("--queue-updates", type=int, default=5,
-                     help="how many queue positions fal reports while a job waits (default 5)")
+    fal.add_argument(
+        "--queue-seconds", type=float, default=5.0, help="seconds each job waits in fal's queue (default 5)"
+    )
+    fal.add_argument(
+        "--queue-updates",
+        type=int,
+        default=5,
+        help="how many queue positions fal reports while a job waits (default 5)",
+    )
     fal.add_argument("--run-seconds", type=float, default=5.0, help="seconds each job is in progress (default 5)")
-    fal.add_argument("--run-jitter", type=float, default=0.5,
-                     help="benchmark: spread run times evenly over run-seconds +- this (default 0.5)")
+    fal.add_argument(
+        "--run-jitter",
+        type=float,
+        default=0.5,
+        help="benchmark: spread run times evenly over run-seconds +- this (default 0.5)",
+    )
     fal.add_argument("--image-bytes", type=int, default=MIB, help="bytes per result image (default 1 MiB)")
     bot = parser.add_argument_group("bot")
-    bot.add_argument("--polling", action="store_true", help="FAL_STATUS_STREAM=0: poll fal's status instead of streaming")
-    bot.add_argument("--poll-interval", type=float, default=None,
-                     help="POLL_INTERVAL in seconds (default 1.0; fal-client polls every 0.1); implies --polling")
-    bot.add_argument("--bot-root", type=Path, default=PROJECT_ROOT, metavar="DIR",
-                     help="run DIR/bot.py, e.g. an export of another commit (default: this checkout)")
-    bot.add_argument("--profile", type=Path, metavar="FILE",
-                     help="run the bot under cProfile and write its stats to FILE (pstats format)")
-    bot.add_argument("--bot-setting", action="append", default=[], metavar="NAME=VALUE",
-                     help="any other bot setting, e.g. EDIT_INTERVAL=3 (repeatable)")
-    bot.add_argument("--py-spy", type=Path, metavar="FILE",
-                     help="sample the bot with py-spy during the load: FILE.svg flame graph, .json speedscope, "
-                     ".txt collapsed stacks (py-spy from PATH or $PY_SPY)")
-    parser.add_argument("--compare", action="store_true",
-                        help="run the load three times (stream, polling 1.0 s, polling 0.1 s) and print a markdown table")
-    parser.add_argument("--repeat", type=int, default=1, metavar="N",
-                        help="run each load N times and report the run with the median bot CPU, with every "
-                        "run's figure (CPU time on a shared machine varies from run to run)")
-    parser.add_argument("--validate", action="store_true",
-                        help="validate every Discord request against the OpenAPI spec (slower fake)")
+    bot.add_argument(
+        "--polling", action="store_true", help="FAL_STATUS_STREAM=0: poll fal's status instead of streaming"
+    )
+    bot.add_argument(
+        "--poll-interval",
+        type=float,
+        default=None,
+        help="POLL_INTERVAL in seconds (default 1.0; fal-client polls every 0.1); implies --polling",
+    )
+    bot.add_argument(
+        "--bot-root",
+        type=Path,
+        default=PROJECT_ROOT,
+        metavar="DIR",
+        help="run DIR/bot.py, e.g. an export of another commit (default: this checkout)",
+    )
+    bot.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="run the bot under cProfile and write its stats to FILE (pstats format)",
+    )
+    bot.add_argument(
+        "--bot-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other bot setting, e.g. EDIT_INTERVAL=3 (repeatable)",
+    )
+    bot.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="FILE",
+        help="sample the bot with py-spy during the load: FILE.svg flame graph, .json speedscope, "
+        ".txt collapsed stacks (py-spy from PATH or $PY_SPY)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="run the load three times (stream, polling 1.0 s, polling 0.1 s) and print a markdown table",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run each load N times and report the run with the median bot CPU, with every "
+        "run's figure (CPU time on a shared machine varies from run to run)",
+    )
+    parser.add_argument(
+        "--validate", action="store_true", help="validate every Discord request against the OpenAPI spec (slower fake)"
+    )
     sandbox = parser.add_argument_group("sandbox (--jobs 1)")
     sandbox.add_argument("--prompt", default="make the sky purple", help="the prompt")
     sandbox.add_argument("--num-images", type=int, default=1, choices=range(1, 5), help="num_images option (1-4)")
     sandbox.add_argument("--input", type=Path, help="an image file to attach (default: a generated PNG)")
-    sandbox.add_argument("--out", type=Path, default=Path("sandbox-out"), help="folder for the result files (default %(default)s)")
-    parser.add_argument("--keep-data", type=Path, metavar="DIR",
-                        help="use DIR as the bot's DATA_DIR and keep it (bot.log, database); default: a temp dir")
+    sandbox.add_argument(
+        "--out", type=Path, default=Path("sandbox-out"), help="folder for the result files (default %(default)s)"
+    )
+    parser.add_argument(
+        "--keep-data",
+        type=Path,
+        metavar="DIR",
+        help="use DIR as the bot's DATA_DIR and keep it (bot.log, database); default: a temp dir",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.concurrency < 1 or args.repeat < 1:
         parser.error("--jobs, --concurrency and --repeat must be at least 1")
@@ -673,7 +768,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         profile=args.profile,
         bot_root=args.bot_root,
         py_spy=args.py_spy,
-        extra_settings=tuple(tuple(item.split("=", 1)) for item in args.bot_setting),  # type: ignore[misc]
+        extra_settings=tuple((name, value) for name, _, value in (item.partition("=") for item in args.bot_setting)),
     )
 
 
@@ -706,11 +801,16 @@ async def main_async(args: argparse.Namespace) -> int:
         label = re.sub(r"[^a-z0-9.]+", "-", config.label.lower()).strip("-")
         runs = []
         for attempt in range(args.repeat):
-            print(f"running: {describe_load(config)}" + (f" (run {attempt + 1} of {args.repeat})" if args.repeat > 1 else ""),
-                  flush=True)
+            print(
+                f"running: {describe_load(config)}"
+                + (f" (run {attempt + 1} of {args.repeat})" if args.repeat > 1 else ""),
+                flush=True,
+            )
             with data_dir_for(args.keep_data, label) as data_dir:
                 runs.append(
-                    await run_once(config, data_dir, show=sandbox, out=args.out if sandbox else None, input_path=args.input)
+                    await run_once(
+                        config, data_dir, show=sandbox, out=args.out if sandbox else None, input_path=args.input
+                    )
                 )
             print_report(runs[-1])
         result = median_run(runs) if len(runs) > 1 else runs[0]
@@ -720,7 +820,9 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.profile is not None:
         print(f"\nprofile written to {args.profile} (python -m pstats {args.profile})")
     if args.compare:
-        print(f"\nCommand: python -m tools.sandbox {' '.join(sys.argv[1:])}\nLoad: {describe_load(base, with_mode=False)}\n")
+        print(
+            f"\nCommand: python -m tools.sandbox {' '.join(sys.argv[1:])}\nLoad: {describe_load(base, with_mode=False)}\n"
+        )
         print(compare_table(results))
     return 0 if all(r.delivered == r.jobs for r in results) else 1
 
