@@ -15,13 +15,19 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-from .fal_queue import FalQueueClient
+from .fal_queue import DownloadSink
 from .flux_kontext import KontextOutput
 from .job import JobResult, ResultImage
 
 log = logging.getLogger(__name__)
+
+
+class ImageDownloader(Protocol):
+    """Fetches a result image from fal's CDN (FalQueueClient.download)."""
+
+    async def download(self, url: str, sink: DownloadSink, *, max_bytes: int, deadline: float) -> tuple[int, str]: ...
 
 
 class ResultsLost(Exception):
@@ -104,7 +110,7 @@ class _Spool:
 
 
 class ResultCustody:
-    def __init__(self, fal: FalQueueClient, results_dir: Path, *, memory_bytes: int, max_image_bytes: int) -> None:
+    def __init__(self, fal: ImageDownloader, results_dir: Path, *, memory_bytes: int, max_image_bytes: int) -> None:
         self._fal = fal
         self._dir = results_dir
         self._memory = _MemoryBudget(memory_bytes)

@@ -227,6 +227,24 @@ async def test_commands_sync_to_the_dev_guild_when_set(world):
     assert {c["name"] for c in sync.json} == {"kontext", "kontext-admin", "Edit with Kontext"}
 
 
+async def test_commands_are_synced_only_when_they_changed(world):
+    """discord.py advises against syncing at every start; the last sync is recorded per app."""
+    await world.start_bot()
+    await world.bot.stop()
+    await world.start_bot()
+    assert len(world.discord.requests_to("PUT", r"/commands$")) == 1
+    message = await finished(await world.kontext())  # the commands synced before still work
+    assert message.content.startswith("✅")
+    await world.bot.stop()
+    await world.start_bot(DEV_GUILD_ID=world.discord.guild_id)  # another scope: synced there
+    await world.bot.stop()
+    await world.start_bot(SYNC_COMMANDS="always")
+    await world.bot.stop()
+    await world.start_bot(SYNC_COMMANDS="never", DEV_GUILD_ID="1")
+    syncs = [r.path for r in world.discord.requests_to("PUT", r"/commands$")]
+    assert len(syncs) == 3 and syncs[1].endswith(f"/guilds/{world.discord.guild_id}/commands")
+
+
 async def test_a_refused_fal_key_is_reported_as_a_configuration_problem(world):
     await world.start_bot(FAL_KEY="not-the-right-key")
     message = await finished(await world.kontext())

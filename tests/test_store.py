@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
+import typing
 import time
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,31 @@ async def test_policies_are_saved_and_read_back(tmp_path: Path):
         assert await store.policy(2) == GuildPolicy()
     finally:
         await store.close()
+
+
+def non_default_value(name: str, annotation: object, default: object) -> object:
+    """A value of the field's type that differs from its default."""
+    samples: dict[object, object] = {
+        int: 5,
+        int | None: 7,
+        float | None: 12.5,
+        frozenset[int]: frozenset({11, 12}),
+    }
+    if annotation not in samples:
+        raise AssertionError(f"add a sample value for GuildPolicy.{name} ({annotation})")
+    value = samples[annotation]
+    return value if value != default else 6
+
+
+async def test_every_policy_field_survives_a_restart(tmp_path: Path):
+    """A field the store cannot convert would silently fall back to its default after a restart."""
+    hints = typing.get_type_hints(GuildPolicy)
+    changed = GuildPolicy(
+        **{f.name: non_default_value(f.name, hints[f.name], f.default) for f in dataclasses.fields(GuildPolicy)}
+    )
+    assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(GuildPolicy))
+    path = tmp_path / "db.sqlite3"
+    async with Store(path) as store:
+        await store.save_policy(1, changed, by_user=9, now=NOW)
+    async with Store(path) as store:
+        assert await store.policy(1) == changed
