@@ -9,16 +9,21 @@ import logging
 import signal
 import sys
 
+import aiohttp
 import discord
 from discord.ext import commands
-from dotenv import find_dotenv, load_dotenv
+from dotenv import load_dotenv
 
 from cogs.errors import KontextTree
 from cogs.intake import JobIntake
 from cogs.presenter import DiscordPresenter
 from cogs.views import JobButton
 from services.config import CommandSync, Settings, SettingsError, load_settings
+from services.fal_account import AccountGate
 from services.fal_queue import FalQueueClient
+from services.fal_storage import FalStorage
+from services.input_images import InputStager
+from services.redact import RedactingFilter
 from services.results import ResultCustody
 from services.retry import Backoff
 from services.runner import JobRunner
@@ -33,7 +38,7 @@ class KontextBot(commands.AutoShardedBot):
     """AutoShardedBot asks `GET {DISCORD_API_BASE}/gateway/bot` for its gateway, so a REST proxy
     or a local fake Discord serves both REST and gateway."""
 
-    def __init__(self, settings: Settings, *, store: Store, fal: FalQueueClient) -> None:
+    def __init__(self, settings: Settings, *, store: Store, http: aiohttp.ClientSession) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=discord.Intents(guilds=True),
@@ -44,21 +49,39 @@ class KontextBot(commands.AutoShardedBot):
         )
         self.settings = settings
         self.store = store
-        self.fal = fal
+        backoff = Backoff(base=settings.retry_base_delay)
+        self.fal = FalQueueClient(
+            http,
+            settings.fal_queue_url,
+            settings.fal_key,
+            backoff=backoff,
+            poll_interval=settings.poll_interval,
+            use_stream=settings.use_status_stream,
+            stream_event_timeout=settings.stream_event_timeout,
+        )
         self.presenter = DiscordPresenter(self, settings.edit_interval)
         self.runner = JobRunner(
             store,
-            fal,
+            self.fal,
             self.presenter,
             results=ResultCustody(
-                fal,
+                self.fal,
                 settings.results_dir,
                 memory_bytes=settings.result_memory_bytes,
                 max_image_bytes=settings.max_result_bytes,
             ),
+            inputs=InputStager(
+                http,
+                FalStorage(http, settings.fal_rest_url, settings.fal_key, backoff=backoff),
+                store,
+                discord_cdn_hosts=settings.discord_cdn_hosts,
+                max_bytes=settings.max_input_bytes,
+                backoff=backoff,
+            ),
+            account=AccountGate(),
             max_concurrent_jobs=settings.max_concurrent_jobs,
             job_timeout=settings.job_timeout,
-            backoff=Backoff(base=settings.retry_base_delay),
+            backoff=backoff,
         )
         self.intake = JobIntake(self)
 
@@ -112,15 +135,11 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    fal = FalQueueClient(
-        settings.fal_queue_url,
-        settings.fal_key,
-        backoff=Backoff(base=settings.retry_base_delay),
-        poll_interval=settings.poll_interval,
-        use_stream=settings.use_status_stream,
-        stream_stall_timeout=settings.stream_stall_timeout,
-    )
-    async with Store(settings.db_path) as store, fal, KontextBot(settings, store=store, fal=fal) as bot:
+    async with (
+        Store(settings.db_path) as store,
+        _http_session(settings) as http,
+        KontextBot(settings, store=store, http=http) as bot,
+    ):
         running = asyncio.create_task(bot.start(settings.discord_token))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -131,6 +150,16 @@ async def run(settings: Settings) -> None:
         await running  # re-raises a failed login
 
 
+def _http_session(settings: Settings) -> aiohttp.ClientSession:
+    """The one HTTP session for fal and Discord's CDN (discord.py keeps its own for the API).
+    No connection cap: every followed job holds one status stream open."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=settings.read_timeout),
+        headers={"User-Agent": "kontext-discord-bot"},
+    )
+
+
 def _quiet_noisy_loggers(level: int) -> None:
     """discord.py and aiosqlite log request URLs and SQL parameters at DEBUG, and those carry
     interaction tokens: keep them at INFO or above whatever LOG_LEVEL says."""
@@ -139,7 +168,7 @@ def _quiet_noisy_loggers(level: int) -> None:
 
 
 def main() -> int:
-    load_dotenv(find_dotenv(usecwd=True))  # the .env of the directory the bot is started from
+    load_dotenv(".env")  # the .env of the directory the bot is started from, never a parent's
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -148,6 +177,9 @@ def main() -> int:
     level = getattr(logging, settings.log_level, logging.INFO)
     discord.utils.setup_logging(level=level, root=True)
     _quiet_noisy_loggers(level)
+    secrets = RedactingFilter([settings.discord_token, settings.fal_key])
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(secrets)
     log.info("starting with %r", settings)
     try:
         asyncio.run(run(settings))

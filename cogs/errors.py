@@ -7,6 +7,7 @@ import logging
 import discord
 from discord import app_commands
 
+from services.fal_queue import FalAccountLocked
 from services.flux_kontext import InvalidEdit
 from services.policy import GuildPolicy, RefusalReason, Refused
 from services.runner import RunnerStopped
@@ -47,6 +48,8 @@ def refusal_text(refused: Refused, policy: GuildPolicy) -> str:
         return f"You've used your {limit} edit(s) for today. You can start more{when}."
     if reason is RefusalReason.MONTHLY_IMAGE_BUDGET:
         return f"This server's monthly budget of {limit} image(s) would be exceeded. It resets{when}."
+    if reason is RefusalReason.OPERATOR_BUDGET:
+        return f"The bot's monthly budget for all servers is used up. It resets{when}."
     return f"This server's monthly budget of ${limit:,.2f} would be exceeded. It resets{when}."
 
 
@@ -70,6 +73,11 @@ def describe(error: Exception) -> str | None:
         return f"That can't be sent to FLUX.1 Kontext: {error}."
     if isinstance(error, RunnerStopped):
         return "The bot is restarting. Please try again in a minute."
+    if isinstance(error, FalAccountLocked):
+        return (
+            "The bot's fal.ai account can't take edits right now (it is out of credit or locked). "
+            "The bot's operator has been told; please try again later. Nothing was charged."
+        )
     if isinstance(error, app_commands.MissingPermissions):
         return (
             "You need the "

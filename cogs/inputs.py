@@ -5,6 +5,7 @@ from __future__ import annotations
 import discord
 
 from services.images import ACCEPTED_CONTENT_TYPES, declared_image_type
+from services.input_images import hosted_on
 
 from .errors import UserFacingError
 
@@ -46,13 +47,15 @@ def clean_prompt(prompt: str) -> str:
     return cleaned
 
 
-def first_image_url(message: discord.Message) -> str | None:
-    """The first image of a message: an image attachment, else an embed's image or thumbnail."""
+def first_image_url(message: discord.Message, max_bytes: int, discord_hosts: frozenset[str]) -> str:
+    """The first image of a message, checked as `/kontext` checks its attachments: an image
+    attachment, else an embed's image or thumbnail as Discord's media proxy serves it (never the
+    address the embed points at, which whoever posted it controls)."""
     for attachment in message.attachments:
         if is_image_attachment(attachment):
-            return attachment.url
+            return image_url(attachment, max_bytes)
     for embed in message.embeds:
-        for url in (embed.image.url, embed.thumbnail.url):
-            if url:
+        for url in (embed.image.proxy_url, embed.thumbnail.proxy_url):
+            if url and hosted_on(url, discord_hosts):
                 return url
-    return None
+    raise UserFacingError("That message has no image to edit.")

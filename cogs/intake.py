@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from services.fal_queue import FalAccountLocked
 from services.flux_kontext import KontextEdit
-from services.job import JobRequest
-from services.policy import JobAsk, Refused, Requester, resolve
+from services.job import NOTE_SAFETY_LIMITED_TO, JobRequest
+from services.policy import JobAsk, OperatorLimits, Refused, Requester, resolve
 
-from .errors import PolicyRefusal
+from .errors import PolicyRefusal, UserFacingError
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -57,16 +58,26 @@ class JobIntake:
         assert interaction.guild_id is not None
         bot = self._bot
         edit.options.check()
+        if bot.runner.account.refuses():
+            raise FalAccountLocked("refused up front", detail=bot.runner.account.locked_reason)
+        allowed = bot.settings.allowed_guild_ids
+        if allowed is not None and interaction.guild_id not in allowed:
+            raise UserFacingError("The Kontext bot is not enabled for this server.")
         async with self._guild_locks[interaction.guild_id]:
             policy = await bot.store.policy(interaction.guild_id)
             requester = requester_of(interaction)
             now = time.time()
-            usage = await bot.store.usage(interaction.guild_id, interaction.user.id, now)
+            operator = OperatorLimits(bot.settings.monthly_budget_usd)
+            usage = await bot.store.usage(
+                interaction.guild_id, interaction.user.id, now, all_servers=operator.monthly_usd_budget is not None
+            )
             ask = JobAsk(edit.options.safety_tolerance, edit.options.image_count)
-            decision = resolve(policy, requester, usage, ask, now=now, price_per_image=bot.settings.price_per_image_usd)
+            decision = resolve(
+                policy, requester, usage, ask, now=now, price_per_image=bot.settings.price_per_image_usd, operator=operator
+            )
             if isinstance(decision, Refused):
                 raise PolicyRefusal(decision, policy)
-            notes = {"safety_limited_to": decision.limited_to} if decision.limited_to is not None else {}
+            notes = {NOTE_SAFETY_LIMITED_TO: decision.limited_to} if decision.limited_to is not None else {}
             job = await bot.runner.accept(
                 JobRequest(
                     guild_id=interaction.guild_id,

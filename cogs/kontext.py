@@ -22,7 +22,6 @@ from services.flux_kontext import (
     KontextOptions,
 )
 
-from .errors import UserFacingError
 from .inputs import MAX_PROMPT_LENGTH, clean_prompt, first_image_url, image_url
 from .modal import PromptModal
 
@@ -100,9 +99,8 @@ class Kontext(commands.Cog):
 
     async def edit_message_image(self, interaction: Interaction, message: discord.Message) -> None:
         """Message context menu: edit the message's first image with a prompt from a modal."""
-        url = first_image_url(message)
-        if url is None:
-            raise UserFacingError("That message has no image to edit.")
+        settings = self.bot.settings
+        url = first_image_url(message, settings.max_input_bytes, settings.discord_cdn_hosts)
         await interaction.response.send_modal(
             PromptModal(
                 title="Edit with Kontext", images=[("Image", url)], options=KontextOptions(), parent_job_id=None

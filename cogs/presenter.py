@@ -119,6 +119,9 @@ class DiscordPresenter:
         if ticker is not None:
             await ticker.close()  # no progress edit may land after the final one
         rendered = render(job)
+        if rendered.private:
+            await self._tell_privately(job, rendered, progress)
+            return
         groups, too_large = pack_files([image.size for image in rendered.files], job.upload_limit)
         if too_large:
             links = ", ".join(f"[image {i + 1}]({rendered.files[i].url})" for i in too_large)
@@ -138,6 +141,20 @@ class DiscordPresenter:
         if job.guild_id is not None:
             policy = await self._bot.store.policy(job.guild_id)
             await post_to_log_channel(self._bot, policy, job_log_line(job))
+
+    async def _tell_privately(self, job: Job, rendered: Rendered, progress: DeliveryProgress) -> None:
+        """Replace the public "thinking…" reply by a message only the member sees."""
+        if job.delivered_parts:
+            return
+        if not job.token_valid():
+            log.info("job %d: too late to tell the member privately: %s", job.id, rendered.content)
+            return
+        webhook = self._webhook(job)
+        assert job.message_id is not None
+        with contextlib.suppress(discord.NotFound):
+            await webhook.delete_message(job.message_id)
+        await webhook.send(rendered.content, ephemeral=True, wait=True)
+        await progress.posted(1, in_channel=False)
 
     async def _deliver_by_interaction(
         self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress

@@ -15,27 +15,39 @@ import discord
 
 from services.flux_kontext import KontextOptions
 from services.images import EXTENSIONS
-from services.job import Job, JobState, ResultImage
+from services.job import NOTE_CANCEL_REQUESTED_BY, NOTE_SAFETY_LIMITED_TO, Job, JobState, ResultImage
 
 EMBED_COLOUR = discord.Colour.from_rgb(88, 101, 242)
 FAILURE_COLOUR = discord.Colour.red()
 
-# Failure codes (set by the services) -> what the member reads. `{detail}` is fal's own words.
+# Failure codes (set by the services) -> what the member reads. `{detail}` is fal's own words
+# (or, for the input checks, the bot's).
 FAILURE_MESSAGES: dict[str, str] = {
     "fal_rejected": "FLUX.1 Kontext refused this edit: {detail}",
-    "content_policy": "FLUX.1 Kontext's safety system refused this prompt or image. Try rephrasing it.",
-    "fal_auth": "The bot's fal.ai key was refused. A server admin needs to check the bot's configuration.",
+    "content_policy": "FLUX.1 Kontext's safety system refused this edit: {detail}",
+    "fal_failed": "FLUX.1 Kontext could not make this edit: {detail}",
+    "fal_auth": "The bot's fal.ai key was refused. The bot's operator needs to check its configuration.",
+    "fal_account_locked": (
+        "The bot's fal.ai account can't take edits right now (it is out of credit or locked). "
+        "The bot's operator has been told; please try again later."
+    ),
     "fal_unavailable": "fal.ai is not answering right now, even after several retries. Please try again in a few minutes.",
     "submit_uncertain": (
         "The bot lost contact with fal.ai while your edit was being sent, so it cannot tell whether "
-        "fal received it. It was not re-sent (so you are never billed twice). Please run the command again."
+        "fal received it. It was not sent again, so you are never billed twice for one edit; "
+        "press Try again if no result shows up."
     ),
+    "bad_input": "{detail}",
+    "input_unavailable": "{detail} Please attach the image again.",
+    "upload_failed": "The image could not be handed to fal.ai right now. Please try again in a few minutes.",
     "result_expired": "fal.ai no longer has this result (it keeps results only a few minutes). Please run the command again.",
     "bad_output": "fal.ai sent back something that is not a usable image. Please try again.",
     "timeout": "This edit took too long and was stopped. Please try again later.",
     "missing_files": "The result files were lost before they could be posted. Please run the command again.",
 }
 GENERIC_FAILURE = "Something went wrong with this edit. Please try again."
+# Failures about what the member handed in are told to them alone, as a refusal would be.
+PRIVATE_FAILURES = frozenset({"bad_input"})
 
 OPTION_LABELS = (
     ("aspect_ratio", "Aspect ratio"),
@@ -70,6 +82,8 @@ class Rendered:
     embed: discord.Embed
     buttons: tuple[JobAction, ...] = ()
     files: list[ResultImage] = field(default_factory=list)
+    # Shown only to the member who asked, in place of the public reply.
+    private: bool = False
 
     def key(self) -> tuple[Any, ...]:
         """Equal keys mean the member would see the same message."""
@@ -78,7 +92,14 @@ class Rendered:
 
 def failure_text(code: str | None, detail: str | None) -> str:
     template = FAILURE_MESSAGES.get(code or "", GENERIC_FAILURE)
-    return template.format(detail=detail or "no reason given")
+    return template.format(detail=_plain(detail) if detail else "no reason given")
+
+
+def _plain(text: str, limit: int = 500) -> str:
+    """Outside words (fal's) shown as plain text on one line: no markdown, links or mentions."""
+    flat = " ".join(text.split())
+    flat = flat if len(flat) <= limit else flat[: limit - 1] + "…"
+    return discord.utils.escape_mentions(discord.utils.escape_markdown(flat))
 
 
 def render(job: Job) -> Rendered:
@@ -96,13 +117,17 @@ def render(job: Job) -> Rendered:
         return Rendered(job.id, f"🕒 In queue, position **{position}**.", embed, WHILE_WAITING)
     if state is JobState.RUNNING:
         started = int(job.started_at or job.created_at)
-        return Rendered(job.id, f"🎨 Generating… (started <t:{started}:R>)", embed)
+        note = " Cancel asked: fal usually finishes an edit it has started." if _cancel_came_late(job) else ""
+        return Rendered(job.id, f"🎨 Generating… (started <t:{started}:R>){note}", embed)
     if state is JobState.CANCELLED:
         who = f"<@{job.cancelled_by}>" if job.cancelled_by else "the bot"
         return Rendered(job.id, f"🚫 Cancelled by {who}.", embed)
     if state is JobState.FAILED:
         embed.colour = FAILURE_COLOUR
-        return Rendered(job.id, f"❌ {failure_text(job.error_code, job.error_detail)}", embed, ON_FAILURE)
+        text = f"❌ {failure_text(job.error_code, job.error_detail)}"
+        if job.error_code in PRIVATE_FAILURES:
+            return Rendered(job.id, text, embed, private=True)
+        return Rendered(job.id, text, embed, ON_FAILURE)
     return _render_result(job, embed)
 
 
@@ -127,8 +152,15 @@ def _render_result(job: Job, embed: discord.Embed) -> Rendered:
         )
     if any(image.nsfw for image in shown):
         notes.append("⚠️ Flagged by the safety checker: shown behind a spoiler.")
-    content = "\n".join(notes) if notes else ("✅ Done." if shown else "No image could be shown.")
+    done = "✅ Done."
+    if _cancel_came_late(job):
+        done += " The cancel came after fal had started, and fal finishes (and bills) a started edit, so here it is."
+    content = "\n".join(notes) if notes else (done if shown else "No image could be shown.")
     return Rendered(job.id, content, embed, ON_RESULT if shown else ON_FAILURE, files=shown)
+
+
+def _cancel_came_late(job: Job) -> bool:
+    return NOTE_CANCEL_REQUESTED_BY in job.notes
 
 
 def _request_embed(job: Job) -> discord.Embed:
@@ -141,7 +173,7 @@ def _request_embed(job: Job) -> discord.Embed:
     embed.add_field(name="Requested by", value=f"<@{job.user_id}>")
     if options:
         embed.add_field(name="Options", value=options, inline=False)
-    limited_to = job.notes.get("safety_limited_to")
+    limited_to = job.notes.get(NOTE_SAFETY_LIMITED_TO)
     if limited_to is not None:
         embed.add_field(
             name="Policy", value=f"Safety tolerance limited to {limited_to} by this server's policy.", inline=False

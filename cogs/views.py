@@ -47,6 +47,12 @@ async def cancel_job(interaction: Interaction, job: Job) -> None:
         await tell(interaction, "Too late to cancel: this edit has already finished.")
     elif outcome is CancelOutcome.REQUESTED:
         await tell(interaction, "Cancelling: the edit is being handed to fal right now and will be stopped there.")
+    elif outcome is CancelOutcome.STARTED:
+        await tell(
+            interaction,
+            "FLUX.1 Kontext had already started this edit. fal passes the cancel on, but a started edit is "
+            "usually finished (and billed) anyway, so the images will be posted when they are ready.",
+        )
 
 
 async def reroll_job(interaction: Interaction, job: Job) -> None:

@@ -39,7 +39,13 @@ class World:
             fal_url=self.fal.base_url,
             fal_key=FAL_KEY,
             data_dir=self.data_dir,
-            settings={**self.settings, **settings},
+            settings={
+                # The fake Discord's CDN is where attachments live, and the fake fal serves storage.
+                "DISCORD_CDN_HOSTS": f"127.0.0.1:{self.discord.port}",
+                "FAL_REST_URL": self.fal.rest_url,
+                **self.settings,
+                **settings,
+            },
         )
 
     async def start_bot(self, **settings: str) -> BotProcess:

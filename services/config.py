@@ -1,13 +1,22 @@
-"""Settings read from the environment (and a `.env` file), validated once at start-up."""
+"""Settings read from the environment (and a `.env` file), validated once at start-up.
+
+Every value is checked here: numbers are finite and within bounds (a NaN timeout would fire at
+once, a NaN sleep never end), URLs use https (plain http only for loopback addresses, or when
+`ALLOW_PLAIN_HTTP` says so), and no credential appears in the logged settings.
+"""
 
 from __future__ import annotations
 
 import enum
+import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from ipaddress import ip_address
 from pathlib import Path
 from typing import TypeVar
+
+import yarl
 
 T = TypeVar("T")
 
@@ -30,7 +39,11 @@ class Settings:
     discord_token: str = field(repr=False)
     fal_key: str = field(repr=False)
     discord_api_base: str = "https://discord.com/api/v10"
+    # Where attachments are fetched from (Discord's CDN and media proxy), as host[:port].
+    discord_cdn_hosts: frozenset[str] = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
     fal_queue_url: str = "https://queue.fal.run"
+    # fal's REST host, for uploads to fal's storage (the upload host comes from its token answer).
+    fal_rest_url: str = "https://rest.fal.ai"
     data_dir: Path = Path("./data")
     log_level: str = "INFO"
     dev_guild_id: int | None = None
@@ -43,8 +56,11 @@ class Settings:
     poll_interval: float = 1.0
     # Prefer fal's server-sent status stream; polling is the fallback (and the benchmark's reference).
     use_status_stream: bool = True
-    # Silence on the status stream longer than this means it died (fal pings every 15 s).
-    stream_stall_timeout: float = 30.0
+    # A status stream with no event for this long is checked with one poll and reopened (fal's
+    # keep-alive comments every 15 s only show that the connection lives).
+    stream_event_timeout: float = 20.0
+    # Silence after which an answer from fal (or Discord's CDN) counts as lost.
+    read_timeout: float = 30.0
     # A job that has not finished after this many seconds is cancelled at fal and reported.
     job_timeout: float = 600.0
     # Base delay of the exponential backoff for retried fal and Discord calls.
@@ -53,10 +69,23 @@ class Settings:
     max_input_bytes: int = 20 * 1024 * 1024
     max_result_bytes: int = 50 * 1024 * 1024
     # Result images held in memory at once on their way to Discord, all jobs together; beyond
-    # it (and for a result whose size fal does not announce) they pass through DATA_DIR.
+    # it they pass through DATA_DIR.
     result_memory_bytes: int = 32 * 1024 * 1024
     # Kontext Max price per image, used for budgets and the job log.
     price_per_image_usd: float = 0.08
+    # The operator's spend cap for all servers together, per UTC month (None: no cap).
+    monthly_budget_usd: float | None = None
+    # Servers the bot serves (None: any that adds it); it leaves the others.
+    allowed_guild_ids: frozenset[int] | None = None
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            if not f.repr:
+                continue
+            value = getattr(self, f.name)
+            shown.append(f"{f.name}={_without_credentials(value) if isinstance(value, str) else value!r}")
+        return f"Settings({', '.join(shown)})"
 
     @property
     def db_path(self) -> Path:
@@ -67,21 +96,39 @@ class Settings:
         return self.data_dir / "results"
 
 
+def _without_credentials(value: str) -> str:
+    """A URL as it may be logged: any user:password part is masked."""
+    try:
+        url = yarl.URL(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    if url.user is not None or url.password is not None:
+        return repr(str(url.with_user("***").with_password(None)))
+    return repr(value)
+
+
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T) -> T:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         return convert(raw)
-    except ValueError:
-        raise SettingsError(f"{name} has an invalid value: {raw!r}") from None
+    except ValueError as exc:
+        why = f" ({exc})" if str(exc) and str(exc) != raw else ""
+        raise SettingsError(f"{name} has an invalid value: {raw!r}{why}") from None
 
 
-def _positive(convert: Callable[[str], T], *, or_zero: bool = False) -> Callable[[str], T]:
+def _number(convert: Callable[[str], T], *, minimum: float, maximum: float = math.inf) -> Callable[[str], T]:
+    """A finite number within [minimum, maximum]."""
+
     def parse(raw: str) -> T:
         value = convert(raw)
-        if value < 0 or (value == 0 and not or_zero):  # type: ignore[operator]
-            raise ValueError(raw)
+        number = float(value)  # type: ignore[arg-type]
+        if not math.isfinite(number):
+            raise ValueError("it must be a finite number")
+        if not minimum <= number <= maximum:
+            bound = f"at least {minimum:g}" if maximum == math.inf else f"between {minimum:g} and {maximum:g}"
+            raise ValueError(f"it must be {bound}")
         return value
 
     return parse
@@ -93,7 +140,35 @@ def _flag(raw: str) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise ValueError(raw)
+    raise ValueError("use 1 or 0")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(*, allow_plain_http: bool) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        url = yarl.URL(raw.rstrip("/"))
+        if url.scheme not in ("https", "http") or not url.host:
+            raise ValueError("it must be an https:// URL")
+        if url.scheme == "http" and not (allow_plain_http or _is_loopback(url.host)):
+            raise ValueError("plain http sends the token unencrypted: use https, or set ALLOW_PLAIN_HTTP=1")
+        return str(url)
+
+    return parse
+
+
+def _hosts(raw: str) -> frozenset[str]:
+    hosts = frozenset(part.strip().lower() for part in raw.split(",") if part.strip())
+    if not hosts or any("/" in host for host in hosts):
+        raise ValueError("give host names, separated by commas")
+    return hosts
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -105,26 +180,48 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if not value:
             raise SettingsError(f"{name} is not set: put it in the environment or in a .env file (see .env.example)")
         secrets[name] = value
+    plain_http = _parse(env, "ALLOW_PLAIN_HTTP", _flag, False)
+    url = _url(allow_plain_http=plain_http)
+    seconds = _number(float, minimum=0.001)
     return Settings(
         discord_token=secrets["DISCORD_TOKEN"],
         fal_key=secrets["FAL_KEY"],
-        discord_api_base=_parse(env, "DISCORD_API_BASE", str, Settings.discord_api_base).rstrip("/"),
-        fal_queue_url=_parse(env, "FAL_QUEUE_URL", str, Settings.fal_queue_url).rstrip("/"),
+        discord_api_base=_parse(env, "DISCORD_API_BASE", url, Settings.discord_api_base),
+        discord_cdn_hosts=_parse(env, "DISCORD_CDN_HOSTS", _hosts, Settings.discord_cdn_hosts),
+        fal_queue_url=_parse(env, "FAL_QUEUE_URL", url, Settings.fal_queue_url),
+        fal_rest_url=_parse(env, "FAL_REST_URL", url, Settings.fal_rest_url),
         data_dir=_parse(env, "DATA_DIR", Path, Settings.data_dir),
-        log_level=_parse(env, "LOG_LEVEL", str.upper, Settings.log_level),
-        dev_guild_id=_parse(env, "DEV_GUILD_ID", int, None),
+        log_level=_parse(env, "LOG_LEVEL", _log_level, Settings.log_level),
+        dev_guild_id=_parse(env, "DEV_GUILD_ID", _number(int, minimum=1), None),
         sync_commands=_parse(env, "SYNC_COMMANDS", lambda raw: CommandSync(raw.lower()), Settings.sync_commands),
-        max_concurrent_jobs=_parse(env, "MAX_CONCURRENT_JOBS", _positive(int), Settings.max_concurrent_jobs),
-        edit_interval=_parse(env, "EDIT_INTERVAL", _positive(float), Settings.edit_interval),
-        poll_interval=_parse(env, "POLL_INTERVAL", _positive(float), Settings.poll_interval),
+        max_concurrent_jobs=_parse(env, "MAX_CONCURRENT_JOBS", _number(int, minimum=1), Settings.max_concurrent_jobs),
+        edit_interval=_parse(env, "EDIT_INTERVAL", seconds, Settings.edit_interval),
+        poll_interval=_parse(env, "POLL_INTERVAL", seconds, Settings.poll_interval),
         use_status_stream=_parse(env, "FAL_STATUS_STREAM", _flag, Settings.use_status_stream),
-        stream_stall_timeout=_parse(env, "FAL_STREAM_STALL_TIMEOUT", _positive(float), Settings.stream_stall_timeout),
-        job_timeout=_parse(env, "JOB_TIMEOUT", _positive(float), Settings.job_timeout),
-        retry_base_delay=_parse(env, "RETRY_BASE_DELAY", _positive(float), Settings.retry_base_delay),
-        max_input_bytes=_parse(env, "MAX_INPUT_BYTES", _positive(int), Settings.max_input_bytes),
-        max_result_bytes=_parse(env, "MAX_RESULT_BYTES", _positive(int), Settings.max_result_bytes),
-        result_memory_bytes=_parse(
-            env, "RESULT_MEMORY_BYTES", _positive(int, or_zero=True), Settings.result_memory_bytes
+        stream_event_timeout=_parse(env, "FAL_STREAM_EVENT_TIMEOUT", seconds, Settings.stream_event_timeout),
+        read_timeout=_parse(env, "FAL_READ_TIMEOUT", seconds, Settings.read_timeout),
+        job_timeout=_parse(env, "JOB_TIMEOUT", seconds, Settings.job_timeout),
+        retry_base_delay=_parse(
+            env, "RETRY_BASE_DELAY", _number(float, minimum=0.001, maximum=60), Settings.retry_base_delay
         ),
-        price_per_image_usd=_parse(env, "PRICE_PER_IMAGE_USD", float, Settings.price_per_image_usd),
+        max_input_bytes=_parse(env, "MAX_INPUT_BYTES", _number(int, minimum=1), Settings.max_input_bytes),
+        max_result_bytes=_parse(env, "MAX_RESULT_BYTES", _number(int, minimum=1), Settings.max_result_bytes),
+        result_memory_bytes=_parse(env, "RESULT_MEMORY_BYTES", _number(int, minimum=0), Settings.result_memory_bytes),
+        price_per_image_usd=_parse(env, "PRICE_PER_IMAGE_USD", _number(float, minimum=0), Settings.price_per_image_usd),
+        monthly_budget_usd=_parse(env, "MONTHLY_BUDGET_USD", _number(float, minimum=0.01), None),
+        allowed_guild_ids=_parse(env, "ALLOWED_GUILD_IDS", _ids, None),
     )
+
+
+def _ids(raw: str) -> frozenset[int]:
+    ids = frozenset(int(part) for part in raw.replace(" ", "").split(",") if part)
+    if not ids or min(ids) <= 0:
+        raise ValueError("give server ids, separated by commas")
+    return ids
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("use DEBUG, INFO, WARNING or ERROR")
+    return level

@@ -1,8 +1,19 @@
 """fal's queue protocol and nothing else: submit, follow status, fetch result, cancel, download.
 
-One aiohttp session for everything. Every failure surfaces as a `FalError` subclass whose `code`
-the Discord side turns into words. Follow-up calls use the URLs fal returned on submit, never URLs
-built from the endpoint id (fal drops the endpoint's sub-path from them).
+Every failure surfaces as a `FalError` subclass whose `code` the Discord side turns into words.
+What is retried follows how fal behaves (fal-queue-api.md, part 2):
+
+- A submit is resent only when fal surely did not record it: no connection was made, a 429, or
+  an ingress error (502-504 from fal's front proxy, without `x-fal-request-id`). Anything else
+  after the request went out (a 500, a lost answer) may have been recorded and billed: it is
+  `FalSubmitUncertain`, never resent.
+- A completed job's error is final: fal answers every later result GET the same way, 5xx
+  included, so it is reported at once in fal's own words.
+- Transport failures and ingress errors while following a job are retried a few times, then
+  reported as `FalUnavailable`.
+
+Follow-up calls use the URLs fal returned on submit, never URLs built from the endpoint id (fal
+drops the endpoint's sub-path from them), and the key is sent only to the configured queue host.
 """
 
 from __future__ import annotations
@@ -11,23 +22,31 @@ import asyncio
 import codecs
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import aiohttp
+import yarl
 
 from .images import SNIFF_BYTES, sniff_image_type
+from .redact import describe_error
 from .retry import Backoff, retrying
 
 log = logging.getLogger(__name__)
 
 QueueState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 _STATES = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
-_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _CHUNK = 256 * 1024
 # After this many broken status streams for one job, poll for the rest of it.
 MAX_BROKEN_STREAMS = 3
+# "A few times": attempts of an idempotent call (status, result, cancel, download) through
+# transport failures and ingress errors before fal counts as unavailable.
+FOLLOW_ATTEMPTS = 6
+# fal's detail type for a refusal by its safety system.
+CONTENT_POLICY = "content_policy_violation"
+# What fal's 403 says when the account is out of credit or locked by fal.
+ACCOUNT_LOCKED_PREFIX = "user is locked"
 
 
 class FalError(Exception):
@@ -40,18 +59,19 @@ class FalError(Exception):
         self.status = status
         self.detail = detail
 
-
-class FalRejected(FalError):
-    """fal refused the job or its result (4xx, usually 422 with `detail`); retrying will not help."""
-
-    code = "fal_rejected"
-
     @property
     def messages(self) -> list[str]:
-        """fal's `detail` as readable sentences: it is a list of `{loc,msg,type}` or a string."""
-        if isinstance(self.detail, list):
-            return [str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in self.detail]
-        return [str(self.detail)] if self.detail else []
+        """fal's own words: its `detail` is a list of `{loc, msg, type}` or a plain string."""
+        detail = self.detail
+        if isinstance(detail, list):
+            return [str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail]
+        return [str(detail)] if detail else []
+
+
+class FalRejected(FalError):
+    """fal refused the job or its input (a 4xx, usually 422 with a `detail` list): final."""
+
+    code = "fal_rejected"
 
 
 class FalContentPolicy(FalRejected):
@@ -60,20 +80,45 @@ class FalContentPolicy(FalRejected):
     code = "content_policy"
 
 
+class FalJobFailed(FalError):
+    """The model failed the job (a stored 5xx such as `downstream_service_unavailable` or
+    `generation_timeout`): final, fal answers every later result GET the same."""
+
+    code = "fal_failed"
+
+
+class FalCancelled(FalError):
+    """fal stopped the job because it was asked to (a cancellation-aware app answers 499)."""
+
+    code = "fal_cancelled"
+
+
 class FalAuthError(FalError):
-    """fal did not accept the API key (401/403): an operator problem, not the member's."""
+    """fal did not accept the API key (401, or a 403 other than a lock): the operator's problem."""
 
     code = "fal_auth"
 
 
+class FalAccountLocked(FalError):
+    """fal locked the bot's account (403 "User is locked", e.g. out of credit): nothing can be
+    submitted until the operator tops it up. Status GETs keep working."""
+
+    code = "fal_account_locked"
+
+    @property
+    def reason(self) -> str:
+        return str(self.detail or "User is locked")
+
+
 class FalUnavailable(FalError):
-    """fal answered 5xx/429 or could not be reached, and retries within the deadline ran out."""
+    """fal could not be reached or kept answering 429 or ingress errors, through the retries."""
 
     code = "fal_unavailable"
 
 
 class FalSubmitUncertain(FalError):
-    """The submit may or may not have reached fal, so it is not resent (no job billed twice)."""
+    """The submit may or may not have been recorded by fal, so it is not resent (no job billed
+    twice)."""
 
     code = "submit_uncertain"
 
@@ -88,6 +133,10 @@ class FalBadOutput(FalError):
     """fal's output was not what the model promises (not an image, too large, malformed)."""
 
     code = "bad_output"
+
+
+class _Transient(FalError):
+    """An answer that says nothing was recorded or done (429, an ingress error): retry."""
 
 
 @dataclass(frozen=True)
@@ -110,13 +159,27 @@ class QueueStatus:
     logs: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> QueueStatus:
+    def from_json(cls, data: Any) -> QueueStatus:
+        if not isinstance(data, dict):
+            raise FalBadOutput("a status is not a JSON object")
         state = data.get("status")
         if state not in _STATES:
             raise FalBadOutput(f"unknown queue status {state!r}")
         position = data.get("queue_position") if state == "IN_QUEUE" else None
-        logs = tuple(str(entry.get("message", "")) for entry in data.get("logs") or () if isinstance(entry, dict))
-        return cls(state, position, data.get("error"), data.get("error_type"), logs)
+        entries = data.get("logs")
+        logs = tuple(
+            str(entry.get("message", ""))
+            for entry in (entries if isinstance(entries, list) else ())
+            if isinstance(entry, dict)
+        )
+        error, error_type = data.get("error"), data.get("error_type")
+        return cls(
+            state,
+            position if isinstance(position, int) and not isinstance(position, bool) else None,
+            str(error) if error else None,
+            str(error_type) if error_type else None,
+            logs,
+        )
 
 
 class DownloadSink(Protocol):
@@ -146,124 +209,133 @@ async def _copy_image(content: aiohttp.StreamReader, sink: DownloadSink, max_byt
     return size, content_type
 
 
-def _detail_of(body: Any) -> Any:
-    return body.get("detail") if isinstance(body, dict) else body
+def _detail_types(detail: Any) -> set[str]:
+    if isinstance(detail, list):
+        return {str(item.get("type")) for item in detail if isinstance(item, dict)}
+    return set()
 
 
-def _error_for(status: int, body: Any) -> FalError:
-    detail = _detail_of(body)
-    if status in (401, 403):
-        return FalAuthError(f"fal refused the API key ({status})", status=status, detail=detail)
-    if status in _TRANSIENT_STATUSES or status >= 500:
-        return FalUnavailable(f"fal answered {status}", status=status, detail=detail)
-    if isinstance(detail, list) and any(
-        isinstance(item, dict) and item.get("type") == "content_policy_violation" for item in detail
-    ):
+def error_for(status: int, body: Any, headers: Mapping[str, str]) -> FalError:
+    """What an HTTP error from fal means. Ingress errors (502-504 without `x-fal-request-id`,
+    from the front proxy) and 429s are transient; the rest came from fal's app layer."""
+    detail = body.get("detail") if isinstance(body, dict) else body
+    if status == 429 or (status in (502, 503, 504) and "x-fal-request-id" not in headers):
+        return _Transient(f"fal answered {status} before taking the request", status=status, detail=None)
+    if status == 401:
+        return FalAuthError("fal refused the API key (401)", status=status, detail=detail)
+    if status == 403:
+        if isinstance(detail, str) and detail.lower().startswith(ACCOUNT_LOCKED_PREFIX):
+            return FalAccountLocked(f"fal locked the account: {detail}", status=status, detail=detail)
+        return FalAuthError("fal refused the API key (403)", status=status, detail=detail)
+    if CONTENT_POLICY in _detail_types(detail):
         return FalContentPolicy("fal's content policy refused the job", status=status, detail=detail)
+    if status == 499:
+        return FalCancelled("fal cancelled the job", status=status, detail=detail)
+    if status >= 500:
+        return FalJobFailed(f"fal answered {status}", status=status, detail=detail)
     return FalRejected(f"fal answered {status}", status=status, detail=detail)
 
 
-class _StreamUnsupported(Exception):
-    """The status stream answered with an error code: polling is the only way for this job."""
-
-
-def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, (FalUnavailable, aiohttp.ClientError, asyncio.TimeoutError))
+def _is_transport_failure(exc: BaseException) -> bool:
+    return isinstance(exc, (_Transient, aiohttp.ClientError, asyncio.TimeoutError))
 
 
 class FalQueueClient:
-    """A client for `queue.fal.run` (or a stand-in at `base_url`) sharing one HTTP session."""
+    """A client for `queue.fal.run` (or a stand-in at `base_url`) on the bot's HTTP session."""
 
     def __init__(
         self,
+        session: aiohttp.ClientSession,
         base_url: str,
         key: str,
         *,
         backoff: Backoff,
         poll_interval: float = 1.0,
         use_stream: bool = True,
-        stream_stall_timeout: float = 30.0,
+        stream_event_timeout: float = 20.0,
     ) -> None:
+        self._session = session
         self._base_url = base_url.rstrip("/")
+        self._origin = yarl.URL(self._base_url).origin()
         self._auth = {"Authorization": f"Key {key}"}
         self._backoff = backoff
         self._poll_interval = poll_interval
         self._use_stream = use_stream
-        # fal sends a keep-alive comment every 15 s, so silence beyond this means a dead stream.
-        # Every other call uses it too: an answer that stops arriving for that long is a dead
-        # connection (retried, or for a submit reported as uncertain), never an endless wait.
-        self._stall_timeout = stream_stall_timeout
-        self._session: aiohttp.ClientSession | None = None
+        # A status stream with no event for this long is checked with one poll and reopened.
+        self._event_timeout = stream_event_timeout
 
     def __repr__(self) -> str:  # the key stays out of every repr and log line
         return f"<FalQueueClient {self._base_url}>"
 
-    async def open(self) -> None:
-        # No connection cap: every followed job holds one stream open, and fal is the only host.
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self._stall_timeout)
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers={"User-Agent": "kontext-discord-bot"}
-        )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def __aenter__(self) -> FalQueueClient:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("FalQueueClient.open() was not called")
-        return self._session
+    def _check_host(self, url: str) -> str:
+        """The key goes only to the queue host: a follow-up URL elsewhere is not followed."""
+        if yarl.URL(url).origin() != self._origin:
+            raise FalBadOutput(f"fal returned a URL outside {self._origin}")
+        return url
 
     async def _json_call(self, method: str, url: str, *, json_body: Any = None, params: Any = None) -> Any:
-        """One queue API call: returns the parsed body of a 2xx answer, raises FalError otherwise."""
-        async with self.session.request(method, url, json=json_body, params=params, headers=self._auth) as response:
-            text = await response.text()
+        """One queue API call: the parsed body of a 2xx answer, or a FalError."""
+        async with self._session.request(
+            method, self._check_host(url), json=json_body, params=params, headers=self._auth
+        ) as response:
+            text = await response.text(errors="replace")
             try:
                 body = json.loads(text) if text else None
             except ValueError:
                 body = text
             if response.status >= 300:
-                raise _error_for(response.status, body)
+                raise error_for(response.status, body, response.headers)
             return body
+
+    async def _retried(self, call: Any, *, what: str, deadline: float, attempts: int | None = FOLLOW_ATTEMPTS) -> Any:
+        """Run an idempotent call through transport failures and transient answers; once they
+        run out, fal is unavailable."""
+        try:
+            return await retrying(
+                call,
+                retryable=_is_transport_failure,
+                backoff=self._backoff,
+                deadline=deadline,
+                what=what,
+                attempts=attempts,
+            )
+        except (TimeoutError, _Transient, aiohttp.ClientError) as exc:
+            raise FalUnavailable(f"{what}: {describe_error(exc)}") from None
 
     async def submit(
         self, endpoint: str, payload: dict[str, Any], *, deadline: float
     ) -> tuple[FalRequest, QueueStatus]:
-        """POST the job. Retried only when fal surely did not take it: the connection was never
-        made, or fal answered with a 5xx/429 and no request. A lost answer is `FalSubmitUncertain`."""
+        """POST the job. Resent only when fal surely did not record it (see the module doc)."""
         url = f"{self._base_url}/{endpoint.strip('/')}"
 
         async def attempt() -> Any:
             try:
                 return await self._json_call("POST", url, json_body=payload)
-            except aiohttp.ClientConnectorError:
-                raise  # never connected: safe to retry
+            except (_Transient, aiohttp.ClientConnectorError):
+                raise  # not recorded: safe to send again
+            except FalJobFailed as exc:
+                raise FalSubmitUncertain(f"fal answered {exc.status} to the submit", status=exc.status) from None
             except (TimeoutError, aiohttp.ClientError) as exc:
-                raise FalSubmitUncertain(f"submit outcome unknown: {exc!r}") from exc
+                raise FalSubmitUncertain(f"submit outcome unknown: {describe_error(exc)}") from None
 
-        def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, (aiohttp.ClientConnectorError, FalUnavailable))
+        def not_recorded(exc: BaseException) -> bool:
+            return isinstance(exc, (_Transient, aiohttp.ClientConnectorError))
 
         try:
             body = await retrying(
-                attempt, retryable=retryable, backoff=self._backoff, deadline=deadline, what="fal submit"
+                attempt, retryable=not_recorded, backoff=self._backoff, deadline=deadline, what="fal submit"
             )
-        except aiohttp.ClientConnectorError as exc:
-            raise FalUnavailable(f"could not connect to fal: {exc}") from exc
+        except (_Transient, aiohttp.ClientConnectorError) as exc:
+            raise FalUnavailable(f"could not submit to fal: {describe_error(exc)}") from None
         try:
-            request = FalRequest(body["request_id"], body["status_url"], body["response_url"], body["cancel_url"])
+            request = FalRequest(
+                str(body["request_id"]),
+                self._check_host(body["status_url"]),
+                self._check_host(body["response_url"]),
+                self._check_host(body["cancel_url"]),
+            )
         except (KeyError, TypeError) as exc:
-            raise FalBadOutput(f"submit answer lacks {exc}") from exc
+            raise FalBadOutput(f"submit answer lacks {exc}") from None
         status = (
             QueueStatus.from_json(body) if body.get("status") else QueueStatus("IN_QUEUE", body.get("queue_position"))
         )
@@ -272,8 +344,10 @@ class FalQueueClient:
     async def statuses(self, request: FalRequest, *, deadline: float) -> AsyncIterator[QueueStatus]:
         """Yield each change of the job's status until COMPLETED.
 
-        Reads fal's server-sent status stream; when it breaks, polls `status_url` once to catch up
-        and reopens it; after three broken streams it polls for the rest of the job.
+        Reads fal's server-sent status stream. When it breaks, or sends no event for a while
+        (fal's keep-alive comments only show the connection lives), one status poll catches up
+        and the stream is reopened; after three streams that broke or missed a change it polls
+        for the rest of the job.
         """
         last: QueueStatus | None = None
         broken_streams = 0
@@ -291,28 +365,42 @@ class FalQueueClient:
             except _StreamUnsupported as exc:
                 log.info("no status stream for %s (%s); polling", request.request_id, exc)
                 broken_streams = MAX_BROKEN_STREAMS
-            except (TimeoutError, aiohttp.ClientError) as exc:
+                continue
+            except _StreamQuiet:
+                quiet = True
+            except (TimeoutError, aiohttp.ClientError, ValueError, FalBadOutput) as exc:
                 if not streaming:
-                    raise FalUnavailable(f"lost track of {request.request_id}: {exc!r}") from exc
+                    raise
+                quiet = False
                 broken_streams += 1
-                log.info("status stream for %s broke (%r); polling once and reconnecting", request.request_id, exc)
-                status = await self.status(request, deadline=deadline)
-                if status != last:
-                    last = status
-                    yield status
-                if status.state == "COMPLETED":
-                    return
+                log.info(
+                    "status stream for %s broke (%s); polling once and reconnecting",
+                    request.request_id,
+                    describe_error(exc),
+                )
+            status = await self.status(request, deadline=deadline)
+            if status != last:
+                if quiet:  # the stream kept quiet through a change: it cannot be relied on
+                    broken_streams += 1
+                last = status
+                yield status
+            if status.state == "COMPLETED":
+                return
+            if not quiet:
                 await asyncio.sleep(self._backoff.delay(broken_streams))
 
     async def status(self, request: FalRequest, *, deadline: float) -> QueueStatus:
-        """One status poll, retried on transient failures."""
+        """One status poll, retried through transport failures."""
 
         async def attempt() -> QueueStatus:
-            return QueueStatus.from_json(await self._json_call("GET", request.status_url, params={"logs": "1"}))
+            try:
+                return QueueStatus.from_json(await self._json_call("GET", request.status_url, params={"logs": "1"}))
+            except FalJobFailed as exc:
+                # A status GET changes nothing at fal: a 5xx here is worth another try.
+                raise _Transient(f"status answered {exc.status}", status=exc.status) from None
 
-        return await retrying(
-            attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal status"
-        )
+        result: QueueStatus = await self._retried(attempt, what="fal status", deadline=deadline)
+        return result
 
     async def _poll(self, request: FalRequest, deadline: float) -> AsyncIterator[QueueStatus]:
         while True:
@@ -323,9 +411,9 @@ class FalQueueClient:
             await asyncio.sleep(self._poll_interval)
 
     async def _stream(self, request: FalRequest) -> AsyncIterator[QueueStatus]:
-        async with self.session.get(
-            f"{request.status_url}/stream", params={"logs": "1"}, headers=self._auth
-        ) as response:
+        url = self._check_host(f"{request.status_url}/stream")
+        headers = {**self._auth, "Accept": "text/event-stream"}
+        async with self._session.get(url, params={"logs": "1"}, headers=headers) as response:
             if response.status >= 300:
                 raise _StreamUnsupported(f"status stream answered {response.status}")
             # Read whatever has arrived (usually one whole event) rather than line by line:
@@ -333,7 +421,17 @@ class FalQueueClient:
             decoder = codecs.getincrementaldecoder("utf-8")()
             pending = ""
             data_lines: list[str] = []
-            async for chunk in response.content.iter_any():
+            loop = asyncio.get_running_loop()
+            quiet_at = loop.time() + self._event_timeout
+            while True:
+                # Only the read is timed: a timeout around a `yield` would fire in the caller.
+                try:
+                    async with asyncio.timeout_at(quiet_at):
+                        chunk = await response.content.readany()
+                except TimeoutError:
+                    raise _StreamQuiet() from None
+                if not chunk:
+                    return
                 *lines, pending = (pending + decoder.decode(chunk)).split("\n")
                 for line in lines:
                     line = line.rstrip("\r")
@@ -342,49 +440,44 @@ class FalQueueClient:
                     elif not line and data_lines:
                         yield QueueStatus.from_json(json.loads("\n".join(data_lines)))
                         data_lines = []
+                        quiet_at = loop.time() + self._event_timeout
                     # Comment lines (": ping") only keep the connection alive.
 
-    async def result(self, request: FalRequest, *, deadline: float) -> dict[str, Any]:
-        """The model's output; fal answers a failed job here with its error (often 422 + detail)."""
+    async def result(self, request: FalRequest, *, deadline: float) -> Any:
+        """The model's output. A failed job answers here with its error, the same at every GET:
+        final, raised at once."""
 
-        async def attempt() -> dict[str, Any]:
+        async def attempt() -> Any:
             try:
-                body = await self._json_call("GET", request.response_url)
-            except FalRejected as exc:
+                return await self._json_call("GET", request.response_url)
+            except (FalRejected, FalJobFailed) as exc:
                 if exc.status in (404, 410):
-                    raise FalResultExpired("fal no longer has this result", status=exc.status) from exc
+                    raise FalResultExpired("fal no longer has this result", status=exc.status) from None
                 raise
-            if not isinstance(body, dict):
-                raise FalBadOutput("result is not a JSON object")
-            return body
 
-        return await retrying(
-            attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal result"
-        )
+        return await self._retried(attempt, what="fal result", deadline=deadline)
 
     async def cancel(self, request: FalRequest, *, timeout: float = 15.0) -> str:
-        """Ask fal to cancel; returns fal's answer (OK, CANCELLATION_REQUESTED, ALREADY_COMPLETED,
-        NOT_FOUND). fal answers the last two with a 4xx, which is not an error here. Asking twice
-        is harmless, so 5xx/429 and broken connections are retried for up to `timeout` seconds."""
+        """Ask fal to cancel; returns fal's answer: OK (it was queued: removed),
+        CANCELLATION_REQUESTED (it runs: fal usually finishes it anyway), ALREADY_COMPLETED or
+        NOT_FOUND. The body says which, whatever the HTTP code. Asking twice is harmless, so it
+        is retried for up to `timeout` seconds."""
 
         async def attempt() -> str:
-            async with self.session.put(request.cancel_url, headers=self._auth) as response:
+            async with self._session.put(self._check_host(request.cancel_url), headers=self._auth) as response:
                 try:
                     body = await response.json(content_type=None)
                 except ValueError:
                     body = None
                 answer = body.get("status") if isinstance(body, dict) else None
                 if answer in ("OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"):
-                    return answer
-                raise _error_for(response.status, body)
+                    return str(answer)
+                error = error_for(response.status, body, response.headers)
+                raise _Transient(str(error), status=response.status) if isinstance(error, FalJobFailed) else error
 
         deadline = asyncio.get_running_loop().time() + timeout
-        try:
-            return await retrying(
-                attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="fal cancel"
-            )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise FalUnavailable(f"could not reach fal to cancel {request.request_id}: {exc!r}") from exc
+        answer: str = await self._retried(attempt, what="fal cancel", deadline=deadline, attempts=None)
+        return answer
 
     async def download(self, url: str, sink: DownloadSink, *, max_bytes: int, deadline: float) -> tuple[int, str]:
         """Fetch a result image into `sink` as it arrives, checking it is an image no larger
@@ -393,14 +486,14 @@ class FalQueueClient:
         live on a public CDN."""
 
         async def attempt() -> tuple[int, str]:
-            async with self.session.get(url) as response:
+            async with self._session.get(url) as response:
                 if response.status in (404, 410):
                     # The CDN deleted the file: the same "gone" as an expired result.
                     raise FalResultExpired(
                         f"fal no longer has this result file ({response.status})", status=response.status
                     )
                 if response.status >= 300:
-                    raise _error_for(response.status, None)
+                    raise _Transient(f"fal's CDN answered {response.status}", status=response.status)
                 if (response.content_length or 0) > max_bytes:
                     raise FalBadOutput(f"result image is {response.content_length} bytes, over {max_bytes}")
                 try:
@@ -409,6 +502,13 @@ class FalQueueClient:
                     sink.discard()
                     raise
 
-        return await retrying(
-            attempt, retryable=_is_transient, backoff=self._backoff, deadline=deadline, what="result download"
-        )
+        size_and_type: tuple[int, str] = await self._retried(attempt, what="result download", deadline=deadline)
+        return size_and_type
+
+
+class _StreamUnsupported(Exception):
+    """The status stream answered with an error code: polling is the only way for this job."""
+
+
+class _StreamQuiet(Exception):
+    """The status stream sent no event for a while."""

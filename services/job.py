@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import io
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,11 @@ from typing import Any
 
 from .fal_queue import FalRequest
 from .flux_kontext import KontextEdit
+
+# Keys of a job's notes (Job.notes): what the member is told besides the state.
+NOTE_SAFETY_LIMITED_TO = "safety_limited_to"  # the policy lowered the tolerance asked for
+NOTE_CANCEL_REQUESTED_BY = "cancel_requested_by"  # a cancel came once fal had started the job
+NOTE_UNDELIVERABLE = "undeliverable"  # why the final state could not be shown
 
 # The interaction token of the reply lives 15 minutes; leave a margin for the final upload.
 INTERACTION_TOKEN_LIFETIME = 15 * 60
@@ -144,6 +150,11 @@ class Job(JobRequest):
     error_detail: str | None = None
     cancelled_by: int | None = None
     result: JobResult | None = None
+    # In every button's custom_id with the job id: a button from a lost or restored database,
+    # whose job id now names another job, matches nothing.
+    button_key: str | None = field(default_factory=lambda: secrets.token_hex(4))
+    # Every message showing the result (the reply, follow-ups, channel posts), for Delete.
+    posted_message_ids: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

@@ -36,7 +36,9 @@ class GuildPolicy:
     daily_jobs_per_member: int | None = None
     concurrent_jobs_per_member: int | None = 2
     concurrent_jobs_per_guild: int | None = None
-    monthly_image_budget: int | None = None
+    # A server starts with a budget (250 images is $20 at Kontext Max's price), never with none:
+    # anyone may add a public bot, and the operator pays.
+    monthly_image_budget: int | None = 250
     monthly_usd_budget: float | None = None
     log_channel_id: int | None = None
 
@@ -61,6 +63,17 @@ class Usage:
     member_active_jobs: int
     guild_active_jobs: int
     guild_images_this_month: int  # images billed this UTC calendar month (see month_start)
+    all_images_this_month: int = 0  # the same, for every server together
+
+
+@dataclass(frozen=True)
+class OperatorLimits:
+    """What the bot's operator sets for all servers together (in the environment)."""
+
+    monthly_usd_budget: float | None = None  # None: no cap across servers
+
+
+NO_OPERATOR_LIMITS = OperatorLimits()
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class RefusalReason(enum.Enum):
     DAILY_LIMIT = "daily_limit"
     MONTHLY_IMAGE_BUDGET = "monthly_image_budget"
     MONTHLY_USD_BUDGET = "monthly_usd_budget"
+    OPERATOR_BUDGET = "operator_budget"
 
 
 @dataclass(frozen=True)
@@ -169,13 +183,23 @@ def _usd_exceeds(images: int, price_per_image: float, budget: float) -> bool:
 
 
 def _check(
-    policy: GuildPolicy, requester: Requester, usage: Usage, ask: JobAsk, now: float, price: float
+    policy: GuildPolicy,
+    requester: Requester,
+    usage: Usage,
+    ask: JobAsk,
+    now: float,
+    price: float,
+    operator: OperatorLimits,
 ) -> Refused | None:
     if not _channel_allowed(policy, requester):
         return Refused(RefusalReason.CHANNEL_NOT_ALLOWED, None, None)
     role = policy.required_role_id
     if role is not None and role not in requester.role_ids:
         return Refused(RefusalReason.MISSING_ROLE, None, None)
+
+    usd = operator.monthly_usd_budget
+    if usd is not None and _usd_exceeds(usage.all_images_this_month + ask.num_images, price, usd):
+        return Refused(RefusalReason.OPERATOR_BUDGET, next_month_start(now), usd)
 
     limit = policy.concurrent_jobs_per_member
     if limit is not None and usage.member_active_jobs >= limit:
@@ -212,6 +236,7 @@ def resolve(
     *,
     now: float,
     price_per_image: float,
+    operator: OperatorLimits = NO_OPERATOR_LIMITS,
 ) -> Decision:
     """Decide whether this job may run and at which safety_tolerance.
 
@@ -222,7 +247,8 @@ def resolve(
     1. Access (channel, then role). These are not about usage: waiting does not
        help, so they come first, before any reason that would invite a pointless
        retry, and they tell someone who may not use the bot here nothing about
-       counters or budgets.
+       counters or budgets. Then the operator's budget for all servers, which no
+       server's own settings can lift.
     2. Concurrency (member, then guild). A running job also usually means the
        cooldown is active, and "your job is still running" is the truer reason;
        it clears on its own within about a minute.
@@ -252,7 +278,7 @@ def resolve(
     if price_per_image < 0 or not math.isfinite(price_per_image):
         raise ValueError(f"price_per_image must be a non-negative number, got {price_per_image}")
 
-    refused = _check(policy, requester, usage, ask, now, price_per_image)
+    refused = _check(policy, requester, usage, ask, now, price_per_image, operator)
     if refused is not None:
         return refused
 
@@ -436,6 +462,7 @@ __all__ = [
     "GuildPolicy",
     "Requester",
     "Usage",
+    "OperatorLimits",
     "JobAsk",
     "Allowed",
     "Refused",

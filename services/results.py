@@ -199,6 +199,16 @@ class ResultCustody:
             image.data.close()
             image.data = None
 
+    def sweep(self, *, keep: set[int]) -> None:
+        """At start: delete what no unfinished job needs (files of jobs delivered just before a
+        crash, partial files a crash left)."""
+        if not self._dir.exists():
+            return
+        for path in self._dir.iterdir():
+            job_id = path.name.split("-")[1] if path.name.startswith("job-") else ""
+            if path.suffix == ".part" or not job_id.isdigit() or int(job_id) not in keep:
+                path.unlink(missing_ok=True)
+
     def discard(self, job_id: int, result: JobResult | None) -> None:
         """The result is posted (or will never be): free its memory and delete its files."""
         for index, image in enumerate(result.images if result else ()):

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from .redact import describe_error
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,11 @@ async def retrying(
     backoff: Backoff,
     deadline: float,
     what: str,
+    attempts: int | None = None,
 ) -> T:
-    """Run `call` until it succeeds, a non-retryable error occurs, or the next wait would pass
-    `deadline` (an event-loop time); the last error is re-raised."""
+    """Run `call` until it succeeds, a non-retryable error occurs, `attempts` calls were made
+    (if given) or the next wait would pass `deadline` (an event-loop time); the last error is
+    re-raised."""
     loop = asyncio.get_running_loop()
     attempt = 0
     while True:
@@ -47,10 +51,10 @@ async def retrying(
             return await call()
         except Exception as exc:
             attempt += 1
-            if not retryable(exc):
+            if not retryable(exc) or (attempts is not None and attempt >= attempts):
                 raise
             wait = backoff.delay(attempt)
             if loop.time() + wait > deadline:
                 raise
-            log.warning("%s failed (%s); retry %d in %.2fs", what, exc, attempt, wait)
+            log.warning("%s failed (%s); retry %d in %.2fs", what, describe_error(exc), attempt, wait)
             await asyncio.sleep(wait)

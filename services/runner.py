@@ -11,9 +11,21 @@ import logging
 import time
 from typing import Protocol
 
-from .fal_queue import FalError, FalQueueClient, FalRequest, FalResultExpired, QueueStatus
+from .fal_account import AccountGate
+from .fal_queue import (
+    FalAccountLocked,
+    FalCancelled,
+    FalError,
+    FalQueueClient,
+    FalRequest,
+    FalResultExpired,
+    FalUnavailable,
+    QueueStatus,
+)
 from .flux_kontext import parse_output
-from .job import Job, JobRequest, JobState
+from .input_images import InputRejected, InputStager, InputUnavailable
+from .job import NOTE_CANCEL_REQUESTED_BY, NOTE_UNDELIVERABLE, Job, JobRequest, JobState
+from .redact import describe_error
 from .results import ResultCustody
 from .retry import Backoff, retrying
 from .slots import SlotQueue
@@ -23,10 +35,20 @@ log = logging.getLogger(__name__)
 
 
 class DeliveryProgress(Protocol):
-    async def posted(self, parts: int, *, in_channel: bool, repeatable: bool = False) -> None:
-        """`parts` of the result's messages are shown (posted in the channel, if `in_channel`).
-        Stored at once, so a delivery cut short resumes without repeating a message, unless
-        doing it again shows the same (`repeatable`: an edit of the reply)."""
+    async def posted(self, parts: int, *, message_id: int, in_channel: bool, repeatable: bool = False) -> None:
+        """`parts` of the result's messages are shown, the last as `message_id` (posted in the
+        channel, if `in_channel`). Stored at once, so a delivery cut short resumes without
+        repeating a message, unless doing it again shows the same (`repeatable`: an edit of the
+        reply)."""
+
+
+class Undeliverable(Exception):
+    """The final state cannot be shown at all (the channel is gone, the bot was removed or may
+    not post there any more): every retry would fail the same way."""
+
+
+# A job not shown within this time of its request is given up, across restarts too.
+DELIVERY_GIVE_UP_SECONDS = 24 * 3600
 
 
 class JobListener(Protocol):
@@ -46,6 +68,9 @@ class RunnerStopped(Exception):
 class CancelOutcome(enum.Enum):
     CANCELLED = "cancelled"
     REQUESTED = "requested"  # submit in flight: cancelled at fal as soon as it has an id
+    # fal had started it: it asked the model to stop, which usually finishes (and bills) anyway,
+    # so the member gets the images.
+    STARTED = "started"
     TOO_LATE = "too_late"  # already finished at fal; the result is on its way
 
 
@@ -57,6 +82,8 @@ class JobRunner:
         listener: JobListener,
         *,
         results: ResultCustody,
+        inputs: InputStager,
+        account: AccountGate,
         max_concurrent_jobs: int,
         job_timeout: float,
         backoff: Backoff,
@@ -65,6 +92,8 @@ class JobRunner:
         self._fal = fal
         self._listener = listener
         self._results = results
+        self._inputs = inputs
+        self.account = account
         self._job_timeout = job_timeout
         self._backoff = backoff
         self._slots = SlotQueue(max_concurrent_jobs, self._show_bot_queue)
@@ -104,7 +133,8 @@ class JobRunner:
 
     async def resume(self) -> int:
         """Drive every job a previous run left unfinished; returns how many."""
-        jobs = await self._store.unfinished_jobs()
+        jobs = await self._store.unfinished_jobs(time.time())
+        self._results.sweep(keep={job.id for job in jobs})
         for job in jobs:
             log.info("job %d resumed in state %s", job.id, job.state.value)
             if job.state.at_fal:
@@ -123,24 +153,39 @@ class JobRunner:
             self._cancel_requests[job_id] = by_user
             return CancelOutcome.REQUESTED
         if job.state.at_fal:
-            assert job.request is not None
-            # Noted before asking fal: fal may end the job (and the status stream report it as
-            # failed) before its answer to the cancel arrives; the work then records a cancel.
-            self._cancel_requests[job_id] = by_user
-            try:
-                answer = await self._fal.cancel(job.request)
-            except BaseException:
-                self._cancel_requests.pop(job_id, None)
-                raise
-            log.info("job %d: fal answered cancel with %s", job.id, answer)
+            answer = await self._ask_fal_to_cancel(job, by_user)
             if answer == "ALREADY_COMPLETED":
-                self._cancel_requests.pop(job_id, None)
                 return CancelOutcome.TOO_LATE
-        work = self._work.get(job_id)
+            if answer == "CANCELLATION_REQUESTED":
+                return CancelOutcome.STARTED
+        # Still in the bot, or removed from fal's queue (OK) or unknown there (NOT_FOUND).
+        return await self._stop_work(job, by_user)
+
+    async def _ask_fal_to_cancel(self, job: Job, by_user: int) -> str:
+        assert job.request is not None
+        # Noted before asking: fal may end the job (and the stream report it failed) before its
+        # answer to the cancel arrives; the work then records a cancel, not a failure.
+        self._cancel_requests[job.id] = by_user
+        try:
+            answer = await self._fal.cancel(job.request)
+        except BaseException:
+            self._cancel_requests.pop(job.id, None)
+            raise
+        log.info("job %d: fal answered cancel with %s", job.id, answer)
+        if answer == "ALREADY_COMPLETED":
+            self._cancel_requests.pop(job.id, None)
+        elif answer == "CANCELLATION_REQUESTED":
+            # It runs: fal passes the request on, and the model most likely finishes and bills
+            # it anyway. Keep following it; the member gets what was paid for (or the cancel,
+            # if fal does stop it).
+            job.notes = {**job.notes, NOTE_CANCEL_REQUESTED_BY: by_user}
+            self._listener.job_changed(job)
+        return answer
+
+    async def _stop_work(self, job: Job, by_user: int) -> CancelOutcome:
+        work = self._work.get(job.id)
         if work is None or work.done():
-            if job.state is JobState.CANCELLED:
-                return CancelOutcome.CANCELLED  # the work saw fal end the job first
-            return CancelOutcome.TOO_LATE
+            return CancelOutcome.CANCELLED if job.state is JobState.CANCELLED else CancelOutcome.TOO_LATE
         # State first, then stop the work: the driver delivers as soon as the work ends.
         job.state = JobState.CANCELLED
         job.cancelled_by = by_user
@@ -171,12 +216,16 @@ class JobRunner:
         self._jobs[job.id] = job
         task = asyncio.create_task(self._drive(job), name=f"job-{job.id}")
         self._drivers[job.id] = task
-        task.add_done_callback(lambda _: self._forget(job.id))
+        task.add_done_callback(lambda done: self._forget(job.id, done))
 
-    def _forget(self, job_id: int) -> None:
+    def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self._drivers.pop(job_id, None)
         self._jobs.pop(job_id, None)
         self._cancel_requests.pop(job_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            # Only the store failing can get here: the job stays unfinished and resumes at the
+            # next start.
+            log.error("job %d stopped unfinished", job_id, exc_info=task.exception())
 
     async def _drive(self, job: Job) -> None:
         if not job.state.is_final:
@@ -196,10 +245,15 @@ class JobRunner:
         await self._deliver(job)
 
     async def _run_at_fal(self, job: Job) -> None:
+        """Take the job from where it stands to a final state, whatever goes wrong on the way."""
         deadline = self._deadline(job)
         holding_slot = job.state.at_fal
         try:
             if job.state is JobState.PENDING:
+                if self.account.refuses():
+                    await self._fail(job, FalAccountLocked.code, None)
+                    return
+                job.edit = await self._inputs.stage(job.edit, deadline=deadline)
                 if self._slots.must_wait():
                     await self._store.save(job)  # its reply must be known if we stop while it waits
                 async with asyncio.timeout_at(deadline):
@@ -213,29 +267,50 @@ class JobRunner:
             if job.state.at_fal:
                 await self._follow(job, deadline)
         except FalError as exc:
-            by_user = self._cancel_requests.get(job.id)
-            if by_user is not None and job.state.at_fal:
-                # fal ended the job because the member cancelled it (its result says "cancelled").
-                log.info("job %d: fal ended it after the cancel request (%s)", job.id, exc)
-                job.cancelled_by = by_user
-                await self._transition(job, JobState.CANCELLED)
-                return
-            log.warning("job %d failed: %s (%s)", job.id, exc, exc.code)
-            await self._fail(job, exc.code, _describe_detail(exc))
+            await self._failed_at_fal(job, exc)
+        except InputRejected as exc:
+            log.info("job %d: input refused: %s", job.id, exc)
+            await self._fail(job, "bad_input", str(exc))
+        except InputUnavailable as exc:
+            log.info("job %d: input unavailable: %s", job.id, exc)
+            await self._fail(job, "input_unavailable", str(exc))
         except TimeoutError:
             log.warning("job %d timed out after %.0fs", job.id, self._job_timeout)
             if job.request is not None:
                 await self._cancel_quietly(job)
             await self._fail(job, "timeout", None)
+        except Exception:
+            log.exception("job %d failed on the bot's side", job.id)
+            if job.request is not None and job.state.at_fal:
+                await self._cancel_quietly(job)
+            await self._fail(job, "internal", None)
         finally:
             if holding_slot:
                 self._slots.release()
+
+    async def _failed_at_fal(self, job: Job, exc: FalError) -> None:
+        by_user = self._cancel_requests.get(job.id)
+        if by_user is not None and (isinstance(exc, FalCancelled) or job.started_at is None):
+            log.info("job %d: fal ended it after the cancel request (%s)", job.id, exc.code)
+            job.cancelled_by = by_user
+            await self._transition(job, JobState.CANCELLED)
+            return
+        if isinstance(exc, FalAccountLocked):
+            self.account.locked(exc.reason)
+        elif isinstance(exc, FalUnavailable) and job.request is not None:
+            await self._cancel_quietly(job)  # if fal is back, it must not run (and bill) it unseen
+        log.warning("job %d failed: %s (%s)", job.id, exc, exc.code)
+        await self._fail(job, exc.code, _describe_detail(exc))
 
     def _deadline(self, job: Job) -> float:
         loop = asyncio.get_running_loop()
         return loop.time() + (job.created_at + self._job_timeout - time.time())
 
     async def _submit(self, job: Job, deadline: float) -> None:
+        if self.account.refuses():
+            # fal refused the last submit with its account lock: this one would fare the same.
+            await self._fail(job, FalAccountLocked.code, None)
+            return
         job.bot_queue_position = None
         await self._transition(job, JobState.SUBMITTING)
         sending = asyncio.ensure_future(self._fal.submit(job.edit.endpoint, job.edit.payload(), deadline=deadline))
@@ -247,9 +322,9 @@ class JobRunner:
                 await self._record_submission(job, *(await sending))
             raise
         await self._record_submission(job, request, status)
-        by_user = self._cancel_requests.pop(job.id, None)
-        if by_user is not None:
-            await self._fal.cancel(request)
+        self.account.accepted()
+        by_user = self._cancel_requests.get(job.id)
+        if by_user is not None and await self._ask_fal_to_cancel(job, by_user) in ("OK", "NOT_FOUND"):
             job.cancelled_by = by_user
             await self._transition(job, JobState.CANCELLED)
 
@@ -298,7 +373,7 @@ class JobRunner:
         try:
             await self._results.restore(job.id, job.result, deadline=deadline)
         except Exception as exc:
-            log.warning("job %d: result images could not be fetched again: %s", job.id, exc)
+            log.warning("job %d: result images could not be fetched again: %s", job.id, describe_error(exc))
             self._results.discard(job.id, job.result)
             await self._fail(job, "result_expired" if isinstance(exc, FalResultExpired) else "missing_files", None)
 
@@ -349,17 +424,23 @@ class JobRunner:
         self._delivering.add(job.id)
         try:
             try:
+                if time.time() - job.created_at > DELIVERY_GIVE_UP_SECONDS:
+                    raise Undeliverable("not shown within a day of the request")
                 await retrying(
                     attempt,
-                    retryable=lambda exc: True,  # any failure to show it is worth another try
+                    retryable=lambda exc: not isinstance(exc, Undeliverable),
                     backoff=self._backoff,
                     deadline=loop.time() + 120,
                     what=f"job {job.id} delivery",
                 )
+            except Undeliverable as exc:
+                log.warning("job %d cannot be shown (%s); it is closed", job.id, exc)
+                job.notes = {**job.notes, NOTE_UNDELIVERABLE: str(exc)}
             except Exception:
                 log.exception("job %d could not be delivered; it will be tried again at the next start", job.id)
                 return
             job.delivered_at = time.time()
+            job.interaction_token = ""  # of no more use, and not kept where a copy could leak it
             await self._store.save(job)
         finally:
             self._delivering.discard(job.id)
@@ -376,15 +457,16 @@ class _StoredProgress:
         self._store = store
         self._job = job
 
-    async def posted(self, parts: int, *, in_channel: bool, repeatable: bool = False) -> None:
+    async def posted(self, parts: int, *, message_id: int, in_channel: bool, repeatable: bool = False) -> None:
         self._job.delivered_parts = parts
         self._job.delivered_in_channel = in_channel
+        if message_id not in self._job.posted_message_ids:
+            self._job.posted_message_ids = [*self._job.posted_message_ids, message_id]
         if not repeatable:
             await self._store.save(self._job)
 
 
 def _describe_detail(exc: FalError) -> str | None:
-    messages = getattr(exc, "messages", None)
-    if messages:
-        return "; ".join(messages)[:500]
-    return None
+    """fal's own words for a failure, kept to show the member."""
+    messages = exc.messages
+    return "; ".join(messages)[:500] if messages else None

@@ -6,9 +6,12 @@ state, which is what resuming relies on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -79,16 +82,33 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE staged_inputs (
+        source TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
+    """
+    ALTER TABLE jobs ADD COLUMN button_key TEXT;
+    ALTER TABLE jobs ADD COLUMN posted_message_ids TEXT NOT NULL DEFAULT '[]';
+    CREATE INDEX jobs_created ON jobs (created_at);
+    """,
 )
 
 # SQL fragments over job rows; the state names are our own enum values, never user input.
 _ACTIVE = "state IN ({})".format(", ".join(f"'{state.value}'" for state in JobState if not state.is_final))
-# Budgets count images of jobs still in flight (reserved) or that reached fal; a job
-# cancelled before fal started it is free.
-_SPENT = f"({_ACTIVE} OR (request_id IS NOT NULL AND NOT (state = 'cancelled' AND started_at IS NULL)))"
+# Failures fal does not charge for: an input it rejected before any GPU time, its own 5xx.
+_UNBILLED_FAILURES = "('fal_rejected', 'content_policy', 'fal_failed')"
+# Budgets count the images of jobs in flight (reserved) and of those fal billed: succeeded, or
+# ended after fal started them (a cancel then rarely stops it). A job that never ran is free.
+_SPENT = (
+    f"({_ACTIVE} OR state = 'succeeded' OR (started_at IS NOT NULL AND request_id IS NOT NULL"
+    f" AND NOT (state = 'failed' AND error_code IN {_UNBILLED_FAILURES})))"
+)
 _IMAGES = "COALESCE(json_extract(params, '$.num_images'), 1)"
 
-_JSON_COLUMNS = ("notes",)
+_JSON_COLUMNS = ("notes", "posted_message_ids")
 _BOOL_COLUMNS = ("channel_nsfw", "delivered_in_channel")
 _REQUEST_FIELDS = ("request_id", "status_url", "response_url", "cancel_url")
 _SCALAR_COLUMNS = tuple(
@@ -121,6 +141,25 @@ def _from_row(row: aiosqlite.Row) -> Job:
     return Job(**values, edit=edit, id=row["id"], state=JobState(row["state"]), request=request, result=result)
 
 
+class StoreUnavailable(Exception):
+    """The database must not be used as it is; the message says why and can be printed."""
+
+
+def _lock_directory(directory: Path) -> int:
+    """Take DATA_DIR for this process: a second bot on the same folder would resume, and so
+    submit, every job a second time."""
+    descriptor = os.open(directory / "kontext.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise StoreUnavailable(
+            f"another Kontext bot is using {directory}: stop it first (a deploy must stop the old "
+            "process before it starts the new one)"
+        ) from None
+    return descriptor
+
+
 class Store:
     """The bot's only database handle. One connection; aiosqlite runs it off the event loop.
     Opened with `async with Store(path) as store` (or `await Store(path).open()`)."""
@@ -128,6 +167,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._connection: aiosqlite.Connection | None = None
+        self._lock: int | None = None
         # Policies are read on every job and change only by /kontext-admin, which goes through
         # save_policy: a read-through cache is always current.
         self._policies: dict[int, GuildPolicy] = {}
@@ -135,13 +175,24 @@ class Store:
         self._written: dict[int, dict[str, Any]] = {}
 
     async def open(self) -> Store:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        """Open (creating or upgrading) the database. Raises StoreUnavailable, with a message
+        that can be printed as it is, when it must not be used."""
+        directory = self._path.parent
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = _lock_directory(directory)
+        # Readable by the bot's user only: prompts, ids and interaction tokens live here.
+        os.chmod(directory, 0o700)
         # Autocommit: each statement is its own transaction, one trip to the database thread.
         connection = await aiosqlite.connect(self._path, isolation_level=None)
         connection.row_factory = aiosqlite.Row
         await connection.execute("PRAGMA journal_mode=WAL")
-        await connection.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit survives a power loss too (NORMAL may roll back the write that records
+        # a submit under way, and the job would be submitted again). A few commits per job.
+        await connection.execute("PRAGMA synchronous=FULL")
         await connection.execute("PRAGMA foreign_keys=ON")
+        for name in (self._path.name, f"{self._path.name}-wal", f"{self._path.name}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(directory / name, 0o600)
         self._connection = connection
         await self._migrate()
         return self
@@ -150,6 +201,9 @@ class Store:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock
+            self._lock = None
 
     async def __aenter__(self) -> Store:
         return await self.open()
@@ -166,6 +220,12 @@ class Store:
     async def _migrate(self) -> None:
         (row,) = await self._db.execute_fetchall("PRAGMA user_version")
         version = row[0]
+        if version > len(MIGRATIONS):
+            await self.close()
+            raise StoreUnavailable(
+                f"the database {self._path} was written by a newer version of the bot (schema {version}; this "
+                f"one knows {len(MIGRATIONS)}): run that version, or restore a backup made before the upgrade"
+            )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             log.info("upgrading the database to schema version %d", number)
             # One transaction per version: the schema change and its version number together.
@@ -196,14 +256,32 @@ class Store:
             self._written.pop(job.id, None)  # finished: no more writes expected
         if changed:
             assignments = ", ".join(f"{name} = :{name}" for name in changed)
-            await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**changed, "id": job.id})
+            try:
+                await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**changed, "id": job.id})
+            except BaseException:
+                # What the database holds is unknown now: the next save writes the whole row.
+                self._written.pop(job.id, None)
+                raise
 
     async def get_job(self, job_id: int) -> Job | None:
         rows = list(await self._db.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,)))
         return _from_row(rows[0]) if rows else None
 
-    async def unfinished_jobs(self) -> list[Job]:
-        return await self._jobs("SELECT * FROM jobs WHERE delivered_at IS NULL ORDER BY id", ())
+    async def unfinished_jobs(self, now: float) -> list[Job]:
+        """Every job a run left unfinished. A row that cannot be read (damaged, or written by
+        code that no longer exists) is closed and logged, so it cannot keep the bot from starting."""
+        jobs = []
+        for row in await self._db.execute_fetchall("SELECT * FROM jobs WHERE delivered_at IS NULL ORDER BY id"):
+            try:
+                jobs.append(_from_row(row))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("job %s cannot be read (%s: %s); it is closed as failed", row["id"], type(exc).__name__, exc)
+                await self._db.execute(
+                    "UPDATE jobs SET state = 'failed', error_code = 'unreadable', delivered_at = ?, "
+                    "interaction_token = '' WHERE id = ?",
+                    (now, row["id"]),
+                )
+        return jobs
 
     async def policy(self, guild_id: int) -> GuildPolicy:
         """The server's policy; a server that never changed it gets the defaults."""
@@ -225,9 +303,10 @@ class Store:
         )
         self._policies[guild_id] = policy
 
-    async def usage(self, guild_id: int, user_id: int, now: float) -> Usage:
+    async def usage(self, guild_id: int, user_id: int, now: float, *, all_servers: bool = False) -> Usage:
         """What the policy's limits count. Each part reads an index range (a member's jobs since
-        today, the unfinished jobs, the server's jobs this month), never the whole history."""
+        today, the unfinished jobs, the server's jobs this month), never the whole history; the
+        images of every server this month only when an operator's budget needs them."""
         sql = f"""
             SELECT
                 (SELECT MAX(created_at) FROM jobs WHERE guild_id = :guild AND user_id = :user),
@@ -236,11 +315,12 @@ class Store:
                     AND {_ACTIVE}),
                 (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND guild_id = :guild AND {_ACTIVE}),
                 (SELECT COALESCE(SUM({_IMAGES}), 0) FROM jobs
-                    WHERE guild_id = :guild AND created_at >= :month AND {_SPENT})
+                    WHERE guild_id = :guild AND created_at >= :month AND {_SPENT}),
+                {f"(SELECT COALESCE(SUM({_IMAGES}), 0) FROM jobs WHERE created_at >= :month AND {_SPENT})" if all_servers else "0"}
         """
         args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": month_start(now)}
         (row,) = await self._db.execute_fetchall(sql, args)  # one trip to the database thread
-        return Usage(row[0], row[1], row[2], row[3], int(row[4]))
+        return Usage(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]))
 
     async def meta(self, key: str) -> str | None:
         """A value the bot keeps about itself (e.g. the commands last synced)."""
@@ -251,6 +331,19 @@ class Store:
         await self._db.execute(
             "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
+        )
+
+    async def staged_input(self, source: str, *, now: float) -> str | None:
+        """The durable copy of an input image made before, if it lasts past `now`."""
+        sql = "SELECT url FROM staged_inputs WHERE source = ? AND expires_at > ?"
+        rows = list(await self._db.execute_fetchall(sql, (source, now)))
+        return str(rows[0]["url"]) if rows else None
+
+    async def record_staged_input(self, source: str, url: str, *, expires_at: float) -> None:
+        await self._db.execute(
+            "INSERT INTO staged_inputs (source, url, expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (source) DO UPDATE SET url = excluded.url, expires_at = excluded.expires_at",
+            (source, url, expires_at),
         )
 
     async def _jobs(self, sql: str, args: Iterable[Any]) -> list[Job]:

@@ -1,4 +1,5 @@
 """Self-tests of the fake Discord, driven by a real discord.py AutoShardedBot running in-process."""
+
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +16,7 @@ from discord.ext import commands
 
 from fakes.discord_fake import FakeDiscord, MEMBER_PERMISSIONS
 
-PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x02\x00\x00\x00\x03\x08\x02\x00\x00\x00"
-       + b"\x00" * 40)
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x02\x00\x00\x00\x03\x08\x02\x00\x00\x00" + b"\x00" * 40
 
 
 class ReRoll(discord.ui.DynamicItem[discord.ui.Button], template=r"kx:reroll:(?P<job>[0-9]+)"):
@@ -35,24 +35,34 @@ class ReRoll(discord.ui.DynamicItem[discord.ui.Button], template=r"kx:reroll:(?P
 
 def make_bot(fake: FakeDiscord) -> commands.AutoShardedBot:
     discord.http.Route.BASE = fake.api_base
-    bot = commands.AutoShardedBot(command_prefix="!", intents=discord.Intents.default(),
-                                  guild_ready_timeout=0.05, allowed_mentions=discord.AllowedMentions.none())
+    bot = commands.AutoShardedBot(
+        command_prefix="!",
+        intents=discord.Intents.default(),
+        guild_ready_timeout=0.05,
+        allowed_mentions=discord.AllowedMentions.none(),
+    )
     bot.clicked = []
     bot.seen = {}
 
     @bot.tree.command(name="kontext", description="Edit an image")
     @app_commands.describe(image="Image", prompt="Prompt")
-    async def kontext(interaction: discord.Interaction, image: discord.Attachment, prompt: str,
-                      seed: int = 0) -> None:
-        bot.seen.update(prompt=prompt, seed=seed, nsfw=interaction.channel.is_nsfw(),
-                        limit=interaction.filesize_limit, perms=interaction.permissions.manage_guild)
+    async def kontext(interaction: discord.Interaction, image: discord.Attachment, prompt: str, seed: int = 0) -> None:
+        bot.seen.update(
+            prompt=prompt,
+            seed=seed,
+            nsfw=interaction.channel.is_nsfw(),
+            limit=interaction.filesize_limit,
+            perms=interaction.permissions.manage_guild,
+        )
         await interaction.response.defer()
         data = await image.read()
         view = discord.ui.View(timeout=None)
         view.add_item(ReRoll(7))
         await interaction.edit_original_response(
-            content=f"done: {prompt} @everyone", view=view,
-            attachments=[discord.File(io.BytesIO(data[::-1]), filename="out.png")])
+            content=f"done: {prompt} @everyone",
+            view=view,
+            attachments=[discord.File(io.BytesIO(data[::-1]), filename="out.png")],
+        )
         await interaction.followup.send("extra", file=discord.File(io.BytesIO(b"abc"), filename="x.txt"))
 
     @bot.tree.command(name="slow", description="Answers too late")
@@ -105,8 +115,9 @@ async def test_slash_defer_edit_followup_and_button(env):
     assert "kontext" in fake.commands and fake.commands["kontext"]["application_id"] == fake.application_id
     att = fake.add_cdn_file(PNG, "in.png", "image/png")
     assert att["width"] == 2 and att["height"] == 3
-    h = await fake.invoke_slash("kontext", options={"prompt": "a cat", "image": att, "seed": 42},
-                                user="alice", channel_id=fake.nsfw_channel_id)
+    h = await fake.invoke_slash(
+        "kontext", options={"prompt": "a cat", "image": att, "seed": 42}, user="alice", channel_id=fake.nsfw_channel_id
+    )
     await h.wait_until(lambda h: h.original is not None and not h.original.loading and len(h.followups) == 1)
     assert h.callback == {"type": 5}
     assert bot.seen == {"prompt": "a cat", "seed": 42, "nsfw": True, "limit": 10485760, "perms": False}
@@ -137,8 +148,9 @@ async def test_slash_defer_edit_followup_and_button(env):
     assert b.callback["type"] == 4 and b.original.ephemeral and b.original.content == "rerolling 7"
     # a second acknowledgement is refused like Discord does
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{fake.api_base}/interactions/{b.id}/{b.token}/callback?with_response=1",
-                          json={"type": 6}) as r:
+        async with s.post(
+            f"{fake.api_base}/interactions/{b.id}/{b.token}/callback?with_response=1", json={"type": 6}
+        ) as r:
             assert r.status == 400 and (await r.json())["code"] == 40060
     # gateway drop -> discord.py resumes on resume_gateway_url; dispatch goes to the new socket
     await fake.disconnect_gateway(4000)
@@ -176,8 +188,9 @@ async def test_spec_violation_and_rules_raw():
         auth = {"Authorization": "Bot t0k"}
         async with aiohttp.ClientSession() as s:
             # content too long (spec maxLength 2000)
-            async with s.post(f"{fake.api_base}/channels/{fake.channel_id}/messages",
-                              json={"content": "x" * 2001}, headers=auth) as r:
+            async with s.post(
+                f"{fake.api_base}/channels/{fake.channel_id}/messages", json={"content": "x" * 2001}, headers=auth
+            ) as r:
                 body = await r.json(content_type=None)
                 assert r.status == 400 and body["code"] == 50035 and "content" in body["errors"]
                 assert r.headers["Content-Type"] == "application/json"
@@ -192,31 +205,37 @@ async def test_spec_violation_and_rules_raw():
             fake.violations.clear()
             # reply (type 19) with multipart, then a too-large file, then too many files
             first = None
-            async with s.post(f"{fake.api_base}/channels/{fake.channel_id}/messages",
-                              json={"content": "hi"}, headers=auth) as r:
+            async with s.post(
+                f"{fake.api_base}/channels/{fake.channel_id}/messages", json={"content": "hi"}, headers=auth
+            ) as r:
                 first = await r.json()
                 assert first["type"] == 0
             form = aiohttp.FormData(quote_fields=False)
-            form.add_field("payload_json", json.dumps({"content": "re", "message_reference": {
-                "message_id": int(first["id"])}, "attachments": [{"id": 0, "filename": "a.bin"}]}))
+            form.add_field(
+                "payload_json",
+                json.dumps(
+                    {
+                        "content": "re",
+                        "message_reference": {"message_id": int(first["id"])},
+                        "attachments": [{"id": 0, "filename": "a.bin"}],
+                    }
+                ),
+            )
             form.add_field("files[0]", b"123", filename="a.bin")
-            async with s.post(f"{fake.api_base}/channels/{fake.channel_id}/messages", data=form,
-                              headers=auth) as r:
+            async with s.post(f"{fake.api_base}/channels/{fake.channel_id}/messages", data=form, headers=auth) as r:
                 reply = await r.json()
                 assert r.status == 200 and reply["type"] == 19 and reply["attachments"][0]["size"] == 3
             assert fake.messages[reply["id"]].files == {"a.bin": b"123"}
             form = aiohttp.FormData(quote_fields=False)
             form.add_field("payload_json", json.dumps({"content": "big"}))
             form.add_field("files[0]", b"0" * (10 * 1024 * 1024 + 1), filename="big.bin")
-            async with s.post(f"{fake.api_base}/channels/{fake.channel_id}/messages", data=form,
-                              headers=auth) as r:
+            async with s.post(f"{fake.api_base}/channels/{fake.channel_id}/messages", data=form, headers=auth) as r:
                 assert r.status == 413 and (await r.json())["code"] == 40005
             form = aiohttp.FormData(quote_fields=False)
             form.add_field("payload_json", json.dumps({"content": "many"}))
             for i in range(11):
                 form.add_field(f"files[{i}]", b"1", filename=f"{i}.bin")
-            async with s.post(f"{fake.api_base}/channels/{fake.channel_id}/messages", data=form,
-                              headers=auth) as r:
+            async with s.post(f"{fake.api_base}/channels/{fake.channel_id}/messages", data=form, headers=auth) as r:
                 assert r.status == 400 and (await r.json())["code"] == 50035
             assert len(fake.violations) == 1
             # fault injection: 429 with Via
@@ -233,9 +252,13 @@ async def test_spec_violation_and_rules_raw():
 async def test_validation_speed():
     fake = FakeDiscord()
     spec = fake.spec
-    body = {"content": "hello", "embeds": [{"title": "t", "description": "d", "color": 1}],
-            "components": [{"type": 1, "components": [{"type": 2, "style": 1, "label": "x", "custom_id": "a"}]}],
-            "allowed_mentions": {"parse": []}, "attachments": [{"id": 0, "filename": "o.png"}]}
+    body = {
+        "content": "hello",
+        "embeds": [{"title": "t", "description": "d", "color": 1}],
+        "components": [{"type": 1, "components": [{"type": 2, "style": 1, "label": "x", "custom_id": "a"}]}],
+        "allowed_mentions": {"parse": []},
+        "attachments": [{"id": 0, "filename": "o.png"}],
+    }
     tmpl, ok = spec.match("PATCH", "/webhooks/1/tok/messages/@original")
     assert ok and tmpl.endswith("@original")
     spec.validate(tmpl, "PATCH", body)
@@ -255,8 +278,9 @@ async def test_modal_context_menu_reply_and_429(env):
         async def on_submit(self, interaction: discord.Interaction) -> None:
             bot.seen["modal"] = self.text.value
             await interaction.response.send_message(f"got {self.text.value}")
-            m = await interaction.channel.send("channel reply", reference=interaction.message
-                                               or await interaction.original_response())
+            m = await interaction.channel.send(
+                "channel reply", reference=interaction.message or await interaction.original_response()
+            )
             bot.seen["reply_type"] = m.type
 
     async def edit_ctx(interaction: discord.Interaction, message: discord.Message) -> None:
@@ -290,7 +314,7 @@ async def test_modal_context_menu_reply_and_429(env):
     assert fake.violations == []
 
 
-BOT_SCRIPT = r'''
+BOT_SCRIPT = r"""
 import asyncio, sys, discord
 from discord.ext import commands
 discord.http.Route.BASE = sys.argv[1]
@@ -302,12 +326,13 @@ async def setup_hook():
     await bot.tree.sync()
 bot.setup_hook = setup_hook
 bot.run("test-token", log_handler=None)
-'''
+"""
 
 
 @pytest.mark.asyncio
 async def test_bot_process_killed_and_restarted():
     import sys
+
     fake = FakeDiscord(token="test-token")
     await fake.start()
     procs = []

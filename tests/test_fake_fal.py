@@ -16,14 +16,20 @@ from fakes.fal_fake import FakeFal, JobScript, make_jpeg, make_png
 KEY = "test-fal-key"
 AUTH = {"Authorization": f"Key {KEY}"}
 EP = "fal-ai/flux-pro/kontext/max"
-PAYLOAD = {"prompt": "make it blue", "image_url": "https://example.com/in.png",
-           "safety_tolerance": "2", "output_format": "png", "num_images": 1}
+PAYLOAD = {
+    "prompt": "make it blue",
+    "image_url": "https://example.com/in.png",
+    "safety_tolerance": "2",
+    "output_format": "png",
+    "num_images": 1,
+}
 
 
 @pytest_asyncio.fixture
 async def fal():
-    f = FakeFal(key=KEY, default=JobScript(queue_positions=(2, 1, 0), step=0.05, run_time=0.1,
-                                           logs=("loading", "generating")))
+    f = FakeFal(
+        key=KEY, default=JobScript(queue_positions=(2, 1, 0), step=0.05, run_time=0.1, logs=("loading", "generating"))
+    )
     await f.start()
     try:
         yield f
@@ -119,8 +125,7 @@ async def test_full_flow_stream_result_download(fal, http):
 @pytest.mark.asyncio
 async def test_multi_jpeg_num_images_seed_nsfw(fal, http):
     fal.default = JobScript(queue_positions=(), run_time=0.02, image_size=5000, nsfw=(True,))
-    payload = {"prompt": "merge", "image_urls": ["https://a/1.png", "https://a/2.jpg"],
-               "num_images": 2, "seed": 42}
+    payload = {"prompt": "merge", "image_urls": ["https://a/1.png", "https://a/2.jpg"], "num_images": 2, "seed": 42}
     status, sub = await submit(http, fal, payload, endpoint=EP + "/multi")
     assert status == 200, sub
     await asyncio.sleep(0.05)
@@ -134,17 +139,20 @@ async def test_multi_jpeg_num_images_seed_nsfw(fal, http):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("bad, field", [
-    ({"safety_tolerance": 2}, "safety_tolerance"),
-    ({"num_images": 5}, "num_images"),
-    ({"guidance_scale": 0.5}, "guidance_scale"),
-    ({"aspect_ratio": "5:4"}, "aspect_ratio"),
-    ({"output_format": "webp"}, "output_format"),
-    ({"seed": "1"}, "seed"),
-    ({"promt": "typo"}, "promt"),
-    ({"prompt": ""}, "prompt"),
-    ({"image_url": "not a url"}, "image_url"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"safety_tolerance": 2}, "safety_tolerance"),
+        ({"num_images": 5}, "num_images"),
+        ({"guidance_scale": 0.5}, "guidance_scale"),
+        ({"aspect_ratio": "5:4"}, "aspect_ratio"),
+        ({"output_format": "webp"}, "output_format"),
+        ({"seed": "1"}, "seed"),
+        ({"promt": "typo"}, "promt"),
+        ({"prompt": ""}, "prompt"),
+        ({"image_url": "not a url"}, "image_url"),
+    ],
+)
 async def test_invalid_body_422(fal, http, bad, field):
     status, body = await submit(http, fal, {**PAYLOAD, **bad})
     assert status == 422
@@ -157,12 +165,12 @@ async def test_invalid_body_422(fal, http, bad, field):
 async def test_multi_schema(fal, http):
     status, body = await submit(http, fal, {"prompt": "x", "image_urls": []}, endpoint=EP + "/multi")
     assert status == 422 and body["detail"][0]["loc"] == ["body", "image_urls"]
-    status, body = await submit(http, fal, {"prompt": "x", "image_urls": ["https://a/b"],
-                                            "image_url": "https://a/b"}, endpoint=EP + "/multi")
+    status, body = await submit(
+        http, fal, {"prompt": "x", "image_urls": ["https://a/b"], "image_url": "https://a/b"}, endpoint=EP + "/multi"
+    )
     assert status == 422 and body["detail"][0]["type"] == "extra_forbidden"
     status, body = await submit(http, fal, {"image_url": "https://a/b"})
-    assert status == 422 and body["detail"][0] == {**body["detail"][0], "loc": ["body", "prompt"],
-                                                   "type": "missing"}
+    assert status == 422 and body["detail"][0] == {**body["detail"][0], "loc": ["body", "prompt"], "type": "missing"}
 
 
 @pytest.mark.asyncio
@@ -252,8 +260,14 @@ async def test_fail_next_500_and_drop(fal, http):
 async def test_scripted_failures(fal, http):
     cp = {"detail": [{"loc": ["body", "prompt"], "msg": "flagged", "type": "content_policy_violation"}]}
     fal.script_next(JobScript(queue_positions=(), run_time=0.01, result_status=422, result_body=cp))
-    fal.script_next(JobScript(queue_positions=(), run_time=0.01, result_status=503,
-                              result_body={"detail": "runner gone", "error_type": "runner_disconnected"}))
+    fal.script_next(
+        JobScript(
+            queue_positions=(),
+            run_time=0.01,
+            result_status=503,
+            result_body={"detail": "runner gone", "error_type": "runner_disconnected"},
+        )
+    )
     _, a = await submit(http, fal)
     _, b = await submit(http, fal)
     await asyncio.sleep(0.05)
@@ -277,8 +291,7 @@ async def test_stream_modes_and_keepalive(fal, http):
 
     fal.script_next(JobScript(stream_mode="stall"))
     _, sub = await submit(http, fal)
-    async with http.get(sub["status_url"] + "/stream", headers=AUTH,
-                        timeout=aiohttp.ClientTimeout(sock_read=0.3)) as r:
+    async with http.get(sub["status_url"] + "/stream", headers=AUTH, timeout=aiohttp.ClientTimeout(sock_read=0.3)) as r:
         assert r.status == 200
         with pytest.raises(asyncio.TimeoutError):
             await r.content.read(1)
@@ -314,6 +327,7 @@ async def test_fetch_inputs(http):
     png, _, _ = make_png(300, 4, 4)
     jpg, _, _ = make_jpeg(400, 8, 8)
     origin = web.Application()
+
     def serve(**response):
         async def handler(request):
             return web.Response(**response)
@@ -332,11 +346,11 @@ async def test_fetch_inputs(http):
     await f.start()
     try:
         _, ok = await submit(http, f, {**PAYLOAD, "image_url": o + "/ok.png"})
-        _, ok_multi = await submit(http, f, {"prompt": "p", "image_urls": [o + "/ok.png", o + "/ok.jpg"]},
-                                   endpoint=EP + "/multi")
+        _, ok_multi = await submit(
+            http, f, {"prompt": "p", "image_urls": [o + "/ok.png", o + "/ok.jpg"]}, endpoint=EP + "/multi"
+        )
         bad = {}
-        for name, url in [("404", o + "/missing.png"), ("text", o + "/text"),
-                          ("refused", "http://127.0.0.1:1/x.png")]:
+        for name, url in [("404", o + "/missing.png"), ("text", o + "/text"), ("refused", "http://127.0.0.1:1/x.png")]:
             _, bad[name] = await submit(http, f, {**PAYLOAD, "image_url": url})
         await asyncio.sleep(0.2)
         for sub in (ok, ok_multi):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 import itertools
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 

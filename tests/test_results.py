@@ -63,7 +63,7 @@ async def test_an_image_over_the_budget_spills_to_a_file_as_it_arrives(tmp_path)
     results = custody(tmp_path, cdn, memory=5_000)
     (image,) = (await results.take(7, output("a"), deadline=0)).images
     assert image.data is None and image.on_disk and image.path == tmp_path / "results" / "job-7-1"
-    assert image.path.read_bytes() == big and image.size == len(big)
+    assert image.path is not None and image.path.read_bytes() == big and image.size == len(big)
     assert results.bytes_in_memory == 0
     assert not list((tmp_path / "results").glob("*.part"))
 
@@ -110,7 +110,9 @@ async def test_after_a_restart_files_are_found_and_the_rest_fetched_again(tmp_pa
 
 async def test_a_stored_path_is_never_trusted(tmp_path):
     """Only the flag is stored; the file is always the job's own in DATA_DIR."""
-    stored = JobResult.from_dict({"seed": 1, "images": [{"path": ".env", "size": 1, "content_type": "x", "nsfw": False}]})
+    stored = JobResult.from_dict(
+        {"seed": 1, "images": [{"path": ".env", "size": 1, "content_type": "x", "nsfw": False}]}
+    )
     results = custody(tmp_path, FakeCdn({}), memory=0)
     with pytest.raises(ResultsLost):
         await results.restore(9, stored, deadline=0)

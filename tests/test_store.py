@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-import typing
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +107,9 @@ async def test_policies_are_saved_and_read_back(tmp_path: Path):
         await store.close()
 
 
-def non_default_value(name: str, annotation: object, default: object) -> object:
+def non_default_value(name: str, annotation: object, default: object) -> Any:
     """A value of the field's type that differs from its default."""
-    samples: dict[object, object] = {
+    samples: dict[object, Any] = {
         int: 5,
         int | None: 7,
         float | None: 12.5,

@@ -14,7 +14,7 @@ BOT_SOURCES = [ROOT / "bot.py", *sorted((ROOT / "cogs").glob("*.py")), *sorted((
 
 
 def imported_modules(path: Path) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
@@ -38,7 +38,7 @@ class RecordingEnvironment(dict[str, str]):
         super().__init__(values)
         self.read: set[str] = set()
 
-    def get(self, key, default=None):  # type: ignore[override]
+    def get(self, key, default=None):
         self.read.add(key)
         return super().get(key, default)
 

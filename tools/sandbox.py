@@ -70,7 +70,8 @@ PRODUCTION_SETTINGS: dict[str, str] = {
     "EDIT_INTERVAL": str(Settings.edit_interval),
     "POLL_INTERVAL": str(Settings.poll_interval),
     "RETRY_BASE_DELAY": str(Settings.retry_base_delay),
-    "FAL_STREAM_STALL_TIMEOUT": str(Settings.stream_stall_timeout),
+    "FAL_READ_TIMEOUT": str(Settings.read_timeout),
+    "FAL_STREAM_EVENT_TIMEOUT": str(Settings.stream_event_timeout),
     "JOB_TIMEOUT": str(Settings.job_timeout),
     "LOG_LEVEL": "INFO",
 }

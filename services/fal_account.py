@@ -1,0 +1,53 @@
+"""Whether fal takes jobs from the bot's account right now.
+
+fal answers a submit (and an upload) with 403 "User is locked" when the account is out of
+credit or locked by fal. Every job would then fail the same way, so after one such answer the
+bot stops submitting for a while and refuses new requests up front (nothing billed, nothing
+queued in vain), then lets one job through to find out; each further lock doubles the pause, up
+to ten minutes. The operator is told once per lock, in one ERROR line with fal's own words.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+FIRST_PAUSE_SECONDS = 30.0
+LONGEST_PAUSE_SECONDS = 600.0
+
+
+class AccountGate:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._reason: str | None = None
+        self._pause = 0.0
+        self._closed_until = 0.0
+
+    @property
+    def locked_reason(self) -> str | None:
+        """fal's words for the lock while the bot believes the account is locked."""
+        return self._reason
+
+    def refuses(self) -> bool:
+        """Whether new jobs are refused now (a lock was seen and its pause has not run out)."""
+        return self._reason is not None and self._clock() < self._closed_until
+
+    def locked(self, reason: str) -> None:
+        """fal refused a submit or upload with its account lock."""
+        if self._reason is None:
+            log.error("fal refused the bot's account: %s. No jobs are submitted until fal accepts them again.", reason)
+            self._pause = FIRST_PAUSE_SECONDS
+        else:
+            self._pause = min(LONGEST_PAUSE_SECONDS, self._pause * 2)
+        self._reason = reason
+        self._closed_until = self._clock() + self._pause
+
+    def accepted(self) -> None:
+        """fal took a submit or upload: the account works."""
+        if self._reason is not None:
+            log.info("fal accepts the bot's jobs again")
+        self._reason = None
+        self._pause = 0.0

@@ -1,0 +1,163 @@
+"""Input images made durable before a job is submitted.
+
+fal fetches a job's inputs when the job starts, not when it is submitted, and Discord's
+attachment URLs are signed and expire (about a day). So the bot fetches each input itself,
+only from Discord's CDN or media proxy (never an address a member controls), within the size
+limit, checks that the bytes really are an image fal can read (a lying content type or a broken
+file costs nothing), and hands fal a copy that lasts: a data URI for a small image, else an upload
+to fal's storage, reused for every job built on the same attachment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+import logging
+import time
+
+import aiohttp
+import yarl
+from PIL import Image, UnidentifiedImageError
+
+from .fal_storage import FalStorage
+from .flux_kontext import KontextEdit
+from .images import EXTENSIONS, SNIFF_BYTES, sniff_image_type
+from .redact import describe_error
+from .retry import Backoff, retrying
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+# Up to this size a data URI costs less than an upload (no round trip; the body grows by a third).
+INLINE_MAX_BYTES = 64 * 1024
+# How long fal keeps an uploaded input, and how long the bot reuses it.
+INPUT_LIFETIME_SECONDS = 30 * 86400
+REUSE_MARGIN_SECONDS = 86400
+_PILLOW_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+class InputRejected(Exception):
+    """The member's image cannot be used (not an image, broken, too large, not on Discord)."""
+
+
+class InputUnavailable(Exception):
+    """Discord no longer serves the image (an expired link or a deleted message), or could not
+    be reached."""
+
+
+def _source_key(url: yarl.URL) -> str:
+    """An attachment's identity: its address without the signature, which changes."""
+    return str(url.with_query(None).with_fragment(None))
+
+
+def check_image(data: bytes, name: str) -> str:
+    """The content type of `data` if it is a whole image of a kind fal reads; else InputRejected."""
+    if not data:
+        raise InputRejected(f"`{name}` is empty.")
+    sniffed = sniff_image_type(data[:SNIFF_BYTES])
+    if sniffed is None:
+        raise InputRejected(f"`{name}` is not an image FLUX.1 Kontext can read (PNG, JPEG, WebP or GIF).")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            pillow_type = _PILLOW_FORMATS.get(image.format or "")
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InputRejected(f"`{name}` is damaged: it could not be read as an image.") from None
+    if pillow_type != sniffed:
+        raise InputRejected(f"`{name}` is not an image FLUX.1 Kontext can read.")
+    # Pillow's verify does not read JPEG data to its end: a cut-off file lacks its end marker.
+    if sniffed == "image/jpeg" and b"\xff\xd9" not in data[-4096:]:
+        raise InputRejected(f"`{name}` is damaged: the image is cut off.")
+    return sniffed
+
+
+class InputStager:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        storage: FalStorage,
+        store: Store,
+        *,
+        discord_cdn_hosts: frozenset[str],
+        max_bytes: int,
+        backoff: Backoff,
+    ) -> None:
+        self._session = session
+        self._storage = storage
+        self._store = store
+        self._discord_hosts = discord_cdn_hosts
+        self._max_bytes = max_bytes
+        self._backoff = backoff
+
+    async def stage(self, edit: KontextEdit, *, deadline: float) -> KontextEdit:
+        """The same edit with every Discord-hosted input replaced by a durable copy. Inputs
+        that are durable already (data URIs, earlier copies) are kept as they are."""
+        urls = await asyncio.gather(*(self._durable(url, deadline) for url in edit.image_urls))
+        return dataclasses.replace(edit, image_urls=tuple(urls))
+
+    async def _durable(self, url: str, deadline: float) -> str:
+        if not hosted_on(url, self._discord_hosts):
+            return url  # a data URI or a copy at fal made before
+        source = yarl.URL(url)
+        key = _source_key(source)
+        now = time.time()
+        reused = await self._store.staged_input(key, now=now + REUSE_MARGIN_SECONDS)
+        if reused is not None:
+            return reused
+        name = source.name or "image"
+        data = await self._fetch(url, name, deadline)
+        content_type = await asyncio.to_thread(check_image, data, name)
+        if len(data) <= INLINE_MAX_BYTES:
+            return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
+        durable = await self._storage.upload(
+            data,
+            content_type,
+            f"input.{EXTENSIONS[content_type]}",
+            lifetime_seconds=INPUT_LIFETIME_SECONDS,
+            deadline=deadline,
+        )
+        await self._store.record_staged_input(key, durable, expires_at=now + INPUT_LIFETIME_SECONDS)
+        return durable
+
+    async def _fetch(self, url: str, name: str, deadline: float) -> bytes:
+        async def attempt() -> bytes:
+            async with self._session.get(url) as response:
+                if response.status in (403, 404, 410):
+                    raise InputUnavailable(f"Discord no longer has `{name}` (the link expired or the message is gone).")
+                if response.status >= 300:
+                    raise aiohttp.ClientResponseError(response.request_info, (), status=response.status)
+                if (response.content_length or 0) > self._max_bytes:
+                    raise InputRejected(f"`{name}` is over the {self._max_bytes // (1024 * 1024)} MB limit.")
+                data = bytearray()
+                async for chunk in response.content.iter_chunked(256 * 1024):
+                    data += chunk
+                    if len(data) > self._max_bytes:
+                        raise InputRejected(f"`{name}` is over the {self._max_bytes // (1024 * 1024)} MB limit.")
+                return bytes(data)
+
+        def transient(exc: BaseException) -> bool:
+            return isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError))
+
+        try:
+            data: bytes = await retrying(
+                attempt,
+                retryable=transient,
+                backoff=self._backoff,
+                deadline=deadline,
+                what="input download",
+                attempts=4,
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("could not fetch an input image from Discord: %s", describe_error(exc))
+            raise InputUnavailable(f"`{name}` could not be fetched from Discord right now.") from None
+        return data
+
+
+def hosted_on(url: str, hosts: frozenset[str]) -> bool:
+    """Whether `url` is an http(s) address on one of `hosts` (each "host" or "host:port")."""
+    parsed = yarl.URL(url)
+    host = (parsed.host or "").lower()
+    netloc = f"{host}:{parsed.port}" if parsed.explicit_port else host
+    return parsed.scheme in ("http", "https") and netloc in hosts
