@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as _dt
+import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -58,6 +60,10 @@ EPHEMERAL = 1 << 6
 LOADING = 1 << 7
 DEFAULT_SIZE_LIMIT = 10 * 1024 * 1024
 CALLBACK_WINDOW = 3.0
+# Signed attachment CDN URLs (platform doc A8): `ex` (hex expiry), `is` (hex issue time), `hm`
+# (signature). The lifetime is not documented; about 24 h is commonly observed.
+CDN_URL_LIFETIME = 86400
+CDN_GONE_TEXT = "This content is no longer available."
 TOKEN_LIFETIME = 15 * 60.0
 JOINED_AT = "2026-01-01T00:00:00+00:00"
 
@@ -311,7 +317,9 @@ class FakeMessage:
             "type": self.type, "content": self.content, "timestamp": self.timestamp,
             "edited_timestamp": self.edited_timestamp, "tts": self.tts,
             "mention_everyone": False, "mentions": [], "mention_roles": [], "mention_channels": [],
-            "embeds": copy.deepcopy(self.embeds), "attachments": copy.deepcopy(self.attachments),
+            "embeds": copy.deepcopy(self.embeds),
+            # Discord refreshes signed CDN URLs in the payloads it hands out (platform doc A8)
+            "attachments": [self.fake.refresh_attachment(a) for a in self.attachments],
             "components": copy.deepcopy(self.components), "pinned": False, "flags": self.flags,
             "reactions": [],
         }
@@ -403,6 +411,10 @@ class FakeDiscord:
         self.global_commands: dict[str, dict] = {}
         self.guild_commands: dict[str, dict[str, dict]] = {}
         self.cdn_files: dict[str, tuple[bytes, str]] = {}  # cdn path -> (data, content type)
+        self.cdn_lifetimes: dict[str, float] = {}  # cdn path -> lifetime of its signed URLs (s)
+        self.cdn_clock_offset = 0.0  # the CDN's clock = time.time() + this (advance_cdn_clock)
+        self._cdn_secret = secrets.token_bytes(16)
+        self._cdn_max_ex = 0
         self._faults: list[dict] = []
         self._hang_release = asyncio.Event()
         self._hanging = 0
@@ -517,9 +529,12 @@ class FakeDiscord:
 
     def add_cdn_file(self, data: bytes, filename: str = "image.png", content_type: str = "image/png",
                      ephemeral: bool = True, width: Optional[int] = None, height: Optional[int] = None,
-                     channel_id: Optional[str] = None) -> dict:
+                     channel_id: Optional[str] = None, lifetime: float = CDN_URL_LIFETIME) -> dict:
+        """An attachment served by the fake CDN; its signed URL expires `lifetime` s after issue
+        (on the CDN clock: see advance_cdn_clock / expire_cdn_urls)."""
         aid = snowflake()
-        att = self._store_attachment(aid, channel_id or self.channel_id, filename, data, content_type)
+        att = self._store_attachment(aid, channel_id or self.channel_id, filename, data, content_type,
+                                     lifetime=lifetime)
         w, h = (width, height) if width else _image_size(data)
         if w:
             att["width"], att["height"] = w, h
@@ -528,15 +543,63 @@ class FakeDiscord:
         return att
 
     def _store_attachment(self, aid: str, channel_id: str, filename: str, data: bytes,
-                          content_type: Optional[str]) -> dict:
+                          content_type: Optional[str], lifetime: float = CDN_URL_LIFETIME) -> dict:
         path = f"/cdn/attachments/{channel_id}/{aid}/{urllib.parse.quote(filename)}"
         self.cdn_files[path] = (data, content_type or "application/octet-stream")
-        t = int(time.time())
-        url = f"{self.base_url}{path}?ex={t + 86400:x}&is={t:x}&hm={secrets.token_hex(16)}&"
+        self.cdn_lifetimes[path] = lifetime
+        url = self._sign_cdn_path(path)
         att = {"id": aid, "filename": filename, "size": len(data), "url": url, "proxy_url": url}
         if content_type:
             att["content_type"] = content_type
         return att
+
+    # ---------------------------------------------------------------- signed CDN URLs
+    def cdn_now(self) -> float:
+        """The CDN's clock (unix seconds): real time plus what advance_cdn_clock() added."""
+        return time.time() + self.cdn_clock_offset
+
+    def advance_cdn_clock(self, seconds: float) -> None:
+        """Move the CDN's clock forward: URLs whose `ex` falls behind it answer 404."""
+        self.cdn_clock_offset += seconds
+
+    def expire_cdn_urls(self) -> None:
+        """Expire every CDN URL handed out so far (URLs signed afterwards are valid again)."""
+        gap = self._cdn_max_ex - self.cdn_now() + 1
+        if gap > 0:
+            self.advance_cdn_clock(gap)
+
+    def _cdn_signature(self, path: str, ex: str, is_: str) -> str:
+        return hmac.new(self._cdn_secret, f"{path}|{ex}|{is_}".encode(), hashlib.sha256).hexdigest()
+
+    def _sign_cdn_path(self, path: str) -> str:
+        t = int(self.cdn_now())
+        ex = t + int(self.cdn_lifetimes.get(path, CDN_URL_LIFETIME))
+        self._cdn_max_ex = max(self._cdn_max_ex, ex)
+        hm = self._cdn_signature(path, f"{ex:x}", f"{t:x}")
+        return f"{self.base_url}{path}?ex={ex:x}&is={t:x}&hm={hm}&"
+
+    def _cdn_url_expired(self, url: str) -> bool:
+        q = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        try:
+            return int(q["ex"][0], 16) <= self.cdn_now()
+        except (KeyError, ValueError):
+            return False
+
+    def refresh_cdn_url(self, url: str) -> str:
+        """A freshly signed URL for one of this CDN's files if `url` has expired (what Discord
+        does in payloads it hands out); any other URL unchanged."""
+        parts = urllib.parse.urlsplit(url)
+        if (not url.startswith(self.base_url + "/cdn/") or parts.path not in self.cdn_files
+                or not self._cdn_url_expired(url)):
+            return url
+        return self._sign_cdn_path(parts.path)
+
+    def refresh_attachment(self, att: dict) -> dict:
+        a = copy.deepcopy(att)
+        for k in ("url", "proxy_url"):
+            if isinstance(a.get(k), str):
+                a[k] = self.refresh_cdn_url(a[k])
+        return a
 
     def post_user_message(self, content: str = "", user: Any = "alice", channel_id: Optional[str] = None,
                           attachments: list = ()) -> FakeMessage:
@@ -962,9 +1025,22 @@ class FakeDiscord:
 
     async def _cdn(self, request: web.Request) -> web.Response:
         path = urllib.parse.quote(urllib.parse.unquote(request.path))
-        item = self.cdn_files.get(path) or self.cdn_files.get(request.path)
+        key = path if path in self.cdn_files else request.path
+        item = self.cdn_files.get(key)
         if item is None:
             return web.Response(status=404, text="Not Found")
+        # Signed URL check (platform doc A8). A URL without `ex` is served (lenient: what Discord
+        # does with unsigned attachment URLs is not in the reference).
+        ex, is_, hm = (request.query.get(k) for k in ("ex", "is", "hm"))
+        if ex is not None:
+            try:
+                expired = int(ex, 16) <= self.cdn_now()
+            except ValueError:
+                expired = True
+            forged = is_ is not None and hm is not None and not hmac.compare_digest(
+                hm, self._cdn_signature(key, ex, is_))
+            if expired or forged:
+                return web.Response(status=404, text=CDN_GONE_TEXT)
         data, ctype = item
         return web.Response(body=data, headers={"Content-Type": ctype})
 

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import time
+import urllib.parse
 
 import aiohttp
 import discord
@@ -356,3 +357,74 @@ async def test_bot_process_killed_and_restarted():
                 p.kill()
                 await p.wait()
         await fake.stop()
+
+
+# ---------------------------------------------------------------- signed, expiring CDN URLs
+@pytest_asyncio.fixture
+async def cdn_fake():
+    fake = FakeDiscord(token="t0k", spec_validation=False)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+async def _cdn_get(url):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            return r.status, await r.read()
+
+
+@pytest.mark.asyncio
+async def test_cdn_url_expires_after_its_lifetime(cdn_fake):
+    from fakes.discord_fake import CDN_GONE_TEXT, CDN_URL_LIFETIME
+    fake = cdn_fake
+    att = fake.add_cdn_file(PNG, "in.png", "image/png")
+    short = fake.add_cdn_file(PNG, "short.png", "image/png", lifetime=60)
+    q = {k: v[0] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(att["url"]).query).items()}
+    assert int(q["ex"], 16) - int(q["is"], 16) == CDN_URL_LIFETIME == 86400 and len(q["hm"]) == 64
+    assert await _cdn_get(att["url"]) == (200, PNG)
+    assert await _cdn_get(short["url"]) == (200, PNG)
+    fake.advance_cdn_clock(61)
+    assert await _cdn_get(short["url"]) == (404, CDN_GONE_TEXT.encode())
+    assert (await _cdn_get(att["url"]))[0] == 200
+    fake.advance_cdn_clock(86400)
+    assert await _cdn_get(att["url"]) == (404, CDN_GONE_TEXT.encode())
+
+
+@pytest.mark.asyncio
+async def test_cdn_expire_all_and_forged_expiry(cdn_fake):
+    from fakes.discord_fake import CDN_GONE_TEXT
+    fake = cdn_fake
+    a = fake.add_cdn_file(PNG, "a.png", "image/png")
+    b = fake.add_cdn_file(PNG, "b.png", "image/png", lifetime=7 * 86400)
+    fake.expire_cdn_urls()
+    for att in (a, b):
+        assert await _cdn_get(att["url"]) == (404, CDN_GONE_TEXT.encode())
+    c = fake.add_cdn_file(PNG, "c.png", "image/png")  # signed on the advanced clock: valid
+    assert (await _cdn_get(c["url"]))[0] == 200
+    # a client cannot extend a URL by editing `ex`: the signature no longer matches
+    parts = urllib.parse.urlsplit(c["url"])
+    q = urllib.parse.parse_qs(parts.query)
+    forged = c["url"].replace(f"ex={q['ex'][0]}", f"ex={int(q['ex'][0], 16) + 10 ** 6:x}")
+    assert forged != c["url"] and (await _cdn_get(forged))[0] == 404
+
+
+@pytest.mark.asyncio
+async def test_fresh_message_fetch_refreshes_expired_cdn_urls(cdn_fake):
+    fake = cdn_fake
+    att = fake.add_cdn_file(PNG, "in.png", "image/png", lifetime=60)
+    msg = fake.post_user_message("look", attachments=[att])
+    fake.advance_cdn_clock(120)
+    assert (await _cdn_get(att["url"]))[0] == 404
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{fake.api_base}/channels/{msg.channel_id}/messages/{msg.id}",
+                         headers={"Authorization": "Bot t0k"}) as r:
+            assert r.status == 200
+            fetched = (await r.json())["attachments"][0]
+    assert fetched["url"] != att["url"] and fetched["id"] == att["id"]
+    assert await _cdn_get(fetched["url"]) == (200, PNG)
+    assert await _cdn_get(fetched["proxy_url"]) == (200, PNG)
+    # an unexpired URL is handed out unchanged
+    assert fake.refresh_cdn_url(fetched["url"]) == fetched["url"]
