@@ -162,8 +162,9 @@ def _http_session(settings: Settings) -> aiohttp.ClientSession:
 
 def _quiet_noisy_loggers(level: int) -> None:
     """discord.py and aiosqlite log request URLs and SQL parameters at DEBUG, and those carry
-    interaction tokens: keep them at INFO or above whatever LOG_LEVEL says."""
-    for name in ("discord", "aiosqlite"):
+    interaction tokens (Pillow logs every image chunk): keep them at INFO or above whatever
+    LOG_LEVEL says."""
+    for name in ("discord", "aiosqlite", "PIL"):
         logging.getLogger(name).setLevel(max(level, logging.INFO))
 
 

@@ -73,7 +73,13 @@ class JobIntake:
             )
             ask = JobAsk(edit.options.safety_tolerance, edit.options.image_count)
             decision = resolve(
-                policy, requester, usage, ask, now=now, price_per_image=bot.settings.price_per_image_usd, operator=operator
+                policy,
+                requester,
+                usage,
+                ask,
+                now=now,
+                price_per_image=bot.settings.price_per_image_usd,
+                operator=operator,
             )
             if isinstance(decision, Refused):
                 raise PolicyRefusal(decision, policy)

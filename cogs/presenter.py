@@ -2,7 +2,12 @@
 
 The runner reports changes; this listener decides what reaches Discord. Progress edits are
 best-effort and only sent when the rendered message differs from the one shown; delivery is
-awaited and raises, so the runner retries it until it is shown.
+awaited and raises, so the runner retries it until it is shown (or raises Undeliverable when
+Discord says it never will be).
+
+Where a result goes: the interaction's reply while its 15-minute token lives, else a channel
+message that replies to it. A reply that is gone (a moderator deleted it) is not posted again:
+the job is withdrawn and the member told privately.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from services.job import Job
-from services.runner import DeliveryProgress
+from services.job import NOTE_WITHDRAWN, Job, JobState
+from services.redact import describe_error
+from services.runner import DeliveryProgress, Undeliverable
 
 from .modlog import post_to_log_channel
 from .render import Rendered, attachment_name, job_log_line, pack_files, render
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # Discord answers 401 with this code once an interaction token is older than 15 minutes.
 INVALID_WEBHOOK_TOKEN = 50027
+# The message is gone (deleted).
 UNKNOWN_MESSAGE = 10008
 # All replies together get at most this many progress edits per second.
 MAX_PROGRESS_EDITS_PER_SECOND = 20
@@ -37,12 +44,16 @@ MAX_PROGRESS_EDITS_PER_SECOND = 20
 class ProgressTicker:
     """Keeps one reply showing its job's newest state: at most one edit per `pace()` seconds,
     only when the rendering changed, with the buttons sent only when they changed. Rendering
-    happens when an edit is due, so states that come and go in between cost nothing."""
+    happens when an edit is due, so states that come and go in between cost nothing. It never
+    stops on an error: a lost edit is shown by the next one."""
 
-    def __init__(self, job: Job, webhook: discord.Webhook, pace: Callable[[], float]) -> None:
+    def __init__(
+        self, job: Job, webhook: discord.Webhook, pace: Callable[[], float], on_reply_gone: Callable[[], None]
+    ) -> None:
         self._job = job
         self._webhook = webhook
         self._pace = pace
+        self._on_reply_gone = on_reply_gone
         self._shown: Rendered | None = None
         self._changed = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"progress-{job.id}")
@@ -60,14 +71,19 @@ class ProgressTicker:
             self._changed.clear()
             if self._job.state.is_final:
                 return  # the final state is deliver()'s to show, with its files
-            rendered = render(self._job)
-            if self._shown is not None and rendered.key() == self._shown.key():
-                continue
             try:
+                rendered = render(self._job)
+                if self._shown is not None and rendered.key() == self._shown.key():
+                    continue
                 await self._edit(rendered)
                 self._shown = rendered
-            except discord.HTTPException as exc:
-                log.warning("job %d: progress edit failed: %s", self._job.id, exc)
+            except discord.NotFound as exc:
+                if exc.code == UNKNOWN_MESSAGE:
+                    self._on_reply_gone()
+                    return
+                log.warning("job %d: progress edit failed: %s", self._job.id, describe_error(exc))
+            except Exception as exc:
+                log.warning("job %d: progress edit failed: %s", self._job.id, describe_error(exc))
             await asyncio.sleep(self._pace())
 
     async def _edit(self, rendered: Rendered) -> None:
@@ -77,7 +93,7 @@ class ProgressTicker:
         if shown is None or rendered.embed.to_dict() != shown.embed.to_dict():
             changes["embed"] = rendered.embed
         if shown is None or rendered.buttons != shown.buttons:
-            changes["view"] = job_view(rendered.job_id, rendered.buttons)
+            changes["view"] = job_view(self._job, rendered.buttons)
         assert self._job.message_id is not None, "a job is started once its reply exists"
         await self._webhook.edit_message(self._job.message_id, **changes)
 
@@ -94,19 +110,28 @@ class DiscordPresenter:
         self._bot = bot
         self._edit_interval = edit_interval
         self._tickers: dict[int, ProgressTicker] = {}
+        self._withdrawals: set[asyncio.Task[None]] = set()
 
     def job_changed(self, job: Job) -> None:
-        if job.state.is_final or not job.token_valid():
+        if job.state.is_final or not job.token_valid() or NOTE_WITHDRAWN in job.notes:
             return  # the final state is shown by deliver(); an expired token cannot edit
         ticker = self._tickers.get(job.id)
         if ticker is None:
-            ticker = self._tickers[job.id] = ProgressTicker(job, self._webhook(job), self._progress_pace)
+            ticker = self._tickers[job.id] = ProgressTicker(
+                job, self._webhook(job), self._progress_pace, lambda: self._reply_gone(job)
+            )
         ticker.poke()
 
     def _progress_pace(self) -> float:
         """Seconds between two progress edits of one reply: EDIT_INTERVAL, stretched when many
         jobs are in progress so the bot's own work stays bounded. Final results never wait."""
         return max(self._edit_interval, len(self._tickers) / MAX_PROGRESS_EDITS_PER_SECOND)
+
+    def _reply_gone(self, job: Job) -> None:
+        log.info("job %d: its reply was deleted; the job is withdrawn", job.id)
+        task = asyncio.create_task(self._bot.runner.withdraw(job.id, "its reply was deleted"))
+        self._withdrawals.add(task)
+        task.add_done_callback(self._withdrawals.discard)
 
     async def close(self) -> None:
         tickers = list(self._tickers.values())
@@ -118,9 +143,18 @@ class DiscordPresenter:
         ticker = self._tickers.pop(job.id, None)
         if ticker is not None:
             await ticker.close()  # no progress edit may land after the final one
+        if NOTE_WITHDRAWN not in job.notes:
+            await self._show(job, progress)
+        if NOTE_WITHDRAWN in job.notes:
+            await self._tell_requester(job, _withdrawn_text(job), progress)
+        if job.guild_id is not None:
+            policy = await self._bot.store.policy(job.guild_id)
+            await post_to_log_channel(self._bot, policy, job_log_line(job))
+
+    async def _show(self, job: Job, progress: DeliveryProgress) -> None:
         rendered = render(job)
         if rendered.private:
-            await self._tell_privately(job, rendered, progress)
+            await self._tell_requester(job, rendered.content, progress, replace_reply=True)
             return
         groups, too_large = pack_files([image.size for image in rendered.files], job.upload_limit)
         if too_large:
@@ -132,49 +166,55 @@ class DiscordPresenter:
             try:
                 await self._deliver_by_interaction(job, rendered, groups, progress)
             except discord.HTTPException as exc:
+                if exc.code == UNKNOWN_MESSAGE and job.delivered_parts == 0:
+                    # A moderator deleted the reply: what it showed is not posted again.
+                    job.notes = {**job.notes, NOTE_WITHDRAWN: "its reply was deleted"}
+                    return
                 if exc.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE):
                     raise
-                log.info("job %d: the reply can no longer be edited (%s); posting in the channel", job.id, exc)
+                log.info("job %d: the token expired; posting the rest in the channel", job.id)
                 in_channel = True
         if in_channel:
-            await self._deliver_in_channel(job, rendered, groups, progress)
-        if job.guild_id is not None:
-            policy = await self._bot.store.policy(job.guild_id)
-            await post_to_log_channel(self._bot, policy, job_log_line(job))
+            try:
+                await self._deliver_in_channel(job, rendered, groups, progress)
+            except discord.HTTPException as exc:
+                if 400 <= exc.status < 500 and exc.status != 429:
+                    # The channel is gone, or the bot may not see or post in it: final.
+                    raise Undeliverable(f"Discord refused the channel post: {exc.status} {exc.code}") from None
+                raise
 
-    async def _tell_privately(self, job: Job, rendered: Rendered, progress: DeliveryProgress) -> None:
-        """Replace the public "thinking…" reply by a message only the member sees."""
-        if job.delivered_parts:
-            return
+    async def _tell_requester(
+        self, job: Job, text: str, progress: DeliveryProgress, *, replace_reply: bool = False
+    ) -> None:
+        """A message only the member who asked sees (while the token lives), in place of the
+        public reply when `replace_reply`."""
         if not job.token_valid():
-            log.info("job %d: too late to tell the member privately: %s", job.id, rendered.content)
+            log.info("job %d: too late to tell the member privately", job.id)
             return
         webhook = self._webhook(job)
-        assert job.message_id is not None
-        with contextlib.suppress(discord.NotFound):
-            await webhook.delete_message(job.message_id)
-        await webhook.send(rendered.content, ephemeral=True, wait=True)
-        await progress.posted(1, in_channel=False)
+        if replace_reply and job.message_id is not None:
+            with contextlib.suppress(discord.NotFound):
+                await webhook.delete_message(job.message_id)
+        message = await webhook.send(text, ephemeral=True, wait=True)
+        await progress.posted(job.delivered_parts, message_id=message.id, in_channel=False)
 
     async def _deliver_by_interaction(
         self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress
     ) -> None:
         webhook = self._webhook(job)
+        view = job_view(job, rendered.buttons)
         for index in range(job.delivered_parts, len(groups)):
+            files = self._files(job, rendered, groups[index])
             if index == 0:
                 assert job.message_id is not None
                 await webhook.edit_message(
-                    job.message_id,
-                    content=rendered.content,
-                    embed=rendered.embed,
-                    attachments=self._files(job, rendered, groups[0]),
-                    view=job_view(job.id, rendered.buttons),
+                    job.message_id, content=rendered.content, embed=rendered.embed, attachments=files, view=view
                 )
                 # Done again after a crash, an edit of the reply shows the same.
-                await progress.posted(1, in_channel=False, repeatable=True)
+                await progress.posted(1, message_id=job.message_id, in_channel=False, repeatable=True)
             else:
-                await webhook.send(files=self._files(job, rendered, groups[index]), wait=True)
-                await progress.posted(index + 1, in_channel=False)
+                message = await webhook.send(files=files, view=view, wait=True)
+                await progress.posted(index + 1, message_id=message.id, in_channel=False)
 
     async def _deliver_in_channel(
         self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress
@@ -190,16 +230,18 @@ class DiscordPresenter:
         )
         only_requester = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
         content = f"<@{job.user_id}> {rendered.content}"
+        view = job_view(job, rendered.buttons)
         # Parts already shown through the interaction (public follow-ups) are not posted again.
         for index in range(job.delivered_parts, len(groups)):
-            await channel.send(
+            message = await channel.send(
                 content=content if index == 0 else None,
                 embed=rendered.embed if index == 0 else None,  # type: ignore[arg-type]
                 files=self._files(job, rendered, groups[index]),
+                view=view,
                 reference=reference,  # type: ignore[arg-type]
                 allowed_mentions=only_requester if index == 0 else discord.AllowedMentions.none(),
             )
-            await progress.posted(index + 1, in_channel=True)
+            await progress.posted(index + 1, message_id=message.id, in_channel=True)
 
     def _webhook(self, job: Job) -> discord.Webhook:
         return discord.Webhook.partial(job.application_id, job.interaction_token, client=self._bot)
@@ -215,3 +257,9 @@ class DiscordPresenter:
             assert source is not None, "the runner hands over only images at hand"
             files.append(discord.File(source, filename=attachment_name(job, i + 1, image), spoiler=image.nsfw))
         return files
+
+
+def _withdrawn_text(job: Job) -> str:
+    if job.state is JobState.SUCCEEDED:
+        return "The reply to your edit was deleted, so its result was not posted."
+    return "The reply to your edit was deleted, so the edit was stopped."

@@ -3,6 +3,7 @@ and job id (`kontext:<action>:<job id>`), so buttons keep working after a restar
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -76,9 +77,15 @@ async def edit_job(interaction: Interaction, job: Job) -> None:
 
 
 async def delete_result(interaction: Interaction, job: Job) -> None:
+    """Every message of the result goes, not only the one whose button was pressed."""
     await interaction.response.defer()
-    if interaction.message is not None:
-        await interaction.message.delete()
+    pressed = interaction.message.id if interaction.message is not None else None
+    channel = interaction.channel
+    for message_id in job.posted_message_ids:
+        if message_id != pressed and isinstance(channel, (discord.TextChannel, discord.Thread, discord.VoiceChannel)):
+            with contextlib.suppress(discord.NotFound):
+                await channel.get_partial_message(message_id).delete()
+    await interaction.delete_original_response()
 
 
 @dataclass(frozen=True)
@@ -100,31 +107,33 @@ BUTTONS: dict[JobAction, ButtonSpec] = {
 }
 
 
-def job_view(job_id: int, actions: tuple[JobAction, ...]) -> discord.ui.View:
+def job_view(job: Job, actions: tuple[JobAction, ...]) -> discord.ui.View:
     """A job's buttons, in one row; an empty view removes any shown before."""
     view = discord.ui.View(timeout=None)
     for action in actions:
-        view.add_item(JobButton(action, job_id))
+        view.add_item(JobButton(action, job.id, job.button_key))
     return view
 
 
-class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"kontext:(?P<action>[a-z]+):(?P<job_id>[0-9]+)"):
-    def __init__(self, action: JobAction, job_id: int) -> None:
+class JobButton(
+    discord.ui.DynamicItem[discord.ui.Button],
+    # Buttons posted before the job key existed have none.
+    template=r"kontext:(?P<action>[a-z]+):(?P<job_id>[0-9]+)(?::(?P<key>[0-9a-f]+))?",
+):
+    def __init__(self, action: JobAction, job_id: int, key: str | None) -> None:
         spec = BUTTONS[action]
-        super().__init__(
-            discord.ui.Button(
-                label=spec.label, emoji=spec.emoji, style=spec.style, custom_id=f"kontext:{action.value}:{job_id}"
-            )
-        )
+        custom_id = f"kontext:{action.value}:{job_id}" + (f":{key}" if key else "")
+        super().__init__(discord.ui.Button(label=spec.label, emoji=spec.emoji, style=spec.style, custom_id=custom_id))
         self.action = action
         self.job_id = job_id
+        self.key = key
         self.job: Job | None = None
 
     @classmethod
     async def from_custom_id(  # type: ignore[override]  # typed with the bot's own interactions
         cls, interaction: Interaction, item: discord.ui.Item[Any], match: re.Match[str]
     ) -> JobButton:
-        return cls(JobAction(match["action"]), int(match["job_id"]))  # ValueError for an unknown action
+        return cls(JobAction(match["action"]), int(match["job_id"]), match["key"])  # ValueError: unknown action
 
     async def interaction_check(self, interaction: Interaction) -> bool:  # type: ignore[override]
         """Find the job and check who may press this. discord.py ignores an error raised here
@@ -132,8 +141,8 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"kontext:(?
         try:
             bot = interaction.client
             job = bot.runner.active_job(self.job_id) or await bot.store.get_job(self.job_id)
-            if job is None:
-                raise UserFacingError("This job no longer exists.")
+            if job is None or not self._belongs_to(job, interaction):
+                raise UserFacingError("This button belongs to an edit the bot no longer knows.")
             verb = BUTTONS[self.action].restricted_to_requester
             if verb is not None and interaction.user.id != job.user_id and not is_moderator(interaction):
                 raise UserFacingError(f"Only the member who asked for this edit or a moderator can {verb} it.")
@@ -142,6 +151,16 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"kontext:(?
             return False
         self.job = job
         return True
+
+    def _belongs_to(self, job: Job, interaction: Interaction) -> bool:
+        """A button acts only on the job it was posted for: same key (a job id alone is reused
+        when a database is lost or restored), same server and channel, one of its messages."""
+        if job.button_key is not None and self.key != job.button_key:
+            return False
+        if (job.guild_id, job.channel_id) != (interaction.guild_id, interaction.channel_id):
+            return False
+        message = interaction.message
+        return message is None or message.id in (job.message_id, *job.posted_message_ids)
 
     async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]
         assert self.job is not None, "interaction_check found the job"

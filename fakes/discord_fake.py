@@ -10,9 +10,11 @@ Facts used here are from /work/shared/reference/discord-platform.md (Part B).
 * Platform rules (3 s callback window, 15 min token, double ack, file size, auth) answer like
   Discord and are recorded in ``fake.rejections`` (not violations: tests provoke them on purpose).
 """
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime as _dt
 import hashlib
@@ -25,10 +27,11 @@ import secrets
 import struct
 import time
 import urllib.parse
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from aiohttp import web, WSMsgType
+from aiohttp import BodyPartReader, WSMsgType, web
 
 SPEC_PATH = os.path.join(os.path.dirname(__file__), "discord_spec", "openapi.json")
 
@@ -50,9 +53,19 @@ CHANGE_NICKNAME = 1 << 26
 USE_APPLICATION_COMMANDS = 1 << 31
 SEND_MESSAGES_IN_THREADS = 1 << 38
 
-MEMBER_PERMISSIONS = (VIEW_CHANNEL | SEND_MESSAGES | ATTACH_FILES | EMBED_LINKS | READ_MESSAGE_HISTORY
-                      | ADD_REACTIONS | USE_EXTERNAL_EMOJIS | USE_APPLICATION_COMMANDS
-                      | SEND_MESSAGES_IN_THREADS | CREATE_INSTANT_INVITE | CHANGE_NICKNAME)
+MEMBER_PERMISSIONS = (
+    VIEW_CHANNEL
+    | SEND_MESSAGES
+    | ATTACH_FILES
+    | EMBED_LINKS
+    | READ_MESSAGE_HISTORY
+    | ADD_REACTIONS
+    | USE_EXTERNAL_EMOJIS
+    | USE_APPLICATION_COMMANDS
+    | SEND_MESSAGES_IN_THREADS
+    | CREATE_INSTANT_INVITE
+    | CHANGE_NICKNAME
+)
 MOD_PERMISSIONS = MEMBER_PERMISSIONS | MANAGE_GUILD | MANAGE_MESSAGES | MANAGE_CHANNELS | MENTION_EVERYONE
 BOT_PERMISSIONS = MEMBER_PERMISSIONS  # app_permissions default: view, send, attach, embed, ...
 
@@ -77,12 +90,11 @@ def snowflake() -> str:
 
 
 def _now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat()
+    return _dt.datetime.now(_dt.UTC).isoformat()
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, body: Optional[dict], headers: Optional[dict] = None,
-                 violation: Optional[str] = None):
+    def __init__(self, status: int, body: dict | None, headers: dict | None = None, violation: str | None = None):
         super().__init__(f"{status} {body}")
         self.status, self.body, self.headers, self.violation = status, body, headers or {}, violation
 
@@ -98,7 +110,7 @@ def invalid_form(errors: dict, why: str) -> ApiError:
     return ApiError(400, {"code": 50035, "message": "Invalid Form Body", "errors": errors}, violation=why)
 
 
-def _image_size(data: bytes) -> tuple[Optional[int], Optional[int]]:
+def _image_size(data: bytes) -> tuple[int | None, int | None]:
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n":
             return struct.unpack(">II", data[16:24])
@@ -109,14 +121,16 @@ def _image_size(data: bytes) -> tuple[Optional[int], Optional[int]]:
                     i += 1
                     continue
                 marker = data[i + 1]
-                seglen = struct.unpack(">H", data[i + 2:i + 4])[0]
+                seglen = struct.unpack(">H", data[i + 2 : i + 4])[0]
                 if marker in (0xC0, 0xC1, 0xC2):
-                    h, w = struct.unpack(">HH", data[i + 5:i + 9])
+                    h, w = struct.unpack(">HH", data[i + 5 : i + 9])
                     return w, h
                 i += 2 + seglen
         if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            from PIL import Image  # type: ignore
             import io
+
+            from PIL import Image
+
             return Image.open(io.BytesIO(data)).size
     except Exception:
         pass
@@ -126,6 +140,7 @@ def _image_size(data: bytes) -> tuple[Optional[int], Optional[int]]:
 # --------------------------------------------------------------------------------------------------
 # OpenAPI validation
 # --------------------------------------------------------------------------------------------------
+
 
 def _patch_spec(spec: dict) -> None:
     """Relaxations of the published spec, each a documented mismatch with what Discord accepts.
@@ -143,29 +158,30 @@ def _patch_spec(spec: dict) -> None:
         if isinstance(node, dict):
             props = node.get("properties")
             if isinstance(props, dict) and "default_member_permissions" in props:
-                props["default_member_permissions"] = {"anyOf": [
-                    props["default_member_permissions"],
-                    {"type": "string", "pattern": "^[0-9]+$"}]}
+                props["default_member_permissions"] = {
+                    "anyOf": [props["default_member_permissions"], {"type": "string", "pattern": "^[0-9]+$"}]
+                }
             for v in node.values():
                 walk(v)
         elif isinstance(node, list):
             for v in node:
                 walk(v)
+
     walk(schemas)
 
 
 class SpecValidator:
-    _cache: dict[str, "SpecValidator"] = {}
+    _cache: dict[str, SpecValidator] = {}
 
     def __init__(self, path: str = SPEC_PATH):
-        from referencing import Registry, Resource
+        from referencing import Registry
         from referencing.jsonschema import DRAFT202012
+
         with open(path, "rb") as f:
             self.spec = json.load(f)
         _patch_spec(self.spec)
         self.uri = "urn:discord-openapi"
-        self.registry = Registry().with_resource(
-            self.uri, Resource(contents=self.spec, specification=DRAFT202012))
+        self.registry: Registry[Any] = Registry().with_resource(self.uri, DRAFT202012.create_resource(self.spec))
         self.validators: dict[tuple[str, str], Any] = {}
         self._valid_cache: dict[tuple, bool] = {}
         # path templates -> regex; literal segments beat parameters (@original vs {message_id})
@@ -180,12 +196,12 @@ class SpecValidator:
         self.routes = routes
 
     @classmethod
-    def shared(cls, path: str = SPEC_PATH) -> "SpecValidator":
+    def shared(cls, path: str = SPEC_PATH) -> SpecValidator:
         if path not in cls._cache:
             cls._cache[path] = cls(path)
         return cls._cache[path]
 
-    def match(self, method: str, path: str) -> tuple[Optional[str], bool]:
+    def match(self, method: str, path: str) -> tuple[str | None, bool]:
         """-> (template or None, method allowed)."""
         found = None
         for _, tmpl, rx, methods in self.routes:
@@ -199,19 +215,21 @@ class SpecValidator:
         key = (tmpl, method)
         if key not in self.validators:
             from jsonschema import Draft202012Validator
+
             op = self.spec["paths"][tmpl][method.lower()]
             content = (op.get("requestBody") or {}).get("content") or {}
             if "application/json" in content:
-                ptr = "/".join(p.replace("~", "~0").replace("/", "~1") for p in
-                               ["paths", tmpl, method.lower(), "requestBody", "content", "application/json",
-                                "schema"])
+                ptr = "/".join(
+                    p.replace("~", "~0").replace("/", "~1")
+                    for p in ["paths", tmpl, method.lower(), "requestBody", "content", "application/json", "schema"]
+                )
                 ref = self.uri + "#/" + urllib.parse.quote(ptr, safe="/~@")
                 self.validators[key] = Draft202012Validator({"$ref": ref}, registry=self.registry)
             else:
                 self.validators[key] = None
         return self.validators[key]
 
-    def validate(self, tmpl: str, method: str, body: Any) -> Optional[dict]:
+    def validate(self, tmpl: str, method: str, body: Any) -> dict | None:
         """Return a Discord-style ``errors`` dict, or None if valid."""
         v = self.validator(tmpl, method)
         if v is None:
@@ -230,10 +248,10 @@ class SpecValidator:
                 self._valid_cache[key] = True
             return None
         from jsonschema.exceptions import best_match
+
         errors: dict = {}
         for e in [best_match(errs)] + errs[:4]:
-            leaf = _form_error(list(e.absolute_path), "BASE_TYPE_" + str(e.validator).upper(),
-                               e.message[:300])
+            leaf = _form_error(list(e.absolute_path), "BASE_TYPE_" + str(e.validator).upper(), e.message[:300])
             _deep_merge(errors, leaf)
         return errors
 
@@ -255,6 +273,7 @@ def _deep_merge(a: dict, b: dict) -> None:
 # Records
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class RecordedRequest:
     method: str
@@ -269,9 +288,17 @@ class RecordedRequest:
 
 
 class FakeMessage:
-    def __init__(self, fake: "FakeDiscord", channel_id: str, *, author: dict, type: int = 0,
-                 webhook_id: Optional[str] = None, interaction_metadata: Optional[dict] = None,
-                 guild_id: Optional[str] = None):
+    def __init__(
+        self,
+        fake: FakeDiscord,
+        channel_id: str,
+        *,
+        author: dict,
+        type: int = 0,
+        webhook_id: str | None = None,
+        interaction_metadata: dict | None = None,
+        guild_id: str | None = None,
+    ):
         self.fake = fake
         self.id = snowflake()
         self.channel_id = channel_id
@@ -287,14 +314,14 @@ class FakeMessage:
         self.files: dict[str, bytes] = {}
         self._data_by_att_id: dict[str, bytes] = {}
         self.flags = 0
-        self.allowed_mentions: Optional[dict] = None
-        self.message_reference: Optional[dict] = None
+        self.allowed_mentions: dict | None = None
+        self.message_reference: dict | None = None
         self.tts = False
         self.deleted = False
         self.timestamp = _now_iso()
-        self.edited_timestamp: Optional[str] = None
+        self.edited_timestamp: str | None = None
         self.history: list[dict] = []
-        self.interaction: Optional["InteractionHandle"] = None
+        self.interaction: InteractionHandle | None = None
 
     @property
     def ephemeral(self) -> bool:
@@ -305,22 +332,39 @@ class FakeMessage:
         return bool(self.flags & LOADING)
 
     def snapshot(self, event: str) -> dict:
-        return {"event": event, "time": time.monotonic(), "content": self.content,
-                "embeds": copy.deepcopy(self.embeds), "components": copy.deepcopy(self.components),
-                "attachments": copy.deepcopy(self.attachments), "files": dict(self.files),
-                "flags": self.flags, "allowed_mentions": copy.deepcopy(self.allowed_mentions),
-                "deleted": self.deleted}
+        return {
+            "event": event,
+            "time": time.monotonic(),
+            "content": self.content,
+            "embeds": copy.deepcopy(self.embeds),
+            "components": copy.deepcopy(self.components),
+            "attachments": copy.deepcopy(self.attachments),
+            "files": dict(self.files),
+            "flags": self.flags,
+            "allowed_mentions": copy.deepcopy(self.allowed_mentions),
+            "deleted": self.deleted,
+        }
 
     def to_payload(self) -> dict:
         p = {
-            "id": self.id, "channel_id": self.channel_id, "author": copy.deepcopy(self.author),
-            "type": self.type, "content": self.content, "timestamp": self.timestamp,
-            "edited_timestamp": self.edited_timestamp, "tts": self.tts,
-            "mention_everyone": False, "mentions": [], "mention_roles": [], "mention_channels": [],
+            "id": self.id,
+            "channel_id": self.channel_id,
+            "author": copy.deepcopy(self.author),
+            "type": self.type,
+            "content": self.content,
+            "timestamp": self.timestamp,
+            "edited_timestamp": self.edited_timestamp,
+            "tts": self.tts,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "mention_channels": [],
             "embeds": copy.deepcopy(self.embeds),
             # Discord refreshes signed CDN URLs in the payloads it hands out (platform doc A8)
             "attachments": [self.fake.refresh_attachment(a) for a in self.attachments],
-            "components": copy.deepcopy(self.components), "pinned": False, "flags": self.flags,
+            "components": copy.deepcopy(self.components),
+            "pinned": False,
+            "flags": self.flags,
             "reactions": [],
         }
         if self.webhook_id:
@@ -342,30 +386,30 @@ class FakeMessage:
 
 
 class InteractionHandle:
-    def __init__(self, fake: "FakeDiscord", payload: dict, user: dict):
+    def __init__(self, fake: FakeDiscord, payload: dict, user: dict):
         self.fake = fake
         self.payload = payload
         self.id: str = payload["id"]
         self.token: str = payload["token"]
         self.type: int = payload["type"]
         self.user = user
-        self.channel_id: Optional[str] = payload.get("channel_id")
+        self.channel_id: str | None = payload.get("channel_id")
         self.attachment_size_limit: int = payload["attachment_size_limit"]
-        self.callback: Optional[dict] = None
+        self.callback: dict | None = None
         self.callback_files: dict = {}
-        self.original: Optional[FakeMessage] = None
+        self.original: FakeMessage | None = None
         self.followups: list[FakeMessage] = []
         self.dispatched_at = time.monotonic()
         self.age_offset = 0.0
         self._loading_untouched = False  # type 5 defer with no edit yet
-        self.source_message_id: Optional[str] = (payload.get("message") or {}).get("id")
+        self.source_message_id: str | None = (payload.get("message") or {}).get("id")
 
     @property
     def age(self) -> float:
         return time.monotonic() - self.dispatched_at + self.age_offset
 
     @property
-    def modal(self) -> Optional[dict]:
+    def modal(self) -> dict | None:
         if self.callback and self.callback.get("type") == 9:
             return self.callback.get("data")
         return None
@@ -374,7 +418,7 @@ class InteractionHandle:
         await self.wait_until(lambda h: h.callback is not None, timeout)
         return self.callback  # type: ignore[return-value]
 
-    async def wait_until(self, predicate: Callable[["InteractionHandle"], bool], timeout: float = 10) -> None:
+    async def wait_until(self, predicate: Callable[[InteractionHandle], bool], timeout: float = 10) -> None:
         await self.fake.wait_until(lambda: predicate(self), timeout)
 
     def __repr__(self) -> str:
@@ -385,29 +429,45 @@ class InteractionHandle:
 # The fake
 # --------------------------------------------------------------------------------------------------
 
+
 class FakeDiscord:
-    def __init__(self, token: str = "test-token", application_id: Optional[int | str] = None,
-                 spec_validation: bool = True, spec_path: str = SPEC_PATH, bot_name: str = "KontextBot",
-                 heartbeat_interval: int = 41250):
+    def __init__(
+        self,
+        token: str = "test-token",
+        application_id: int | str | None = None,
+        spec_validation: bool = True,
+        spec_path: str = SPEC_PATH,
+        bot_name: str = "KontextBot",
+        heartbeat_interval: int = 41250,
+    ):
         self.token = token
         self.application_id = str(application_id or snowflake())
         self.spec_validation = spec_validation
         self.spec = SpecValidator.shared(spec_path) if spec_validation else None
         self.heartbeat_interval = heartbeat_interval
-        self.bot_user = {"id": self.application_id, "username": bot_name, "discriminator": "0",
-                         "global_name": None, "avatar": None, "bot": True, "public_flags": 0, "flags": 0,
-                         "verified": True, "mfa_enabled": False}
-        self.port: Optional[int] = None
-        self._runner: Optional[web.AppRunner] = None
+        self.bot_user = {
+            "id": self.application_id,
+            "username": bot_name,
+            "discriminator": "0",
+            "global_name": None,
+            "avatar": None,
+            "bot": True,
+            "public_flags": 0,
+            "flags": 0,
+            "verified": True,
+            "mfa_enabled": False,
+        }
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
 
         self.violations: list[str] = []
-        self.rejections: list[tuple[int, dict, str]] = []  # (status, body, "METHOD path")
+        self.rejections: list[tuple[int, dict | None, str]] = []  # (status, body, "METHOD path")
         self.requests: list[RecordedRequest] = []
         self.events: list[tuple[float, str, Any]] = []
         self.messages: dict[str, FakeMessage] = {}
         self.interactions: dict[str, InteractionHandle] = {}  # by id
         self._by_token: dict[str, InteractionHandle] = {}
-        self.commands: dict[str, dict] = {}          # name -> command json (global + guild merged)
+        self.commands: dict[str, dict] = {}  # name -> command json (global + guild merged)
         self.global_commands: dict[str, dict] = {}
         self.guild_commands: dict[str, dict[str, dict]] = {}
         self.cdn_files: dict[str, tuple[bytes, str]] = {}  # cdn path -> (data, content type)
@@ -420,10 +480,10 @@ class FakeDiscord:
         self._hanging = 0
 
         # gateway state
-        self._ws: Optional[web.WebSocketResponse] = None
+        self._ws: web.WebSocketResponse | None = None
         self._all_ws: list[web.WebSocketResponse] = []
         self._seq = 0
-        self.session_id: Optional[str] = None
+        self.session_id: str | None = None
         self.identify_count = 0
         self.identify_payloads: list[dict] = []
         self.gateway_received: list[dict] = []
@@ -437,13 +497,13 @@ class FakeDiscord:
         self.nsfw_channel_id = snowflake()
         self.roles: dict[str, dict] = {}
         self.channels: dict[str, dict] = {}
-        self.members: dict[str, dict] = {}   # user id -> {"user", "roles", "permissions"}
+        self.members: dict[str, dict] = {}  # user id -> {"user", "roles", "permissions"}
         self.dm_channels: dict[str, str] = {}  # user id -> DM channel id
         self.premium_tier = 0
         self.roles[self.guild_id] = self._role_obj(self.guild_id, "@everyone", 0, 0)
         self.add_channel("general", channel_id=self.channel_id)
         self.add_channel("nsfw-art", nsfw=True, channel_id=self.nsfw_channel_id)
-        self.guild = {"id": self.guild_id, "name": "Test Guild", "owner_id": None}
+        self.guild: dict[str, Any] = {"id": self.guild_id, "name": "Test Guild", "owner_id": None}
         self.alice = self.add_member(name="alice", permissions=MEMBER_PERMISSIONS)
         self.mod = self.add_member(name="mod", permissions=MOD_PERMISSIONS)
         # the owner implicitly has every permission, so it is a separate member (not "mod")
@@ -453,33 +513,69 @@ class FakeDiscord:
     # ---------------------------------------------------------------- world building
     @staticmethod
     def _role_obj(rid: str, name: str, permissions: int, position: int) -> dict:
-        return {"id": rid, "name": name, "permissions": str(permissions), "position": position, "color": 0,
-                "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
-                "hoist": False, "managed": False, "mentionable": False, "flags": 0, "icon": None,
-                "unicode_emoji": None, "description": None}
+        return {
+            "id": rid,
+            "name": name,
+            "permissions": str(permissions),
+            "position": position,
+            "color": 0,
+            "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
+            "hoist": False,
+            "managed": False,
+            "mentionable": False,
+            "flags": 0,
+            "icon": None,
+            "unicode_emoji": None,
+            "description": None,
+        }
 
-    def add_role(self, name: str, permissions: int = 0, role_id: Optional[str] = None) -> dict:
+    def add_role(self, name: str, permissions: int = 0, role_id: str | None = None) -> dict:
         rid = str(role_id or snowflake())
         role = self._role_obj(rid, name, permissions, len(self.roles))
         self.roles[rid] = role
         return role
 
-    def add_channel(self, name: str, nsfw: bool = False, channel_id: Optional[str] = None,
-                    type: int = 0) -> dict:
+    def add_channel(self, name: str, nsfw: bool = False, channel_id: str | None = None, type: int = 0) -> dict:
         cid = str(channel_id or snowflake())
-        ch = {"id": cid, "type": type, "guild_id": self.guild_id, "name": name, "position": len(self.channels),
-              "permission_overwrites": [], "nsfw": nsfw, "parent_id": None, "topic": None,
-              "rate_limit_per_user": 0, "last_message_id": None, "flags": 0}
+        ch = {
+            "id": cid,
+            "type": type,
+            "guild_id": self.guild_id,
+            "name": name,
+            "position": len(self.channels),
+            "permission_overwrites": [],
+            "nsfw": nsfw,
+            "parent_id": None,
+            "topic": None,
+            "rate_limit_per_user": 0,
+            "last_message_id": None,
+            "flags": 0,
+        }
         self.channels[cid] = ch
         return ch
 
-    def add_member(self, user_id: Optional[int | str] = None, name: str = "alice",
-                   permissions: int = MEMBER_PERMISSIONS, roles: list = ()) -> dict:
+    def add_member(
+        self,
+        user_id: int | str | None = None,
+        name: str = "alice",
+        permissions: int = MEMBER_PERMISSIONS,
+        roles: Sequence[Any] = (),
+    ) -> dict:
         uid = str(user_id or snowflake())
-        user = {"id": uid, "username": name, "discriminator": "0", "global_name": name.capitalize(),
-                "avatar": None, "public_flags": 0, "bot": False}
-        self.members[uid] = {"user": user, "roles": [str(r["id"] if isinstance(r, dict) else r) for r in roles],
-                             "permissions": permissions}
+        user = {
+            "id": uid,
+            "username": name,
+            "discriminator": "0",
+            "global_name": name.capitalize(),
+            "avatar": None,
+            "public_flags": 0,
+            "bot": False,
+        }
+        self.members[uid] = {
+            "user": user,
+            "roles": [str(r["id"] if isinstance(r, dict) else r) for r in roles],
+            "permissions": permissions,
+        }
         return user
 
     def _resolve_user(self, user: Any) -> dict:
@@ -505,36 +601,81 @@ class FakeDiscord:
 
     def member_payload(self, user_id: str, with_permissions: bool = True) -> dict:
         m = self.members[user_id]
-        p = {"user": dict(m["user"]), "roles": list(m["roles"]), "joined_at": JOINED_AT, "deaf": False,
-             "mute": False, "flags": 0, "pending": False, "nick": None, "avatar": None, "banner": None,
-             "premium_since": None, "communication_disabled_until": None}
+        p = {
+            "user": dict(m["user"]),
+            "roles": list(m["roles"]),
+            "joined_at": JOINED_AT,
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "pending": False,
+            "nick": None,
+            "avatar": None,
+            "banner": None,
+            "premium_since": None,
+            "communication_disabled_until": None,
+        }
         if with_permissions:
             p["permissions"] = str(self.member_permissions(user_id))
         return p
 
     def guild_payload(self) -> dict:
-        members = [{"user": dict(self.bot_user), "roles": [], "joined_at": JOINED_AT, "deaf": False,
-                    "mute": False, "flags": 0}]
+        members = [
+            {"user": dict(self.bot_user), "roles": [], "joined_at": JOINED_AT, "deaf": False, "mute": False, "flags": 0}
+        ]
         members += [self.member_payload(uid, with_permissions=False) for uid in self.members]
-        return {"id": self.guild_id, "name": self.guild["name"], "icon": None, "owner_id": self.guild["owner_id"],
-                "unavailable": False, "member_count": len(members), "large": False,
-                "premium_tier": self.premium_tier, "preferred_locale": "en-US", "features": [],
-                "joined_at": JOINED_AT, "nsfw_level": 0, "roles": list(self.roles.values()),
-                "channels": [dict(c) for c in self.channels.values()], "members": members,
-                "threads": [], "emojis": [], "stickers": [], "voice_states": [], "presences": [],
-                "stage_instances": [], "guild_scheduled_events": [], "soundboard_sounds": [],
-                "application_id": None, "afk_channel_id": None, "system_channel_id": None,
-                "verification_level": 0, "default_message_notifications": 0, "explicit_content_filter": 0,
-                "mfa_level": 0, "max_members": 500000, "premium_subscription_count": 0}
+        return {
+            "id": self.guild_id,
+            "name": self.guild["name"],
+            "icon": None,
+            "owner_id": self.guild["owner_id"],
+            "unavailable": False,
+            "member_count": len(members),
+            "large": False,
+            "premium_tier": self.premium_tier,
+            "preferred_locale": "en-US",
+            "features": [],
+            "joined_at": JOINED_AT,
+            "nsfw_level": 0,
+            "roles": list(self.roles.values()),
+            "channels": [dict(c) for c in self.channels.values()],
+            "members": members,
+            "threads": [],
+            "emojis": [],
+            "stickers": [],
+            "voice_states": [],
+            "presences": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "soundboard_sounds": [],
+            "application_id": None,
+            "afk_channel_id": None,
+            "system_channel_id": None,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "max_members": 500000,
+            "premium_subscription_count": 0,
+        }
 
-    def add_cdn_file(self, data: bytes, filename: str = "image.png", content_type: str = "image/png",
-                     ephemeral: bool = True, width: Optional[int] = None, height: Optional[int] = None,
-                     channel_id: Optional[str] = None, lifetime: float = CDN_URL_LIFETIME) -> dict:
+    def add_cdn_file(
+        self,
+        data: bytes,
+        filename: str = "image.png",
+        content_type: str = "image/png",
+        ephemeral: bool = True,
+        width: int | None = None,
+        height: int | None = None,
+        channel_id: str | None = None,
+        lifetime: float = CDN_URL_LIFETIME,
+    ) -> dict:
         """An attachment served by the fake CDN; its signed URL expires `lifetime` s after issue
         (on the CDN clock: see advance_cdn_clock / expire_cdn_urls)."""
         aid = snowflake()
-        att = self._store_attachment(aid, channel_id or self.channel_id, filename, data, content_type,
-                                     lifetime=lifetime)
+        att = self._store_attachment(
+            aid, channel_id or self.channel_id, filename, data, content_type, lifetime=lifetime
+        )
         w, h = (width, height) if width else _image_size(data)
         if w:
             att["width"], att["height"] = w, h
@@ -542,8 +683,15 @@ class FakeDiscord:
             att["ephemeral"] = True
         return att
 
-    def _store_attachment(self, aid: str, channel_id: str, filename: str, data: bytes,
-                          content_type: Optional[str], lifetime: float = CDN_URL_LIFETIME) -> dict:
+    def _store_attachment(
+        self,
+        aid: str,
+        channel_id: str,
+        filename: str,
+        data: bytes,
+        content_type: str | None,
+        lifetime: float = CDN_URL_LIFETIME,
+    ) -> dict:
         path = f"/cdn/attachments/{channel_id}/{aid}/{urllib.parse.quote(filename)}"
         self.cdn_files[path] = (data, content_type or "application/octet-stream")
         self.cdn_lifetimes[path] = lifetime
@@ -589,8 +737,11 @@ class FakeDiscord:
         """A freshly signed URL for one of this CDN's files if `url` has expired (what Discord
         does in payloads it hands out); any other URL unchanged."""
         parts = urllib.parse.urlsplit(url)
-        if (not url.startswith(self.base_url + "/cdn/") or parts.path not in self.cdn_files
-                or not self._cdn_url_expired(url)):
+        if (
+            not url.startswith(self.base_url + "/cdn/")
+            or parts.path not in self.cdn_files
+            or not self._cdn_url_expired(url)
+        ):
             return url
         return self._sign_cdn_path(parts.path)
 
@@ -601,11 +752,13 @@ class FakeDiscord:
                 a[k] = self.refresh_cdn_url(a[k])
         return a
 
-    def post_user_message(self, content: str = "", user: Any = "alice", channel_id: Optional[str] = None,
-                          attachments: list = ()) -> FakeMessage:
+    def post_user_message(
+        self, content: str = "", user: Any = "alice", channel_id: str | None = None, attachments: Sequence[dict] = ()
+    ) -> FakeMessage:
         """A message written by a (fake) human, e.g. as a context-menu target."""
-        msg = FakeMessage(self, str(channel_id or self.channel_id), author=dict(self._resolve_user(user)),
-                          guild_id=self.guild_id)
+        msg = FakeMessage(
+            self, str(channel_id or self.channel_id), author=dict(self._resolve_user(user)), guild_id=self.guild_id
+        )
         msg.content = content
         msg.attachments = [dict(a) for a in attachments]
         self._record_message(msg, "create")
@@ -624,7 +777,7 @@ class FakeDiscord:
     def gateway_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/gateway"
 
-    async def start(self) -> "FakeDiscord":
+    async def start(self) -> FakeDiscord:
         # re-create loop-bound primitives on the running loop
         self._identified, self._commands_synced, self._changed = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._hang_release = asyncio.Event()
@@ -643,15 +796,13 @@ class FakeDiscord:
     async def stop(self) -> None:
         self._hang_release.set()
         for ws in list(self._all_ws):
-            try:
+            with contextlib.suppress(Exception):
                 await ws.close(code=1001)
-            except Exception:
-                pass
         if self._runner:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> "FakeDiscord":
+    async def __aenter__(self) -> FakeDiscord:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:
@@ -667,12 +818,10 @@ class FakeDiscord:
         while not predicate():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise asyncio.TimeoutError(f"condition not met within {timeout}s")
+                raise TimeoutError(f"condition not met within {timeout}s")
             ev = self._changed
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), min(remaining, 0.5))
-            except asyncio.TimeoutError:
-                pass
 
     async def wait_for_identify(self, timeout: float = 10) -> None:
         await asyncio.wait_for(self._identified.wait(), timeout)
@@ -685,8 +834,16 @@ class FakeDiscord:
         self.events.append((time.monotonic(), kind, detail))
 
     # ---------------------------------------------------------------- faults & clock
-    def fail_next(self, method: str, path_regex: str, status: int | str = 500, times: int = 1,
-                  json: Optional[dict] = None, headers: Optional[dict] = None, skip: int = 0) -> None:
+    def fail_next(
+        self,
+        method: str,
+        path_regex: str,
+        status: int | str = 500,
+        times: int = 1,
+        json: dict | None = None,
+        headers: dict | None = None,
+        skip: int = 0,
+    ) -> None:
         """Answer the next `times` requests matching METHOD and regex (searched in the path after
         /api/v10) with `status`, after letting `skip` matching requests through. 429 gets
         Discord's body and a `Via` header by default.
@@ -694,8 +851,17 @@ class FakeDiscord:
         status="hang": record the request, never apply it and never answer until `release_hangs()`
         or stop() (then the connection is dropped): a request lost in flight."""
         if status == "hang":
-            self._faults.append({"method": method.upper(), "rx": re.compile(path_regex), "status": "hang",
-                                 "times": times, "json": None, "headers": {}, "skip": skip})
+            self._faults.append(
+                {
+                    "method": method.upper(),
+                    "rx": re.compile(path_regex),
+                    "status": "hang",
+                    "times": times,
+                    "json": None,
+                    "headers": {},
+                    "skip": skip,
+                }
+            )
             return
         if json is None:
             if status == 429:
@@ -705,13 +871,28 @@ class FakeDiscord:
         hdrs = {}
         if status == 429:
             ra = json.get("retry_after", 0.2)
-            hdrs = {"Via": "1.1 google", "Retry-After": str(max(1, int(ra + 0.999))),
-                    "X-RateLimit-Scope": "user", "X-RateLimit-Global": "true" if json.get("global") else "false",
-                    "X-RateLimit-Limit": "5", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset-After": str(ra),
-                    "X-RateLimit-Bucket": "fakebucket"}
+            hdrs = {
+                "Via": "1.1 google",
+                "Retry-After": str(max(1, int(ra + 0.999))),
+                "X-RateLimit-Scope": "user",
+                "X-RateLimit-Global": "true" if json.get("global") else "false",
+                "X-RateLimit-Limit": "5",
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset-After": str(ra),
+                "X-RateLimit-Bucket": "fakebucket",
+            }
         hdrs.update(headers or {})
-        self._faults.append({"method": method.upper(), "rx": re.compile(path_regex), "status": status,
-                             "times": times, "json": json, "headers": hdrs, "skip": skip})
+        self._faults.append(
+            {
+                "method": method.upper(),
+                "rx": re.compile(path_regex),
+                "status": status,
+                "times": times,
+                "json": json,
+                "headers": hdrs,
+                "skip": skip,
+            }
+        )
 
     def release_hangs(self) -> None:
         """Drop the connection of every request held by a "hang" fault."""
@@ -738,8 +919,9 @@ class FakeDiscord:
     async def dispatch(self, t: str, d: dict, timeout: float = 10) -> None:
         """Send a DISPATCH event to the currently identified connection."""
         if self._ws is None or self._ws.closed:
-            await self.wait_until(lambda: self._ws is not None and not self._ws.closed
-                                  and self._identified.is_set(), timeout)
+            await self.wait_until(
+                lambda: self._ws is not None and not self._ws.closed and self._identified.is_set(), timeout
+            )
         self._seq += 1
         await self._send(self._ws, {"op": 0, "s": self._seq, "t": t, "d": d})  # type: ignore[arg-type]
 
@@ -754,8 +936,15 @@ class FakeDiscord:
         self._all_ws.append(ws)
         self.event("gateway_connect", dict(request.query))
         try:
-            await self._send(ws, {"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval,
-                                                  "_trace": ["fake-gateway"]}, "s": None, "t": None})
+            await self._send(
+                ws,
+                {
+                    "op": 10,
+                    "d": {"heartbeat_interval": self.heartbeat_interval, "_trace": ["fake-gateway"]},
+                    "s": None,
+                    "t": None,
+                },
+            )
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
                     if msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
@@ -816,11 +1005,23 @@ class FakeDiscord:
         self._seq = 0
         self.session_id = secrets.token_hex(16)
         shard = d.get("shard") or [0, 1]
-        await self.dispatch("READY", {
-            "v": 10, "user": dict(self.bot_user), "guilds": [{"id": self.guild_id, "unavailable": True}],
-            "session_id": self.session_id, "session_type": "normal", "resume_gateway_url": self.gateway_url,
-            "shard": shard, "application": {"id": self.application_id, "flags": 0},
-            "private_channels": [], "relationships": [], "presences": [], "_trace": ["fake-gateway"]})
+        await self.dispatch(
+            "READY",
+            {
+                "v": 10,
+                "user": dict(self.bot_user),
+                "guilds": [{"id": self.guild_id, "unavailable": True}],
+                "session_id": self.session_id,
+                "session_type": "normal",
+                "resume_gateway_url": self.gateway_url,
+                "shard": shard,
+                "application": {"id": self.application_id, "flags": 0},
+                "private_channels": [],
+                "relationships": [],
+                "presences": [],
+                "_trace": ["fake-gateway"],
+            },
+        )
         await self.dispatch("GUILD_CREATE", self.guild_payload())
         self.event("gateway_identify", {"shard": shard, "intents": d.get("intents")})
         self._identified.set()
@@ -832,33 +1033,59 @@ class FakeDiscord:
         ch["permissions"] = str(BOT_PERMISSIONS)
         return ch
 
-    def _interaction_base(self, itype: int, data: Optional[dict], user: Any, channel_id: Optional[str],
-                          guild: bool, attachment_size_limit: int, app_permissions: Optional[int],
-                          locale: str) -> tuple[dict, dict]:
+    def _interaction_base(
+        self,
+        itype: int,
+        data: dict | None,
+        user: Any,
+        channel_id: str | None,
+        guild: bool,
+        attachment_size_limit: int,
+        app_permissions: int | None,
+        locale: str,
+    ) -> tuple[dict, dict]:
         u = self._resolve_user(user)
         if guild:
             cid = str(channel_id or self.channel_id)
         else:  # one DM channel per user
             cid = str(channel_id or self.dm_channels.setdefault(u["id"], snowflake()))
         payload: dict = {
-            "id": snowflake(), "application_id": self.application_id, "type": itype,
-            "token": "aW50ZXJhY3Rpb246" + secrets.token_urlsafe(48), "version": 1,
-            "locale": locale, "entitlements": [], "attachment_size_limit": attachment_size_limit,
+            "id": snowflake(),
+            "application_id": self.application_id,
+            "type": itype,
+            "token": "aW50ZXJhY3Rpb246" + secrets.token_urlsafe(48),
+            "version": 1,
+            "locale": locale,
+            "entitlements": [],
+            "attachment_size_limit": attachment_size_limit,
             "app_permissions": str(BOT_PERMISSIONS if app_permissions is None else app_permissions),
         }
         if data is not None:
             payload["data"] = data
         if guild:
-            payload.update({
-                "guild": {"id": self.guild_id, "locale": "en-US", "features": []}, "guild_id": self.guild_id,
-                "guild_locale": "en-US", "channel": self._channel_payload(cid), "channel_id": cid,
-                "member": self.member_payload(u["id"]), "authorizing_integration_owners": {"0": self.guild_id},
-                "context": 0})
+            payload.update(
+                {
+                    "guild": {"id": self.guild_id, "locale": "en-US", "features": []},
+                    "guild_id": self.guild_id,
+                    "guild_locale": "en-US",
+                    "channel": self._channel_payload(cid),
+                    "channel_id": cid,
+                    "member": self.member_payload(u["id"]),
+                    "authorizing_integration_owners": {"0": self.guild_id},
+                    "context": 0,
+                }
+            )
         else:
-            dm = {"id": cid, "type": 1, "last_message_id": None, "flags": 0,
-                  "recipients": [dict(u)]}
-            payload.update({"channel": dm, "channel_id": cid, "user": dict(u), "context": 1,
-                            "authorizing_integration_owners": {"0": self.guild_id}})
+            dm = {"id": cid, "type": 1, "last_message_id": None, "flags": 0, "recipients": [dict(u)]}
+            payload.update(
+                {
+                    "channel": dm,
+                    "channel_id": cid,
+                    "user": dict(u),
+                    "context": 1,
+                    "authorizing_integration_owners": {"0": self.guild_id},
+                }
+            )
         return payload, u
 
     async def _fire(self, payload: dict, user: dict) -> InteractionHandle:
@@ -889,8 +1116,13 @@ class FakeDiscord:
             o = by_name[name]
             t = o["type"]
             if t in (1, 2):
-                out.append({"name": name, "type": t,
-                            "options": self._build_options(o.get("options") or [], value or {}, resolved)})
+                out.append(
+                    {
+                        "name": name,
+                        "type": t,
+                        "options": self._build_options(o.get("options") or [], value or {}, resolved),
+                    }
+                )
                 continue
             if t == 11:
                 att = value if isinstance(value, dict) else None
@@ -926,10 +1158,17 @@ class FakeDiscord:
             out.append({"name": name, "type": t, "value": v})
         return out
 
-    async def invoke_slash(self, name: str, options: Optional[dict] = None, user: Any = "alice",
-                           channel_id: Optional[str] = None, guild: bool = True,
-                           attachment_size_limit: int = DEFAULT_SIZE_LIMIT, app_permissions: Optional[int] = None,
-                           locale: str = "en-US") -> InteractionHandle:
+    async def invoke_slash(
+        self,
+        name: str,
+        options: dict | None = None,
+        user: Any = "alice",
+        channel_id: str | None = None,
+        guild: bool = True,
+        attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
+        app_permissions: int | None = None,
+        locale: str = "en-US",
+    ) -> InteractionHandle:
         """Slash command. `name` may be "cmd sub" or "cmd group sub" for subcommands."""
         parts = name.split()
         cmd = self.find_command(parts[0], 1)
@@ -943,43 +1182,71 @@ class FakeDiscord:
             data["guild_id"] = cmd["guild_id"]
         if resolved:
             data["resolved"] = resolved
-        payload, u = self._interaction_base(2, data, user, channel_id, guild, attachment_size_limit,
-                                            app_permissions, locale)
+        payload, u = self._interaction_base(
+            2, data, user, channel_id, guild, attachment_size_limit, app_permissions, locale
+        )
         return await self._fire(payload, u)
 
-    async def invoke_message_command(self, name: str, target_message_id: str, user: Any = "alice",
-                                     channel_id: Optional[str] = None,
-                                     attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
-                                     app_permissions: Optional[int] = None) -> InteractionHandle:
+    async def invoke_message_command(
+        self,
+        name: str,
+        target_message_id: str,
+        user: Any = "alice",
+        channel_id: str | None = None,
+        attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
+        app_permissions: int | None = None,
+    ) -> InteractionHandle:
         cmd = self.find_command(name, 3)
         target = self.messages[str(target_message_id)]
-        data = {"id": cmd["id"], "name": cmd["name"], "type": 3, "target_id": target.id,
-                "resolved": {"messages": {target.id: target.to_payload()}}}
+        data = {
+            "id": cmd["id"],
+            "name": cmd["name"],
+            "type": 3,
+            "target_id": target.id,
+            "resolved": {"messages": {target.id: target.to_payload()}},
+        }
         if cmd.get("guild_id"):
             data["guild_id"] = cmd["guild_id"]
-        payload, u = self._interaction_base(2, data, user, channel_id or target.channel_id, True,
-                                            attachment_size_limit, app_permissions, "en-US")
+        payload, u = self._interaction_base(
+            2, data, user, channel_id or target.channel_id, True, attachment_size_limit, app_permissions, "en-US"
+        )
         return await self._fire(payload, u)
 
-    async def click_button(self, message_id: str, custom_id: str, user: Any = "alice",
-                           component_type: int = 2, values: Optional[list] = None,
-                           attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
-                           app_permissions: Optional[int] = None) -> InteractionHandle:
+    async def click_button(
+        self,
+        message_id: str,
+        custom_id: str,
+        user: Any = "alice",
+        component_type: int = 2,
+        values: list | None = None,
+        attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
+        app_permissions: int | None = None,
+    ) -> InteractionHandle:
         msg = self.messages[str(message_id)]
         if msg.deleted:
             raise KeyError(f"message {message_id} was deleted")
+        # Discord validates a clicked custom_id against the message ("Component validation failed").
+        if custom_id not in custom_ids(msg.components):
+            raise KeyError(f"message {message_id} has no component {custom_id!r}: {custom_ids(msg.components)}")
         data: dict = {"custom_id": custom_id, "component_type": component_type}
         if values is not None:
             data["values"] = list(values)
-        payload, u = self._interaction_base(3, data, user, msg.channel_id, msg.guild_id is not None,
-                                            attachment_size_limit, app_permissions, "en-US")
+        payload, u = self._interaction_base(
+            3, data, user, msg.channel_id, msg.guild_id is not None, attachment_size_limit, app_permissions, "en-US"
+        )
         payload["message"] = msg.to_payload()
         return await self._fire(payload, u)
 
-    async def submit_modal(self, custom_id: Any, values: dict, user: Any = "alice",
-                           message_id: Optional[str] = None, channel_id: Optional[str] = None,
-                           attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
-                           app_permissions: Optional[int] = None) -> InteractionHandle:
+    async def submit_modal(
+        self,
+        custom_id: Any,
+        values: dict,
+        user: Any = "alice",
+        message_id: str | None = None,
+        channel_id: str | None = None,
+        attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
+        app_permissions: int | None = None,
+    ) -> InteractionHandle:
         """`custom_id` may be the modal's custom_id or the InteractionHandle that received the modal."""
         if isinstance(custom_id, InteractionHandle):
             modal = custom_id.modal
@@ -990,19 +1257,30 @@ class FakeDiscord:
         comps = []
         for i, (k, v) in enumerate(values.items()):
             # A list answers a select menu; a string a text input.
-            inner = ({"type": 3, "id": 2 * i + 2, "custom_id": k, "values": list(v)} if isinstance(v, list)
-                     else {"type": 4, "id": 2 * i + 2, "custom_id": k, "value": v})
+            inner = (
+                {"type": 3, "id": 2 * i + 2, "custom_id": k, "values": list(v)}
+                if isinstance(v, list)
+                else {"type": 4, "id": 2 * i + 2, "custom_id": k, "value": v}
+            )
             comps.append({"type": 18, "id": 2 * i + 1, "component": inner})
         data = {"custom_id": custom_id, "components": comps}
         msg = self.messages.get(str(message_id)) if message_id else None
-        payload, u = self._interaction_base(5, data, user, channel_id or (msg.channel_id if msg else None),
-                                            True, attachment_size_limit, app_permissions, "en-US")
+        payload, u = self._interaction_base(
+            5,
+            data,
+            user,
+            channel_id or (msg.channel_id if msg else None),
+            True,
+            attachment_size_limit,
+            app_permissions,
+            "en-US",
+        )
         if msg is not None:
             payload["message"] = msg.to_payload()
         return await self._fire(payload, u)
 
     # ---------------------------------------------------------------- queries
-    def channel_messages(self, channel_id: Optional[str] = None, include_deleted: bool = False) -> list[FakeMessage]:
+    def channel_messages(self, channel_id: str | None = None, include_deleted: bool = False) -> list[FakeMessage]:
         cid = str(channel_id or self.channel_id)
         return [m for m in self.messages.values() if m.channel_id == cid and (include_deleted or not m.deleted)]
 
@@ -1012,12 +1290,13 @@ class FakeDiscord:
 
     # ---------------------------------------------------------------- HTTP plumbing
     @staticmethod
-    def _json_response(status: int, body: Any, headers: Optional[dict] = None) -> web.Response:
+    def _json_response(status: int, body: Any, headers: dict | None = None) -> web.Response:
         if body is None:
             return web.Response(status=status, headers=headers)
         # exactly "application/json": discord.py compares the header with == (doc B6)
-        return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json",
-                            headers=headers)
+        return web.Response(
+            status=status, body=json.dumps(body).encode(), content_type="application/json", headers=headers
+        )
 
     async def _unknown(self, request: web.Request) -> web.Response:
         self.violations.append(f"unknown route {request.method} {request.path}")
@@ -1037,8 +1316,9 @@ class FakeDiscord:
                 expired = int(ex, 16) <= self.cdn_now()
             except ValueError:
                 expired = True
-            forged = is_ is not None and hm is not None and not hmac.compare_digest(
-                hm, self._cdn_signature(key, ex, is_))
+            forged = (
+                is_ is not None and hm is not None and not hmac.compare_digest(hm, self._cdn_signature(key, ex, is_))
+            )
             if expired or forged:
                 return web.Response(status=404, text=CDN_GONE_TEXT)
         data, ctype = item
@@ -1052,28 +1332,34 @@ class FakeDiscord:
             body = None
             reader = await request.multipart()
             async for part in reader:
+                assert isinstance(part, BodyPartReader), "Discord's forms are flat"
                 if part.name == "payload_json":
                     raw = await part.text()
                     try:
                         body = json.loads(raw)
                     except ValueError:
-                        raise ApiError(400, {"code": 50109, "message": "The request body contains invalid JSON."},
-                                       violation="invalid payload_json")
+                        raise ApiError(
+                            400,
+                            {"code": 50109, "message": "The request body contains invalid JSON."},
+                            violation="invalid payload_json",
+                        ) from None
                 elif part.filename is not None:
-                    files[part.name] = (part.filename, bytes(await part.read()),
-                                        part.headers.get("Content-Type"))
+                    files[part.name] = (part.filename, bytes(await part.read()), part.headers.get("Content-Type"))
                 else:
                     raw = await part.text()
                     body = body or {}
             return body, files, True
-        raw = await request.read()
-        if not raw:
+        data = await request.read()
+        if not data:
             return None, files, False
         try:
-            return json.loads(raw), files, True
+            return json.loads(data), files, True
         except ValueError:
-            raise ApiError(400, {"code": 50109, "message": "The request body contains invalid JSON."},
-                           violation="invalid JSON body")
+            raise ApiError(
+                400,
+                {"code": 50109, "message": "The request body contains invalid JSON."},
+                violation="invalid JSON body",
+            ) from None
 
     def _routes(self):
         if not hasattr(self, "_route_table"):
@@ -1086,23 +1372,43 @@ class FakeDiscord:
                 ("GET", r"/gateway", self._h_gateway, False),
                 ("PUT", r"/applications/%s/commands" % (S % "app"), self._h_put_commands, True),
                 ("GET", r"/applications/%s/commands" % (S % "app"), self._h_get_commands, True),
-                ("PUT", r"/applications/%s/guilds/%s/commands" % (S % "app", S % "gid"), self._h_put_commands, True),
-                ("GET", r"/applications/%s/guilds/%s/commands" % (S % "app", S % "gid"), self._h_get_commands, True),
-                ("POST", r"/interactions/%s/%s/callback" % (S % "iid", S % "tok"), self._h_callback, False),
-                ("GET", r"/webhooks/%s/%s/messages/%s" % (S % "app", S % "tok", S % "mid"), self._h_wh_get, False),
-                ("PATCH", r"/webhooks/%s/%s/messages/%s" % (S % "app", S % "tok", S % "mid"), self._h_wh_patch, False),
-                ("DELETE", r"/webhooks/%s/%s/messages/%s" % (S % "app", S % "tok", S % "mid"), self._h_wh_delete, False),
-                ("POST", r"/webhooks/%s/%s" % (S % "app", S % "tok"), self._h_wh_post, False),
+                (
+                    "PUT",
+                    r"/applications/{}/guilds/{}/commands".format(S % "app", S % "gid"),
+                    self._h_put_commands,
+                    True,
+                ),
+                (
+                    "GET",
+                    r"/applications/{}/guilds/{}/commands".format(S % "app", S % "gid"),
+                    self._h_get_commands,
+                    True,
+                ),
+                ("POST", r"/interactions/{}/{}/callback".format(S % "iid", S % "tok"), self._h_callback, False),
+                ("GET", r"/webhooks/{}/{}/messages/{}".format(S % "app", S % "tok", S % "mid"), self._h_wh_get, False),
+                (
+                    "PATCH",
+                    r"/webhooks/{}/{}/messages/{}".format(S % "app", S % "tok", S % "mid"),
+                    self._h_wh_patch,
+                    False,
+                ),
+                (
+                    "DELETE",
+                    r"/webhooks/{}/{}/messages/{}".format(S % "app", S % "tok", S % "mid"),
+                    self._h_wh_delete,
+                    False,
+                ),
+                ("POST", r"/webhooks/{}/{}".format(S % "app", S % "tok"), self._h_wh_post, False),
                 ("GET", r"/channels/%s" % (S % "cid"), self._h_get_channel, True),
-                ("GET", r"/channels/%s/messages/%s" % (S % "cid", S % "mid"), self._h_get_message, True),
-                ("PATCH", r"/channels/%s/messages/%s" % (S % "cid", S % "mid"), self._h_patch_message, True),
-                ("DELETE", r"/channels/%s/messages/%s" % (S % "cid", S % "mid"), self._h_delete_message, True),
+                ("GET", r"/channels/{}/messages/{}".format(S % "cid", S % "mid"), self._h_get_message, True),
+                ("PATCH", r"/channels/{}/messages/{}".format(S % "cid", S % "mid"), self._h_patch_message, True),
+                ("DELETE", r"/channels/{}/messages/{}".format(S % "cid", S % "mid"), self._h_delete_message, True),
                 ("POST", r"/channels/%s/messages" % (S % "cid"), self._h_post_message, True),
                 ("GET", r"/channels/%s/messages" % (S % "cid"), self._h_list_messages, True),
                 ("POST", r"/channels/%s/typing" % (S % "cid"), self._h_typing, True),
                 ("GET", r"/guilds/%s" % (S % "gid"), self._h_get_guild, True),
                 ("GET", r"/guilds/%s/channels" % (S % "gid"), self._h_get_guild_channels, True),
-                ("GET", r"/guilds/%s/members/%s" % (S % "gid", S % "uid"), self._h_get_member, True),
+                ("GET", r"/guilds/{}/members/{}".format(S % "gid", S % "uid"), self._h_get_member, True),
             ]
             self._route_table = [(m, re.compile("^" + rx + "$"), h, auth) for m, rx, h, auth in tbl]
         return self._route_table
@@ -1110,8 +1416,7 @@ class FakeDiscord:
     async def _api(self, request: web.Request) -> web.Response:
         path = "/" + request.match_info["tail"]
         method = request.method
-        rec = RecordedRequest(method, path, dict(request.query), dict(request.headers), None, {},
-                              time.monotonic())
+        rec = RecordedRequest(method, path, dict(request.query), dict(request.headers), None, {}, time.monotonic())
         self.requests.append(rec)
         where = f"{method} {path}"
         try:
@@ -1136,11 +1441,15 @@ class FakeDiscord:
                 if self.spec is not None:
                     tmpl, allowed = self.spec.match(method, path)
                     if tmpl is None:
-                        raise ApiError(404, {"code": 0, "message": "404: Not Found"},
-                                       violation=f"unknown route {where}")
+                        raise ApiError(
+                            404, {"code": 0, "message": "404: Not Found"}, violation=f"unknown route {where}"
+                        )
                     if not allowed:
-                        raise ApiError(405, {"code": 0, "message": "405: Method Not Allowed"},
-                                       violation=f"method not allowed {where} (spec {tmpl})")
+                        raise ApiError(
+                            405,
+                            {"code": 0, "message": "405: Method Not Allowed"},
+                            violation=f"method not allowed {where} (spec {tmpl})",
+                        )
                 handler, params, needs_auth = None, {}, False
                 for m, rx, h, auth in self._routes():
                     mm = rx.match(path)
@@ -1148,8 +1457,11 @@ class FakeDiscord:
                         handler, params, needs_auth = h, mm.groupdict(), auth
                         break
                 if handler is None:
-                    raise ApiError(404, {"code": 0, "message": "404: Not Found"},
-                                   violation=f"route not implemented by the fake (or unknown): {where}")
+                    raise ApiError(
+                        404,
+                        {"code": 0, "message": "404: Not Found"},
+                        violation=f"route not implemented by the fake (or unknown): {where}",
+                    )
                 if needs_auth and request.headers.get("Authorization") != f"Bot {self.token}":
                     raise ApiError(401, {"message": "401: Unauthorized", "code": 0})
                 if self.spec is not None and had_body and tmpl is not None:
@@ -1191,16 +1503,32 @@ class FakeDiscord:
 
     async def _h_appinfo(self, req, p, body, files):
         owner = self.members[self.guild["owner_id"]]["user"]
-        return 200, {"id": self.application_id, "name": self.bot_user["username"], "description": "",
-                     "icon": None, "bot_public": True, "bot_require_code_grant": False,
-                     "verify_key": secrets.token_hex(32), "owner": dict(owner), "flags": 0, "team": None,
-                     "summary": "", "rpc_origins": [], "tags": [], "bot": dict(self.bot_user),
-                     "interactions_endpoint_url": None, "redirect_uris": [], "approximate_guild_count": 1}
+        return 200, {
+            "id": self.application_id,
+            "name": self.bot_user["username"],
+            "description": "",
+            "icon": None,
+            "bot_public": True,
+            "bot_require_code_grant": False,
+            "verify_key": secrets.token_hex(32),
+            "owner": dict(owner),
+            "flags": 0,
+            "team": None,
+            "summary": "",
+            "rpc_origins": [],
+            "tags": [],
+            "bot": dict(self.bot_user),
+            "interactions_endpoint_url": None,
+            "redirect_uris": [],
+            "approximate_guild_count": 1,
+        }
 
     async def _h_gateway_bot(self, req, p, body, files):
-        return 200, {"url": self.gateway_url, "shards": 1,
-                     "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 14400000,
-                                             "max_concurrency": 1}}
+        return 200, {
+            "url": self.gateway_url,
+            "shards": 1,
+            "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 14400000, "max_concurrency": 1},
+        }
 
     async def _h_gateway(self, req, p, body, files):
         return 200, {"url": self.gateway_url}
@@ -1263,8 +1591,17 @@ class FakeDiscord:
         if p["gid"] != self.guild_id:
             raise ApiError(404, {"message": "Unknown Guild", "code": 10004})
         g = self.guild_payload()
-        for k in ("channels", "members", "threads", "voice_states", "presences", "joined_at", "large",
-                  "member_count", "unavailable"):
+        for k in (
+            "channels",
+            "members",
+            "threads",
+            "voice_states",
+            "presences",
+            "joined_at",
+            "large",
+            "member_count",
+            "unavailable",
+        ):
             g.pop(k, None)
         return 200, g
 
@@ -1277,8 +1614,14 @@ class FakeDiscord:
         if p["gid"] != self.guild_id:
             raise ApiError(404, {"message": "Unknown Guild", "code": 10004})
         if p["uid"] == self.bot_user["id"]:
-            return 200, {"user": dict(self.bot_user), "roles": [], "joined_at": JOINED_AT, "deaf": False,
-                         "mute": False, "flags": 0}
+            return 200, {
+                "user": dict(self.bot_user),
+                "roles": [],
+                "joined_at": JOINED_AT,
+                "deaf": False,
+                "mute": False,
+                "flags": 0,
+            }
         if p["uid"] not in self.members:
             raise ApiError(404, {"message": "Unknown Member", "code": 10007})
         return 200, self.member_payload(p["uid"], with_permissions=False)
@@ -1287,10 +1630,9 @@ class FakeDiscord:
         self._channel_or_404(p["cid"])
         return 204, None
 
-    def _msg_or_404(self, cid: Optional[str], mid: str, allow_ephemeral: bool = False) -> FakeMessage:
+    def _msg_or_404(self, cid: str | None, mid: str, allow_ephemeral: bool = False) -> FakeMessage:
         m = self.messages.get(mid)
-        if m is None or m.deleted or (cid is not None and m.channel_id != cid) \
-                or (m.ephemeral and not allow_ephemeral):
+        if m is None or m.deleted or (cid is not None and m.channel_id != cid) or (m.ephemeral and not allow_ephemeral):
             raise ApiError(404, {"message": "Unknown Message", "code": 10008})
         return m
 
@@ -1313,19 +1655,33 @@ class FakeDiscord:
             rid = str(ref.get("message_id"))
             target = self.messages.get(rid)
             if (target is None or target.deleted) and ref.get("fail_if_not_exists", True):
-                raise invalid_form(_form_error(["message_reference"], "REPLIES_UNKNOWN_MESSAGE",
-                                               "Unknown message"), f"reply to unknown message {rid}")
+                raise invalid_form(
+                    _form_error(["message_reference"], "REPLIES_UNKNOWN_MESSAGE", "Unknown message"),
+                    f"reply to unknown message {rid}",
+                )
             msg.type = 19
-            msg.message_reference = {"type": ref.get("type", 0), "message_id": rid,
-                                     "channel_id": str(ref.get("channel_id") or ch["id"]),
-                                     "guild_id": self.guild_id}
+            msg.message_reference = {
+                "type": ref.get("type", 0),
+                "message_id": rid,
+                "channel_id": str(ref.get("channel_id") or ch["id"]),
+                "guild_id": self.guild_id,
+            }
         body = {k: v for k, v in body.items() if k not in ("message_reference", "nonce", "enforce_nonce")}
         if body.get("flags", 0) & EPHEMERAL:
-            raise invalid_form(_form_error(["flags"], "MESSAGE_FLAGS_INVALID", "Invalid flags"),
-                               "ephemeral flag on a channel message")
-        self._apply_write(msg, body, files, DEFAULT_SIZE_LIMIT, create=True, default_parse=["users", "roles", "everyone"])
-        if not (msg.content or msg.embeds or msg.attachments or msg.components or body.get("sticker_ids")
-                or body.get("poll")):
+            raise invalid_form(
+                _form_error(["flags"], "MESSAGE_FLAGS_INVALID", "Invalid flags"), "ephemeral flag on a channel message"
+            )
+        self._apply_write(
+            msg, body, files, DEFAULT_SIZE_LIMIT, create=True, default_parse=["users", "roles", "everyone"]
+        )
+        if not (
+            msg.content
+            or msg.embeds
+            or msg.attachments
+            or msg.components
+            or body.get("sticker_ids")
+            or body.get("poll")
+        ):
             raise ApiError(400, {"message": "Cannot send an empty message", "code": 50006})
         self._record_message(msg, "create")
         return 200, msg.to_payload()
@@ -1352,24 +1708,40 @@ class FakeDiscord:
         elif event == "edit":
             msg.edited_timestamp = _now_iso()
         msg.history.append(msg.snapshot(event))
-        self.event(f"message_{event}", {"id": msg.id, "content": msg.content, "flags": msg.flags,
-                                        "attachments": [a["filename"] for a in msg.attachments]})
+        self.event(
+            f"message_{event}",
+            {
+                "id": msg.id,
+                "content": msg.content,
+                "flags": msg.flags,
+                "attachments": [a["filename"] for a in msg.attachments],
+            },
+        )
 
     def _delete(self, msg: FakeMessage) -> None:
         msg.deleted = True
         msg.history.append(msg.snapshot("delete"))
         self.event("message_delete", {"id": msg.id})
 
-    def _apply_write(self, msg: FakeMessage, body: dict, files: dict, size_limit: int, create: bool,
-                     default_parse: Optional[list] = None) -> None:
+    def _apply_write(
+        self,
+        msg: FakeMessage,
+        body: dict,
+        files: dict,
+        size_limit: int,
+        create: bool,
+        default_parse: list | None = None,
+    ) -> None:
         """Apply a create/edit body (+ uploaded files) to msg, enforcing Discord's attachment rules."""
         # files
-        uploaded: dict[str, tuple[str, bytes, Optional[str]]] = {}
+        uploaded: dict[str, tuple[str, bytes, str | None]] = {}
         for field_name, (fname, data, ctype) in files.items():
             mm = re.fullmatch(r"files\[(\d+)\]|file(\d*)", field_name)
             if not mm:
-                raise invalid_form(_form_error([field_name], "UNKNOWN_FIELD", "Unknown file field"),
-                                   f"unexpected multipart field {field_name}")
+                raise invalid_form(
+                    _form_error([field_name], "UNKNOWN_FIELD", "Unknown file field"),
+                    f"unexpected multipart field {field_name}",
+                )
             idx = mm.group(1) if mm.group(1) is not None else (mm.group(2) or "0")
             if len(data) > size_limit:
                 raise ApiError(413, {"message": "Request entity too large", "code": 40005})
@@ -1396,8 +1768,7 @@ class FakeDiscord:
                     fname, data, ctype = uploaded[eid]
                     used.add(eid)
                     fname = entry.get("filename") or fname
-                    a = self._store_attachment(snowflake(), msg.channel_id, fname, data,
-                                               _guess_ctype(fname, ctype))
+                    a = self._store_attachment(snowflake(), msg.channel_id, fname, data, _guess_ctype(fname, ctype))
                     if entry.get("description"):
                         a["description"] = entry["description"]
                     w, h = _image_size(data)
@@ -1409,9 +1780,14 @@ class FakeDiscord:
                     new_atts.append(existing[eid])
                     new_data[eid] = msg._data_by_att_id.get(eid, b"")
                 else:
-                    raise invalid_form(_form_error(["attachments", i, "id"], "ATTACHMENT_NOT_FOUND",
-                                                   f"Unknown attachment or no files[{eid}] uploaded"),
-                                       f"attachments[{i}] id={eid} matches no uploaded file or existing attachment")
+                    raise invalid_form(
+                        _form_error(
+                            ["attachments", i, "id"],
+                            "ATTACHMENT_NOT_FOUND",
+                            f"Unknown attachment or no files[{eid}] uploaded",
+                        ),
+                        f"attachments[{i}] id={eid} matches no uploaded file or existing attachment",
+                    )
             for idx in uploaded:
                 if idx not in used:  # uploaded but not listed: Discord still attaches it
                     fname, data, ctype = uploaded[idx]
@@ -1419,22 +1795,25 @@ class FakeDiscord:
                     new_atts.append(a)
                     new_data[a["id"]] = data
         if len(new_atts) > 10:
-            raise invalid_form(_form_error(["attachments"], "BASE_TYPE_MAX_LENGTH",
-                                           "Must be 10 or fewer in length."),
-                               f"{len(new_atts)} attachments on one message (max 10)")
+            raise invalid_form(
+                _form_error(["attachments"], "BASE_TYPE_MAX_LENGTH", "Must be 10 or fewer in length."),
+                f"{len(new_atts)} attachments on one message (max 10)",
+            )
         # Discord limits beyond the spec (platform doc A5): the spec allows 4000 chars (Nitro users);
         # bots and webhooks get 2000. All embeds together at most 6000 chars.
         content = body.get("content")
         if isinstance(content, str) and len(content) > 2000:
-            raise invalid_form(_form_error(["content"], "BASE_TYPE_MAX_LENGTH",
-                                           "Must be 2000 or fewer in length."),
-                               f"content of {len(content)} chars (max 2000)")
+            raise invalid_form(
+                _form_error(["content"], "BASE_TYPE_MAX_LENGTH", "Must be 2000 or fewer in length."),
+                f"content of {len(content)} chars (max 2000)",
+            )
         if body.get("embeds"):
             total = sum(_embed_chars(e) for e in body["embeds"] if isinstance(e, dict))
             if total > 6000:
-                raise invalid_form(_form_error(["embeds"], "MAX_EMBED_SIZE_EXCEEDED",
-                                               "Embed size exceeds maximum size of 6000"),
-                                   f"embeds total {total} chars (max 6000)")
+                raise invalid_form(
+                    _form_error(["embeds"], "MAX_EMBED_SIZE_EXCEEDED", "Embed size exceeds maximum size of 6000"),
+                    f"embeds total {total} chars (max 6000)",
+                )
         # fields
         if "content" in body:
             msg.content = body["content"] or ""
@@ -1447,8 +1826,8 @@ class FakeDiscord:
         if "tts" in body and create:
             msg.tts = bool(body["tts"])
         if "flags" in body and body["flags"] is not None:
-            keep = msg.flags & EPHEMERAL if not create else 0
-            msg.flags = keep | (int(body["flags"]) & ~LOADING & ~(0 if create else EPHEMERAL))
+            kept_flags = msg.flags & EPHEMERAL if not create else 0
+            msg.flags = kept_flags | (int(body["flags"]) & ~LOADING & ~(0 if create else EPHEMERAL))
         if "allowed_mentions" in body:
             msg.allowed_mentions = body["allowed_mentions"]
         elif create:
@@ -1472,19 +1851,33 @@ class FakeDiscord:
         return 19
 
     def _new_interaction_message(self, h: InteractionHandle) -> FakeMessage:
-        meta = {"id": h.id, "type": h.type, "user": dict(h.user),
-                "authorizing_integration_owners": h.payload.get("authorizing_integration_owners", {})}
+        meta = {
+            "id": h.id,
+            "type": h.type,
+            "user": dict(h.user),
+            "authorizing_integration_owners": h.payload.get("authorizing_integration_owners", {}),
+        }
         if h.type == 2:
             meta["name"] = (h.payload.get("data") or {}).get("name")
         if h.type == 3 and h.source_message_id:
             meta["interacted_message_id"] = h.source_message_id
-        msg = FakeMessage(self, h.channel_id or "", author=dict(self.bot_user), type=self._message_type_for(h),
-                          webhook_id=self.application_id, interaction_metadata=meta,
-                          guild_id=h.payload.get("guild_id"))
+        msg = FakeMessage(
+            self,
+            h.channel_id or "",
+            author=dict(self.bot_user),
+            type=self._message_type_for(h),
+            webhook_id=self.application_id,
+            interaction_metadata=meta,
+            guild_id=h.payload.get("guild_id"),
+        )
         msg.interaction = h
         if msg.type == 19 and h.source_message_id:
-            msg.message_reference = {"type": 0, "message_id": h.source_message_id, "channel_id": msg.channel_id,
-                                     "guild_id": msg.guild_id}
+            msg.message_reference = {
+                "type": 0,
+                "message_id": h.source_message_id,
+                "channel_id": msg.channel_id,
+                "guild_id": msg.guild_id,
+            }
         return msg
 
     async def _h_callback(self, req, p, body, files):
@@ -1500,9 +1893,14 @@ class FakeDiscord:
         data = body.get("data") or {}
         allowed = {2: {4, 5, 9}, 3: {4, 5, 6, 7, 9}, 4: {8}, 5: {4, 5, 6, 7}}.get(h.type, set())
         if ctype not in allowed:
-            raise invalid_form(_form_error(["type"], "INTERACTION_RESPONSE_TYPE_INVALID",
-                                           f"Callback type {ctype} not allowed for interaction type {h.type}"),
-                               f"callback type {ctype} for interaction type {h.type}")
+            raise invalid_form(
+                _form_error(
+                    ["type"],
+                    "INTERACTION_RESPONSE_TYPE_INVALID",
+                    f"Callback type {ctype} not allowed for interaction type {h.type}",
+                ),
+                f"callback type {ctype} for interaction type {h.type}",
+            )
         resource: dict = {"type": ctype}
         info: dict = {"id": h.id, "type": h.type}
         if ctype in (4, 5):
@@ -1513,28 +1911,45 @@ class FakeDiscord:
                     raise ApiError(400, {"message": "Cannot send an empty message", "code": 50006})
             else:
                 if data.get("flags", 0) & ~EPHEMERAL:
-                    raise invalid_form(_form_error(["data", "flags"], "INTERACTION_RESPONSE_FLAGS_INVALID",
-                                                   "Only EPHEMERAL is allowed on a deferred response"),
-                                       f"defer with flags {data.get('flags')}")
+                    raise invalid_form(
+                        _form_error(
+                            ["data", "flags"],
+                            "INTERACTION_RESPONSE_FLAGS_INVALID",
+                            "Only EPHEMERAL is allowed on a deferred response",
+                        ),
+                        f"defer with flags {data.get('flags')}",
+                    )
                 msg.flags = (data.get("flags", 0) & EPHEMERAL) | LOADING
                 h._loading_untouched = True
             h.original = msg
             self._record_message(msg, "create")
             resource["message"] = msg.to_payload()
-            info.update({"response_message_id": msg.id, "response_message_loading": ctype == 5,
-                         "response_message_ephemeral": msg.ephemeral})
+            info.update(
+                {
+                    "response_message_id": msg.id,
+                    "response_message_loading": ctype == 5,
+                    "response_message_ephemeral": msg.ephemeral,
+                }
+            )
         elif ctype in (6, 7):
             src = self.messages.get(h.source_message_id or "")
             if src is None:
-                raise invalid_form(_form_error(["type"], "INTERACTION_RESPONSE_TYPE_INVALID",
-                                               "No message to update"), f"callback {ctype} without a message")
+                raise invalid_form(
+                    _form_error(["type"], "INTERACTION_RESPONSE_TYPE_INVALID", "No message to update"),
+                    f"callback {ctype} without a message",
+                )
             h.original = src
             if ctype == 7:
                 self._apply_write(src, data, files, h.attachment_size_limit, create=False)
                 self._record_message(src, "edit")
                 resource["message"] = src.to_payload()
-            info.update({"response_message_id": src.id, "response_message_loading": False,
-                         "response_message_ephemeral": src.ephemeral})
+            info.update(
+                {
+                    "response_message_id": src.id,
+                    "response_message_loading": False,
+                    "response_message_ephemeral": src.ephemeral,
+                }
+            )
         h.callback = copy.deepcopy(body)
         h.callback_files = {k: (v[0], v[1]) for k, v in files.items()}
         self.event("callback", {"id": h.id, "type": ctype, "age": h.age})
@@ -1601,10 +2016,11 @@ class FakeDiscord:
         return 204, None
 
 
-def _guess_ctype(fname: str, ctype: Optional[str]) -> Optional[str]:
+def _guess_ctype(fname: str, ctype: str | None) -> str | None:
     if ctype and ctype != "application/octet-stream":
         return ctype
     import mimetypes
+
     return mimetypes.guess_type(fname)[0] or ctype
 
 
@@ -1637,6 +2053,25 @@ def _normalize_components(comps: list) -> list:
             walk(c["component"])
         if isinstance(c.get("accessory"), dict):
             walk(c["accessory"])
+
     for c in comps:
         walk(c)
     return comps
+
+
+def custom_ids(components: list) -> list[str]:
+    """Every custom_id in a message's components, nested ones included."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("custom_id"), str):
+                found.append(node["custom_id"])
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(components)
+    return found

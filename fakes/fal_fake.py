@@ -124,15 +124,31 @@ import urllib.parse
 import uuid
 import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-__all__ = ["FakeFal", "JobScript", "Job", "Recorded", "Fault", "Upload", "make_png", "make_jpeg",
-           "make_image", "model_error", "infra_error", "error_detail", "validate_payload",
-           "LOCK_MESSAGES", "MODEL_ERROR_STATUS", "INFRA_ERROR_STATUS"]
+__all__ = [
+    "FakeFal",
+    "JobScript",
+    "Job",
+    "Recorded",
+    "Fault",
+    "Upload",
+    "make_png",
+    "make_jpeg",
+    "make_image",
+    "model_error",
+    "infra_error",
+    "error_detail",
+    "validate_payload",
+    "LOCK_MESSAGES",
+    "MODEL_ERROR_STATUS",
+    "INFRA_ERROR_STATUS",
+]
 
 APP_ID = "fal-ai/flux-pro"
 ENDPOINT_SINGLE = "fal-ai/flux-pro/kontext/max"
@@ -159,41 +175,63 @@ IN_QUEUE, IN_PROGRESS, COMPLETED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED"
 
 # P2 §0.5
 LOCK_MESSAGES = {
-    "Exhausted balance": "User is locked. Reason: Exhausted balance. Top up your balance at "
-                         "fal.ai/dashboard/billing.",
+    "Exhausted balance": "User is locked. Reason: Exhausted balance. Top up your balance at fal.ai/dashboard/billing.",
     "TOP_UP": "User is locked. Reason: TOP_UP.",
     "Admin lock": "User is locked. Reason: Admin lock. Please contact support@fal.ai",
 }
 
 # Model errors (detail list), P2 §1.4 / §0.3; msg texts from fal's error reference.
 MODEL_ERROR_STATUS = {
-    "content_policy_violation": 422, "image_load_error": 422, "file_download_error": 422,
-    "image_too_large": 422, "image_too_small": 422, "file_too_large": 422,
-    "greater_than_equal": 422, "less_than_equal": 422, "face_detection_error": 422,
-    "downstream_service_error": 400, "downstream_service_unavailable": 500,
-    "internal_server_error": 500, "generation_timeout": 504,
+    "content_policy_violation": 422,
+    "image_load_error": 422,
+    "file_download_error": 422,
+    "image_too_large": 422,
+    "image_too_small": 422,
+    "file_too_large": 422,
+    "greater_than_equal": 422,
+    "less_than_equal": 422,
+    "face_detection_error": 422,
+    "downstream_service_error": 400,
+    "downstream_service_unavailable": 500,
+    "internal_server_error": 500,
+    "generation_timeout": 504,
 }
 MODEL_ERROR_MSG = {
     "content_policy_violation": "The content could not be processed because it contained material "
-                                "flagged by a content checker.",
-    "image_load_error": "Image load error", "file_download_error": "File download error",
-    "image_too_large": "Image too large", "image_too_small": "Image too small",
-    "file_too_large": "File too large", "downstream_service_error": "Downstream service error",
+    "flagged by a content checker.",
+    "image_load_error": "Image load error",
+    "file_download_error": "File download error",
+    "image_too_large": "Image too large",
+    "image_too_small": "Image too small",
+    "file_too_large": "File too large",
+    "downstream_service_error": "Downstream service error",
     "downstream_service_unavailable": "Downstream service unavailable",
-    "internal_server_error": "Internal server error", "generation_timeout": "Generation timeout",
+    "internal_server_error": "Internal server error",
+    "generation_timeout": "Generation timeout",
 }
 MODEL_ERROR_LOC = {
-    "content_policy_violation": ("body", "prompt"), "image_load_error": ("body", "image_url"),
-    "file_download_error": ("body", "image_url"), "image_too_large": ("body", "image_url"),
-    "image_too_small": ("body", "image_url"), "file_too_large": ("body", "image_url"),
+    "content_policy_violation": ("body", "prompt"),
+    "image_load_error": ("body", "image_url"),
+    "file_download_error": ("body", "image_url"),
+    "image_too_large": ("body", "image_url"),
+    "image_too_small": ("body", "image_url"),
+    "file_too_large": ("body", "image_url"),
 }
 # Infrastructure errors ({"detail": str, "error_type"} + X-Fal-Error-Type), P1 §1.5, P2 §0.10.
 INFRA_ERROR_STATUS = {
-    "request_timeout": 504, "startup_timeout": 504, "runner_scheduling_failure": 503,
-    "runner_connection_timeout": 503, "runner_disconnected": 503,
+    "request_timeout": 504,
+    "startup_timeout": 504,
+    "runner_scheduling_failure": 503,
+    "runner_connection_timeout": 503,
+    "runner_disconnected": 503,
     "runner_connection_refused": 503,  # code not given in the docs; 503 like its siblings
-    "runner_connection_error": 503, "runner_incomplete_response": 502, "runner_server_error": 500,
-    "client_disconnected": 499, "client_cancelled": 499, "bad_request": 400, "internal_error": 500,
+    "runner_connection_error": 503,
+    "runner_incomplete_response": 502,
+    "runner_server_error": 500,
+    "client_disconnected": 499,
+    "client_cancelled": 499,
+    "bad_request": 400,
+    "internal_error": 500,
 }
 
 
@@ -214,19 +252,19 @@ class JobScript:
     image_size: int = 2048  # bytes per image file (exact when achievable)
     width: int = 512  # requested pixel size; shrunk if it cannot fit in image_size
     height: int = 512
-    image_format: Optional[str] = None  # "png"/"jpeg"; None -> follow payload output_format
+    image_format: str | None = None  # "png"/"jpeg"; None -> follow payload output_format
     nsfw: tuple[bool, ...] = ()  # per image; missing -> False
     # Scripted failure: every result call returns this status/body (+headers). The COMPLETED
     # status then carries `error` (and `error_type`), derived from the body unless given.
     # See model_error() / infra_error() for realistic bodies.
-    result_status: Optional[int] = None
+    result_status: int | None = None
     result_body: Any = None
-    result_headers: Optional[dict[str, str]] = None
-    error: Optional[str] = None
-    error_type: Optional[str] = None
-    result_ttl: Optional[float] = None  # result -> 404 this long after completion
+    result_headers: dict[str, str] | None = None
+    error: str | None = None
+    error_type: str | None = None
+    result_ttl: float | None = None  # result -> 404 this long after completion
     stream_mode: str = "ok"  # see STREAM_MODES
-    inference_time: Optional[float] = None  # metrics.inference_time; default = time in progress
+    inference_time: float | None = None  # metrics.inference_time; default = time in progress
     cancel_delay: float = 0.02  # cancellation-aware job: time to stop after PUT cancel
     cancellation_aware: bool = False  # False: a running job ignores cancel (Kontext Max -> BFL)
     announce_file_size: bool = False  # single endpoint: include images[].file_size
@@ -248,12 +286,16 @@ class JobScript:
         return self.result_status is not None
 
 
-def error_detail(type: str, msg: Optional[str] = None, loc: Optional[tuple] = None,
-                 input: Any = None, ctx: Optional[dict] = None) -> dict:
+def error_detail(
+    type: str, msg: str | None = None, loc: tuple | None = None, input: Any = None, ctx: dict | None = None
+) -> dict:
     """One entry of a model error's ``detail`` list, shaped like fal's error reference."""
-    d: dict[str, Any] = {"loc": list(loc or MODEL_ERROR_LOC.get(type, ("body",))),
-                         "msg": msg or MODEL_ERROR_MSG.get(type, type.replace("_", " ").capitalize()),
-                         "type": type, "url": f"https://docs.fal.ai/errors/#{type}"}
+    d: dict[str, Any] = {
+        "loc": list(loc or MODEL_ERROR_LOC.get(type) or ("body",)),
+        "msg": msg or MODEL_ERROR_MSG.get(type, type.replace("_", " ").capitalize()),
+        "type": type,
+        "url": f"https://docs.fal.ai/errors/#{type}",
+    }
     if ctx is not None:
         d["ctx"] = ctx
     if input is not None:
@@ -261,10 +303,18 @@ def error_detail(type: str, msg: Optional[str] = None, loc: Optional[tuple] = No
     return d
 
 
-def model_error(type: str, msg: Optional[str] = None, status: Optional[int] = None, *,
-                loc: Optional[tuple] = None, input: Any = None, ctx: Optional[dict] = None,
-                retryable: Optional[bool] = None, headers: Optional[dict[str, str]] = None,
-                **script: Any) -> JobScript:
+def model_error(
+    type: str,
+    msg: str | None = None,
+    status: int | None = None,
+    *,
+    loc: tuple | None = None,
+    input: Any = None,
+    ctx: dict | None = None,
+    retryable: bool | None = None,
+    headers: dict[str, str] | None = None,
+    **script: Any,
+) -> JobScript:
     """A job that ends with a model error: ``{"detail": [{loc, msg, type, url, ...}]}``.
 
     The status defaults from MODEL_ERROR_STATUS (e.g. downstream_service_unavailable 500,
@@ -273,20 +323,31 @@ def model_error(type: str, msg: Optional[str] = None, status: Optional[int] = No
     hdrs = dict(headers or {})
     if retryable is not None:
         hdrs["X-Fal-Retryable"] = "true" if retryable else "false"
-    return JobScript(result_status=status or MODEL_ERROR_STATUS.get(type, 422),
-                     result_body={"detail": [error_detail(type, msg, loc, input, ctx)]},
-                     result_headers=hdrs or None, **script)
+    return JobScript(
+        result_status=status or MODEL_ERROR_STATUS.get(type, 422),
+        result_body={"detail": [error_detail(type, msg, loc, input, ctx)]},
+        result_headers=hdrs or None,
+        **script,
+    )
 
 
-def infra_error(error_type: str, status: Optional[int] = None, detail: Optional[str] = None, *,
-                headers: Optional[dict[str, str]] = None, **script: Any) -> JobScript:
+def infra_error(
+    error_type: str,
+    status: int | None = None,
+    detail: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    **script: Any,
+) -> JobScript:
     """A job that ends with an infrastructure error: ``{"detail": "<text>", "error_type": ...}``
     plus header ``X-Fal-Error-Type``; status from INFRA_ERROR_STATUS (default 500)."""
     hdrs = {"X-Fal-Error-Type": error_type, **(headers or {})}
-    return JobScript(result_status=status or INFRA_ERROR_STATUS.get(error_type, 500),
-                     result_body={"detail": detail or error_type.replace("_", " ").capitalize(),
-                                  "error_type": error_type},
-                     result_headers=hdrs, **script)
+    return JobScript(
+        result_status=status or INFRA_ERROR_STATUS.get(error_type, 500),
+        result_body={"detail": detail or error_type.replace("_", " ").capitalize(), "error_type": error_type},
+        result_headers=hdrs,
+        **script,
+    )
 
 
 @dataclass
@@ -298,23 +359,23 @@ class Recorded:
     headers: dict[str, str]
     json: Any
     time: float = field(default_factory=time.monotonic)
-    request_id: Optional[str] = None
-    status: Optional[int] = None  # HTTP status the fake answered (None for drops/hangs)
+    request_id: str | None = None
+    status: int | None = None  # HTTP status the fake answered (None for drops/hangs)
 
-    def header(self, name: str) -> Optional[str]:
+    def header(self, name: str) -> str | None:
         low = name.lower()
         return next((v for k, v in self.headers.items() if k.lower() == low), None)
 
     @property
-    def accept(self) -> Optional[str]:
+    def accept(self) -> str | None:
         return self.header("Accept")
 
 
 @dataclass
 class Fault:
-    status: Union[int, str]  # HTTP code or one of FAULT_KINDS
+    status: int | str  # HTTP code or one of FAULT_KINDS
     json: Any = None
-    headers: Optional[dict[str, str]] = None
+    headers: dict[str, str] | None = None
 
 
 @dataclass
@@ -324,14 +385,14 @@ class Upload:
     url: str
     data: bytes
     content_type: str
-    file_name: Optional[str]
+    file_name: str | None
     lifecycle: Any  # parsed X-Fal-Object-Lifecycle(-Preference) header, raw text if not JSON, or None
     via: str  # "cdn-v3" (POST {base_url}/files/upload) or "gcs" (initiate + PUT)
     uploaded_at: float = field(default_factory=time.monotonic)
-    expires_at: Optional[float] = None  # monotonic; from expiration_duration_seconds
+    expires_at: float | None = None  # monotonic; from expiration_duration_seconds
     deleted: bool = False
 
-    def available(self, now: Optional[float] = None) -> bool:
+    def available(self, now: float | None = None) -> bool:
         if self.deleted:
             return False
         return self.expires_at is None or (now if now is not None else time.monotonic()) < self.expires_at
@@ -341,9 +402,17 @@ class Job:
     """One queued request. Its timeline (start, end) is set by FakeFal's scheduler; its state is
     derived from those timestamps (time.monotonic())."""
 
-    def __init__(self, fal: "FakeFal", request_id: str, endpoint: str, payload: Any,
-                 script: JobScript, headers: dict[str, str], seq: int,
-                 validation_errors: Optional[list[dict]] = None) -> None:
+    def __init__(
+        self,
+        fal: FakeFal,
+        request_id: str,
+        endpoint: str,
+        payload: Any,
+        script: JobScript,
+        headers: dict[str, str],
+        seq: int,
+        validation_errors: list[dict] | None = None,
+    ) -> None:
         self.fal = fal
         self.request_id = request_id
         self.endpoint = endpoint
@@ -355,18 +424,18 @@ class Job:
         self.submitted_at = time.monotonic()
         self._wall0 = time.time()
         self.min_start_at = self.submitted_at + len(script.queue_positions) * script.step
-        self.start_at: Optional[float] = None  # set by the scheduler
-        self._end: Optional[float] = None  # known end time (None: not started / still fetching)
-        self._removed_at: Optional[float] = None  # cancelled while queued
-        self._stop_at: Optional[float] = None  # cancellation-aware stop
+        self.start_at: float | None = None  # set by the scheduler
+        self._end: float | None = None  # known end time (None: not started / still fetching)
+        self._removed_at: float | None = None  # cancelled while queued
+        self._stop_at: float | None = None  # cancellation-aware stop
         self._stopped = False  # the end came from the cancel
         self._released = False  # its concurrency slot was freed
-        self.cancel_requested_at: Optional[float] = None
+        self.cancel_requested_at: float | None = None
         # input fetching (at start)
         self._fetching = False
-        self.fetch_started_at: Optional[float] = None
-        self.fetch_done_at: Optional[float] = None
-        self.input_error: Optional[dict] = None
+        self.fetch_started_at: float | None = None
+        self.fetch_done_at: float | None = None
+        self.input_error: dict | None = None
         self.files_deleted = False
         self._changed = asyncio.Event()
         p = payload if isinstance(payload, dict) else {}
@@ -385,8 +454,9 @@ class Job:
     def input_urls(self) -> list[tuple[list, str]]:
         p = self.payload if isinstance(self.payload, dict) else {}
         if self.endpoint == ENDPOINT_MULTI:
-            return [(["body", "image_urls", i], u) for i, u in enumerate(p.get("image_urls") or [])
-                    if isinstance(u, str)]
+            return [
+                (["body", "image_urls", i], u) for i, u in enumerate(p.get("image_urls") or []) if isinstance(u, str)
+            ]
         if self.endpoint == ENDPOINT_SINGLE and isinstance(p.get("image_url"), str):
             return [(["body", "image_url"], p["image_url"])]
         return []
@@ -400,7 +470,7 @@ class Job:
             self._end = None
             return
         s = self.script
-        natural: Optional[float]
+        natural: float | None
         if self.validation_errors or self.input_error is not None:
             natural = self.start_at + min(s.fail_time, s.run_time)
         else:
@@ -420,12 +490,12 @@ class Job:
         return self._removed_at is not None or self._stopped
 
     @property
-    def started_at(self) -> Optional[float]:
+    def started_at(self) -> float | None:
         self.fal._advance(time.monotonic())
         return self.start_at
 
     @property
-    def completed_at(self) -> Optional[float]:
+    def completed_at(self) -> float | None:
         now = time.monotonic()
         self.fal._advance(now)
         end = self._end
@@ -467,19 +537,21 @@ class Job:
         out: list[dict] = []
         if self.validation_errors:
             return out
-        for t, msg in zip(self._log_times(), self.script.logs):
+        for t, msg in zip(self._log_times(), self.script.logs, strict=False):
             if t > limit:
                 break
             wall = self._wall0 + (t - self.submitted_at)
-            out.append({
-                "message": msg,
-                "level": self.script.log_level,
-                "source": "USER",
-                "timestamp": _dt.datetime.fromtimestamp(wall, _dt.timezone.utc).isoformat(),
-            })
+            out.append(
+                {
+                    "message": msg,
+                    "level": self.script.log_level,
+                    "source": "USER",
+                    "timestamp": _dt.datetime.fromtimestamp(wall, _dt.UTC).isoformat(),
+                }
+            )
         return out
 
-    def next_change_after(self, now: float) -> Optional[float]:
+    def next_change_after(self, now: float) -> float | None:
         """Next monotonic time at which the status object may change by itself (None = only on
         notify()). Changes caused by other jobs (a freed slot) arrive through notify()."""
         cands: list[float] = []
@@ -490,8 +562,7 @@ class Job:
             cands.append(self.min_start_at)
             s = self.script
             if self.fal.concurrency_limit is None and s.step > 0:
-                cands.append(self.submitted_at
-                             + (math.floor((now - self.submitted_at) / s.step) + 1) * s.step)
+                cands.append(self.submitted_at + (math.floor((now - self.submitted_at) / s.step) + 1) * s.step)
         elif self.start_at is not None:
             cands.extend(t for t in self._log_times() if t > now)
         cands = [c for c in cands if c > now]
@@ -503,11 +574,14 @@ class Job:
 
     # -- outcome --------------------------------------------------------------------
     @property
-    def failure(self) -> Optional[tuple[int, Any, dict[str, str]]]:
+    def failure(self) -> tuple[int, Any, dict[str, str]] | None:
         """(status, body, headers) of the result call if the job failed."""
         if self._removed_at is not None:
-            return (499, {"detail": "Request was cancelled before it started",
-                          "error_type": "client_cancelled"}, {"X-Fal-Error-Type": "client_cancelled"})
+            return (
+                499,
+                {"detail": "Request was cancelled before it started", "error_type": "client_cancelled"},
+                {"X-Fal-Error-Type": "client_cancelled"},
+            )
         if self._stopped:
             return 499, {"detail": "Request cancelled"}, {}
         if self.validation_errors:
@@ -518,8 +592,11 @@ class Job:
         if s.failed:
             body = s.result_body if s.result_body is not None else {"detail": "Internal Server Error"}
             headers = dict(s.result_headers or {})
-            if isinstance(body, dict) and body.get("error_type") and not any(
-                    k.lower() == "x-fal-error-type" for k in headers):
+            if (
+                isinstance(body, dict)
+                and body.get("error_type")
+                and not any(k.lower() == "x-fal-error-type" for k in headers)
+            ):
                 headers["X-Fal-Error-Type"] = str(body["error_type"])
             return s.result_status, body, headers  # type: ignore[return-value]
         return None
@@ -529,8 +606,9 @@ class Job:
         if fail is None:
             return {}
         _, body, headers = fail
-        scripted = (self._removed_at is None and not self._stopped and not self.validation_errors
-                    and self.input_error is None)
+        scripted = (
+            self._removed_at is None and not self._stopped and not self.validation_errors and self.input_error is None
+        )
         err = self.script.error if scripted else None
         etype = self.script.error_type if scripted else None
         detail = body.get("detail") if isinstance(body, dict) else body
@@ -552,8 +630,7 @@ class Job:
         return out
 
     def urls(self) -> dict:
-        return {"response_url": self.response_url, "status_url": self.status_url,
-                "cancel_url": self.cancel_url}
+        return {"response_url": self.response_url, "status_url": self.status_url, "cancel_url": self.cancel_url}
 
     def status_object(self, now: float, with_logs: bool) -> dict:
         st = self.state_at(now)
@@ -598,15 +675,22 @@ class Job:
                 if self.script.announce_file_size:
                     img["file_size"] = len(data)
             images.append(img)
-        nsfw = [bool(self.script.nsfw[i]) if i < len(self.script.nsfw) else False
-                for i in range(self.num_images)]
+        nsfw = [bool(self.script.nsfw[i]) if i < len(self.script.nsfw) else False for i in range(self.num_images)]
         if multi:
             timings: dict = {}  # a captured multi result shows "timings": {} (P2 §4)
         else:
-            timings = {"inference": float(self.script.inference_time if self.script.inference_time
-                                          is not None else self.script.run_time)}
-        return {"images": images, "seed": self._seed, "has_nsfw_concepts": nsfw,
-                "prompt": p.get("prompt", ""), "timings": timings}
+            timings = {
+                "inference": float(
+                    self.script.inference_time if self.script.inference_time is not None else self.script.run_time
+                )
+            }
+        return {
+            "images": images,
+            "seed": self._seed,
+            "has_nsfw_concepts": nsfw,
+            "prompt": p.get("prompt", ""),
+            "timings": timings,
+        }
 
     def __repr__(self) -> str:
         return f"<Job {self.request_id} {self.endpoint} {self.state}{' cancelled' if self.cancelled else ''}>"
@@ -655,7 +739,6 @@ class _Fenwick:
         return s
 
 
-
 # --------------------------------------------------------------------------------------
 # Image generation (valid PNG / baseline JPEG padded to an exact byte size), cached
 # --------------------------------------------------------------------------------------
@@ -676,8 +759,7 @@ def _noise(n: int) -> bytes:
     return random.Random(n).randbytes(n)
 
 
-def make_png(size: int, width: int = 512, height: int = 512,
-             incompressible: bool = True) -> tuple[bytes, int, int]:
+def make_png(size: int, width: int = 512, height: int = 512, incompressible: bool = True) -> tuple[bytes, int, int]:
     """Valid grey RGB PNG of exactly `size` bytes when possible (padding in a private
     ancillary chunk 'paDd', pseudo-random bytes unless incompressible=False); shrinks
     dimensions if needed. Returns (bytes, w, h)."""
@@ -727,8 +809,7 @@ def _jpeg_base(w: int, h: int) -> bytes:
     return soi + app0 + dqt + sof + dht + sos + scan
 
 
-def make_jpeg(size: int, width: int = 512, height: int = 512,
-              incompressible: bool = True) -> tuple[bytes, int, int]:
+def make_jpeg(size: int, width: int = 512, height: int = 512, incompressible: bool = True) -> tuple[bytes, int, int]:
     """Valid baseline JPEG of exactly `size` bytes when possible (padding in COM segments
     inserted after APP0, pseudo-random bytes unless incompressible=False; decoders skip
     segments by their length); shrinks dimensions if needed. Returns (bytes, w, h)."""
@@ -752,7 +833,7 @@ def make_jpeg(size: int, width: int = 512, height: int = 512,
         take = min(pad, 65537)
         if pad - take and pad - take < 4:
             take -= 4
-        segs.append(_jpeg_seg(0xFE, filler[used:used + take - 4]))
+        segs.append(_jpeg_seg(0xFE, filler[used : used + take - 4]))
         used += take - 4
         pad -= take
     head_len = 2 + 18  # SOI + APP0
@@ -760,8 +841,9 @@ def make_jpeg(size: int, width: int = 512, height: int = 512,
 
 
 @functools.lru_cache(maxsize=64)
-def make_image(fmt: str, size: int, width: int = 512, height: int = 512,
-               incompressible: bool = True) -> tuple[bytes, int, int]:
+def make_image(
+    fmt: str, size: int, width: int = 512, height: int = 512, incompressible: bool = True
+) -> tuple[bytes, int, int]:
     """Cached: each (format, size, dims) is generated once and shared by all jobs."""
     return (make_png if fmt == "png" else make_jpeg)(size, width, height, incompressible)
 
@@ -801,13 +883,21 @@ def validate_payload(endpoint: str, body: Any, allow_data_uri: bool = True) -> l
     "2"), so typos and wrong types in the bot's payload fail loudly in tests.
     """
     if not isinstance(body, dict):
-        return [{"loc": ["body"], "msg": "Input should be a valid dictionary", "type": "dict_type",
-                 "input": body}]
+        return [{"loc": ["body"], "msg": "Input should be a valid dictionary", "type": "dict_type", "input": body}]
     errs: list[dict] = []
     multi = endpoint == ENDPOINT_MULTI
     t2i = endpoint == ENDPOINT_T2I
-    allowed = {"prompt", "seed", "guidance_scale", "sync_mode", "num_images", "output_format",
-               "safety_tolerance", "enhance_prompt", "aspect_ratio"}
+    allowed = {
+        "prompt",
+        "seed",
+        "guidance_scale",
+        "sync_mode",
+        "num_images",
+        "output_format",
+        "safety_tolerance",
+        "enhance_prompt",
+        "aspect_ratio",
+    }
     if not t2i:  # text-to-image has no image field at all
         allowed.add("image_urls" if multi else "image_url")
 
@@ -829,8 +919,9 @@ def validate_payload(endpoint: str, body: Any, allow_data_uri: bool = True) -> l
         elif not isinstance(v, list):
             errs.append(_err(["image_urls"], "Input should be a valid list", "list_type", v))
         elif not v:
-            errs.append(_err(["image_urls"], "List should have at least 1 item after validation, not 0",
-                             "too_short", v))
+            errs.append(
+                _err(["image_urls"], "List should have at least 1 item after validation, not 0", "too_short", v)
+            )
         else:
             for i, u in enumerate(v):
                 if not _is_url(u, allow_data_uri):
@@ -847,11 +938,9 @@ def validate_payload(endpoint: str, body: Any, allow_data_uri: bool = True) -> l
         if not (isinstance(v, (int, float)) and not isinstance(v, bool)):
             errs.append(_err(["guidance_scale"], "Input should be a valid number", "float_type", v))
         elif v < 1:
-            errs.append(_err(["guidance_scale"], "Input should be greater than or equal to 1",
-                             "greater_than_equal", v))
+            errs.append(_err(["guidance_scale"], "Input should be greater than or equal to 1", "greater_than_equal", v))
         elif v > 20:
-            errs.append(_err(["guidance_scale"], "Input should be less than or equal to 20",
-                             "less_than_equal", v))
+            errs.append(_err(["guidance_scale"], "Input should be less than or equal to 20", "less_than_equal", v))
     if "num_images" in body:
         v = body["num_images"]
         if not is_int(v):
@@ -861,25 +950,29 @@ def validate_payload(endpoint: str, body: Any, allow_data_uri: bool = True) -> l
         elif v > 4:
             errs.append(_err(["num_images"], "Input should be less than or equal to 4", "less_than_equal", v))
     if "output_format" in body and body["output_format"] not in OUTPUT_FORMATS:
-        errs.append(_err(["output_format"], "Input should be 'jpeg' or 'png'", "literal_error",
-                         body["output_format"]))
+        errs.append(_err(["output_format"], "Input should be 'jpeg' or 'png'", "literal_error", body["output_format"]))
     if "safety_tolerance" in body:
         v = body["safety_tolerance"]
         if not (isinstance(v, str) and v in SAFETY_TOLERANCES):
-            errs.append(_err(["safety_tolerance"],
-                             "Input should be '1', '2', '3', '4', '5' or '6'", "literal_error", v))
+            errs.append(
+                _err(["safety_tolerance"], "Input should be '1', '2', '3', '4', '5' or '6'", "literal_error", v)
+            )
     for b in ("enhance_prompt", "sync_mode"):
         if b in body and not isinstance(body[b], bool):
             errs.append(_err([b], "Input should be a valid boolean", "bool_type", body[b]))
     if "aspect_ratio" in body and body["aspect_ratio"] not in ASPECT_RATIOS:
-        errs.append(_err(["aspect_ratio"], "Input should be " + ", ".join(f"'{a}'" for a in ASPECT_RATIOS),
-                         "literal_error", body["aspect_ratio"]))
+        errs.append(
+            _err(
+                ["aspect_ratio"],
+                "Input should be " + ", ".join(f"'{a}'" for a in ASPECT_RATIOS),
+                "literal_error",
+                body["aspect_ratio"],
+            )
+        )
     for k in body:
         if k not in allowed:
             errs.append(_err([k], "Extra inputs are not permitted", "extra_forbidden", body[k]))
     return errs
-
-
 
 
 # --------------------------------------------------------------------------------------
@@ -887,16 +980,25 @@ def validate_payload(endpoint: str, body: Any, allow_data_uri: bool = True) -> l
 # --------------------------------------------------------------------------------------
 _REQ_RE = re.compile(r"^/(?P<app>.+?)/requests/(?P<id>[^/]+)(?P<rest>/status|/status/stream|/cancel)?/?$")
 _UPLOADED_RE = re.compile(r"^/(?:cdn3|storage)/files/(?P<key>[A-Za-z0-9]+)/(?P<name>[^/]+)$")
-_METHODS = {"submit": ("POST",), "status": ("GET",), "stream": ("GET",), "result": ("GET",),
-            "cancel": ("PUT",), "file": ("GET", "HEAD"), "storage_token": ("POST",),
-            "storage_initiate": ("POST",), "upload": ("POST",), "upload_put": ("PUT",),
-            "uploaded_file": ("GET", "HEAD")}
+_METHODS = {
+    "submit": ("POST",),
+    "status": ("GET",),
+    "stream": ("GET",),
+    "result": ("GET",),
+    "cancel": ("PUT",),
+    "file": ("GET", "HEAD"),
+    "storage_token": ("POST",),
+    "storage_initiate": ("POST",),
+    "upload": ("POST",),
+    "upload_put": ("PUT",),
+    "uploaded_file": ("GET", "HEAD"),
+}
 _INGRESS_REASON = {502: "Bad Gateway", 503: "Service Temporarily Unavailable", 504: "Gateway Time-out"}
 _EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif"}
 
 
 def _iso(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat()
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).isoformat()
 
 
 def _safe_name(name: str) -> str:
@@ -918,11 +1020,19 @@ class FakeFal:
     token_ttl           lifetime of CDN upload tokens (not documented; 1 h)
     """
 
-    def __init__(self, key: str = "test-fal-key", default: Optional[JobScript] = None,
-                 fetch_inputs: bool = True, keepalive_interval: float = 15.0,
-                 fetch_timeout: float = 5.0, allow_data_uri: bool = True,
-                 chunk_size: int = 64 * 1024, validate_at_submit: bool = False,
-                 concurrency_limit: Optional[int] = None, token_ttl: float = 3600.0) -> None:
+    def __init__(
+        self,
+        key: str = "test-fal-key",
+        default: JobScript | None = None,
+        fetch_inputs: bool = True,
+        keepalive_interval: float = 15.0,
+        fetch_timeout: float = 5.0,
+        allow_data_uri: bool = True,
+        chunk_size: int = 64 * 1024,
+        validate_at_submit: bool = False,
+        concurrency_limit: int | None = None,
+        token_ttl: float = 3600.0,
+    ) -> None:
         self.key = key
         self.default = default or JobScript()
         self.fetch_inputs = fetch_inputs
@@ -936,17 +1046,17 @@ class FakeFal:
         self.jobs: dict[str, Job] = {}
         self.violations: list[str] = []
         self.uploads: list[Upload] = []
-        self.locked_reason: Optional[str] = None
+        self.locked_reason: str | None = None
         self.base_url = ""
         self._scripts: deque[JobScript] = deque()
-        self._predicates: list[Callable[[Any], Optional[JobScript]]] = []
+        self._predicates: list[Callable[[Any], JobScript | None]] = []
         self._faults: dict[str, deque[Fault]] = {op: deque() for op in OPS}
-        self._runner: Optional[web.AppRunner] = None
-        self._session: Optional[aiohttp.ClientSession] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self._closing_event: Optional[asyncio.Event] = None
-        self._submit_event: Optional[asyncio.Event] = None
+        self._closing_event: asyncio.Event | None = None
+        self._submit_event: asyncio.Event | None = None
         self._bg: set[asyncio.Task] = set()
         # scheduler
         self._concurrency_limit = concurrency_limit
@@ -959,8 +1069,8 @@ class FakeFal:
         self._waiting = _Fenwick()  # queued jobs by arrival number
         self._last_t = 0.0
         self._advancing = False
-        self._timer: Optional[asyncio.TimerHandle] = None
-        self._timer_at: Optional[float] = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._stream_jobs: dict[Job, int] = {}  # jobs with open status streams
         # storage
         self._tokens: dict[str, float] = {}  # token -> expiry (wall clock)
@@ -978,15 +1088,14 @@ class FakeFal:
         """Stands for https://v3.fal.media: the ``base_url`` handed out with upload tokens."""
         return f"{self.base_url}/cdn3"
 
-    async def start(self) -> "FakeFal":
+    async def start(self) -> FakeFal:
         self._closing = False
         self._loop = asyncio.get_running_loop()
         self._closing_event = asyncio.Event()
         self._submit_event = asyncio.Event()
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5,
-                                     handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -1015,7 +1124,7 @@ class FakeFal:
             await self._session.close()
             self._session = None
 
-    async def __aenter__(self) -> "FakeFal":
+    async def __aenter__(self) -> FakeFal:
         return await self.start()
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -1026,12 +1135,13 @@ class FakeFal:
         """Use `script` for the next `count` accepted submits (FIFO, before predicates)."""
         self._scripts.extend([script] * count)
 
-    def script_for(self, predicate: Callable[[Any], Optional[JobScript]]) -> None:
+    def script_for(self, predicate: Callable[[Any], JobScript | None]) -> None:
         """predicate(payload) -> JobScript|None; consulted after script_next, before default."""
         self._predicates.append(predicate)
 
-    def fail_next(self, op: str, status: Union[int, str] = 500, times: int = 1,
-                  json: Any = None, headers: Optional[dict[str, str]] = None) -> None:
+    def fail_next(
+        self, op: str, status: int | str = 500, times: int = 1, json: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
         """Inject a fault into the next `times` requests of `op` (one of OPS).
 
         status:
@@ -1062,12 +1172,12 @@ class FakeFal:
                 return s
         return self.default
 
-    def expire_files(self, request_id: Optional[str] = None) -> None:
+    def expire_files(self, request_id: str | None = None) -> None:
         """Make the result files of one job (or all jobs) return 404 from now on."""
-        for job in ([self.jobs[request_id]] if request_id else self.jobs.values()):
+        for job in [self.jobs[request_id]] if request_id else self.jobs.values():
             job.files_deleted = True
 
-    def expire_uploads(self, url: Optional[str] = None) -> None:
+    def expire_uploads(self, url: str | None = None) -> None:
         """Delete one uploaded file (by its access/file URL) or all of them: GET -> 404 and
         a job that starts afterwards fails with file_download_error."""
         for up in self.uploads:
@@ -1089,18 +1199,18 @@ class FakeFal:
         self.locked_reason = None
 
     @property
-    def lock_message(self) -> Optional[str]:
+    def lock_message(self) -> str | None:
         r = self.locked_reason
         if r is None:
             return None
         return LOCK_MESSAGES.get(r, f"User is locked. Reason: {r}.")
 
     @property
-    def concurrency_limit(self) -> Optional[int]:
+    def concurrency_limit(self) -> int | None:
         return self._concurrency_limit
 
     @concurrency_limit.setter
-    def concurrency_limit(self, value: Optional[int]) -> None:
+    def concurrency_limit(self, value: int | None) -> None:
         self._concurrency_limit = value
         self._advance(time.monotonic())
 
@@ -1118,9 +1228,12 @@ class FakeFal:
     def count(self, op: str) -> int:
         return sum(1 for r in self.requests if r.op == op)
 
-    def requests_for(self, op: Optional[str] = None, request_id: Optional[str] = None) -> list[Recorded]:
-        return [r for r in self.requests
-                if (op is None or r.op == op) and (request_id is None or r.request_id == request_id)]
+    def requests_for(self, op: str | None = None, request_id: str | None = None) -> list[Recorded]:
+        return [
+            r
+            for r in self.requests
+            if (op is None or r.op == op) and (request_id is None or r.request_id == request_id)
+        ]
 
     async def wait_for_submits(self, n: int, timeout: float = 5.0) -> list[Any]:
         async def _wait() -> None:
@@ -1128,6 +1241,7 @@ class FakeFal:
                 assert self._submit_event is not None
                 ev = self._submit_event
                 await ev.wait()
+
         await asyncio.wait_for(_wait(), timeout)
         return self.submits
 
@@ -1135,14 +1249,12 @@ class FakeFal:
     # Events (a job passing its minimum queue time, a job's end freeing its slot) are
     # processed in time order, lazily: on every request and from one timer armed for the next
     # event. Start times are the event times, so the schedule does not depend on polling.
-    def _new_job(self, endpoint: str, payload: Any, headers: dict[str, str],
-                 validation_errors: list[dict]) -> Job:
+    def _new_job(self, endpoint: str, payload: Any, headers: dict[str, str], validation_errors: list[dict]) -> Job:
         now = time.monotonic()
         self._advance(now)
         self._seq += 1
         rid = str(uuid.uuid4())
-        job = Job(self, rid, endpoint, payload, self._pick_script(payload), headers, self._seq,
-                  validation_errors)
+        job = Job(self, rid, endpoint, payload, self._pick_script(payload), headers, self._seq, validation_errors)
         self.jobs[rid] = job
         self._waiting.set(job.seq, True)
         heapq.heappush(self._pending, (job.min_start_at, job.seq, job))
@@ -1293,36 +1405,39 @@ class FakeFal:
         return error_detail(typ, loc=tuple(loc), input=shown)
 
     @staticmethod
-    def _check_data_uri(url: str) -> Optional[str]:
+    def _check_data_uri(url: str) -> str | None:
         head, sep, data = url.partition(",")
         if not sep:
             return "not an image"
         try:
-            raw = (base64.b64decode(data, validate=True) if head.endswith(";base64")
-                   else urllib.parse.unquote_to_bytes(data))
+            raw = (
+                base64.b64decode(data, validate=True)
+                if head.endswith(";base64")
+                else urllib.parse.unquote_to_bytes(data)
+            )
         except (binascii.Error, ValueError):
             return "not an image"
         return None if is_image_bytes(raw) else "not an image"
 
-    def _own_bytes(self, url: str) -> Optional[bytes]:
+    def _own_bytes(self, url: str) -> bytes | None:
         path = urllib.parse.urlsplit(url).path
         if path.startswith("/files/"):
-            job, _ = self._result_file(path[len("/files/"):])
+            job, _ = self._result_file(path[len("/files/") :])
             return job.image_blob()[0] if job is not None else None
         up = self._uploads_by_path.get(path)
         return up.data if up is not None and up.available() else None
 
-    def _check_own(self, url: str) -> Optional[str]:
+    def _check_own(self, url: str) -> str | None:
         data = self._own_bytes(url)
         if data is None:
             return "HTTP 404"
         return None if is_image_bytes(data) else "not an image"
 
     async def _fetch_inputs(self, job: Job, urls: list[tuple[list, str]]) -> None:
-        error: Optional[dict] = None
+        error: dict | None = None
         try:
             for loc, url in urls:
-                problem: Optional[str]
+                problem: str | None
                 if url.startswith("data:"):
                     problem = self._check_data_uri(url)
                 elif self._is_own(url):
@@ -1331,8 +1446,7 @@ class FakeFal:
                     problem = None
                     try:
                         assert self._session is not None
-                        async with self._session.get(
-                                url, timeout=aiohttp.ClientTimeout(total=self.fetch_timeout)) as r:
+                        async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=self.fetch_timeout)) as r:
                             if r.status != 200:
                                 problem = f"HTTP {r.status}"
                             else:
@@ -1341,7 +1455,7 @@ class FakeFal:
                                     problem = "not an image"
                     except asyncio.CancelledError:
                         raise
-                    except Exception as e:  # noqa: BLE001 - any failure = download error
+                    except Exception as e:
                         problem = type(e).__name__
                 if problem is not None:
                     error = self._input_error(loc, url, problem)
@@ -1358,7 +1472,7 @@ class FakeFal:
 
     # -- HTTP plumbing -----------------------------------------------------------
     @staticmethod
-    def _json(data: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> web.Response:
+    def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
         return web.json_response(data, status=status, headers=headers)
 
     @staticmethod
@@ -1372,18 +1486,20 @@ class FakeFal:
     @staticmethod
     def _ingress(code: int) -> web.Response:
         reason = _INGRESS_REASON[code]
-        html = (f"<html>\r\n<head><title>{code} {reason}</title></head>\r\n<body>\r\n"
-                f"<center><h1>{code} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
-                "</body>\r\n</html>\r\n")
+        html = (
+            f"<html>\r\n<head><title>{code} {reason}</title></head>\r\n<body>\r\n"
+            f"<center><h1>{code} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+            "</body>\r\n</html>\r\n"
+        )
         return web.Response(status=code, text=html, content_type="text/html")
 
     def _auth_ok(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Key {self.key}"
 
-    def _classify(self, path: str) -> tuple[str, Optional[str], Optional[str]]:
+    def _classify(self, path: str) -> tuple[str, str | None, str | None]:
         """-> (op, request id, submit endpoint)."""
         if path.startswith("/files/"):
-            return "file", path[len("/files/"):].split("_")[0], None
+            return "file", path[len("/files/") :].split("_")[0], None
         if path == "/rest/storage/auth/token":
             return "storage_token", None, None
         if path == "/rest/storage/upload/initiate":
@@ -1416,15 +1532,22 @@ class FakeFal:
                     body_json = _json.loads(raw) if raw else None
                 except ValueError:
                     body_json = None
-        rec = Recorded(op=op, method=method, path=path, query=dict(request.query),
-                       headers=dict(request.headers), json=body_json, request_id=req_id)
+        rec = Recorded(
+            op=op,
+            method=method,
+            path=path,
+            query=dict(request.query),
+            headers=dict(request.headers),
+            json=body_json,
+            request_id=req_id,
+        )
         self.requests.append(rec)
         auth = request.headers.get("Authorization", "")
         if op in CDN_OPS and auth.startswith("Key "):
             self.violations.append(f"fal key sent to the CDN / upload host: {method} {path}")
 
         fault = self._faults[op].popleft() if op in self._faults and self._faults[op] else None
-        after: Optional[Fault] = None
+        after: Fault | None = None
         if fault is not None:
             kind = fault.status
             if kind == "drop":
@@ -1438,17 +1561,23 @@ class FakeFal:
                 rec.status = code
                 return self._ingress(code)
             if kind == "500_after_record":
-                after = Fault(500, fault.json if fault.json is not None else
-                              {"detail": "Internal Server Error", "error_type": "internal_error"},
-                              {"X-Fal-Error-Type": "internal_error", **(fault.headers or {})})
+                after = Fault(
+                    500,
+                    fault.json
+                    if fault.json is not None
+                    else {"detail": "Internal Server Error", "error_type": "internal_error"},
+                    {"X-Fal-Error-Type": "internal_error", **(fault.headers or {})},
+                )
             elif isinstance(kind, int):
                 if kind >= 500 and op in ACTING_OPS:
                     after = fault
                 else:
                     rec.status = kind
-                    return self._json(fault.json if fault.json is not None else {"detail": "Injected fault"},
-                                      status=kind, headers={"x-fal-request-id": req_id or str(uuid.uuid4()),
-                                                            **(fault.headers or {})})
+                    return self._json(
+                        fault.json if fault.json is not None else {"detail": "Injected fault"},
+                        status=kind,
+                        headers={"x-fal-request-id": req_id or str(uuid.uuid4()), **(fault.headers or {})},
+                    )
 
         resp = await self._route(request, rec, op, endpoint, raw, body_json)
         if fault is not None and fault.status == "drop_after":
@@ -1462,16 +1591,23 @@ class FakeFal:
         if after is not None:
             code = int(after.status)
             rec.status = code
-            return self._json(after.json if after.json is not None else {"detail": "Injected fault"},
-                              status=code, headers={"x-fal-request-id": rec.request_id or str(uuid.uuid4()),
-                                                    **(after.headers or {})})
+            return self._json(
+                after.json if after.json is not None else {"detail": "Injected fault"},
+                status=code,
+                headers={"x-fal-request-id": rec.request_id or str(uuid.uuid4()), **(after.headers or {})},
+            )
         rec.status = resp.status
-        if op not in ("file", "uploaded_file", "upload_put") and not resp.prepared and "x-fal-request-id" not in resp.headers:
+        if (
+            op not in ("file", "uploaded_file", "upload_put")
+            and not resp.prepared
+            and "x-fal-request-id" not in resp.headers
+        ):
             resp.headers["x-fal-request-id"] = rec.request_id or str(uuid.uuid4())
         return resp
 
-    async def _route(self, request: web.Request, rec: Recorded, op: str, endpoint: Optional[str],
-                     raw: bytes, body_json: Any) -> web.StreamResponse:
+    async def _route(
+        self, request: web.Request, rec: Recorded, op: str, endpoint: str | None, raw: bytes, body_json: Any
+    ) -> web.StreamResponse:
         method = request.method
         if op == "unknown":
             self.violations.append(f"unknown route {method} {request.path}")
@@ -1488,8 +1624,11 @@ class FakeFal:
         if op == "upload":
             return self._upload(request, raw)
         if not self._auth_ok(request):
-            detail = ("Missing authorization header" if "Authorization" not in request.headers
-                      else "Invalid authorization credentials")
+            detail = (
+                "Missing authorization header"
+                if "Authorization" not in request.headers
+                else "Invalid authorization credentials"
+            )
             return self._json({"detail": detail}, 401)
         if op in LOCKED_OPS and self.locked_reason is not None:
             return self._json({"detail": self.lock_message}, 403)
@@ -1502,8 +1641,9 @@ class FakeFal:
         m = _REQ_RE.match(request.path)
         assert m is not None
         if m.group("app") != APP_ID:
-            self.violations.append(f"request URL not under {APP_ID}/requests (rebuilt from the "
-                                   f"endpoint id?): {method} {request.path}")
+            self.violations.append(
+                f"request URL not under {APP_ID}/requests (rebuilt from the endpoint id?): {method} {request.path}"
+            )
         job = self.jobs.get(m.group("id"))
         if job is None or m.group("app") != APP_ID:
             if op == "cancel":
@@ -1520,31 +1660,42 @@ class FakeFal:
         return self._cancel(job)
 
     # -- queue handlers -------------------------------------------------------------------
-    def _submit(self, request: web.Request, rec: Recorded, endpoint: str, raw: bytes,
-                body: Any) -> web.Response:
+    def _submit(self, request: web.Request, rec: Recorded, endpoint: str, raw: bytes, body: Any) -> web.Response:
         if body is None and raw.strip() != b"null":
             # Not JSON at all: refused by the gateway (plausible; not documented, P2 §1.1).
-            return self._json({"detail": [{"loc": ["body"], "msg": "JSON decode error",
-                                           "type": "json_invalid", "input": None}]}, 422)
+            return self._json(
+                {"detail": [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid", "input": None}]}, 422
+            )
         errors = validate_payload(endpoint, body, self.allow_data_uri)
         if errors and self.validate_at_submit:  # NOT what fal does (P2 §0.2)
             return self._json({"detail": errors}, 422)
         job = self._new_job(endpoint, body, dict(request.headers), errors)
         rec.request_id = job.request_id
-        return self._json({"status": IN_QUEUE, "request_id": job.request_id, **job.urls(),
-                           "logs": None, "metrics": {},
-                           "queue_position": job.queue_position_at(time.monotonic())},
-                          headers={"x-fal-request-id": job.request_id})
+        return self._json(
+            {
+                "status": IN_QUEUE,
+                "request_id": job.request_id,
+                **job.urls(),
+                "logs": None,
+                "metrics": {},
+                "queue_position": job.queue_position_at(time.monotonic()),
+            },
+            headers={"x-fal-request-id": job.request_id},
+        )
 
     async def _stream(self, request: web.Request, job: Job) -> web.StreamResponse:
         mode = job.script.stream_mode
         if mode == "unavailable":
-            return self._json({"detail": "Method Not Allowed"}, 405,
-                              headers={"x-fal-request-id": job.request_id})
+            return self._json({"detail": "Method Not Allowed"}, 405, headers={"x-fal-request-id": job.request_id})
         with_logs = _wants_logs(request)
-        resp = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            "x-fal-request-id": job.request_id})
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "x-fal-request-id": job.request_id,
+            },
+        )
         await resp.prepare(request)
         assert self._closing_event is not None
         if mode == "stall":
@@ -1575,9 +1726,10 @@ class FakeFal:
             pass
         return resp
 
-    async def _stream_events(self, resp: web.StreamResponse, request: web.Request, job: Job,
-                             mode: str, with_logs: bool) -> None:
-        last: Optional[str] = None
+    async def _stream_events(
+        self, resp: web.StreamResponse, request: web.Request, job: Job, mode: str, with_logs: bool
+    ) -> None:
+        last: str | None = None
         last_write = time.monotonic()
         while not self._closing:
             ev = job._changed  # grab before computing the snapshot
@@ -1639,12 +1791,19 @@ class FakeFal:
             self._end_changed(job)
         return self._json({"status": "CANCELLATION_REQUESTED"}, 202)
 
-    def _result_file(self, name: str) -> tuple[Optional[Job], int]:
+    def _result_file(self, name: str) -> tuple[Job | None, int]:
         rid, _, rest = name.partition("_")
         job = self.jobs.get(rid)
         idx_s = rest.rsplit(".", 1)[0]
-        if (job is None or job.files_deleted or job.completed_at is None or job.failure is not None
-                or not idx_s.isdigit() or int(idx_s) >= job.num_images or name != job.file_name(int(idx_s))):
+        if (
+            job is None
+            or job.files_deleted
+            or job.completed_at is None
+            or job.failure is not None
+            or not idx_s.isdigit()
+            or int(idx_s) >= job.num_images
+            or name != job.file_name(int(idx_s))
+        ):
             return None, 0
         return job, int(idx_s)
 
@@ -1656,14 +1815,14 @@ class FakeFal:
             view = memoryview(data)
             try:
                 for off in range(0, len(data), self.chunk_size):
-                    await resp.write(view[off:off + self.chunk_size])
+                    await resp.write(view[off : off + self.chunk_size])
             except (ConnectionError, aiohttp.ClientConnectionResetError):
                 return resp
         await resp.write_eof()
         return resp
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
-        job, _ = self._result_file(request.path[len("/files/"):])
+        job, _ = self._result_file(request.path[len("/files/") :])
         if job is None:
             return self._json({"detail": "File not found"}, 404)
         data, _, _ = job.image_blob()
@@ -1673,14 +1832,31 @@ class FakeFal:
     def _storage_token(self, request: web.Request) -> web.Response:
         if request.query.get("storage_type") != "fal-cdn-v3":
             # strict: fal-client and fal-js always send this; other values are not documented
-            return self._json({"detail": [{"loc": ["query", "storage_type"], "msg": "Input should be "
-                               "'fal-cdn-v3'", "type": "literal_error",
-                               "input": request.query.get("storage_type")}]}, 422)
+            return self._json(
+                {
+                    "detail": [
+                        {
+                            "loc": ["query", "storage_type"],
+                            "msg": "Input should be 'fal-cdn-v3'",
+                            "type": "literal_error",
+                            "input": request.query.get("storage_type"),
+                        }
+                    ]
+                },
+                422,
+            )
         token = secrets.token_urlsafe(24)
         now = time.time()
         self._tokens[token] = now + self.token_ttl
-        return self._json({"token": token, "token_type": "Bearer", "base_url": self.cdn_upload_url,
-                           "expires_at": _iso(now + self.token_ttl), "created_at": _iso(now)})
+        return self._json(
+            {
+                "token": token,
+                "token_type": "Bearer",
+                "base_url": self.cdn_upload_url,
+                "expires_at": _iso(now + self.token_ttl),
+                "created_at": _iso(now),
+            }
+        )
 
     def _token_ok(self, request: web.Request) -> bool:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -1688,9 +1864,8 @@ class FakeFal:
         return scheme == "Bearer" and exp is not None and time.time() < exp
 
     @staticmethod
-    def _lifecycle(request: web.Request) -> tuple[Any, Optional[float]]:
-        raw = (request.headers.get("X-Fal-Object-Lifecycle-Preference")
-               or request.headers.get("X-Fal-Object-Lifecycle"))
+    def _lifecycle(request: web.Request) -> tuple[Any, float | None]:
+        raw = request.headers.get("X-Fal-Object-Lifecycle-Preference") or request.headers.get("X-Fal-Object-Lifecycle")
         if raw is None:
             return None, None
         try:
@@ -1702,10 +1877,18 @@ class FakeFal:
             return pref, time.monotonic() + float(secs)
         return pref, None
 
-    def _store(self, path: str, data: bytes, ctype: str, name: Optional[str], lifecycle: Any,
-               expires_at: Optional[float], via: str) -> Upload:
-        up = Upload(url=f"{self.base_url}{path}", data=data, content_type=ctype, file_name=name,
-                    lifecycle=lifecycle, via=via, expires_at=expires_at)
+    def _store(
+        self, path: str, data: bytes, ctype: str, name: str | None, lifecycle: Any, expires_at: float | None, via: str
+    ) -> Upload:
+        up = Upload(
+            url=f"{self.base_url}{path}",
+            data=data,
+            content_type=ctype,
+            file_name=name,
+            lifecycle=lifecycle,
+            via=via,
+            expires_at=expires_at,
+        )
         self.uploads.append(up)
         self._uploads_by_path[path] = up
         return up
@@ -1725,25 +1908,56 @@ class FakeFal:
 
     def _storage_initiate(self, request: web.Request, body: Any) -> web.Response:
         if request.query.get("storage_type") not in ("gcs", "fal-cdn-v3"):
-            return self._json({"detail": [{"loc": ["query", "storage_type"], "msg": "Input should be "
-                               "'gcs' or 'fal-cdn-v3'", "type": "literal_error",
-                               "input": request.query.get("storage_type")}]}, 422)
+            return self._json(
+                {
+                    "detail": [
+                        {
+                            "loc": ["query", "storage_type"],
+                            "msg": "Input should be 'gcs' or 'fal-cdn-v3'",
+                            "type": "literal_error",
+                            "input": request.query.get("storage_type"),
+                        }
+                    ]
+                },
+                422,
+            )
         if not isinstance(body, dict):
-            return self._json({"detail": [{"loc": ["body"], "msg": "Input should be a valid dictionary",
-                                           "type": "dict_type", "input": body}]}, 422)
+            return self._json(
+                {
+                    "detail": [
+                        {
+                            "loc": ["body"],
+                            "msg": "Input should be a valid dictionary",
+                            "type": "dict_type",
+                            "input": body,
+                        }
+                    ]
+                },
+                422,
+            )
         name = body.get("file_name") or "upload.bin"
         ctype = body.get("content_type") or "application/octet-stream"
         uid = secrets.token_hex(8)
         sig = secrets.token_hex(16)
         lifecycle, expires_at = self._lifecycle(request)
         path = f"/storage/files/{uid}/{_safe_name(str(name))}"
-        self._gcs_pending[uid] = {"sig": sig, "path": path, "name": name, "content_type": ctype,
-                                  "lifecycle": lifecycle, "expires_at": expires_at}
-        return self._json({"upload_url": f"{self.base_url}/gcs-upload/{uid}?X-Goog-Signature={sig}",
-                           "file_url": f"{self.base_url}{path}"})
+        self._gcs_pending[uid] = {
+            "sig": sig,
+            "path": path,
+            "name": name,
+            "content_type": ctype,
+            "lifecycle": lifecycle,
+            "expires_at": expires_at,
+        }
+        return self._json(
+            {
+                "upload_url": f"{self.base_url}/gcs-upload/{uid}?X-Goog-Signature={sig}",
+                "file_url": f"{self.base_url}{path}",
+            }
+        )
 
     def _upload_put(self, request: web.Request, raw: bytes) -> web.Response:
-        uid = request.path[len("/gcs-upload/"):]
+        uid = request.path[len("/gcs-upload/") :]
         pend = self._gcs_pending.get(uid)
         if pend is None or request.query.get("X-Goog-Signature") != pend["sig"]:
             return web.Response(status=403, text="SignatureDoesNotMatch", content_type="text/plain")

@@ -84,7 +84,7 @@ class Settings:
             if not f.repr:
                 continue
             value = getattr(self, f.name)
-            shown.append(f"{f.name}={_without_credentials(value) if isinstance(value, str) else value!r}")
+            shown.append(f"{f.name}={(_without_credentials(value) if isinstance(value, str) else value)!r}")
         return f"Settings({', '.join(shown)})"
 
     @property
@@ -101,10 +101,10 @@ def _without_credentials(value: str) -> str:
     try:
         url = yarl.URL(value)
     except (TypeError, ValueError):
-        return repr(value)
+        return value
     if url.user is not None or url.password is not None:
-        return repr(str(url.with_user("***").with_password(None)))
-    return repr(value)
+        return str(url.with_user("***").with_password(None))
+    return value
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T) -> T:

@@ -17,6 +17,7 @@ from .flux_kontext import KontextEdit
 NOTE_SAFETY_LIMITED_TO = "safety_limited_to"  # the policy lowered the tolerance asked for
 NOTE_CANCEL_REQUESTED_BY = "cancel_requested_by"  # a cancel came once fal had started the job
 NOTE_UNDELIVERABLE = "undeliverable"  # why the final state could not be shown
+NOTE_WITHDRAWN = "withdrawn"  # why nothing more is shown in the channel (its reply was deleted)
 
 # The interaction token of the reply lives 15 minutes; leave a margin for the final upload.
 INTERACTION_TOKEN_LIFETIME = 15 * 60

@@ -24,7 +24,7 @@ from .fal_queue import (
 )
 from .flux_kontext import parse_output
 from .input_images import InputRejected, InputStager, InputUnavailable
-from .job import NOTE_CANCEL_REQUESTED_BY, NOTE_UNDELIVERABLE, Job, JobRequest, JobState
+from .job import NOTE_CANCEL_REQUESTED_BY, NOTE_UNDELIVERABLE, NOTE_WITHDRAWN, Job, JobRequest, JobState
 from .redact import describe_error
 from .results import ResultCustody
 from .retry import Backoff, retrying
@@ -160,6 +160,18 @@ class JobRunner:
                 return CancelOutcome.STARTED
         # Still in the bot, or removed from fal's queue (OK) or unknown there (NOT_FOUND).
         return await self._stop_work(job, by_user)
+
+    async def withdraw(self, job_id: int, reason: str) -> None:
+        """Nothing more of this job is to be shown in the channel (its reply was deleted): stop
+        it while it can still be stopped; the member is told privately when it ends."""
+        job = self._jobs.get(job_id)
+        if job is None or job.state.is_final or NOTE_WITHDRAWN in job.notes:
+            return
+        job.notes = {**job.notes, NOTE_WITHDRAWN: reason}
+        try:
+            await self.cancel(job_id, by_user=0)
+        except FalError as exc:
+            log.warning("job %d: withdrawn, but fal did not take the cancel: %s", job_id, exc)
 
     async def _ask_fal_to_cancel(self, job: Job, by_user: int) -> str:
         assert job.request is not None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fakes.discord_fake import EPHEMERAL
+import base64
+
+from fakes.discord_fake import EPHEMERAL, custom_ids
 
 FINAL_MARKS = ("✅", "❌", "🚫", "🛡️", "⚠️", "No image")
 
@@ -48,3 +50,24 @@ async def admin(world, command: str, user: str = "mod", **options) -> str:
     for embed in handle.callback["data"].get("embeds", []):
         text += "\n" + "\n".join(f"**{field['name']}**: {field['value']}" for field in embed.get("fields", []))
     return text
+
+
+def button(message, action: str) -> str:
+    """The custom_id of the message's button for `action` (kontext:<action>:<job id>:<key>)."""
+    (found,) = [c for c in custom_ids(message.components) if c.startswith(f"kontext:{action}:")]
+    return found
+
+
+def has_button(message, action: str) -> bool:
+    return message is not None and any(c.startswith(f"kontext:{action}:") for c in custom_ids(message.components))
+
+
+def attachment_bytes(world, attachment: dict) -> bytes:
+    """What the fake Discord's CDN serves for an attachment."""
+    path = "/" + attachment["url"].split("/", 3)[3].split("?", 1)[0]
+    return world.discord.cdn_files[path][0]
+
+
+def data_uri(world, attachment: dict, content_type: str = "image/png") -> str:
+    """The durable copy the bot hands fal for a small attachment: its bytes, inline."""
+    return f"data:{content_type};base64," + base64.b64encode(attachment_bytes(world, attachment)).decode()

@@ -50,7 +50,13 @@ def test_zero_result_memory_means_always_through_files():
 
 def test_overrides_and_trailing_slashes():
     settings = load_settings(
-        {**SECRETS, "DISCORD_API_BASE": "http://proxy:8080/api/v10/", "FAL_STATUS_STREAM": "off", "DEV_GUILD_ID": "42"}
+        {
+            **SECRETS,
+            "DISCORD_API_BASE": "http://proxy:8080/api/v10/",
+            "ALLOW_PLAIN_HTTP": "1",
+            "FAL_STATUS_STREAM": "off",
+            "DEV_GUILD_ID": "42",
+        }
     )
     assert settings.discord_api_base == "http://proxy:8080/api/v10"
     assert settings.use_status_stream is False
@@ -67,3 +73,56 @@ def test_bot_exits_at_once_with_one_line_when_a_secret_is_missing(tmp_path, miss
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and missing in lines[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("JOB_TIMEOUT", "nan"),  # asyncio.timeout_at(now + nan) fires at once: every job would fail
+        ("EDIT_INTERVAL", "nan"),  # asyncio.sleep(nan) never returns: no progress edit ever
+        ("RETRY_BASE_DELAY", "inf"),
+        ("POLL_INTERVAL", "-1"),
+        ("PRICE_PER_IMAGE_USD", "-1"),  # would make every job's policy check raise
+        ("MONTHLY_BUDGET_USD", "0"),
+        ("ALLOWED_GUILD_IDS", "abc"),
+        ("LOG_LEVEL", "chatty"),
+    ],
+)
+def test_values_that_would_break_the_bot_are_refused(name, value):
+    with pytest.raises(SettingsError, match=name):
+        load_settings({**SECRETS, name: value})
+
+
+def test_plain_http_only_for_loopback_or_when_allowed():
+    with pytest.raises(SettingsError, match="FAL_QUEUE_URL"):
+        load_settings({**SECRETS, "FAL_QUEUE_URL": "http://fal.example"})
+    assert load_settings({**SECRETS, "FAL_QUEUE_URL": "http://127.0.0.1:8080"}).fal_queue_url == "http://127.0.0.1:8080"
+    allowed = load_settings({**SECRETS, "FAL_QUEUE_URL": "http://fal.example", "ALLOW_PLAIN_HTTP": "1"})
+    assert allowed.fal_queue_url == "http://fal.example"
+
+
+def test_credentials_in_urls_never_reach_the_logged_settings():
+    settings = load_settings({**SECRETS, "DISCORD_API_BASE": "https://user:hunter2@proxy.internal/api/v10"})
+    assert settings.discord_api_base == "https://user:hunter2@proxy.internal/api/v10"
+    assert "hunter2" not in repr(settings) and "user" not in repr(settings).split("discord_api_base=")[1][:12]
+
+
+def test_operator_limits_are_read():
+    settings = load_settings({**SECRETS, "ALLOWED_GUILD_IDS": "12, 34", "MONTHLY_BUDGET_USD": "150"})
+    assert settings.allowed_guild_ids == frozenset({12, 34}) and settings.monthly_budget_usd == 150.0
+
+
+def test_only_the_env_file_of_the_start_folder_is_read(tmp_path):
+    """A bot started from the wrong folder must not pick up another project's .env."""
+    (tmp_path / ".env").write_text("DISCORD_TOKEN=parent-token\nFAL_KEY=parent-key\n")
+    child = tmp_path / "elsewhere"
+    child.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bot.py")],
+        cwd=child,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 2 and "DISCORD_TOKEN is not set" in done.stderr

@@ -1,8 +1,11 @@
+# mypy: disable-error-code="attr-defined,union-attr,method-assign"
+# (throwaway bots with attributes added on the fly, driven through channels the test made)
 """Self-tests of the fake Discord, driven by a real discord.py AutoShardedBot running in-process."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import time
@@ -15,7 +18,7 @@ import pytest_asyncio
 from discord import app_commands
 from discord.ext import commands
 
-from fakes.discord_fake import FakeDiscord, MEMBER_PERMISSIONS
+from fakes.discord_fake import FakeDiscord
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x02\x00\x00\x00\x03\x08\x02\x00\x00\x00" + b"\x00" * 40
 
@@ -103,10 +106,8 @@ async def env():
         yield fake, bot
     finally:
         await bot.close()
-        try:
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 5)
-        except Exception:
-            pass
         await fake.stop()
 
 
@@ -134,9 +135,8 @@ async def test_slash_defer_edit_followup_and_button(env):
     fu = h.followups[0]
     assert fu.files == {"x.txt": b"abc"} and fu.content == "extra" and fu.allowed_mentions == {"parse": []}
     # the uploaded output is served by the fake CDN
-    async with aiohttp.ClientSession() as s:
-        async with s.get(msg.attachments[0]["url"]) as r:
-            assert r.status == 200 and await r.read() == PNG[::-1]
+    async with aiohttp.ClientSession() as s, s.get(msg.attachments[0]["url"]) as r:
+        assert r.status == 200 and await r.read() == PNG[::-1]
     # spec-validated requests are recorded
     patch = fake.requests_to("PATCH", r"/messages/@original$")[0]
     assert patch.status == 200 and patch.json["attachments"] == [{"id": 0, "filename": "out.png"}]
@@ -148,11 +148,11 @@ async def test_slash_defer_edit_followup_and_button(env):
     assert bot.clicked == [7]
     assert b.callback["type"] == 4 and b.original.ephemeral and b.original.content == "rerolling 7"
     # a second acknowledgement is refused like Discord does
-    async with aiohttp.ClientSession() as s:
-        async with s.post(
-            f"{fake.api_base}/interactions/{b.id}/{b.token}/callback?with_response=1", json={"type": 6}
-        ) as r:
-            assert r.status == 400 and (await r.json())["code"] == 40060
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{fake.api_base}/interactions/{b.id}/{b.token}/callback?with_response=1", json={"type": 6}) as r,
+    ):
+        assert r.status == 400 and (await r.json())["code"] == 40060
     # gateway drop -> discord.py resumes on resume_gateway_url; dispatch goes to the new socket
     await fake.disconnect_gateway(4000)
     await fake.wait_until(lambda: any(e[1] == "gateway_resume" for e in fake.events), timeout=10)
@@ -338,7 +338,7 @@ async def test_bot_process_killed_and_restarted():
     await fake.start()
     procs = []
     try:
-        for round_ in range(2):
+        for _ in range(2):
             p = await asyncio.create_subprocess_exec(sys.executable, "-c", BOT_SCRIPT, fake.api_base)
             procs.append(p)
             await fake.wait_for_identify(timeout=15)
@@ -371,14 +371,14 @@ async def cdn_fake():
 
 
 async def _cdn_get(url):
-    async with aiohttp.ClientSession() as s:
-        async with s.get(url) as r:
-            return r.status, await r.read()
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, await r.read()
 
 
 @pytest.mark.asyncio
 async def test_cdn_url_expires_after_its_lifetime(cdn_fake):
     from fakes.discord_fake import CDN_GONE_TEXT, CDN_URL_LIFETIME
+
     fake = cdn_fake
     att = fake.add_cdn_file(PNG, "in.png", "image/png")
     short = fake.add_cdn_file(PNG, "short.png", "image/png", lifetime=60)
@@ -396,6 +396,7 @@ async def test_cdn_url_expires_after_its_lifetime(cdn_fake):
 @pytest.mark.asyncio
 async def test_cdn_expire_all_and_forged_expiry(cdn_fake):
     from fakes.discord_fake import CDN_GONE_TEXT
+
     fake = cdn_fake
     a = fake.add_cdn_file(PNG, "a.png", "image/png")
     b = fake.add_cdn_file(PNG, "b.png", "image/png", lifetime=7 * 86400)
@@ -407,7 +408,7 @@ async def test_cdn_expire_all_and_forged_expiry(cdn_fake):
     # a client cannot extend a URL by editing `ex`: the signature no longer matches
     parts = urllib.parse.urlsplit(c["url"])
     q = urllib.parse.parse_qs(parts.query)
-    forged = c["url"].replace(f"ex={q['ex'][0]}", f"ex={int(q['ex'][0], 16) + 10 ** 6:x}")
+    forged = c["url"].replace(f"ex={q['ex'][0]}", f"ex={int(q['ex'][0], 16) + 10**6:x}")
     assert forged != c["url"] and (await _cdn_get(forged))[0] == 404
 
 
@@ -418,11 +419,14 @@ async def test_fresh_message_fetch_refreshes_expired_cdn_urls(cdn_fake):
     msg = fake.post_user_message("look", attachments=[att])
     fake.advance_cdn_clock(120)
     assert (await _cdn_get(att["url"]))[0] == 404
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{fake.api_base}/channels/{msg.channel_id}/messages/{msg.id}",
-                         headers={"Authorization": "Bot t0k"}) as r:
-            assert r.status == 200
-            fetched = (await r.json())["attachments"][0]
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            f"{fake.api_base}/channels/{msg.channel_id}/messages/{msg.id}", headers={"Authorization": "Bot t0k"}
+        ) as r,
+    ):
+        assert r.status == 200
+        fetched = (await r.json())["attachments"][0]
     assert fetched["url"] != att["url"] and fetched["id"] == att["id"]
     assert await _cdn_get(fetched["url"]) == (200, PNG)
     assert await _cdn_get(fetched["proxy_url"]) == (200, PNG)

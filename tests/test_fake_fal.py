@@ -19,23 +19,28 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from fakes.fal_fake import (LOCK_MESSAGES, FakeFal, JobScript, infra_error, make_image, make_jpeg,
-                            make_png, model_error)
+from fakes.fal_fake import LOCK_MESSAGES, FakeFal, JobScript, infra_error, make_image, make_jpeg, make_png, model_error
 
 KEY = "test-fal-key"
 AUTH = {"Authorization": f"Key {KEY}"}
 EP = "fal-ai/flux-pro/kontext/max"
 PNG_IN, _, _ = make_png(300, 4, 4)
 IMG_URI = "data:image/png;base64," + base64.b64encode(PNG_IN).decode()
-PAYLOAD = {"prompt": "make it blue", "image_url": IMG_URI,
-           "safety_tolerance": "2", "output_format": "png", "num_images": 1}
+PAYLOAD = {
+    "prompt": "make it blue",
+    "image_url": IMG_URI,
+    "safety_tolerance": "2",
+    "output_format": "png",
+    "num_images": 1,
+}
 QUICK = JobScript(queue_positions=(), run_time=0.02)
 
 
 @pytest_asyncio.fixture
 async def fal():
-    f = FakeFal(key=KEY, default=JobScript(queue_positions=(2, 1, 0), step=0.05, run_time=0.1,
-                                           logs=("loading", "generating")))
+    f = FakeFal(
+        key=KEY, default=JobScript(queue_positions=(2, 1, 0), step=0.05, run_time=0.1, logs=("loading", "generating"))
+    )
     await f.start()
     try:
         yield f
@@ -61,6 +66,7 @@ async def origin():
         async def handler(request):
             hits.append((request.path, time.monotonic()))
             return web.Response(**response)
+
         return handler
 
     app.router.add_get("/ok.png", serve(body=png, content_type="image/png"))
@@ -141,8 +147,9 @@ async def test_full_flow_stream_result_download(fal, http):
     async with http.get(sub["response_url"], headers=AUTH) as r:
         assert r.status == 400 and (await r.json())["detail"] == "Request is still in progress"
 
-    async with http.get(sub["status_url"] + "/stream", params={"logs": "1"},
-                        headers={**AUTH, "Accept": "text/event-stream"}) as r:
+    async with http.get(
+        sub["status_url"] + "/stream", params={"logs": "1"}, headers={**AUTH, "Accept": "text/event-stream"}
+    ) as r:
         assert r.status == 200 and r.headers["x-fal-request-id"] == rid
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events, _ = await read_sse(r)
@@ -186,8 +193,9 @@ async def test_full_flow_stream_result_download(fal, http):
 
 @pytest.mark.asyncio
 async def test_multi_jpeg_num_images_seed_nsfw(fal, http):
-    fal.default = JobScript(queue_positions=(), run_time=0.02, image_size=5000, nsfw=(True,),
-                            announce_file_size=True)  # the multi endpoint never announces it
+    fal.default = JobScript(
+        queue_positions=(), run_time=0.02, image_size=5000, nsfw=(True,), announce_file_size=True
+    )  # the multi endpoint never announces it
     payload = {"prompt": "merge", "image_urls": [IMG_URI, IMG_URI], "num_images": 2, "seed": 42}
     status, sub = await submit(http, fal, payload, endpoint=EP + "/multi")
     assert status == 200, sub
@@ -222,8 +230,9 @@ async def test_single_file_size_only_when_announced(fal, http):
 @pytest.mark.asyncio
 async def test_text_to_image_endpoint(fal, http):
     fal.default = QUICK
-    status, sub = await submit(http, fal, {"prompt": "a red fox", "aspect_ratio": "16:9"},
-                               endpoint=EP + "/text-to-image")
+    status, sub = await submit(
+        http, fal, {"prompt": "a red fox", "aspect_ratio": "16:9"}, endpoint=EP + "/text-to-image"
+    )
     assert status == 200 and "/requests/" in sub["status_url"] and "/kontext" not in sub["status_url"]
     st = await wait_completed(http, sub)
     assert st.get("error") is None
@@ -235,8 +244,11 @@ async def test_text_to_image_endpoint(fal, http):
     await wait_completed(http, bad)
     async with http.get(bad["response_url"], headers=AUTH) as r:
         assert r.status == 422
-        assert (await r.json())["detail"][0] == {**(await r.json())["detail"][0],
-                                                 "loc": ["body", "image_url"], "type": "extra_forbidden"}
+        assert (await r.json())["detail"][0] == {
+            **(await r.json())["detail"][0],
+            "loc": ["body", "image_url"],
+            "type": "extra_forbidden",
+        }
     assert fal.violations == []
 
 
@@ -252,8 +264,8 @@ async def test_result_images_are_valid_and_incompressible():
     # walk the PNG chunks: lengths and CRCs are consistent
     off = 8
     while off < len(png):
-        n = int.from_bytes(png[off:off + 4], "big")
-        ctype, body, crc = png[off + 4:off + 8], png[off + 8:off + 8 + n], png[off + 8 + n:off + 12 + n]
+        n = int.from_bytes(png[off : off + 4], "big")
+        ctype, body, crc = png[off + 4 : off + 8], png[off + 8 : off + 8 + n], png[off + 8 + n : off + 12 + n]
         assert zlib.crc32(ctype + body).to_bytes(4, "big") == crc
         off += 12 + n
     assert off == len(png)
@@ -262,24 +274,27 @@ async def test_result_images_are_valid_and_incompressible():
     off = 2
     while jpg[off + 1] != 0xDA:
         assert jpg[off] == 0xFF
-        off += 2 + int.from_bytes(jpg[off + 2:off + 4], "big")
+        off += 2 + int.from_bytes(jpg[off + 2 : off + 4], "big")
     assert jpg.endswith(b"\xff\xd9")
     assert make_png(5000, incompressible=False)[0].count(b"\x00") > 4000  # the old zero padding
 
 
 # ------------------------------------------------------------------ validation after queueing
 @pytest.mark.asyncio
-@pytest.mark.parametrize("bad, field", [
-    ({"safety_tolerance": 2}, "safety_tolerance"),
-    ({"num_images": 5}, "num_images"),
-    ({"guidance_scale": 0.5}, "guidance_scale"),
-    ({"aspect_ratio": "5:4"}, "aspect_ratio"),
-    ({"output_format": "webp"}, "output_format"),
-    ({"seed": "1"}, "seed"),
-    ({"promt": "typo"}, "promt"),
-    ({"prompt": ""}, "prompt"),
-    ({"image_url": "not a url"}, "image_url"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"safety_tolerance": 2}, "safety_tolerance"),
+        ({"num_images": 5}, "num_images"),
+        ({"guidance_scale": 0.5}, "guidance_scale"),
+        ({"aspect_ratio": "5:4"}, "aspect_ratio"),
+        ({"output_format": "webp"}, "output_format"),
+        ({"seed": "1"}, "seed"),
+        ({"promt": "typo"}, "promt"),
+        ({"prompt": ""}, "prompt"),
+        ({"image_url": "not a url"}, "image_url"),
+    ],
+)
 async def test_invalid_body_is_queued_and_fails_from_the_result(fal, http, bad, field):
     status, body = await submit(http, fal, {**PAYLOAD, **bad})
     assert status == 200 and body["status"] == "IN_QUEUE"  # not validated at submit (P2 §0.2)
@@ -319,8 +334,9 @@ async def test_validate_at_submit_is_a_named_unrealistic_mode(http):
 @pytest.mark.asyncio
 async def test_non_json_body_refused_at_submit(fal, http):
     for raw in (b"{not json", b""):
-        async with http.post(f"{fal.base_url}/{EP}", data=raw,
-                             headers={**AUTH, "Content-Type": "application/json"}) as r:
+        async with http.post(
+            f"{fal.base_url}/{EP}", data=raw, headers={**AUTH, "Content-Type": "application/json"}
+        ) as r:
             assert r.status == 422 and (await r.json())["detail"][0]["type"] == "json_invalid"
             assert r.headers["x-fal-request-id"]
     assert fal.jobs == {}
@@ -344,8 +360,9 @@ async def test_multi_schema(fal, http):
             return (await r.json())["detail"]
 
     assert (await detail({"prompt": "x", "image_urls": []}))[0]["loc"] == ["body", "image_urls"]
-    assert (await detail({"prompt": "x", "image_urls": [IMG_URI], "image_url": IMG_URI}))[0]["type"] \
-        == "extra_forbidden"
+    assert (await detail({"prompt": "x", "image_urls": [IMG_URI], "image_url": IMG_URI}))[0][
+        "type"
+    ] == "extra_forbidden"
     d = (await detail({"image_url": IMG_URI}, endpoint=EP))[0]
     assert d["loc"] == ["body", "prompt"] and d["type"] == "missing"
 
@@ -359,9 +376,12 @@ async def test_every_app_answer_carries_a_request_id(fal, http):
     rid = sub["request_id"]
     answers = []
     for method, url, headers in [
-            ("GET", sub["status_url"], AUTH), ("GET", sub["response_url"], AUTH),
-            ("PUT", sub["cancel_url"], AUTH), ("GET", sub["status_url"], {}),
-            ("GET", f"{fal.base_url}/fal-ai/flux-pro/requests/unknown/status", AUTH)]:
+        ("GET", sub["status_url"], AUTH),
+        ("GET", sub["response_url"], AUTH),
+        ("PUT", sub["cancel_url"], AUTH),
+        ("GET", sub["status_url"], {}),
+        ("GET", f"{fal.base_url}/fal-ai/flux-pro/requests/unknown/status", AUTH),
+    ]:
         async with http.request(method, url, headers=headers) as r:
             answers.append((r.status, r.headers.get("x-fal-request-id")))
     assert answers[:3] == [(200, rid), (200, rid), (400, rid)]
@@ -390,16 +410,17 @@ async def test_account_lock(fal, http):
     fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.05)
     _, sub = await submit(http, fal)  # submitted before the lock
     fal.lock_account()  # default reason: exhausted balance
-    msg = ("User is locked. Reason: Exhausted balance. Top up your balance at "
-           "fal.ai/dashboard/billing.")
+    msg = "User is locked. Reason: Exhausted balance. Top up your balance at fal.ai/dashboard/billing."
     status, body = await submit(http, fal)
     assert status == 403 and body == {"detail": msg} and len(fal.jobs) == 1
     # storage refuses too
-    async with http.post(f"{fal.rest_url}/storage/auth/token?storage_type=fal-cdn-v3", json={},
-                         headers=AUTH) as r:
+    async with http.post(f"{fal.rest_url}/storage/auth/token?storage_type=fal-cdn-v3", json={}, headers=AUTH) as r:
         assert r.status == 403 and (await r.json())["detail"] == msg
-    async with http.post(f"{fal.rest_url}/storage/upload/initiate?storage_type=gcs",
-                         json={"file_name": "a.png", "content_type": "image/png"}, headers=AUTH) as r:
+    async with http.post(
+        f"{fal.rest_url}/storage/upload/initiate?storage_type=gcs",
+        json={"file_name": "a.png", "content_type": "image/png"},
+        headers=AUTH,
+    ) as r:
         assert r.status == 403
     # ... while status, stream, result and cancel keep working
     st = await wait_completed(http, sub)
@@ -428,13 +449,14 @@ async def test_account_lock(fal, http):
 
 @pytest.mark.asyncio
 async def test_account_lock_refuses_cdn_uploads_with_a_valid_token(fal, http):
-    async with http.post(f"{fal.rest_url}/storage/auth/token?storage_type=fal-cdn-v3", json={},
-                         headers=AUTH) as r:
+    async with http.post(f"{fal.rest_url}/storage/auth/token?storage_type=fal-cdn-v3", json={}, headers=AUTH) as r:
         tok = await r.json()
     fal.lock_account("TOP_UP")
-    async with http.post(f"{tok['base_url']}/files/upload", data=PNG_IN,
-                         headers={"Content-Type": "image/png",
-                                  "Authorization": f"{tok['token_type']} {tok['token']}"}) as r:
+    async with http.post(
+        f"{tok['base_url']}/files/upload",
+        data=PNG_IN,
+        headers={"Content-Type": "image/png", "Authorization": f"{tok['token_type']} {tok['token']}"},
+    ) as r:
         assert r.status == 403 and (await r.json())["detail"] == LOCK_MESSAGES["TOP_UP"]
     assert fal.uploads == []
 
@@ -506,15 +528,18 @@ async def test_cancel_running_cancellation_aware_answers_499(fal, http):
 
 # ------------------------------------------------------------------------ final errors repeat
 @pytest.mark.asyncio
-@pytest.mark.parametrize("script, status, etype", [
-    (model_error("content_policy_violation"), 422, "content_policy_violation"),
-    (model_error("downstream_service_unavailable"), 500, "downstream_service_unavailable"),
-    (model_error("generation_timeout"), 504, "generation_timeout"),
-    (model_error("internal_server_error", retryable=True), 500, "internal_server_error"),
-    (model_error("downstream_service_error"), 400, "downstream_service_error"),
-    (infra_error("runner_disconnected"), 503, "runner_disconnected"),
-    (infra_error("request_timeout", headers={"X-Fal-Request-Timeout-Type": "user"}), 504, "request_timeout"),
-])
+@pytest.mark.parametrize(
+    "script, status, etype",
+    [
+        (model_error("content_policy_violation"), 422, "content_policy_violation"),
+        (model_error("downstream_service_unavailable"), 500, "downstream_service_unavailable"),
+        (model_error("generation_timeout"), 504, "generation_timeout"),
+        (model_error("internal_server_error", retryable=True), 500, "internal_server_error"),
+        (model_error("downstream_service_error"), 400, "downstream_service_error"),
+        (infra_error("runner_disconnected"), 503, "runner_disconnected"),
+        (infra_error("request_timeout", headers={"X-Fal-Request-Timeout-Type": "user"}), 504, "request_timeout"),
+    ],
+)
 async def test_final_errors_repeat_on_every_result_get(fal, http, script, status, etype):
     fal.script_next(dataclasses.replace(script, queue_positions=(), run_time=0.01))
     _, sub = await submit(http, fal)
@@ -523,8 +548,9 @@ async def test_final_errors_repeat_on_every_result_get(fal, http, script, status
     answers = []
     for _ in range(3):
         async with http.get(sub["response_url"], headers=AUTH) as r:
-            answers.append((r.status, {k: v for k, v in r.headers.items() if k.lower().startswith("x-fal")},
-                            await r.read()))
+            answers.append(
+                (r.status, {k: v for k, v in r.headers.items() if k.lower().startswith("x-fal")}, await r.read())
+            )
     assert all(a == answers[0] for a in answers)
     code, hdrs, body = answers[0]
     body = json.loads(body)
@@ -546,9 +572,14 @@ def test_error_helpers():
     assert s.run_time == 0.2 and s.result_status == 422
     assert s.result_body["detail"][0]["loc"] == ["body", "prompt"]
     s = model_error("image_too_large", "too big", ctx={"max_width": 1024}, input="u")
-    assert s.result_body["detail"][0] == {"loc": ["body", "image_url"], "msg": "too big",
-                                          "type": "image_too_large", "ctx": {"max_width": 1024},
-                                          "input": "u", "url": "https://docs.fal.ai/errors/#image_too_large"}
+    assert s.result_body["detail"][0] == {
+        "loc": ["body", "image_url"],
+        "msg": "too big",
+        "type": "image_too_large",
+        "ctx": {"max_width": 1024},
+        "input": "u",
+        "url": "https://docs.fal.ai/errors/#image_too_large",
+    }
     s = infra_error("runner_incomplete_response")
     assert s.result_status == 502 and s.result_headers == {"X-Fal-Error-Type": "runner_incomplete_response"}
     assert infra_error("client_cancelled").result_status == 499
@@ -558,8 +589,14 @@ def test_error_helpers():
 async def test_scripted_failures_keep_explicit_fields(fal, http):
     cp = {"detail": [{"loc": ["body", "prompt"], "msg": "flagged", "type": "content_policy_violation"}]}
     fal.script_next(JobScript(queue_positions=(), run_time=0.01, result_status=422, result_body=cp))
-    fal.script_next(JobScript(queue_positions=(), run_time=0.01, result_status=503,
-                              result_body={"detail": "runner gone", "error_type": "runner_disconnected"}))
+    fal.script_next(
+        JobScript(
+            queue_positions=(),
+            run_time=0.01,
+            result_status=503,
+            result_body={"detail": "runner gone", "error_type": "runner_disconnected"},
+        )
+    )
     _, a = await submit(http, fal)
     _, b = await submit(http, fal)
     st = await wait_completed(http, a)
@@ -585,8 +622,7 @@ async def test_ingress_errors_are_nginx_html_without_request_id(fal, http, code)
     _, sub = await submit(http, fal)
     await wait_completed(http, sub)
     _, _, out = await get(http, sub["response_url"])
-    async with http.post(f"{fal.rest_url}/storage/auth/token?storage_type=fal-cdn-v3", json={},
-                         headers=AUTH) as r:
+    async with http.post(f"{fal.rest_url}/storage/auth/token?storage_type=fal-cdn-v3", json={}, headers=AUTH) as r:
         tok = await r.json()
     checks = [
         ("status", "GET", sub["status_url"], AUTH, None),
@@ -595,8 +631,13 @@ async def test_ingress_errors_are_nginx_html_without_request_id(fal, http, code)
         ("cancel", "PUT", sub["cancel_url"], AUTH, None),
         ("file", "GET", out["images"][0]["url"], {}, None),
         ("storage_token", "POST", f"{fal.rest_url}/storage/auth/token?storage_type=fal-cdn-v3", AUTH, b"{}"),
-        ("upload", "POST", f"{tok['base_url']}/files/upload",
-         {"Authorization": f"Bearer {tok['token']}", "Content-Type": "image/png"}, PNG_IN),
+        (
+            "upload",
+            "POST",
+            f"{tok['base_url']}/files/upload",
+            {"Authorization": f"Bearer {tok['token']}", "Content-Type": "image/png"},
+            PNG_IN,
+        ),
     ]
     for op, method, url, headers, data in checks:
         # twice: aiohttp retries an idempotent request once after some failures
@@ -685,8 +726,9 @@ async def test_stream_modes_and_keepalive(http):
 
         fal.script_next(JobScript(stream_mode="stall"))
         _, sub = await submit(http, fal)
-        async with http.get(sub["status_url"] + "/stream", headers=AUTH,
-                            timeout=aiohttp.ClientTimeout(sock_read=0.3)) as r:
+        async with http.get(
+            sub["status_url"] + "/stream", headers=AUTH, timeout=aiohttp.ClientTimeout(sock_read=0.3)
+        ) as r:
             assert r.status == 200
             with pytest.raises(asyncio.TimeoutError):
                 await r.content.read(1)
@@ -722,7 +764,7 @@ async def test_stream_comments_only_never_sends_data(http):
             while time.monotonic() - t0 < 0.9:
                 try:
                     chunks += await asyncio.wait_for(r.content.readany(), 0.95 - (time.monotonic() - t0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             assert not r.content.at_eof()  # still open although the job completed long ago
         assert fal.jobs[sub["request_id"]].state == "COMPLETED"
@@ -753,18 +795,22 @@ async def test_fetch_inputs_errors_from_the_result(http, origin):
     await f.start()
     try:
         _, ok = await submit(http, f, {**PAYLOAD, "image_url": o + "/ok.png"})
-        _, ok_multi = await submit(http, f, {"prompt": "p", "image_urls": [o + "/ok.png", o + "/ok.jpg", IMG_URI]},
-                                   endpoint=EP + "/multi")
+        _, ok_multi = await submit(
+            http, f, {"prompt": "p", "image_urls": [o + "/ok.png", o + "/ok.jpg", IMG_URI]}, endpoint=EP + "/multi"
+        )
         _, ok_uri = await submit(http, f, PAYLOAD)
         bad = {}
-        for name, url, typ in [("404", o + "/missing.png", "file_download_error"),
-                               ("text", o + "/text", "image_load_error"),
-                               ("refused", "http://127.0.0.1:1/x.png", "file_download_error"),
-                               ("bad uri", "data:image/png;base64,aGVsbG8=", "image_load_error")]:
+        for name, url, typ in [
+            ("404", o + "/missing.png", "file_download_error"),
+            ("text", o + "/text", "image_load_error"),
+            ("refused", "http://127.0.0.1:1/x.png", "file_download_error"),
+            ("bad uri", "data:image/png;base64,aGVsbG8=", "image_load_error"),
+        ]:
             _, bad[name] = await submit(http, f, {**PAYLOAD, "image_url": url})
             bad[name]["typ"] = typ
-        _, bad_multi = await submit(http, f, {"prompt": "p", "image_urls": [o + "/ok.png", o + "/gone.png"]},
-                                    endpoint=EP + "/multi")
+        _, bad_multi = await submit(
+            http, f, {"prompt": "p", "image_urls": [o + "/ok.png", o + "/gone.png"]}, endpoint=EP + "/multi"
+        )
         for sub in (ok, ok_multi, ok_uri):
             st = await wait_completed(http, sub)
             assert st.get("error") is None
@@ -813,6 +859,7 @@ async def test_inputs_are_fetched_when_the_job_starts_not_at_submit(http, origin
 @pytest.mark.asyncio
 async def test_expired_discord_cdn_url_fails_the_job_at_start(http):
     from fakes.discord_fake import FakeDiscord
+
     discord = FakeDiscord(spec_validation=False)
     await discord.start()
     f = FakeFal(key=KEY, default=JobScript(queue_positions=(0,), step=0.2, run_time=0.02))
@@ -838,8 +885,7 @@ async def test_expired_discord_cdn_url_fails_the_job_at_start(http):
 # ------------------------------------------------------------------------- concurrency limit
 @pytest.mark.asyncio
 async def test_concurrency_limit_queues_in_arrival_order(http):
-    f = FakeFal(key=KEY, concurrency_limit=2,
-                default=JobScript(queue_positions=(), run_time=0.2))
+    f = FakeFal(key=KEY, concurrency_limit=2, default=JobScript(queue_positions=(), run_time=0.2))
     await f.start()
     try:
         subs = [(await submit(http, f))[1] for _ in range(5)]
@@ -848,8 +894,13 @@ async def test_concurrency_limit_queues_in_arrival_order(http):
         for s in subs:
             _, _, st = await get(http, s["status_url"])
             states.append((st["status"], st.get("queue_position")))
-        assert states == [("IN_PROGRESS", None), ("IN_PROGRESS", None), ("IN_QUEUE", 0),
-                          ("IN_QUEUE", 1), ("IN_QUEUE", 2)]
+        assert states == [
+            ("IN_PROGRESS", None),
+            ("IN_PROGRESS", None),
+            ("IN_QUEUE", 0),
+            ("IN_QUEUE", 1),
+            ("IN_QUEUE", 2),
+        ]
         # the last job's stream sees its position fall as slots free, promptly
         async with http.get(subs[4]["status_url"] + "/stream", headers=AUTH) as r:
             events = []
@@ -968,8 +1019,7 @@ async def test_concurrency_limit_1000_jobs_is_cheap(http):
 
 # ------------------------------------------------------------------------------------ storage
 async def _token(http, fal):
-    async with http.post(f"{fal.rest_url}/storage/auth/token?storage_type=fal-cdn-v3", json={},
-                         headers=AUTH) as r:
+    async with http.post(f"{fal.rest_url}/storage/auth/token?storage_type=fal-cdn-v3", json={}, headers=AUTH) as r:
         assert r.status == 200
         return await r.json()
 
@@ -977,15 +1027,19 @@ async def _token(http, fal):
 @pytest.mark.asyncio
 async def test_storage_v3_upload_and_use_as_input(fal, http):
     import datetime as dt
+
     fal.default = QUICK
     assert fal.rest_url == fal.base_url + "/rest"
     tok = await _token(http, fal)
     assert set(tok) >= {"token", "token_type", "base_url", "expires_at"}
     assert tok["base_url"].startswith(fal.base_url)
-    assert dt.datetime.fromisoformat(tok["expires_at"]) > dt.datetime.now(dt.timezone.utc)
-    up_hdrs = {"Content-Type": "image/png", "Authorization": f"{tok['token_type']} {tok['token']}",
-               "X-Fal-File-Name": "input.png",
-               "X-Fal-Object-Lifecycle-Preference": json.dumps({"expiration_duration_seconds": 86400})}
+    assert dt.datetime.fromisoformat(tok["expires_at"]) > dt.datetime.now(dt.UTC)
+    up_hdrs = {
+        "Content-Type": "image/png",
+        "Authorization": f"{tok['token_type']} {tok['token']}",
+        "X-Fal-File-Name": "input.png",
+        "X-Fal-Object-Lifecycle-Preference": json.dumps({"expiration_duration_seconds": 86400}),
+    }
     async with http.post(f"{tok['base_url']}/files/upload", data=PNG_IN, headers=up_hdrs) as r:
         assert r.status == 200
         url = (await r.json())["access_url"]
@@ -1013,14 +1067,14 @@ async def test_storage_v3_upload_and_use_as_input(fal, http):
 async def test_storage_tokens_are_checked(fal, http):
     tok = await _token(http, fal)
     url = f"{tok['base_url']}/files/upload"
-    async with http.post(url, data=PNG_IN, headers={"Content-Type": "image/png",
-                                                    "Authorization": "Bearer wrong"}) as r:
+    async with http.post(url, data=PNG_IN, headers={"Content-Type": "image/png", "Authorization": "Bearer wrong"}) as r:
         assert r.status == 401
     async with http.post(url, data=PNG_IN, headers={"Content-Type": "image/png"}) as r:
         assert r.status == 401
     fal.expire_tokens()
-    async with http.post(url, data=PNG_IN, headers={"Content-Type": "image/png",
-                                                    "Authorization": f"Bearer {tok['token']}"}) as r:
+    async with http.post(
+        url, data=PNG_IN, headers={"Content-Type": "image/png", "Authorization": f"Bearer {tok['token']}"}
+    ) as r:
         assert r.status == 401
     async with http.post(f"{fal.rest_url}/storage/auth/token?storage_type=fal-cdn-v3", json={}) as r:
         assert r.status == 401  # the token request itself needs the key
@@ -1034,8 +1088,11 @@ async def test_storage_tokens_are_checked(fal, http):
 @pytest.mark.asyncio
 async def test_storage_gcs_fallback(fal, http):
     fal.default = QUICK
-    async with http.post(f"{fal.rest_url}/storage/upload/initiate?storage_type=gcs",
-                         json={"file_name": "in.png", "content_type": "image/png"}, headers=AUTH) as r:
+    async with http.post(
+        f"{fal.rest_url}/storage/upload/initiate?storage_type=gcs",
+        json={"file_name": "in.png", "content_type": "image/png"},
+        headers=AUTH,
+    ) as r:
         assert r.status == 200
         ini = await r.json()
     async with http.get(ini["file_url"]) as r:
@@ -1056,9 +1113,15 @@ async def test_storage_gcs_fallback(fal, http):
 @pytest.mark.asyncio
 async def test_storage_lifecycle_expiry(fal, http):
     tok = await _token(http, fal)
-    async with http.post(f"{tok['base_url']}/files/upload", data=PNG_IN, headers={
-            "Content-Type": "image/png", "Authorization": f"Bearer {tok['token']}",
-            "X-Fal-Object-Lifecycle-Preference": '{"expiration_duration_seconds": 0.1}'}) as r:
+    async with http.post(
+        f"{tok['base_url']}/files/upload",
+        data=PNG_IN,
+        headers={
+            "Content-Type": "image/png",
+            "Authorization": f"Bearer {tok['token']}",
+            "X-Fal-Object-Lifecycle-Preference": '{"expiration_duration_seconds": 0.1}',
+        },
+    ) as r:
         url = (await r.json())["access_url"]
     async with http.get(url) as r:
         assert r.status == 200

@@ -33,7 +33,12 @@ def detail(kind: str, msg: str = "m") -> dict:
         (499, {"detail": "cancelled"}, FROM_FAL, FalCancelled),
         (401, {"detail": "Invalid authorization credentials"}, FROM_FAL, FalAuthError),
         (403, {"detail": "Forbidden"}, FROM_FAL, FalAuthError),
-        (403, {"detail": "User is locked. Reason: Exhausted balance. Top up your balance."}, FROM_FAL, FalAccountLocked),
+        (
+            403,
+            {"detail": "User is locked. Reason: Exhausted balance. Top up your balance."},
+            FROM_FAL,
+            FalAccountLocked,
+        ),
     ],
 )
 def test_answers_from_fals_app_layer_are_final(status, body, headers, kind):

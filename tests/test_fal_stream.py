@@ -65,7 +65,7 @@ async def test_events_are_parsed_whatever_the_reads_cut():
 async def test_malformed_events_are_a_broken_stream_not_a_crash():
     """Truncated JSON, invalid UTF-8 and odd fields are caught up with a status poll."""
     bodies = [b'data: {"status": "IN_QUEUE", "queue_pos\n\n', b'data: {"status": "IN_QUEUE"}\xff\n\n']
-    polls = []
+    polls: list[int] = []
 
     async def stream(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -90,7 +90,9 @@ async def test_malformed_events_are_a_broken_stream_not_a_crash():
     try:
         async with aiohttp.ClientSession() as session:
             client = FalQueueClient(session, base, "key", backoff=Backoff(base=0.01))
-            request = FalRequest("r1", f"{base}/requests/r1/status", f"{base}/requests/r1", f"{base}/requests/r1/cancel")
+            request = FalRequest(
+                "r1", f"{base}/requests/r1/status", f"{base}/requests/r1", f"{base}/requests/r1/cancel"
+            )
             seen = [s.state async for s in client.statuses(request, deadline=asyncio.get_running_loop().time() + 5)]
     finally:
         await runner.cleanup()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fakes.fal_fake import JobScript
-from tests.e2e import admin, finished, private_answer
+from tests.e2e import admin, button, data_uri, finished, private_answer
 
 
 async def first_result(world, **options):
@@ -21,13 +21,15 @@ async def test_result_carries_one_row_of_buttons(world):
     await world.start_bot()
     message = await first_result(world)
     (row,) = message.components
-    assert [c["custom_id"] for c in row["components"]] == ["kontext:reroll:1", "kontext:edit:1", "kontext:delete:1"]
+    ids = [c["custom_id"] for c in row["components"]]
+    assert [i.rsplit(":", 1)[0] for i in ids] == ["kontext:reroll:1", "kontext:edit:1", "kontext:delete:1"]
+    assert len({i.rsplit(":", 1)[1] for i in ids}) == 1  # the job's key, the same on each
 
 
 async def test_reroll_reuses_the_inputs_with_a_new_seed(world):
     await world.start_bot()
     message = await first_result(world, prompt="a red scarf", seed=7, aspect_ratio="1:1", safety_tolerance=1)
-    click = await world.discord.click_button(message.id, "kontext:reroll:1", user="alice")
+    click = await world.discord.click_button(message.id, button(message, "reroll"), user="alice")
     again = await finished(click)
     first, second = world.fal.submits
     assert "seed" not in second
@@ -41,14 +43,14 @@ async def test_only_the_requester_or_a_moderator_may_reroll_or_delete(world):
     message = await first_result(world)
     world.discord.add_member(name="bob")
     for action in ("reroll", "delete"):
-        click = await world.discord.click_button(message.id, f"kontext:{action}:1", user="bob")
+        click = await world.discord.click_button(message.id, button(message, action), user="bob")
         await click.wait_for_callback()
         assert "Only the member who asked" in private_answer(click)
     assert len(world.fal.submits) == 1 and not message.deleted
-    moderator = await world.discord.click_button(message.id, "kontext:reroll:1", user="mod")
+    moderator = await world.discord.click_button(message.id, button(message, "reroll"), user="mod")
     await finished(moderator)
     assert len(world.fal.submits) == 2
-    delete = await world.discord.click_button(message.id, "kontext:delete:1", user="alice")
+    delete = await world.discord.click_button(message.id, button(message, "delete"), user="alice")
     await delete.wait_for_callback()
     await world.discord.wait_until(lambda: message.deleted)
 
@@ -58,13 +60,13 @@ async def test_anyone_can_edit_a_result_through_a_modal(world):
     await world.start_bot()
     message = await first_result(world, num_images=2, aspect_ratio="3:4")
     world.discord.add_member(name="bob")
-    click = await world.discord.click_button(message.id, "kontext:edit:1", user="bob")
+    click = await world.discord.click_button(message.id, button(message, "edit"), user="bob")
     modal = (await click.wait_for_callback())["data"]
     assert (await click.wait_for_callback())["type"] == 9
     assert "job #1" in modal["title"]
     submitted = await world.discord.submit_modal(click, {"prompt": "now at night", "image": ["1"]}, user="bob")
     edited = await finished(submitted)
-    second_image = message.attachments[1]["url"]
+    second_image = data_uri(world, message.attachments[1], "image/jpeg")  # the bytes of image 2, durable
     submit = world.fal.submits[-1]
     assert submit["image_url"] == second_image and submit["prompt"] == "now at night"
     assert submit["aspect_ratio"] == "3:4" and "num_images" not in submit
@@ -81,7 +83,8 @@ async def test_edit_with_kontext_context_menu_uses_the_messages_first_image(worl
     assert (await menu.wait_for_callback())["type"] == 9
     submitted = await world.discord.submit_modal(menu, {"prompt": "add a rainbow"}, user="alice")
     await finished(submitted)
-    assert world.fal.submits[-1] == {"prompt": "add a rainbow", "image_url": photo["url"], "safety_tolerance": "2"}
+    image = data_uri(world, photo)
+    assert world.fal.submits[-1] == {"prompt": "add a rainbow", "image_url": image, "safety_tolerance": "2"}
 
 
 async def test_context_menu_on_a_message_without_an_image(world):
@@ -100,7 +103,8 @@ async def test_several_images_are_combined_with_the_multi_endpoint(world):
     )
     (job,) = world.fal.jobs.values()
     assert job.endpoint == "fal-ai/flux-pro/kontext/max/multi"
-    assert job.payload["image_urls"] == [person["url"], hat["url"]] and "image_url" not in job.payload
+    images = [data_uri(world, person, "image/jpeg"), data_uri(world, hat)]
+    assert job.payload["image_urls"] == images and "image_url" not in job.payload
     assert job.payload["enhance_prompt"] is True
 
 
@@ -109,7 +113,7 @@ async def test_iteration_respects_the_servers_limits(world):
     await world.start_bot()
     await admin(world, "limits", cooldown_seconds=600)
     message = await first_result(world)
-    click = await world.discord.click_button(message.id, "kontext:reroll:1", user="alice")
+    click = await world.discord.click_button(message.id, button(message, "reroll"), user="alice")
     await click.wait_for_callback()
     assert "Slow down" in private_answer(click)
     assert len(world.fal.submits) == 1
@@ -120,6 +124,6 @@ async def test_buttons_work_after_a_restart(world):
     message = await first_result(world)
     assert await world.bot.stop() == 0
     await world.start_bot()
-    click = await world.discord.click_button(message.id, "kontext:reroll:1", user="alice")
+    click = await world.discord.click_button(message.id, button(message, "reroll"), user="alice")
     assert (await finished(click)).content.startswith("✅")
     assert len(world.fal.submits) == 2

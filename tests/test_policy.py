@@ -17,6 +17,7 @@ from services.policy import (
     Allowed,
     GuildPolicy,
     JobAsk,
+    OperatorLimits,
     RefusalReason,
     Refused,
     Requester,
@@ -239,13 +240,13 @@ def test_monthly_usd_budget_exact_float_boundary() -> None:
 def test_usd_budget_admits_exactly_floor_images(budget: float) -> None:
     # 2.8 is the trap: 35 * 0.08 == 2.8000000000000003 > 2.8 in floats.
     fits = round(budget / PRICE)
-    policy = GuildPolicy(monthly_usd_budget=budget)
+    policy = GuildPolicy(monthly_usd_budget=budget, monthly_image_budget=None)
     assert isinstance(run(policy, use=usage(month_images=fits - 1)), Allowed)
     assert isinstance(run(policy, use=usage(month_images=fits)), Refused)
 
 
 def test_usd_budget_with_free_images_never_refuses() -> None:
-    policy = GuildPolicy(monthly_usd_budget=1.0)
+    policy = GuildPolicy(monthly_usd_budget=1.0, monthly_image_budget=None)
     assert isinstance(run(policy, use=usage(month_images=10**6), price=0.0), Allowed)
 
 
@@ -295,7 +296,7 @@ LIFT: list[dict[str, Any]] = [
 
 
 def test_check_order() -> None:
-    assert list(RefusalReason) == ORDER
+    assert [r for r in RefusalReason if r is not RefusalReason.OPERATOR_BUDGET] == ORDER
     policy = EVERYTHING_FAILS
     for expected, lift in zip(ORDER, LIFT, strict=True):
         result = run(policy, use=ALL_FAILING_USAGE, ask=JobAsk(6, 1))
@@ -538,3 +539,25 @@ def test_from_dict_rejects_non_mapping() -> None:
 def test_objects_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         GuildPolicy().safety_default = 6  # type: ignore[misc]
+
+
+def test_a_new_server_starts_with_a_monthly_image_budget() -> None:
+    """Anyone may add a public bot and the operator pays: no server starts unlimited."""
+    assert GuildPolicy().monthly_image_budget == 250
+    assert run(use=usage(month_images=250)) == Refused(RefusalReason.MONTHLY_IMAGE_BUDGET, ts(2026, 12, 1), 250)
+
+
+def test_the_operators_budget_binds_every_server_after_access() -> None:
+    operator = OperatorLimits(monthly_usd_budget=8.0)  # 100 images at $0.08
+    unlimited = GuildPolicy(monthly_image_budget=None)
+    spent = Usage(None, 0, 0, 0, guild_images_this_month=0, all_images_this_month=100)
+    refused = resolve(unlimited, who(), spent, JobAsk(None, 1), now=NOW, price_per_image=PRICE, operator=operator)
+    assert refused == Refused(RefusalReason.OPERATOR_BUDGET, ts(2026, 12, 1), 8.0)
+    below = dataclasses.replace(spent, all_images_this_month=99)
+    assert isinstance(
+        resolve(unlimited, who(), below, JobAsk(None, 1), now=NOW, price_per_image=PRICE, operator=operator), Allowed
+    )
+    # Access still comes first: nothing about budgets is told to someone who may not use the bot here.
+    closed = GuildPolicy(allowed_channel_ids=frozenset({PARENT}))
+    outside = resolve(closed, who(), spent, JobAsk(None, 1), now=NOW, price_per_image=PRICE, operator=operator)
+    assert isinstance(outside, Refused) and outside.reason is RefusalReason.CHANNEL_NOT_ALLOWED

@@ -66,7 +66,7 @@ async def test_a_job_round_trips_with_everything_it_carries(tmp_path: Path):
         await store.save(job)
         loaded = await store.get_job(job.id)
         assert loaded == job
-        assert await store.unfinished_jobs() == [loaded]
+        assert await store.unfinished_jobs(NOW) == [loaded]
     finally:
         await store.close()
 
