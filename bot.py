@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -27,7 +28,7 @@ from services.redact import RedactingFilter
 from services.results import ResultCustody
 from services.retry import Backoff
 from services.runner import JobRunner
-from services.store import Store
+from services.store import Store, StoreUnavailable
 
 log = logging.getLogger("kontext")
 
@@ -78,7 +79,7 @@ class KontextBot(commands.AutoShardedBot):
                 max_bytes=settings.max_input_bytes,
                 backoff=backoff,
             ),
-            account=AccountGate(),
+            account=AccountGate(settings.fal_lock_retry_seconds),
             max_concurrent_jobs=settings.max_concurrent_jobs,
             job_timeout=settings.job_timeout,
             backoff=backoff,
@@ -115,6 +116,20 @@ class KontextBot(commands.AutoShardedBot):
         synced = await self.tree.sync(guild=guild)
         await self.store.set_meta(key, digest)
         log.info("synced %d application command(s) %s", len(synced), where)
+
+    async def on_ready(self) -> None:
+        for guild in self.guilds:
+            await self._leave_unless_allowed(guild)
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        await self._leave_unless_allowed(guild)
+
+    async def _leave_unless_allowed(self, guild: discord.Guild) -> None:
+        """With ALLOWED_GUILD_IDS set, a server outside it (anyone can add a public bot, and the
+        operator pays for its jobs) is left at once."""
+        if not self.settings.serves_guild(guild.id):
+            log.warning("leaving guild %d: it is not in ALLOWED_GUILD_IDS", guild.id)
+            await guild.leave()
 
     async def close(self) -> None:
         """Stop taking jobs, leave running ones resumable, and close the Discord connection (the
@@ -182,11 +197,16 @@ def main() -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(secrets)
     log.info("starting with %r", settings)
+    # Everything the bot writes (database, result files) is readable by its own user only.
+    os.umask(0o077)
     try:
         asyncio.run(run(settings))
     except discord.LoginFailure:
         log.error("Discord refused DISCORD_TOKEN; check the token in the Developer Portal")
         return 1
+    except StoreUnavailable as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -12,11 +13,18 @@ from services.flux_kontext import InvalidEdit
 from services.policy import GuildPolicy, RefusalReason, Refused
 from services.runner import RunnerStopped
 
+if TYPE_CHECKING:
+    from bot import KontextBot
+
 log = logging.getLogger(__name__)
 
 
 class UserFacingError(Exception):
     """Raised by commands and buttons with a message meant for the member who used them."""
+
+
+class NotServedHere(app_commands.CheckFailure):
+    """The operator does not let the bot work in this server (ALLOWED_GUILD_IDS)."""
 
 
 class PolicyRefusal(Exception):
@@ -67,6 +75,8 @@ def describe(error: Exception) -> str | None:
         error = error.original
     if isinstance(error, UserFacingError):
         return str(error)
+    if isinstance(error, NotServedHere):
+        return "The Kontext bot is not enabled for this server."
     if isinstance(error, PolicyRefusal):
         return refusal_text(error.refused, error.policy)
     if isinstance(error, InvalidEdit):
@@ -107,8 +117,13 @@ async def report(interaction: discord.Interaction, error: Exception) -> None:
         log.warning("could not tell the member about an error", exc_info=True)
 
 
-class KontextTree(app_commands.CommandTree):
+class KontextTree(app_commands.CommandTree["KontextBot"]):
     """The command tree whose error handler is `report`: one place for every command's errors."""
+
+    async def interaction_check(self, interaction: discord.Interaction[KontextBot]) -> bool:
+        if interaction.guild_id is not None and not interaction.client.settings.serves_guild(interaction.guild_id):
+            raise NotServedHere()
+        return True
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await report(interaction, error)

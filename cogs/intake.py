@@ -17,7 +17,7 @@ from services.flux_kontext import KontextEdit
 from services.job import NOTE_SAFETY_LIMITED_TO, JobRequest
 from services.policy import JobAsk, OperatorLimits, Refused, Requester, resolve
 
-from .errors import PolicyRefusal, UserFacingError
+from .errors import NotServedHere, PolicyRefusal
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -60,9 +60,8 @@ class JobIntake:
         edit.options.check()
         if bot.runner.account.refuses():
             raise FalAccountLocked("refused up front", detail=bot.runner.account.locked_reason)
-        allowed = bot.settings.allowed_guild_ids
-        if allowed is not None and interaction.guild_id not in allowed:
-            raise UserFacingError("The Kontext bot is not enabled for this server.")
+        if not bot.settings.serves_guild(interaction.guild_id):
+            raise NotServedHere()
         async with self._guild_locks[interaction.guild_id]:
             policy = await bot.store.policy(interaction.guild_id)
             requester = requester_of(interaction)

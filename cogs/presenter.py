@@ -244,7 +244,10 @@ class DiscordPresenter:
             await progress.posted(index + 1, message_id=message.id, in_channel=True)
 
     def _webhook(self, job: Job) -> discord.Webhook:
-        return discord.Webhook.partial(job.application_id, job.interaction_token, client=self._bot)
+        """The interaction's own webhook, as discord.py builds it (`Interaction.followup`), from
+        the stored token: it can edit the reply and send ephemeral follow-ups."""
+        payload = {"id": job.application_id, "type": 3, "token": job.interaction_token}
+        return discord.Webhook.from_state(data=payload, state=self._bot._connection)  # type: ignore[arg-type]
 
     @staticmethod
     def _files(job: Job, rendered: Rendered, indexes: list[int]) -> list[discord.File]:

@@ -46,6 +46,9 @@ FAILURE_MESSAGES: dict[str, str] = {
     "missing_files": "The result files were lost before they could be posted. Please run the command again.",
 }
 GENERIC_FAILURE = "Something went wrong with this edit. Please try again."
+# Failures whose detail is the bot's own words (the input checks), shown as they are; any other
+# detail is fal's, shown as plain text.
+OWN_WORDS = frozenset({"bad_input", "input_unavailable"})
 # Failures about what the member handed in are told to them alone, as a refusal would be.
 PRIVATE_FAILURES = frozenset({"bad_input"})
 
@@ -92,7 +95,9 @@ class Rendered:
 
 def failure_text(code: str | None, detail: str | None) -> str:
     template = FAILURE_MESSAGES.get(code or "", GENERIC_FAILURE)
-    return template.format(detail=_plain(detail) if detail else "no reason given")
+    if not detail:
+        return template.format(detail="no reason given")
+    return template.format(detail=detail if code in OWN_WORDS else _plain(detail))
 
 
 def _plain(text: str, limit: int = 500) -> str:
@@ -196,7 +201,10 @@ def _options_text(options: KontextOptions) -> str:
 
 
 def _quote(prompt: str) -> str:
-    return "\n".join(f"> {line}" for line in prompt.splitlines() or [""])[:4096]
+    """The prompt as the member wrote it, quoted, with markdown shown as typed: a masked link in a
+    prompt is not a link in the bot's reply."""
+    escaped = discord.utils.escape_markdown(prompt)
+    return "\n".join(f"> {line}" for line in escaped.splitlines() or [""])[:4096]
 
 
 def _timing(job: Job) -> str | None:
@@ -215,7 +223,7 @@ OUTCOME_MARKS = {JobState.SUCCEEDED: "✅", JobState.FAILED: "❌", JobState.CAN
 
 def job_log_line(job: Job) -> str:
     """One line for the moderators' log channel: who, where, what, at which tolerance, outcome."""
-    prompt = job.prompt if len(job.prompt) <= 200 else job.prompt[:199] + "…"
+    prompt = _plain(job.prompt, limit=200)  # one line, no markdown or mentions: it cannot forge entries
     outcome = job.state.value if job.state is not JobState.FAILED else f"failed ({job.error_code})"
     link = f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{job.message_id}"
     return (

@@ -500,6 +500,7 @@ class FakeDiscord:
         self.members: dict[str, dict] = {}  # user id -> {"user", "roles", "permissions"}
         self.dm_channels: dict[str, str] = {}  # user id -> DM channel id
         self.premium_tier = 0
+        self.bot_left_guild = False
         self.roles[self.guild_id] = self._role_obj(self.guild_id, "@everyone", 0, 0)
         self.add_channel("general", channel_id=self.channel_id)
         self.add_channel("nsfw-art", nsfw=True, channel_id=self.nsfw_channel_id)
@@ -1409,6 +1410,7 @@ class FakeDiscord:
                 ("GET", r"/guilds/%s" % (S % "gid"), self._h_get_guild, True),
                 ("GET", r"/guilds/%s/channels" % (S % "gid"), self._h_get_guild_channels, True),
                 ("GET", r"/guilds/{}/members/{}".format(S % "gid", S % "uid"), self._h_get_member, True),
+                ("DELETE", r"/users/@me/guilds/%s" % (S % "gid"), self._h_leave_guild, True),
             ]
             self._route_table = [(m, re.compile("^" + rx + "$"), h, auth) for m, rx, h, auth in tbl]
         return self._route_table
@@ -1699,6 +1701,14 @@ class FakeDiscord:
         self._channel_or_404(p["cid"])
         msg = self._msg_or_404(p["cid"], p["mid"])
         self._delete(msg)
+        return 204, None
+
+    async def _h_leave_guild(self, req, p, body, files):
+        """The bot leaves the server: Discord answers 204 and the gateway says GUILD_DELETE."""
+        if p["gid"] != self.guild_id or self.bot_left_guild:
+            raise ApiError(404, {"message": "Unknown Guild", "code": 10004})
+        self.bot_left_guild = True
+        asyncio.get_running_loop().create_task(self.dispatch("GUILD_DELETE", {"id": self.guild_id}))
         return 204, None
 
     # ---------------------------------------------------------------- message writes

@@ -63,6 +63,9 @@ class Settings:
     read_timeout: float = 30.0
     # A job that has not finished after this many seconds is cancelled at fal and reported.
     job_timeout: float = 600.0
+    # After fal refuses the account (out of credit, locked), seconds before a job is let through
+    # to find out whether it is back; doubled at each further refusal, up to ten minutes.
+    fal_lock_retry_seconds: float = 30.0
     # Base delay of the exponential backoff for retried fal and Discord calls.
     retry_base_delay: float = 0.5
     # Largest input attachment accepted, and largest result image downloaded from fal.
@@ -86,6 +89,10 @@ class Settings:
             value = getattr(self, f.name)
             shown.append(f"{f.name}={(_without_credentials(value) if isinstance(value, str) else value)!r}")
         return f"Settings({', '.join(shown)})"
+
+    def serves_guild(self, guild_id: int | None) -> bool:
+        """Whether the operator lets the bot work in this server (ALLOWED_GUILD_IDS)."""
+        return self.allowed_guild_ids is None or guild_id in self.allowed_guild_ids
 
     @property
     def db_path(self) -> Path:
@@ -201,6 +208,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stream_event_timeout=_parse(env, "FAL_STREAM_EVENT_TIMEOUT", seconds, Settings.stream_event_timeout),
         read_timeout=_parse(env, "FAL_READ_TIMEOUT", seconds, Settings.read_timeout),
         job_timeout=_parse(env, "JOB_TIMEOUT", seconds, Settings.job_timeout),
+        fal_lock_retry_seconds=_parse(env, "FAL_LOCK_RETRY_SECONDS", seconds, Settings.fal_lock_retry_seconds),
         retry_base_delay=_parse(
             env, "RETRY_BASE_DELAY", _number(float, minimum=0.001, maximum=60), Settings.retry_base_delay
         ),

@@ -15,12 +15,12 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-FIRST_PAUSE_SECONDS = 30.0
 LONGEST_PAUSE_SECONDS = 600.0
 
 
 class AccountGate:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, first_pause: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._first_pause = first_pause
         self._clock = clock
         self._reason: str | None = None
         self._pause = 0.0
@@ -39,9 +39,9 @@ class AccountGate:
         """fal refused a submit or upload with its account lock."""
         if self._reason is None:
             log.error("fal refused the bot's account: %s. No jobs are submitted until fal accepts them again.", reason)
-            self._pause = FIRST_PAUSE_SECONDS
+            self._pause = self._first_pause
         else:
-            self._pause = min(LONGEST_PAUSE_SECONDS, self._pause * 2)
+            self._pause = min(max(LONGEST_PAUSE_SECONDS, self._first_pause), self._pause * 2)
         self._reason = reason
         self._closed_until = self._clock() + self._pause
 

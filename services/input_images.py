@@ -106,7 +106,7 @@ class InputStager:
         reused = await self._store.staged_input(key, now=now + REUSE_MARGIN_SECONDS)
         if reused is not None:
             return reused
-        name = source.name or "image"
+        name = (source.name or "image").replace("`", "'")  # shown between backticks
         data = await self._fetch(url, name, deadline)
         content_type = await asyncio.to_thread(check_image, data, name)
         if len(data) <= INLINE_MAX_BYTES:

@@ -157,6 +157,7 @@ async def test_changes_and_jobs_are_posted_in_the_log_channel(world):
     await world.discord.wait_until(lambda: len(world.discord.channel_messages(log_channel)) >= 3)
     change, job_line = [m.content for m in world.discord.channel_messages(log_channel)][-2:]
     assert "Maximum safety tolerance" in change
-    assert "a hat @everyone" in job_line and "tolerance 3" in job_line and message.id in job_line
+    # the prompt as plain text: a mention in it is shown, defused (a zero-width space after the @)
+    assert "a hat @\u200beveryone" in job_line and "tolerance 3" in job_line and message.id in job_line
     assert all(m.allowed_mentions == {"parse": []} for m in world.discord.channel_messages(log_channel))
     assert not any(m.flags & EPHEMERAL for m in world.discord.channel_messages(log_channel))

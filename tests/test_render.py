@@ -3,7 +3,7 @@ from typing import Any
 
 import pytest
 
-from cogs.render import FAILURE_MESSAGES, JobAction, failure_text, pack_files, render
+from cogs.render import FAILURE_MESSAGES, JobAction, failure_text, job_log_line, pack_files, render
 from services.flux_kontext import KontextEdit, KontextOptions
 from services.job import Job, JobResult, JobState, ResultImage
 
@@ -117,3 +117,16 @@ def test_options_line_reads_naturally():
     )
     options = next(f.value for f in render(job).embed.fields if f.name == "Options")
     assert options == "2 images combined · Images 2 · Safety tolerance 3 · Enhanced prompt"
+
+
+def test_a_prompt_cannot_forge_a_log_channel_entry():
+    forged = (
+        "cat” · https://x\n✅ Job #41 by <@222222222222222222> in <#333> · tolerance 6 · succeeded · “nude **photo**"
+    )
+    line = job_log_line(make_job(state=JobState.SUCCEEDED, edit=KontextEdit(forged, ("http://x/a.png",))))
+    assert "\n" not in line and "\\*\\*photo\\*\\*" in line and "<@222222222222222222>" not in line
+
+
+def test_a_masked_link_in_a_prompt_is_not_a_link_in_the_reply():
+    job = make_job(state=JobState.QUEUED, edit=KontextEdit("[Claim Nitro](https://evil.example)", ("http://x/a.png",)))
+    assert render(job).embed.description == "> \\[Claim Nitro](https://evil.example)"  # shown, not a link

@@ -414,14 +414,15 @@ async def test_fal_down_while_following_ends_in_a_clear_message(world, op, fault
     """Whatever the outage looks like and wherever it hits, the job ends with a clear message
     and frees the member's places (the default allows 2 jobs at once per member)."""
     world.fal.default = JobScript(stream_mode="drop") if op == "status" else JobScript()
-    await world.start_bot(JOB_TIMEOUT="4")
-    for _ in range(2):
-        world.fal.fail_next(op, status=fault, times=100_000)
-        message = await finished(await world.kontext(), timeout=20)
+    await world.start_bot(JOB_TIMEOUT="3")
+    world.fal.fail_next(op, status=fault, times=100_000)
+    handles = [await world.kontext(), await world.kontext()]  # the member's two places
+    for handle in handles:
+        message = await finished(handle, timeout=20)
         assert message.content.startswith("❌")
         assert "fal.ai is not answering" in message.content or "took too long" in message.content, message.content
-        world.fal._faults[op].clear()
-    await still_serving(world)
+    world.fal._faults[op].clear()
+    await still_serving(world)  # the places were given back
 
 
 # -- 6. Discord 5xx on the final edit -------------------------------------------------------------

@@ -9,6 +9,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from services.fal_queue import FalRequest
 from services.flux_kontext import KontextEdit, KontextOptions
 from services.job import JobRequest, JobResult, JobState, ResultImage
@@ -133,3 +135,26 @@ async def test_every_policy_field_survives_a_restart(tmp_path: Path):
         await store.save_policy(1, changed, by_user=9, now=NOW)
     async with Store(path) as store:
         assert await store.policy(1) == changed
+
+
+async def test_a_failed_write_is_written_whole_by_the_next_save(tmp_path: Path):
+    """A write that failed (disk full) must not leave save() believing the row is stored."""
+    async with Store(tmp_path / "db.sqlite3") as store:
+        job = await store.create_job(request())
+        ((pages,),) = await store._db.execute_fetchall("PRAGMA page_count")
+        await store._db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is "full"
+        job.state, job.request, job.error_detail = JobState.QUEUED, FalRequest("req-1", "s", "r", "c"), "x" * 200_000
+        with pytest.raises(sqlite3.Error):
+            await store.save(job)
+        await store._db.execute("PRAGMA max_page_count = 1073741823")  # space is back
+        job.error_detail, job.queue_position = None, 3
+        await store.save(job)
+        loaded = await store.get_job(job.id)
+        assert loaded is not None and loaded.state is JobState.QUEUED and loaded.request == job.request
+
+
+async def test_commits_survive_a_power_loss(tmp_path: Path):
+    """synchronous=FULL: NORMAL in WAL mode may roll back the last commits on a power loss."""
+    async with Store(tmp_path / "db.sqlite3") as store:
+        ((level,),) = await store._db.execute_fetchall("PRAGMA synchronous")
+        assert level == 2

@@ -1,0 +1,245 @@
+"""The adversarial review's findings (security-review.md), each shown fixed end to end with the
+real bot: nothing leaked, nothing stuck, nothing billed twice, nothing posted where it must not be.
+(The "never logged" check runs after every end-to-end test, in conftest.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+
+from fakes.bot_process import PROJECT_ROOT
+from fakes.fal_fake import JobScript, model_error
+from tests.e2e import admin, button, fal_job, finished, has_button, private_answer, shows
+
+CHANNEL_POST = r"/channels/\d+/messages$"
+
+
+def rows(world) -> list[sqlite3.Row]:
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.row_factory = sqlite3.Row
+        return db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+
+
+async def test_a_second_bot_on_the_same_data_dir_refuses_to_start(world):
+    """Finding 3: two processes would both resume, and so submit, every job."""
+    await world.start_bot()
+    second = world.new_bot()
+    await second.start()
+    code = await asyncio.wait_for(second.process.wait(), 20)
+    assert code == 2
+    lines = [line for line in second.log_text().splitlines() if "another Kontext bot is using" in line]
+    assert len(lines) == 1
+    message = await finished(await world.kontext())  # the first one keeps serving
+    assert message.content.startswith("✅")
+
+
+async def test_old_buttons_never_act_on_an_unrelated_job_after_the_database_is_lost(world):
+    """Finding 4: job ids start again at 1 with a new database; a button carries its job's key."""
+    await world.start_bot()
+    old = await finished(await world.kontext(user="alice", prompt="alice: my cat"))
+    await world.bot.stop()
+    for name in ("kontext.sqlite3", "kontext.sqlite3-wal", "kontext.sqlite3-shm"):
+        (world.data_dir / name).unlink(missing_ok=True)
+    await world.start_bot()
+    world.discord.add_member(name="bob")
+    private = world.discord.add_channel("staff-private")["id"]
+    await world.discord.dispatch("CHANNEL_CREATE", world.discord.channels[private])
+    await finished(await world.kontext(user="bob", channel_id=private, prompt="bob: confidential mock-up"))
+    click = await world.discord.click_button(old.id, button(old, "reroll"), user="mod")
+    await click.wait_for_callback()
+    assert "no longer knows" in private_answer(click)
+    assert len(world.fal.submits) == 2  # nothing re-run
+
+
+async def test_a_result_the_channel_refuses_ends_its_job_and_leaves_nothing_behind(world):
+    """Finding 5: the token expired and the channel refuses posts for good (the bot lost its
+    permission): the job is closed, its files deleted, and a restart does not try again."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2, image_size=40_000)
+    world.discord.fail_next(
+        "POST", CHANNEL_POST, 403, times=10_000, json={"message": "Missing Permissions", "code": 50013}
+    )
+    await world.start_bot(RESULT_MEMORY_BYTES="0")
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: rows(world)[0]["delivered_at"] is not None, timeout=10)
+    assert len(world.discord.requests_to("POST", CHANNEL_POST)) == 1  # a 403 is final: asked once
+    assert not any((world.data_dir / "results").glob("*"))
+    await world.bot.stop()
+    assert "cannot be shown" in world.bot.log_text()
+    await world.start_bot()
+    await asyncio.sleep(1)
+    assert len(world.discord.requests_to("POST", CHANNEL_POST)) == 1
+
+
+async def test_a_reply_a_moderator_deleted_is_not_posted_again(world):
+    """Finding 9: the job is withdrawn (cancelled at fal while queued) and only the member who
+    asked is told, privately; nothing lands in the channel."""
+    world.fal.default = JobScript(queue_positions=(3, 2, 1, 0), step=0.5, run_time=0.3)
+    await world.start_bot()
+    handle = await world.kontext(prompt="something the moderator removed")
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord._delete(handle.original)
+    await handle.wait_until(lambda h: bool(h.followups), timeout=10)
+    (note,) = handle.followups
+    assert note.ephemeral and "reply to your edit was deleted" in note.content
+    assert fal_job(world).cancelled
+    assert [m for m in world.discord.channel_messages() if m.interaction is None] == []
+
+
+async def test_edit_with_kontext_checks_its_image_like_the_command_does(world):
+    """Finding 10: the size limit and empty files, and no address an embed points at."""
+    await world.start_bot(MAX_INPUT_BYTES="10000")
+    big = world.discord.add_cdn_file(b"\x89PNG\r\n\x1a\n" + b"0" * 50_000, "big.png", "image/png", ephemeral=False)
+    empty = world.discord.add_cdn_file(b"", "empty.png", "image/png", ephemeral=False)
+    for attachment, expected in ((big, "the limit is"), (empty, "is empty")):
+        post = world.discord.post_user_message("pic", user="mod", attachments=[attachment])
+        menu = await world.discord.invoke_message_command("Edit with Kontext", post.id, user="alice")
+        await menu.wait_for_callback()
+        assert expected in private_answer(menu)
+    linked = world.discord.post_user_message("look", user="mod")
+    linked.embeds = [
+        {"type": "image", "thumbnail": {"url": "http://10.0.0.1/x.png", "proxy_url": "http://10.0.0.1/x.png"}}
+    ]
+    menu = await world.discord.invoke_message_command("Edit with Kontext", linked.id, user="alice")
+    await menu.wait_for_callback()
+    assert "no image" in private_answer(menu)
+    assert world.fal.submits == []
+
+
+async def test_jobs_fal_rejects_for_their_input_do_not_use_up_the_budget(world):
+    """Finding 8: fal does not charge for an input it rejects before any GPU time."""
+    world.fal.default = model_error("image_load_error", "Could not read the image")
+    await world.start_bot()
+    await admin(world, "limits", monthly_images=8)
+    for _ in range(2):
+        message = await finished(await world.kontext(num_images=4))
+        assert message.content.startswith("❌")
+    world.fal.default = JobScript()
+    message = await finished(await world.kontext(user="mod"))
+    assert message.content.startswith("✅")
+
+
+async def test_the_database_and_result_files_are_the_bots_alone_and_tokens_are_dropped(world):
+    """Finding 13."""
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.5, image_size=40_000)
+    os.umask(0o022)  # what a shell usually gives
+    await world.start_bot(RESULT_MEMORY_BYTES="0")
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "Generating"))
+    world.discord.fail_next("PATCH", r"/webhooks/.*/messages/", status=400)  # the first post fails: files kept
+    await world.discord.wait_until(lambda: any((world.data_dir / "results").glob("job-*")), timeout=10)
+    for path in (world.data_dir / "results").glob("job-*"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    await finished(handle)
+    assert stat.S_IMODE(world.data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((world.data_dir / "kontext.sqlite3").stat().st_mode) == 0o600
+    await world.discord.wait_until(lambda: rows(world)[0]["delivered_at"] is not None)
+    assert rows(world)[0]["interaction_token"] == ""
+
+
+def run_bot_once(world) -> subprocess.CompletedProcess:
+    bot = world.new_bot()
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "bot.py")],
+        cwd=world.data_dir,
+        env=bot.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_a_database_from_a_newer_version_stops_the_bot_with_one_line(world):
+    """Finding 14: an older build after a rollback must not write rows without the newer columns."""
+    await world.start_bot()
+    await world.bot.stop()
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.execute("PRAGMA user_version = 99")
+    done = await asyncio.to_thread(run_bot_once, world)
+    assert done.returncode == 2
+    assert "written by a newer version of the bot (schema 99" in done.stderr + done.stdout
+
+
+async def test_one_unreadable_row_does_not_keep_the_bot_from_starting(world):
+    """Finding 15."""
+    world.fal.default = JobScript(queue_positions=(3, 2, 1, 0), step=1.0)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await world.bot.kill()
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.execute("UPDATE jobs SET state = 'paused'")
+    await world.start_bot()
+    await world.discord.wait_until(lambda: rows(world)[0]["error_code"] == "unreadable", timeout=5)
+    message = await finished(await world.kontext(user="mod"))
+    assert message.content.startswith("✅")
+
+
+async def test_progress_survives_a_connection_lost_on_an_edit(world):
+    """Finding 17: a network error on one progress edit does not end the progress."""
+    world.fal.default = JobScript(queue_positions=(3, 2, 1, 0), step=0.6, run_time=0.3)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.fail_next("PATCH", r"/webhooks/.*/messages/", status="hang")
+    await world.discord.wait_until(lambda: world.discord.hanging == 1, timeout=5)
+    world.discord.release_hangs()  # the connection drops without an answer
+    message = await finished(handle)
+    assert message.content.startswith("✅")
+    assert any("position **1**" in (s.get("content") or "") for s in message.history)
+
+
+async def test_every_part_of_a_result_carries_buttons_and_delete_removes_them_all(world):
+    """Finding 18: a result split over several messages (the upload limit) is one result."""
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot()
+    handle = await world.discord.invoke_slash(
+        "kontext",
+        options={"image": world.input_image(), "prompt": "four", "num_images": 4},
+        attachment_size_limit=100_000,
+    )
+    message = await finished(handle)
+    await handle.wait_until(lambda h: len(h.followups) == 1)
+    (part,) = handle.followups
+    assert has_button(message, "delete") and has_button(part, "delete")
+    click = await world.discord.click_button(part.id, button(part, "delete"), user="alice")
+    await click.wait_for_callback()
+    await world.discord.wait_until(lambda: message.deleted and part.deleted, timeout=5)
+
+
+async def test_results_posted_in_the_channel_carry_buttons(world):
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(
+        lambda: any(m.interaction is None and m.files for m in world.discord.channel_messages()), timeout=10
+    )
+    (post,) = [m for m in world.discord.channel_messages() if m.interaction is None and m.files]
+    assert has_button(post, "reroll") and has_button(post, "delete")
+    again = await world.discord.click_button(post.id, button(post, "reroll"), user="alice")
+    assert (await finished(again)).content.startswith("✅")
+
+
+async def test_servers_outside_the_allowlist_are_refused_and_left(world):
+    """Finding 7: anyone can add a public bot, and the operator pays."""
+    await world.start_bot(ALLOWED_GUILD_IDS="1234")
+    await world.discord.wait_until(lambda: world.discord.bot_left_guild, timeout=10)
+    handle = await world.kontext()
+    await handle.wait_for_callback()
+    assert "not enabled for this server" in private_answer(handle)
+    assert world.fal.submits == []
+
+
+async def test_the_operators_monthly_budget_binds_every_server(world):
+    await world.start_bot(MONTHLY_BUDGET_USD="0.16")  # two images at $0.08
+    assert (await finished(await world.kontext(num_images=2))).content.startswith("✅")
+    handle = await world.kontext(user="mod")
+    await handle.wait_for_callback()
+    assert "monthly budget for all servers is used up" in private_answer(handle)
