@@ -57,12 +57,14 @@ from typing import Any
 
 from fakes.bot_process import PROJECT_ROOT, BotProcess
 from fakes.discord_fake import CALLBACK_WINDOW, LOADING, FakeDiscord, FakeMessage, InteractionHandle
-from fakes.fal_fake import FakeFal, JobScript
+from fakes.fal_fake import FakeFal, JobScript, make_image
 from fakes.world import DISCORD_TOKEN, FAL_KEY, World
 from services.config import Settings
 
 MIB = 1024 * 1024
 FAL_QUEUE_OPS = ("submit", "status", "stream", "result", "cancel")
+# fal's storage: the durable copies of input images (token, upload; the initiate flow as fallback).
+FAL_STORAGE_OPS = ("storage_token", "upload", "storage_initiate", "upload_put")
 FINAL_MARKS = ("✅", "❌", "🚫", "🛡️", "⚠️", "No image")
 
 # The bot's own defaults (services/config.py), overriding the tests' FAST_SETTINGS.
@@ -93,6 +95,8 @@ class RunConfig:
     run_seconds: float = 5.0
     run_jitter: float = 0.5
     image_bytes: int = MIB
+    # Bytes of each job's own input attachment (0: one small image shared by all jobs).
+    input_bytes: int = 0
     polling: bool = False
     poll_interval: float = Settings.poll_interval
     validate: bool = False
@@ -323,14 +327,25 @@ async def send_commands(world: World, config: RunConfig, image: dict[str, Any]) 
     # One member per job, as at scale: per-member limits must not refuse the load.
     users = ["alice"] + [world.discord.add_member(name=f"member{i}")["id"] for i in range(1, config.jobs)]
 
+    own_inputs = [input_of_size(world, config.input_bytes) for _ in range(config.jobs)] if config.input_bytes else []
+
     async def one(index: int, offset: float) -> InteractionHandle:
         await asyncio.sleep(max(0.0, start + offset - loop.time()))
-        options: dict[str, Any] = {"image": image, "prompt": job_prompt(config, index)}
+        options: dict[str, Any] = {
+            "image": own_inputs[index] if own_inputs else image,
+            "prompt": job_prompt(config, index),
+        }
         if config.num_images != 1:
             options["num_images"] = config.num_images
         return await world.kontext(user=users[index], **options)
 
     return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(config.arrival_times()))))
+
+
+def input_of_size(world: World, size: int) -> dict[str, Any]:
+    """A member's own photo: a PNG of `size` incompressible bytes under its own attachment URL."""
+    data, width, height = make_image("png", size, 1024, 768)
+    return world.discord.add_cdn_file(data, "photo.png", "image/png", width=width, height=height)
 
 
 def input_attachment(world: World, path: Path | None) -> dict[str, Any]:
@@ -431,7 +446,7 @@ def collect(
         jobs=len(handles),
         delivered=sum(1 for h in handles if posted_at(h) is not None),
         wall_seconds=wall,
-        fal_requests={op: fal.count(op) for op in (*FAL_QUEUE_OPS, "file")},
+        fal_requests={op: fal.count(op) for op in (*FAL_QUEUE_OPS, *FAL_STORAGE_OPS, "file")},
         discord_calls=calls,
         discord_edits=edits,
         discord_acks=acks,
@@ -527,6 +542,7 @@ def describe_load(config: RunConfig, with_mode: bool = True) -> str:
         f"{config.run_seconds:g} s in progress"
         + (f" (+-{config.run_jitter:g} s)" if config.jobs > 1 and config.run_jitter else "")
         + f", {config.image_bytes / MIB:g} MiB x {config.num_images} image(s)"
+        + (f"; each job's own {config.input_bytes / MIB:g} MiB input" if config.input_bytes else "")
         + (f"; bot follows jobs by {config.mode()}" if with_mode else "")
     )
 
@@ -537,6 +553,10 @@ def report_rows(result: RunResult) -> list[tuple[str, str]]:
     return [
         ("jobs delivered", f"{result.delivered} / {result.jobs} (refused at once: {result.refused})"),
         ("fal queue requests per job", f"{result.fal_per_job:.2f} ({fal_ops})"),
+        (
+            "fal storage requests per job",
+            ", ".join(f"{op} {per(result.fal_requests.get(op, 0)):.2f}" for op in FAL_STORAGE_OPS),
+        ),
         (
             "Discord calls per job",
             f"{per(result.discord_calls):.2f} (ack {per(result.discord_acks):.2f}, "
@@ -674,6 +694,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="benchmark: spread run times evenly over run-seconds +- this (default 0.5)",
     )
     fal.add_argument("--image-bytes", type=int, default=MIB, help="bytes per result image (default 1 MiB)")
+    load.add_argument(
+        "--input-bytes",
+        type=int,
+        default=0,
+        help="give each job its own input attachment of this many bytes (default: one small image for all)",
+    )
     bot = parser.add_argument_group("bot")
     bot.add_argument(
         "--polling", action="store_true", help="FAL_STATUS_STREAM=0: poll fal's status instead of streaming"
@@ -761,6 +787,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         run_seconds=args.run_seconds,
         run_jitter=args.run_jitter,
         image_bytes=args.image_bytes,
+        input_bytes=args.input_bytes,
         polling=args.polling or args.poll_interval is not None,
         poll_interval=args.poll_interval or Settings.poll_interval,
         validate=args.validate,
