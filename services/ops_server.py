@@ -1,0 +1,98 @@
+"""The operators' HTTP endpoint: `/healthz` for Docker and orchestrators, `/metrics` for
+Prometheus. It runs in the bot's own event loop, so the health check sees the bot as it is and
+the metrics' live gauges are read on the loop's thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .metrics import Metrics
+from .redact import describe_error
+
+log = logging.getLogger(__name__)
+
+# A health check that has not answered by then counts as a failure: Docker's HEALTHCHECK gives
+# up after its own timeout, and a hung check must read as unhealthy, not as no answer.
+HEALTH_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Each check by name (True: passing) and, for those failing, a line saying why."""
+
+    checks: dict[str, bool]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(self.checks.values())
+
+
+def fal_health(
+    last_success: float | None, last_failure: float | None, now: float, window: float = 120.0
+) -> tuple[bool, str | None]:
+    """Whether fal counts as reachable, from when its last call succeeded and failed.
+
+    Unhealthy only when a call failed within the last `window` seconds and none succeeded
+    since: a failure followed by a success is over, an old failure with no call since is no
+    evidence about fal now, and a bot that asked fal nothing has nothing against it. A single
+    failure is enough: the bot already retries before it counts a call as failed.
+    """
+    if last_failure is None or now - last_failure > window:
+        return True, None
+    if last_success is not None and last_success >= last_failure:
+        return True, None
+    return False, f"fal: the last call failed {now - last_failure:.0f}s ago and none succeeded since"
+
+
+class OpsServer:
+    """`GET /healthz` (200 or 503, JSON) and `GET /metrics` on `host:port`; port 0 binds a free
+    port, then found in `.port`."""
+
+    def __init__(self, host: str, port: int, metrics: Metrics, health: Callable[[], Awaitable[HealthReport]]) -> None:
+        self._host = host
+        self.port = port
+        self._metrics = metrics
+        self._health = health
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics_page)
+        # No access log: a scrape every few seconds would drown the bot's own lines.
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def start(self) -> None:
+        """Bind and serve; raises OSError when the address is taken."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self.port)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        self.port = self._runner.addresses[0][1]
+        log.info("ops endpoint on http://%s:%d (/healthz, /metrics)", self._host, self.port)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                report = await self._health()
+        except TimeoutError:
+            report = HealthReport({}, [f"the health check did not answer within {HEALTH_TIMEOUT:.0f}s"])
+        except Exception as exc:
+            log.exception("health check failed")
+            report = HealthReport({}, [f"the health check failed: {describe_error(exc)}"])
+        if report.ok:
+            return web.json_response({"status": "ok", "checks": report.checks})
+        body = {"status": "unhealthy", "problems": report.problems, "checks": report.checks}
+        return web.json_response(body, status=503)
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.exposition(), headers={"Content-Type": self._metrics.content_type})

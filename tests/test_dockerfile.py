@@ -1,0 +1,98 @@
+"""The image's health check, run as Docker would run it against a live OpsServer (there is no
+Docker engine here), and what the Dockerfile and docker-compose.yml promise about it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.metrics import Metrics
+from services.ops_server import HealthReport, OpsServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (keyword, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines if line and line[0] != "#"]
+
+
+def healthcheck_command() -> list[str]:
+    (arguments,) = [args for keyword, args in instructions() if keyword == "HEALTHCHECK"]
+    options, command = arguments.split(" CMD ", 1)
+    assert "--timeout=5s" in options.split()
+    argv = json.loads(command)  # exec form: no shell, which the slim image's check does not need
+    assert isinstance(argv, list) and argv[:2] == ["python", "-c"]
+    return argv
+
+
+def compose_healthcheck_command() -> list[str]:
+    (line,) = re.findall(r"^\s+test: (\[.*\])$", (ROOT / "docker-compose.yml").read_text(), flags=re.MULTILINE)
+    argv = json.loads(line)  # written as a JSON array, which is also a YAML flow sequence
+    assert isinstance(argv, list)
+    return argv
+
+
+async def run_check(port: int) -> int:
+    _, code = healthcheck_command()[1:]
+    # A proxy set for the bot's own traffic must not catch the check.
+    env = {"PATH": os.environ.get("PATH", ""), "HTTP_PORT": str(port), "http_proxy": "http://127.0.0.1:9"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    return await asyncio.wait_for(process.wait(), timeout=10)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[OpsServer, list[HealthReport]]]:
+    reports = [HealthReport({"discord": True}, [])]
+
+    async def health() -> HealthReport:
+        return reports[-1]
+
+    ops = OpsServer("127.0.0.1", 0, Metrics(), health)
+    await ops.start()
+    yield ops, reports
+    await ops.stop()
+
+
+async def test_the_check_passes_while_healthy_and_fails_on_503(server):
+    ops, reports = server
+    assert await run_check(ops.port) == 0
+    reports.append(HealthReport({"discord": False}, ["discord: gateway disconnected"]))
+    assert await run_check(ops.port) == 1
+
+
+async def test_the_check_fails_when_nothing_listens():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert await run_check(port) == 1
+
+
+def test_compose_runs_the_same_check():
+    assert compose_healthcheck_command() == ["CMD", *healthcheck_command()]
+
+
+def test_the_image_serves_the_ops_endpoint_on_8080_as_a_non_root_user():
+    found = instructions()
+    env = " ".join(args for keyword, args in found if keyword == "ENV").split()
+    assert {"HTTP_HOST=0.0.0.0", "HTTP_PORT=8080"} <= set(env)
+    assert ("EXPOSE", "8080") in found
+    users = [args for keyword, args in found if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert ("COPY", "services ./services") in found
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not any(pattern.startswith("services") for pattern in ignored)
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert re.search(r'^\s+- "127\.0\.0\.1:8080:8080"$', compose, flags=re.MULTILINE)

@@ -1,0 +1,131 @@
+"""The log as written to stderr, in both formats: parseable, with ids as fields, and redacted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.job import JobState
+from services.log_format import NOISY_LOGGERS, configure_logging
+
+SECRET = "fal-key-0123456789abcdef"
+TOKEN = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5MDpzZWNyZXQ" * 2
+TOKEN_URL = f"https://discord.com/api/v10/webhooks/1122334455/{TOKEN}/messages/@original"
+
+log = logging.getLogger("kontext.test")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, saved in levels.items():
+        logging.getLogger(name).setLevel(saved)
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def log_everything() -> None:
+    """Records of every shape: plain, with ids, multi-line, with a secret in the arguments and
+    in a traceback, and a token in a URL."""
+    log.info("plain")
+    log.info("job %d queued", 17, extra={"job_id": 17, "guild_id": 987654321012345678, "state": JobState.QUEUED})
+    log.warning("line one\nline two")
+    log.error("fal answered 401 for key %s", SECRET)
+    log.info("PATCH %s responded with 404", TOKEN_URL)
+    try:
+        raise RuntimeError(f"request to {TOKEN_URL} with key {SECRET} failed")
+    except RuntimeError:
+        log.exception("delivery failed", extra={"job_id": 18, "request_id": "fal-req-1"})
+
+
+def test_json_every_record_is_one_object_on_one_line(capsys):
+    configure_logging(logging.INFO, "json", secrets=[SECRET])
+    log_everything()
+    entries = json_lines(capsys.readouterr().err)
+    assert [entry["message"] for entry in entries][:3] == ["plain", "job 17 queued", "line one\nline two"]
+    assert len(entries) == 6
+    for entry in entries:
+        assert entry["logger"] == "kontext.test"
+        assert {"time", "level", "logger", "message"} <= entry.keys()
+        moment = datetime.fromisoformat(str(entry["time"]))
+        assert moment.utcoffset() == timedelta(0)
+        assert abs((datetime.now(UTC) - moment).total_seconds()) < 60
+    assert [entry["level"] for entry in entries] == ["INFO", "INFO", "WARNING", "ERROR", "INFO", "ERROR"]
+
+
+def test_json_ids_land_as_fields_and_nothing_else_does(capsys):
+    configure_logging(logging.INFO, "json", secrets=[])
+    log_everything()
+    log.info("with a prompt", extra={"prompt": "a cat", "user_token": "x", "job_id": 3})
+    entries = json_lines(capsys.readouterr().err)
+    queued = entries[1]
+    assert queued["job_id"] == 17
+    assert queued["guild_id"] == 987654321012345678  # a snowflake survives as an exact integer
+    assert queued["state"] == "queued"
+    assert "request_id" not in queued
+    failed = entries[5]
+    assert (failed["job_id"], failed["request_id"]) == (18, "fal-req-1")
+    assert "Traceback (most recent call last)" in str(failed["exception"])
+    assert "RuntimeError" in str(failed["exception"])
+    assert entries[-1] == {k: entries[-1][k] for k in ("time", "level", "logger", "message", "job_id")}
+    assert "exception" not in entries[0]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_secrets_and_interaction_tokens_are_redacted(capsys, fmt):
+    configure_logging(logging.INFO, fmt, secrets=[SECRET, ""])
+    log_everything()
+    output = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in output
+    assert "/webhooks/1122334455/***/messages/@original" in output
+    assert SECRET not in output
+    assert TOKEN not in output
+    assert TOKEN[:20] not in output
+
+
+def test_text_lines_look_like_discord_py_s(capsys):
+    configure_logging(logging.INFO, "text", secrets=[])
+    log.warning("hello")
+    assert re.fullmatch(
+        r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[WARNING \] kontext\.test: hello\n", capsys.readouterr().err
+    )
+
+
+def test_noisy_loggers_stay_at_info_whatever_the_level(capsys):
+    configure_logging(logging.DEBUG, "json", secrets=[])
+    log.debug("ours")
+    logging.getLogger("discord.http").debug("PATCH %s with token", TOKEN_URL)
+    logging.getLogger("aiosqlite").debug("executing UPDATE jobs SET interaction_token = ?")
+    logging.getLogger("PIL.PngImagePlugin").debug("STREAM b'IHDR'")
+    logging.getLogger("discord.client").info("logging in")
+    messages = [entry["message"] for entry in json_lines(capsys.readouterr().err)]
+    assert messages == ["ours", "logging in"]
+    configure_logging(logging.WARNING, "json", secrets=[])
+    assert logging.getLogger("discord").level == logging.WARNING
+
+
+def test_configuring_again_replaces_the_handler_and_keeps_others(capsys):
+    other = logging.NullHandler()
+    logging.getLogger().addHandler(other)
+    configure_logging(logging.INFO, "text", secrets=[])
+    configure_logging(logging.INFO, "json", secrets=[])
+    log.info("once")
+    assert [entry["message"] for entry in json_lines(capsys.readouterr().err)] == ["once"]
+    assert other in logging.getLogger().handlers
+
+
+def test_an_unknown_format_is_refused():
+    with pytest.raises(ValueError, match="text, json"):
+        configure_logging(logging.INFO, "yaml", secrets=[])

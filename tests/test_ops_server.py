@@ -1,0 +1,158 @@
+"""The ops endpoint over real HTTP on 127.0.0.1, and the rule for fal's health."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services import ops_server
+from services.metrics import Metrics
+from services.ops_server import HealthReport, OpsServer, fal_health
+
+HealthCheck = Callable[[], Awaitable[HealthReport]]
+
+
+def answering(report: HealthReport) -> HealthCheck:
+    async def health() -> HealthReport:
+        return report
+
+    return health
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[HealthCheck, Metrics], Awaitable[str]]]:
+    servers: list[OpsServer] = []
+
+    async def start(health: HealthCheck, metrics: Metrics) -> str:
+        server = OpsServer("127.0.0.1", 0, metrics, health)
+        await server.start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.port}"
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+async def get(url: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, response.headers["Content-Type"], await response.text()
+
+
+async def get_json(url: str) -> tuple[int, object]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.json()
+
+
+async def test_healthy_is_200_with_the_checks(serve):
+    base = await serve(answering(HealthReport({"discord": True, "fal": True}, [])), Metrics())
+    assert await get_json(f"{base}/healthz") == (200, {"status": "ok", "checks": {"discord": True, "fal": True}})
+
+
+async def test_unhealthy_is_503_with_the_problems(serve):
+    report = HealthReport({"discord": False, "fal": True}, ["discord: gateway disconnected for 95s"])
+    base = await serve(answering(report), Metrics())
+    status, body = await get_json(f"{base}/healthz")
+    assert status == 503
+    assert body == {
+        "status": "unhealthy",
+        "problems": ["discord: gateway disconnected for 95s"],
+        "checks": {"discord": False, "fal": True},
+    }
+
+
+async def test_a_failing_check_alone_makes_it_unhealthy(serve):
+    base = await serve(answering(HealthReport({"store": False}, [])), Metrics())
+    status, _ = await get_json(f"{base}/healthz")
+    assert status == 503
+
+
+async def test_a_health_check_that_raises_or_hangs_is_a_503(serve, monkeypatch):
+    async def broken() -> HealthReport:
+        raise RuntimeError("store closed")
+
+    async def hanging() -> HealthReport:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(ops_server, "HEALTH_TIMEOUT", 0.05)
+    status, body = await get_json(f"{await serve(broken, Metrics())}/healthz")
+    assert status == 503
+    assert body == {
+        "status": "unhealthy",
+        "problems": ["the health check failed: RuntimeError: store closed"],
+        "checks": {},
+    }
+    status, body = await get_json(f"{await serve(hanging, Metrics())}/healthz")
+    assert status == 503
+    assert isinstance(body, dict) and "did not answer" in body["problems"][0]
+
+
+async def test_metrics_are_served_as_prometheus_text(serve):
+    metrics = Metrics()
+    metrics.job_accepted()
+    metrics.set_live_sources(lambda: {"running": 4}, lambda: 2)
+    base = await serve(answering(HealthReport({}, [])), metrics)
+    status, content_type, text = await get(f"{base}/metrics")
+    assert status == 200
+    assert content_type == metrics.content_type
+    found = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert found[("kontext_jobs_accepted_total", ())] == 1
+    assert found[("kontext_jobs_active", (("state", "running"),))] == 4
+    assert found[("kontext_bot_queue_length", ())] == 2
+
+
+async def test_other_paths_and_methods_are_refused(serve):
+    base = await serve(answering(HealthReport({}, [])), Metrics())
+    assert (await get(f"{base}/"))[0] == 404
+    async with aiohttp.ClientSession() as session, session.post(f"{base}/healthz") as response:
+        assert response.status == 405
+
+
+async def test_a_fixed_port_is_bound_and_released_on_stop():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = OpsServer("127.0.0.1", port, Metrics(), answering(HealthReport({}, [])))
+    await server.start()
+    assert server.port == port
+    assert (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200
+    taken = OpsServer("127.0.0.1", port, Metrics(), answering(HealthReport({}, [])))
+    with pytest.raises(OSError):
+        await taken.start()
+    await server.stop()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await get(f"http://127.0.0.1:{port}/healthz")
+
+
+@pytest.mark.parametrize(
+    ("last_success", "last_failure", "ok"),
+    [
+        (None, None, True),  # nothing asked of fal yet
+        (990.0, None, True),
+        (None, 950.0, False),  # failed within the window, never succeeded
+        (900.0, 950.0, False),  # failed after the last success
+        (960.0, 950.0, True),  # answered since the failure
+        (950.0, 950.0, True),
+        (None, 870.0, True),  # the failure is older than the window: no evidence about now
+        (100.0, 880.0, False),  # exactly at the window's edge the failure still counts
+    ],
+)
+def test_fal_health(last_success, last_failure, ok):
+    healthy, problem = fal_health(last_success, last_failure, now=1000.0)
+    assert healthy is ok
+    assert (problem is None) is ok
+
+
+def test_fal_health_says_how_long_ago_and_respects_the_window():
+    assert fal_health(None, 950.0, now=1000.0) == (False, "fal: the last call failed 50s ago and none succeeded since")
+    assert fal_health(None, 950.0, now=1000.0, window=30.0) == (True, None)
