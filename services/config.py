@@ -48,8 +48,9 @@ class Settings:
     log_level: str = "INFO"
     dev_guild_id: int | None = None
     sync_commands: CommandSync = CommandSync.AUTO
-    # How many jobs the bot keeps at fal at once (fal accounts run 2 to 40 in parallel).
-    max_concurrent_jobs: int = 10
+    # An operator's cap on jobs at fal at once (None: as many as fal takes; the scheduler shares
+    # fal's account limit fairly by itself once it shows).
+    max_concurrent_jobs: int | None = None
     # Seconds between two edits of one progress message (Discord tolerates about one per second).
     edit_interval: float = 1.5
     # Seconds between status polls when fal's status stream is unavailable.
@@ -201,7 +202,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=_parse(env, "LOG_LEVEL", _log_level, Settings.log_level),
         dev_guild_id=_parse(env, "DEV_GUILD_ID", _number(int, minimum=1), None),
         sync_commands=_parse(env, "SYNC_COMMANDS", lambda raw: CommandSync(raw.lower()), Settings.sync_commands),
-        max_concurrent_jobs=_parse(env, "MAX_CONCURRENT_JOBS", _number(int, minimum=1), Settings.max_concurrent_jobs),
+        max_concurrent_jobs=_parse(env, "MAX_CONCURRENT_JOBS", _number(int, minimum=1), None),
         edit_interval=_parse(env, "EDIT_INTERVAL", seconds, Settings.edit_interval),
         poll_interval=_parse(env, "POLL_INTERVAL", seconds, Settings.poll_interval),
         use_status_stream=_parse(env, "FAL_STATUS_STREAM", _flag, Settings.use_status_stream),

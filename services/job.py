@@ -18,6 +18,7 @@ NOTE_SAFETY_LIMITED_TO = "safety_limited_to"  # the policy lowered the tolerance
 NOTE_CANCEL_REQUESTED_BY = "cancel_requested_by"  # a cancel came once fal had started the job
 NOTE_UNDELIVERABLE = "undeliverable"  # why the final state could not be shown
 NOTE_WITHDRAWN = "withdrawn"  # why nothing more is shown in the channel (its reply was deleted)
+NOTE_HANDED_BACK = "handed_back"  # asked out of fal's line, to take its turn in the bot's
 
 # The interaction token of the reply lives 15 minutes; leave a margin for the final upload.
 INTERACTION_TOKEN_LIFETIME = 15 * 60
@@ -138,6 +139,9 @@ class Job(JobRequest):
     # Place in the bot's own queue while PENDING (1 = next), then fal's queue_position while QUEUED.
     bot_queue_position: int | None = None
     queue_position: int | None = None
+    # When it should start (unix time), once fal's account limit lets that be estimated; shown,
+    # never stored.
+    starts_at: float | None = field(default=None, compare=False)
     request: FalRequest | None = None
     submitted_at: float | None = None
     started_at: float | None = None

@@ -24,11 +24,19 @@ from .fal_queue import (
 )
 from .flux_kontext import parse_output
 from .input_images import InputRejected, InputStager, InputUnavailable
-from .job import NOTE_CANCEL_REQUESTED_BY, NOTE_UNDELIVERABLE, NOTE_WITHDRAWN, Job, JobRequest, JobState
+from .job import (
+    NOTE_CANCEL_REQUESTED_BY,
+    NOTE_HANDED_BACK,
+    NOTE_UNDELIVERABLE,
+    NOTE_WITHDRAWN,
+    Job,
+    JobRequest,
+    JobState,
+)
 from .redact import describe_error
 from .results import ResultCustody
 from .retry import Backoff, retrying
-from .slots import SlotQueue
+from .scheduler import FairScheduler, Place
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -84,7 +92,7 @@ class JobRunner:
         results: ResultCustody,
         inputs: InputStager,
         account: AccountGate,
-        max_concurrent_jobs: int,
+        max_concurrent_jobs: int | None,
         job_timeout: float,
         backoff: Backoff,
     ) -> None:
@@ -96,12 +104,15 @@ class JobRunner:
         self.account = account
         self._job_timeout = job_timeout
         self._backoff = backoff
-        self._slots = SlotQueue(max_concurrent_jobs, self._show_bot_queue)
+        self._scheduler = FairScheduler(self._show_places, self._hand_back_soon, cap=max_concurrent_jobs)
         self._jobs: dict[int, Job] = {}
         self._drivers: dict[int, asyncio.Task[None]] = {}
         self._work: dict[int, asyncio.Task[None]] = {}
         self._cancel_requests: dict[int, int] = {}
         self._delivering: set[int] = set()
+        # Jobs being handed back from fal's line to the bot's (see FairScheduler).
+        self._handing_back: set[int] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     # -- public interface -------------------------------------------------------------------
@@ -138,7 +149,8 @@ class JobRunner:
         for job in jobs:
             log.info("job %d resumed in state %s", job.id, job.state.value)
             if job.state.at_fal:
-                self._slots.take()  # already at fal: it must be followed now, not queued again
+                # Already at fal: it must be followed now, not queued again.
+                self._scheduler.resumed_at_fal(job.id, job.guild_id or 0, job.user_id)
             self._start(job)
         return len(jobs)
 
@@ -240,8 +252,9 @@ class JobRunner:
             log.error("job %d stopped unfinished", job_id, exc_info=task.exception())
 
     async def _drive(self, job: Job) -> None:
-        if not job.state.is_final:
-            work = asyncio.create_task(self._run_at_fal(job), name=f"job-{job.id}-work")
+        handed_back = False
+        while not job.state.is_final:
+            work = asyncio.create_task(self._run_at_fal(job, handed_back=handed_back), name=f"job-{job.id}-work")
             self._work[job.id] = work
             try:
                 await work
@@ -249,28 +262,32 @@ class JobRunner:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise  # shutdown: leave the job as stored, to resume later
-                # otherwise the member cancelled it: cancel() has already recorded that
+                # otherwise the member cancelled it (cancel() recorded that), or it is handed back
             finally:
                 self._work.pop(job.id, None)
+            handed_back = job.id in self._handing_back
+            if handed_back:
+                await self._back_in_line(job)
         if job.state is JobState.SUCCEEDED:
             await self._restore_images(job)
         await self._deliver(job)
 
-    async def _run_at_fal(self, job: Job) -> None:
-        """Take the job from where it stands to a final state, whatever goes wrong on the way."""
+    async def _run_at_fal(self, job: Job, *, handed_back: bool = False) -> None:
+        """Take the job from where it stands to a final state, whatever goes wrong on the way
+        (or, handed back from fal's line, back to the bot's)."""
         deadline = self._deadline(job)
-        holding_slot = job.state.at_fal
+        admitted = job.state.at_fal
         try:
             if job.state is JobState.PENDING:
                 if self.account.refuses():
                     await self._fail(job, FalAccountLocked.code, None)
                     return
                 job.edit = await self._inputs.stage(job.edit, deadline=deadline)
-                if self._slots.must_wait():
+                if self._scheduler.must_wait():
                     await self._store.save(job)  # its reply must be known if we stop while it waits
                 async with asyncio.timeout_at(deadline):
-                    await self._slots.acquire(job.id)
-                holding_slot = True
+                    await self._scheduler.admit(job.id, job.guild_id or 0, job.user_id, first=handed_back)
+                admitted = True
                 await self._submit(job, deadline)
             elif job.state is JobState.SUBMITTING:
                 # A previous run crashed between sending the submit and recording fal's answer.
@@ -297,10 +314,15 @@ class JobRunner:
                 await self._cancel_quietly(job)
             await self._fail(job, "internal", None)
         finally:
-            if holding_slot:
-                self._slots.release()
+            if admitted:
+                ran = job.completed_at - job.started_at if job.completed_at and job.started_at else None
+                self._scheduler.left_fal(job.id, ran_for=ran)
 
     async def _failed_at_fal(self, job: Job, exc: FalError) -> None:
+        if (job.id in self._handing_back or NOTE_HANDED_BACK in job.notes) and job.started_at is None:
+            # fal removed it from its line as asked (maybe before a restart): back to the bot's.
+            self._handing_back.add(job.id)
+            return
         by_user = self._cancel_requests.get(job.id)
         if by_user is not None and (isinstance(exc, FalCancelled) or job.started_at is None):
             log.info("job %d: fal ended it after the cancel request (%s)", job.id, exc.code)
@@ -366,6 +388,8 @@ class JobRunner:
             log.debug("job %d fal log: %s", job.id, line)
         if status.state == "IN_QUEUE":
             job.queue_position = status.queue_position
+            if status.queue_position is not None:
+                self._estimate_start(job, self._scheduler.start_estimate(status.queue_position + 1))
             if job.state is not JobState.QUEUED:
                 await self._transition(job, JobState.QUEUED)
             else:
@@ -373,6 +397,8 @@ class JobRunner:
         elif status.state == "IN_PROGRESS" and job.state is not JobState.RUNNING:
             job.started_at = time.time()
             job.queue_position = None
+            job.starts_at = None
+            self._scheduler.started(job.id)
             # Not stored: after a restart fal tells the state again, and nothing else needs it.
             await self._transition(job, JobState.RUNNING, store=False)
 
@@ -411,12 +437,64 @@ class JobRunner:
             await self._store.save(job)
         self._listener.job_changed(job)
 
-    def _show_bot_queue(self, positions: dict[int, int]) -> None:
-        for job_id, place in positions.items():
+    # -- fair sharing -----------------------------------------------------------------------
+
+    def _show_places(self, places: dict[int, Place]) -> None:
+        for job_id, place in places.items():
             job = self._jobs.get(job_id)
-            if job is not None and job.bot_queue_position != place:
-                job.bot_queue_position = place
+            if job is None:
+                continue
+            changed = job.bot_queue_position != place.position
+            job.bot_queue_position = place.position
+            if self._estimate_start(job, place.starts_at, notify=False) or changed:
                 self._listener.job_changed(job)
+
+    def _estimate_start(self, job: Job, starts_at: float | None, *, notify: bool = True) -> bool:
+        """Show a new start estimate only when it moved meaningfully (20 s, or a fifth of the
+        wait): an estimate that drifts a few seconds is not worth an edit of every reply."""
+        shown = job.starts_at
+        if starts_at is None or shown is None:
+            moved = starts_at != shown
+        else:
+            moved = abs(starts_at - shown) > max(20.0, 0.2 * (shown - time.time()))
+        if moved:
+            job.starts_at = starts_at
+            if notify:
+                self._listener.job_changed(job)
+        return moved
+
+    def _hand_back_soon(self, job_id: int) -> None:
+        task = asyncio.create_task(self._hand_back(job_id), name=f"job-{job_id}-hand-back")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _hand_back(self, job_id: int) -> None:
+        """Ask fal to take a job out of its line, so it waits its fair turn in the bot's."""
+        job = self._jobs.get(job_id)
+        work = self._work.get(job_id)
+        if job is None or work is None or job.state is not JobState.QUEUED or job.request is None:
+            self._scheduler.stay(job_id)
+            return
+        self._handing_back.add(job_id)
+        job.notes = {**job.notes, NOTE_HANDED_BACK: True}
+        try:
+            await self._store.save(job)  # a restart then takes fal's cancelled answer for a hand-back
+            answer = await self._fal.cancel(job.request)
+        except (FalError, OSError) as exc:
+            answer = f"not asked ({describe_error(exc)})"
+        if answer != "OK":  # it started meanwhile, or fal could not be asked: it stays
+            self._handing_back.discard(job_id)
+            self._scheduler.stay(job_id)
+            return
+        log.info("job %d: handed back from fal's line to take its turn", job_id)
+        work.cancel()
+
+    async def _back_in_line(self, job: Job) -> None:
+        self._handing_back.discard(job.id)
+        job.notes = {key: value for key, value in job.notes.items() if key != NOTE_HANDED_BACK}
+        job.request = None
+        job.submitted_at = job.queue_position = job.starts_at = None
+        await self._transition(job, JobState.PENDING)
 
     # -- delivery ---------------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ _REQUEST_FIELDS = ("request_id", "status_url", "response_url", "cancel_url")
 _SCALAR_COLUMNS = tuple(
     f.name
     for f in dataclasses.fields(Job)
-    if f.name not in (*_JSON_COLUMNS, "id", "state", "edit", "request", "result")
+    if f.name not in (*_JSON_COLUMNS, "id", "state", "edit", "request", "result", "starts_at")
 )
 
 

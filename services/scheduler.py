@@ -1,0 +1,284 @@
+"""Which jobs go to fal now, and in what order the others wait.
+
+fal never refuses a job for concurrency: beyond the account's limit it keeps jobs IN_QUEUE,
+first come, first served for the whole account (fal-queue-api.md, part 2 §5). Holding jobs back in
+the bot therefore only costs time, and by default every job goes to fal at once. What the bot can
+add is fairness: fal's one line lets a busy server make every other server wait behind all of its
+jobs. So the scheduler watches for fal's account limit at work, that is our jobs starting only as
+other jobs of ours finish, each start bringing the number running back to the same ceiling. Once
+it has seen that for a whole job length it keeps that many plus a small margin at fal and the rest
+in its own line, served round-robin by server, then by member, then in order. Jobs already waiting
+deep in fal's line when the limit shows are handed back (a queued job cancelled at fal is removed
+and never billed) so they take their turn in the fair line too. A start that goes past the ceiling
+means the limit rose (or was never there): every job goes to fal at once again.
+
+An operator's cap (`MAX_CONCURRENT_JOBS`) bounds the jobs at fal whatever fal shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# A start within this long after a job of ours finished counts as taking the freed slot.
+HANDOFF_SECONDS = 2.0
+# The limit shows once starts have been handoffs for this many starts and a whole job length.
+HANDOFFS_TO_SEE_A_LIMIT = 3
+# Before a job length is known (no job has run yet).
+FIRST_JOB_LENGTH_GUESS = 10.0
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a waiting job stands: its place in the bot's line (1 = next), and when it should
+    start, once that can be estimated (unix time)."""
+
+    position: int
+    starts_at: float | None
+
+
+@dataclass
+class _Waiter:
+    job_id: int
+    guild_id: int
+    user_id: int
+    ready: asyncio.Future[None]
+
+
+class FairScheduler:
+    def __init__(
+        self,
+        on_places: Callable[[dict[int, Place]], None],
+        on_displace: Callable[[int], None],
+        *,
+        cap: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._on_places = on_places
+        self._on_displace = on_displace
+        self._cap = cap
+        self._clock = clock
+        self._wall_clock = wall_clock
+        # Our jobs at fal, by id: True once it runs.
+        self._at_fal: dict[int, bool] = {}
+        self._owners: dict[int, tuple[int, int]] = {}  # job -> (guild, member), while at fal
+        # The line: server -> member -> their waiting jobs, servers and members in turn.
+        self._line: OrderedDict[int, OrderedDict[int, deque[_Waiter]]] = OrderedDict()
+        self._waiters: dict[int, _Waiter] = {}
+        self._displacing: set[int] = set()
+        # What fal shows of the account's limit.
+        self.limit: int | None = None
+        self._ceiling = 0  # the most of our jobs seen running at once since the last change
+        self._handoffs: list[float] = []  # when the recent starts that took a freed slot came
+        self._last_finish = -math.inf
+        self._job_length = FIRST_JOB_LENGTH_GUESS
+        self._places_due = False
+
+    # -- what the runner reports --------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return sum(self._at_fal.values())
+
+    @property
+    def queued_at_fal(self) -> int:
+        return len(self._at_fal) - self.running
+
+    @property
+    def waiting(self) -> int:
+        """Jobs in the bot's own line."""
+        return len(self._waiters)
+
+    def resumed_at_fal(self, job_id: int, guild_id: int, user_id: int) -> None:
+        """A job found at fal after a restart: it counts as at fal without waiting its turn."""
+        self._at_fal.setdefault(job_id, False)
+        self._owners[job_id] = (guild_id, user_id)
+
+    def started(self, job_id: int) -> None:
+        """fal reports the job IN_PROGRESS."""
+        if self._at_fal.get(job_id, True):
+            return  # unknown, or already running
+        before = self.running
+        self._at_fal[job_id] = True
+        now = self._clock()
+        queued_behind = self.queued_at_fal > 0
+        if before + 1 > self._ceiling:
+            # More at once than ever: no limit in sight (or a higher one).
+            self._ceiling = before + 1
+            self._handoffs.clear()
+            if self.limit is not None:
+                self.limit = None
+                self._release_waiters()
+        elif before + 1 == self._ceiling and now - self._last_finish <= HANDOFF_SECONDS and queued_behind:
+            self._handoffs.append(now)
+            self._check_for_limit(now)
+        else:
+            self._handoffs.clear()
+
+    def left_fal(self, job_id: int, *, ran_for: float | None) -> None:
+        """The job ended at fal (done, failed, cancelled) or was handed back to the line."""
+        was_running = self._at_fal.pop(job_id, None)
+        self._owners.pop(job_id, None)
+        self._displacing.discard(job_id)
+        if was_running:
+            self._last_finish = self._clock()
+            if ran_for is not None and ran_for > 0:
+                self._job_length = 0.8 * self._job_length + 0.2 * ran_for if self._job_length else ran_for
+        self._release_waiters()
+
+    def _check_for_limit(self, now: float) -> None:
+        recent = self._handoffs[-HANDOFFS_TO_SEE_A_LIMIT:]
+        if len(recent) < HANDOFFS_TO_SEE_A_LIMIT or now - self._handoffs[0] < self._job_length:
+            return
+        if self.limit != self._ceiling:
+            self.limit = self._ceiling
+            self._displace_excess()
+            self._schedule_places()
+
+    # -- the line -----------------------------------------------------------------------------
+
+    @property
+    def margin(self) -> int:
+        """Jobs kept queued at fal beyond those running, so a freed slot is taken at once."""
+        return max(2, (self.limit or 0) // 4)
+
+    def _room(self) -> int | None:
+        """How many more jobs may go to fal now (None: any number)."""
+        bounds = []
+        if self.limit is not None:
+            bounds.append(self.limit + self.margin)
+        if self._cap is not None:
+            bounds.append(self._cap)
+        if not bounds:
+            return None
+        return max(0, min(bounds) - len(self._at_fal))
+
+    def must_wait(self) -> bool:
+        """Whether `admit` would wait now."""
+        room = self._room()
+        return bool(self._waiters) or (room is not None and room <= 0)
+
+    async def admit(self, job_id: int, guild_id: int, user_id: int, *, first: bool = False) -> None:
+        """Return once the job may go to fal (it then counts as at fal until `left_fal`); until
+        then it waits its turn. `first`: a job handed back from fal goes before its member's other
+        jobs."""
+        if not self.must_wait():
+            self._at_fal[job_id] = False
+            self._owners[job_id] = (guild_id, user_id)
+            return
+        waiter = _Waiter(job_id, guild_id, user_id, asyncio.get_running_loop().create_future())
+        members = self._line.setdefault(guild_id, OrderedDict())
+        jobs = members.setdefault(user_id, deque())
+        jobs.appendleft(waiter) if first else jobs.append(waiter)
+        self._waiters[job_id] = waiter
+        self._schedule_places()
+        try:
+            await waiter.ready
+        except asyncio.CancelledError:
+            if self._waiters.get(job_id) is waiter:
+                self._remove(waiter)
+                self._schedule_places()
+            elif waiter.ready.done() and not waiter.ready.cancelled():
+                self._release_waiters()  # let in just as it gave up: the room goes to the next
+            raise
+
+    def _remove(self, waiter: _Waiter) -> None:
+        del self._waiters[waiter.job_id]
+        members = self._line[waiter.guild_id]
+        jobs = members[waiter.user_id]
+        jobs.remove(waiter)
+        if not jobs:
+            del members[waiter.user_id]
+        if not members:
+            del self._line[waiter.guild_id]
+
+    def _next_in_line(self) -> _Waiter:
+        guild_id, members = next(iter(self._line.items()))
+        user_id, jobs = next(iter(members.items()))
+        waiter = jobs[0]
+        self._remove(waiter)
+        # Whoever was served goes to the back: servers in turn, then members within a server.
+        if user_id in members:
+            members.move_to_end(user_id)
+        if guild_id in self._line:
+            self._line.move_to_end(guild_id)
+        return waiter
+
+    def _release_waiters(self) -> None:
+        released = False
+        while self._waiters:
+            room = self._room()
+            if room is not None and room <= 0:
+                break
+            waiter = self._next_in_line()
+            self._at_fal[waiter.job_id] = False  # holds its room until it is submitted or gives up
+            self._owners[waiter.job_id] = (waiter.guild_id, waiter.user_id)
+            waiter.ready.set_result(None)
+            released = True
+        if released:
+            self._schedule_places()
+
+    def _displace_excess(self) -> None:
+        """The limit shows: hand back the jobs waiting in fal's line beyond the margin, last in
+        the fair order first, so every server's jobs take their turn."""
+        queued = [job_id for job_id, running in self._at_fal.items() if not running and job_id not in self._displacing]
+        keep = self.margin
+        excess = len(queued) - keep
+        if excess <= 0:
+            return
+        # Fair order among the queued: the first job of each (server, member) pair first.
+        turn: dict[tuple[int, int], int] = {}
+        ranked = []
+        for order, job_id in enumerate(queued):
+            owner = self._owners.get(job_id, (0, 0))
+            ranked.append(((turn.get(owner, 0), order), job_id))
+            turn[owner] = turn.get(owner, 0) + 1
+        for _, job_id in sorted(ranked)[keep:]:
+            self._displacing.add(job_id)
+            self._on_displace(job_id)
+
+    def stay(self, job_id: int) -> None:
+        """A job asked back from fal had already started there: it stays."""
+        self._displacing.discard(job_id)
+
+    # -- places and start times ---------------------------------------------------------------
+
+    def _schedule_places(self) -> None:
+        """Places are computed once per loop turn, however many jobs joined or left in it."""
+        if not self._places_due:
+            self._places_due = True
+            asyncio.get_running_loop().call_soon(self._report_places)
+
+    def _report_places(self) -> None:
+        self._places_due = False
+        self._on_places(self.places())
+
+    def places(self) -> dict[int, Place]:
+        """Every waiting job's place in the fair order (the order `_next_in_line` serves them),
+        and its estimated start."""
+        servers = deque(deque(deque(jobs) for jobs in members.values()) for members in self._line.values())
+        order: list[int] = []
+        while servers:
+            members = servers.popleft()
+            jobs = members.popleft()
+            order.append(jobs.popleft().job_id)
+            if jobs:
+                members.append(jobs)
+            if members:
+                servers.append(members)
+        queued = self.queued_at_fal
+        return {
+            job_id: Place(position, self.start_estimate(queued + position)) for position, job_id in enumerate(order, 1)
+        }
+
+    def start_estimate(self, ahead: int) -> float | None:
+        """When a job with `ahead` jobs queued before it (itself counted) should start, once fal's
+        limit is known: every job length, `limit` of them start."""
+        if self.limit is None:
+            return None
+        return self._wall_clock() + math.ceil(ahead / self.limit) * self._job_length
