@@ -113,13 +113,14 @@ def render(job: Job) -> Rendered:
     state = job.state
     if state is JobState.PENDING:
         place = job.bot_queue_position
-        where = f"you are **#{place}** in line" if place else "starting"
-        return Rendered(job.id, f"⏳ Waiting for a free slot: {where}.", embed, WHILE_WAITING)
+        where = f"you are **{_place(place)}** in line" if place else "starting"
+        return Rendered(job.id, f"⏳ Waiting for a free slot: {where}{_starting(job)}.", embed, WHILE_WAITING)
     if state is JobState.SUBMITTING:
         return Rendered(job.id, "📤 Sending your edit to FLUX.1 Kontext…", embed)
     if state is JobState.QUEUED:
         position = (job.queue_position or 0) + 1
-        return Rendered(job.id, f"🕒 In queue, position **{position}**.", embed, WHILE_WAITING)
+        text = f"🕒 In queue, position **{_place(position, mark='')}**{_starting(job)}."
+        return Rendered(job.id, text, embed, WHILE_WAITING)
     if state is JobState.RUNNING:
         started = int(job.started_at or job.created_at)
         note = " Cancel asked: fal usually finishes an edit it has started." if _cancel_came_late(job) else ""
@@ -162,6 +163,16 @@ def _render_result(job: Job, embed: discord.Embed) -> Rendered:
         done += " The cancel came after fal had started, and fal finishes (and bills) a started edit, so here it is."
     content = "\n".join(notes) if notes else (done if shown else "No image could be shown.")
     return Rendered(job.id, content, embed, ON_RESULT if shown else ON_FAILURE, files=shown)
+
+
+def _place(place: int, mark: str = "#") -> str:
+    """A place in line, exact up to 10 and rounded beyond (about #35): a long line moving one
+    place at a time is not worth an edit of every reply at every step."""
+    return f"{mark}{place}" if place <= 10 else f"about {mark}{place - place % 5}"
+
+
+def _starting(job: Job) -> str:
+    return f", starting <t:{int(job.starts_at)}:R>" if job.starts_at else ""
 
 
 def _cancel_came_late(job: Job) -> bool:

@@ -87,7 +87,7 @@ class RunConfig:
     """One run: the load, fal's scripted timings and the bot's settings that matter here."""
 
     jobs: int = 1
-    concurrency: int = Settings.max_concurrent_jobs
+    concurrency: int | None = Settings.max_concurrent_jobs
     arrival_seconds: float = 0.0
     burst: bool = False
     queue_seconds: float = 5.0
@@ -129,7 +129,9 @@ class RunConfig:
         return script
 
     def bot_settings(self) -> dict[str, str]:
-        settings = {**PRODUCTION_SETTINGS, "MAX_CONCURRENT_JOBS": str(self.concurrency)}
+        settings = dict(PRODUCTION_SETTINGS)
+        if self.concurrency is not None:
+            settings["MAX_CONCURRENT_JOBS"] = str(self.concurrency)
         if self.polling:
             settings.update(FAL_STATUS_STREAM="0", POLL_INTERVAL=str(self.poll_interval))
         settings.update(self.extra_settings)
@@ -146,7 +148,7 @@ class RunConfig:
         return [i * gap for i in range(self.jobs)]
 
     def delivery_timeout(self) -> float:
-        waves = math.ceil(self.jobs / max(1, self.concurrency))
+        waves = math.ceil(self.jobs / max(1, self.concurrency or self.jobs))
         per_job = self.queue_seconds + self.run_seconds + (self.poll_interval if self.polling else 0) + 2
         return self.arrival_seconds + waves * per_job * 1.5 + 60
 
@@ -537,7 +539,9 @@ def fmt_pct(values: Sequence[float], unit: str = "ms") -> str:
 def describe_load(config: RunConfig, with_mode: bool = True) -> str:
     arrival = "in one burst" if config.burst or config.arrival_seconds <= 0 else f"over {config.arrival_seconds:g} s"
     return (
-        f"{config.jobs} job(s) {arrival}, MAX_CONCURRENT_JOBS={config.concurrency}; fal: "
+        f"{config.jobs} job(s) {arrival}"
+        + (f", MAX_CONCURRENT_JOBS={config.concurrency}" if config.concurrency else "")
+        + "; fal: "
         f"{config.queue_seconds:g} s queued ({config.queue_updates} position updates), "
         f"{config.run_seconds:g} s in progress"
         + (f" (+-{config.run_jitter:g} s)" if config.jobs > 1 and config.run_jitter else "")
@@ -667,7 +671,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--concurrency",
         type=int,
         default=Settings.max_concurrent_jobs,
-        help="the bot's MAX_CONCURRENT_JOBS (default %(default)s)",
+        help="the bot's MAX_CONCURRENT_JOBS (default: unset, no cap)",
     )
     load.add_argument(
         "--arrival-seconds",
@@ -767,7 +771,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="use DIR as the bot's DATA_DIR and keep it (bot.log, database); default: a temp dir",
     )
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.concurrency < 1 or args.repeat < 1:
+    if args.jobs < 1 or (args.concurrency is not None and args.concurrency < 1) or args.repeat < 1:
         parser.error("--jobs, --concurrency and --repeat must be at least 1")
     if any("=" not in item for item in args.bot_setting):
         parser.error("--bot-setting takes NAME=VALUE")

@@ -1,0 +1,140 @@
+"""The fair scheduler: nothing held back until fal's account limit shows, then that many (plus
+a margin) at fal and the rest served round-robin by server, then by member."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.scheduler import HANDOFFS_TO_SEE_A_LIMIT, FairScheduler, Place
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scheduler(clock: Clock, *, cap: int | None = None):
+    handed_back: list[int] = []
+    places: list[dict[int, Place]] = []
+    s = FairScheduler(places.append, handed_back.append, cap=cap, clock=clock, wall_clock=clock)
+    return s, handed_back, places
+
+
+async def test_nothing_waits_while_no_limit_shows():
+    s, _, _ = scheduler(Clock())
+    for job in range(500):
+        assert not s.must_wait()
+        await s.admit(job, guild_id=1, user_id=job)
+    assert s.queued_at_fal == 500 and s.waiting == 0
+
+
+async def test_an_operators_cap_holds_the_rest_in_line():
+    s, _, _ = scheduler(Clock(), cap=2)
+    await s.admit(1, 1, 1)
+    await s.admit(2, 1, 1)
+    third = asyncio.ensure_future(s.admit(3, 1, 1))
+    await asyncio.sleep(0)
+    assert not third.done() and s.waiting == 1
+    s.left_fal(1, ran_for=None)
+    await asyncio.wait_for(third, 1)
+
+
+def run_at_the_limit(s: FairScheduler, clock: Clock, limit: int, queued: int, job_length: float = 5.0) -> list[int]:
+    """`limit` of our jobs run; each finishing one is followed at once by a start, as fal does
+    when the account limit holds its line; returns the jobs still queued at fal."""
+    jobs = list(range(limit + queued))
+    for job in jobs:
+        s.resumed_at_fal(job, 1, job)
+    for job in jobs[:limit]:
+        s.started(job)
+    waiting_at_fal = jobs[limit:]
+    running = jobs[:limit]
+    for _ in range(HANDOFFS_TO_SEE_A_LIMIT + limit):
+        clock.now += job_length / limit
+        done = running.pop(0)
+        s.left_fal(done, ran_for=job_length)
+        nxt = waiting_at_fal.pop(0)
+        s.started(nxt)
+        running.append(nxt)
+    return waiting_at_fal
+
+
+async def test_the_account_limit_shows_when_starts_only_follow_finishes():
+    clock = Clock()
+    s, handed_back, _ = scheduler(clock)
+    still_queued = run_at_the_limit(s, clock, limit=4, queued=30)
+    assert s.limit == 4
+    # Jobs deep in fal's line beyond the margin are asked back, to take their turn fairly.
+    assert len(handed_back) == len(still_queued) - s.margin
+    assert s.must_wait()
+
+
+async def test_starts_that_do_not_follow_finishes_show_no_limit():
+    """fal's own queue time (a busy model) is not the account limit: jobs start on their own."""
+    clock = Clock()
+    s, handed_back, _ = scheduler(clock)
+    for job in range(50):
+        s.resumed_at_fal(job, 1, job)
+    for job in range(50):
+        clock.now += 0.1
+        s.started(job)  # one after another, nothing finished
+    for job in range(50):
+        clock.now += 0.1
+        s.left_fal(job, ran_for=5.0)
+    assert s.limit is None and handed_back == []
+
+
+async def test_a_start_past_the_ceiling_means_the_limit_rose():
+    clock = Clock()
+    s, _, _ = scheduler(clock)
+    run_at_the_limit(s, clock, limit=2, queued=10)
+    assert s.limit == 2
+    s.resumed_at_fal(999, 1, 999)
+    s.started(999)  # a third one runs at once
+    assert s.limit is None and not s.must_wait()
+
+
+async def test_the_line_is_served_round_robin_by_server_then_member():
+    clock = Clock()
+    s, _, places = scheduler(clock, cap=1)
+    await s.admit(0, 9, 9)  # fills the only room
+    order: list[int] = []
+
+    async def wait(job: int, guild: int, user: int) -> None:
+        await s.admit(job, guild, user)
+        order.append(job)
+        s.left_fal(job, ran_for=None)
+
+    waits = [
+        asyncio.ensure_future(wait(job, guild, user))
+        for job, guild, user in [(1, 1, 10), (2, 1, 10), (3, 1, 11), (4, 1, 10), (5, 2, 20), (6, 2, 20)]
+    ]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    latest = places[-1]
+    assert [job for job, _ in sorted(latest.items(), key=lambda item: item[1].position)] == [1, 5, 3, 6, 2, 4]
+    s.left_fal(0, ran_for=None)
+    await asyncio.wait_for(asyncio.gather(*waits), 1)
+    assert order == [1, 5, 3, 6, 2, 4]
+
+
+async def test_a_job_that_gives_up_leaves_the_line():
+    s, _, _ = scheduler(Clock(), cap=1)
+    await s.admit(0, 1, 1)
+    waiting = asyncio.ensure_future(s.admit(1, 1, 2))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert s.waiting == 0
+
+
+async def test_start_estimates_once_the_limit_is_known():
+    clock = Clock()
+    s, _, _ = scheduler(clock)
+    assert s.start_estimate(5) is None
+    run_at_the_limit(s, clock, limit=4, queued=10, job_length=8.0)
+    estimate = s.start_estimate(9)
+    assert estimate is not None and estimate > clock.now
