@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from services.job import NOTE_WITHDRAWN, Job, JobState
+from services.metrics import Metrics
 from services.redact import describe_error
 from services.runner import DeliveryProgress, Undeliverable
 
@@ -48,12 +49,18 @@ class ProgressTicker:
     stops on an error: a lost edit is shown by the next one."""
 
     def __init__(
-        self, job: Job, webhook: discord.Webhook, pace: Callable[[], float], on_reply_gone: Callable[[], None]
+        self,
+        job: Job,
+        webhook: discord.Webhook,
+        pace: Callable[[], float],
+        on_reply_gone: Callable[[], None],
+        metrics: Metrics,
     ) -> None:
         self._job = job
         self._webhook = webhook
         self._pace = pace
         self._on_reply_gone = on_reply_gone
+        self._metrics = metrics
         self._shown: Rendered | None = None
         self._changed = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"progress-{job.id}")
@@ -77,12 +84,15 @@ class ProgressTicker:
                     continue
                 await self._edit(rendered)
                 self._shown = rendered
+                self._metrics.progress_edit()
             except discord.NotFound as exc:
                 if exc.code == UNKNOWN_MESSAGE:
                     self._on_reply_gone()
                     return
+                self._metrics.discord_error(discord_error_kind(exc))
                 log.warning("job %d: progress edit failed: %s", self._job.id, describe_error(exc))
             except Exception as exc:
+                self._metrics.discord_error(discord_error_kind(exc))
                 log.warning("job %d: progress edit failed: %s", self._job.id, describe_error(exc))
             await asyncio.sleep(self._pace())
 
@@ -106,9 +116,10 @@ class ProgressTicker:
 class DiscordPresenter:
     """The runner's listener (see `services.runner.JobListener`)."""
 
-    def __init__(self, bot: KontextBot, edit_interval: float) -> None:
+    def __init__(self, bot: KontextBot, edit_interval: float, metrics: Metrics) -> None:
         self._bot = bot
         self._edit_interval = edit_interval
+        self._metrics = metrics
         self._tickers: dict[int, ProgressTicker] = {}
         self._withdrawals: set[asyncio.Task[None]] = set()
 
@@ -118,7 +129,7 @@ class DiscordPresenter:
         ticker = self._tickers.get(job.id)
         if ticker is None:
             ticker = self._tickers[job.id] = ProgressTicker(
-                job, self._webhook(job), self._progress_pace, lambda: self._reply_gone(job)
+                job, self._webhook(job), self._progress_pace, lambda: self._reply_gone(job), self._metrics
             )
         ticker.poke()
 
@@ -143,10 +154,14 @@ class DiscordPresenter:
         ticker = self._tickers.pop(job.id, None)
         if ticker is not None:
             await ticker.close()  # no progress edit may land after the final one
-        if NOTE_WITHDRAWN not in job.notes:
-            await self._show(job, progress)
-        if NOTE_WITHDRAWN in job.notes:
-            await self._tell_requester(job, _withdrawn_text(job), progress)
+        try:
+            if NOTE_WITHDRAWN not in job.notes:
+                await self._show(job, progress)
+            if NOTE_WITHDRAWN in job.notes:
+                await self._tell_requester(job, _withdrawn_text(job), progress)
+        except Exception as exc:
+            self._metrics.discord_error(discord_error_kind(exc))
+            raise
         if job.guild_id is not None:
             policy = await self._bot.store.policy(job.guild_id)
             await post_to_log_channel(self._bot, policy, job_log_line(job))
@@ -180,7 +195,7 @@ class DiscordPresenter:
             except discord.HTTPException as exc:
                 if 400 <= exc.status < 500 and exc.status != 429:
                     # The channel is gone, or the bot may not see or post in it: final.
-                    raise Undeliverable(f"Discord refused the channel post: {exc.status} {exc.code}") from None
+                    raise Undeliverable(f"Discord refused the channel post: {exc.status} {exc.code}") from exc
                 raise
 
     async def _tell_requester(
@@ -266,3 +281,20 @@ def _withdrawn_text(job: Job) -> str:
     if job.state is JobState.SUCCEEDED:
         return "The reply to your edit was deleted, so its result was not posted."
     return "The reply to your edit was deleted, so the edit was stopped."
+
+
+def discord_error_kind(exc: BaseException) -> str:
+    """A failed call to Discord as one of the metrics' bounded kinds."""
+    if isinstance(exc, Undeliverable):
+        exc = exc.__cause__ or exc
+    if isinstance(exc, discord.RateLimited):
+        return "rate_limited"
+    if isinstance(exc, discord.Forbidden):
+        return "forbidden"
+    if isinstance(exc, discord.NotFound):
+        return "not_found"
+    if isinstance(exc, discord.HTTPException):
+        return "http_5xx" if exc.status >= 500 else "http_4xx"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "transport"

@@ -18,6 +18,8 @@ from typing import TypeVar
 
 import yarl
 
+from .log_format import LOG_FORMATS
+
 T = TypeVar("T")
 
 
@@ -46,6 +48,11 @@ class Settings:
     fal_rest_url: str = "https://rest.fal.ai"
     data_dir: Path = Path("./data")
     log_level: str = "INFO"
+    # "text" or "json" (one JSON object per line, for log collectors).
+    log_format: str = "text"
+    # The operators' endpoint (/healthz, /metrics): off unless a port is given.
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
     dev_guild_id: int | None = None
     sync_commands: CommandSync = CommandSync.AUTO
     # An operator's cap on jobs at fal at once (None: as many as fal takes; the scheduler shares
@@ -200,6 +207,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         fal_rest_url=_parse(env, "FAL_REST_URL", url, Settings.fal_rest_url),
         data_dir=_parse(env, "DATA_DIR", Path, Settings.data_dir),
         log_level=_parse(env, "LOG_LEVEL", _log_level, Settings.log_level),
+        log_format=_parse(env, "LOG_FORMAT", _log_format, Settings.log_format),
+        http_port=_parse(env, "HTTP_PORT", _number(int, minimum=1, maximum=65535), None),
+        http_host=_parse(env, "HTTP_HOST", str, Settings.http_host),
         dev_guild_id=_parse(env, "DEV_GUILD_ID", _number(int, minimum=1), None),
         sync_commands=_parse(env, "SYNC_COMMANDS", lambda raw: CommandSync(raw.lower()), Settings.sync_commands),
         max_concurrent_jobs=_parse(env, "MAX_CONCURRENT_JOBS", _number(int, minimum=1), None),
@@ -227,6 +237,13 @@ def _ids(raw: str) -> frozenset[int]:
     if not ids or min(ids) <= 0:
         raise ValueError("give server ids, separated by commas")
     return ids
+
+
+def _log_format(raw: str) -> str:
+    fmt = raw.lower()
+    if fmt not in LOG_FORMATS:
+        raise ValueError("use text or json")
+    return fmt
 
 
 def _log_level(raw: str) -> str:

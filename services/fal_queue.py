@@ -22,9 +22,10 @@ import asyncio
 import codecs
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import aiohttp
 import yarl
@@ -33,11 +34,13 @@ from .images import SNIFF_BYTES, sniff_image_type
 from .redact import describe_error
 from .retry import Backoff, retrying
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 QueueState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 _STATES = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
-_CHUNK = 256 * 1024
 # After this many broken status streams for one job, poll for the rest of it.
 MAX_BROKEN_STREAMS = 3
 # "A few times": attempts of an idempotent call (status, result, cancel, download) through
@@ -192,20 +195,26 @@ class DownloadSink(Protocol):
 
 
 async def _copy_image(content: aiohttp.StreamReader, sink: DownloadSink, max_bytes: int) -> tuple[int, str]:
-    """Copy a downloaded image to `sink` as it arrives; returns its size and sniffed type."""
+    """Copy a downloaded image to `sink` piece by piece as the network delivers it (no re-cutting
+    into fixed chunks, which copies); returns its size and sniffed type."""
     size = 0
+    head = b""
     content_type: str | None = None
-    async for chunk in content.iter_chunked(_CHUNK):
+    async for chunk in content.iter_any():
         if content_type is None:
-            content_type = sniff_image_type(chunk[:SNIFF_BYTES])
-            if content_type is None:
-                raise FalBadOutput("result file is not an image")
+            head += chunk[:SNIFF_BYTES]
+            if len(head) >= SNIFF_BYTES:
+                content_type = sniff_image_type(head)
+                if content_type is None:
+                    raise FalBadOutput("result file is not an image")
         size += len(chunk)
         if size > max_bytes:
             raise FalBadOutput(f"result image is over {max_bytes} bytes")
         sink.write(chunk)
     if content_type is None:
-        raise FalBadOutput("result file is empty")
+        content_type = sniff_image_type(head)  # a whole image shorter than the sniffed bytes
+        if content_type is None:
+            raise FalBadOutput("result file is empty" if not head else "result file is not an image")
     return size, content_type
 
 
@@ -253,6 +262,7 @@ class FalQueueClient:
         poll_interval: float = 1.0,
         use_stream: bool = True,
         stream_event_timeout: float = 20.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
@@ -263,6 +273,10 @@ class FalQueueClient:
         self._use_stream = use_stream
         # A status stream with no event for this long is checked with one poll and reopened.
         self._event_timeout = stream_event_timeout
+        self._metrics = metrics
+        # When fal last answered, and last failed to (monotonic time), for the health check.
+        self.last_success: float | None = None
+        self.last_failure: float | None = None
 
     def __repr__(self) -> str:  # the key stays out of every repr and log line
         return f"<FalQueueClient {self._base_url}>"
@@ -275,17 +289,32 @@ class FalQueueClient:
 
     async def _json_call(self, method: str, url: str, *, json_body: Any = None, params: Any = None) -> Any:
         """One queue API call: the parsed body of a 2xx answer, or a FalError."""
-        async with self._session.request(
-            method, self._check_host(url), json=json_body, params=params, headers=self._auth
-        ) as response:
-            text = await response.text(errors="replace")
-            try:
-                body = json.loads(text) if text else None
-            except ValueError:
-                body = text
-            if response.status >= 300:
-                raise error_for(response.status, body, response.headers)
-            return body
+        try:
+            async with self._session.request(
+                method, self._check_host(url), json=json_body, params=params, headers=self._auth
+            ) as response:
+                text = await response.text(errors="replace")
+                try:
+                    body = json.loads(text) if text else None
+                except ValueError:
+                    body = text
+                if response.status >= 300:
+                    raise error_for(response.status, body, response.headers)
+        except (TimeoutError, aiohttp.ClientError, _Transient, FalJobFailed) as exc:
+            self._answered(False, "ingress" if isinstance(exc, _Transient) else "transport")
+            raise
+        self._answered(True)
+        return body
+
+    def _answered(self, ok: bool, kind: str = "") -> None:
+        """Note whether fal answered (for /healthz) and count what failed (for /metrics). A
+        refusal (4xx) is an answer: fal is up."""
+        if ok:
+            self.last_success = time.monotonic()
+            return
+        self.last_failure = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.fal_error(kind)
 
     async def _retried(self, call: Any, *, what: str, deadline: float, attempts: int | None = FOLLOW_ATTEMPTS) -> Any:
         """Run an idempotent call through transport failures and transient answers; once they

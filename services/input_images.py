@@ -108,7 +108,12 @@ class InputStager:
             return reused
         name = (source.name or "image").replace("`", "'")  # shown between backticks
         data = await self._fetch(url, name, deadline)
-        content_type = await asyncio.to_thread(check_image, data, name)
+        # Reading a small image costs less than a trip to a worker thread.
+        content_type = (
+            check_image(data, name)
+            if len(data) <= INLINE_MAX_BYTES
+            else await asyncio.to_thread(check_image, data, name)
+        )
         if len(data) <= INLINE_MAX_BYTES:
             return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
         durable = await self._storage.upload(

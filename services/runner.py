@@ -33,6 +33,7 @@ from .job import (
     JobRequest,
     JobState,
 )
+from .metrics import Metrics
 from .redact import describe_error
 from .results import ResultCustody
 from .retry import Backoff, retrying
@@ -95,6 +96,8 @@ class JobRunner:
         max_concurrent_jobs: int | None,
         job_timeout: float,
         backoff: Backoff,
+        metrics: Metrics,
+        price_per_image: float,
     ) -> None:
         self._store = store
         self._fal = fal
@@ -104,6 +107,8 @@ class JobRunner:
         self.account = account
         self._job_timeout = job_timeout
         self._backoff = backoff
+        self._metrics = metrics
+        self._price = price_per_image
         self._scheduler = FairScheduler(self._show_places, self._hand_back_soon, cap=max_concurrent_jobs)
         self._jobs: dict[int, Job] = {}
         self._drivers: dict[int, asyncio.Task[None]] = {}
@@ -114,6 +119,13 @@ class JobRunner:
         self._handing_back: set[int] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
+        metrics.set_live_sources(self._jobs_by_state, lambda: self._scheduler.waiting)
+
+    def _jobs_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for job in self._jobs.values():
+            counts[job.state.value] = counts.get(job.state.value, 0) + 1
+        return counts
 
     # -- public interface -------------------------------------------------------------------
 
@@ -122,8 +134,14 @@ class JobRunner:
         if self._stopping:
             raise RunnerStopped()
         job = await self._store.create_job(request)
+        self._metrics.job_accepted()
         log.info(
-            "job %d accepted: user %d channel %d endpoint %s", job.id, job.user_id, job.channel_id, job.edit.endpoint
+            "job %d accepted: user %d channel %d endpoint %s",
+            job.id,
+            job.user_id,
+            job.channel_id,
+            job.edit.endpoint,
+            extra=_ids(job),
         )
         return job
 
@@ -282,12 +300,20 @@ class JobRunner:
                 if self.account.refuses():
                     await self._fail(job, FalAccountLocked.code, None)
                     return
-                job.edit = await self._inputs.stage(job.edit, deadline=deadline)
-                if self._scheduler.must_wait():
-                    await self._store.save(job)  # its reply must be known if we stop while it waits
-                async with asyncio.timeout_at(deadline):
-                    await self._scheduler.admit(job.id, job.guild_id or 0, job.user_id, first=handed_back)
-                admitted = True
+                # It takes its place in line at once (first come, first served within a member's
+                # turn) and its inputs are made durable while it waits.
+                admission = asyncio.ensure_future(
+                    self._scheduler.admit(job.id, job.guild_id or 0, job.user_id, first=handed_back)
+                )
+                try:
+                    job.edit = await self._inputs.stage(job.edit, deadline=deadline)
+                    if not admission.done():
+                        await self._store.save(job)  # its reply must be known if we stop while it waits
+                    async with asyncio.timeout_at(deadline):
+                        await admission
+                finally:
+                    admitted = admission.done() and not admission.cancelled() and admission.exception() is None
+                    admission.cancel()
                 await self._submit(job, deadline)
             elif job.state is JobState.SUBMITTING:
                 # A previous run crashed between sending the submit and recording fal's answer.
@@ -333,7 +359,7 @@ class JobRunner:
             self.account.locked(exc.reason)
         elif isinstance(exc, FalUnavailable) and job.request is not None:
             await self._cancel_quietly(job)  # if fal is back, it must not run (and bill) it unseen
-        log.warning("job %d failed: %s (%s)", job.id, exc, exc.code)
+        log.warning("job %d failed: %s (%s)", job.id, exc, exc.code, extra=_ids(job))
         await self._fail(job, exc.code, _describe_detail(exc))
 
     def _deadline(self, job: Job) -> float:
@@ -346,7 +372,8 @@ class JobRunner:
             await self._fail(job, FalAccountLocked.code, None)
             return
         job.bot_queue_position = None
-        await self._transition(job, JobState.SUBMITTING)
+        # Durable: after a power loss, a lost record of a submit under way would send it again.
+        await self._transition(job, JobState.SUBMITTING, durable=True)
         sending = asyncio.ensure_future(self._fal.submit(job.edit.endpoint, job.edit.payload(), deadline=deadline))
         try:
             request, status = await asyncio.shield(sending)
@@ -366,7 +393,6 @@ class JobRunner:
         job.request = request
         job.submitted_at = time.time()
         job.queue_position = status.queue_position
-        log.info("job %d submitted as fal request %s", job.id, request.request_id)
         await self._transition(job, JobState.QUEUED)
         await self._apply_status(job, status)
 
@@ -377,6 +403,10 @@ class JobRunner:
                 await self._apply_status(job, status)
             output = parse_output(await self._fal.result(job.request, deadline=deadline))
             job.completed_at = time.time()
+            if job.started_at is not None:
+                self._metrics.observe_run_time(job.completed_at - job.started_at)
+            made = len(output.images)
+            self._metrics.images_made(made, made * self._price)
             job.result = await self._results.take(job.id, output, deadline=deadline)
         # Stored now only if files in DATA_DIR depend on it; images held in memory are gone
         # after a restart anyway, which then follows the request at fal again.
@@ -399,6 +429,7 @@ class JobRunner:
             job.queue_position = None
             job.starts_at = None
             self._scheduler.started(job.id)
+            self._metrics.observe_queue_wait(job.started_at - job.created_at)
             # Not stored: after a restart fal tells the state again, and nothing else needs it.
             await self._transition(job, JobState.RUNNING, store=False)
 
@@ -427,14 +458,22 @@ class JobRunner:
         job.error_detail = detail
         await self._transition(job, JobState.FAILED)
 
-    async def _transition(self, job: Job, state: JobState, *, store: bool = True) -> None:
+    async def _transition(self, job: Job, state: JobState, *, store: bool = True, durable: bool = False) -> None:
         """Move the job on and show it; stored first unless a restart has no use for the state
         (each write costs a trip to the database thread)."""
         job.state = state
         if state.is_final:
             job.queue_position = job.bot_queue_position = None
         if store:
-            await self._store.save(job)
+            await self._store.save(job, durable=durable)
+        log.info(
+            "job %d is %s (guild %s, fal request %s)",
+            job.id,
+            state.value,
+            job.guild_id,
+            job.request.request_id if job.request else "none",
+            extra=_ids(job),
+        )
         self._listener.job_changed(job)
 
     # -- fair sharing -----------------------------------------------------------------------
@@ -536,7 +575,11 @@ class JobRunner:
             self._delivering.discard(job.id)
             for image in job.result.images if job.result else ():
                 self._results.release(image)
-        log.info("job %d delivered (%s)", job.id, job.state.value)
+        log.info("job %d delivered (%s)", job.id, job.state.value, extra=_ids(job))
+        outcome = "undeliverable" if NOTE_UNDELIVERABLE in job.notes else job.state.value
+        self._metrics.job_finished(outcome, job.error_code)
+        if job.state is JobState.SUCCEEDED and job.completed_at is not None and outcome != "undeliverable":
+            self._metrics.observe_completion_to_posted(job.delivered_at - job.completed_at)
         self._results.discard(job.id, job.result)
 
 
@@ -560,3 +603,13 @@ def _describe_detail(exc: FalError) -> str | None:
     """fal's own words for a failure, kept to show the member."""
     messages = exc.messages
     return "; ".join(messages)[:500] if messages else None
+
+
+def _ids(job: Job) -> dict[str, object]:
+    """The ids a log line about a job carries as fields (LOG_FORMAT=json)."""
+    return {
+        "job_id": job.id,
+        "guild_id": job.guild_id,
+        "request_id": job.request.request_id if job.request else None,
+        "state": job.state.value,
+    }

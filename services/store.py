@@ -92,6 +92,8 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN button_key TEXT;
     ALTER TABLE jobs ADD COLUMN posted_message_ids TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN images INTEGER NOT NULL DEFAULT 1;
+    UPDATE jobs SET images = COALESCE(json_extract(params, '$.num_images'), 1);
     CREATE INDEX jobs_created ON jobs (created_at);
     """,
 )
@@ -106,7 +108,9 @@ _SPENT = (
     f"({_ACTIVE} OR state = 'succeeded' OR (started_at IS NOT NULL AND request_id IS NOT NULL"
     f" AND NOT (state = 'failed' AND error_code IN {_UNBILLED_FAILURES})))"
 )
-_IMAGES = "COALESCE(json_extract(params, '$.num_images'), 1)"
+# The images a job makes, a column of its own: budgets sum it over a month of jobs at every
+# request, which must not mean parsing each job's payload (inputs inline make it kilobytes).
+_IMAGES = "images"
 
 _JSON_COLUMNS = ("notes", "posted_message_ids")
 _BOOL_COLUMNS = ("channel_nsfw", "delivered_in_channel")
@@ -125,6 +129,7 @@ def _to_row(job: Job) -> dict[str, Any]:
     row["state"] = job.state.value
     row["endpoint"] = job.edit.endpoint
     row["params"] = json.dumps(job.edit.payload())
+    row["images"] = job.edit.options.image_count
     request = job.request
     row.update({name: getattr(request, name) if request else None for name in _REQUEST_FIELDS})
     row["result"] = json.dumps(job.result.to_dict()) if job.result else None
@@ -167,6 +172,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._connection: aiosqlite.Connection | None = None
+        self._durable_connection: aiosqlite.Connection | None = None
         self._lock: int | None = None
         # Policies are read on every job and change only by /kontext-admin, which goes through
         # save_policy: a read-through cache is always current.
@@ -182,25 +188,34 @@ class Store:
         self._lock = _lock_directory(directory)
         # Readable by the bot's user only: prompts, ids and interaction tokens live here.
         os.chmod(directory, 0o700)
-        # Autocommit: each statement is its own transaction, one trip to the database thread.
-        connection = await aiosqlite.connect(self._path, isolation_level=None)
-        connection.row_factory = aiosqlite.Row
-        await connection.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit survives a power loss too (NORMAL may roll back the write that records
-        # a submit under way, and the job would be submitted again). A few commits per job.
-        await connection.execute("PRAGMA synchronous=FULL")
-        await connection.execute("PRAGMA foreign_keys=ON")
+        # Two connections, each with its own thread. Writes commit without waiting for the disk
+        # (synchronous=NORMAL: a crash of the bot loses nothing, a power loss may lose the last
+        # commits), except those that must survive a power loss too, such as the one recording a
+        # submit under way: lost, the job would be submitted again. Those go through the second
+        # connection (synchronous=FULL), whose commit also makes every earlier one durable.
+        self._connection = await self._connect("NORMAL")
+        self._durable_connection = await self._connect("FULL")
         for name in (self._path.name, f"{self._path.name}-wal", f"{self._path.name}-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(directory / name, 0o600)
-        self._connection = connection
         await self._migrate()
         return self
 
+    async def _connect(self, synchronous: str) -> aiosqlite.Connection:
+        # Autocommit: each statement is its own transaction, one trip to the database thread.
+        connection = await aiosqlite.connect(self._path, isolation_level=None)
+        connection.row_factory = aiosqlite.Row
+        await connection.execute("PRAGMA busy_timeout=10000")  # the two connections take turns
+        await connection.execute("PRAGMA journal_mode=WAL")
+        await connection.execute(f"PRAGMA synchronous={synchronous}")
+        await connection.execute("PRAGMA foreign_keys=ON")
+        return connection
+
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+        for connection in (self._connection, self._durable_connection):
+            if connection is not None:
+                await connection.close()
+        self._connection = self._durable_connection = None
         if self._lock is not None:
             os.close(self._lock)  # releases the lock
             self._lock = None
@@ -242,9 +257,10 @@ class Store:
         self._written[job.id] = row
         return job
 
-    async def save(self, job: Job) -> None:
+    async def save(self, job: Job, *, durable: bool = False) -> None:
         """Write what changed since this job's last write (a transition touches a few columns;
-        writing all thirty costs the bot twice the CPU)."""
+        writing all thirty costs the bot twice the CPU). `durable`: the write must survive a
+        power loss before the caller acts on it."""
         row = _to_row(job)
         last = self._written.get(job.id)
         changed = row if last is None else {name: value for name, value in row.items() if last[name] != value}
@@ -256,8 +272,9 @@ class Store:
             self._written.pop(job.id, None)  # finished: no more writes expected
         if changed:
             assignments = ", ".join(f"{name} = :{name}" for name in changed)
+            connection = self._durable_connection if durable and self._durable_connection else self._db
             try:
-                await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**changed, "id": job.id})
+                await connection.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**changed, "id": job.id})
             except BaseException:
                 # What the database holds is unknown now: the next save writes the whole row.
                 self._written.pop(job.id, None)
@@ -321,6 +338,10 @@ class Store:
         args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": month_start(now)}
         (row,) = await self._db.execute_fetchall(sql, args)  # one trip to the database thread
         return Usage(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]))
+
+    async def ping(self) -> None:
+        """One trivial query: the database answers."""
+        await self._db.execute_fetchall("SELECT 1")
 
     async def meta(self, key: str) -> str | None:
         """A value the bot keeps about itself (e.g. the commands last synced)."""

@@ -153,8 +153,16 @@ async def test_a_failed_write_is_written_whole_by_the_next_save(tmp_path: Path):
         assert loaded is not None and loaded.state is JobState.QUEUED and loaded.request == job.request
 
 
-async def test_commits_survive_a_power_loss(tmp_path: Path):
-    """synchronous=FULL: NORMAL in WAL mode may roll back the last commits on a power loss."""
+async def test_the_write_recording_a_submit_survives_a_power_loss(tmp_path: Path):
+    """NORMAL in WAL mode may roll back the last commits on a power loss; a durable save goes
+    through the connection that commits with synchronous=FULL (which syncs every earlier commit)."""
     async with Store(tmp_path / "db.sqlite3") as store:
-        ((level,),) = await store._db.execute_fetchall("PRAGMA synchronous")
-        assert level == 2
+        ((everyday,),) = await store._db.execute_fetchall("PRAGMA synchronous")
+        assert store._durable_connection is not None
+        ((durable,),) = await store._durable_connection.execute_fetchall("PRAGMA synchronous")
+        assert (everyday, durable) == (1, 2)
+        job = await store.create_job(request())
+        job.state = JobState.SUBMITTING
+        await store.save(job, durable=True)
+        loaded = await store.get_job(job.id)
+        assert loaded is not None and loaded.state is JobState.SUBMITTING
