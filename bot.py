@@ -131,7 +131,8 @@ class KontextBot(commands.AutoShardedBot):
         """For /healthz: connected to Discord's gateway, the database answers, fal answered
         recently (or nothing was asked of it)."""
         problems = []
-        gateway = self.is_ready() and not self.is_closed() and all(not s.is_closed() for s in self.shards.values())
+        shards = self.shards.values()
+        gateway = not self.is_closed() and bool(shards) and all(not shard.is_closed() for shard in shards)
         if not gateway:
             problems.append("discord: not connected to the gateway")
         try:

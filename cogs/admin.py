@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -12,6 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from services.policy import POLICY_FIELDS, validate_policy
+from services.usage_chart import last_days, render_usage_chart, usage_summary_text
 
 from .errors import UserFacingError
 from .modlog import post_to_log_channel
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVERYTHING = "everything"
+CHART_DAYS = 30
 
 
 def format_value(name: str, value: Any) -> str:
@@ -77,6 +81,32 @@ class Admin(commands.GroupCog, group_name="kontext-admin", group_description="Mo
             inline=False,
         )
         await interaction.response.send_message(embed=embed, ephemeral=True)
+
+    @app_commands.command(name="usage", description="A chart of this server's last 30 days and this month's spend")
+    async def usage(self, interaction: discord.Interaction) -> None:
+        assert interaction.guild_id is not None
+        now = time.time()
+        price = self.bot.settings.price_per_image_usd
+        policy = await self.bot.store.policy(interaction.guild_id)
+        today = datetime.fromtimestamp(now, UTC).date()
+        counts = await self.bot.store.daily_images(interaction.guild_id, since=now - CHART_DAYS * 86400)
+        days = last_days({day: (images, images * price) for day, images in counts.items()}, today, CHART_DAYS)
+        usage = await self.bot.store.usage(interaction.guild_id, interaction.user.id, now)
+        budget = policy.monthly_usd_budget
+        if budget is None and policy.monthly_image_budget is not None and price > 0:
+            budget = policy.monthly_image_budget * price
+        spent = usage.guild_images_this_month * price
+        guild_name = interaction.guild.name if interaction.guild else "this server"
+        chart = render_usage_chart(
+            days, monthly_budget_usd=budget, month_spent_usd=spent, title=f"Kontext in {guild_name}"
+        )
+        summary = usage_summary_text(days, budget, spent)
+        # The same facts as text, for screen readers: in the message and as the image's alt text.
+        await interaction.response.send_message(
+            summary,
+            file=discord.File(io.BytesIO(chart), filename="kontext-usage.png", description=summary),
+            ephemeral=True,
+        )
 
     # -- changing -----------------------------------------------------------------------------
 

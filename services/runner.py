@@ -342,6 +342,8 @@ class JobRunner:
         finally:
             if admitted:
                 ran = job.completed_at - job.started_at if job.completed_at and job.started_at else None
+                if ran is not None:
+                    self._metrics.observe_run_time(ran)
                 self._scheduler.left_fal(job.id, ran_for=ran)
 
     async def _failed_at_fal(self, job: Job, exc: FalError) -> None:
@@ -401,10 +403,8 @@ class JobRunner:
         async with asyncio.timeout_at(deadline):
             async for status in self._fal.statuses(job.request, deadline=deadline):
                 await self._apply_status(job, status)
-            output = parse_output(await self._fal.result(job.request, deadline=deadline))
             job.completed_at = time.time()
-            if job.started_at is not None:
-                self._metrics.observe_run_time(job.completed_at - job.started_at)
+            output = parse_output(await self._fal.result(job.request, deadline=deadline))
             made = len(output.images)
             self._metrics.images_made(made, made * self._price)
             job.result = await self._results.take(job.id, output, deadline=deadline)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +339,15 @@ class Store:
         args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": month_start(now)}
         (row,) = await self._db.execute_fetchall(sql, args)  # one trip to the database thread
         return Usage(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]))
+
+    async def daily_images(self, guild_id: int, since: float) -> dict[date, int]:
+        """The images the budgets count, per UTC day, for a server's jobs since `since`."""
+        sql = f"""
+            SELECT CAST(created_at / 86400 AS INTEGER) AS day, SUM({_IMAGES}) FROM jobs
+            WHERE guild_id = ? AND created_at >= ? AND {_SPENT} GROUP BY day
+        """
+        rows = await self._db.execute_fetchall(sql, (guild_id, since))
+        return {datetime.fromtimestamp(row[0] * 86400, UTC).date(): int(row[1]) for row in rows}
 
     async def ping(self) -> None:
         """One trivial query: the database answers."""

@@ -1,0 +1,121 @@
+"""What operators and moderators get, from the real bot process: /healthz and /metrics on
+HTTP_PORT, JSON logs that carry the ids, and the moderators' usage chart."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+
+import aiohttp
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from fakes.fal_fake import JobScript
+from tests.e2e import finished
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.text()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def test_metrics_move_by_exactly_the_jobs_run(world):
+    port = free_port()
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.2)
+    await world.start_bot(HTTP_PORT=str(port))
+    status, before = await get(port, "/metrics")
+    assert status == 200
+    for _ in range(2):
+        assert (await finished(await world.kontext(num_images=2))).content.startswith("✅")
+    world.fal.default = JobScript(
+        result_status=422, result_body={"detail": [{"msg": "no", "type": "image_load_error"}]}
+    )
+    assert (await finished(await world.kontext(user="mod"))).content.startswith("❌")
+    was = samples(before)
+    for _ in range(50):  # the reply shows before the job is closed and counted
+        _, after = await get(port, "/metrics")
+        now = samples(after)
+        finished_jobs = sum(v for (name, _), v in now.items() if name == "kontext_jobs_finished_total")
+        if finished_jobs - sum(v for (name, _), v in was.items() if name == "kontext_jobs_finished_total") >= 3:
+            break
+        await asyncio.sleep(0.05)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return now.get(key, 0.0) - was.get(key, 0.0)
+
+    assert moved("kontext_jobs_accepted_total") == 3
+    assert moved("kontext_jobs_finished_total", outcome="succeeded", error_code="none") == 2
+    assert moved("kontext_jobs_finished_total", outcome="failed", error_code="fal_rejected") == 1
+    assert moved("kontext_images_generated_total") == 4
+    assert abs(moved("kontext_estimated_spend_usd_total") - 4 * 0.08) < 1e-9
+    assert moved("kontext_completion_to_posted_seconds_count") == 2
+    assert moved("kontext_job_run_seconds_count") == 3
+    assert moved("kontext_progress_edits_total") >= 1
+    assert now[("kontext_bot_queue_length", ())] == 0
+    assert not any(name[0].startswith("kontext_") and "guild" in dict(name[1]) for name in now)
+
+
+async def test_healthz_follows_fal(world):
+    port = free_port()
+    await world.start_bot(HTTP_PORT=str(port), JOB_TIMEOUT="3")
+    status, body = await get(port, "/healthz")
+    assert status == 200, body
+    assert json.loads(body)["checks"] == {"discord": True, "database": True, "fal": True}
+    for op in ("submit", "status", "stream", "result"):
+        world.fal.fail_next(op, status="ingress_503", times=10_000)
+    await finished(await world.kontext(), timeout=20)
+    status, body = await get(port, "/healthz")
+    assert status == 503
+    report = json.loads(body)
+    assert report["checks"]["fal"] is False and any(p.startswith("fal:") for p in report["problems"])
+    for op in ("submit", "status", "stream", "result"):
+        world.fal._faults[op].clear()
+    assert (await finished(await world.kontext(user="mod"))).content.startswith("✅")
+    status, _ = await get(port, "/healthz")
+    assert status == 200
+
+
+async def test_json_logs_parse_and_carry_the_ids(world):
+    await world.start_bot(LOG_FORMAT="json", LOG_LEVEL="INFO")
+    await finished(await world.kontext())
+    await world.bot.stop()
+    lines = [line for line in world.bot.log_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    states = [e for e in entries if e.get("job_id") == 1 and "state" in e]
+    assert {"pending", "submitting", "queued", "running", "succeeded"} <= {e["state"] for e in states}
+    queued = next(e for e in states if e["state"] == "queued")
+    assert queued["guild_id"] == int(world.discord.guild_id) and queued["request_id"] == next(iter(world.fal.jobs))
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+
+
+async def test_moderators_get_a_chart_of_the_last_30_days(world):
+    await world.start_bot()
+    await finished(await world.kontext(num_images=3))
+    handle = await world.discord.invoke_slash("kontext-admin usage", user="mod")
+    callback = await handle.wait_for_callback()
+    assert callback["type"] == 4 and callback["data"]["flags"] & 64
+    summary = callback["data"]["content"]
+    assert "3 images in 30 days" in summary and "$0.24 of the $20.00 monthly budget" in summary
+    (name, data) = next(iter(handle.callback_files.values()))
+    assert name == "kontext-usage.png"
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG" and image.text["days"] == "30"  # type: ignore[attr-defined]
+    (attachment,) = callback["data"]["attachments"]
+    assert attachment["description"] == summary[:1024]
