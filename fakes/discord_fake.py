@@ -1613,7 +1613,13 @@ class FakeDiscord:
             return GUILD_CONTEXT
         return GUILD_CONTEXT if guild_flag else BOT_DM_CONTEXT
 
-    def _lookup_guild(self, ctx: int, guild_id: Any, channel_id: Any) -> FakeGuild | None:
+    def _lookup_guild(self, ctx: int, guild_id: Any, channel_id: Any, context: Any = None) -> FakeGuild | None:
+        g = self._lookup_guild_of(ctx, guild_id, channel_id)
+        if context == "user_guild" and g is not None and g.bot_member:
+            raise ValueError(f"context 'user_guild' means a guild without the bot, but the bot is in {g.name!r}")
+        return g
+
+    def _lookup_guild_of(self, ctx: int, guild_id: Any, channel_id: Any) -> FakeGuild | None:
         if ctx != GUILD_CONTEXT:
             return None
         if channel_id is not None:
@@ -1923,12 +1929,14 @@ class FakeDiscord:
         Where: `channel_id` (any guild's channel, a DM or a group DM) or `guild_id` (its default
         channel), else the default guild (`guild=False`: the user's DM with the bot).
         `context`: 0 / "guild" (a guild; if the bot is not in it, only the member's user install
-        authorizes the app: `authorizing_integration_owners` {"1": user}), 1 / "bot_dm",
-        2 / "private_channel" (a group DM without the bot). A command whose synced `contexts` /
+        authorizes the app: `authorizing_integration_owners` {"1": user}; "user_guild" insists
+        on a guild without the bot), 1 / "bot_dm" / "dm",
+        2 / "private_channel" / "group_dm" (a group DM without the bot: `add_group_dm`, or one per
+        user). None: from the channel, else `guild`. A command whose synced `contexts` /
         `integration_types` exclude that place is refused: violation + CommandNotAvailable."""
         u = self._resolve_user(user)
         ctx = self._resolve_context(context, guild_id, channel_id, guild)
-        g = self._lookup_guild(ctx, guild_id, channel_id)
+        g = self._lookup_guild(ctx, guild_id, channel_id, context)
         cmd, data = self._command_data(name, options, g)
         place = self._place(u, cmd, ctx, g, channel_id, app_permissions)
         payload = self._payload(2, data, u, place, attachment_size_limit, locale)
@@ -1953,7 +1961,7 @@ class FakeDiscord:
         been synced with `autocomplete: true`. The answer (callback type 8) is in `handle.choices`."""
         u = self._resolve_user(user)
         ctx = self._resolve_context(context, guild_id, channel_id, guild)
-        g = self._lookup_guild(ctx, guild_id, channel_id)
+        g = self._lookup_guild(ctx, guild_id, channel_id, context)
         cmd, data = self._command_data(name, options, g, focused=focused)
         place = self._place(u, cmd, ctx, g, channel_id, app_permissions)
         data.pop("resolved", None)  # [inference] partial input: nothing is resolved yet

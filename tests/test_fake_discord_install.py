@@ -107,7 +107,11 @@ async def test_guild_install_user_install_dm_and_group_dm(fake):
         assert bot.seen[int(h.id)]["followups"] == ["ok"] * 6  # installed in the server: no limit
 
         # 2. a guild without the bot: user install only
-        h = await fake.invoke_slash("anywhere", user="alice", guild_id=alone.id, options={"followups": 6})
+        with pytest.raises(ValueError, match="without the bot"):
+            await fake.invoke_slash("anywhere", user="alice", context="user_guild")
+        h = await fake.invoke_slash(
+            "anywhere", user="alice", guild_id=alone.id, context="user_guild", options={"followups": 6}
+        )
         await fake.wait_until(lambda: "channel_send" in bot.seen.get(int(h.id), {}))
         seen = bot.seen[int(h.id)]
         p = h.payload
