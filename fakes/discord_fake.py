@@ -1,6 +1,7 @@
 """A fake Discord (REST under /api/v10 + gateway websocket + CDN) on 127.0.0.1 for tests.
 
-Faithful enough that real, unmodified discord.py 2.7.1 (``commands.AutoShardedBot``) runs against it.
+Faithful enough that real, unmodified discord.py 2.7.1 (``commands.AutoShardedBot``, one or several
+shards, in one or several processes) runs against it.
 Facts used here are from /work/shared/reference/discord-platform.md (Part B).
 
 * Every JSON request body (or multipart ``payload_json``) is validated against Discord's OpenAPI
@@ -9,6 +10,16 @@ Facts used here are from /work/shared/reference/discord-platform.md (Part B).
   attachments, ``attachments`` entries without an uploaded file).
 * Platform rules (3 s callback window, 15 min token, double ack, file size, auth) answer like
   Discord and are recorded in ``fake.rejections`` (not violations: tests provoke them on purpose).
+* Several servers (``add_guild`` -> ``FakeGuild``; the first one is the default guild that
+  ``guild_id``, ``channel_id``, ``members``, ... keep meaning), each with its own channels, roles and
+  per-guild member records; the bot joins (``add_bot_to_guild``: GUILD_CREATE) and leaves
+  (``DELETE /users/@me/guilds/{id}``: GUILD_DELETE) per guild.
+* A sharded gateway: ``shard_count`` / ``max_concurrency`` in ``GET /gateway/bot``; each session
+  gets READY/GUILD_CREATE for the guilds of its ``[shard_id, num_shards]`` (``(guild_id >> 22) %
+  num_shards``); ``dispatch`` routes by guild (no guild: shard 0); RESUME per session; IDENTIFY
+  limited to one per 5 s per bucket ``shard_id % max_concurrency`` (Invalid Session, op 9).
+* Interaction contexts and installs (guild install, user install, the bot's DM, group DMs),
+  autocomplete (type 4 / callback 8), components v2 (``IS_COMPONENTS_V2``) and locales.
 """
 
 from __future__ import annotations
@@ -69,8 +80,40 @@ MEMBER_PERMISSIONS = (
 MOD_PERMISSIONS = MEMBER_PERMISSIONS | MANAGE_GUILD | MANAGE_MESSAGES | MANAGE_CHANNELS | MENTION_EVERYONE
 BOT_PERMISSIONS = MEMBER_PERMISSIONS  # app_permissions default: view, send, attach, embed, ...
 
+USE_EXTERNAL_APPS = 1 << 50
+
+# What an app may do where it has no bot member (platform doc A10; docs
+# receiving-and-responding.mdx Interaction Structure note ***; change-log 2022-06-29 and
+# 2024-03-18): the permissions usable in interaction responses.
+DM_APP_PERMISSIONS = ATTACH_FILES | EMBED_LINKS | MENTION_EVERYONE | USE_EXTERNAL_EMOJIS  # DM with the bot
+PRIVATE_APP_PERMISSIONS = ATTACH_FILES | EMBED_LINKS | MENTION_EVERYONE  # (G)DMs with other users
+USER_APP_PERMISSIONS = ATTACH_FILES | EMBED_LINKS | MENTION_EVERYONE | USE_EXTERNAL_EMOJIS
+
 EPHEMERAL = 1 << 6
 LOADING = 1 << 7
+IS_COMPONENTS_V2 = 1 << 15
+MAX_COMPONENTS_V2 = 40  # docs components/reference.mdx (intro)
+MAX_TEXT_DISPLAY_TOTAL = 4000  # all Text Displays of a message together ([3rd] discord-api-docs PR #8562)
+USER_INSTALL_FOLLOWUP_LIMIT = 5  # docs receiving-and-responding.mdx (Create Followup Message)
+IDENTIFY_INTERVAL = 5.0  # docs events/gateway.mdx (Session Start Limit: "per 5 seconds")
+MAX_GUILDS_PER_SHARD = 2500  # docs events/gateway.mdx (Sharding)
+
+# Interaction context types and installation types (docs receiving-and-responding.mdx,
+# resources/application.mdx).
+GUILD_CONTEXT, BOT_DM_CONTEXT, PRIVATE_CHANNEL_CONTEXT = 0, 1, 2
+GUILD_INSTALL, USER_INSTALL = 0, 1
+_CONTEXT_NAMES = {
+    "guild": GUILD_CONTEXT,
+    "user_guild": GUILD_CONTEXT,
+    "bot_dm": BOT_DM_CONTEXT,
+    "dm": BOT_DM_CONTEXT,
+    "private_channel": PRIVATE_CHANNEL_CONTEXT,
+    "group_dm": PRIVATE_CHANNEL_CONTEXT,
+}
+
+# docs reference.mdx (Locales)
+_LOCALE_CODES = "id da de en-GB en-US es-ES es-419 fr hr it lt hu nl no pl pt-BR ro fi sv-SE vi tr cs el bg ru uk hi th"
+LOCALES = frozenset(f"{_LOCALE_CODES} zh-CN ja zh-TW ko".split())
 DEFAULT_SIZE_LIMIT = 10 * 1024 * 1024
 CALLBACK_WINDOW = 3.0
 # Signed attachment CDN URLs (platform doc A8): `ex` (hex expiry), `is` (hex issue time), `hm`
@@ -87,6 +130,26 @@ def snowflake() -> str:
     """Real-time, unique snowflake (discord epoch ms << 22 | counter)."""
     ms = int(time.time() * 1000) - 1420070400000
     return str((ms << 22) | (next(_snow_counter) & 0x3FFFFF))
+
+
+def snowflake_on_shard(shard_id: int, num_shards: int) -> str:
+    """A real-time snowflake (at most `num_shards` ms old) whose guild routes to `shard_id`:
+    Discord's sharding formula is `(guild_id >> 22) % num_shards` (docs events/gateway.mdx)."""
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard {shard_id} is not in 0..{num_shards - 1}")
+    ms = int(time.time() * 1000) - 1420070400000
+    ms -= (ms - shard_id) % num_shards
+    return str((ms << 22) | (next(_snow_counter) & 0x3FFFFF))
+
+
+def shard_of(guild_id: int | str | None, num_shards: int) -> int:
+    """The shard a guild's events go to; events without a guild go to shard 0 (docs events/gateway.mdx)."""
+    return 0 if guild_id is None else (int(guild_id) >> 22) % num_shards
+
+
+class CommandNotAvailable(LookupError):
+    """Discord would not offer this command there (contexts / integration_types / scope), so no
+    interaction is ever sent. The fake records a violation and raises this instead of dispatching."""
 
 
 def _now_iso() -> str:
@@ -362,7 +425,7 @@ class FakeMessage:
             "embeds": copy.deepcopy(self.embeds),
             # Discord refreshes signed CDN URLs in the payloads it hands out (platform doc A8)
             "attachments": [self.fake.refresh_attachment(a) for a in self.attachments],
-            "components": copy.deepcopy(self.components),
+            "components": self._components_payload(),
             "pinned": False,
             "flags": self.flags,
             "reactions": [],
@@ -380,6 +443,15 @@ class FakeMessage:
         if self.guild_id:
             p["guild_id"] = self.guild_id
         return p
+
+    def _components_payload(self) -> list:
+        comps = copy.deepcopy(self.components)
+        if self.flags & IS_COMPONENTS_V2:
+            for media in _media_dicts(comps):  # signed CDN URLs are refreshed like attachments'
+                for k in ("url", "proxy_url"):
+                    if isinstance(media.get(k), str):
+                        media[k] = self.fake.refresh_cdn_url(media[k])
+        return comps
 
     def __repr__(self) -> str:
         return f"<FakeMessage id={self.id} content={self.content!r} flags={self.flags} deleted={self.deleted}>"
@@ -403,6 +475,27 @@ class InteractionHandle:
         self.age_offset = 0.0
         self._loading_untouched = False  # type 5 defer with no edit yet
         self.source_message_id: str | None = (payload.get("message") or {}).get("id")
+        self.context: int | None = payload.get("context")
+        self.owners: dict[str, str] = dict(payload.get("authorizing_integration_owners") or {})
+        self.guild_id: str | None = payload.get("guild_id")
+        self.locale: str | None = payload.get("locale")
+        self.followup_calls = 0  # successful POSTs to the followup endpoint
+        self.shard: tuple[int, int] | None = None  # the gateway shard it was dispatched on
+        self.session_id: str | None = None
+        self.place: _Place | None = None
+
+    @property
+    def user_install_only(self) -> bool:
+        """Authorized only by a user install (the app is not installed where it was used): such
+        interactions get at most 5 followups (docs receiving-and-responding.mdx)."""
+        return set(self.owners) == {str(USER_INSTALL)}
+
+    @property
+    def choices(self) -> list | None:
+        """The autocomplete choices the app answered with (callback type 8)."""
+        if self.callback and self.callback.get("type") == 8:
+            return (self.callback.get("data") or {}).get("choices")
+        return None
 
     @property
     def age(self) -> float:
@@ -423,6 +516,83 @@ class InteractionHandle:
 
     def __repr__(self) -> str:
         return f"<InteractionHandle id={self.id} type={self.type} callback={self.callback}>"
+
+
+class FakeGuild:
+    """One server: its roles (@everyone has the guild's id), channels and per-guild member
+    records ({"user", "roles", "permissions"}). `bot_member`: the bot user was added (guild
+    install); `bot_left`: it left since (DELETE /users/@me/guilds/{id})."""
+
+    def __init__(
+        self,
+        guild_id: str,
+        name: str,
+        premium_tier: int = 0,
+        preferred_locale: str = "en-US",
+        bot_member: bool = True,
+    ):
+        self.id = guild_id
+        self.info: dict[str, Any] = {"id": guild_id, "name": name, "owner_id": None}
+        self.premium_tier = premium_tier
+        self.preferred_locale = preferred_locale
+        self.features: list[str] = []
+        self.roles: dict[str, dict] = {}
+        self.channels: dict[str, dict] = {}
+        self.members: dict[str, dict] = {}
+        self.bot_member = bot_member
+        self.bot_left = False
+        # Server setting "Use External Apps" (docs change-log 2024-06-27): when off, replies of a
+        # user-installed app that is not installed in the server are ephemeral.
+        self.use_external_apps = True
+        self.channel_id: str | None = None  # the default text channel
+
+    @property
+    def name(self) -> str:
+        return self.info["name"]
+
+    @property
+    def owner_id(self) -> str | None:
+        return self.info["owner_id"]
+
+    @property
+    def bot_present(self) -> bool:
+        """The bot user is in the guild now: it gets its events and may use its REST routes."""
+        return self.bot_member and not self.bot_left
+
+    def __repr__(self) -> str:
+        return f"<FakeGuild id={self.id} name={self.name!r} bot_present={self.bot_present}>"
+
+
+class GatewaySession:
+    """One identified gateway session (RESUME re-attaches a new socket to it)."""
+
+    def __init__(self, session_id: str, shard: tuple[int, int], ws: web.WebSocketResponse):
+        self.session_id = session_id
+        self.shard = shard
+        self.ws: web.WebSocketResponse | None = ws
+        self.seq = 0
+        self.identified_at = time.monotonic()
+        self.ready: dict | None = None
+        self.guild_ids: list[str] = []  # guilds sent in READY (GUILD_CREATE followed for each)
+
+    def covers(self, guild_id: str | None) -> bool:
+        i, n = self.shard
+        return shard_of(guild_id, n) == i
+
+    def __repr__(self) -> str:
+        return f"<GatewaySession {self.session_id[:8]} shard={list(self.shard)} seq={self.seq}>"
+
+
+@dataclass
+class _Place:
+    """Where an interaction happens and who authorized the app there."""
+
+    context: int
+    guild: FakeGuild | None
+    channel: dict
+    owners: dict[str, str]
+    app_permissions: int
+    installed: bool  # the app is installed where it is used (guild install, or the bot's DM)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,36 +650,96 @@ class FakeDiscord:
         self._hanging = 0
 
         # gateway state
-        self._ws: web.WebSocketResponse | None = None
         self._all_ws: list[web.WebSocketResponse] = []
-        self._seq = 0
-        self.session_id: str | None = None
-        self.identify_count = 0
+        self.session_id: str | None = None  # the newest session's id
+        self.sessions: dict[str, GatewaySession] = {}  # every session, for RESUME
+        self._attached: list[GatewaySession] = []  # sessions with a live socket, oldest first
+        self.identify_count = 0  # accepted IDENTIFYs (each got READY)
         self.identify_payloads: list[dict] = []
+        # every IDENTIFY: {"shard": [i, n], "time": monotonic, "wall": unix, "accepted": bool,
+        # "reason": str | None, "session_id": str | None}
+        self.identifies: list[dict] = []
+        self.identifies_by_shard: dict[int, list[float]] = {}  # shard id -> monotonic times accepted
+        self.gateway_rejections: list[dict] = []  # {"shard", "op" or "close", "reason"}
         self.gateway_received: list[dict] = []
+        # GET /gateway/bot (docs events/gateway.mdx): recommended shards, identify concurrency.
+        # Discord allows one IDENTIFY per `identify_interval` s per bucket `shard_id % max_concurrency`.
+        self.shard_count = 1
+        self.max_concurrency = 1
+        self.identify_interval = IDENTIFY_INTERVAL
+        # True: a too-fast IDENTIFY gets Invalid Session (op 9), as Discord documents. None (auto):
+        # enforced once sharding is in play (shard_count or max_concurrency > 1, or an IDENTIFY
+        # with num_shards > 1); a lone unsharded connection is only recorded in
+        # identify_limit_breaches, because discord.py reconnects after op 9 to its built-in
+        # DEFAULT_GATEWAY (wss://gateway.discord.gg), which a bot pointed at this fake only by
+        # Route.BASE cannot reach, so quick restarts in tests would end the bot. False: record only.
+        self.enforce_identify_limit: bool | None = None
+        self.identify_limit_breaches: list[dict] = []  # every too-fast IDENTIFY, enforced or not
+        self.max_guilds_per_shard = MAX_GUILDS_PER_SHARD
+        self._bucket_last_identify: dict[int, float] = {}
         self._identified = asyncio.Event()
         self._commands_synced = asyncio.Event()
         self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
 
         # world
+        # The app's supported installation contexts (docs change-log 2024-06-27: new apps default
+        # to both "User Install" and "Guild Install"; resources/application.mdx still says guild
+        # only). A command synced without integration_types gets these.
+        self.app_integration_types: list[int] = [GUILD_INSTALL, USER_INSTALL]
+        self.users: dict[str, dict] = {}  # user id -> user object (every guild's members, DM users)
+        self.guilds: dict[str, FakeGuild] = {}  # the first one is the default guild
+        self.user_installs: set[str] = set()  # users who installed the app to their account
+        self.private_channels: dict[str, dict] = {}  # DM / group DM channel objects by id
+        self.dm_channels: dict[str, str] = {}  # user id -> DM channel id (with the bot)
+        self.group_dms: dict[str, str] = {}  # user id -> a group DM channel id (without the bot)
+        self._bot_dm_ids: set[str] = set()  # private channels the bot is a recipient of
+        self._messages_by_channel: dict[str, list[FakeMessage]] = {}
         self.guild_id = snowflake()
         self.channel_id = snowflake()
         self.nsfw_channel_id = snowflake()
-        self.roles: dict[str, dict] = {}
-        self.channels: dict[str, dict] = {}
-        self.members: dict[str, dict] = {}  # user id -> {"user", "roles", "permissions"}
-        self.dm_channels: dict[str, str] = {}  # user id -> DM channel id
-        self.premium_tier = 0
-        self.bot_left_guild = False
-        self.roles[self.guild_id] = self._role_obj(self.guild_id, "@everyone", 0, 0)
+        self.default_guild = self._new_guild(self.guild_id, "Test Guild")
         self.add_channel("general", channel_id=self.channel_id)
         self.add_channel("nsfw-art", nsfw=True, channel_id=self.nsfw_channel_id)
-        self.guild: dict[str, Any] = {"id": self.guild_id, "name": "Test Guild", "owner_id": None}
         self.alice = self.add_member(name="alice", permissions=MEMBER_PERMISSIONS)
         self.mod = self.add_member(name="mod", permissions=MOD_PERMISSIONS)
         # the owner implicitly has every permission, so it is a separate member (not "mod")
         self.owner = self.add_member(name="owner", permissions=ADMINISTRATOR)
         self.guild["owner_id"] = self.owner["id"]
+
+    # ---------------------------------------------------------------- the default guild
+    # These keep meaning "the first guild", as before there were several.
+    @property
+    def guild(self) -> dict[str, Any]:
+        return self.default_guild.info
+
+    @property
+    def roles(self) -> dict[str, dict]:
+        return self.default_guild.roles
+
+    @property
+    def channels(self) -> dict[str, dict]:
+        return self.default_guild.channels
+
+    @property
+    def members(self) -> dict[str, dict]:
+        return self.default_guild.members
+
+    @property
+    def premium_tier(self) -> int:
+        return self.default_guild.premium_tier
+
+    @premium_tier.setter
+    def premium_tier(self, value: int) -> None:
+        self.default_guild.premium_tier = value
+
+    @property
+    def bot_left_guild(self) -> bool:
+        return self.default_guild.bot_left
+
+    @bot_left_guild.setter
+    def bot_left_guild(self, value: bool) -> None:
+        self.default_guild.bot_left = value
 
     # ---------------------------------------------------------------- world building
     @staticmethod
@@ -530,20 +760,100 @@ class FakeDiscord:
             "description": None,
         }
 
-    def add_role(self, name: str, permissions: int = 0, role_id: str | None = None) -> dict:
+    def _new_guild(
+        self, gid: str, name: str, premium_tier: int = 0, preferred_locale: str = "en-US", bot_member: bool = True
+    ) -> FakeGuild:
+        if preferred_locale not in LOCALES:
+            raise ValueError(f"{preferred_locale!r} is not one of Discord's locales")
+        g = FakeGuild(gid, name, premium_tier, preferred_locale, bot_member)
+        g.roles[gid] = self._role_obj(gid, "@everyone", 0, 0)
+        self.guilds[gid] = g
+        return g
+
+    def get_guild(self, guild: Any = None) -> FakeGuild:
+        """A FakeGuild by object, id or name; None means the default (first) guild."""
+        if guild is None:
+            return self.default_guild
+        if isinstance(guild, FakeGuild):
+            return guild
+        key = str(guild["id"] if isinstance(guild, dict) else guild)
+        if key in self.guilds:
+            return self.guilds[key]
+        for g in self.guilds.values():
+            if g.name == key:
+                return g
+        raise KeyError(f"unknown guild {guild!r}")
+
+    def add_guild(
+        self,
+        name: str | None = None,
+        owner: Any = None,
+        premium_tier: int = 0,
+        preferred_locale: str = "en-US",
+        *,
+        shard: tuple[int, int] | None = None,
+        bot: bool = True,
+        guild_id: int | str | None = None,
+        channel_name: str = "general",
+    ) -> FakeGuild:
+        """Another server, with @everyone, a default text channel (`guild.channel_id`) and its owner
+        as a member (`owner`: an existing user, or None for a new user "owner<N>").
+
+        `shard=(i, n)` picks a real-time snowflake that Discord's formula routes to shard i of n.
+        `bot=False`: the bot is not in it (only a member may have installed the app to their
+        account); `await add_bot_to_guild(g)` adds it later. With `bot=True` while the bot is
+        connected, the guild's shard gets a GUILD_CREATE (the bot was just added)."""
+        if guild_id is not None and shard is not None:
+            raise ValueError("give guild_id or shard, not both")
+        gid = str(guild_id) if guild_id is not None else (snowflake_on_shard(*shard) if shard else snowflake())
+        if gid in self.guilds:
+            raise ValueError(f"guild {gid} exists")
+        n = len(self.guilds) + 1
+        g = self._new_guild(gid, name or f"Guild {n}", premium_tier, preferred_locale, bot)
+        self.add_channel(channel_name, guild=g)
+        if owner is None:
+            owner_user = self.add_member(name=f"owner{n}", permissions=ADMINISTRATOR, guild=g)
+        else:
+            uid = self._resolve_user(owner)["id"]
+            owner_user = self.add_member(user_id=uid, permissions=MEMBER_PERMISSIONS, guild=g)
+        g.info["owner_id"] = owner_user["id"]
+        if bot and self._route(gid) is not None:
+            self._spawn(self._dispatch_if_connected("GUILD_CREATE", self._join_payload(g)))
+        return g
+
+    async def add_bot_to_guild(self, guild: Any) -> FakeGuild:
+        """The bot is added to (or rejoins) a server: GUILD_CREATE goes to that guild's shard, so
+        discord.py fires on_guild_join. Without a connected shard for it, READY will list it."""
+        g = self.get_guild(guild)
+        g.bot_member, g.bot_left = True, False
+        await self._dispatch_if_connected("GUILD_CREATE", self._join_payload(g))
+        return g
+
+    def _join_payload(self, g: FakeGuild) -> dict:
+        # A guild the bot just joined comes without `unavailable` (lazy-loaded ones after READY say
+        # false); discord.py fires on_guild_join only then (state.py parse_guild_create).
+        payload = self.guild_payload(g)
+        payload.pop("unavailable", None)
+        return payload
+
+    def add_role(self, name: str, permissions: int = 0, role_id: str | None = None, guild: Any = None) -> dict:
+        g = self.get_guild(guild)
         rid = str(role_id or snowflake())
-        role = self._role_obj(rid, name, permissions, len(self.roles))
-        self.roles[rid] = role
+        role = self._role_obj(rid, name, permissions, len(g.roles))
+        g.roles[rid] = role
         return role
 
-    def add_channel(self, name: str, nsfw: bool = False, channel_id: str | None = None, type: int = 0) -> dict:
+    def add_channel(
+        self, name: str, nsfw: bool = False, channel_id: str | None = None, type: int = 0, guild: Any = None
+    ) -> dict:
+        g = self.get_guild(guild)
         cid = str(channel_id or snowflake())
         ch = {
             "id": cid,
             "type": type,
-            "guild_id": self.guild_id,
+            "guild_id": g.id,
             "name": name,
-            "position": len(self.channels),
+            "position": len(g.channels),
             "permission_overwrites": [],
             "nsfw": nsfw,
             "parent_id": None,
@@ -552,56 +862,119 @@ class FakeDiscord:
             "last_message_id": None,
             "flags": 0,
         }
-        self.channels[cid] = ch
+        g.channels[cid] = ch
+        if g.channel_id is None and type == 0:
+            g.channel_id = cid
         return ch
 
     def add_member(
         self,
-        user_id: int | str | None = None,
+        user_id: Any = None,
         name: str = "alice",
         permissions: int = MEMBER_PERMISSIONS,
         roles: Sequence[Any] = (),
+        guild: Any = None,
     ) -> dict:
+        """A member of `guild` (default: the first guild). An existing user's id (or user dict)
+        adds that user to another guild with its own roles and permissions there."""
+        g = self.get_guild(guild)
+        if isinstance(user_id, dict):
+            user_id = user_id["id"]
         uid = str(user_id or snowflake())
-        user = {
-            "id": uid,
-            "username": name,
-            "discriminator": "0",
-            "global_name": name.capitalize(),
-            "avatar": None,
-            "public_flags": 0,
-            "bot": False,
-        }
-        self.members[uid] = {
+        user = self.users.get(uid)
+        if user is None:
+            user = {
+                "id": uid,
+                "username": name,
+                "discriminator": "0",
+                "global_name": name.capitalize(),
+                "avatar": None,
+                "public_flags": 0,
+                "bot": False,
+            }
+            self.users[uid] = user
+        g.members[uid] = {
             "user": user,
             "roles": [str(r["id"] if isinstance(r, dict) else r) for r in roles],
             "permissions": permissions,
         }
         return user
 
+    def authorize_user_install(self, user: Any) -> dict:
+        """The user installs the app to their account (integration type USER_INSTALL)."""
+        u = self._resolve_user(user)
+        self.user_installs.add(u["id"])
+        return u
+
+    def add_group_dm(self, *users: Any) -> dict:
+        """A group DM (channel type 3) of these users, without the bot: a PRIVATE_CHANNEL context."""
+        recipients = [dict(self._resolve_user(u)) for u in users]
+        cid = snowflake()
+        ch = {
+            "id": cid,
+            "type": 3,
+            "name": None,
+            "icon": None,
+            "owner_id": recipients[0]["id"] if recipients else None,
+            "recipients": recipients,
+            "last_message_id": None,
+            "flags": 0,
+        }
+        self.private_channels[cid] = ch
+        return ch
+
+    def _dm_channel(self, uid: str) -> dict:
+        cid = self.dm_channels.setdefault(uid, snowflake())
+        ch = self.private_channels.get(cid)
+        if ch is None:
+            ch = {
+                "id": cid,
+                "type": 1,
+                "last_message_id": None,
+                "flags": 0,
+                "recipients": [dict(self.users[uid])],
+            }
+            self.private_channels[cid] = ch
+            self._bot_dm_ids.add(cid)
+        return ch
+
     def _resolve_user(self, user: Any) -> dict:
         if isinstance(user, dict):
             user = user["id"]
         user = str(user)
-        if user in self.members:
-            return self.members[user]["user"]
-        for m in self.members.values():
-            if m["user"]["username"] == user:
-                return m["user"]
+        if user in self.users:
+            return self.users[user]
+        for u in self.users.values():
+            if u["username"] == user:
+                return u
         raise KeyError(f"unknown member {user!r}")
 
-    def member_permissions(self, user_id: str) -> int:
-        m = self.members[user_id]
-        perms = int(self.roles[self.guild_id]["permissions"]) | m["permissions"]
+    def find_channel(self, channel_id: Any) -> tuple[dict | None, FakeGuild | None]:
+        """(channel, its guild) for a guild channel, (channel, None) for a DM / group DM."""
+        cid = str(channel_id)
+        for g in self.guilds.values():
+            ch = g.channels.get(cid)
+            if ch is not None:
+                return ch, g
+        return self.private_channels.get(cid), None
+
+    def guild_of_channel(self, channel_id: Any) -> FakeGuild | None:
+        return self.find_channel(channel_id)[1]
+
+    def member_permissions(self, user_id: str, guild: Any = None) -> int:
+        g = self.get_guild(guild)
+        m = g.members[user_id]
+        perms = int(g.roles[g.id]["permissions"]) | m["permissions"]
         for r in m["roles"]:
-            if r in self.roles:
-                perms |= int(self.roles[r]["permissions"])
-        if perms & ADMINISTRATOR or user_id == self.guild.get("owner_id"):
+            if r in g.roles:
+                perms |= int(g.roles[r]["permissions"])
+        if perms & ADMINISTRATOR or user_id == g.owner_id:
             perms |= (1 << 51) - 1
         return perms
 
-    def member_payload(self, user_id: str, with_permissions: bool = True) -> dict:
-        m = self.members[user_id]
+    def member_payload(self, user_id: str, with_permissions: bool = True, guild: Any = None) -> dict:
+        g = self.get_guild(guild)
+        m = g.members[user_id]
         p = {
             "user": dict(m["user"]),
             "roles": list(m["roles"]),
@@ -617,29 +990,30 @@ class FakeDiscord:
             "communication_disabled_until": None,
         }
         if with_permissions:
-            p["permissions"] = str(self.member_permissions(user_id))
+            p["permissions"] = str(self.member_permissions(user_id, g))
         return p
 
-    def guild_payload(self) -> dict:
+    def guild_payload(self, guild: Any = None) -> dict:
+        g = self.get_guild(guild)
         members = [
             {"user": dict(self.bot_user), "roles": [], "joined_at": JOINED_AT, "deaf": False, "mute": False, "flags": 0}
         ]
-        members += [self.member_payload(uid, with_permissions=False) for uid in self.members]
+        members += [self.member_payload(uid, with_permissions=False, guild=g) for uid in g.members]
         return {
-            "id": self.guild_id,
-            "name": self.guild["name"],
+            "id": g.id,
+            "name": g.name,
             "icon": None,
-            "owner_id": self.guild["owner_id"],
+            "owner_id": g.owner_id,
             "unavailable": False,
             "member_count": len(members),
             "large": False,
-            "premium_tier": self.premium_tier,
-            "preferred_locale": "en-US",
-            "features": [],
+            "premium_tier": g.premium_tier,
+            "preferred_locale": g.preferred_locale,
+            "features": list(g.features),
             "joined_at": JOINED_AT,
             "nsfw_level": 0,
-            "roles": list(self.roles.values()),
-            "channels": [dict(c) for c in self.channels.values()],
+            "roles": list(g.roles.values()),
+            "channels": [dict(c) for c in g.channels.values()],
             "members": members,
             "threads": [],
             "emojis": [],
@@ -756,10 +1130,11 @@ class FakeDiscord:
     def post_user_message(
         self, content: str = "", user: Any = "alice", channel_id: str | None = None, attachments: Sequence[dict] = ()
     ) -> FakeMessage:
-        """A message written by a (fake) human, e.g. as a context-menu target."""
-        msg = FakeMessage(
-            self, str(channel_id or self.channel_id), author=dict(self._resolve_user(user)), guild_id=self.guild_id
-        )
+        """A message written by a (fake) human, e.g. as a context-menu target (in any guild's
+        channel or a DM)."""
+        cid = str(channel_id or self.channel_id)
+        g = self.guild_of_channel(cid)
+        msg = FakeMessage(self, cid, author=dict(self._resolve_user(user)), guild_id=g.id if g else None)
         msg.content = content
         msg.attachments = [dict(a) for a in attachments]
         self._record_message(msg, "create")
@@ -796,6 +1171,8 @@ class FakeDiscord:
 
     async def stop(self) -> None:
         self._hang_release.set()
+        for task in list(self._tasks):
+            task.cancel()
         for ws in list(self._all_ws):
             with contextlib.suppress(Exception):
                 await ws.close(code=1001)
@@ -917,25 +1294,116 @@ class FakeDiscord:
     async def _send(self, ws: web.WebSocketResponse, payload: dict) -> None:
         await ws.send_str(json.dumps(payload))
 
-    async def dispatch(self, t: str, d: dict, timeout: float = 10) -> None:
-        """Send a DISPATCH event to the currently identified connection."""
-        if self._ws is None or self._ws.closed:
-            await self.wait_until(
-                lambda: self._ws is not None and not self._ws.closed and self._identified.is_set(), timeout
-            )
-        self._seq += 1
-        await self._send(self._ws, {"op": 0, "s": self._seq, "t": t, "d": d})  # type: ignore[arg-type]
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def disconnect_gateway(self, code: int = 4000) -> None:
-        """Close the current gateway connection (the client should resume/reconnect)."""
-        if self._ws is not None:
-            await self._ws.close(code=code)
+    @property
+    def _ws(self) -> web.WebSocketResponse | None:
+        """The newest live, identified connection (None when no shard is connected)."""
+        return self._attached[-1].ws if self._attached else None
+
+    @property
+    def gateway_sessions(self) -> list[GatewaySession]:
+        """Sessions with a live socket, oldest first."""
+        return list(self._attached)
+
+    def shard_for(self, guild: Any, num_shards: int | None = None) -> int:
+        """The shard id Discord routes a guild's events to (default: of `shard_count` shards)."""
+        gid = guild.id if isinstance(guild, FakeGuild) else guild
+        return shard_of(gid, num_shards or self.shard_count)
+
+    @staticmethod
+    def _event_guild_id(t: str, d: Any) -> str | None:
+        if not isinstance(d, dict):
+            return None
+        gid = d.get("id") if t in ("GUILD_CREATE", "GUILD_UPDATE", "GUILD_DELETE") else d.get("guild_id")
+        return None if gid is None else str(gid)
+
+    def _route(self, guild_id: str | None, shard: int | None = None) -> GatewaySession | None:
+        """The session an event goes to: the newest live session whose [shard_id, num_shards]
+        covers the guild (events without a guild: shard 0), or of shard id `shard` if given."""
+        for sess in reversed(self._attached):
+            if sess.ws is None or sess.ws.closed:
+                continue
+            if shard is not None:
+                if sess.shard[0] == shard:
+                    return sess
+            elif sess.covers(guild_id):
+                return sess
+        return None
+
+    async def _send_dispatch(self, sess: GatewaySession, t: str, d: dict) -> None:
+        sess.seq += 1
+        assert sess.ws is not None
+        await self._send(sess.ws, {"op": 0, "s": sess.seq, "t": t, "d": d})
+
+    async def dispatch(self, t: str, d: dict, timeout: float = 10, shard: int | None = None) -> GatewaySession:
+        """Send a DISPATCH event to the connection of the event's shard: by Discord's formula on
+        the guild id (`d["id"]` for GUILD_CREATE/UPDATE/DELETE, else `d["guild_id"]`), shard 0 for
+        events without a guild (DMs). `shard=` forces a shard id. Waits up to `timeout` for
+        that shard to be connected."""
+        gid = self._event_guild_id(t, d)
+        sess = self._route(gid, shard)
+        if sess is None:
+            await self.wait_until(lambda: self._route(gid, shard) is not None, timeout)
+            sess = self._route(gid, shard)
+        assert sess is not None
+        await self._send_dispatch(sess, t, d)
+        return sess
+
+    async def _dispatch_if_connected(self, t: str, d: dict) -> GatewaySession | None:
+        sess = self._route(self._event_guild_id(t, d))
+        if sess is None:
+            return None
+        with contextlib.suppress(ConnectionResetError, RuntimeError):
+            await self._send_dispatch(sess, t, d)
+        return sess
+
+    async def disconnect_gateway(self, code: int = 4000, shard: int | None = None) -> None:
+        """Close the newest gateway connection (or that of shard id `shard`): the client should
+        resume/reconnect."""
+        sess = self._route(None, shard) if shard is not None else (self._attached[-1] if self._attached else None)
+        if sess is not None and sess.ws is not None:
+            await sess.ws.close(code=code)
+
+    async def invalidate_session(self, shard: int | None = None, resumable: bool = False) -> None:
+        """Invalidate the newest session (or shard id `shard`'s): op 9 Invalid Session (docs
+        events/gateway-events.mdx). Not resumable: the session is forgotten, so the client must
+        IDENTIFY again (discord.py then connects to its DEFAULT_GATEWAY)."""
+        sess = self._route(None, shard) if shard is not None else (self._attached[-1] if self._attached else None)
+        if sess is None or sess.ws is None:
+            return
+        if not resumable:
+            self.sessions.pop(sess.session_id, None)
+        await self._send(sess.ws, {"op": 9, "d": resumable, "s": None, "t": None})
+
+    def _attach(self, sess: GatewaySession, ws: web.WebSocketResponse) -> None:
+        if sess in self._attached:
+            self._attached.remove(sess)
+        old = sess.ws
+        sess.ws = ws
+        self._attached.append(sess)
+        self.session_id = sess.session_id
+        self._identified.set()
+        if old is not None and old is not ws and not old.closed:
+            self._spawn(old.close(code=4000))
+
+    def _detach(self, ws: web.WebSocketResponse) -> None:
+        for sess in list(self._attached):
+            if sess.ws is ws:
+                self._attached.remove(sess)
+                sess.ws = None
+        if not self._attached:
+            self._identified.clear()
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True, max_msg_size=0)
         await ws.prepare(request)
         self._all_ws.append(ws)
         self.event("gateway_connect", dict(request.query))
+        session: GatewaySession | None = None
         try:
             await self._send(
                 ws,
@@ -965,19 +1433,26 @@ class FakeDiscord:
                     await asyncio.sleep(0.01)
                     await self._send(ws, {"op": 11, "d": None, "s": None, "t": None})
                 elif op == 2:
-                    await self._on_identify(ws, data.get("d") or {})
+                    if session is not None:  # docs: 4005 "You sent more than one identify payload"
+                        self._gateway_reject(session.shard, "already authenticated", close=4005)
+                        await ws.close(code=4005, message=b"Already authenticated.")
+                        break
+                    session = await self._on_identify(ws, data.get("d") or {})
+                    if ws.closed:
+                        break
                 elif op == 6:
                     d = data.get("d") or {}
                     if d.get("token") != self.token and d.get("token") != f"Bot {self.token}":
                         await ws.close(code=4004)
                         break
-                    if d.get("session_id") != self.session_id:
+                    resumed = self.sessions.get(str(d.get("session_id")))
+                    if resumed is None:
                         await self._send(ws, {"op": 9, "d": False, "s": None, "t": None})
                         continue
-                    self._ws = ws
-                    self.event("gateway_resume", d)
-                    self._identified.set()
-                    await self.dispatch("RESUMED", {"_trace": ["fake-gateway"]})
+                    session = resumed
+                    self._attach(session, ws)
+                    self.event("gateway_resume", {**d, "shard": list(session.shard)})
+                    await self._send_dispatch(session, "RESUMED", {"_trace": ["fake-gateway"]})
                     self._notify()
                 elif op == 3 or op == 4 or op == 8:
                     pass  # presence / voice / request members: ignored
@@ -988,68 +1463,305 @@ class FakeDiscord:
         finally:
             if ws in self._all_ws:
                 self._all_ws.remove(ws)
-            if self._ws is ws:
-                self._ws = None
-                self._identified.clear()
+            self._detach(ws)
             self.event("gateway_disconnect", ws.close_code)
             self._notify()
         return ws
 
-    async def _on_identify(self, ws: web.WebSocketResponse, d: dict) -> None:
+    def _gateway_reject(self, shard: Any, reason: str, op: int | None = None, close: int | None = None) -> None:
+        rec: dict = {"shard": shard, "reason": reason, "time": time.monotonic()}
+        if op is not None:
+            rec["op"] = op
+        if close is not None:
+            rec["close"] = close
+        self.gateway_rejections.append(rec)
+        self.event("gateway_rejected", rec)
+
+    async def _on_identify(self, ws: web.WebSocketResponse, d: dict) -> GatewaySession | None:
         tok = d.get("token", "")
         if tok not in (self.token, f"Bot {self.token}"):
             await ws.close(code=4004, message=b"Authentication failed.")
-            return
+            return None
+        now = time.monotonic()
+        raw_shard = d.get("shard") if d.get("shard") is not None else [0, 1]
+        record: dict = {"shard": raw_shard, "time": now, "wall": time.time(), "accepted": False}
+        record.update(reason=None, session_id=None)
+        self.identifies.append(record)
+        # docs topics/opcodes-and-status-codes.mdx: 4010 "You sent us an invalid shard when identifying"
+        if (
+            not isinstance(raw_shard, list)
+            or len(raw_shard) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw_shard)
+            or raw_shard[1] < 1
+            or not 0 <= raw_shard[0] < raw_shard[1]
+        ):
+            record["reason"] = "invalid shard"
+            self._gateway_reject(raw_shard, "invalid shard", close=4010)
+            await ws.close(code=4010, message=b"Invalid shard.")
+            return None
+        shard = (raw_shard[0], raw_shard[1])
+        # docs events/gateway.mdx (Identifying; Rate Limiting; Max Concurrency): one IDENTIFY per
+        # 5 s per bucket `shard_id % max_concurrency`; a faster one gets Invalid Session (op 9).
+        bucket = shard[0] % max(1, self.max_concurrency)
+        last = self._bucket_last_identify.get(bucket)
+        if last is not None and now - last < self.identify_interval:
+            why = f"IDENTIFY of shard {list(shard)} {now - last:.3f}s after the last one of bucket {bucket}"
+            enforce = self.enforce_identify_limit
+            if enforce is None:
+                enforce = self.shard_count > 1 or self.max_concurrency > 1 or shard[1] > 1
+            self.identify_limit_breaches.append({"shard": list(shard), "reason": why, "enforced": enforce})
+            if enforce:
+                record["reason"] = why
+                self._gateway_reject(list(shard), why, op=9)
+                await self._send(ws, {"op": 9, "d": False, "s": None, "t": None})
+                return None
+        guilds = [g for g in self.guilds.values() if g.bot_present and shard_of(g.id, shard[1]) == shard[0]]
+        # docs: 4011 "The session would have handled too many guilds - you are required to shard"
+        if len(guilds) > self.max_guilds_per_shard:
+            record["reason"] = "sharding required"
+            self._gateway_reject(list(shard), "sharding required", close=4011)
+            await ws.close(code=4011, message=b"Sharding required.")
+            return None
+        self._bucket_last_identify[bucket] = now
+        sess = GatewaySession(secrets.token_hex(16), shard, ws)
+        self.sessions[sess.session_id] = sess
+        record.update(accepted=True, session_id=sess.session_id)
+        self.identifies_by_shard.setdefault(shard[0], []).append(now)
         self.identify_count += 1
         self.identify_payloads.append(d)
-        self._ws = ws
-        self._seq = 0
-        self.session_id = secrets.token_hex(16)
-        shard = d.get("shard") or [0, 1]
-        await self.dispatch(
-            "READY",
-            {
-                "v": 10,
-                "user": dict(self.bot_user),
-                "guilds": [{"id": self.guild_id, "unavailable": True}],
-                "session_id": self.session_id,
-                "session_type": "normal",
-                "resume_gateway_url": self.gateway_url,
-                "shard": shard,
-                "application": {"id": self.application_id, "flags": 0},
-                "private_channels": [],
-                "relationships": [],
-                "presences": [],
-                "_trace": ["fake-gateway"],
-            },
-        )
-        await self.dispatch("GUILD_CREATE", self.guild_payload())
-        self.event("gateway_identify", {"shard": shard, "intents": d.get("intents")})
-        self._identified.set()
+        sess.guild_ids = [g.id for g in guilds]
+        sess.ready = {
+            "v": 10,
+            "user": dict(self.bot_user),
+            "guilds": [{"id": g.id, "unavailable": True} for g in guilds],
+            "session_id": sess.session_id,
+            "session_type": "normal",
+            "resume_gateway_url": self.gateway_url,
+            "shard": list(shard),
+            "application": {"id": self.application_id, "flags": 0},
+            "private_channels": [],
+            "relationships": [],
+            "presences": [],
+            "_trace": ["fake-gateway"],
+        }
+        await self._send_dispatch(sess, "READY", sess.ready)
+        for g in guilds:
+            await self._send_dispatch(sess, "GUILD_CREATE", self.guild_payload(g))
+        self.event("gateway_identify", {"shard": list(shard), "intents": d.get("intents")})
+        self._attach(sess, ws)
         self._notify()
+        return sess
 
     # ---------------------------------------------------------------- interaction builders
-    def _channel_payload(self, channel_id: str) -> dict:
-        ch = dict(self.channels[channel_id])
-        ch["permissions"] = str(BOT_PERMISSIONS)
+    def _channel_payload(self, channel_id: str, permissions: int = BOT_PERMISSIONS) -> dict:
+        ch, _ = self.find_channel(channel_id)
+        if ch is None:
+            raise KeyError(f"unknown channel {channel_id}")
+        ch = dict(ch)
+        ch["permissions"] = str(permissions)
         return ch
 
-    def _interaction_base(
+    def command_contexts(self, cmd: dict) -> set[int]:
+        """Interaction contexts a synced command is offered in (docs application-commands.mdx:
+        `contexts` defaults to all; `dm_permission: false` (deprecated) keeps it out of DMs;
+        guild commands only exist in their guild)."""
+        if cmd.get("guild_id"):
+            return {GUILD_CONTEXT}
+        ctx = cmd.get("contexts")
+        if ctx is None:
+            if cmd.get("dm_permission") is False:
+                return {GUILD_CONTEXT}
+            return {GUILD_CONTEXT, BOT_DM_CONTEXT, PRIVATE_CHANNEL_CONTEXT}
+        return {int(c) for c in ctx}
+
+    def command_installs(self, cmd: dict) -> set[int]:
+        """Installation contexts of a synced command (`integration_types`; guild commands: guild
+        install only)."""
+        if cmd.get("guild_id"):
+            return {GUILD_INSTALL}
+        it = cmd.get("integration_types")
+        return {int(i) for i in (it if it is not None else self.app_integration_types)}
+
+    def _unavailable(self, why: str) -> CommandNotAvailable:
+        self.violations.append(f"command not available: {why}")
+        return CommandNotAvailable(why)
+
+    @staticmethod
+    def _context_value(context: Any) -> int | None:
+        if context is None:
+            return None
+        if isinstance(context, str):
+            if context not in _CONTEXT_NAMES:
+                raise ValueError(f"unknown context {context!r}; one of {sorted(_CONTEXT_NAMES)} or 0, 1, 2")
+            return _CONTEXT_NAMES[context]
+        if context not in (GUILD_CONTEXT, BOT_DM_CONTEXT, PRIVATE_CHANNEL_CONTEXT):
+            raise ValueError(f"unknown context {context!r}")
+        return int(context)
+
+    def _resolve_context(self, context: Any, guild_id: Any, channel_id: Any, guild_flag: bool) -> int:
+        ctx = self._context_value(context)
+        if ctx is not None:
+            return ctx
+        if channel_id is not None:
+            ch, g = self.find_channel(channel_id)
+            if ch is None:
+                raise KeyError(f"unknown channel {channel_id}")
+            if g is not None:
+                return GUILD_CONTEXT
+            return BOT_DM_CONTEXT if ch["id"] in self._bot_dm_ids else PRIVATE_CHANNEL_CONTEXT
+        if guild_id is not None:
+            return GUILD_CONTEXT
+        return GUILD_CONTEXT if guild_flag else BOT_DM_CONTEXT
+
+    def _lookup_guild(self, ctx: int, guild_id: Any, channel_id: Any, context: Any = None) -> FakeGuild | None:
+        g = self._lookup_guild_of(ctx, guild_id, channel_id)
+        if context == "user_guild" and g is not None and g.bot_member:
+            raise ValueError(f"context 'user_guild' means a guild without the bot, but the bot is in {g.name!r}")
+        return g
+
+    def _lookup_guild_of(self, ctx: int, guild_id: Any, channel_id: Any) -> FakeGuild | None:
+        if ctx != GUILD_CONTEXT:
+            return None
+        if channel_id is not None:
+            g = self.guild_of_channel(channel_id)
+            if g is None:
+                raise ValueError(f"channel {channel_id} is not a guild channel (context 0)")
+            if guild_id is not None and self.get_guild(guild_id) is not g:
+                raise ValueError(f"channel {channel_id} is not in guild {guild_id}")
+            return g
+        return self.get_guild(guild_id)
+
+    def _command_at(self, name: str, type: int, guild: FakeGuild | None) -> dict:
+        """The synced command a user sees under `name` there: the guild's own commands, then
+        global ones (then, as before there were several guilds, any synced command)."""
+        if guild is not None:
+            for c in self.guild_commands.get(guild.id, {}).values():
+                if c["name"] == name and c.get("type", 1) == type:
+                    return c
+        for c in self.global_commands.values():
+            if c["name"] == name and c.get("type", 1) == type:
+                return c
+        return self.find_command(name, type)
+
+    def _place(
+        self,
+        u: dict,
+        cmd: dict | None,
+        ctx: int,
+        guild: FakeGuild | None,
+        channel_id: Any,
+        app_permissions: int | None,
+    ) -> _Place:
+        """Where an interaction happens; refuses (violation + CommandNotAvailable) a command that
+        Discord would not offer there (docs application-commands.mdx Contexts;
+        receiving-and-responding.mdx Authorizing Integration Owners Object)."""
+        uid = u["id"]
+        installs = self.command_installs(cmd) if cmd is not None else {GUILD_INSTALL, USER_INSTALL}
+        label = f"/{cmd['name']}" if cmd is not None else "interaction"
+        if cmd is not None and ctx not in self.command_contexts(cmd):
+            raise self._unavailable(
+                f"{label} is not offered in context {ctx} (contexts {sorted(self.command_contexts(cmd))})"
+            )
+        owners: dict[str, str] = {}
+        if ctx == GUILD_CONTEXT:
+            assert guild is not None
+            g = guild
+            if cmd is not None and cmd.get("guild_id") and cmd["guild_id"] != g.id:
+                raise self._unavailable(f"{label} is a command of guild {cmd['guild_id']}, not of {g.id}")
+            if uid not in g.members:
+                raise KeyError(f"{u['username']} is not a member of guild {g.name!r} (add_member(..., guild=))")
+            cid = str(channel_id or g.channel_id)
+            # A guild the bot left still counts as installed (kept from the single-guild fake).
+            if g.bot_member and GUILD_INSTALL in installs:
+                owners[str(GUILD_INSTALL)] = g.id
+            if not g.bot_member and USER_INSTALL in installs:
+                self.user_installs.add(uid)  # only a user install can bring it here
+            if USER_INSTALL in installs and uid in self.user_installs:
+                owners[str(USER_INSTALL)] = uid
+            if not owners:
+                why = "the bot is not in it" if not g.bot_member else "it is not installed there"
+                raise self._unavailable(
+                    f"{label} in guild {g.name!r}: {why} (integration_types {sorted(installs)}, "
+                    f"user installed: {uid in self.user_installs})"
+                )
+            installed = str(GUILD_INSTALL) in owners
+            member_perms = self.member_permissions(uid, g)
+            if app_permissions is None:
+                # No bot member: the invoking user's permissions, limited to what interaction
+                # responses can use (docs change-log 2022-06-29, 2024-06-27; platform doc A10).
+                app_permissions = BOT_PERMISSIONS if installed else member_perms & USER_APP_PERMISSIONS
+            channel = self._channel_payload(cid, BOT_PERMISSIONS if installed else member_perms)
+            return _Place(ctx, g, channel, owners, app_permissions, installed)
+        if cmd is not None and cmd.get("guild_id"):
+            raise self._unavailable(f"{label} is a guild command: guild commands exist only in their guild")
+        if ctx == BOT_DM_CONTEXT:
+            if channel_id is not None and str(channel_id) not in self._bot_dm_ids:
+                raise ValueError(f"channel {channel_id} is not a DM with the bot")
+            ch = self._dm_channel(uid)
+            if GUILD_INSTALL in installs:
+                owners[str(GUILD_INSTALL)] = "0"  # docs: "0" in a DM with the app's bot user
+            if USER_INSTALL in installs and uid in self.user_installs:
+                owners[str(USER_INSTALL)] = uid
+            if not owners:
+                raise self._unavailable(
+                    f"{label} in a DM with the bot: not installed (integration_types {sorted(installs)})"
+                )
+            perms = DM_APP_PERMISSIONS if app_permissions is None else app_permissions
+            return _Place(ctx, None, dict(ch), owners, perms, True)
+        # PRIVATE_CHANNEL: group DMs and DMs other than with the bot: user installs only
+        if USER_INSTALL not in installs:
+            raise self._unavailable(f"{label} in a private channel needs USER_INSTALL in integration_types")
+        if channel_id is not None:
+            pch = self.private_channels.get(str(channel_id))
+            if pch is None or pch["id"] in self._bot_dm_ids:
+                raise ValueError(f"channel {channel_id} is not a group DM / private channel")
+        else:
+            gdm_id = self.group_dms.get(uid)
+            pch = self.private_channels.get(gdm_id) if gdm_id else None
+            if pch is None:
+                pch = self.add_group_dm(u)
+                self.group_dms[uid] = pch["id"]
+        self.user_installs.add(uid)
+        owners[str(USER_INSTALL)] = uid
+        perms = PRIVATE_APP_PERMISSIONS if app_permissions is None else app_permissions
+        return _Place(ctx, None, dict(pch), owners, perms, False)
+
+    def _place_of_message(self, msg: FakeMessage, u: dict, app_permissions: int | None) -> _Place:
+        """A component on a message lives where the message is, authorized like the interaction
+        that made the message."""
+        src = msg.interaction.place if msg.interaction is not None else None
+        if src is not None:
+            if src.guild is not None:
+                uid = u["id"]
+                if uid not in src.guild.members:
+                    raise KeyError(f"{u['username']} is not a member of guild {src.guild.name!r}")
+                member_perms = self.member_permissions(uid, src.guild)
+                channel = self._channel_payload(msg.channel_id, BOT_PERMISSIONS if src.installed else member_perms)
+                if app_permissions is None:
+                    app_permissions = BOT_PERMISSIONS if src.installed else member_perms & USER_APP_PERMISSIONS
+            else:
+                channel = dict(self.private_channels[msg.channel_id])
+                if app_permissions is None:
+                    app_permissions = src.app_permissions
+            return _Place(src.context, src.guild, channel, dict(src.owners), app_permissions, src.installed)
+        ch, g = self.find_channel(msg.channel_id)
+        if g is not None:
+            return self._place(u, None, GUILD_CONTEXT, g, msg.channel_id, app_permissions)
+        if ch is not None and ch["id"] in self._bot_dm_ids:
+            return self._place(u, None, BOT_DM_CONTEXT, None, msg.channel_id, app_permissions)
+        return self._place(u, None, PRIVATE_CHANNEL_CONTEXT, None, msg.channel_id, app_permissions)
+
+    def _payload(
         self,
         itype: int,
         data: dict | None,
-        user: Any,
-        channel_id: str | None,
-        guild: bool,
+        u: dict,
+        place: _Place,
         attachment_size_limit: int,
-        app_permissions: int | None,
         locale: str,
-    ) -> tuple[dict, dict]:
-        u = self._resolve_user(user)
-        if guild:
-            cid = str(channel_id or self.channel_id)
-        else:  # one DM channel per user
-            cid = str(channel_id or self.dm_channels.setdefault(u["id"], snowflake()))
+    ) -> dict:
+        if locale not in LOCALES:
+            raise ValueError(f"{locale!r} is not one of Discord's locales")
         payload: dict = {
             "id": snowflake(),
             "application_id": self.application_id,
@@ -1059,43 +1771,48 @@ class FakeDiscord:
             "locale": locale,
             "entitlements": [],
             "attachment_size_limit": attachment_size_limit,
-            "app_permissions": str(BOT_PERMISSIONS if app_permissions is None else app_permissions),
+            "app_permissions": str(place.app_permissions),
         }
         if data is not None:
             payload["data"] = data
-        if guild:
+        if place.guild is not None:
+            g = place.guild
             payload.update(
                 {
-                    "guild": {"id": self.guild_id, "locale": "en-US", "features": []},
-                    "guild_id": self.guild_id,
-                    "guild_locale": "en-US",
-                    "channel": self._channel_payload(cid),
-                    "channel_id": cid,
-                    "member": self.member_payload(u["id"]),
-                    "authorizing_integration_owners": {"0": self.guild_id},
-                    "context": 0,
+                    "guild": {"id": g.id, "locale": g.preferred_locale, "features": list(g.features)},
+                    "guild_id": g.id,
+                    "guild_locale": g.preferred_locale,
+                    "channel": place.channel,
+                    "channel_id": place.channel["id"],
+                    "member": self.member_payload(u["id"], guild=g),
+                    "authorizing_integration_owners": dict(place.owners),
+                    "context": place.context,
                 }
             )
         else:
-            dm = {"id": cid, "type": 1, "last_message_id": None, "flags": 0, "recipients": [dict(u)]}
             payload.update(
                 {
-                    "channel": dm,
-                    "channel_id": cid,
+                    "channel": place.channel,
+                    "channel_id": place.channel["id"],
                     "user": dict(u),
-                    "context": 1,
-                    "authorizing_integration_owners": {"0": self.guild_id},
+                    "context": place.context,
+                    "authorizing_integration_owners": dict(place.owners),
                 }
             )
-        return payload, u
+        return payload
 
-    async def _fire(self, payload: dict, user: dict) -> InteractionHandle:
+    async def _fire(self, payload: dict, user: dict, place: _Place | None = None) -> InteractionHandle:
         h = InteractionHandle(self, payload, user)
+        h.place = place
         self.interactions[h.id] = h
         self._by_token[h.token] = h
-        await self.dispatch("INTERACTION_CREATE", payload)
+        sess = await self.dispatch("INTERACTION_CREATE", payload)
         h.dispatched_at = time.monotonic()
-        self.event("interaction_dispatch", {"id": h.id, "type": h.type, "data": payload.get("data")})
+        h.shard, h.session_id = sess.shard, sess.session_id
+        self.event(
+            "interaction_dispatch",
+            {"id": h.id, "type": h.type, "data": payload.get("data"), "shard": list(sess.shard)},
+        )
         return h
 
     def find_command(self, name: str, type: int = 1) -> dict:
@@ -1108,7 +1825,15 @@ class FakeDiscord:
                 return c
         raise KeyError(f"command {name!r} (type {type}) was not synced; synced: {list(self.commands)}")
 
-    def _build_options(self, spec_opts: list, values: dict, resolved: dict) -> list:
+    def _build_options(
+        self,
+        spec_opts: list,
+        values: dict,
+        resolved: dict,
+        guild: FakeGuild | None = None,
+        focused: str | None = None,
+    ) -> list:
+        g = guild or self.default_guild
         by_name = {o["name"]: o for o in spec_opts or []}
         out = []
         for name, value in values.items():
@@ -1121,9 +1846,16 @@ class FakeDiscord:
                     {
                         "name": name,
                         "type": t,
-                        "options": self._build_options(o.get("options") or [], value or {}, resolved),
+                        "options": self._build_options(o.get("options") or [], value or {}, resolved, guild, focused),
                     }
                 )
+                continue
+            if name == focused:
+                # docs application-commands.mdx (Autocomplete): the option being typed carries
+                # `focused: true` and the partial input.
+                if not o.get("autocomplete"):
+                    raise self._unavailable(f"option {name!r} does not have autocomplete enabled")
+                out.append({"name": name, "type": t, "value": "" if value is None else str(value), "focused": True})
                 continue
             if t == 11:
                 att = value if isinstance(value, dict) else None
@@ -1142,9 +1874,10 @@ class FakeDiscord:
             elif t in (6, 9):
                 u = self._resolve_user(value)
                 resolved.setdefault("users", {})[u["id"]] = dict(u)
-                mp = self.member_payload(u["id"])
-                mp.pop("user")
-                resolved.setdefault("members", {})[u["id"]] = mp
+                if guild is not None and u["id"] in g.members:
+                    mp = self.member_payload(u["id"], guild=g)
+                    mp.pop("user")
+                    resolved.setdefault("members", {})[u["id"]] = mp
                 v = u["id"]
             elif t == 7:
                 cid = str(value)
@@ -1152,12 +1885,31 @@ class FakeDiscord:
                 v = cid
             elif t == 8:
                 rid = str(value["id"] if isinstance(value, dict) else value)
-                resolved.setdefault("roles", {})[rid] = dict(self.roles[rid])
+                resolved.setdefault("roles", {})[rid] = dict(g.roles[rid])
                 v = rid
             else:
                 v = value
             out.append({"name": name, "type": t, "value": v})
         return out
+
+    def _command_data(
+        self, name: str, options: dict | None, guild: FakeGuild | None, focused: str | None = None
+    ) -> tuple[dict, dict]:
+        parts = name.split()
+        cmd = self._command_at(parts[0], 1, guild)
+        resolved: dict = {}
+        values: dict = dict(options or {})
+        if focused is not None:
+            values.setdefault(focused, "")
+        for sub in reversed(parts[1:]):
+            values = {sub: values}
+        opts = self._build_options(cmd.get("options") or [], values, resolved, guild, focused)
+        data = {"id": cmd["id"], "name": cmd["name"], "type": 1, "options": opts}
+        if cmd.get("guild_id"):
+            data["guild_id"] = cmd["guild_id"]
+        if resolved:
+            data["resolved"] = resolved
+        return cmd, data
 
     async def invoke_slash(
         self,
@@ -1169,24 +1921,52 @@ class FakeDiscord:
         attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
         app_permissions: int | None = None,
         locale: str = "en-US",
+        guild_id: Any = None,
+        context: Any = None,
     ) -> InteractionHandle:
-        """Slash command. `name` may be "cmd sub" or "cmd group sub" for subcommands."""
-        parts = name.split()
-        cmd = self.find_command(parts[0], 1)
-        resolved: dict = {}
-        values: dict = dict(options or {})
-        for sub in reversed(parts[1:]):
-            values = {sub: values}
-        opts = self._build_options(cmd.get("options") or [], values, resolved)
-        data = {"id": cmd["id"], "name": cmd["name"], "type": 1, "options": opts}
-        if cmd.get("guild_id"):
-            data["guild_id"] = cmd["guild_id"]
-        if resolved:
-            data["resolved"] = resolved
-        payload, u = self._interaction_base(
-            2, data, user, channel_id, guild, attachment_size_limit, app_permissions, locale
-        )
-        return await self._fire(payload, u)
+        """Slash command. `name` may be "cmd sub" or "cmd group sub" for subcommands.
+
+        Where: `channel_id` (any guild's channel, a DM or a group DM) or `guild_id` (its default
+        channel), else the default guild (`guild=False`: the user's DM with the bot).
+        `context`: 0 / "guild" (a guild; if the bot is not in it, only the member's user install
+        authorizes the app: `authorizing_integration_owners` {"1": user}; "user_guild" insists
+        on a guild without the bot), 1 / "bot_dm" / "dm",
+        2 / "private_channel" / "group_dm" (a group DM without the bot: `add_group_dm`, or one per
+        user). None: from the channel, else `guild`. A command whose synced `contexts` /
+        `integration_types` exclude that place is refused: violation + CommandNotAvailable."""
+        u = self._resolve_user(user)
+        ctx = self._resolve_context(context, guild_id, channel_id, guild)
+        g = self._lookup_guild(ctx, guild_id, channel_id, context)
+        cmd, data = self._command_data(name, options, g)
+        place = self._place(u, cmd, ctx, g, channel_id, app_permissions)
+        payload = self._payload(2, data, u, place, attachment_size_limit, locale)
+        return await self._fire(payload, u, place)
+
+    async def autocomplete(
+        self,
+        name: str,
+        options: dict | None = None,
+        focused: str = "prompt",
+        user: Any = "alice",
+        channel_id: str | None = None,
+        guild: bool = True,
+        attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
+        app_permissions: int | None = None,
+        locale: str = "en-US",
+        guild_id: Any = None,
+        context: Any = None,
+    ) -> InteractionHandle:
+        """An autocomplete interaction (type 4) while the user types option `focused` (its value in
+        `options` is the partial text; options already filled are sent too). The option must have
+        been synced with `autocomplete: true`. The answer (callback type 8) is in `handle.choices`."""
+        u = self._resolve_user(user)
+        ctx = self._resolve_context(context, guild_id, channel_id, guild)
+        g = self._lookup_guild(ctx, guild_id, channel_id, context)
+        cmd, data = self._command_data(name, options, g, focused=focused)
+        place = self._place(u, cmd, ctx, g, channel_id, app_permissions)
+        data.pop("resolved", None)  # [inference] partial input: nothing is resolved yet
+        payload = self._payload(4, data, u, place, attachment_size_limit, locale)
+        return await self._fire(payload, u, place)
 
     async def invoke_message_command(
         self,
@@ -1196,9 +1976,15 @@ class FakeDiscord:
         channel_id: str | None = None,
         attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
         app_permissions: int | None = None,
+        locale: str = "en-US",
+        context: Any = None,
     ) -> InteractionHandle:
-        cmd = self.find_command(name, 3)
         target = self.messages[str(target_message_id)]
+        u = self._resolve_user(user)
+        cid = channel_id or target.channel_id
+        ctx = self._resolve_context(context, None, cid, True)
+        g = self._lookup_guild(ctx, None, cid)
+        cmd = self._command_at(name, 3, g)
         data = {
             "id": cmd["id"],
             "name": cmd["name"],
@@ -1208,10 +1994,9 @@ class FakeDiscord:
         }
         if cmd.get("guild_id"):
             data["guild_id"] = cmd["guild_id"]
-        payload, u = self._interaction_base(
-            2, data, user, channel_id or target.channel_id, True, attachment_size_limit, app_permissions, "en-US"
-        )
-        return await self._fire(payload, u)
+        place = self._place(u, cmd, ctx, g, cid, app_permissions)
+        payload = self._payload(2, data, u, place, attachment_size_limit, locale)
+        return await self._fire(payload, u, place)
 
     async def click_button(
         self,
@@ -1222,6 +2007,7 @@ class FakeDiscord:
         values: list | None = None,
         attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
         app_permissions: int | None = None,
+        locale: str = "en-US",
     ) -> InteractionHandle:
         msg = self.messages[str(message_id)]
         if msg.deleted:
@@ -1232,11 +2018,11 @@ class FakeDiscord:
         data: dict = {"custom_id": custom_id, "component_type": component_type}
         if values is not None:
             data["values"] = list(values)
-        payload, u = self._interaction_base(
-            3, data, user, msg.channel_id, msg.guild_id is not None, attachment_size_limit, app_permissions, "en-US"
-        )
+        u = self._resolve_user(user)
+        place = self._place_of_message(msg, u, app_permissions)
+        payload = self._payload(3, data, u, place, attachment_size_limit, locale)
         payload["message"] = msg.to_payload()
-        return await self._fire(payload, u)
+        return await self._fire(payload, u, place)
 
     async def submit_modal(
         self,
@@ -1247,13 +2033,16 @@ class FakeDiscord:
         channel_id: str | None = None,
         attachment_size_limit: int = DEFAULT_SIZE_LIMIT,
         app_permissions: int | None = None,
+        locale: str = "en-US",
     ) -> InteractionHandle:
         """`custom_id` may be the modal's custom_id or the InteractionHandle that received the modal."""
+        src_place: _Place | None = None
         if isinstance(custom_id, InteractionHandle):
             modal = custom_id.modal
             if modal is None:
                 raise ValueError("that interaction was not answered with a modal")
             channel_id = channel_id or custom_id.channel_id
+            src_place = custom_id.place
             custom_id = modal["custom_id"]
         comps = []
         for i, (k, v) in enumerate(values.items()):
@@ -1266,24 +2055,36 @@ class FakeDiscord:
             comps.append({"type": 18, "id": 2 * i + 1, "component": inner})
         data = {"custom_id": custom_id, "components": comps}
         msg = self.messages.get(str(message_id)) if message_id else None
-        payload, u = self._interaction_base(
-            5,
-            data,
-            user,
-            channel_id or (msg.channel_id if msg else None),
-            True,
-            attachment_size_limit,
-            app_permissions,
-            "en-US",
-        )
+        u = self._resolve_user(user)
+        if msg is not None:
+            place = self._place_of_message(msg, u, app_permissions)
+        elif src_place is not None:
+            place = _Place(
+                src_place.context,
+                src_place.guild,
+                dict(src_place.channel),
+                dict(src_place.owners),
+                src_place.app_permissions if app_permissions is None else app_permissions,
+                src_place.installed,
+            )
+        else:
+            cid = channel_id
+            ctx = self._resolve_context(None, None, cid, True)
+            place = self._place(u, None, ctx, self._lookup_guild(ctx, None, cid), cid, app_permissions)
+        payload = self._payload(5, data, u, place, attachment_size_limit, locale)
         if msg is not None:
             payload["message"] = msg.to_payload()
-        return await self._fire(payload, u)
+        return await self._fire(payload, u, place)
 
     # ---------------------------------------------------------------- queries
     def channel_messages(self, channel_id: str | None = None, include_deleted: bool = False) -> list[FakeMessage]:
         cid = str(channel_id or self.channel_id)
-        return [m for m in self.messages.values() if m.channel_id == cid and (include_deleted or not m.deleted)]
+        return [m for m in self._messages_by_channel.get(cid, ()) if include_deleted or not m.deleted]
+
+    def guild_messages(self, guild: Any = None, include_deleted: bool = False) -> list[FakeMessage]:
+        """Every message in one guild's channels (default: the first guild), in order."""
+        g = self.get_guild(guild)
+        return [m for m in self.messages.values() if m.guild_id == g.id and (include_deleted or not m.deleted)]
 
     def requests_to(self, method: str, path_regex: str) -> list[RecordedRequest]:
         rx = re.compile(path_regex)
@@ -1522,14 +2323,21 @@ class FakeDiscord:
             "bot": dict(self.bot_user),
             "interactions_endpoint_url": None,
             "redirect_uris": [],
-            "approximate_guild_count": 1,
+            "approximate_guild_count": sum(g.bot_present for g in self.guilds.values()),
+            "integration_types_config": {str(t): {} for t in sorted(self.app_integration_types)},
         }
 
     async def _h_gateway_bot(self, req, p, body, files):
+        used = sum(1 for r in self.identifies if r["accepted"])
         return 200, {
             "url": self.gateway_url,
-            "shards": 1,
-            "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 14400000, "max_concurrency": 1},
+            "shards": self.shard_count,
+            "session_start_limit": {
+                "total": 1000,
+                "remaining": max(0, 1000 - used),
+                "reset_after": 14400000,
+                "max_concurrency": self.max_concurrency,
+            },
         }
 
     async def _h_gateway(self, req, p, body, files):
@@ -1539,11 +2347,66 @@ class FakeDiscord:
         if app != self.application_id:
             raise ApiError(404, {"message": "Unknown Application", "code": 10002})
 
+    def _guild_for_bot(self, gid: str) -> FakeGuild:
+        """A guild the bot may use REST routes of: unknown -> 404 10004; the bot is not in it ->
+        403 50001 Missing Access (docs topics/opcodes-and-status-codes.mdx)."""
+        g = self.guilds.get(gid)
+        if g is None:
+            raise ApiError(404, {"message": "Unknown Guild", "code": 10004})
+        if not g.bot_present:
+            raise ApiError(403, {"message": "Missing Access", "code": 50001})
+        return g
+
+    def _check_command_body(self, cmds: list, guild_scoped: bool) -> None:
+        """Rules the spec cannot express (docs application-commands.mdx)."""
+        for i, c in enumerate(cmds or []):
+            it = c.get("integration_types")
+            if not guild_scoped and it is not None:
+                bad = [t for t in it if t not in self.app_integration_types]
+                if bad:
+                    # "as long as any included contexts are already supported on the application-level"
+                    raise invalid_form(
+                        _form_error(
+                            [i, "integration_types"],
+                            "APPLICATION_COMMAND_INTEGRATION_TYPE_INVALID",
+                            f"Installation context(s) {bad} are not supported by this application",
+                        ),
+                        f"command {c.get('name')!r}: integration_types {it} but the app supports "
+                        f"{self.app_integration_types} (fake.app_integration_types)",
+                    )
+
+            def walk(opts: list, path: list) -> None:
+                for j, o in enumerate(opts or []):
+                    if not isinstance(o, dict):
+                        continue
+                    if o.get("autocomplete") and o.get("choices"):
+                        raise invalid_form(
+                            _form_error(
+                                [*path, j, "autocomplete"],
+                                "APPLICATION_COMMAND_OPTION_AUTOCOMPLETE_WITH_CHOICES",
+                                "Autocomplete cannot be set when choices are present",
+                            ),
+                            f"option {o.get('name')!r}: autocomplete together with choices",
+                        )
+                    if o.get("autocomplete") and o.get("type") not in (3, 4, 10):
+                        raise invalid_form(
+                            _form_error(
+                                [*path, j, "autocomplete"],
+                                "APPLICATION_COMMAND_OPTION_AUTOCOMPLETE_INVALID",
+                                "Autocomplete is only available for STRING, INTEGER and NUMBER options",
+                            ),
+                            f"option {o.get('name')!r}: autocomplete on option type {o.get('type')}",
+                        )
+                    walk(o.get("options") or [], [*path, j, "options"])
+
+            walk(c.get("options") or [], [i, "options"])
+
     async def _h_put_commands(self, req, p, body, files):
         self._check_app(p["app"])
         gid = p.get("gid")
-        if gid is not None and gid != self.guild_id:
-            raise ApiError(404, {"message": "Unknown Guild", "code": 10004})
+        if gid is not None:
+            self._guild_for_bot(gid)
+        self._check_command_body(body or [], gid is not None)
         store = self.guild_commands.setdefault(gid, {}) if gid else self.global_commands
         old = {(c["name"], c.get("type", 1)): c for c in store.values()}
         store.clear()
@@ -1561,6 +2424,9 @@ class FakeDiscord:
             c["default_member_permissions"] = None if dmp is None else str(dmp)
             if gid:
                 c["guild_id"] = gid
+            elif c.get("integration_types") is None:
+                # "Defaults to your app's configured contexts" at the time of creation
+                c["integration_types"] = list(self.app_integration_types)
             store[c["id"]] = c
             out.append(c)
         # fake.commands: name -> command (guild commands override globals of the same name)
@@ -1577,22 +2443,27 @@ class FakeDiscord:
     async def _h_get_commands(self, req, p, body, files):
         self._check_app(p["app"])
         gid = p.get("gid")
+        if gid is not None:
+            self._guild_for_bot(gid)
         store = self.guild_commands.get(gid, {}) if gid else self.global_commands
         return 200, copy.deepcopy(list(store.values()))
 
     def _channel_or_404(self, cid: str) -> dict:
-        ch = self.channels.get(cid)
+        """A channel the bot can use: a channel of a guild the bot is in, or its own DM. Unknown ->
+        404 10003; a channel of a guild without the bot, or a group DM / DM it is not part of ->
+        403 50001 Missing Access."""
+        ch, g = self.find_channel(cid)
         if ch is None:
             raise ApiError(404, {"message": "Unknown Channel", "code": 10003})
+        if (g is not None and not g.bot_present) or (g is None and cid not in self._bot_dm_ids):
+            raise ApiError(403, {"message": "Missing Access", "code": 50001})
         return ch
 
     async def _h_get_channel(self, req, p, body, files):
         return 200, dict(self._channel_or_404(p["cid"]))
 
     async def _h_get_guild(self, req, p, body, files):
-        if p["gid"] != self.guild_id:
-            raise ApiError(404, {"message": "Unknown Guild", "code": 10004})
-        g = self.guild_payload()
+        g = self.guild_payload(self._guild_for_bot(p["gid"]))
         for k in (
             "channels",
             "members",
@@ -1608,13 +2479,11 @@ class FakeDiscord:
         return 200, g
 
     async def _h_get_guild_channels(self, req, p, body, files):
-        if p["gid"] != self.guild_id:
-            raise ApiError(404, {"message": "Unknown Guild", "code": 10004})
-        return 200, [dict(c) for c in self.channels.values()]
+        g = self._guild_for_bot(p["gid"])
+        return 200, [dict(c) for c in g.channels.values()]
 
     async def _h_get_member(self, req, p, body, files):
-        if p["gid"] != self.guild_id:
-            raise ApiError(404, {"message": "Unknown Guild", "code": 10004})
+        g = self._guild_for_bot(p["gid"])
         if p["uid"] == self.bot_user["id"]:
             return 200, {
                 "user": dict(self.bot_user),
@@ -1624,9 +2493,9 @@ class FakeDiscord:
                 "mute": False,
                 "flags": 0,
             }
-        if p["uid"] not in self.members:
+        if p["uid"] not in g.members:
             raise ApiError(404, {"message": "Unknown Member", "code": 10007})
-        return 200, self.member_payload(p["uid"], with_permissions=False)
+        return 200, self.member_payload(p["uid"], with_permissions=False, guild=g)
 
     async def _h_typing(self, req, p, body, files):
         self._channel_or_404(p["cid"])
@@ -1650,8 +2519,9 @@ class FakeDiscord:
 
     async def _h_post_message(self, req, p, body, files):
         ch = self._channel_or_404(p["cid"])
+        gid = ch.get("guild_id")
         body = body or {}
-        msg = FakeMessage(self, ch["id"], author=dict(self.bot_user), type=0, guild_id=self.guild_id)
+        msg = FakeMessage(self, ch["id"], author=dict(self.bot_user), type=0, guild_id=gid)
         ref = body.get("message_reference")
         if ref:
             rid = str(ref.get("message_id"))
@@ -1666,7 +2536,7 @@ class FakeDiscord:
                 "type": ref.get("type", 0),
                 "message_id": rid,
                 "channel_id": str(ref.get("channel_id") or ch["id"]),
-                "guild_id": self.guild_id,
+                "guild_id": gid,
             }
         body = {k: v for k, v in body.items() if k not in ("message_reference", "nonce", "enforce_nonce")}
         if body.get("flags", 0) & EPHEMERAL:
@@ -1704,17 +2574,19 @@ class FakeDiscord:
         return 204, None
 
     async def _h_leave_guild(self, req, p, body, files):
-        """The bot leaves the server: Discord answers 204 and the gateway says GUILD_DELETE."""
-        if p["gid"] != self.guild_id or self.bot_left_guild:
+        """The bot leaves a server: Discord answers 204 and the guild's shard gets GUILD_DELETE."""
+        g = self.guilds.get(p["gid"])
+        if g is None or not g.bot_present:
             raise ApiError(404, {"message": "Unknown Guild", "code": 10004})
-        self.bot_left_guild = True
-        asyncio.get_running_loop().create_task(self.dispatch("GUILD_DELETE", {"id": self.guild_id}))
+        g.bot_left = True
+        self._spawn(self._dispatch_if_connected("GUILD_DELETE", {"id": g.id}))
         return 204, None
 
     # ---------------------------------------------------------------- message writes
     def _record_message(self, msg: FakeMessage, event: str) -> None:
         if event == "create":
             self.messages[msg.id] = msg
+            self._messages_by_channel.setdefault(msg.channel_id, []).append(msg)
         elif event == "edit":
             msg.edited_timestamp = _now_iso()
         msg.history.append(msg.snapshot(event))
@@ -1824,6 +2696,7 @@ class FakeDiscord:
                     _form_error(["embeds"], "MAX_EMBED_SIZE_EXCEEDED", "Embed size exceeds maximum size of 6000"),
                     f"embeds total {total} chars (max 6000)",
                 )
+        self._check_components(msg, body, new_atts, create)
         # fields
         if "content" in body:
             msg.content = body["content"] or ""
@@ -1832,7 +2705,7 @@ class FakeDiscord:
         elif "embed" in body and body["embed"] is not None:
             msg.embeds = [_normalize_embed(body["embed"])]
         if "components" in body:
-            msg.components = _normalize_components(body["components"] or [])
+            msg.components = _resolve_media(_normalize_components(body["components"] or []), new_atts)
         if "tts" in body and create:
             msg.tts = bool(body["tts"])
         if "flags" in body and body["flags"] is not None:
@@ -1845,6 +2718,110 @@ class FakeDiscord:
         msg.attachments = new_atts
         msg._data_by_att_id = new_data
         msg.files = {a["filename"]: new_data[a["id"]] for a in new_atts}
+
+    def _check_components(self, msg: FakeMessage, body: dict, new_atts: list[dict], create: bool) -> None:
+        """Cross-field component rules the spec cannot express (docs components/reference.mdx;
+        resources/message.mdx Create Message / Edit Message)."""
+        raw_flags = body.get("flags")
+        had_v2 = not create and bool(msg.flags & IS_COMPONENTS_V2)
+        sets_v2 = raw_flags is not None and bool(int(raw_flags) & IS_COMPONENTS_V2)
+        if had_v2 and raw_flags is not None and not sets_v2:
+            # "Once a message has been sent with this flag, it can't be removed from that message."
+            raise invalid_form(
+                _form_error(["flags"], "MESSAGE_FLAGS_INVALID", "The IS_COMPONENTS_V2 flag cannot be removed"),
+                f"edit drops IS_COMPONENTS_V2 from message {msg.id} (flags {raw_flags})",
+            )
+        v2 = had_v2 or sets_v2
+        if v2:
+            # "When the flag IS_COMPONENTS_V2 is set, the message can only contain components.
+            # Providing content, embeds, sticker_ids, poll ... will fail with a 400"
+            for field in ("content", "embeds", "embed", "sticker_ids", "poll"):
+                if body.get(field) not in (None, "", []):
+                    raise invalid_form(
+                        _form_error(
+                            [field], "MESSAGE_CANNOT_USE_LEGACY_FIELDS_WITH_COMPONENTS_V2", f"{field} cannot be used"
+                        ),
+                        f"{field} on a message with IS_COMPONENTS_V2",
+                    )
+            if not create and not had_v2:
+                # setting the flag on an edit: used content/embeds "must have their values reset"
+                for field, used in (("content", bool(msg.content)), ("embeds", bool(msg.embeds))):
+                    if used and field not in body:
+                        raise invalid_form(
+                            _form_error(
+                                [field],
+                                "MESSAGE_CANNOT_USE_LEGACY_FIELDS_WITH_COMPONENTS_V2",
+                                f"{field} must be reset when setting IS_COMPONENTS_V2",
+                            ),
+                            f"edit sets IS_COMPONENTS_V2 on message {msg.id} but keeps its {field}",
+                        )
+        comps = body.get("components")
+        if not isinstance(comps, list):
+            return
+        stats = _component_stats(comps)
+        where = "components"
+        if v2:
+            if stats["count"] > MAX_COMPONENTS_V2:
+                raise invalid_form(
+                    _form_error([where], "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_COMPONENTS_V2} or fewer in total."),
+                    f"{stats['count']} components in total (max {MAX_COMPONENTS_V2} with IS_COMPONENTS_V2)",
+                )
+            if stats["text"] > MAX_TEXT_DISPLAY_TOTAL:
+                raise invalid_form(
+                    _form_error(
+                        [where],
+                        "BASE_TYPE_MAX_LENGTH",
+                        f"Text displays total must be {MAX_TEXT_DISPLAY_TOTAL} or fewer.",
+                    ),
+                    f"text displays total {stats['text']} chars (max {MAX_TEXT_DISPLAY_TOTAL})",
+                )
+        else:
+            # legacy messages: up to 5 action rows as top-level components; the other types need
+            # the IS_COMPONENTS_V2 flag
+            for i, c in enumerate(comps):
+                if isinstance(c, dict) and c.get("type") != 1:
+                    raise invalid_form(
+                        _form_error(
+                            [where, i, "type"],
+                            "COMPONENT_LAYOUT_INVALID",
+                            f"Component type {c.get('type')} requires the IS_COMPONENTS_V2 flag",
+                        ),
+                        f"component type {c.get('type')} at the top level without IS_COMPONENTS_V2",
+                    )
+            if len(comps) > 5:
+                raise invalid_form(
+                    _form_error([where], "BASE_TYPE_MAX_LENGTH", "Must be 5 or fewer in length."),
+                    f"{len(comps)} action rows (max 5 without IS_COMPONENTS_V2)",
+                )
+        for why in stats["buttons"]:
+            raise invalid_form(_form_error([where], "BUTTON_COMPONENT_INVALID", why), f"button: {why}")
+        dup = _first_duplicate(stats["custom_ids"])
+        if dup is not None:
+            # "Multiple components on the same message must not share the same custom_id."
+            raise invalid_form(
+                _form_error([where], "COMPONENT_CUSTOM_ID_DUPLICATED", f"Component custom id {dup!r} is duplicated"),
+                f"custom_id {dup!r} used twice in one message",
+            )
+        dup = _first_duplicate([i for i in stats["ids"] if i])
+        if dup is not None:
+            # "The id field ... must be unique within the message" (0 means empty)
+            raise invalid_form(
+                _form_error([where], "COMPONENT_ID_DUPLICATED", f"Component id {dup} is duplicated"),
+                f"component id {dup} used twice in one message",
+            )
+        names = {a["filename"] for a in new_atts}
+        for kind, url in stats["media"]:
+            if kind == "file" and not url.startswith("attachment://"):
+                # File: "only supports attachment references using the attachment://<filename> syntax"
+                raise invalid_form(
+                    _form_error([where], "UNFURLED_MEDIA_ITEM_INVALID", "File components need attachment://"),
+                    f"File component with url {url[:100]!r} (only attachment://<filename>)",
+                )
+            if url.startswith("attachment://") and url[len("attachment://") :] not in names:
+                raise invalid_form(
+                    _form_error([where], "UNFURLED_MEDIA_ITEM_ATTACHMENT_NOT_FOUND", f"Unknown attachment {url}"),
+                    f"{url} matches no attachment of the message ({sorted(names)})",
+                )
 
     # ---------------------------------------------------------------- interaction/webhook handlers
     def _handle_for_token(self, app: str, tok: str) -> InteractionHandle:
@@ -1913,6 +2890,8 @@ class FakeDiscord:
             )
         resource: dict = {"type": ctype}
         info: dict = {"id": h.id, "type": h.type}
+        if ctype == 8:
+            self._check_choices(h, data)
         if ctype in (4, 5):
             msg = self._new_interaction_message(h)
             if ctype == 4:
@@ -1931,6 +2910,7 @@ class FakeDiscord:
                     )
                 msg.flags = (data.get("flags", 0) & EPHEMERAL) | LOADING
                 h._loading_untouched = True
+            self._force_ephemeral(h, msg)
             h.original = msg
             self._record_message(msg, "create")
             resource["message"] = msg.to_payload()
@@ -1963,7 +2943,64 @@ class FakeDiscord:
         h.callback = copy.deepcopy(body)
         h.callback_files = {k: (v[0], v[1]) for k, v in files.items()}
         self.event("callback", {"id": h.id, "type": ctype, "age": h.age})
+        if ctype == 8:
+            return 200, {"interaction": info}
         return 200, {"interaction": info, "resource": resource}
+
+    def _force_ephemeral(self, h: InteractionHandle, msg: FakeMessage) -> None:
+        """A user-installed app not installed in a server whose "Use External Apps" is off
+        answers ephemerally (docs change-log 2024-06-27)."""
+        place = h.place
+        if place is not None and place.guild is not None and not place.installed and not place.guild.use_external_apps:
+            msg.flags |= EPHEMERAL
+
+    def _focused_option(self, h: InteractionHandle) -> dict | None:
+        def walk(opts: list) -> dict | None:
+            for o in opts or []:
+                if o.get("focused"):
+                    return o
+                found = walk(o.get("options") or [])
+                if found:
+                    return found
+            return None
+
+        return walk((h.payload.get("data") or {}).get("options") or [])
+
+    def _check_choices(self, h: InteractionHandle, data: dict) -> None:
+        """Autocomplete results (docs application-commands.mdx Option Choice Structure;
+        receiving-and-responding.mdx Autocomplete): at most 25 choices, name 1-100 chars, a string
+        value at most 100 chars (the spec allows 6000), value of the focused option's type."""
+        choices = data.get("choices") or []
+        focused = self._focused_option(h) or {}
+        want = {3: (str,), 4: (int,), 10: (int, float)}.get(focused.get("type", 3), (str,))
+        if len(choices) > 25:
+            raise invalid_form(
+                _form_error(["data", "choices"], "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length."),
+                f"{len(choices)} autocomplete choices (max 25)",
+            )
+        for i, c in enumerate(choices):
+            if not isinstance(c, dict):
+                continue
+            name, value = c.get("name"), c.get("value")
+            if not isinstance(name, str) or not 1 <= len(name) <= 100:
+                raise invalid_form(
+                    _form_error(
+                        ["data", "choices", i, "name"], "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length."
+                    ),
+                    f"autocomplete choice {i} name of {len(name) if isinstance(name, str) else name!r} chars (1-100)",
+                )
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise invalid_form(
+                    _form_error(["data", "choices", i, "value"], "BASE_TYPE_INVALID", "Value has the wrong type."),
+                    f"autocomplete choice {i} value {value!r} for an option of type {focused.get('type')}",
+                )
+            if isinstance(value, str) and len(value) > 100:
+                raise invalid_form(
+                    _form_error(
+                        ["data", "choices", i, "value"], "BASE_TYPE_MAX_LENGTH", "Must be 100 or fewer in length."
+                    ),
+                    f"autocomplete choice {i} value of {len(value)} chars (max 100)",
+                )
 
     def _wh_message(self, h: InteractionHandle, mid: str) -> FakeMessage:
         if mid == "@original":
@@ -2001,6 +3038,11 @@ class FakeDiscord:
         h = self._handle_for_token(p["app"], p["tok"])
         if h.callback is None:
             raise ApiError(404, {"message": "Unknown Webhook", "code": 10015})
+        if h.user_install_only and h.followup_calls >= USER_INSTALL_FOLLOWUP_LIMIT:
+            # docs receiving-and-responding.mdx (Create Followup Message); code: opcodes file
+            raise ApiError(
+                400, {"message": "This interaction has hit the maximum number of follow up messages", "code": 40094}
+            )
         body = dict(body or {})
         for k in ("username", "avatar_url", "thread_name"):
             body.pop(k, None)
@@ -2012,6 +3054,7 @@ class FakeDiscord:
             self._apply_write(msg, body, files, h.attachment_size_limit, create=False)
             msg.flags &= ~LOADING
             h._loading_untouched = False
+            h.followup_calls += 1
             self._record_message(msg, "edit")
             self.event("followup_edited_original", {"id": msg.id})
             return 200, msg.to_payload()
@@ -2019,6 +3062,8 @@ class FakeDiscord:
         self._apply_write(msg, body, files, h.attachment_size_limit, create=True)
         if not (msg.content or msg.embeds or msg.attachments or msg.components or body.get("poll")):
             raise ApiError(400, {"message": "Cannot send an empty message", "code": 50006})
+        self._force_ephemeral(h, msg)
+        h.followup_calls += 1
         h.followups.append(msg)
         self._record_message(msg, "create")
         if req.query.get("wait") in ("1", "true", "True"):
@@ -2085,3 +3130,107 @@ def custom_ids(components: list) -> list[str]:
 
     walk(components)
     return found
+
+
+def _walk_components(node: Any):
+    """Every component dict in a component tree (children, accessories, label components)."""
+    if isinstance(node, list):
+        for c in node:
+            yield from _walk_components(c)
+    elif isinstance(node, dict) and "type" in node:
+        yield node
+        for key in ("components", "accessory", "component"):
+            if key in node:
+                yield from _walk_components(node[key])
+
+
+def _component_stats(comps: list) -> dict:
+    stats: dict = {"count": 0, "text": 0, "custom_ids": [], "ids": [], "media": [], "buttons": []}
+    for c in _walk_components(comps):
+        stats["count"] += 1
+        if c.get("type") == 2:
+            # docs components/reference.mdx (Button Structure): which fields each style must have
+            style, has = c.get("style"), {k for k in ("custom_id", "url", "sku_id") if c.get(k) is not None}
+            need = {5: {"url"}, 6: {"sku_id"}}.get(style, {"custom_id"})
+            if has != need:
+                stats["buttons"].append(f"style {style} needs exactly {sorted(need)}, got {sorted(has)}")
+        if isinstance(c.get("custom_id"), str):
+            stats["custom_ids"].append(c["custom_id"])
+        if isinstance(c.get("id"), int):
+            stats["ids"].append(c["id"])
+        t = c.get("type")
+        if t == 10 and isinstance(c.get("content"), str):
+            stats["text"] += len(c["content"])
+        elif t == 11 and isinstance(c.get("media"), dict):
+            stats["media"].append(("thumbnail", str(c["media"].get("url", ""))))
+        elif t == 12:
+            for item in c.get("items") or []:
+                if isinstance(item, dict) and isinstance(item.get("media"), dict):
+                    stats["media"].append(("gallery", str(item["media"].get("url", ""))))
+        elif t == 13 and isinstance(c.get("file"), dict):
+            stats["media"].append(("file", str(c["file"].get("url", ""))))
+    return stats
+
+
+def _first_duplicate(values: list) -> Any:
+    seen: set = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
+
+
+def _media_dicts(components: list):
+    for c in _walk_components(components):
+        t = c.get("type")
+        if t == 11 and isinstance(c.get("media"), dict):
+            yield c["media"]
+        elif t == 12:
+            for item in c.get("items") or []:
+                if isinstance(item, dict) and isinstance(item.get("media"), dict):
+                    yield item["media"]
+        elif t == 13 and isinstance(c.get("file"), dict):
+            yield c["file"]
+
+
+def _resolve_media(components: list, attachments: list[dict]) -> list:
+    """`attachment://name` media become the uploaded attachment's CDN URL, as Discord fills in
+    unfurled media items (docs components/reference.mdx Unfurled Media Item)."""
+    by_name = {a["filename"]: a for a in attachments}
+    for media in _media_dicts(components):
+        url = media.get("url")
+        if isinstance(url, str) and url.startswith("attachment://"):
+            att = by_name.get(url[len("attachment://") :])
+            if att is None:
+                continue
+            media.update(
+                {
+                    "url": att["url"],
+                    "proxy_url": att["proxy_url"],
+                    "content_type": att.get("content_type"),
+                    "width": att.get("width"),
+                    "height": att.get("height"),
+                    "flags": 0,
+                    "attachment_id": att["id"],
+                }
+            )
+    return components
+
+
+def media_gallery_items(message: Any) -> list[dict]:
+    """Every Media Gallery item of a message (nested ones included), in order: the item as stored
+    plus `filename` and `data` (the bytes) when it shows one of the message's attachments."""
+    by_id = {a["id"]: a for a in message.attachments}
+    out = []
+    for c in _walk_components(message.components):
+        if c.get("type") != 12:
+            continue
+        for item in c.get("items") or []:
+            entry = copy.deepcopy(item)
+            aid = (item.get("media") or {}).get("attachment_id")
+            att = by_id.get(aid) if aid else None
+            entry["filename"] = att["filename"] if att else None
+            entry["data"] = message._data_by_att_id.get(aid) if att else None
+            out.append(entry)
+    return out

@@ -94,6 +94,47 @@ def make_bot(fake: FakeDiscord) -> commands.AutoShardedBot:
     return bot
 
 
+def new_bot(fake: FakeDiscord, **options) -> commands.AutoShardedBot:
+    """A bare throwaway AutoShardedBot pointed at the fake (for the other self-test files)."""
+    discord.http.Route.BASE = fake.api_base
+    bot = commands.AutoShardedBot(
+        command_prefix="!",
+        intents=discord.Intents.default(),
+        guild_ready_timeout=0.05,
+        allowed_mentions=discord.AllowedMentions.none(),
+        **options,
+    )
+    bot.seen = {}
+    return bot
+
+
+@contextlib.asynccontextmanager
+async def running(fake: FakeDiscord, bot: commands.AutoShardedBot, *, sync: bool = True, identifies: int = 1):
+    """Run `bot` in-process (its setup_hook syncs the tree when `sync`) until the block ends."""
+    if sync:
+
+        async def setup_hook() -> None:
+            await bot.tree.sync()
+
+        bot.setup_hook = setup_hook
+    fake._commands_synced.clear()
+    before = fake.identify_count
+    task = asyncio.create_task(bot.start(fake.token))
+    try:
+        await fake.wait_until(lambda: fake.identify_count >= before + identifies or task.done(), timeout=15)
+        if task.done():
+            task.result()
+        if sync:
+            await fake.wait_for_commands(timeout=10)
+        # on_ready: guild_ready_timeout has passed after the last GUILD_CREATE of every shard
+        await asyncio.wait_for(bot.wait_until_ready(), 15)
+        yield bot
+    finally:
+        await bot.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 5)
+
+
 @pytest_asyncio.fixture
 async def env():
     fake = FakeDiscord(token="test-token")

@@ -1,0 +1,149 @@
+# mypy: check-untyped-defs=False
+# mypy: disable-error-code="attr-defined,union-attr,method-assign,var-annotated"
+# (like tests/test_fake_discord.py: throwaway bots with attributes added on the fly)
+"""Self-tests of the fake Discord's servers: several guilds, per-guild members, joining and
+leaving at runtime, guild REST routes and locales, with a real discord.py bot in-process."""
+
+from __future__ import annotations
+
+import aiohttp
+import discord
+import pytest
+import yarl
+
+from fakes.discord_fake import MANAGE_GUILD, MOD_PERMISSIONS, FakeDiscord, shard_of
+from tests.test_fake_discord import new_bot, running
+
+
+@pytest.fixture
+async def fake():
+    f = FakeDiscord(token="test-token")
+    await f.start()
+    try:
+        yield f
+    finally:
+        await f.stop()
+
+
+async def _bot_get(fake, path):
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{fake.api_base}{path}", headers={"Authorization": f"Bot {fake.token}"}) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def test_several_guilds_ready_rest_and_interactions(fake, monkeypatch):
+    # after an invalid session discord.py identifies again on its DEFAULT_GATEWAY
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+    second = fake.add_guild("Second", preferred_locale="de", premium_tier=2)
+    art = fake.add_channel("art", nsfw=True, guild=second)
+    fake.add_member(user_id=fake.alice, permissions=MOD_PERMISSIONS, guild=second)  # a mod there only
+    boss = fake.add_role("boss", MANAGE_GUILD, guild=second)  # roles are per guild too
+    bob = fake.add_member(name="bob", roles=[boss], guild=second)
+    later = fake.add_guild("Later", bot=False)
+    assert fake.guild_id == next(iter(fake.guilds)) and fake.guild["name"] == "Test Guild"
+    assert second.owner_id in second.members and second.owner_id != fake.guild["owner_id"]
+
+    bot = new_bot(fake)
+    joined, removed = [], []
+
+    @bot.tree.command(name="where", description="Where am I")
+    async def where(interaction: discord.Interaction) -> None:
+        bot.seen[interaction.user.name + str(interaction.guild_id)] = {
+            "guild": interaction.guild_id,
+            "channel": interaction.channel_id,
+            "manage_guild": interaction.permissions.manage_guild,
+            "locale": interaction.locale,
+            "guild_locale": interaction.guild_locale,
+        }
+        await interaction.response.send_message("here")
+        await interaction.channel.send("channel post")
+
+    async def on_guild_join(guild: discord.Guild) -> None:
+        joined.append(guild.id)
+
+    async def on_guild_remove(guild: discord.Guild) -> None:
+        removed.append(guild.id)
+
+    async def before_identify_hook(shard_id, *, initial=False) -> None:
+        return None  # discord.py's default sleeps 5 s before every IDENTIFY but the first
+
+    bot.on_guild_join, bot.on_guild_remove = on_guild_join, on_guild_remove
+    bot.before_identify_hook = before_identify_hook
+
+    async with running(fake, bot):
+        (session,) = fake.gateway_sessions
+        # READY lists the guilds the bot is in (unavailable), a GUILD_CREATE followed for each
+        assert session.ready["guilds"] == [
+            {"id": fake.guild_id, "unavailable": True},
+            {"id": second.id, "unavailable": True},
+        ]
+        assert {g.id for g in bot.guilds} == {int(fake.guild_id), int(second.id)}
+        g2 = bot.get_guild(int(second.id))
+        assert g2.name == "Second" and g2.preferred_locale == discord.Locale.german and g2.premium_tier == 2
+        assert g2.get_channel(int(art["id"])).is_nsfw() and g2.member_count == 4  # bot, owner, alice, bob
+        assert bot.get_guild(int(later.id)) is None
+
+        # a member of two guilds has per-guild permissions; the guild is found by the channel
+        h1 = await fake.invoke_slash("where", user="alice", channel_id=art["id"], locale="fr")
+        h2 = await fake.invoke_slash("where", user="alice")
+        await fake.wait_until(lambda: len(fake.guild_messages(second)) == 2 and len(fake.guild_messages()) == 2)
+        here2, here1 = bot.seen["alice" + second.id], bot.seen["alice" + fake.guild_id]
+        assert here2["guild"] == int(second.id) and here2["channel"] == int(art["id"]) and here2["manage_guild"]
+        assert here2["locale"] == discord.Locale.french and here2["guild_locale"] == discord.Locale.german
+        assert here1["guild"] == int(fake.guild_id) and not here1["manage_guild"]
+        assert here1["guild_locale"] == discord.Locale.american_english
+        assert h1.payload["guild_id"] == second.id and h1.payload["authorizing_integration_owners"] == {"0": second.id}
+        assert h1.original.guild_id == second.id and h2.original.guild_id == fake.guild_id
+        (post,) = [m for m in fake.channel_messages(art["id"]) if m.interaction is None]
+        assert post.content == "channel post" and post.guild_id == second.id
+        # guild_id= picks the guild's default channel
+        h3 = await fake.invoke_slash("where", user="bob", guild_id=second.id)
+        await h3.wait_for_callback()
+        assert h3.channel_id == second.channel_id and bot.seen["bob" + second.id]["manage_guild"]
+        assert g2.get_role(int(boss["id"])).permissions.manage_guild and boss["id"] not in fake.roles
+        with pytest.raises(KeyError, match="not a member"):
+            await fake.invoke_slash("where", user="bob")  # bob is not in the first guild
+        with pytest.raises(ValueError, match="locale"):
+            await fake.invoke_slash("where", user="alice", locale="xx")
+
+        # REST routes answer for the right guild
+        assert (await bot.fetch_guild(int(second.id))).name == "Second"
+        assert {c.name for c in await g2.fetch_channels()} == {"general", "art"}
+        assert (await g2.fetch_member(int(bob["id"]))).name == "bob"
+        assert (await bot.fetch_channel(int(art["id"]))).guild.id == int(second.id)
+        assert await _bot_get(fake, f"/guilds/{later.id}") == (403, {"message": "Missing Access", "code": 50001})
+        assert (await _bot_get(fake, "/guilds/123"))[1]["code"] == 10004
+
+        # added at runtime: GUILD_CREATE -> on_guild_join
+        await fake.add_bot_to_guild(later)
+        await fake.wait_until(lambda: int(later.id) in joined)
+        assert bot.get_guild(int(later.id)).name == "Later"
+        # leaving: 204, then GUILD_DELETE -> on_guild_remove; the guild's routes are closed
+        await g2.leave()
+        await fake.wait_until(lambda: int(second.id) in removed)
+        assert second.bot_left and not fake.bot_left_guild and bot.get_guild(int(second.id)) is None
+        assert (await _bot_get(fake, f"/channels/{art['id']}"))[0] == 403
+        with pytest.raises(discord.NotFound):
+            await g2.leave()
+        # a new session's READY lists the guilds the bot is in now
+        await fake.invalidate_session()
+        await fake.wait_until(lambda: fake.identify_count == 2)
+        assert [g["id"] for g in fake.gateway_sessions[-1].ready["guilds"]] == [fake.guild_id, later.id]
+    assert fake.violations == []
+
+
+async def test_guild_on_a_chosen_shard_and_runtime_guild_without_connection(fake):
+    for n in (1, 2, 3, 7):
+        for i in range(n):
+            g = fake.add_guild(shard=(i, n))
+            assert shard_of(g.id, n) == i == fake.shard_for(g, n)
+            # a real-time snowflake: its timestamp is now (within the shard count in ms)
+            assert abs(discord.utils.snowflake_time(int(g.id)).timestamp() - discord.utils.utcnow().timestamp()) < 5
+    with pytest.raises(ValueError):
+        fake.add_guild(shard=(2, 2))
+    # no bot connected: joining just marks it (READY will list it)
+    g = fake.add_guild("offline", bot=False)
+    await fake.add_bot_to_guild(g)
+    assert g.bot_present and fake.violations == []
