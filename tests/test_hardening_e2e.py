@@ -68,7 +68,7 @@ async def test_a_result_the_channel_refuses_ends_its_job_and_leaves_nothing_behi
     world.discord.expire_token(handle.token)
     await world.discord.wait_until(lambda: rows(world)[0]["delivered_at"] is not None, timeout=10)
     assert len(world.discord.requests_to("POST", CHANNEL_POST)) == 1  # a 403 is final: asked once
-    assert not any((world.data_dir / "results").glob("*"))
+    await world.discord.wait_until(lambda: not any((world.data_dir / "results").glob("*")), timeout=5)
     await world.bot.stop()
     assert "cannot be shown" in world.bot.log_text()
     await world.start_bot()
