@@ -404,6 +404,9 @@ class JobRunner:
             async for status in self._fal.statuses(job.request, deadline=deadline):
                 await self._apply_status(job, status)
             job.completed_at = time.time()
+            # Done at fal, whatever the result: its slot there is free now (the next job may be
+            # starting), though the result is still to be fetched.
+            self._scheduler.left_fal(job.id, ran_for=job.completed_at - job.started_at if job.started_at else None)
             output = parse_output(await self._fal.result(job.request, deadline=deadline))
             made = len(output.images)
             self._metrics.images_made(made, made * self._price)

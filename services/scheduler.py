@@ -18,14 +18,18 @@ An operator's cap (`MAX_CONCURRENT_JOBS`) bounds the jobs at fal whatever fal sh
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# A start within this long after a job of ours finished counts as taking the freed slot.
-HANDOFF_SECONDS = 2.0
+log = logging.getLogger(__name__)
+
+# A finish and the start taking its slot, seen within this long of each other, are a handoff
+# (at most a quarter of a job length).
+HANDOFF_SECONDS = 1.0
 # The limit shows once starts have been handoffs for this many starts and a whole job length.
 HANDOFFS_TO_SEE_A_LIMIT = 3
 # Before a job length is known (no job has run yet).
@@ -75,8 +79,11 @@ class FairScheduler:
         self.limit: int | None = None
         self._ceiling = 0  # the most of our jobs seen running at once since the last change
         self._handoffs: list[float] = []  # when the recent starts that took a freed slot came
-        self._last_finish = -math.inf
+        self._level = 0  # our jobs running, as last counted
+        self._level_since = -math.inf
+        self._left_ceiling_at: float | None = None
         self._job_length = FIRST_JOB_LENGTH_GUESS
+        self._runs_seen = 0
         self._places_due = False
 
     # -- what the runner reports --------------------------------------------------------------
@@ -103,22 +110,9 @@ class FairScheduler:
         """fal reports the job IN_PROGRESS."""
         if self._at_fal.get(job_id, True):
             return  # unknown, or already running
-        before = self.running
         self._at_fal[job_id] = True
-        now = self._clock()
-        queued_behind = self.queued_at_fal > 0
-        if before + 1 > self._ceiling:
-            # More at once than ever: no limit in sight (or a higher one).
-            self._ceiling = before + 1
-            self._handoffs.clear()
-            if self.limit is not None:
-                self.limit = None
-                self._release_waiters()
-        elif before + 1 == self._ceiling and now - self._last_finish <= HANDOFF_SECONDS and queued_behind:
-            self._handoffs.append(now)
-            self._check_for_limit(now)
-        else:
-            self._handoffs.clear()
+        self._running_changed()
+        self._release_waiters()  # the ceiling may have risen past the limit
 
     def left_fal(self, job_id: int, *, ran_for: float | None) -> None:
         """The job ended at fal (done, failed, cancelled) or was handed back to the line."""
@@ -126,10 +120,51 @@ class FairScheduler:
         self._owners.pop(job_id, None)
         self._displacing.discard(job_id)
         if was_running:
-            self._last_finish = self._clock()
             if ran_for is not None and ran_for > 0:
-                self._job_length = 0.8 * self._job_length + 0.2 * ran_for if self._job_length else ran_for
+                # The first job seen replaces the guess; later ones move a running average.
+                self._job_length = 0.8 * self._job_length + 0.2 * ran_for if self._runs_seen else ran_for
+                self._runs_seen += 1
+            self._running_changed()
         self._release_waiters()
+
+    @property
+    def _handoff_window(self) -> float:
+        return min(HANDOFF_SECONDS, self._job_length / 4)
+
+    def _running_changed(self) -> None:
+        """Follow the number of our jobs running. A finish and the start that takes its slot
+        arrive on different streams, in either order, so the count briefly dips or spikes by
+        one; only a count held longer than the handoff window is real. The ceiling is the
+        highest count held; a quick dip or spike that comes back to it, with jobs of ours still
+        queued at fal, is a handoff."""
+        now = self._clock()
+        window = self._handoff_window
+        previous, running = self._level, self.running
+        if now - self._level_since > window:
+            self._held(previous)
+        if (
+            running == self._ceiling != previous
+            and self._left_ceiling_at is not None
+            and now - self._left_ceiling_at <= window
+            and self.queued_at_fal
+        ):
+            self._handoff(now)
+        if previous == self._ceiling != running:
+            self._left_ceiling_at = now
+        self._level, self._level_since = running, now
+
+    def _held(self, running: int) -> None:
+        if running > self._ceiling:
+            # More at once than ever: no limit in sight (or a higher one).
+            self._ceiling = running
+            self._handoffs.clear()
+            self.limit = None
+        elif running < self._ceiling and self.queued_at_fal:
+            self._handoffs.clear()  # room to spare while jobs waited at fal: no limit at work
+
+    def _handoff(self, now: float) -> None:
+        self._handoffs.append(now)
+        self._check_for_limit(now)
 
     def _check_for_limit(self, now: float) -> None:
         recent = self._handoffs[-HANDOFFS_TO_SEE_A_LIMIT:]
@@ -137,6 +172,7 @@ class FairScheduler:
             return
         if self.limit != self._ceiling:
             self.limit = self._ceiling
+            log.info("fal's account limit shows: %d jobs at once; sharing it fairly", self.limit)
             self._displace_excess()
             self._schedule_places()
 
@@ -145,7 +181,7 @@ class FairScheduler:
     @property
     def margin(self) -> int:
         """Jobs kept queued at fal beyond those running, so a freed slot is taken at once."""
-        return max(2, (self.limit or 0) // 4)
+        return max(1, (self.limit or 0) // 4)
 
     def _room(self) -> int | None:
         """How many more jobs may go to fal now (None: any number)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.scheduler import HANDOFFS_TO_SEE_A_LIMIT, FairScheduler, Place
+from services.scheduler import HANDOFF_SECONDS, HANDOFFS_TO_SEE_A_LIMIT, FairScheduler, Place
 
 
 class Clock:
@@ -44,15 +44,19 @@ async def test_an_operators_cap_holds_the_rest_in_line():
 
 def run_at_the_limit(s: FairScheduler, clock: Clock, limit: int, queued: int, job_length: float = 5.0) -> list[int]:
     """`limit` of our jobs run; each finishing one is followed at once by a start, as fal does
-    when the account limit holds its line; returns the jobs still queued at fal."""
+    when the account limit holds its line, until the limit shows; returns the jobs then still
+    queued at fal."""
     jobs = list(range(limit + queued))
     for job in jobs:
         s.resumed_at_fal(job, 1, job)
     for job in jobs[:limit]:
         s.started(job)
+    clock.now += HANDOFF_SECONDS + 0.5  # they all still run: that is the ceiling
     waiting_at_fal = jobs[limit:]
     running = jobs[:limit]
     for _ in range(HANDOFFS_TO_SEE_A_LIMIT + limit):
+        if s.limit is not None:
+            break
         clock.now += job_length / limit
         done = running.pop(0)
         s.left_fal(done, ran_for=job_length)
@@ -67,8 +71,9 @@ async def test_the_account_limit_shows_when_starts_only_follow_finishes():
     s, handed_back, _ = scheduler(clock)
     still_queued = run_at_the_limit(s, clock, limit=4, queued=30)
     assert s.limit == 4
-    # Jobs deep in fal's line beyond the margin are asked back, to take their turn fairly.
-    assert len(handed_back) == len(still_queued) - s.margin
+    # Jobs waiting in fal's line beyond the margin are asked back, to take their turn fairly;
+    # the first in fal's line stay there, to take the next freed slot at once.
+    assert sorted(handed_back) == still_queued[s.margin :]
     assert s.must_wait()
 
 
@@ -93,8 +98,30 @@ async def test_a_start_past_the_ceiling_means_the_limit_rose():
     run_at_the_limit(s, clock, limit=2, queued=10)
     assert s.limit == 2
     s.resumed_at_fal(999, 1, 999)
-    s.started(999)  # a third one runs at once
+    s.started(999)  # a third one runs at once, and no finish makes room for it
+    clock.now += HANDOFF_SECONDS + 0.5
+    s.resumed_at_fal(1000, 1, 1000)
+    s.started(1000)
     assert s.limit is None and not s.must_wait()
+
+
+async def test_a_start_seen_just_before_the_finish_that_made_room_is_a_handoff():
+    """The start and the finish come on different streams, in either order."""
+    clock = Clock()
+    s, _, _ = scheduler(clock)
+    for job in range(20):
+        s.resumed_at_fal(job, 1, job)
+    s.started(0)
+    s.started(1)
+    clock.now += HANDOFF_SECONDS + 0.5
+    running = [0, 1]
+    for nxt in range(2, 2 + HANDOFFS_TO_SEE_A_LIMIT + 4):
+        clock.now += 2.5
+        s.started(nxt)  # seen first
+        clock.now += 0.01
+        s.left_fal(running.pop(0), ran_for=5.0)
+        running.append(nxt)
+    assert s.limit == 2
 
 
 async def test_the_line_is_served_round_robin_by_server_then_member():

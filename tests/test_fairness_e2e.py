@@ -1,0 +1,61 @@
+"""Sharing fal's account limit fairly between servers, end to end: fal runs at most N of the
+account's jobs at once and queues the rest first come, first served; a busy server must not make
+another wait behind all of its jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fakes.fal_fake import JobScript
+from tests.e2e import finished
+
+RUN = 1.0
+
+
+async def test_a_busy_server_does_not_make_another_wait_behind_all_its_jobs(world):
+    world.fal.concurrency_limit = 2
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=RUN)
+    busy = world.discord.guild_id
+    quiet = world.discord.add_guild("Quiet server")
+    await world.start_bot()
+    members = [world.discord.add_member(name=f"busy{n}") for n in range(20)]
+    busy_jobs = [await world.kontext(user=m["id"], prompt=f"busy job {n}") for n, m in enumerate(members)]
+    # fal's line fills with the busy server's jobs; the bot sees its limit at work (starts only
+    # as other jobs finish) and hands the surplus back to its own, fair, line.
+    await world.discord.wait_until(lambda: world.fal.count("cancel") > 0, timeout=15)
+    newcomer = world.discord.add_member(name="newcomer", guild=quiet)
+    arrived = time.monotonic()
+    ahead = sum(1 for job in world.fal.jobs.values() if job.started_at is None and not job.cancelled)
+    ahead += sum(1 for job in world.fal.jobs.values() if job.cancelled)  # handed back: they wait in the bot
+    handle = await world.kontext(user=newcomer["id"], channel_id=quiet.channel_id, prompt="quiet job")
+    message = await finished(handle, timeout=30)
+    assert message.content.startswith("✅")
+    (quiet_job,) = [job for job in world.fal.jobs.values() if job.payload["prompt"] == "quiet job"]
+    waited = quiet_job.started_at - arrived
+    # First come, first served, it would start after every busy job not yet started, `limit` at a
+    # time; shared, it takes the next turn or the one after.
+    unfair = ahead / world.fal.concurrency_limit * RUN
+    assert ahead >= 6 and waited <= 2.1 * RUN < unfair, f"waited {waited:.1f}s; first come, first served: {unfair:.1f}s"
+    for handle in busy_jobs:
+        assert (await finished(handle, timeout=30)).content.startswith("✅")
+    # Each busy job ran once; those handed back were cancelled while queued (never billed).
+    ran = [job for job in world.fal.jobs.values() if job.started_at is not None]
+    assert sorted(job.payload["prompt"] for job in ran) == sorted([f"busy job {n}" for n in range(20)] + ["quiet job"])
+    assert all(job.started_at is None for job in world.fal.jobs.values() if job.cancelled)
+    assert busy == world.discord.guild_id
+
+
+async def test_a_waiting_member_sees_an_honest_place_and_start_time(world):
+    world.fal.concurrency_limit = 1
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=RUN)
+    await world.start_bot()
+    members = [world.discord.add_member(name=f"member{n}") for n in range(8)]
+    handles = [await world.kontext(user=m["id"], prompt=f"job {n}") for n, m in enumerate(members)]
+    await world.discord.wait_until(lambda: world.fal.count("cancel") > 0, timeout=20)
+    await asyncio.sleep(0.5)
+    waiting = [h for h in handles if h.original is not None and "in line" in h.original.content]
+    assert waiting, [h.original.content for h in handles if h.original]
+    assert all("starting <t:" in h.original.content for h in waiting)
+    for handle in handles:
+        assert (await finished(handle, timeout=40)).content.startswith("✅")
