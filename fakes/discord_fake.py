@@ -651,6 +651,7 @@ class FakeDiscord:
 
         # gateway state
         self._all_ws: list[web.WebSocketResponse] = []
+        self.gateway_outage = False  # see start_gateway_outage
         self.session_id: str | None = None  # the newest session's id
         self.sessions: dict[str, GatewaySession] = {}  # every session, for RESUME
         self._attached: list[GatewaySession] = []  # sessions with a live socket, oldest first
@@ -1368,6 +1369,17 @@ class FakeDiscord:
         if sess is not None and sess.ws is not None:
             await sess.ws.close(code=code)
 
+    async def start_gateway_outage(self) -> None:
+        """The gateway goes down: every connection closes (1001, going away) and new ones are
+        refused with 503 (as Cloudflare answers for it in an outage) until `end_gateway_outage`.
+        REST keeps working, as in Discord's partial outages."""
+        self.gateway_outage = True
+        for ws in list(self._all_ws):
+            await ws.close(code=1001)
+
+    def end_gateway_outage(self) -> None:
+        self.gateway_outage = False
+
     async def invalidate_session(self, shard: int | None = None, resumable: bool = False) -> None:
         """Invalidate the newest session (or shard id `shard`'s): op 9 Invalid Session (docs
         events/gateway-events.mdx). Not resumable: the session is forgotten, so the client must
@@ -1398,7 +1410,10 @@ class FakeDiscord:
         if not self._attached:
             self._identified.clear()
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        if self.gateway_outage:
+            self.event("gateway_refused", dict(request.query))
+            return web.Response(status=503, text="upstream connect error")
         ws = web.WebSocketResponse(autoping=True, max_msg_size=0)
         await ws.prepare(request)
         self._all_ws.append(ws)

@@ -5,11 +5,13 @@ first come, first served for the whole account (fal-queue-api.md, part 2 §5). H
 the bot therefore only costs time, and by default every job goes to fal at once. What the bot can
 add is fairness: fal's one line lets a busy server make every other server wait behind all of its
 jobs. So the scheduler watches for fal's account limit at work, that is our jobs starting only as
-other jobs of ours finish, each start bringing the number running back to the same ceiling. Once
-it has seen that for a whole job length it keeps that many plus a small margin at fal and the rest
-in its own line, served round-robin by server, then by member, then in order. Jobs already waiting
-deep in fal's line when the limit shows are handed back (a queued job cancelled at fal is removed
-and never billed) so they take their turn in the fair line too. A start that goes past the ceiling
+other jobs of ours finish, the number running always coming back to the same ceiling. Once every
+running slot has been handed from a finished job to a waiting one like that, it keeps that many
+plus a small margin at fal and the rest in its own line. The line serves the server with the
+fewest jobs at fal first (ties: the one served longest ago), and within a server the member with
+the fewest, each member's jobs in order. Jobs already waiting in fal's line when the limit shows
+are handed back (a queued job cancelled at fal is removed and never billed), but for the margin,
+chosen the same fair way, so they take their turn too. A number running held above the ceiling
 means the limit rose (or was never there): every job goes to fal at once again.
 
 An operator's cap (`MAX_CONCURRENT_JOBS`) bounds the jobs at fal whatever fal shows.
@@ -18,19 +20,21 @@ An operator's cap (`MAX_CONCURRENT_JOBS`) bounds the jobs at fal whatever fal sh
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
 # A finish and the start taking its slot, seen within this long of each other, are a handoff
 # (at most a quarter of a job length).
 HANDOFF_SECONDS = 1.0
-# The limit shows once starts have been handoffs for this many starts and a whole job length.
+# The limit shows once this many handoffs (and at least one per running slot) came in a row.
 HANDOFFS_TO_SEE_A_LIMIT = 3
 # Before a job length is known (no job has run yet).
 FIRST_JOB_LENGTH_GUESS = 10.0
@@ -53,6 +57,48 @@ class _Waiter:
     ready: asyncio.Future[None]
 
 
+Owner = tuple[int, int]  # (server, member)
+T = TypeVar("T")
+
+
+def fair_order(
+    groups: Mapping[int, Mapping[int, Sequence[T]]],
+    shares: Mapping[int | Owner, int],
+    last_served: Mapping[int | Owner, int],
+) -> Iterator[tuple[Owner, T]]:
+    """Items grouped by server, then member, in the order they should be served: the server
+    holding the fewest `shares` first (ties: the one served longest ago, then the first listed),
+    within it likewise the member, each member's items in order. Serving one counts as a share."""
+    held = Counter(shares)
+    serial = max(last_served.values(), default=0)
+
+    def rank(key: int | Owner, first_seen: int) -> tuple[int, int, int]:
+        return held[key], last_served.get(key, -1), first_seen
+
+    servers = [(*rank(guild, i), guild) for i, guild in enumerate(groups)]
+    heapq.heapify(servers)
+    members: dict[int, list[tuple[int, int, int, int]]] = {}
+    for guild, by_member in groups.items():
+        members[guild] = [(*rank((guild, member), i), member) for i, member in enumerate(by_member)]
+        heapq.heapify(members[guild])
+    served: Counter[Owner] = Counter()
+    while servers:
+        _, _, i, guild = heapq.heappop(servers)
+        in_server = members[guild]
+        _, _, j, member = heapq.heappop(in_server)
+        owner = (guild, member)
+        items = groups[guild][member]
+        yield owner, items[served[owner]]
+        serial += 1
+        served[owner] += 1
+        held[guild] += 1
+        held[owner] += 1
+        if served[owner] < len(items):
+            heapq.heappush(in_server, (held[owner], serial, j, member))
+        if in_server:
+            heapq.heappush(servers, (held[guild], serial, i, guild))
+
+
 class FairScheduler:
     def __init__(
         self,
@@ -70,18 +116,23 @@ class FairScheduler:
         self._wall_clock = wall_clock
         # Our jobs at fal, by id: True once it runs.
         self._at_fal: dict[int, bool] = {}
-        self._owners: dict[int, tuple[int, int]] = {}  # job -> (guild, member), while at fal
-        # The line: server -> member -> their waiting jobs, servers and members in turn.
-        self._line: OrderedDict[int, OrderedDict[int, deque[_Waiter]]] = OrderedDict()
+        self._owners: dict[int, Owner] = {}  # job -> (server, member), while at fal
+        # The line: server -> member -> their waiting jobs, in the order they joined.
+        self._line: dict[int, dict[int, deque[_Waiter]]] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._displacing: set[int] = set()
         # What fal shows of the account's limit.
         self.limit: int | None = None
         self._ceiling = 0  # the most of our jobs seen running at once since the last change
-        self._handoffs: list[float] = []  # when the recent starts that took a freed slot came
+        self._handoffs = 0  # starts in a row that took a freed slot
         self._level = 0  # our jobs running, as last counted
         self._level_since = -math.inf
         self._left_ceiling_at: float | None = None
+        self._starts_off_ceiling = 0  # starts seen since the count left the ceiling
+        # When each server, and each member, was last let in (a serial number): ties go to the
+        # one served longest ago, so servers with equal shares take turns.
+        self._served = 0
+        self._last_served: dict[int | Owner, int] = {}
         self._job_length = FIRST_JOB_LENGTH_GUESS
         self._runs_seen = 0
         self._places_due = False
@@ -111,7 +162,7 @@ class FairScheduler:
         if self._at_fal.get(job_id, True):
             return  # unknown, or already running
         self._at_fal[job_id] = True
-        self._running_changed()
+        self._running_changed(started=True)
         self._release_waiters()  # the ceiling may have risen past the limit
 
     def left_fal(self, job_id: int, *, ran_for: float | None) -> None:
@@ -131,7 +182,7 @@ class FairScheduler:
     def _handoff_window(self) -> float:
         return min(HANDOFF_SECONDS, self._job_length / 4)
 
-    def _running_changed(self) -> None:
+    def _running_changed(self, *, started: bool = False) -> None:
         """Follow the number of our jobs running. A finish and the start that takes its slot
         arrive on different streams, in either order, so the count briefly dips or spikes by
         one; only a count held longer than the handoff window is real. The ceiling is the
@@ -142,39 +193,35 @@ class FairScheduler:
         previous, running = self._level, self.running
         if now - self._level_since > window:
             self._held(previous)
+        if previous == self._ceiling != running:
+            self._left_ceiling_at, self._starts_off_ceiling = now, 0
+        self._starts_off_ceiling += started
         if (
             running == self._ceiling != previous
             and self._left_ceiling_at is not None
             and now - self._left_ceiling_at <= window
             and self.queued_at_fal
         ):
-            self._handoff(now)
-        if previous == self._ceiling != running:
-            self._left_ceiling_at = now
+            self._handoffs += self._starts_off_ceiling  # each start took a freed slot
+            self._check_for_limit()
         self._level, self._level_since = running, now
 
     def _held(self, running: int) -> None:
         if running > self._ceiling:
             # More at once than ever: no limit in sight (or a higher one).
             self._ceiling = running
-            self._handoffs.clear()
+            self._handoffs = 0
             self.limit = None
         elif running < self._ceiling and self.queued_at_fal:
-            self._handoffs.clear()  # room to spare while jobs waited at fal: no limit at work
+            self._handoffs = 0  # room to spare while jobs waited at fal: no limit at work
 
-    def _handoff(self, now: float) -> None:
-        self._handoffs.append(now)
-        self._check_for_limit(now)
-
-    def _check_for_limit(self, now: float) -> None:
-        recent = self._handoffs[-HANDOFFS_TO_SEE_A_LIMIT:]
-        if len(recent) < HANDOFFS_TO_SEE_A_LIMIT or now - self._handoffs[0] < self._job_length:
+    def _check_for_limit(self) -> None:
+        if self._handoffs < max(HANDOFFS_TO_SEE_A_LIMIT, self._ceiling) or self.limit == self._ceiling:
             return
-        if self.limit != self._ceiling:
-            self.limit = self._ceiling
-            log.info("fal's account limit shows: %d jobs at once; sharing it fairly", self.limit)
-            self._displace_excess()
-            self._schedule_places()
+        self.limit = self._ceiling
+        log.info("fal's account limit shows: %d jobs at once; sharing it fairly", self.limit)
+        self._displace_excess()
+        self._schedule_places()
 
     # -- the line -----------------------------------------------------------------------------
 
@@ -208,7 +255,7 @@ class FairScheduler:
             self._owners[job_id] = (guild_id, user_id)
             return
         waiter = _Waiter(job_id, guild_id, user_id, asyncio.get_running_loop().create_future())
-        members = self._line.setdefault(guild_id, OrderedDict())
+        members = self._line.setdefault(guild_id, {})
         jobs = members.setdefault(user_id, deque())
         jobs.appendleft(waiter) if first else jobs.append(waiter)
         self._waiters[job_id] = waiter
@@ -233,17 +280,17 @@ class FairScheduler:
         if not members:
             del self._line[waiter.guild_id]
 
-    def _next_in_line(self) -> _Waiter:
-        guild_id, members = next(iter(self._line.items()))
-        user_id, jobs = next(iter(members.items()))
-        waiter = jobs[0]
-        self._remove(waiter)
-        # Whoever was served goes to the back: servers in turn, then members within a server.
-        if user_id in members:
-            members.move_to_end(user_id)
-        if guild_id in self._line:
-            self._line.move_to_end(guild_id)
-        return waiter
+    def _shares(self, *, running_only: bool = False) -> Counter[int | Owner]:
+        """Jobs at fal by server and by (server, member)."""
+        shares: Counter[int | Owner] = Counter()
+        for job_id, owner in self._owners.items():
+            if not running_only or self._at_fal.get(job_id):
+                shares[owner[0]] += 1
+                shares[owner] += 1
+        return shares
+
+    def _serving_order(self) -> Iterator[tuple[Owner, _Waiter]]:
+        return fair_order(self._line, self._shares(), self._last_served)
 
     def _release_waiters(self) -> None:
         released = False
@@ -251,30 +298,28 @@ class FairScheduler:
             room = self._room()
             if room is not None and room <= 0:
                 break
-            waiter = self._next_in_line()
+            owner, waiter = next(self._serving_order())
+            self._remove(waiter)
+            self._served += 1
+            self._last_served[owner[0]] = self._last_served[owner] = self._served
             self._at_fal[waiter.job_id] = False  # holds its room until it is submitted or gives up
-            self._owners[waiter.job_id] = (waiter.guild_id, waiter.user_id)
+            self._owners[waiter.job_id] = owner
             waiter.ready.set_result(None)
             released = True
         if released:
             self._schedule_places()
 
     def _displace_excess(self) -> None:
-        """The limit shows: hand back the jobs waiting in fal's line beyond the margin, last in
-        the fair order first, so every server's jobs take their turn."""
-        queued = [job_id for job_id, running in self._at_fal.items() if not running and job_id not in self._displacing]
-        keep = self.margin
-        excess = len(queued) - keep
-        if excess <= 0:
-            return
-        # Fair order among the queued: the first job of each (server, member) pair first.
-        turn: dict[tuple[int, int], int] = {}
-        ranked = []
-        for order, job_id in enumerate(queued):
-            owner = self._owners.get(job_id, (0, 0))
-            ranked.append(((turn.get(owner, 0), order), job_id))
-            turn[owner] = turn.get(owner, 0) + 1
-        for _, job_id in sorted(ranked)[keep:]:
+        """The limit shows: hand back the jobs waiting in fal's line but for the margin, the
+        margin chosen as the line would serve them (the running jobs counted as shares), so every
+        server's jobs take their turn."""
+        queued: dict[int, dict[int, list[int]]] = {}
+        for job_id, running in self._at_fal.items():
+            if not running and job_id not in self._displacing:
+                guild_id, user_id = self._owners.get(job_id, (0, 0))
+                queued.setdefault(guild_id, {}).setdefault(user_id, []).append(job_id)
+        order = fair_order(queued, self._shares(running_only=True), self._last_served)
+        for _, job_id in list(order)[self.margin :]:
             self._displacing.add(job_id)
             self._on_displace(job_id)
 
@@ -295,21 +340,12 @@ class FairScheduler:
         self._on_places(self.places())
 
     def places(self) -> dict[int, Place]:
-        """Every waiting job's place in the fair order (the order `_next_in_line` serves them),
-        and its estimated start."""
-        servers = deque(deque(deque(jobs) for jobs in members.values()) for members in self._line.values())
-        order: list[int] = []
-        while servers:
-            members = servers.popleft()
-            jobs = members.popleft()
-            order.append(jobs.popleft().job_id)
-            if jobs:
-                members.append(jobs)
-            if members:
-                servers.append(members)
+        """Every waiting job's place in the order the line serves them, and its estimated
+        start."""
         queued = self.queued_at_fal
         return {
-            job_id: Place(position, self.start_estimate(queued + position)) for position, job_id in enumerate(order, 1)
+            waiter.job_id: Place(position, self.start_estimate(queued + position))
+            for position, (_, waiter) in enumerate(self._serving_order(), 1)
         }
 
     def start_estimate(self, ahead: int) -> float | None:

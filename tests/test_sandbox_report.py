@@ -1,8 +1,10 @@
-"""The benchmark's arithmetic: percentiles and the median of repeated runs."""
+"""The benchmark's arithmetic: percentiles, the median of repeated runs, the fairness report."""
 
 from __future__ import annotations
 
-from tools.sandbox import RunConfig, RunResult, compare_table, median_run, percentiles
+import dataclasses
+
+from tools.sandbox import RunConfig, RunResult, compare_table, fairness_rows, median_run, percentiles
 
 
 def run(cpu_seconds: float, jobs: int = 100) -> RunResult:
@@ -42,3 +44,16 @@ def test_the_median_run_is_reported_with_every_runs_figure():
     assert sorted(chosen.cpu_per_job_runs) == [8.0, 10.0, 12.0, 25.0]
     table = compare_table([chosen])
     assert "| Bot CPU / job, median of 4 runs (range) (ms) | 10.0 (8.0–25.0) |" in table
+
+
+def test_the_fairness_report_sets_each_servers_wait_against_first_come_first_served():
+    config = RunConfig(jobs=4, fal_limit=2, run_seconds=5.0, second_server_jobs=2, second_server_delay=10.0)
+    result = dataclasses.replace(run(1.0, jobs=6), config=config)
+    result.start_waits = [0.1, 0.2, 5.0, None, 1.0, 4.0]
+    result.first_server_ahead = 2
+    rows = dict(fairness_rows(result))
+    assert rows["server A: command -> start at fal p50/p95/max"] == "0.2 / 5.0 / 5.0 s (4 jobs)"
+    assert rows["server B: command -> start at fal p50/p95/max"].endswith("the last: 0.80 job-lengths")
+    # Two of A's jobs ahead, two at a time, five seconds each.
+    assert rows["server B, first come, first served"].startswith("2 of A's jobs ahead in fal's line: about 5 s")
+    assert fairness_rows(run(1.0)) == []

@@ -4,6 +4,7 @@ a margin) at fal and the rest served round-robin by server, then by member."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from services.scheduler import HANDOFF_SECONDS, HANDOFFS_TO_SEE_A_LIMIT, FairScheduler, Place
 
@@ -42,13 +43,20 @@ async def test_an_operators_cap_holds_the_rest_in_line():
     await asyncio.wait_for(third, 1)
 
 
-def run_at_the_limit(s: FairScheduler, clock: Clock, limit: int, queued: int, job_length: float = 5.0) -> list[int]:
+def run_at_the_limit(
+    s: FairScheduler,
+    clock: Clock,
+    limit: int,
+    queued: int,
+    job_length: float = 5.0,
+    owner: Callable[[int], tuple[int, int]] = lambda job: (1, job),
+) -> list[int]:
     """`limit` of our jobs run; each finishing one is followed at once by a start, as fal does
     when the account limit holds its line, until the limit shows; returns the jobs then still
     queued at fal."""
     jobs = list(range(limit + queued))
     for job in jobs:
-        s.resumed_at_fal(job, 1, job)
+        s.resumed_at_fal(job, *owner(job))
     for job in jobs[:limit]:
         s.started(job)
     clock.now += HANDOFF_SECONDS + 0.5  # they all still run: that is the ceiling
@@ -75,6 +83,51 @@ async def test_the_account_limit_shows_when_starts_only_follow_finishes():
     # the first in fal's line stay there, to take the next freed slot at once.
     assert sorted(handed_back) == still_queued[s.margin :]
     assert s.must_wait()
+
+
+async def test_the_limit_shows_only_once_every_running_slot_was_handed_on():
+    clock = Clock()
+    s, _, _ = scheduler(clock)
+    for job in range(40):
+        s.resumed_at_fal(job, 1, job)
+    for job in range(6):
+        s.started(job)
+    clock.now += HANDOFF_SECONDS + 0.5
+    for done, nxt in zip(range(5), range(6, 11), strict=True):
+        clock.now += 1.0
+        s.left_fal(done, ran_for=6.0)
+        s.started(nxt)
+        assert s.limit is None  # five of six slots handed on: not yet
+    clock.now += 1.0
+    s.left_fal(5, ran_for=6.0)
+    s.started(11)
+    assert s.limit == 6
+
+
+async def test_the_margin_left_at_fal_is_the_job_of_a_server_with_nothing_running():
+    clock = Clock()
+    s, handed_back, _ = scheduler(clock)
+    still_queued = run_at_the_limit(s, clock, limit=4, queued=30, owner=lambda job: (2, 99) if job == 20 else (1, job))
+    assert s.limit == 4 and s.margin == 1 and 20 in still_queued
+    assert sorted(handed_back) == [job for job in still_queued if job != 20]
+
+
+async def test_a_server_with_fewer_jobs_at_fal_is_served_first():
+    s, _, places = scheduler(Clock(), cap=4)
+    for job in range(4):
+        await s.admit(job, 1, job)  # server 1 holds every room
+    waits = {
+        job: asyncio.ensure_future(s.admit(job, guild, user)) for job, guild, user in [(4, 1, 4), (5, 1, 5), (6, 2, 6)]
+    }
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert {job: place.position for job, place in places[-1].items()} == {6: 1, 4: 2, 5: 3}
+    s.left_fal(0, ran_for=None)
+    await asyncio.sleep(0)
+    assert waits[6].done() and not waits[4].done()
+    for wait in waits.values():
+        wait.cancel()
+    await asyncio.gather(*waits.values(), return_exceptions=True)
 
 
 async def test_starts_that_do_not_follow_finishes_show_no_limit():

@@ -4,6 +4,8 @@
     python -m tools.sandbox --jobs 200 --arrival-seconds 10 --concurrency 200
     python -m tools.sandbox --jobs 100 --burst --concurrency 40
     python -m tools.sandbox --jobs 200 --arrival-seconds 10 --compare
+    python -m tools.sandbox --fairness            # two servers share fal's account limit
+    python -m tools.sandbox --growth              # 100, 300 and 1,000 jobs at 33 a second
 
 What runs: the fake Discord (REST + gateway) and the fake fal queue (fakes/) start in this
 process on 127.0.0.1, and the real, unmodified bot runs as a subprocess (`python bot.py`) pointed
@@ -12,7 +14,10 @@ at them. The bot gets its *production* timing defaults (EDIT_INTERVAL 1.5 s, POL
 The fake Discord validates request bodies against Discord's OpenAPI spec only with `--validate`
 (validation costs the fake, not the bot).
 
-Every fal job is scripted the same: `--queue-seconds` in fal's queue (its position counting down
+The fake fal is the realistic one (results without `file_size`, inputs fetched when a job
+starts, a running job ignoring cancel); `--fal-limit N` gives the account fal's concurrency limit
+(at most N jobs in progress, the rest IN_QUEUE in arrival order). Every fal job is scripted the
+same: `--queue-seconds` in fal's queue (its position counting down
 `--queue-updates` times), then `--run-seconds` in progress, then one result image of
 `--image-bytes`. Each job has a unique prompt, which ties the fal job to its Discord reply.
 
@@ -107,6 +112,11 @@ class RunConfig:
     py_spy: Path | None = None
     extra_settings: tuple[tuple[str, str], ...] = ()
     label: str = ""
+    # fal's account limit (None: fal runs every job at once).
+    fal_limit: int | None = None
+    # --fairness: a second server sends this many jobs this long after the first server's.
+    second_server_jobs: int = 0
+    second_server_delay: float = 10.0
 
     def fal_script(self) -> JobScript:
         updates = max(1, self.queue_updates) if self.queue_seconds > 0 else 1
@@ -147,8 +157,13 @@ class RunConfig:
         gap = self.arrival_seconds / (self.jobs - 1)
         return [i * gap for i in range(self.jobs)]
 
+    @property
+    def all_jobs(self) -> int:
+        return self.jobs + self.second_server_jobs
+
     def delivery_timeout(self) -> float:
-        waves = math.ceil(self.jobs / max(1, self.concurrency or self.jobs))
+        width = min(self.concurrency or self.all_jobs, self.fal_limit or self.all_jobs)
+        waves = math.ceil(self.all_jobs / max(1, width))
         per_job = self.queue_seconds + self.run_seconds + (self.poll_interval if self.polling else 0) + 2
         return self.arrival_seconds + waves * per_job * 1.5 + 60
 
@@ -185,8 +200,8 @@ class SandboxWorld(World):
 async def sandbox_world(config: RunConfig, data_dir: Path) -> AsyncIterator[SandboxWorld]:
     """Both fakes and the started bot; everything is stopped on the way out, whatever happens."""
     discord = FakeDiscord(token=DISCORD_TOKEN, spec_validation=config.validate)
-    fal = FakeFal(key=FAL_KEY, default=config.fal_script())
-    if config.jobs > 1:
+    fal = FakeFal(key=FAL_KEY, default=config.fal_script(), concurrency_limit=config.fal_limit)
+    if config.all_jobs > 1:
         fal.script_for(config.fal_scripts())
     await discord.start()
     try:
@@ -303,7 +318,7 @@ def save_files(handle: InteractionHandle, out: Path) -> list[Path]:
 
 
 def job_prompt(config: RunConfig, index: int) -> str:
-    return config.prompt if config.jobs == 1 else f"{config.prompt} (job {index + 1})"
+    return config.prompt if config.all_jobs == 1 else f"{config.prompt} (job {index + 1})"
 
 
 def posted_at(handle: InteractionHandle) -> float | None:
@@ -323,15 +338,23 @@ def is_settled(handle: InteractionHandle) -> bool:
 
 
 async def send_commands(world: World, config: RunConfig, image: dict[str, Any]) -> list[InteractionHandle]:
+    """Every job's /kontext, each from its own member (per-member limits must not refuse the load,
+    as at scale): the first server's on the arrival schedule, then the second server's, if any."""
     loop = asyncio.get_running_loop()
     start = loop.time()
+    senders: list[tuple[str, str | None, float]] = [
+        ("alice" if i == 0 else world.discord.add_member(name=f"member{i}")["id"], None, offset)
+        for i, offset in enumerate(config.arrival_times())
+    ]
+    if config.second_server_jobs:
+        server_b = world.discord.add_guild("Server B")
+        senders += [
+            (world.discord.add_member(name=f"b-member{i}", guild=server_b)["id"], server_b.channel_id, delay)
+            for i, delay in enumerate([config.second_server_delay] * config.second_server_jobs)
+        ]
+    own_inputs = [input_of_size(world, config.input_bytes) for _ in senders] if config.input_bytes else []
 
-    # One member per job, as at scale: per-member limits must not refuse the load.
-    users = ["alice"] + [world.discord.add_member(name=f"member{i}")["id"] for i in range(1, config.jobs)]
-
-    own_inputs = [input_of_size(world, config.input_bytes) for _ in range(config.jobs)] if config.input_bytes else []
-
-    async def one(index: int, offset: float) -> InteractionHandle:
+    async def one(index: int, user: str, channel_id: str | None, offset: float) -> InteractionHandle:
         await asyncio.sleep(max(0.0, start + offset - loop.time()))
         options: dict[str, Any] = {
             "image": own_inputs[index] if own_inputs else image,
@@ -339,9 +362,9 @@ async def send_commands(world: World, config: RunConfig, image: dict[str, Any]) 
         }
         if config.num_images != 1:
             options["num_images"] = config.num_images
-        return await world.kontext(user=users[index], **options)
+        return await world.kontext(user=user, channel_id=channel_id, **options)
 
-    return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(config.arrival_times()))))
+    return list(await asyncio.gather(*(one(i, *sender) for i, sender in enumerate(senders))))
 
 
 def input_of_size(world: World, size: int) -> dict[str, Any]:
@@ -398,6 +421,10 @@ class RunResult:
     bot_warnings: int = 0
     # With --repeat: bot CPU per job (ms) of every run of the same load; this one is the median.
     cpu_per_job_runs: tuple[float, ...] = ()
+    # Per job, in command order: seconds from the command to the job's start at fal.
+    start_waits: list[float | None] = field(default_factory=list)
+    # Jobs of the first server not yet started at fal when the second server's first command came.
+    first_server_ahead: int = 0
 
     @property
     def fal_per_job(self) -> float:
@@ -419,7 +446,9 @@ def collect(
 ) -> RunResult:
     discord, fal = world.discord, world.fal
     requests = discord.requests[first_request:]
-    completed_at = {job.payload.get("prompt"): job.completed_at for job in fal.jobs.values()}
+    completed_at = {job.payload.get("prompt"): job.completed_at for job in fal.jobs.values() if job.completed_at}
+    # A job handed back from fal's line was cancelled there unstarted and submitted again later.
+    started_at = {job.payload.get("prompt"): job.started_at for job in fal.jobs.values() if job.started_at}
     ack_age = {d["id"]: d["age"] for _, kind, d in discord.events if kind == "callback"}
     calls = edits = acks = over_budget = states = 0
     attributed: set[int] = set()
@@ -443,6 +472,18 @@ def collect(
         if done is not None and posted is not None:
             delays.append((posted - done) * 1000)
     log = world.bot.log_text() if world.bot else ""
+    start_waits = [
+        started - handle.dispatched_at if (started := started_at.get(job_prompt(config, i))) is not None else None
+        for i, handle in enumerate(handles)
+    ]
+    ahead = 0
+    if config.second_server_jobs:
+        second_arrived = handles[config.jobs].dispatched_at
+        ahead = sum(
+            1
+            for i in range(config.jobs)
+            if (started := started_at.get(job_prompt(config, i))) is None or started > second_arrived
+        )
     return RunResult(
         config=config,
         jobs=len(handles),
@@ -469,6 +510,8 @@ def collect(
             for line in log.splitlines()
             if re.search(r"WARNING|ERROR|CRITICAL", line) and "voice will NOT" not in line
         ),
+        start_waits=start_waits,
+        first_server_ahead=ahead,
     )
 
 
@@ -547,8 +590,48 @@ def describe_load(config: RunConfig, with_mode: bool = True) -> str:
         + (f" (+-{config.run_jitter:g} s)" if config.jobs > 1 and config.run_jitter else "")
         + f", {config.image_bytes / MIB:g} MiB x {config.num_images} image(s)"
         + (f"; each job's own {config.input_bytes / MIB:g} MiB input" if config.input_bytes else "")
+        + (f"; fal's account limit {config.fal_limit} at once" if config.fal_limit else "")
+        + (
+            f"; server B: {config.second_server_jobs} job(s) {config.second_server_delay:g} s after"
+            if config.second_server_jobs
+            else ""
+        )
         + (f"; bot follows jobs by {config.mode()}" if with_mode else "")
     )
+
+
+def fmt_waits(values: Sequence[float]) -> str:
+    stats = percentiles(values)
+    return "n/a" if stats is None else " / ".join(f"{v:.1f}" for v in stats) + " s"
+
+
+def fairness_rows(result: RunResult) -> list[tuple[str, str]]:
+    """Each server's wait for its jobs to start at fal, against first come, first served."""
+    config = result.config
+    if not config.second_server_jobs:
+        return []
+    first, second = result.start_waits[: config.jobs], result.start_waits[config.jobs :]
+    job_length = config.run_seconds
+    started = [w for w in second if w is not None]
+    limit = config.fal_limit or config.all_jobs
+    fcfs = result.first_server_ahead / limit * job_length
+    return [
+        (
+            "server A: command -> start at fal p50/p95/max",
+            fmt_waits([w for w in first if w is not None]) + f" ({config.jobs} jobs)",
+        ),
+        (
+            "server B: command -> start at fal p50/p95/max",
+            fmt_waits(started)
+            + f" ({config.second_server_jobs} jobs, {config.second_server_delay:g} s after A's)"
+            + (f"; the last: {max(started) / job_length:.2f} job-lengths" if started else ""),
+        ),
+        (
+            "server B, first come, first served",
+            f"{result.first_server_ahead} of A's jobs ahead in fal's line: about {fcfs:.0f} s "
+            f"({fcfs / job_length:.1f} job-lengths)",
+        ),
+    ]
 
 
 def report_rows(result: RunResult) -> list[tuple[str, str]]:
@@ -582,6 +665,7 @@ def report_rows(result: RunResult) -> list[tuple[str, str]]:
         ("wall time, first command -> all settled", f"{result.wall_seconds:.1f} s"),
         ("sandbox's own CPU (fakes)", f"{result.tool_cpu_seconds:.1f} s"),
         ("bot log warnings/errors", str(result.bot_warnings)),
+        *fairness_rows(result),
     ]
 
 
@@ -682,7 +766,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     load.add_argument("--burst", action="store_true", help="send every command at the same instant")
     fal = parser.add_argument_group("fake fal")
     fal.add_argument(
-        "--queue-seconds", type=float, default=5.0, help="seconds each job waits in fal's queue (default 5)"
+        "--queue-seconds",
+        type=float,
+        default=None,
+        help="seconds each job waits in fal's queue (default 5; 0 with --fairness, where fal's limit makes the wait)",
+    )
+    fal.add_argument(
+        "--fal-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fal's account limit: at most N jobs in progress, the rest IN_QUEUE in arrival order "
+        "(fal: 2 for a new account, up to 40; default: none, every job runs at once; 4 with --fairness)",
     )
     fal.add_argument(
         "--queue-updates",
@@ -741,7 +836,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="sample the bot with py-spy during the load: FILE.svg flame graph, .json speedscope, "
         ".txt collapsed stacks (py-spy from PATH or $PY_SPY)",
     )
-    parser.add_argument(
+    modes = parser.add_argument_group("benchmarks")
+    modes.add_argument(
+        "--fairness",
+        action="store_true",
+        help="two servers share fal's account limit: server A sends --jobs (default 40) at once, server B "
+        "sends 2 jobs --second-server-delay s later; reports both servers' waits to start at fal",
+    )
+    modes.add_argument(
+        "--second-server-delay",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="--fairness: seconds between server A's commands and server B's (default 10: A's first jobs "
+        "have run, so fal's limit has shown)",
+    )
+    modes.add_argument(
+        "--growth",
+        action="store_true",
+        help=f"run {', '.join(map(str, GROWTH_JOBS))} jobs at {GROWTH_RATE:.0f} commands a second and print "
+        "a table of how CPU, memory and latency grow",
+    )
+    modes.add_argument(
         "--compare",
         action="store_true",
         help="run the load three times (stream, polling 1.0 s, polling 0.1 s) and print a markdown table",
@@ -775,18 +891,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--jobs, --concurrency and --repeat must be at least 1")
     if any("=" not in item for item in args.bot_setting):
         parser.error("--bot-setting takes NAME=VALUE")
-    if (args.profile or args.py_spy) and args.compare:
-        parser.error("--profile and --py-spy profile one run; leave out --compare")
+    if (args.profile or args.py_spy) and (args.compare or args.growth):
+        parser.error("--profile and --py-spy profile one run; leave out --compare and --growth")
+    if sum((args.compare, args.growth, args.fairness)) > 1:
+        parser.error("--compare, --growth and --fairness are separate benchmarks: choose one")
+    if args.fal_limit is not None and args.fal_limit < 1:
+        parser.error("--fal-limit must be at least 1")
     return args
 
 
 def config_from(args: argparse.Namespace) -> RunConfig:
+    fairness = args.fairness
     return RunConfig(
-        jobs=args.jobs,
+        jobs=40 if fairness and args.jobs == 1 else args.jobs,
         concurrency=args.concurrency,
         arrival_seconds=0.0 if args.burst else args.arrival_seconds,
         burst=args.burst,
-        queue_seconds=args.queue_seconds,
+        queue_seconds=args.queue_seconds if args.queue_seconds is not None else 0.0 if fairness else 5.0,
+        fal_limit=args.fal_limit or (4 if fairness else None),
+        second_server_jobs=2 if fairness else 0,
+        second_server_delay=args.second_server_delay,
         queue_updates=args.queue_updates,
         run_seconds=args.run_seconds,
         run_jitter=args.run_jitter,
@@ -802,6 +926,17 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         py_spy=args.py_spy,
         extra_settings=tuple((name, value) for name, _, value in (item.partition("=") for item in args.bot_setting)),
     )
+
+
+GROWTH_JOBS = (100, 300, 1000)
+GROWTH_RATE = 1000 / 30  # commands a second: 1,000 jobs over 30 s
+
+
+def growth_configs(base: RunConfig) -> list[RunConfig]:
+    return [
+        dataclasses.replace(base, jobs=jobs, arrival_seconds=jobs / GROWTH_RATE, burst=False, label=f"{jobs} jobs")
+        for jobs in GROWTH_JOBS
+    ]
 
 
 def compare_configs(base: RunConfig) -> list[RunConfig]:
@@ -826,8 +961,8 @@ def data_dir_for(keep: Path | None, label: str) -> Any:
 
 async def main_async(args: argparse.Namespace) -> int:
     base = config_from(args)
-    configs = compare_configs(base) if args.compare else [base]
-    sandbox = base.jobs == 1 and not args.compare
+    configs = compare_configs(base) if args.compare else growth_configs(base) if args.growth else [base]
+    sandbox = len(configs) == 1 and base.all_jobs == 1
     results = []
     for config in configs:
         label = re.sub(r"[^a-z0-9.]+", "-", config.label.lower()).strip("-")
@@ -851,10 +986,13 @@ async def main_async(args: argparse.Namespace) -> int:
         results.append(result)
     if args.profile is not None:
         print(f"\nprofile written to {args.profile} (python -m pstats {args.profile})")
-    if args.compare:
-        print(
-            f"\nCommand: python -m tools.sandbox {' '.join(sys.argv[1:])}\nLoad: {describe_load(base, with_mode=False)}\n"
+    if args.compare or args.growth:
+        load = (
+            describe_load(base, with_mode=False)
+            if args.compare
+            else f"{GROWTH_RATE:.0f} commands a second; " + (describe_load(configs[0]).split("; ", 1)[1])
         )
+        print(f"\nCommand: python -m tools.sandbox {' '.join(sys.argv[1:])}\nLoad: {load}\n")
         print(compare_table(results))
     return 0 if all(r.delivered == r.jobs for r in results) else 1
 
