@@ -249,8 +249,12 @@ async def run(settings: Settings) -> None:
                 "are handed to the other processes" if store.shared else "will resume at the next start",
             )
             await bot.close()
+            # Closed: a shard still opening its connection (waiting for its turn to IDENTIFY)
+            # would retry for ever, so the start is not waited for.
+            running.cancel()
         stopping.cancel()
-        await running  # re-raises a failed login
+        with contextlib.suppress(asyncio.CancelledError):
+            await running  # re-raises a failed login
 
 
 def _shard_options(settings: Settings) -> dict[str, Any]:
