@@ -320,7 +320,7 @@ class JobRunner:
             log.warning("job %d: another process holds it now; this one stopped driving it", job_id)
         elif not task.cancelled() and task.exception() is not None:
             # Only the store failing can get here: the job stays unfinished and resumes at the
-            # next start.
+            # next start (sharing the database: once its lease runs out, here or elsewhere).
             log.error("job %d stopped unfinished", job_id, exc_info=task.exception())
 
     async def _drive(self, job: Job) -> None:

@@ -140,10 +140,9 @@ async def test_a_process_killed_during_its_submit_is_not_submitted_again_by_the_
     assert (row["error_code"], row["owner"], row["lease_epoch"]) == ("submit_uncertain", "b", 2)
 
 
-async def test_cancel_pressed_in_a_server_another_process_serves_reaches_the_job(cluster: Cluster):
-    """A job in b's server is taken over by a when b stops; b comes back (its server's buttons
-    arrive at b again) and a member presses Cancel there: b asks a through the database, a
-    cancels at fal and shows it, and b's answer to the press says nothing more."""
+async def job_in_b_s_server_driven_by_a(cluster: Cluster):
+    """A job in b's server, taken over by a when b stopped; b back and serving its server again
+    (its buttons arrive at b), without taking back what a holds. Returns the job's reply."""
     world = cluster.world
     await cluster.identified(cluster.shard_b)
     world.fal.default = JobScript(queue_positions=tuple(range(15, -1, -1)), step=1.0, run_time=0.1)
@@ -154,15 +153,38 @@ async def test_cancel_pressed_in_a_server_another_process_serves_reaches_the_job
     cluster.b = cluster.new_process("b")
     await cluster.b.start()
     await cluster.identified(cluster.shard_b, times=2)
-    assert (await cluster.job_row())["owner"] == "a"  # b did not take back what a holds
-    press = await world.discord.click_button(handle.original.id, button(handle.original, "cancel"))
+    assert (await cluster.job_row())["owner"] == "a"
+    return handle
+
+
+async def assert_cancelled_once(cluster: Cluster, handle, press, owner: str) -> None:
+    world = cluster.world
     await press.wait_for_callback()
     message = await finished(handle, timeout=15)
     assert message.content.startswith("🚫"), message.content
     assert fal_job(world).cancelled and world.fal.count("submit") == 1
-    assert press.callback is not None and press.callback["type"] == 6  # deferred update, no private text
-    assert press.followups == []
+    assert press.callback is not None and press.callback["type"] == 6  # deferred update
     row = await cluster.job_row()
-    assert (row["state"], row["owner"], row["cancel_answer"]) == ("cancelled", "a", "cancelled")
+    assert (row["state"], row["owner"], row["cancel_answer"]) == ("cancelled", owner, "cancelled")
     assert row["cancelled_by"] == int(world.discord.alice["id"])
+
+
+async def test_cancel_pressed_in_a_server_another_process_serves_reaches_the_job(cluster: Cluster):
+    """b asks a through the database; a cancels at fal and shows it; b's answer to the press
+    says nothing more, as when the press reaches the driving process itself."""
+    handle = await job_in_b_s_server_driven_by_a(cluster)
+    press = await cluster.world.discord.click_button(handle.original.id, button(handle.original, "cancel"))
+    await assert_cancelled_once(cluster, handle, press, owner="a")
+    assert press.followups == []
     assert "cancel asked in another process: cancelled" in cluster.a.log_text()
+
+
+async def test_a_cancel_whose_process_died_is_carried_out_by_the_one_taking_the_job_over(cluster: Cluster):
+    """The request waits in the row: b, taking the job over from the killed a, finds it and
+    cancels (within the wait of the press, so the member is told as usual)."""
+    handle = await job_in_b_s_server_driven_by_a(cluster)
+    await cluster.a.kill()
+    press = await cluster.world.discord.click_button(handle.original.id, button(handle.original, "cancel"))
+    await assert_cancelled_once(cluster, handle, press, owner="b")
+    assert press.followups == []
+    assert "cancel asked in another process: cancelled" in cluster.b.log_text()
