@@ -228,19 +228,13 @@ class PostgresStore(Store):
                 callback()
 
     def _notified(self, connection: object, pid: int, channel: str, payload: object) -> None:
-        if channel == self._run_channel:
-            kinds = ["cancel"]
-        elif channel == RELEASED_CHANNEL:
-            kinds = ["released"]
-        elif channel == POLICY_CHANNEL:
+        if channel == POLICY_CHANNEL:
             self._forget_policy(int(str(payload)))
-            return
-        else:  # ANSWER_CHANNEL
+        elif channel == ANSWER_CHANNEL:
             for event in self._answer_waiters.get(int(str(payload)), ()):
                 event.set()
-            return
-        for kind in kinds:
-            for callback in self._signals[kind]:
+        else:
+            for callback in self._signals["cancel" if channel == self._run_channel else "released"]:
                 callback()
 
     def on_signal(self, kind: Signal, callback: Callable[[], None]) -> None:
