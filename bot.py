@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import discord
+import yarl
 from discord import app_commands
 from discord.ext import commands
 from dotenv import load_dotenv
@@ -29,23 +30,31 @@ from services.fal_account import AccountGate
 from services.fal_queue import FalQueueClient
 from services.fal_storage import FalStorage
 from services.input_images import InputStager
+from services.leases import LeaseKeeper
 from services.log_format import configure_logging
 from services.metrics import Metrics, RateLimitCounter
 from services.ops_server import HealthReport, OpsServer, fal_health
+from services.postgres_store import PostgresStore
 from services.redact import describe_error
 from services.results import ResultCustody
 from services.retry import Backoff
 from services.runner import JobRunner
-from services.store import Store, StoreUnavailable
+from services.sqlite_store import SqliteStore
+from services.store import Store, StoreUnavailable, lock_directory
 
 log = logging.getLogger("kontext")
 
 EXTENSIONS = ("cogs.kontext", "cogs.admin")
+# Discord accepts one IDENTIFY per 5 seconds per bucket (shard id % max_concurrency) across all
+# of a bot's sessions (docs events/gateway.mdx); the margin covers the time from the turn to the
+# IDENTIFY reaching Discord.
+IDENTIFY_INTERVAL = 5.0 + 0.5
 
 
 class KontextBot(commands.AutoShardedBot):
     """AutoShardedBot asks `GET {DISCORD_API_BASE}/gateway/bot` for its gateway, so a REST proxy
-    or a local fake Discord serves both REST and gateway."""
+    or a local fake Discord serves both REST and gateway. With SHARD_COUNT (and SHARD_IDS) it
+    runs those shards, connecting to DISCORD_GATEWAY_URL (or discord.py's built-in address)."""
 
     def __init__(self, settings: Settings, *, store: Store, http: aiohttp.ClientSession, metrics: Metrics) -> None:
         super().__init__(
@@ -58,6 +67,7 @@ class KontextBot(commands.AutoShardedBot):
             # Installed to a server, used in a server: the commands say so to Discord.
             allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
             allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=False, private_channel=False),
+            **_shard_options(settings),
         )
         self.settings = settings
         self.store = store
@@ -99,6 +109,19 @@ class KontextBot(commands.AutoShardedBot):
             price_per_image=settings.price_per_image_usd,
         )
         self.intake = JobIntake(self)
+        # Sharing the database with other processes: leases, takeovers, cancels from elsewhere.
+        self.leases = (
+            LeaseKeeper(
+                store,
+                self.runner,
+                heartbeat_seconds=settings.heartbeat_seconds,
+                claim_interval=settings.claim_interval,
+                metrics=metrics,
+            )
+            if store.shared
+            else None
+        )
+        self._max_concurrency: int | None = None
 
     async def setup_hook(self) -> None:
         # Result buttons are posted by the presenter whichever command started the job.
@@ -109,10 +132,29 @@ class KontextBot(commands.AutoShardedBot):
         resumed = await self.runner.resume()
         if resumed:
             log.info("resumed %d unfinished job(s)", resumed)
+        if self.leases is not None:
+            self.leases.start()
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Processes sharing the database take turns to IDENTIFY, one per 5 seconds per bucket
+        (`shard_id % max_concurrency`), however many there are; one process alone keeps
+        discord.py's own pacing of its shards."""
+        if not self.store.shared:
+            return await super().before_identify_hook(shard_id, initial=initial)
+        if self._max_concurrency is None:
+            self._max_concurrency = (await self.fetch_session_start_limits()).max_concurrency
+        bucket = (shard_id or 0) % self._max_concurrency
+        waited = await self.store.take_turn(f"identify:{bucket}", IDENTIFY_INTERVAL)
+        log.info("shard %s identifies (waited %.1fs for its turn)", shard_id, waited)
 
     async def _sync_commands(self) -> None:
         """Sync the application commands when they differ from the last sync recorded for this
-        application (discord.py advises against syncing at every start), or as SYNC_COMMANDS says."""
+        application (discord.py advises against syncing at every start), or as SYNC_COMMANDS says.
+        Processes sharing the database sync one at a time, so with `auto` only the first syncs."""
+        async with self.store.exclusive("sync_commands"):
+            await self._sync_commands_now()
+
+    async def _sync_commands_now(self) -> None:
         mode = self.settings.sync_commands
         if mode is CommandSync.NEVER:
             return
@@ -171,7 +213,10 @@ class KontextBot(commands.AutoShardedBot):
         if self.is_closed():
             return
         try:
+            if self.leases is not None:
+                await self.leases.stop()
             await self.runner.stop()
+            await self.store.release()  # sharing the database: the others take the jobs over at once
             await self.presenter.close()
         finally:
             await super().close()
@@ -180,6 +225,9 @@ class KontextBot(commands.AutoShardedBot):
 async def run(settings: Settings) -> None:
     # Every REST call, the gateway lookup included, goes to DISCORD_API_BASE.
     discord.http.Route.BASE = settings.discord_api_base
+    if settings.discord_gateway_url is not None:
+        # Where discord.py connects with a fixed SHARD_COUNT, and after an invalidated session.
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -187,7 +235,7 @@ async def run(settings: Settings) -> None:
     metrics = Metrics()
     logging.getLogger("discord").addHandler(RateLimitCounter(metrics))
     async with (
-        Store(settings.db_path) as store,
+        _open_store(settings) as store,
         _http_session(settings) as http,
         KontextBot(settings, store=store, http=http, metrics=metrics) as bot,
         _ops_endpoint(settings, metrics, bot.health),
@@ -196,10 +244,47 @@ async def run(settings: Settings) -> None:
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if stopping.done():
-            log.info("stopping: unfinished jobs will resume at the next start")
+            log.info(
+                "stopping: unfinished jobs %s",
+                "are handed to the other processes" if store.shared else "will resume at the next start",
+            )
             await bot.close()
+            # Closed: a shard still opening its connection (waiting for its turn to IDENTIFY)
+            # would retry for ever, so the start is not waited for.
+            running.cancel()
         stopping.cancel()
-        await running  # re-raises a failed login
+        with contextlib.suppress(asyncio.CancelledError):
+            await running  # re-raises a failed login
+
+
+def _shard_options(settings: Settings) -> dict[str, Any]:
+    """SHARD_COUNT and SHARD_IDS as discord.py takes them; neither set: AutoShardedBot asks
+    Discord how many shards to run, and runs them all."""
+    options: dict[str, Any] = {}
+    if settings.shard_count is not None:
+        options["shard_count"] = settings.shard_count
+    if settings.shard_ids is not None:
+        options["shard_ids"] = list(settings.shard_ids)
+    return options
+
+
+@contextlib.asynccontextmanager
+async def _open_store(settings: Settings) -> AsyncIterator[Store]:
+    """SQLite in DATA_DIR, or the PostgreSQL database in DATABASE_URL (DATA_DIR then holds only
+    this process's result files, and is still this process's alone)."""
+    if settings.database_url is None:
+        async with SqliteStore(settings.db_path) as sqlite:
+            yield sqlite
+        return
+    lock = lock_directory(settings.data_dir)
+    try:
+        shared = PostgresStore(
+            settings.database_url, instance_id=settings.instance_id, lease_seconds=settings.lease_seconds
+        )
+        async with shared:
+            yield shared
+    finally:
+        os.close(lock)
 
 
 @contextlib.asynccontextmanager
@@ -245,9 +330,8 @@ def main() -> int:
     except SettingsError as exc:
         print(f"kontext-bot: {exc}", file=sys.stderr)
         return 2
-    configure_logging(
-        getattr(logging, settings.log_level), settings.log_format, secrets=[settings.discord_token, settings.fal_key]
-    )
+    secrets = [settings.discord_token, settings.fal_key, settings.database_password or ""]
+    configure_logging(getattr(logging, settings.log_level), settings.log_format, secrets=secrets)
     log.info("starting with %r", settings)
     # Everything the bot writes (database, result files) is readable by its own user only.
     os.umask(0o077)

@@ -55,12 +55,15 @@ class ProgressTicker:
         pace: Callable[[], float],
         on_reply_gone: Callable[[], None],
         metrics: Metrics,
+        held: Callable[[], bool],
     ) -> None:
         self._job = job
         self._webhook = webhook
         self._pace = pace
         self._on_reply_gone = on_reply_gone
         self._metrics = metrics
+        # Whether this process still drives the job (it may have lost it to another while paused).
+        self._held = held
         self._shown: Rendered | None = None
         self._changed = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"progress-{job.id}")
@@ -76,7 +79,7 @@ class ProgressTicker:
         while True:
             await self._changed.wait()
             self._changed.clear()
-            if self._job.state.is_final:
+            if self._job.state.is_final or not self._held():
                 return  # the final state is deliver()'s to show, with its files
             try:
                 rendered = render(self._job)
@@ -107,8 +110,11 @@ class ProgressTicker:
         assert self._job.message_id is not None, "a job is started once its reply exists"
         await self._webhook.edit_message(self._job.message_id, **changes)
 
-    async def close(self) -> None:
+    def stop(self) -> None:
         self._task.cancel()
+
+    async def close(self) -> None:
+        self.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
@@ -129,9 +135,19 @@ class DiscordPresenter:
         ticker = self._tickers.get(job.id)
         if ticker is None:
             ticker = self._tickers[job.id] = ProgressTicker(
-                job, self._webhook(job), self._progress_pace, lambda: self._reply_gone(job), self._metrics
+                job,
+                self._webhook(job),
+                self._progress_pace,
+                lambda: self._reply_gone(job),
+                self._metrics,
+                held=lambda: self._bot.store.holds(job),
             )
         ticker.poke()
+
+    def job_dropped(self, job: Job) -> None:
+        ticker = self._tickers.pop(job.id, None)
+        if ticker is not None:
+            ticker.stop()
 
     def _progress_pace(self) -> float:
         """Seconds between two progress edits of one reply: EDIT_INTERVAL, stretched when many

@@ -48,6 +48,8 @@ async def cancel_job(interaction: Interaction, job: Job) -> None:
         await tell(interaction, "Too late to cancel: this edit has already finished.")
     elif outcome is CancelOutcome.REQUESTED:
         await tell(interaction, "Cancelling: the edit is being handed to fal right now and will be stopped there.")
+    elif outcome is CancelOutcome.FORWARDED:
+        await tell(interaction, "Cancelling: this edit will be stopped in a moment.")
     elif outcome is CancelOutcome.STARTED:
         await tell(
             interaction,

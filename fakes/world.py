@@ -30,15 +30,18 @@ class World:
         self.data_dir = data_dir
         self.settings = dict(settings or {})
         self.bot: BotProcess | None = None
+        self.bots: list[BotProcess] = []  # every process started, stopped when the world ends
 
-    def new_bot(self, **settings: str) -> BotProcess:
-        return self.bot_class(
+    def new_bot(self, data_dir: Path | None = None, /, **settings: str) -> BotProcess:
+        """A bot process on the world's DATA_DIR, or on `data_dir` (one per process, as several
+        processes sharing a database each have their own)."""
+        bot = self.bot_class(
             **self.bot_options(),
             discord_api_base=self.discord.api_base,
             discord_token=DISCORD_TOKEN,
             fal_url=self.fal.base_url,
             fal_key=FAL_KEY,
-            data_dir=self.data_dir,
+            data_dir=data_dir or self.data_dir,
             settings={
                 # The fake Discord's CDN is where attachments live, and the fake fal serves storage.
                 "DISCORD_CDN_HOSTS": f"127.0.0.1:{self.discord.port}",
@@ -47,6 +50,8 @@ class World:
                 **settings,
             },
         )
+        self.bots.append(bot)
+        return bot
 
     async def start_bot(self, **settings: str) -> BotProcess:
         """Start `python bot.py` and wait until it is connected. discord.py runs the bot's
@@ -88,7 +93,7 @@ async def running_world(
     try:
         yield world
     finally:
-        if world.bot is not None:
-            await world.bot.stop()
+        for bot in world.bots:
+            await bot.stop()
         await fal.stop()
         await discord.stop()

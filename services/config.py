@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from ipaddress import ip_address
@@ -88,6 +89,21 @@ class Settings:
     monthly_budget_usd: float | None = None
     # Servers the bot serves (None: any that adds it); it leaves the others.
     allowed_guild_ids: frozenset[int] | None = None
+    # PostgreSQL shared by several bot processes (None: SQLite in DATA_DIR, one process).
+    database_url: str | None = None
+    # This process among those sharing the database: stable across its restarts, unique among
+    # the live ones (default: the host name and DATA_DIR, which only one process can use).
+    instance_id: str = "local"
+    # A job's lease: how long it stays this process's without a renewal, how often it is
+    # renewed, and how often other processes look for jobs whose lease ran out.
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    claim_interval: float = 5.0
+    # The shards this process runs, of how many (None: all, as many as Discord recommends).
+    shard_count: int | None = None
+    shard_ids: tuple[int, ...] | None = None
+    # The gateway address used instead of discord.py's built-in one (a gateway proxy, a fake).
+    discord_gateway_url: str | None = None
 
     def __repr__(self) -> str:
         shown = []
@@ -110,6 +126,14 @@ class Settings:
     def results_dir(self) -> Path:
         return self.data_dir / "results"
 
+    @property
+    def database_password(self) -> str | None:
+        """The password in DATABASE_URL, to keep out of the log."""
+        if self.database_url is None:
+            return None
+        url = yarl.URL(self.database_url)
+        return url.password or url.query.get("password")
+
 
 def _without_credentials(value: str) -> str:
     """A URL as it may be logged: any user:password part is masked."""
@@ -118,8 +142,10 @@ def _without_credentials(value: str) -> str:
     except (TypeError, ValueError):
         return value
     if url.user is not None or url.password is not None:
-        return str(url.with_user("***").with_password(None))
-    return value
+        url = url.with_user("***").with_password(None)
+    if "password" in url.query:
+        url = url.without_query_params("password")
+    return str(url) if url != yarl.URL(value) else value
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T) -> T:
@@ -198,6 +224,26 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     plain_http = _parse(env, "ALLOW_PLAIN_HTTP", _flag, False)
     url = _url(allow_plain_http=plain_http)
     seconds = _number(float, minimum=0.001)
+    data_dir = _parse(env, "DATA_DIR", Path, Settings.data_dir)
+    database_url = _parse(env, "DATABASE_URL", _database_url, None)
+    shard_count = _parse(env, "SHARD_COUNT", _number(int, minimum=1), None)
+    shard_ids = _parse(env, "SHARD_IDS", _shard_ids, None)
+    if shard_ids is not None:
+        if shard_count is None:
+            raise SettingsError("SHARD_IDS needs SHARD_COUNT: the shards this process runs, out of how many")
+        if max(shard_ids) >= shard_count:
+            raise SettingsError(f"SHARD_IDS has a shard beyond SHARD_COUNT={shard_count} (ids start at 0)")
+        if database_url is None:
+            raise SettingsError(
+                "SHARD_IDS needs DATABASE_URL: the processes that share the bot's shards must share its database"
+            )
+    lease_seconds = _parse(env, "LEASE_SECONDS", _number(float, minimum=1), Settings.lease_seconds)
+    heartbeat_seconds = _parse(env, "HEARTBEAT_SECONDS", seconds, Settings.heartbeat_seconds)
+    if heartbeat_seconds * 3 > lease_seconds:
+        raise SettingsError(
+            f"HEARTBEAT_SECONDS must be at most a third of LEASE_SECONDS ({lease_seconds:g}): a lease must "
+            "outlive a missed renewal"
+        )
     return Settings(
         discord_token=secrets["DISCORD_TOKEN"],
         fal_key=secrets["FAL_KEY"],
@@ -205,7 +251,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         discord_cdn_hosts=_parse(env, "DISCORD_CDN_HOSTS", _hosts, Settings.discord_cdn_hosts),
         fal_queue_url=_parse(env, "FAL_QUEUE_URL", url, Settings.fal_queue_url),
         fal_rest_url=_parse(env, "FAL_REST_URL", url, Settings.fal_rest_url),
-        data_dir=_parse(env, "DATA_DIR", Path, Settings.data_dir),
+        data_dir=data_dir,
         log_level=_parse(env, "LOG_LEVEL", _log_level, Settings.log_level),
         log_format=_parse(env, "LOG_FORMAT", _log_format, Settings.log_format),
         http_port=_parse(env, "HTTP_PORT", _number(int, minimum=1, maximum=65535), None),
@@ -229,7 +275,57 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         price_per_image_usd=_parse(env, "PRICE_PER_IMAGE_USD", _number(float, minimum=0), Settings.price_per_image_usd),
         monthly_budget_usd=_parse(env, "MONTHLY_BUDGET_USD", _number(float, minimum=0.01), None),
         allowed_guild_ids=_parse(env, "ALLOWED_GUILD_IDS", _ids, None),
+        database_url=database_url,
+        instance_id=_parse(env, "INSTANCE_ID", _instance_id, _default_instance_id(data_dir)),
+        lease_seconds=lease_seconds,
+        heartbeat_seconds=heartbeat_seconds,
+        claim_interval=_parse(env, "CLAIM_INTERVAL", seconds, Settings.claim_interval),
+        shard_count=shard_count,
+        shard_ids=shard_ids,
+        discord_gateway_url=_parse(env, "DISCORD_GATEWAY_URL", _gateway_url(allow_plain_http=plain_http), None),
     )
+
+
+def _database_url(raw: str) -> str:
+    url = yarl.URL(raw)
+    if url.scheme not in ("postgresql", "postgres"):
+        raise ValueError("it must be a postgresql:// URL")
+    return raw
+
+
+def _instance_id(raw: str) -> str:
+    if len(raw) > 200 or not raw.isprintable():
+        raise ValueError("use at most 200 printable characters")
+    return raw
+
+
+def _default_instance_id(data_dir: Path) -> str:
+    """The host and DATA_DIR: stable across restarts of the process, and no two live processes
+    have both (each locks its DATA_DIR)."""
+    return f"{socket.gethostname()}:{data_dir.resolve()}"
+
+
+def _shard_ids(raw: str) -> tuple[int, ...]:
+    """A list of shard ids and ranges: "0,1", "0-3", "4-7,9"."""
+    ids: set[int] = set()
+    for part in raw.replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()) or int(last or first) < int(first):
+            raise ValueError("give shard ids or ranges, separated by commas (e.g. 0-3,8)")
+        ids.update(range(int(first), int(last or first) + 1))
+    return tuple(sorted(ids))
+
+
+def _gateway_url(*, allow_plain_http: bool) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        url = yarl.URL(raw)
+        if url.scheme not in ("wss", "ws") or not url.host:
+            raise ValueError("it must be a wss:// URL")
+        if url.scheme == "ws" and not (allow_plain_http or _is_loopback(url.host)):
+            raise ValueError("plain ws sends the token unencrypted: use wss, or set ALLOW_PLAIN_HTTP=1")
+        return str(url)
+
+    return parse
 
 
 def _ids(raw: str) -> frozenset[int]:

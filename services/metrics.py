@@ -152,6 +152,16 @@ class Metrics:
         self._progress_edits = Counter(
             "kontext_progress_edits", "Progress edits sent to Discord.", registry=self.registry
         )
+        self._taken_over = Counter(
+            "kontext_jobs_taken_over",
+            "Jobs this process took over from a process that died or handed them back (shared database).",
+            registry=self.registry,
+        )
+        self._leases_lost = Counter(
+            "kontext_job_leases_lost",
+            "Jobs another process took over from this one while it drove them (it paused or lost the database).",
+            registry=self.registry,
+        )
         # Zero from the start, so an alert on their increase works from the first error.
         for kind in sorted(FAL_ERROR_KINDS | {OTHER}):
             self._fal_errors.labels(kind)
@@ -200,6 +210,14 @@ class Metrics:
     def progress_edit(self) -> None:
         """A progress edit was sent."""
         self._progress_edits.inc()
+
+    def jobs_taken_over(self, count: int) -> None:
+        """This process claimed `count` jobs no live process held."""
+        self._taken_over.inc(count)
+
+    def lease_lost(self) -> None:
+        """Another process took over a job this one was driving."""
+        self._leases_lost.inc()
 
     def set_live_sources(
         self, jobs_by_state: Callable[[], dict[str, int]], bot_queue_length: Callable[[], int]

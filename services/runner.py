@@ -38,7 +38,7 @@ from .redact import describe_error
 from .results import ResultCustody
 from .retry import Backoff, retrying
 from .scheduler import FairScheduler, Place
-from .store import Store
+from .store import LeaseLost, Store
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ class JobListener(Protocol):
         and it is retried. It resumes from `job.delivered_parts` and `job.delivered_in_channel`
         and reports each message it shows to `progress`."""
 
+    def job_dropped(self, job: Job) -> None:
+        """This process stopped driving the job before it was shown (another process took it
+        over, or it stops): show nothing more of it from here."""
+
 
 class RunnerStopped(Exception):
     """The bot is shutting down and takes no new jobs."""
@@ -81,6 +85,12 @@ class CancelOutcome(enum.Enum):
     # so the member gets the images.
     STARTED = "started"
     TOO_LATE = "too_late"  # already finished at fal; the result is on its way
+    # Another process drives it and has not answered yet: it stops it when it reads the request.
+    FORWARDED = "forwarded"
+
+
+# How long a cancel asked for a job another process drives waits for that process's answer.
+CANCEL_ANSWER_WAIT = 5.0
 
 
 class JobRunner:
@@ -161,26 +171,62 @@ class JobRunner:
         await self._store.save(job)
 
     async def resume(self) -> int:
-        """Drive every job a previous run left unfinished; returns how many."""
-        jobs = await self._store.unfinished_jobs(time.time())
+        """Drive every job a previous run left unfinished (and, sharing the database, those no
+        live process holds); returns how many."""
+        jobs = await self._store.claim()
         self._results.sweep(keep={job.id for job in jobs})
+        self.adopt(jobs)
+        return len(jobs)
+
+    def adopt(self, jobs: list[Job]) -> None:
+        """Drive jobs this process just claimed from their stored state, as a restart does."""
         for job in jobs:
-            log.info("job %d resumed in state %s", job.id, job.state.value)
+            if self._stopping or job.id in self._drivers:
+                # Stopping, or its old driver here is still winding down: claimed again later.
+                self._store.let_go(job)
+                continue
+            log.info("job %d resumed in state %s", job.id, job.state.value, extra=_ids(job))
             if job.state.at_fal:
                 # Already at fal: it must be followed now, not queued again.
                 self._scheduler.resumed_at_fal(job.id, job.guild_id or 0, job.user_id)
             self._start(job)
-        return len(jobs)
+
+    def drop(self, job_id: int) -> None:
+        """Another process took the job over: stop driving it here at once, a delivery included."""
+        task = self._drivers.get(job_id)
+        if task is not None:
+            log.warning("job %d was taken over by another process; this one stops driving it", job_id)
+            task.cancel()
 
     def active_job(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)
 
     async def cancel(self, job_id: int, by_user: int) -> CancelOutcome:
+        """A member's cancel, wherever the job is driven: here, or (through the database) by
+        another process."""
+        outcome = await self.cancel_here(job_id, by_user)
+        if outcome is not None:
+            return outcome
+        if not await self._store.request_cancel(job_id, by_user):
+            return CancelOutcome.TOO_LATE
+        answer = await self._store.cancel_answer(job_id, wait=CANCEL_ANSWER_WAIT)
+        return CancelOutcome(answer) if answer is not None else CancelOutcome.FORWARDED
+
+    async def cancel_here(self, job_id: int, by_user: int) -> CancelOutcome | None:
+        """Cancel a job this process drives; None when it does not drive it."""
         job = self._jobs.get(job_id)
-        if job is None or job.state.is_final:
+        if job is None or not self._store.holds(job):
+            return None
+        try:
+            return await self._cancel(job, by_user)
+        except LeaseLost:
+            return None
+
+    async def _cancel(self, job: Job, by_user: int) -> CancelOutcome:
+        if job.state.is_final:
             return CancelOutcome.TOO_LATE
         if job.state is JobState.SUBMITTING:
-            self._cancel_requests[job_id] = by_user
+            self._cancel_requests[job.id] = by_user
             return CancelOutcome.REQUESTED
         if job.state.at_fal:
             answer = await self._ask_fal_to_cancel(job, by_user)
@@ -199,12 +245,13 @@ class JobRunner:
             return
         job.notes = {**job.notes, NOTE_WITHDRAWN: reason}
         try:
-            await self.cancel(job_id, by_user=0)
+            await self.cancel_here(job_id, by_user=0)
         except FalError as exc:
             log.warning("job %d: withdrawn, but fal did not take the cancel: %s", job_id, exc)
 
     async def _ask_fal_to_cancel(self, job: Job, by_user: int) -> str:
         assert job.request is not None
+        self._store.ensure_held(job)
         # Noted before asking: fal may end the job (and the stream report it failed) before its
         # answer to the cancel arrives; the work then records a cancel, not a failure.
         self._cancel_requests[job.id] = by_user
@@ -258,15 +305,22 @@ class JobRunner:
         self._jobs[job.id] = job
         task = asyncio.create_task(self._drive(job), name=f"job-{job.id}")
         self._drivers[job.id] = task
-        task.add_done_callback(lambda done: self._forget(job.id, done))
+        task.add_done_callback(lambda done: self._forget(job, done))
 
-    def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
-        self._drivers.pop(job_id, None)
-        self._jobs.pop(job_id, None)
-        self._cancel_requests.pop(job_id, None)
-        if not task.cancelled() and task.exception() is not None:
+    def _forget(self, job: Job, task: asyncio.Task[None]) -> None:
+        job_id = job.id
+        if self._drivers.get(job_id) is task:
+            del self._drivers[job_id]
+            self._jobs.pop(job_id, None)
+            self._cancel_requests.pop(job_id, None)
+        if not job.finished:
+            self._store.let_go(job)
+            self._listener.job_dropped(job)
+        if not task.cancelled() and isinstance(task.exception(), LeaseLost):
+            log.warning("job %d: another process holds it now; this one stopped driving it", job_id)
+        elif not task.cancelled() and task.exception() is not None:
             # Only the store failing can get here: the job stays unfinished and resumes at the
-            # next start.
+            # next start (sharing the database: once its lease runs out, here or elsewhere).
             log.error("job %d stopped unfinished", job_id, exc_info=task.exception())
 
     async def _drive(self, job: Job) -> None:
@@ -374,6 +428,7 @@ class JobRunner:
             await self._fail(job, FalAccountLocked.code, None)
             return
         job.bot_queue_position = None
+        self._store.ensure_held(job)  # about to spend: only while the lease is surely this process's
         # Durable: after a power loss, a lost record of a submit under way would send it again.
         await self._transition(job, JobState.SUBMITTING, durable=True)
         sending = asyncio.ensure_future(self._fal.submit(job.edit.endpoint, job.edit.payload(), deadline=deadline))
@@ -451,6 +506,7 @@ class JobRunner:
 
     async def _cancel_quietly(self, job: Job) -> None:
         assert job.request is not None
+        self._store.ensure_held(job)
         try:
             await self._fal.cancel(job.request)
         except Exception:
@@ -521,9 +577,14 @@ class JobRunner:
         job.notes = {**job.notes, NOTE_HANDED_BACK: True}
         try:
             await self._store.save(job)  # a restart then takes fal's cancelled answer for a hand-back
+            self._store.ensure_held(job)
             answer = await self._fal.cancel(job.request)
         except (FalError, OSError) as exc:
             answer = f"not asked ({describe_error(exc)})"
+        except LeaseLost:  # another process drives it now
+            self._handing_back.discard(job_id)
+            self._scheduler.stay(job_id)
+            return
         if answer != "OK":  # it started meanwhile, or fal could not be asked: it stays
             self._handing_back.discard(job_id)
             self._scheduler.stay(job_id)
@@ -545,6 +606,7 @@ class JobRunner:
         loop = asyncio.get_running_loop()
 
         async def attempt() -> None:
+            self._store.ensure_held(job)  # nothing is shown by a process that lost the job
             try:
                 await self._listener.deliver(job, _StoredProgress(self._store, job))
             except Exception:
@@ -598,7 +660,9 @@ class _StoredProgress:
         self._job.delivered_in_channel = in_channel
         if message_id not in self._job.posted_message_ids:
             self._job.posted_message_ids = [*self._job.posted_message_ids, message_id]
-        if not repeatable:
+        if repeatable:
+            self._store.ensure_held(self._job)  # before the next message is posted
+        else:
             await self._store.save(self._job)
 
 

@@ -1,23 +1,28 @@
-"""SQLite persistence (aiosqlite): jobs and per-server settings, with versioned migrations.
+"""The bot's database: jobs and per-server settings behind one interface, on two engines.
 
-WAL journal and one transaction per write: a `kill -9` at any moment leaves the last committed
-state, which is what resuming relies on.
+`SqliteStore` (services.sqlite_store) is the embedded default: one process, a file in DATA_DIR.
+`PostgresStore` (services.postgres_store), used when DATABASE_URL is set, lets several processes
+share the jobs: any of them may drive any job, one at a time, through a lease in the job's row.
+The queries both engines run are written here once, with `:name` parameters; the engines differ in
+how they connect, migrate, lease and signal.
 """
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
-
-import aiosqlite
+from typing import Any, Literal, Protocol, Self
 
 from .fal_queue import FalRequest
 from .flux_kontext import KontextEdit
@@ -26,53 +31,113 @@ from .policy import GuildPolicy, Usage, day_start, month_start, policy_from_dict
 
 log = logging.getLogger(__name__)
 
-# Append-only: each entry upgrades the schema by one version; never edit a released one.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        guild_id INTEGER,
-        channel_id INTEGER NOT NULL,
-        user_id INTEGER NOT NULL,
-        application_id INTEGER NOT NULL,
-        interaction_token TEXT NOT NULL,
-        interaction_created_at REAL NOT NULL,
-        message_id INTEGER,
-        channel_nsfw INTEGER NOT NULL,
-        upload_limit INTEGER NOT NULL,
-        endpoint TEXT NOT NULL,
-        params TEXT NOT NULL,
-        notes TEXT NOT NULL,
-        parent_job_id INTEGER REFERENCES jobs(id),
-        state TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        bot_queue_position INTEGER,
-        queue_position INTEGER,
-        request_id TEXT,
-        status_url TEXT,
-        response_url TEXT,
-        cancel_url TEXT,
-        submitted_at REAL,
-        started_at REAL,
-        completed_at REAL,
-        delivered_at REAL,
-        error_code TEXT,
-        error_detail TEXT,
-        cancelled_by INTEGER,
-        result TEXT
-    );
-    CREATE INDEX jobs_unfinished ON jobs (guild_id, user_id) WHERE delivered_at IS NULL;
-    CREATE INDEX jobs_member ON jobs (guild_id, user_id, created_at);
-    CREATE INDEX jobs_guild ON jobs (guild_id, created_at);
-    """,
-    """
-    CREATE TABLE guild_policies (
-        guild_id INTEGER PRIMARY KEY,
-        policy TEXT NOT NULL,
-        updated_at REAL NOT NULL,
-        updated_by INTEGER NOT NULL
-    );
-    """,
+
+@dataclass(frozen=True)
+class Dialects:
+    """A migration whose text differs between the engines (column types, JSON functions)."""
+
+    sqlite: str
+    postgres: str
+
+
+# Append-only: each entry upgrades the schema by one version, on either engine; never edit a
+# released one. SQLite's column types are affinities, so its first texts keep INTEGER and REAL;
+# PostgreSQL needs BIGINT for Discord's 64-bit ids and DOUBLE PRECISION for unix times.
+MIGRATIONS: tuple[str | Dialects, ...] = (
+    Dialects(
+        sqlite="""
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            guild_id INTEGER,
+            channel_id INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            application_id INTEGER NOT NULL,
+            interaction_token TEXT NOT NULL,
+            interaction_created_at REAL NOT NULL,
+            message_id INTEGER,
+            channel_nsfw INTEGER NOT NULL,
+            upload_limit INTEGER NOT NULL,
+            endpoint TEXT NOT NULL,
+            params TEXT NOT NULL,
+            notes TEXT NOT NULL,
+            parent_job_id INTEGER REFERENCES jobs(id),
+            state TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            bot_queue_position INTEGER,
+            queue_position INTEGER,
+            request_id TEXT,
+            status_url TEXT,
+            response_url TEXT,
+            cancel_url TEXT,
+            submitted_at REAL,
+            started_at REAL,
+            completed_at REAL,
+            delivered_at REAL,
+            error_code TEXT,
+            error_detail TEXT,
+            cancelled_by INTEGER,
+            result TEXT
+        );
+        CREATE INDEX jobs_unfinished ON jobs (guild_id, user_id) WHERE delivered_at IS NULL;
+        CREATE INDEX jobs_member ON jobs (guild_id, user_id, created_at);
+        CREATE INDEX jobs_guild ON jobs (guild_id, created_at);
+        """,
+        postgres="""
+        CREATE TABLE jobs (
+            id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+            guild_id BIGINT,
+            channel_id BIGINT NOT NULL,
+            user_id BIGINT NOT NULL,
+            application_id BIGINT NOT NULL,
+            interaction_token TEXT NOT NULL,
+            interaction_created_at DOUBLE PRECISION NOT NULL,
+            message_id BIGINT,
+            channel_nsfw INTEGER NOT NULL,
+            upload_limit BIGINT NOT NULL,
+            endpoint TEXT NOT NULL,
+            params TEXT NOT NULL,
+            notes TEXT NOT NULL,
+            parent_job_id BIGINT REFERENCES jobs(id),
+            state TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            bot_queue_position INTEGER,
+            queue_position INTEGER,
+            request_id TEXT,
+            status_url TEXT,
+            response_url TEXT,
+            cancel_url TEXT,
+            submitted_at DOUBLE PRECISION,
+            started_at DOUBLE PRECISION,
+            completed_at DOUBLE PRECISION,
+            delivered_at DOUBLE PRECISION,
+            error_code TEXT,
+            error_detail TEXT,
+            cancelled_by BIGINT,
+            result TEXT
+        );
+        CREATE INDEX jobs_unfinished ON jobs (guild_id, user_id) WHERE delivered_at IS NULL;
+        CREATE INDEX jobs_member ON jobs (guild_id, user_id, created_at);
+        CREATE INDEX jobs_guild ON jobs (guild_id, created_at);
+        """,
+    ),
+    Dialects(
+        sqlite="""
+        CREATE TABLE guild_policies (
+            guild_id INTEGER PRIMARY KEY,
+            policy TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            updated_by INTEGER NOT NULL
+        );
+        """,
+        postgres="""
+        CREATE TABLE guild_policies (
+            guild_id BIGINT PRIMARY KEY,
+            policy TEXT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            updated_by BIGINT NOT NULL
+        );
+        """,
+    ),
     """
     ALTER TABLE jobs ADD COLUMN delivered_parts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN delivered_in_channel INTEGER NOT NULL DEFAULT 0;
@@ -83,21 +148,55 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    Dialects(
+        sqlite="""
+        CREATE TABLE staged_inputs (
+            source TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        );
+        """,
+        postgres="""
+        CREATE TABLE staged_inputs (
+            source TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        );
+        """,
+    ),
+    Dialects(
+        sqlite="""
+        ALTER TABLE jobs ADD COLUMN button_key TEXT;
+        ALTER TABLE jobs ADD COLUMN posted_message_ids TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE jobs ADD COLUMN images INTEGER NOT NULL DEFAULT 1;
+        UPDATE jobs SET images = COALESCE(json_extract(params, '$.num_images'), 1);
+        CREATE INDEX jobs_created ON jobs (created_at);
+        """,
+        postgres="""
+        ALTER TABLE jobs ADD COLUMN button_key TEXT;
+        ALTER TABLE jobs ADD COLUMN posted_message_ids TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE jobs ADD COLUMN images INTEGER NOT NULL DEFAULT 1;
+        UPDATE jobs SET images = COALESCE((params::jsonb ->> 'num_images')::INTEGER, 1);
+        CREATE INDEX jobs_created ON jobs (created_at);
+        """,
+    ),
+    # Leases (PostgreSQL): the process driving the job (INSTANCE_ID, and which start of it), until
+    # when, and the fencing counter every claim increases; a cancel asked for in another process,
+    # and the driving process's answer. One process on SQLite drives every job and leaves them empty.
     """
-    CREATE TABLE staged_inputs (
-        source TEXT PRIMARY KEY,
-        url TEXT NOT NULL,
-        expires_at REAL NOT NULL
-    );
-    """,
-    """
-    ALTER TABLE jobs ADD COLUMN button_key TEXT;
-    ALTER TABLE jobs ADD COLUMN posted_message_ids TEXT NOT NULL DEFAULT '[]';
-    ALTER TABLE jobs ADD COLUMN images INTEGER NOT NULL DEFAULT 1;
-    UPDATE jobs SET images = COALESCE(json_extract(params, '$.num_images'), 1);
-    CREATE INDEX jobs_created ON jobs (created_at);
+    ALTER TABLE jobs ADD COLUMN owner TEXT;
+    ALTER TABLE jobs ADD COLUMN owner_run TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_until DOUBLE PRECISION;
+    ALTER TABLE jobs ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN cancel_requested_by BIGINT;
+    ALTER TABLE jobs ADD COLUMN cancel_answer TEXT;
     """,
 )
+
+
+def migration_text(migration: str | Dialects, dialect: Literal["sqlite", "postgres"]) -> str:
+    return migration if isinstance(migration, str) else getattr(migration, dialect)
+
 
 # SQL fragments over job rows; the state names are our own enum values, never user input.
 _ACTIVE = "state IN ({})".format(", ".join(f"'{state.value}'" for state in JobState if not state.is_final))
@@ -123,6 +222,12 @@ _SCALAR_COLUMNS = tuple(
 )
 
 
+class Row(Protocol):
+    """A result row as both drivers return it (sqlite3.Row, asyncpg.Record): read by column name."""
+
+    def __getitem__(self, key: str | int, /) -> Any: ...
+
+
 def _to_row(job: Job) -> dict[str, Any]:
     row = {name: getattr(job, name) for name in _SCALAR_COLUMNS}
     row.update({name: int(getattr(job, name)) for name in _BOOL_COLUMNS})
@@ -137,7 +242,7 @@ def _to_row(job: Job) -> dict[str, Any]:
     return row
 
 
-def _from_row(row: aiosqlite.Row) -> Job:
+def _from_row(row: Row) -> Job:
     values = {name: row[name] for name in _SCALAR_COLUMNS}
     values.update({name: bool(row[name]) for name in _BOOL_COLUMNS})
     values.update({name: json.loads(row[name]) for name in _JSON_COLUMNS})
@@ -151,9 +256,38 @@ class StoreUnavailable(Exception):
     """The database must not be used as it is; the message says why and can be printed."""
 
 
-def _lock_directory(directory: Path) -> int:
-    """Take DATA_DIR for this process: a second bot on the same folder would resume, and so
-    submit, every job a second time."""
+class LeaseLost(BaseException):
+    """This process no longer holds the job's lease (another process took it over, or this one
+    could not renew it in time): stop driving it, and write and show nothing more of it.
+
+    A BaseException, like asyncio.CancelledError and for the same reason: no `except Exception`
+    on a job's path may catch it and carry on writing or posting."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id} is not held by this process any more")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class LeaseReport:
+    """What one renewal of this process's leases found."""
+
+    # Jobs this process drove whose lease another process took: they must be dropped here.
+    lost: tuple[int, ...] = ()
+    # Cancels members asked for in another process, not answered yet: job id -> who asked.
+    cancel_requests: Mapping[int, int] = dataclasses.field(default_factory=dict)
+
+
+Signal = Literal["cancel", "released"]
+
+
+def lock_directory(directory: Path) -> int:
+    """Take DATA_DIR for this process (created, readable by the bot's user only): a second bot
+    on the same folder would resume, and so submit, every job a second time, or delete the result
+    files of another's jobs. Returns the descriptor that holds the lock; closing it releases it."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Readable by the bot's user only: prompts, ids and interaction tokens live here.
+    os.chmod(directory, 0o700)
     descriptor = os.open(directory / "kontext.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -166,95 +300,120 @@ def _lock_directory(directory: Path) -> int:
     return descriptor
 
 
-class Store:
-    """The bot's only database handle. One connection; aiosqlite runs it off the event loop.
-    Opened with `async with Store(path) as store` (or `await Store(path).open()`)."""
+class Store(abc.ABC):
+    """The bot's only database handle. Opened with `async with store` (or `await store.open()`).
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._connection: aiosqlite.Connection | None = None
-        self._durable_connection: aiosqlite.Connection | None = None
-        self._lock: int | None = None
+    Jobs: `create_job` records a new one, held by this process; `save` writes a job's changes and,
+    on a shared store, raises LeaseLost when another process took the job over; `claim` takes the
+    unfinished jobs this process may drive (at start: those of its previous run)."""
+
+    # Whether several processes use the database at once (then leases decide who drives a job).
+    shared: bool = False
+    # The UTC day number of a job's created_at, as this engine writes integer division.
+    _day_of_created: str
+
+    def __init__(self) -> None:
         # Policies are read on every job and change only by /kontext-admin, which goes through
-        # save_policy: a read-through cache is always current.
+        # save_policy (on a shared store, every process is told): a read-through cache is current.
         self._policies: dict[int, GuildPolicy] = {}
         # The row as last written, per unfinished job this process wrote, for save()'s diff.
         self._written: dict[int, dict[str, Any]] = {}
+        self._local_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
-    async def open(self) -> Store:
-        """Open (creating or upgrading) the database. Raises StoreUnavailable, with a message
-        that can be printed as it is, when it must not be used."""
-        directory = self._path.parent
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock = _lock_directory(directory)
-        # Readable by the bot's user only: prompts, ids and interaction tokens live here.
-        os.chmod(directory, 0o700)
-        # Two connections, each with its own thread. Writes commit without waiting for the disk
-        # (synchronous=NORMAL: a crash of the bot loses nothing, a power loss may lose the last
-        # commits), except those that must survive a power loss too, such as the one recording a
-        # submit under way: lost, the job would be submitted again. Those go through the second
-        # connection (synchronous=FULL), whose commit also makes every earlier one durable.
-        self._connection = await self._connect("NORMAL")
-        self._durable_connection = await self._connect("FULL")
-        for name in (self._path.name, f"{self._path.name}-wal", f"{self._path.name}-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(directory / name, 0o600)
-        await self._migrate()
-        return self
+    # -- what each engine provides ------------------------------------------------------------
 
-    async def _connect(self, synchronous: str) -> aiosqlite.Connection:
-        # Autocommit: each statement is its own transaction, one trip to the database thread.
-        connection = await aiosqlite.connect(self._path, isolation_level=None)
-        connection.row_factory = aiosqlite.Row
-        await connection.execute("PRAGMA busy_timeout=10000")  # the two connections take turns
-        await connection.execute("PRAGMA journal_mode=WAL")
-        await connection.execute(f"PRAGMA synchronous={synchronous}")
-        await connection.execute("PRAGMA foreign_keys=ON")
-        return connection
+    @abc.abstractmethod
+    async def open(self) -> Self:
+        """Connect, creating or upgrading the schema. Raises StoreUnavailable, with a message
+        that can be printed as it is, when the database must not be used."""
 
-    async def close(self) -> None:
-        for connection in (self._connection, self._durable_connection):
-            if connection is not None:
-                await connection.close()
-        self._connection = self._durable_connection = None
-        if self._lock is not None:
-            os.close(self._lock)  # releases the lock
-            self._lock = None
+    @abc.abstractmethod
+    async def close(self) -> None: ...
 
-    async def __aenter__(self) -> Store:
+    @abc.abstractmethod
+    async def _fetch(self, sql: str, args: Mapping[str, Any]) -> Sequence[Row]: ...
+
+    @abc.abstractmethod
+    async def _execute(self, sql: str, args: Mapping[str, Any]) -> int:
+        """Run one statement; returns how many rows it changed."""
+
+    @abc.abstractmethod
+    async def _insert_job(self, job: Job, row: dict[str, Any]) -> int:
+        """Insert a new job's row, held by this process; returns its id."""
+
+    @abc.abstractmethod
+    async def _update_job(self, job: Job, changed: dict[str, Any], *, durable: bool) -> None:
+        """Write `changed` columns of the job's row (fenced on a shared store)."""
+
+    @abc.abstractmethod
+    async def claim(self) -> list[Job]:
+        """Take the unfinished jobs this process may drive now, and hold them."""
+
+    @abc.abstractmethod
+    async def renew(self) -> LeaseReport:
+        """Renew the leases of the jobs this process holds."""
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Hand every job this process holds back, for another process to claim at once."""
+
+    @abc.abstractmethod
+    def holds(self, job: Job) -> bool:
+        """Whether this process may still act on the job (post, submit, cancel at fal) by its own
+        clock, without asking the database."""
+
+    @abc.abstractmethod
+    def let_go(self, job: Job) -> None:
+        """This process stopped driving the job unfinished: stop renewing its lease, so it is
+        claimed again once the lease runs out."""
+
+    @abc.abstractmethod
+    async def request_cancel(self, job_id: int, by_user: int) -> bool:
+        """Ask the process driving the job to cancel it; False if no other process can be
+        driving it (it is finished, or nobody else shares the database)."""
+
+    @abc.abstractmethod
+    async def answer_cancel(self, job_id: int, by_user: int, answer: str) -> None:
+        """Record the driving process's answer to a cancel asked for elsewhere."""
+
+    @abc.abstractmethod
+    async def cancel_answer(self, job_id: int, *, wait: float) -> str | None:
+        """The answer to a cancel requested for the job, waiting up to `wait` seconds for it."""
+
+    @abc.abstractmethod
+    def on_signal(self, kind: Signal, callback: Callable[[], None]) -> None:
+        """Call `callback` when another process signals work for this one: a cancel requested
+        for a job it drives, or jobs handed back. Only a wake-up: the work is read from the rows."""
+
+    @abc.abstractmethod
+    def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold the lock called `name` among all processes sharing the database."""
+
+    @abc.abstractmethod
+    async def _policy_changed(self, guild_id: int) -> None:
+        """Tell the other processes sharing the database that a server's policy changed."""
+
+    @abc.abstractmethod
+    async def _clock(self) -> float:
+        """Unix time as the processes sharing the database agree on it."""
+
+    async def __aenter__(self) -> Self:
         return await self.open()
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    @property
-    def _db(self) -> aiosqlite.Connection:
-        if self._connection is None:
-            raise RuntimeError("the store is not open")
-        return self._connection
+    def ensure_held(self, job: Job) -> None:
+        """Raise LeaseLost unless this process may still act on the job (see `holds`)."""
+        if not self.holds(job):
+            raise LeaseLost(job.id)
 
-    async def _migrate(self) -> None:
-        (row,) = await self._db.execute_fetchall("PRAGMA user_version")
-        version = row[0]
-        if version > len(MIGRATIONS):
-            await self.close()
-            raise StoreUnavailable(
-                f"the database {self._path} was written by a newer version of the bot (schema {version}; this "
-                f"one knows {len(MIGRATIONS)}): run that version, or restore a backup made before the upgrade"
-            )
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            log.info("upgrading the database to schema version %d", number)
-            # One transaction per version: the schema change and its version number together.
-            await self._db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+    # -- jobs ---------------------------------------------------------------------------------
 
     async def create_job(self, request: JobRequest) -> Job:
         job = Job(**{f.name: getattr(request, f.name) for f in dataclasses.fields(JobRequest)})
         row = _to_row(job)
-        columns = ", ".join(row)
-        placeholders = ", ".join(f":{name}" for name in row)
-        inserted = await self._db.execute_insert(f"INSERT INTO jobs ({columns}) VALUES ({placeholders})", row)
-        assert inserted is not None
-        job.id = inserted[0]
+        job.id = await self._insert_job(job, row)
         self._written[job.id] = row
         return job
 
@@ -266,60 +425,74 @@ class Store:
         last = self._written.get(job.id)
         changed = row if last is None else {name: value for name, value in row.items() if last[name] != value}
         # Recorded before the write is awaited, so a second save of the job diffs against it;
-        # the one connection runs the two in order.
+        # the engine runs the two in order.
         if job.delivered_at is None:
             self._written[job.id] = row
         else:
             self._written.pop(job.id, None)  # finished: no more writes expected
         if changed:
-            assignments = ", ".join(f"{name} = :{name}" for name in changed)
-            connection = self._durable_connection if durable and self._durable_connection else self._db
             try:
-                await connection.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**changed, "id": job.id})
+                await self._update_job(job, changed, durable=durable)
             except BaseException:
                 # What the database holds is unknown now: the next save writes the whole row.
                 self._written.pop(job.id, None)
                 raise
+        if job.delivered_at is not None:
+            self.let_go(job)
 
     async def get_job(self, job_id: int) -> Job | None:
-        rows = list(await self._db.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+        rows = await self._fetch("SELECT * FROM jobs WHERE id = :id", {"id": job_id})
         return _from_row(rows[0]) if rows else None
 
-    async def unfinished_jobs(self, now: float) -> list[Job]:
-        """Every job a run left unfinished. A row that cannot be read (damaged, or written by
-        code that no longer exists) is closed and logged, so it cannot keep the bot from starting."""
+    async def _read_claimed(self, rows: Sequence[Row]) -> list[tuple[Job, Row]]:
+        """The jobs of claimed rows. A row that cannot be read (damaged, or written by code that no
+        longer exists) is closed and logged, so it cannot keep the bot from starting."""
         jobs = []
-        for row in await self._db.execute_fetchall("SELECT * FROM jobs WHERE delivered_at IS NULL ORDER BY id"):
+        for row in rows:
             try:
-                jobs.append(_from_row(row))
+                job = _from_row(row)
             except (KeyError, TypeError, ValueError) as exc:
                 log.error("job %s cannot be read (%s: %s); it is closed as failed", row["id"], type(exc).__name__, exc)
-                await self._db.execute(
-                    "UPDATE jobs SET state = 'failed', error_code = 'unreadable', delivered_at = ?, "
-                    "interaction_token = '' WHERE id = ?",
-                    (now, row["id"]),
+                await self._execute(
+                    "UPDATE jobs SET state = 'failed', error_code = 'unreadable', delivered_at = :now, "
+                    "interaction_token = '' WHERE id = :id",
+                    {"now": await self._clock(), "id": row["id"]},
                 )
+                continue
+            self._written[job.id] = _to_row(job)
+            jobs.append((job, row))
         return jobs
+
+    # -- per-server settings and usage ----------------------------------------------------------
 
     async def policy(self, guild_id: int) -> GuildPolicy:
         """The server's policy; a server that never changed it gets the defaults."""
         cached = self._policies.get(guild_id)
         if cached is None:
-            sql = "SELECT policy FROM guild_policies WHERE guild_id = ?"
-            rows = list(await self._db.execute_fetchall(sql, (guild_id,)))
+            sql = "SELECT policy FROM guild_policies WHERE guild_id = :guild"
+            rows = await self._fetch(sql, {"guild": guild_id})
             cached = self._policies[guild_id] = (
                 policy_from_dict(json.loads(rows[0]["policy"])) if rows else GuildPolicy()
             )
         return cached
 
     async def save_policy(self, guild_id: int, policy: GuildPolicy, *, by_user: int, now: float) -> None:
-        await self._db.execute(
-            "INSERT INTO guild_policies (guild_id, policy, updated_at, updated_by) VALUES (?, ?, ?, ?) "
+        await self._execute(
+            "INSERT INTO guild_policies (guild_id, policy, updated_at, updated_by) "
+            "VALUES (:guild, :policy, :now, :by) "
             "ON CONFLICT (guild_id) DO UPDATE SET policy = excluded.policy, "
             "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
-            (guild_id, json.dumps(policy_to_dict(policy)), now, by_user),
+            {"guild": guild_id, "policy": json.dumps(policy_to_dict(policy)), "now": now, "by": by_user},
         )
         self._policies[guild_id] = policy
+        await self._policy_changed(guild_id)
+
+    def _forget_policy(self, guild_id: int | None) -> None:
+        """Another process changed a server's policy (None: maybe any server's)."""
+        if guild_id is None:
+            self._policies.clear()
+        else:
+            self._policies.pop(guild_id, None)
 
     async def usage(self, guild_id: int, user_id: int, now: float, *, all_servers: bool = False) -> Usage:
         """What the policy's limits count. Each part reads an index range (a member's jobs since
@@ -337,45 +510,64 @@ class Store:
                 {f"(SELECT COALESCE(SUM({_IMAGES}), 0) FROM jobs WHERE created_at >= :month AND {_SPENT})" if all_servers else "0"}
         """
         args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": month_start(now)}
-        (row,) = await self._db.execute_fetchall(sql, args)  # one trip to the database thread
+        (row,) = await self._fetch(sql, args)  # one trip to the database
         return Usage(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]))
 
     async def daily_images(self, guild_id: int, since: float) -> dict[date, int]:
         """The images the budgets count, per UTC day, for a server's jobs since `since`."""
         sql = f"""
-            SELECT CAST(created_at / 86400 AS INTEGER) AS day, SUM({_IMAGES}) FROM jobs
-            WHERE guild_id = ? AND created_at >= ? AND {_SPENT} GROUP BY day
+            SELECT {self._day_of_created} AS day, SUM({_IMAGES}) FROM jobs
+            WHERE guild_id = :guild AND created_at >= :since AND {_SPENT} GROUP BY day
         """
-        rows = await self._db.execute_fetchall(sql, (guild_id, since))
+        rows = await self._fetch(sql, {"guild": guild_id, "since": since})
         return {datetime.fromtimestamp(row[0] * 86400, UTC).date(): int(row[1]) for row in rows}
+
+    # -- what the bot keeps about itself --------------------------------------------------------
 
     async def ping(self) -> None:
         """One trivial query: the database answers."""
-        await self._db.execute_fetchall("SELECT 1")
+        await self._fetch("SELECT 1", {})
 
     async def meta(self, key: str) -> str | None:
         """A value the bot keeps about itself (e.g. the commands last synced)."""
-        rows = list(await self._db.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,)))
+        rows = await self._fetch("SELECT value FROM meta WHERE key = :key", {"key": key})
         return str(rows[0]["value"]) if rows else None
 
     async def set_meta(self, key: str, value: str) -> None:
-        await self._db.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
+        await self._execute(
+            "INSERT INTO meta (key, value) VALUES (:key, :value) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            {"key": key, "value": value},
         )
+
+    async def take_turn(self, name: str, interval: float) -> float:
+        """Wait until `interval` seconds have passed since the last turn called `name` that any
+        process sharing the database took, then take this one (e.g. Discord's one IDENTIFY per
+        5 seconds). Returns the seconds waited."""
+        async with self.exclusive(f"turn:{name}"):
+            key = f"turn:{name}"
+            last = await self.meta(key)
+            wait = float(last) + interval - await self._clock() if last is not None else 0.0
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.set_meta(key, repr(await self._clock()))
+            return max(wait, 0.0)
 
     async def staged_input(self, source: str, *, now: float) -> str | None:
         """The durable copy of an input image made before, if it lasts past `now`."""
-        sql = "SELECT url FROM staged_inputs WHERE source = ? AND expires_at > ?"
-        rows = list(await self._db.execute_fetchall(sql, (source, now)))
+        sql = "SELECT url FROM staged_inputs WHERE source = :source AND expires_at > :now"
+        rows = await self._fetch(sql, {"source": source, "now": now})
         return str(rows[0]["url"]) if rows else None
 
     async def record_staged_input(self, source: str, url: str, *, expires_at: float) -> None:
-        await self._db.execute(
-            "INSERT INTO staged_inputs (source, url, expires_at) VALUES (?, ?, ?) "
+        await self._execute(
+            "INSERT INTO staged_inputs (source, url, expires_at) VALUES (:source, :url, :expires) "
             "ON CONFLICT (source) DO UPDATE SET url = excluded.url, expires_at = excluded.expires_at",
-            (source, url, expires_at),
+            {"source": source, "url": url, "expires": expires_at},
         )
 
-    async def _jobs(self, sql: str, args: Iterable[Any]) -> list[Job]:
-        return [_from_row(row) for row in await self._db.execute_fetchall(sql, tuple(args))]
+    @contextlib.asynccontextmanager
+    async def _local_lock(self, name: str) -> AsyncIterator[None]:
+        """`exclusive` for a store no other process uses."""
+        async with self._local_locks[name]:
+            yield

@@ -1,3 +1,4 @@
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,49 @@ def test_only_the_env_file_of_the_start_folder_is_read(tmp_path):
         timeout=20,
     )
     assert done.returncode == 2 and "DISCORD_TOKEN is not set" in done.stderr
+
+
+def test_one_process_on_sqlite_unless_a_database_is_shared():
+    settings = load_settings(SECRETS)
+    assert settings.database_url is None and settings.shard_count is None and settings.shard_ids is None
+    assert settings.instance_id == f"{socket.gethostname()}:{Path('./data').resolve()}"
+
+
+def test_a_cluster_process_reads_its_shards_and_database():
+    settings = load_settings(
+        {
+            **SECRETS,
+            "DATABASE_URL": "postgresql://kontext:s3cret@db/kontext",
+            "SHARD_COUNT": "16",
+            "SHARD_IDS": "0-3, 8,12-13",
+            "INSTANCE_ID": "bot-0",
+            "DISCORD_GATEWAY_URL": "wss://gateway-proxy.internal",
+            "LEASE_SECONDS": "30",
+            "HEARTBEAT_SECONDS": "10",
+        }
+    )
+    assert settings.shard_ids == (0, 1, 2, 3, 8, 12, 13) and settings.shard_count == 16
+    assert settings.instance_id == "bot-0" and settings.discord_gateway_url == "wss://gateway-proxy.internal"
+    assert settings.database_password == "s3cret" and "s3cret" not in repr(settings)
+    assert "database_url='postgresql://***@db/kontext'" in repr(settings)
+    hidden = load_settings({**SECRETS, "DATABASE_URL": "postgresql:///kontext?host=/run/pg&password=hush"})
+    assert hidden.database_password == "hush" and "hush" not in repr(hidden)
+
+
+@pytest.mark.parametrize(
+    "changes,named",
+    [
+        ({"SHARD_IDS": "0"}, "SHARD_IDS needs SHARD_COUNT"),
+        ({"SHARD_COUNT": "2", "SHARD_IDS": "2"}, "beyond SHARD_COUNT"),
+        ({"SHARD_COUNT": "2", "SHARD_IDS": "1-0"}, "SHARD_IDS"),
+        ({"SHARD_COUNT": "2", "SHARD_IDS": "1", "DATABASE_URL": ""}, "SHARD_IDS needs DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://db/kontext"}, "DATABASE_URL"),
+        ({"LEASE_SECONDS": "20", "HEARTBEAT_SECONDS": "10"}, "HEARTBEAT_SECONDS"),
+        ({"DISCORD_GATEWAY_URL": "ws://gateway.example"}, "DISCORD_GATEWAY_URL"),
+        ({"DISCORD_GATEWAY_URL": "https://gateway.example"}, "DISCORD_GATEWAY_URL"),
+    ],
+)
+def test_cluster_settings_that_cannot_work_are_refused(changes, named):
+    env = {**SECRETS, "DATABASE_URL": "postgresql://db/kontext", **changes}
+    with pytest.raises(SettingsError, match=named):
+        load_settings({name: value for name, value in env.items() if value})

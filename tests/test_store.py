@@ -1,4 +1,6 @@
-"""The SQLite store: migrations keep data, jobs round-trip, usage counts what the policy limits."""
+"""The store on both engines (SQLite, and a real PostgreSQL server): migrations keep data, jobs
+round-trip, usage counts what the policy limits. What only one engine has is tested on it (SQLite's
+two connections and disk errors here; PostgreSQL's leases in test_store_leases.py)."""
 
 from __future__ import annotations
 
@@ -6,18 +8,25 @@ import dataclasses
 import sqlite3
 import time
 import typing
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from services.fal_queue import FalRequest
 from services.flux_kontext import KontextEdit, KontextOptions
 from services.job import JobRequest, JobResult, JobState, ResultImage
 from services.policy import GuildPolicy
-from services.store import MIGRATIONS, Store
+from services.postgres_store import PostgresStore
+from services.sqlite_store import SqliteStore
+from services.store import MIGRATIONS, Store, migration_text
 
 NOW = time.time()
+
+Opener = Callable[[], Store]
 
 
 def request(user_id: int = 3, **changes) -> JobRequest:
@@ -37,13 +46,23 @@ def request(user_id: int = 3, **changes) -> JobRequest:
     return JobRequest(**values)
 
 
-async def test_upgrading_an_old_database_keeps_policies_and_jobs(tmp_path: Path):
+@pytest.fixture(params=["sqlite", "postgres"])
+async def new_store(request, tmp_path: Path) -> Opener:
+    """Opens a store on this test's database, as a (re)started bot would: SQLite in DATA_DIR, or
+    PostgreSQL as the same INSTANCE_ID (a restart of the same process)."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / "db.sqlite3")
+    url = await request.getfixturevalue("postgres_server").new_database()
+    return lambda: PostgresStore(url, instance_id="bot-0", lease_seconds=60)
+
+
+async def test_upgrading_an_old_sqlite_database_keeps_policies_and_jobs(tmp_path: Path):
     path = tmp_path / "kontext.sqlite3"
     with sqlite3.connect(path) as db:  # a database left by an older release (schema v2)
-        for number, script in enumerate(MIGRATIONS[:2], start=1):
-            db.executescript(f"{script}\nPRAGMA user_version = {number};")
+        for number, migration in enumerate(MIGRATIONS[:2], start=1):
+            db.executescript(f"{migration_text(migration, 'sqlite')}\nPRAGMA user_version = {number};")
         db.execute("INSERT INTO guild_policies VALUES (1, '{\"safety_maximum\": 4}', 0, 9)")
-    store = await Store(path).open()
+    store = await SqliteStore(path).open()
     try:
         assert (await store.policy(1)).safety_maximum == 4
         job = await store.create_job(request())
@@ -55,9 +74,31 @@ async def test_upgrading_an_old_database_keeps_policies_and_jobs(tmp_path: Path)
         assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
 
 
-async def test_a_job_round_trips_with_everything_it_carries(tmp_path: Path):
-    store = await Store(tmp_path / "db.sqlite3").open()
+async def test_upgrading_an_old_postgres_database_keeps_policies_and_jobs(database_url: str):
+    db = await asyncpg.connect(database_url)
+    try:  # schema v6: before leases
+        await db.execute(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (6)"
+        )
+        for migration in MIGRATIONS[:6]:
+            await db.execute(migration_text(migration, "postgres"))
+        await db.execute("INSERT INTO guild_policies VALUES (1, '{\"safety_maximum\": 4}', 0, 9)")
+    finally:
+        await db.close()
+    async with PostgresStore(database_url, instance_id="bot-0", lease_seconds=60) as store:
+        assert (await store.policy(1)).safety_maximum == 4
+        job = await store.create_job(request(guild_id=1 << 60))  # a snowflake needs 64 bits
+        loaded = await store.get_job(job.id)
+        assert loaded is not None and loaded.guild_id == 1 << 60 and loaded.delivered_parts == 0
+    db = await asyncpg.connect(database_url)
     try:
+        assert await db.fetchval("SELECT version FROM schema_version") == len(MIGRATIONS)
+    finally:
+        await db.close()
+
+
+async def test_a_job_round_trips_with_everything_it_carries_and_resumes_after_a_restart(new_store: Opener):
+    async with new_store() as store:
         job = await store.create_job(request(notes={"safety_limited_to": 3}, parent_job_id=None))
         job.state = JobState.SUCCEEDED
         job.message_id = 77
@@ -68,14 +109,12 @@ async def test_a_job_round_trips_with_everything_it_carries(tmp_path: Path):
         await store.save(job)
         loaded = await store.get_job(job.id)
         assert loaded == job
-        assert await store.unfinished_jobs(NOW) == [loaded]
-    finally:
-        await store.close()
+    async with new_store() as store:
+        assert await store.claim() == [loaded]
 
 
-async def test_usage_counts_what_the_limits_are_about(tmp_path: Path):
-    store = await Store(tmp_path / "db.sqlite3").open()
-    try:
+async def test_usage_counts_what_the_limits_are_about(new_store: Opener):
+    async with new_store() as store:
         await store.create_job(request())  # still running
         finished = await store.create_job(request())
         finished.state, finished.delivered_at = JobState.SUCCEEDED, NOW
@@ -86,27 +125,35 @@ async def test_usage_counts_what_the_limits_are_about(tmp_path: Path):
         cancelled_in_queue.request = FalRequest("rid2", "s", "r", "c")
         await store.save(cancelled_in_queue)
         await store.create_job(request(user_id=8))  # someone else
+        await store.create_job(request(guild_id=5))  # another server
         usage = await store.usage(1, 3, NOW)
         assert usage.member_jobs_today == 3
         assert usage.member_active_jobs == 1 and usage.guild_active_jobs == 2
         # in flight (reserved) + reached fal; the job cancelled before it started is free
         assert usage.guild_images_this_month == 2 + 2 + 2
         assert usage.member_last_job_at == cancelled_in_queue.created_at
-    finally:
-        await store.close()
+        assert (await store.usage(1, 3, NOW, all_servers=True)).all_images_this_month == 2 + 2 + 2 + 2
 
 
-async def test_policies_are_saved_and_read_back(tmp_path: Path):
-    path = tmp_path / "db.sqlite3"
-    store = await Store(path).open()
-    await store.save_policy(1, GuildPolicy(safety_maximum=5, allowed_channel_ids=frozenset({7})), by_user=9, now=NOW)
-    await store.close()
-    store = await Store(path).open()
-    try:
+async def test_daily_images_are_counted_per_utc_day(new_store: Opener):
+    day = datetime(2026, 3, 4, tzinfo=UTC).timestamp()
+    async with new_store() as store:
+        for created_at in (day + 1, day + 86399.9, day + 86400.2):
+            job = await store.create_job(request())
+            job.created_at = created_at
+            await store.save(job)
+        counts = await store.daily_images(1, since=day - 86400)
+    assert counts == {datetime(2026, 3, 4).date(): 4, datetime(2026, 3, 5).date(): 2}
+
+
+async def test_policies_are_saved_and_read_back(new_store: Opener):
+    async with new_store() as store:
+        await store.save_policy(
+            1, GuildPolicy(safety_maximum=5, allowed_channel_ids=frozenset({7})), by_user=9, now=NOW
+        )
+    async with new_store() as store:
         assert await store.policy(1) == GuildPolicy(safety_maximum=5, allowed_channel_ids=frozenset({7}))
         assert await store.policy(2) == GuildPolicy()
-    finally:
-        await store.close()
 
 
 def non_default_value(name: str, annotation: object, default: object) -> Any:
@@ -123,23 +170,46 @@ def non_default_value(name: str, annotation: object, default: object) -> Any:
     return value if value != default else 6
 
 
-async def test_every_policy_field_survives_a_restart(tmp_path: Path):
+async def test_every_policy_field_survives_a_restart(new_store: Opener):
     """A field the store cannot convert would silently fall back to its default after a restart."""
     hints = typing.get_type_hints(GuildPolicy)
     changed = GuildPolicy(
         **{f.name: non_default_value(f.name, hints[f.name], f.default) for f in dataclasses.fields(GuildPolicy)}
     )
     assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(GuildPolicy))
-    path = tmp_path / "db.sqlite3"
-    async with Store(path) as store:
-        await store.save_policy(1, changed, by_user=9, now=NOW)
-    async with Store(path) as store:
-        assert await store.policy(1) == changed
+    async with new_store() as store:
+        await store.save_policy(1 << 62, changed, by_user=1 << 61, now=NOW)
+    async with new_store() as store:
+        assert await store.policy(1 << 62) == changed
+
+
+async def test_meta_and_staged_inputs_are_kept(new_store: Opener):
+    async with new_store() as store:
+        await store.set_meta("synced", "a")
+        await store.set_meta("synced", "b")
+        await store.record_staged_input("cdn/x.png", "https://fal/x", expires_at=NOW + 60)
+        await store.record_staged_input("cdn/x.png", "https://fal/y", expires_at=NOW + 120)
+    async with new_store() as store:
+        assert await store.meta("synced") == "b" and await store.meta("other") is None
+        assert await store.staged_input("cdn/x.png", now=NOW + 90) == "https://fal/y"
+        assert await store.staged_input("cdn/x.png", now=NOW + 121) is None
+
+
+async def test_an_unreadable_row_is_closed_at_the_next_start(new_store: Opener):
+    async with new_store() as store:
+        broken = await store.create_job(request())
+        kept = await store.create_job(request())
+        await store._execute("UPDATE jobs SET state = 'melted' WHERE id = :id", {"id": broken.id})
+    async with new_store() as store:
+        assert [job.id for job in await store.claim()] == [kept.id]
+        closed = await store._fetch("SELECT * FROM jobs WHERE id = :id", {"id": broken.id})
+        assert closed[0]["error_code"] == "unreadable" and closed[0]["delivered_at"] is not None
+        assert closed[0]["interaction_token"] == ""
 
 
 async def test_a_failed_write_is_written_whole_by_the_next_save(tmp_path: Path):
     """A write that failed (disk full) must not leave save() believing the row is stored."""
-    async with Store(tmp_path / "db.sqlite3") as store:
+    async with SqliteStore(tmp_path / "db.sqlite3") as store:
         job = await store.create_job(request())
         ((pages,),) = await store._db.execute_fetchall("PRAGMA page_count")
         await store._db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is "full"
@@ -156,7 +226,7 @@ async def test_a_failed_write_is_written_whole_by_the_next_save(tmp_path: Path):
 async def test_the_write_recording_a_submit_survives_a_power_loss(tmp_path: Path):
     """NORMAL in WAL mode may roll back the last commits on a power loss; a durable save goes
     through the connection that commits with synchronous=FULL (which syncs every earlier commit)."""
-    async with Store(tmp_path / "db.sqlite3") as store:
+    async with SqliteStore(tmp_path / "db.sqlite3") as store:
         ((everyday,),) = await store._db.execute_fetchall("PRAGMA synchronous")
         assert store._durable_connection is not None
         ((durable,),) = await store._durable_connection.execute_fetchall("PRAGMA synchronous")

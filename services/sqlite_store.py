@@ -1,0 +1,149 @@
+"""The embedded store: SQLite (aiosqlite), one file in DATA_DIR, one process.
+
+WAL journal and one transaction per write: a `kill -9` at any moment leaves the last committed
+state, which is what resuming relies on. The DATA_DIR lock keeps a second process away, so this
+process drives every unfinished job: no leases, nothing to renew or hand back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import aiosqlite
+
+from .job import Job
+from .store import MIGRATIONS, LeaseReport, Row, Signal, Store, StoreUnavailable, lock_directory, migration_text
+
+log = logging.getLogger(__name__)
+
+
+class SqliteStore(Store):
+    """`SqliteStore(path)`: the database file at `path`, in a folder this process takes."""
+
+    _day_of_created = "CAST(created_at / 86400 AS INTEGER)"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._path = path
+        self._connection: aiosqlite.Connection | None = None
+        self._durable_connection: aiosqlite.Connection | None = None
+        self._lock: int | None = None
+
+    async def open(self) -> Self:
+        directory = self._path.parent
+        self._lock = lock_directory(directory)
+        # Two connections, each with its own thread. Writes commit without waiting for the disk
+        # (synchronous=NORMAL: a crash of the bot loses nothing, a power loss may lose the last
+        # commits), except those that must survive a power loss too, such as the one recording a
+        # submit under way: lost, the job would be submitted again. Those go through the second
+        # connection (synchronous=FULL), whose commit also makes every earlier one durable.
+        self._connection = await self._connect("NORMAL")
+        self._durable_connection = await self._connect("FULL")
+        for name in (self._path.name, f"{self._path.name}-wal", f"{self._path.name}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(directory / name, 0o600)
+        await self._migrate()
+        return self
+
+    async def _connect(self, synchronous: str) -> aiosqlite.Connection:
+        # Autocommit: each statement is its own transaction, one trip to the database thread.
+        connection = await aiosqlite.connect(self._path, isolation_level=None)
+        connection.row_factory = aiosqlite.Row
+        await connection.execute("PRAGMA busy_timeout=10000")  # the two connections take turns
+        await connection.execute("PRAGMA journal_mode=WAL")
+        await connection.execute(f"PRAGMA synchronous={synchronous}")
+        await connection.execute("PRAGMA foreign_keys=ON")
+        return connection
+
+    async def close(self) -> None:
+        for connection in (self._connection, self._durable_connection):
+            if connection is not None:
+                await connection.close()
+        self._connection = self._durable_connection = None
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock
+            self._lock = None
+
+    @property
+    def _db(self) -> aiosqlite.Connection:
+        if self._connection is None:
+            raise RuntimeError("the store is not open")
+        return self._connection
+
+    async def _migrate(self) -> None:
+        (row,) = await self._db.execute_fetchall("PRAGMA user_version")
+        version = row[0]
+        if version > len(MIGRATIONS):
+            await self.close()
+            raise StoreUnavailable(
+                f"the database {self._path} was written by a newer version of the bot (schema {version}; this "
+                f"one knows {len(MIGRATIONS)}): run that version, or restore a backup made before the upgrade"
+            )
+        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+            log.info("upgrading the database to schema version %d", number)
+            # One transaction per version: the schema change and its version number together.
+            script = migration_text(migration, "sqlite")
+            await self._db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+
+    async def _fetch(self, sql: str, args: Mapping[str, Any]) -> Sequence[Row]:
+        return list(await self._db.execute_fetchall(sql, args))
+
+    async def _execute(self, sql: str, args: Mapping[str, Any]) -> int:
+        cursor = await self._db.execute(sql, args)
+        return cursor.rowcount
+
+    async def _insert_job(self, job: Job, row: dict[str, Any]) -> int:
+        columns = ", ".join(row)
+        placeholders = ", ".join(f":{name}" for name in row)
+        inserted = await self._db.execute_insert(f"INSERT INTO jobs ({columns}) VALUES ({placeholders})", row)
+        assert inserted is not None
+        return int(inserted[0])
+
+    async def _update_job(self, job: Job, changed: dict[str, Any], *, durable: bool) -> None:
+        assignments = ", ".join(f"{name} = :{name}" for name in changed)
+        connection = self._durable_connection if durable and self._durable_connection else self._db
+        await connection.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**changed, "id": job.id})
+
+    async def claim(self) -> list[Job]:
+        """Every job a previous run left unfinished: this process is the only one."""
+        rows = await self._fetch("SELECT * FROM jobs WHERE delivered_at IS NULL ORDER BY id", {})
+        return [job for job, _ in await self._read_claimed(rows)]
+
+    async def renew(self) -> LeaseReport:
+        return LeaseReport()
+
+    async def release(self) -> None:
+        """Nothing to hand back: the next start of this process resumes every unfinished job."""
+
+    def holds(self, job: Job) -> bool:
+        return True
+
+    def let_go(self, job: Job) -> None:
+        """A job left unfinished is resumed at the next start."""
+
+    async def request_cancel(self, job_id: int, by_user: int) -> bool:
+        return False  # a job this process does not drive is finished, or waits for the next start
+
+    async def answer_cancel(self, job_id: int, by_user: int, answer: str) -> None:
+        raise RuntimeError("no other process asks an unshared store's jobs to cancel")
+
+    async def cancel_answer(self, job_id: int, *, wait: float) -> str | None:
+        return None
+
+    def on_signal(self, kind: Signal, callback: Callable[[], None]) -> None:
+        """No other process sends signals."""
+
+    async def _policy_changed(self, guild_id: int) -> None:
+        """No other process caches policies."""
+
+    def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._local_lock(name)
+
+    async def _clock(self) -> float:
+        return time.time()
