@@ -3180,21 +3180,21 @@ def custom_ids(components: list) -> list[str]:
     return found
 
 
-def _walk_components(node: Any):
+def walk_components(node: Any):
     """Every component dict in a component tree (children, accessories, label components)."""
     if isinstance(node, list):
         for c in node:
-            yield from _walk_components(c)
+            yield from walk_components(c)
     elif isinstance(node, dict) and "type" in node:
         yield node
         for key in ("components", "accessory", "component"):
             if key in node:
-                yield from _walk_components(node[key])
+                yield from walk_components(node[key])
 
 
 def _component_stats(comps: list) -> dict:
     stats: dict = {"count": 0, "text": 0, "custom_ids": [], "ids": [], "media": [], "buttons": []}
-    for c in _walk_components(comps):
+    for c in walk_components(comps):
         stats["count"] += 1
         if c.get("type") == 2:
             # docs components/reference.mdx (Button Structure): which fields each style must have
@@ -3230,7 +3230,7 @@ def _first_duplicate(values: list) -> Any:
 
 
 def _media_dicts(components: list):
-    for c in _walk_components(components):
+    for c in walk_components(components):
         t = c.get("type")
         if t == 11 and isinstance(c.get("media"), dict):
             yield c["media"]
@@ -3268,7 +3268,7 @@ def _resolve_media(components: list, attachments: list[dict]) -> list:
 
 def text_displays(components: list) -> list[str]:
     """The contents of every Text Display in a component tree, in order."""
-    return [c["content"] for c in _walk_components(components) if c.get("type") == 10 and "content" in c]
+    return [c["content"] for c in walk_components(components) if c.get("type") == 10 and "content" in c]
 
 
 def media_gallery_items(message: Any) -> list[dict]:
@@ -3276,7 +3276,7 @@ def media_gallery_items(message: Any) -> list[dict]:
     plus `filename` and `data` (the bytes) when it shows one of the message's attachments."""
     by_id = {a["id"]: a for a in message.attachments}
     out = []
-    for c in _walk_components(message.components):
+    for c in walk_components(message.components):
         if c.get("type") != 12:
             continue
         for item in c.get("items") or []:

@@ -191,10 +191,13 @@ def test_personal_use_settings_that_would_surprise_the_operator_stop_the_bot(set
 # -- 3. a job that outlives the 15-minute reply --------------------------------------------------
 
 
-async def test_a_job_outliving_its_reply_where_the_bot_cannot_post_comes_by_dm(world):
+@pytest.mark.parametrize("dms_open", [True, False], ids=["dm", "dms-closed"])
+async def test_a_job_outliving_its_reply_where_the_bot_cannot_post_comes_by_dm(world, dms_open):
     world.fal.default = JobScript(queue_positions=(6, 5, 4, 3, 2, 1, 0), step=1.0)
     await world.start_bot(**PERSONAL)
     alone = server_without_the_bot(world)
+    if not dms_open:
+        world.discord.dms_closed.add(world.discord.alice["id"])
     handle = await kontext_in(world, guild_id=alone.id, context="user_guild")
     await handle.wait_until(lambda h: shows(h, "In queue"))
     await world.bot.kill()
@@ -204,6 +207,11 @@ async def test_a_job_outliving_its_reply_where_the_bot_cannot_post_comes_by_dm(w
     # Before its token ends, the reply says where the result will go...
     await handle.wait_until(lambda h: shows(h, "the result will come in a DM from the bot"), timeout=10)
     world.discord.age_interactions(16 * 60)  # ...then the token dies
+    if not dms_open:  # nowhere left to show it: the job is closed, with the reason logged
+        await world.discord.wait_until(lambda: job_rows(world)[0]["delivered_at"] is not None, timeout=15)
+        assert "job 1 cannot be shown (Discord refused the bot's post: 403 50007)" in world.bot.log_text()
+        assert dm_messages(world) == [] and bot_posts_in(world, alone) == []
+        return
     await world.discord.wait_until(lambda: dm_messages(world), timeout=15)
     (card,) = dm_messages(world)
     link = f"https://discord.com/channels/{alone.id}/{handle.channel_id}/{handle.original.id}"
