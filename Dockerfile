@@ -17,6 +17,8 @@ RUN pip install --no-cache-dir -r requirements.txt
 COPY bot.py ./
 COPY cogs ./cogs
 COPY services ./services
+# The texts in other languages, read at start-up.
+COPY locales ./locales
 
 RUN useradd --system --uid 10001 --no-create-home kontext \
     && mkdir -p /data && chown kontext /data

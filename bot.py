@@ -24,11 +24,13 @@ from dotenv import load_dotenv
 from cogs.errors import KontextTree
 from cogs.intake import JobIntake
 from cogs.presenter import DiscordPresenter
+from cogs.translation import KontextTranslator
 from cogs.views import JobButton
 from services.config import CommandSync, Settings, SettingsError, load_settings
 from services.fal_account import AccountGate
 from services.fal_queue import FalQueueClient
 from services.fal_storage import FalStorage
+from services.i18n import catalogs
 from services.input_images import InputStager
 from services.leases import LeaseKeeper
 from services.log_format import configure_logging
@@ -64,9 +66,13 @@ class KontextBot(commands.AutoShardedBot):
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
             tree_cls=KontextTree,
-            # Installed to a server, used in a server: the commands say so to Discord.
-            allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
-            allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=False, private_channel=False),
+            # Where the commands are offered: servers that added the bot, and with PERSONAL_USE
+            # also wherever a member installed it to their account (DMs with the bot, group DMs,
+            # servers without it). /kontext-admin narrows this to servers (cogs/admin.py).
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=settings.personal.allowed),
+            allowed_contexts=app_commands.AppCommandContext(
+                guild=True, dm_channel=settings.personal.allowed, private_channel=settings.personal.allowed
+            ),
             **_shard_options(settings),
         )
         self.settings = settings
@@ -128,6 +134,7 @@ class KontextBot(commands.AutoShardedBot):
         self.add_dynamic_items(JobButton)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
+        await self.tree.set_translator(KontextTranslator())
         await self._sync_commands()
         resumed = await self.runner.resume()
         if resumed:
@@ -163,7 +170,12 @@ class KontextBot(commands.AutoShardedBot):
         if guild is not None:
             self.tree.copy_global_to(guild=guild)
         where = f"to guild {guild_id}" if guild_id else "globally"
-        payload = [command.to_dict(self.tree) for command in self.tree.get_commands(guild=guild)]
+        translator = self.tree.translator
+        assert translator is not None, "setup_hook sets it"
+        payload = [
+            await command.get_translated_payload(self.tree, translator)
+            for command in self.tree.get_commands(guild=guild)
+        ]
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         key = f"synced_commands:{self.application_id}:{guild_id or 'global'}"
         if mode is CommandSync.AUTO and await self.store.meta(key) == digest:
@@ -333,6 +345,7 @@ def main() -> int:
     secrets = [settings.discord_token, settings.fal_key, settings.database_password or ""]
     configure_logging(getattr(logging, settings.log_level), settings.log_format, secrets=secrets)
     log.info("starting with %r", settings)
+    log.info("texts in English and %s", ", ".join(catalogs().languages) or "no other language")
     # Everything the bot writes (database, result files) is readable by its own user only.
     os.umask(0o077)
     try:

@@ -13,11 +13,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from services.policy import POLICY_FIELDS, validate_policy
+from services.i18n import N_, Texts
+from services.policy import POLICY_FIELDS, GuildPolicy, validate_policy
 from services.usage_chart import last_days, render_usage_chart, usage_summary_text
 
 from .errors import UserFacingError
 from .modlog import post_to_log_channel
+from .translation import member_texts, server_texts
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -25,66 +27,78 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVERYTHING = "everything"
+NOTHING_CHANGED = N_("Nothing changed: those were already the settings.")
+POLICY_CHANGED = N_("🛠️ {moderator} changed the Kontext policy:")
 CHART_DAYS = 30
 
 
-def format_value(name: str, value: Any) -> str:
+def format_value(name: str, value: Any, _: Texts) -> str:
     """A policy value as moderators read it."""
     if name == "allowed_channel_ids":
-        return ", ".join(f"<#{channel}>" for channel in sorted(value)) if value else "every channel"
+        return ", ".join(f"<#{channel}>" for channel in sorted(value)) if value else _("every channel")
     if value is None:
-        return "not set" if name in ("required_role_id", "log_channel_id") else "no limit"
+        return _("not set") if name in ("required_role_id", "log_channel_id") else _("no limit")
     if name == "required_role_id":
         return f"<@&{value}>"
     if name == "log_channel_id":
         return f"<#{value}>"
     if name == "monthly_usd_budget":
-        return f"${value:,.2f}"
+        return _.money(value)
     if name == "cooldown_seconds":
-        return f"{value}s" if value else "none"
+        return _("{seconds} s", seconds=value) if value else _("none")
     return str(value)
 
 
-@app_commands.guild_only()
+# A server's own moderation: installed to the server and used in it only, whatever the bot's
+# defaults for the other commands (discord.py merges these over them).
+@app_commands.allowed_installs(guilds=True, users=False)
+@app_commands.allowed_contexts(guilds=True, dms=False, private_channels=False)
 @app_commands.default_permissions(manage_guild=True)
-class Admin(commands.GroupCog, group_name="kontext-admin", group_description="Moderate the Kontext bot in this server"):
+class Admin(
+    commands.GroupCog, group_name="kontext-admin", group_description=N_("Moderate the Kontext bot in this server")
+):
     """Visible by default to members with Manage Server; checked again on every use, since
     server admins can show the commands to anyone."""
 
-    access = app_commands.Group(name="access", description="Where and by whom /kontext may be used")
+    access = app_commands.Group(name="access", description=N_("Where and by whom /kontext may be used"))
 
     def __init__(self, bot: KontextBot) -> None:
         self.bot = bot
         super().__init__()
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.guild_id is None or not interaction.is_guild_integration():
+            raise app_commands.NoPrivateMessage()
         if not interaction.permissions.manage_guild:
             raise app_commands.MissingPermissions(["manage_guild"])
         return True
 
     # -- reading ------------------------------------------------------------------------------
 
-    @app_commands.command(name="show", description="This server's Kontext policy and this month's usage")
+    @app_commands.command(name="show", description=N_("This server's Kontext policy and this month's usage"))
     async def show(self, interaction: discord.Interaction) -> None:
         assert interaction.guild_id is not None
+        _ = member_texts(interaction)
         now = time.time()
         policy = await self.bot.store.policy(interaction.guild_id)
         usage = await self.bot.store.usage(interaction.guild_id, interaction.user.id, now)
-        embed = discord.Embed(title="Kontext policy", colour=discord.Colour.blurple())
+        embed = discord.Embed(title=_("Kontext policy"), colour=discord.Colour.blurple())
         for name, info in POLICY_FIELDS.items():
-            embed.add_field(name=info.label, value=format_value(name, getattr(policy, name)))
+            embed.add_field(name=_(info.label), value=format_value(name, getattr(policy, name), _))
         cost = usage.guild_images_this_month * self.bot.settings.price_per_image_usd
+        images = _.ngettext("{count} image", "{count} images", usage.guild_images_this_month)
+        running = _.ngettext("{count} job running now", "{count} jobs running now", usage.guild_active_jobs)
         embed.add_field(
-            name="This month",
-            value=f"{usage.guild_images_this_month} image(s), about ${cost:,.2f} "
-            f"· {usage.guild_active_jobs} job(s) running now",
+            name=_("This month"),
+            value=_("{images}, about {cost} · {running}", images=images, cost=_.money(cost), running=running),
             inline=False,
         )
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
-    @app_commands.command(name="usage", description="A chart of this server's last 30 days and this month's spend")
+    @app_commands.command(name="usage", description=N_("A chart of this server's last 30 days and this month's spend"))
     async def usage(self, interaction: discord.Interaction) -> None:
         assert interaction.guild_id is not None
+        _ = member_texts(interaction)
         now = time.time()
         price = self.bot.settings.price_per_image_usd
         policy = await self.bot.store.policy(interaction.guild_id)
@@ -96,11 +110,15 @@ class Admin(commands.GroupCog, group_name="kontext-admin", group_description="Mo
         if budget is None and policy.monthly_image_budget is not None and price > 0:
             budget = policy.monthly_image_budget * price
         spent = usage.guild_images_this_month * price
-        guild_name = interaction.guild.name if interaction.guild else "this server"
+        guild_name = interaction.guild.name if interaction.guild else _("this server")
         chart = render_usage_chart(
-            days, monthly_budget_usd=budget, month_spent_usd=spent, title=f"Kontext in {guild_name}"
+            days,
+            monthly_budget_usd=budget,
+            month_spent_usd=spent,
+            title=_("Kontext in {server}", server=guild_name),
+            in_language=_,
         )
-        summary = usage_summary_text(days, budget, spent)
+        summary = usage_summary_text(days, budget, spent, _)
         # The same facts as text, for screen readers: in the message and as the image's alt text.
         await interaction.response.send_message(
             summary,
@@ -110,11 +128,11 @@ class Admin(commands.GroupCog, group_name="kontext-admin", group_description="Mo
 
     # -- changing -----------------------------------------------------------------------------
 
-    @app_commands.command(name="safety", description="How permissive the model's safety_tolerance may be")
+    @app_commands.command(name="safety", description=N_("How permissive the model's safety_tolerance may be"))
     @app_commands.describe(
-        default="Used when a member sets none (1 strictest .. 6 most permissive)",
-        maximum="Highest a member may ask for in ordinary channels",
-        nsfw_maximum="Highest allowed in age-restricted channels",
+        default=N_("Used when a member sets none (1 strictest .. 6 most permissive)"),
+        maximum=N_("Highest a member may ask for in ordinary channels"),
+        nsfw_maximum=N_("Highest allowed in age-restricted channels"),
     )
     async def safety(
         self,
@@ -127,34 +145,34 @@ class Admin(commands.GroupCog, group_name="kontext-admin", group_description="Mo
             interaction, safety_default=default, safety_maximum=maximum, safety_nsfw_maximum=nsfw_maximum
         )
 
-    @access.command(name="channel-add", description="Allow /kontext in this channel (then only listed channels)")
+    @access.command(name="channel-add", description=N_("Allow /kontext in this channel (then only listed channels)"))
     async def channel_add(self, interaction: discord.Interaction, channel: discord.TextChannel) -> None:
         policy = await self.bot.store.policy(interaction.guild_id or 0)
         await self._change(interaction, allowed_channel_ids=policy.allowed_channel_ids | {channel.id})
 
-    @access.command(name="channel-remove", description="Stop allowing /kontext in this channel")
+    @access.command(name="channel-remove", description=N_("Stop allowing /kontext in this channel"))
     async def channel_remove(self, interaction: discord.Interaction, channel: discord.TextChannel) -> None:
         policy = await self.bot.store.policy(interaction.guild_id or 0)
         if channel.id not in policy.allowed_channel_ids:
-            raise UserFacingError(f"{channel.mention} is not in the list of allowed channels.")
+            raise UserFacingError(N_("{channel} is not in the list of allowed channels."), channel=channel.mention)
         await self._change(interaction, allowed_channel_ids=policy.allowed_channel_ids - {channel.id})
 
-    @access.command(name="all-channels", description="Allow /kontext in every channel again")
+    @access.command(name="all-channels", description=N_("Allow /kontext in every channel again"))
     async def all_channels(self, interaction: discord.Interaction) -> None:
         await self._change(interaction, allowed_channel_ids=frozenset())
 
-    @access.command(name="role", description="Require a role to use /kontext (reset it to allow everyone)")
+    @access.command(name="role", description=N_("Require a role to use /kontext (reset it to allow everyone)"))
     async def role(self, interaction: discord.Interaction, role: discord.Role) -> None:
         await self._change(interaction, required_role_id=role.id)
 
-    @app_commands.command(name="limits", description="How often and how much members may use the bot")
+    @app_commands.command(name="limits", description=N_("How often and how much members may use the bot"))
     @app_commands.describe(
-        cooldown_seconds="Seconds a member waits between two jobs",
-        daily_jobs="Jobs per member per day (UTC)",
-        member_concurrent="Jobs one member may have running at once",
-        server_concurrent="Jobs the whole server may have running at once",
-        monthly_images="Images per month for the whole server",
-        monthly_usd="US dollars per month for the whole server (at the configured price per image)",
+        cooldown_seconds=N_("Seconds a member waits between two jobs"),
+        daily_jobs=N_("Jobs per member per day (UTC)"),
+        member_concurrent=N_("Jobs one member may have running at once"),
+        server_concurrent=N_("Jobs the whole server may have running at once"),
+        monthly_images=N_("Images per month for the whole server"),
+        monthly_usd=N_("US dollars per month for the whole server (at the configured price per image)"),
     )
     async def limits(
         self,
@@ -176,14 +194,14 @@ class Admin(commands.GroupCog, group_name="kontext-admin", group_description="Mo
             monthly_usd_budget=monthly_usd,
         )
 
-    @app_commands.command(name="log-channel", description="Post one line per job (and every policy change) here")
+    @app_commands.command(name="log-channel", description=N_("Post one line per job (and every policy change) here"))
     async def log_channel(self, interaction: discord.Interaction, channel: discord.TextChannel) -> None:
         await self._change(interaction, log_channel_id=channel.id)
 
-    @app_commands.command(name="reset", description="Put a setting (or everything) back to its default")
+    @app_commands.command(name="reset", description=N_("Put a setting (or everything) back to its default"))
     @app_commands.choices(
         setting=[app_commands.Choice(name=info.label, value=name) for name, info in POLICY_FIELDS.items()]
-        + [app_commands.Choice(name="Everything", value=EVERYTHING)]
+        + [app_commands.Choice(name=N_("Everything"), value=EVERYTHING)]
     )
     async def reset(self, interaction: discord.Interaction, setting: str) -> None:
         names = list(POLICY_FIELDS) if setting == EVERYTHING else [setting]
@@ -191,32 +209,40 @@ class Admin(commands.GroupCog, group_name="kontext-admin", group_description="Mo
 
     async def _change(self, interaction: discord.Interaction, _explicit: bool = False, **values: Any) -> None:
         """Apply the given values (None = option not given, unless `_explicit`), validate, store,
-        confirm to the moderator and note it in the log channel."""
+        confirm to the moderator (in their language) and note it in the log channel (in the
+        server's)."""
         assert interaction.guild_id is not None
+        _ = member_texts(interaction)
         changes = values if _explicit else {name: value for name, value in values.items() if value is not None}
         if not changes:
-            raise UserFacingError("Give at least one option to change.")
+            raise UserFacingError(N_("Give at least one option to change."))
         old = await self.bot.store.policy(interaction.guild_id)
         new = dataclasses.replace(old, **changes)
-        problems = validate_policy(new)
+        problems = validate_policy(new, _)
         if problems:
-            raise UserFacingError("Not saved: " + "; ".join(problems))
+            raise UserFacingError(N_("Not saved: {problems}"), problems="; ".join(problems))
         await self.bot.store.save_policy(interaction.guild_id, new, by_user=interaction.user.id, now=time.time())
-        lines = [
-            f"**{POLICY_FIELDS[name].label}**: {format_value(name, getattr(old, name))} → {format_value(name, getattr(new, name))}"
-            for name in changes
-            if getattr(old, name) != getattr(new, name)
-        ] or ["Nothing changed: those were already the settings."]
+        changed = [name for name in changes if getattr(old, name) != getattr(new, name)]
         log.info(
             "guild %d: %s changed the policy: %s",
             interaction.guild_id,
             interaction.user.id,
             {name: getattr(new, name) for name in changes},
         )
-        await interaction.response.send_message("\n".join(lines), ephemeral=True)
-        await post_to_log_channel(
-            self.bot, new, f"🛠️ {interaction.user.mention} changed the Kontext policy:\n" + "\n".join(lines)
-        )
+        await interaction.response.send_message(_change_text(changed, old, new, _), ephemeral=True)
+        server = server_texts(self.bot, interaction.guild_id)
+        heading = server(POLICY_CHANGED, moderator=interaction.user.mention)
+        await post_to_log_channel(self.bot, new, f"{heading}\n{_change_text(changed, old, new, server)}")
+
+
+def _change_text(names: list[str], old: GuildPolicy, new: GuildPolicy, _: Texts) -> str:
+    """One line per setting changed: its label, the old value and the new."""
+    lines = [
+        f"**{_(POLICY_FIELDS[name].label)}**: {format_value(name, getattr(old, name), _)} → "
+        f"{format_value(name, getattr(new, name), _)}"
+        for name in names
+    ]
+    return "\n".join(lines) or _(NOTHING_CHANGED)
 
 
 async def setup(bot: KontextBot) -> None:

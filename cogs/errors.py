@@ -10,8 +10,12 @@ from discord import app_commands
 
 from services.fal_queue import FalAccountLocked
 from services.flux_kontext import InvalidEdit
+from services.i18n import LocalizedError, Texts
+from services.job import JobPlace
 from services.policy import GuildPolicy, RefusalReason, Refused
 from services.runner import RunnerStopped
+
+from .translation import member_texts
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -19,46 +23,87 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class UserFacingError(Exception):
-    """Raised by commands and buttons with a message meant for the member who used them."""
+class UserFacingError(LocalizedError):
+    """Raised by commands and buttons with a message meant for the member who used them: an
+    English template marked with `N_` and its values, shown in the member's language."""
 
 
 class NotServedHere(app_commands.CheckFailure):
     """The operator does not let the bot work in this server (ALLOWED_GUILD_IDS)."""
 
 
-class PolicyRefusal(Exception):
-    """The server's policy does not let this member start a job now."""
+class PersonalUseOff(app_commands.CheckFailure):
+    """The operator lets the bot work only in servers that added it (PERSONAL_USE is off)."""
 
-    def __init__(self, refused: Refused, policy: GuildPolicy) -> None:
+
+class PolicyRefusal(Exception):
+    """The policy (the server's, or the operator's for personal use) does not let this member
+    start a job now."""
+
+    def __init__(self, refused: Refused, policy: GuildPolicy, *, personal: bool = False) -> None:
         super().__init__(refused.reason.value)
         self.refused = refused
         self.policy = policy
+        self.personal = personal
 
 
-def refusal_text(refused: Refused, policy: GuildPolicy) -> str:
+def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: bool = False) -> str:
     """Why a member may not start a job now, and when they can try again."""
-    when = f" <t:{int(refused.retry_at)}:R>" if refused.retry_at else ""
-    limit = refused.limit
+    when = f"<t:{int(refused.retry_at)}:R>" if refused.retry_at else ""
+    limit = int(refused.limit) if isinstance(refused.limit, int) else 0
     reason = refused.reason
     if reason is RefusalReason.CHANNEL_NOT_ALLOWED:
         channels = ", ".join(f"<#{channel}>" for channel in sorted(policy.allowed_channel_ids)[:10])
-        return f"Kontext isn't enabled in this channel. It works in {channels}."
+        return _("Kontext isn't enabled in this channel. It works in {channels}.", channels=channels)
     if reason is RefusalReason.MISSING_ROLE:
-        return f"You need the <@&{policy.required_role_id}> role to use `/kontext` in this server."
+        return _("You need the <@&{role}> role to use `/kontext` in this server.", role=policy.required_role_id)
     if reason is RefusalReason.MEMBER_CONCURRENCY:
-        return f"You already have {limit} edit(s) running. Wait for one to finish, then try again."
+        return _.ngettext(
+            "You already have {count} edit running. Wait for it to finish, then try again.",
+            "You already have {count} edits running. Wait for one to finish, then try again.",
+            limit,
+        )
     if reason is RefusalReason.GUILD_CONCURRENCY:
-        return f"This server already has {limit} edit(s) running. Please try again in a moment."
+        return _.ngettext(
+            "This server already has {count} edit running. Please try again in a moment.",
+            "This server already has {count} edits running. Please try again in a moment.",
+            limit,
+        )
     if reason is RefusalReason.COOLDOWN:
-        return f"Slow down: this server allows one edit every {limit}s. You can start the next one{when}."
+        return _.ngettext(
+            "Slow down: this server allows one edit every {count} second. You can start the next one {when}.",
+            "Slow down: this server allows one edit every {count} seconds. You can start the next one {when}.",
+            limit,
+            when=when,
+        )
     if reason is RefusalReason.DAILY_LIMIT:
-        return f"You've used your {limit} edit(s) for today. You can start more{when}."
+        if personal:
+            return _.ngettext(
+                "You've used your {count} edit for today outside servers that added the bot. You can start more {when}.",
+                "You've used your {count} edits for today outside servers that added the bot. You can start more {when}.",
+                limit,
+                when=when,
+            )
+        return _.ngettext(
+            "You've used your {count} edit for today. You can start more {when}.",
+            "You've used your {count} edits for today. You can start more {when}.",
+            limit,
+            when=when,
+        )
     if reason is RefusalReason.MONTHLY_IMAGE_BUDGET:
-        return f"This server's monthly budget of {limit} image(s) would be exceeded. It resets{when}."
+        return _.ngettext(
+            "This server's monthly budget of {count} image would be exceeded. It resets {when}.",
+            "This server's monthly budget of {count} images would be exceeded. It resets {when}.",
+            limit,
+            when=when,
+        )
     if reason is RefusalReason.OPERATOR_BUDGET:
-        return f"The bot's monthly budget for all servers is used up. It resets{when}."
-    return f"This server's monthly budget of ${limit:,.2f} would be exceeded. It resets{when}."
+        return _("The bot's monthly budget is used up. It resets {when}.", when=when)
+    return _(
+        "This server's monthly budget of {amount} would be exceeded. It resets {when}.",
+        amount=_.money(float(refused.limit or 0)),
+        when=when,
+    )
 
 
 async def tell(interaction: discord.Interaction, message: str) -> None:
@@ -69,59 +114,79 @@ async def tell(interaction: discord.Interaction, message: str) -> None:
         await interaction.response.send_message(message, ephemeral=True)
 
 
-def describe(error: Exception) -> str | None:
+def describe(error: Exception, _: Texts) -> str | None:
     """The member-facing text for an error, or None for a bug (logged, then a generic text)."""
     if isinstance(error, app_commands.CommandInvokeError):
         error = error.original
     if isinstance(error, UserFacingError):
-        return str(error)
+        return _.error(error)
     if isinstance(error, NotServedHere):
-        return "The Kontext bot is not enabled for this server."
+        return _("The Kontext bot is not enabled for this server.")
+    if isinstance(error, PersonalUseOff):
+        return _("The Kontext bot works only in servers that added it.")
     if isinstance(error, PolicyRefusal):
-        return refusal_text(error.refused, error.policy)
+        return refusal_text(error.refused, error.policy, _, personal=error.personal)
     if isinstance(error, InvalidEdit):
-        return f"That can't be sent to FLUX.1 Kontext: {error}."
+        return _("That can't be sent to FLUX.1 Kontext: {reason}.", reason=_.error(error))
     if isinstance(error, RunnerStopped):
-        return "The bot is restarting. Please try again in a minute."
+        return _("The bot is restarting. Please try again in a minute.")
     if isinstance(error, FalAccountLocked):
-        return (
+        return _(
             "The bot's fal.ai account can't take edits right now (it is out of credit or locked). "
             "The bot's operator has been told; please try again later. Nothing was charged."
         )
     if isinstance(error, app_commands.MissingPermissions):
-        return (
-            "You need the "
-            + ", ".join(p.replace("_", " ").title() for p in error.missing_permissions)
-            + " permission for this."
+        return _(
+            "You need the {permissions} permission for this.",
+            permissions=", ".join(p.replace("_", " ").title() for p in error.missing_permissions),
         )
     if isinstance(error, app_commands.NoPrivateMessage):
-        return "This only works in a server."
+        return _("This only works in a server.")
     if isinstance(error, app_commands.CommandOnCooldown):
-        return f"Slow down: try again in {error.retry_after:.0f}s."
+        return _("Slow down: try again in {seconds} s.", seconds=_.number(error.retry_after))
     if isinstance(error, app_commands.CheckFailure):
-        return "You can't use this here."
+        return _("You can't use this here.")
     if isinstance(error, app_commands.TransformerError):
-        return f"That value doesn't fit: {error.value!r}."
+        return _("That value doesn't fit: {value}.", value=repr(error.value))
     return None
 
 
 async def report(interaction: discord.Interaction, error: Exception) -> None:
-    message = describe(error)
+    _ = member_texts(interaction)
+    message = describe(error, _)
     if message is None:
         command = interaction.command.qualified_name if interaction.command else "a component"
         log.error("unexpected error in %s", command, exc_info=error)
-        message = "Something went wrong on the bot's side. It has been logged; please try again."
+        message = _("Something went wrong on the bot's side. It has been logged; please try again.")
     try:
         await tell(interaction, message)
     except discord.HTTPException:
         log.warning("could not tell the member about an error", exc_info=True)
 
 
+def place_of(interaction: discord.Interaction) -> JobPlace:
+    """Whose policy governs an interaction, and where the bot may post: a server that installed
+    the bot (its id in `authorizing_integration_owners["0"]`), the member's DM with the bot, or
+    anywhere else only the member's own install of the app reaches (a group DM, a server without
+    the bot)."""
+    if interaction.guild_id is not None and interaction.is_guild_integration():
+        return JobPlace.SERVER
+    if interaction.guild_id is None and interaction.context.dm_channel:
+        return JobPlace.BOT_DM
+    return JobPlace.EXTERNAL
+
+
 class KontextTree(app_commands.CommandTree["KontextBot"]):
     """The command tree whose error handler is `report`: one place for every command's errors."""
 
     async def interaction_check(self, interaction: discord.Interaction[KontextBot]) -> bool:
-        if interaction.guild_id is not None and not interaction.client.settings.serves_guild(interaction.guild_id):
+        """The operator's say on where the bot works: the servers of ALLOWED_GUILD_IDS, and
+        outside servers that added it only with PERSONAL_USE."""
+        settings = interaction.client.settings
+        if place_of(interaction).personal:
+            if not settings.personal.allowed:
+                raise PersonalUseOff()
+        elif not settings.serves_guild(interaction.guild_id):
             raise NotServedHere()
         return True
 

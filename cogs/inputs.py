@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import discord
 
+from services.i18n import N_
 from services.images import ACCEPTED_CONTENT_TYPES, declared_image_type
 from services.input_images import hosted_on
 
@@ -20,30 +21,36 @@ def image_url(attachment: discord.Attachment, max_bytes: int) -> str:
     """The attachment's URL for fal to fetch, once it is known to be an image fal can read."""
     if not is_image_attachment(attachment):
         kinds = ", ".join(sorted(t.split("/")[1].upper() for t in ACCEPTED_CONTENT_TYPES))
-        raise UserFacingError(f"`{attachment.filename}` is not an image Kontext can read. Please attach {kinds}.")
+        raise UserFacingError(
+            N_("`{name}` is not an image Kontext can read. Please attach {kinds}."),
+            name=attachment.filename,
+            kinds=kinds,
+        )
     if attachment.size <= 0:
-        raise UserFacingError(f"`{attachment.filename}` is empty.")
+        raise UserFacingError(N_("`{name}` is empty."), name=attachment.filename)
     if attachment.size > max_bytes:
         raise UserFacingError(
-            f"`{attachment.filename}` is {human_size(attachment.size)}; the limit is {human_size(max_bytes)}."
+            N_("`{name}` is {size} MB; the limit is {limit} MB."),
+            name=attachment.filename,
+            size=megabytes(attachment.size),
+            limit=megabytes(max_bytes),
         )
     return attachment.url
 
 
-def human_size(size: int) -> str:
-    if size < 1024:
-        return f"{size} bytes"
-    if size < 1024 * 1024:
-        return f"{size / 1024:.1f} KB"
-    return f"{size / (1024 * 1024):.1f} MB"
+def megabytes(size: int) -> str:
+    """A size in MB as members read it (0.1 MB at least, so nothing is "0 MB")."""
+    return f"{max(size / (1024 * 1024), 0.1):.1f}"
 
 
 def clean_prompt(prompt: str) -> str:
     cleaned = prompt.strip()
     if not cleaned:
-        raise UserFacingError("Please describe the edit you want in `prompt`.")
+        raise UserFacingError(N_("Please describe the edit you want in `prompt`."))
     if len(cleaned) > MAX_PROMPT_LENGTH:
-        raise UserFacingError(f"The prompt is {len(cleaned)} characters; the limit is {MAX_PROMPT_LENGTH}.")
+        raise UserFacingError(
+            N_("The prompt is {length} characters; the limit is {limit}."), length=len(cleaned), limit=MAX_PROMPT_LENGTH
+        )
     return cleaned
 
 
@@ -58,4 +65,4 @@ def first_image_url(message: discord.Message, max_bytes: int, discord_hosts: fro
         for url in (embed.image.proxy_url, embed.thumbnail.proxy_url):
             if url and hosted_on(url, discord_hosts):
                 return url
-    raise UserFacingError("That message has no image to edit.")
+    raise UserFacingError(N_("That message has no image to edit."))

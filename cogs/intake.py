@@ -1,6 +1,6 @@
 """Job intake: every way a job starts (the command, the context menu's modal, Re-roll, Try again,
-Edit) ends here. It applies the server's policy, acknowledges within Discord's 3 seconds,
-records the job and hands it to the runner."""
+Edit) ends here. It applies the policy of the place (a server's, or the operator's for personal
+use), acknowledges within Discord's 3 seconds, records the job and hands it to the runner."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import discord
 
 from services.fal_queue import FalAccountLocked
 from services.flux_kontext import KontextEdit
-from services.job import NOTE_SAFETY_LIMITED_TO, JobRequest
+from services.job import NOTE_PRIVATE_REPLY, NOTE_SAFETY_LIMITED_TO, JobRequest
 from services.policy import JobAsk, OperatorLimits, Refused, Requester, resolve
 
-from .errors import NotServedHere, PolicyRefusal
+from .errors import NotServedHere, PersonalUseOff, PolicyRefusal, place_of
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -45,31 +45,41 @@ def requester_of(interaction: discord.Interaction[KontextBot]) -> Requester:
 class JobIntake:
     def __init__(self, bot: KontextBot) -> None:
         self._bot = bot
-        # Checking a server's limits and recording the new job happen under its lock, so two
-        # requests at the same instant cannot both take the last free place.
-        self._guild_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Checking the limits and recording the new job happen under a lock per policy scope (a
+        # server, or one member's personal use), so two requests at the same instant cannot
+        # both take the last free place.
+        self._locks: defaultdict[tuple[str, int], asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def start(
         self, interaction: discord.Interaction[KontextBot], edit: KontextEdit, *, parent_job_id: int | None = None
     ) -> None:
-        """Apply the server's policy to `edit` (its safety tolerance is what the member asked
-        for), acknowledge, record the job and start it. A refusal is private (PolicyRefusal)
-        and nothing is spent."""
-        assert interaction.guild_id is not None
+        """Apply the policy that governs where the member is (the server's; where no server
+        governs, the operator's for personal use) to `edit` (its safety tolerance is what the
+        member asked for), acknowledge, record the job and start it. A refusal is private
+        (PolicyRefusal) and nothing is spent."""
         bot = self._bot
         edit.options.check()
         if bot.runner.account.refuses():
             raise FalAccountLocked("refused up front", detail=bot.runner.account.locked_reason)
-        if not bot.settings.serves_guild(interaction.guild_id):
+        place = place_of(interaction)
+        personal = bot.settings.personal
+        if place.personal and not personal.allowed:
+            raise PersonalUseOff()
+        if not place.personal and not bot.settings.serves_guild(interaction.guild_id):
             raise NotServedHere()
-        async with self._guild_locks[interaction.guild_id]:
-            policy = await bot.store.policy(interaction.guild_id)
+        scope = ("member", interaction.user.id) if place.personal else ("server", interaction.guild_id or 0)
+        async with self._locks[scope]:
             requester = requester_of(interaction)
             now = time.time()
             operator = OperatorLimits(bot.settings.monthly_budget_usd)
-            usage = await bot.store.usage(
-                interaction.guild_id, interaction.user.id, now, all_servers=operator.monthly_usd_budget is not None
-            )
+            all_servers = operator.monthly_usd_budget is not None
+            if place.personal:
+                policy = personal.as_policy()
+                usage = await bot.store.personal_usage(interaction.user.id, now, all_servers=all_servers)
+            else:
+                assert interaction.guild_id is not None
+                policy = await bot.store.policy(interaction.guild_id)
+                usage = await bot.store.usage(interaction.guild_id, interaction.user.id, now, all_servers=all_servers)
             ask = JobAsk(edit.options.safety_tolerance, edit.options.image_count)
             decision = resolve(
                 policy,
@@ -81,7 +91,7 @@ class JobIntake:
                 operator=operator,
             )
             if isinstance(decision, Refused):
-                raise PolicyRefusal(decision, policy)
+                raise PolicyRefusal(decision, policy, personal=place.personal)
             notes = {NOTE_SAFETY_LIMITED_TO: decision.limited_to} if decision.limited_to is not None else {}
             job = await bot.runner.accept(
                 JobRequest(
@@ -97,6 +107,8 @@ class JobIntake:
                     edit=edit.with_options(safety_tolerance=decision.safety_tolerance),
                     notes=notes,
                     parent_job_id=parent_job_id,
+                    place=place,
+                    locale=interaction.locale.value,
                 )
             )
         # Acknowledge outside the lock: a burst in one server must not queue up behind Discord's
@@ -109,4 +121,8 @@ class JobIntake:
         except discord.HTTPException as exc:
             await bot.runner.abandon(job, f"could not acknowledge the interaction: {exc}")
             raise
+        if callback is not None and callback.is_ephemeral():
+            # A server that keeps the replies of apps it has not added private (its "Use External
+            # Apps" permission is off): Discord made the reply ephemeral; the card says so.
+            job.notes = {**job.notes, NOTE_PRIVATE_REPLY: True}
         bot.runner.start(job, message_id=message_id)

@@ -21,9 +21,11 @@ from services.flux_kontext import (
     KontextEdit,
     KontextOptions,
 )
+from services.i18n import N_
 
 from .inputs import MAX_PROMPT_LENGTH, clean_prompt, first_image_url, image_url
 from .modal import PromptModal
+from .translation import member_texts
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -35,9 +37,9 @@ class Kontext(commands.Cog):
     def __init__(self, bot: KontextBot) -> None:
         self.bot = bot
         # Context menus cannot be methods decorated in a class: build it around a bound method.
-        self.edit_menu = app_commands.guild_only(
-            app_commands.ContextMenu(name="Edit with Kontext", callback=self.edit_message_image)
-        )
+        # Where it is offered (servers, and with PERSONAL_USE also DMs and group DMs) is the
+        # bot's default (bot.py).
+        self.edit_menu = app_commands.ContextMenu(name="Edit with Kontext", callback=self.edit_message_image)
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.edit_menu)
@@ -45,21 +47,22 @@ class Kontext(commands.Cog):
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.edit_menu.name, type=self.edit_menu.type)
 
-    @app_commands.command(name="kontext", description="Edit an image with FLUX.1 Kontext [max]")
-    @app_commands.guild_only()
+    # Names stay English; descriptions (each at most 100 characters in every language, Discord's
+    # limit) are translated by cogs.translation.KontextTranslator.
+    @app_commands.command(name="kontext", description=N_("Edit an image with FLUX.1 Kontext [max]"))
     @app_commands.describe(
-        image="The image to edit (PNG, JPEG, WebP or GIF)",
-        prompt="What to change, e.g. 'make it a watercolour painting'",
-        aspect_ratio="Shape of the result (default: like the input)",
-        num_images="How many variations to make (1-4, default 1)",
-        seed="Same seed + same prompt = same result (default: random)",
-        guidance_scale="How closely to follow the prompt (1-20, default 3.5)",
-        output_format="File type of the result (default JPEG)",
-        safety_tolerance="1 is the strictest, 6 the most permissive (default 2; servers may cap it)",
-        enhance_prompt="Let fal improve the prompt before editing (default off)",
-        image2="A second image to combine with the first (e.g. 'put the hat from image 2 on...')",
-        image3="A third image to combine",
-        image4="A fourth image to combine",
+        image=N_("The image to edit (PNG, JPEG, WebP or GIF)"),
+        prompt=N_("What to change, e.g. 'make it a watercolour painting'"),
+        aspect_ratio=N_("Shape of the result (default: like the input)"),
+        num_images=N_("How many variations to make (1-4, default 1)"),
+        seed=N_("Same seed + same prompt = same result (default: random)"),
+        guidance_scale=N_("How closely to follow the prompt (1-20, default 3.5)"),
+        output_format=N_("File type of the result (default JPEG)"),
+        safety_tolerance=N_("1 is the strictest, 6 the most permissive (default 2; servers may cap it)"),
+        enhance_prompt=N_("Let fal improve the prompt before editing (default off)"),
+        image2=N_("A second image to combine with the first (e.g. 'put the hat from image 2 on...')"),
+        image3=N_("A third image to combine"),
+        image4=N_("A fourth image to combine"),
     )
     @app_commands.choices(
         aspect_ratio=[app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_RATIOS],
@@ -101,9 +104,14 @@ class Kontext(commands.Cog):
         """Message context menu: edit the message's first image with a prompt from a modal."""
         settings = self.bot.settings
         url = first_image_url(message, settings.max_input_bytes, settings.discord_cdn_hosts)
+        _ = member_texts(interaction)
         await interaction.response.send_modal(
             PromptModal(
-                title="Edit with Kontext", images=[("Image", url)], options=KontextOptions(), parent_job_id=None
+                title=_("Edit with Kontext"),
+                images=[(_("Image"), url)],
+                options=KontextOptions(),
+                parent_job_id=None,
+                texts=_,
             )
         )
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from services.flux_kontext import KontextEdit, KontextOptions
+from services.i18n import Texts
 
 from .errors import report
 from .inputs import MAX_PROMPT_LENGTH, clean_prompt
@@ -21,9 +22,16 @@ class PromptModal(discord.ui.Modal):
     """Asks for a prompt (and, given several images, which one) and starts a job on it."""
 
     def __init__(
-        self, *, title: str, images: list[tuple[str, str]], options: KontextOptions, parent_job_id: int | None
+        self,
+        *,
+        title: str,
+        images: list[tuple[str, str]],
+        options: KontextOptions,
+        parent_job_id: int | None,
+        texts: Texts,
     ) -> None:
         super().__init__(title=title[:45], timeout=600)
+        _ = texts  # the language of the member the form is shown to
         self._images = images
         self._options = options
         self._parent_job_id = parent_job_id
@@ -31,9 +39,9 @@ class PromptModal(discord.ui.Modal):
             custom_id="prompt",
             style=discord.TextStyle.paragraph,
             max_length=MAX_PROMPT_LENGTH,
-            placeholder="e.g. make it night time, keep everything else",
+            placeholder=_("e.g. make it night time, keep everything else")[:100],
         )
-        self.add_item(discord.ui.Label(text="What should change?", component=self.prompt))
+        self.add_item(discord.ui.Label(text=_("What should change?")[:45], component=self.prompt))
         self.choice: discord.ui.Select[PromptModal] | None = None
         if len(images) > 1:
             self.choice = discord.ui.Select(
@@ -43,7 +51,7 @@ class PromptModal(discord.ui.Modal):
                     for i, (label, _) in enumerate(images)
                 ],
             )
-            self.add_item(discord.ui.Label(text="Which image?", component=self.choice))
+            self.add_item(discord.ui.Label(text=_("Which image?")[:45], component=self.choice))
 
     async def on_submit(self, interaction: Interaction) -> None:  # type: ignore[override]
         index = int(self.choice.values[0]) if self.choice is not None and self.choice.values else 0

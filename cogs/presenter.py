@@ -5,9 +5,16 @@ best-effort and only sent when the rendered message differs from the one shown; 
 awaited and raises, so the runner retries it until it is shown (or raises Undeliverable when
 Discord says it never will be).
 
-Where a result goes: the interaction's reply while its 15-minute token lives, else a channel
-message that replies to it. A reply that is gone (a moderator deleted it) is not posted again:
-the job is withdrawn and the member told privately.
+What a result looks like: one components-v2 card (cogs.views.result_card) with every image in
+a media gallery, or, with RESULT_CARDS=0 or more images than a gallery holds, the classic message
+(content, embed, attachments, split across follow-ups to fit the upload limit).
+
+Where it goes: the interaction's reply while its 15-minute token lives; after that, where the
+bot may post with its own token (a server that added it, the member's DM with it), a channel
+message that replies to it, and anywhere else (a group DM, a server without the bot: only the
+interaction can show anything there) a DM to the member, who was told so on the reply before
+the token ran out. A reply that is gone (a moderator deleted it) is not posted again: the job is
+withdrawn and the member told privately.
 """
 
 from __future__ import annotations
@@ -15,19 +22,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import discord
 
-from services.job import NOTE_WITHDRAWN, Job, JobState
+from services.i18n import N_, texts
+from services.job import (
+    INTERACTION_TOKEN_LIFETIME,
+    NOTE_REPLY_EXPIRING,
+    NOTE_WITHDRAWN,
+    Job,
+    JobPlace,
+    JobState,
+    ResultImage,
+)
 from services.metrics import Metrics
 from services.redact import describe_error
 from services.runner import DeliveryProgress, Undeliverable
 
 from .modlog import post_to_log_channel
 from .render import Rendered, attachment_name, job_log_line, pack_files, render
-from .views import job_view
+from .translation import server_texts
+from .views import MAX_GALLERY_ITEMS, job_view, result_card
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -38,6 +56,14 @@ log = logging.getLogger(__name__)
 INVALID_WEBHOOK_TOKEN = 50027
 # The message is gone (deleted).
 UNKNOWN_MESSAGE = 10008
+# An interaction of an app the server has not added takes at most 5 follow-ups
+# (receiving-and-responding.mdx, Create Followup Message): the classic fallback of a 4-image
+# result needs 3 at most, but whatever Discord refuses moves on like an expired token.
+MAX_FOLLOWUPS_REACHED = 40094
+# A reply only the interaction can edit (EXTERNAL places) says this long before its token ends
+# that the result will come by DM (the token's last 30 s are kept for the final upload).
+REPLY_NOTICE_BEFORE = 120
+IMAGE_LINK = N_("image {number}")
 # All replies together get at most this many progress edits per second.
 MAX_PROGRESS_EDITS_PER_SECOND = 20
 
@@ -58,6 +84,12 @@ class ProgressTicker:
         held: Callable[[], bool],
     ) -> None:
         self._job = job
+        # Where only this reply can show the job, it says in time where the result will go.
+        self._notice_at = (
+            job.interaction_created_at + INTERACTION_TOKEN_LIFETIME - REPLY_NOTICE_BEFORE
+            if not job.place.bot_can_post
+            else None
+        )
         self._webhook = webhook
         self._pace = pace
         self._on_reply_gone = on_reply_gone
@@ -77,7 +109,7 @@ class ProgressTicker:
         # within it goes straight to its queue position.
         await asyncio.sleep(self._pace())
         while True:
-            await self._changed.wait()
+            await self._next_change()
             self._changed.clear()
             if self._job.state.is_final or not self._held():
                 return  # the final state is deliver()'s to show, with its files
@@ -98,6 +130,18 @@ class ProgressTicker:
                 self._metrics.discord_error(discord_error_kind(exc))
                 log.warning("job %d: progress edit failed: %s", self._job.id, describe_error(exc))
             await asyncio.sleep(self._pace())
+
+    async def _next_change(self) -> None:
+        """Until the job changes, or the reply's token is about to end (then it says so)."""
+        if self._notice_at is None:
+            await self._changed.wait()
+            return
+        try:
+            async with asyncio.timeout(max(0.0, self._notice_at - time.time())):
+                await self._changed.wait()
+        except TimeoutError:
+            self._notice_at = None
+            self._job.notes = {**self._job.notes, NOTE_REPLY_EXPIRING: True}
 
     async def _edit(self, rendered: Rendered) -> None:
         # Only what changed is sent: Discord keeps the fields an edit leaves out.
@@ -178,40 +222,51 @@ class DiscordPresenter:
         except Exception as exc:
             self._metrics.discord_error(discord_error_kind(exc))
             raise
-        if job.guild_id is not None:
+        if job.place is JobPlace.SERVER and job.guild_id is not None:
             policy = await self._bot.store.policy(job.guild_id)
-            await post_to_log_channel(self._bot, policy, job_log_line(job))
+            await post_to_log_channel(self._bot, policy, job_log_line(job, server_texts(self._bot, job.guild_id)))
 
     async def _show(self, job: Job, progress: DeliveryProgress) -> None:
         rendered = render(job)
         if rendered.private:
             await self._tell_requester(job, rendered.content, progress, replace_reply=True)
             return
-        groups, too_large = pack_files([image.size for image in rendered.files], job.upload_limit)
+        sizes = [image.size for image in rendered.files]
+        as_card = (
+            self._bot.settings.result_cards and job.state is JobState.SUCCEEDED and len(sizes) <= MAX_GALLERY_ITEMS
+        )
+        if as_card:
+            # One message: Discord's upload limit is per file (reference.mdx, Uploading Files).
+            fitting = [i for i, size in enumerate(sizes) if size <= job.upload_limit]
+            groups, too_large = [fitting], [i for i, size in enumerate(sizes) if size > job.upload_limit]
+        else:
+            groups, too_large = pack_files(sizes, job.upload_limit)
         if too_large:
-            links = ", ".join(f"[image {i + 1}]({rendered.files[i].url})" for i in too_large)
-            rendered.content = f"{rendered.content}\n📦 Too large for this server's upload limit: {links}"
+            _ = texts(job.locale)
+            links = ", ".join(f"[{_(IMAGE_LINK, number=i + 1)}]({rendered.files[i].url})" for i in too_large)
+            rendered.content += "\n" + _("📦 Too large for this server's upload limit: {links}", links=links)
         groups = groups or [[]]
-        in_channel = job.delivered_in_channel or not job.token_valid()
-        if not in_channel:
+        late = job.delivered_in_channel or not job.token_valid()
+        if not late:
             try:
-                await self._deliver_by_interaction(job, rendered, groups, progress)
+                await self._deliver_by_interaction(job, rendered, groups, progress, as_card)
             except discord.HTTPException as exc:
                 if exc.code == UNKNOWN_MESSAGE and job.delivered_parts == 0:
                     # A moderator deleted the reply: what it showed is not posted again.
                     job.notes = {**job.notes, NOTE_WITHDRAWN: "its reply was deleted"}
                     return
-                if exc.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE):
+                if exc.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE, MAX_FOLLOWUPS_REACHED):
                     raise
-                log.info("job %d: the token expired; posting the rest in the channel", job.id)
-                in_channel = True
-        if in_channel:
+                log.info("job %d: the interaction can show no more; the rest is posted by the bot", job.id)
+                late = True
+        if late:
             try:
-                await self._deliver_in_channel(job, rendered, groups, progress)
+                await self._deliver_late(job, rendered, groups, progress, as_card)
             except discord.HTTPException as exc:
                 if 400 <= exc.status < 500 and exc.status != 429:
-                    # The channel is gone, or the bot may not see or post in it: final.
-                    raise Undeliverable(f"Discord refused the channel post: {exc.status} {exc.code}") from exc
+                    # The channel is gone, the bot may not see or post in it, or the member's
+                    # DMs are closed to it: final.
+                    raise Undeliverable(f"Discord refused the bot's post: {exc.status} {exc.code}") from exc
                 raise
 
     async def _tell_requester(
@@ -230,48 +285,80 @@ class DiscordPresenter:
         await progress.posted(job.delivered_parts, message_id=message.id, in_channel=False)
 
     async def _deliver_by_interaction(
-        self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress
+        self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress, as_card: bool
     ) -> None:
         webhook = self._webhook(job)
-        view = job_view(job, rendered.buttons)
         for index in range(job.delivered_parts, len(groups)):
-            files = self._files(job, rendered, groups[index])
+            shown = self._shown(job, rendered, groups[index], as_card)
+            files = [file for _, file in shown]
             if index == 0:
                 assert job.message_id is not None
-                await webhook.edit_message(
-                    job.message_id, content=rendered.content, embed=rendered.embed, attachments=files, view=view
-                )
+                if as_card:
+                    # The reply becomes the card: a components-v2 message has no content or embeds.
+                    card = result_card(job, rendered, [(file.filename, image) for image, file in shown])
+                    # discord.py's typing forbids content with a LayoutView, but its docs ask for
+                    # content=None and embed=None to turn a message into a card (Webhook.edit_message).
+                    await webhook.edit_message(  # type: ignore[call-overload]
+                        job.message_id, content=None, embed=None, attachments=files, view=card
+                    )
+                else:
+                    await webhook.edit_message(
+                        job.message_id,
+                        content=rendered.content,
+                        embed=rendered.embed,
+                        attachments=files,
+                        view=job_view(job, rendered.buttons),
+                    )
                 # Done again after a crash, an edit of the reply shows the same.
                 await progress.posted(1, message_id=job.message_id, in_channel=False, repeatable=True)
             else:
-                message = await webhook.send(files=files, view=view, wait=True)
+                message = await webhook.send(files=files, view=job_view(job, rendered.buttons), wait=True)
                 await progress.posted(index + 1, message_id=message.id, in_channel=False)
 
-    async def _deliver_in_channel(
-        self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress
+    async def _deliver_late(
+        self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress, as_card: bool
     ) -> None:
-        """After the 15-minute token: a channel message replying to the original, which mentions
-        only the member who asked."""
-        channel = self._bot.get_channel(job.channel_id) or await self._bot.fetch_channel(job.channel_id)
-        assert isinstance(channel, discord.abc.Messageable)
-        reference = (
-            discord.MessageReference(message_id=job.message_id, channel_id=job.channel_id, fail_if_not_exists=False)
-            if job.message_id
-            else None
-        )
-        only_requester = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
-        content = f"<@{job.user_id}> {rendered.content}"
-        view = job_view(job, rendered.buttons)
-        # Parts already shown through the interaction (public follow-ups) are not posted again.
-        for index in range(job.delivered_parts, len(groups)):
-            message = await channel.send(
-                content=content if index == 0 else None,
-                embed=rendered.embed if index == 0 else None,  # type: ignore[arg-type]
-                files=self._files(job, rendered, groups[index]),
-                view=view,
-                reference=reference,  # type: ignore[arg-type]
-                allowed_mentions=only_requester if index == 0 else discord.AllowedMentions.none(),
+        """After the 15-minute token, with the bot's own token: where the bot may post, a channel
+        message replying to the original that mentions only the member who asked; elsewhere a DM
+        to the member that links the reply it belongs to."""
+        _ = texts(job.locale)
+        reference: discord.MessageReference | None = None
+        mentions = discord.AllowedMentions.none()
+        if job.place.bot_can_post:
+            channel = self._bot.get_channel(job.channel_id) or await self._bot.fetch_channel(job.channel_id)
+            lead = f"<@{job.user_id}>"
+            mentions = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
+            if job.message_id:
+                reference = discord.MessageReference(
+                    message_id=job.message_id, channel_id=job.channel_id, fail_if_not_exists=False
+                )
+        else:
+            channel = await self._bot.create_dm(discord.Object(job.user_id))
+            lead = _(
+                "📬 Your edit from {reply} is ready: the reply there could only be updated for 15 minutes.",
+                reply=f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{job.message_id}",
             )
+        assert isinstance(channel, discord.abc.Messageable)
+        rendered.content = f"{lead} {rendered.content}" if job.place.bot_can_post else f"{lead}\n{rendered.content}"
+        # Parts already shown through the interaction (public follow-ups) are not posted again;
+        # the first one posted here says what it is.
+        start = job.delivered_parts
+        for index in range(start, len(groups)):
+            shown = self._shown(job, rendered, groups[index], as_card)
+            files = [file for _, file in shown]
+            first = index == start
+            if as_card:
+                card = result_card(job, rendered, [(file.filename, image) for image, file in shown])
+                message = await channel.send(view=card, files=files, reference=reference, allowed_mentions=mentions)  # type: ignore[arg-type]
+            else:
+                message = await channel.send(
+                    content=rendered.content if first else None,
+                    embed=rendered.embed if index == 0 else None,  # type: ignore[arg-type]
+                    files=files,
+                    view=job_view(job, rendered.buttons),
+                    reference=reference,  # type: ignore[arg-type]
+                    allowed_mentions=mentions if first else discord.AllowedMentions.none(),
+                )
             await progress.posted(index + 1, message_id=message.id, in_channel=True)
 
     def _webhook(self, job: Job) -> discord.Webhook:
@@ -281,22 +368,28 @@ class DiscordPresenter:
         return discord.Webhook.from_state(data=payload, state=self._bot._connection)  # type: ignore[arg-type]
 
     @staticmethod
-    def _files(job: Job, rendered: Rendered, indexes: list[int]) -> list[discord.File]:
-        files = []
+    def _shown(
+        job: Job, rendered: Rendered, indexes: list[int], as_card: bool
+    ) -> list[tuple[ResultImage, discord.File]]:
+        """The images of one message, each with the file that uploads it. On a card the spoiler
+        is the gallery item's; a classic message spoilers the attachment itself."""
+        shown = []
         for i in indexes:
             image = rendered.files[i]
             if image.data is not None:
                 image.data.seek(0)  # a retried delivery sends it again from the start
             source = image.data if image.data is not None else image.path
             assert source is not None, "the runner hands over only images at hand"
-            files.append(discord.File(source, filename=attachment_name(job, i + 1, image), spoiler=image.nsfw))
-        return files
+            name = attachment_name(job, i + 1, image)
+            shown.append((image, discord.File(source, filename=name, spoiler=image.nsfw and not as_card)))
+        return shown
 
 
 def _withdrawn_text(job: Job) -> str:
+    _ = texts(job.locale)
     if job.state is JobState.SUCCEEDED:
-        return "The reply to your edit was deleted, so its result was not posted."
-    return "The reply to your edit was deleted, so the edit was stopped."
+        return _("The reply to your edit was deleted, so its result was not posted.")
+    return _("The reply to your edit was deleted, so the edit was stopped.")
 
 
 def discord_error_kind(exc: BaseException) -> str:

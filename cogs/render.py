@@ -1,8 +1,10 @@
-"""What a member sees for a job: one pure function from job state to message parts.
+"""What a member sees for a job: one pure function from job state to message parts, in the
+language of the member who asked (the job's locale).
 
-Because rendering is pure (it builds content, an embed and the names of the buttons, and
-touches nothing else), the presenter can compare two renderings and edit a message only when
-what it shows changed. The buttons themselves are built by `cogs.views`.
+Because rendering is pure (it builds content, an embed, the result card's texts and the names
+of the buttons, and touches nothing else), the presenter can compare two renderings and edit a
+message only when what it shows changed. The buttons and the card's layout are built by
+`cogs.views`.
 """
 
 from __future__ import annotations
@@ -14,38 +16,57 @@ from typing import Any
 import discord
 
 from services.flux_kontext import KontextOptions
+from services.i18n import N_, Texts, texts
 from services.images import EXTENSIONS
-from services.job import NOTE_CANCEL_REQUESTED_BY, NOTE_SAFETY_LIMITED_TO, Job, JobState, ResultImage
+from services.job import (
+    NOTE_CANCEL_REQUESTED_BY,
+    NOTE_PRIVATE_REPLY,
+    NOTE_REPLY_EXPIRING,
+    NOTE_SAFETY_LIMITED_TO,
+    Job,
+    JobState,
+    ResultImage,
+)
 
 EMBED_COLOUR = discord.Colour.from_rgb(88, 101, 242)
 FAILURE_COLOUR = discord.Colour.red()
+BRAND = "FLUX.1 Kontext [max]"
+
+# Discord's limits for a components-v2 card (components/reference.mdx): all Text Displays of a
+# message together, and a Media Gallery item's description (its alt text).
+CARD_TEXT_LIMIT = 4000
+ALT_TEXT_LIMIT = 1024
 
 # Failure codes (set by the services) -> what the member reads. `{detail}` is fal's own words
-# (or, for the input checks, the bot's).
+# (or, for the input checks, the bot's, already in the member's language).
 FAILURE_MESSAGES: dict[str, str] = {
-    "fal_rejected": "FLUX.1 Kontext refused this edit: {detail}",
-    "content_policy": "FLUX.1 Kontext's safety system refused this edit: {detail}",
-    "fal_failed": "FLUX.1 Kontext could not make this edit: {detail}",
-    "fal_auth": "The bot's fal.ai key was refused. The bot's operator needs to check its configuration.",
-    "fal_account_locked": (
+    "fal_rejected": N_("FLUX.1 Kontext refused this edit: {detail}"),
+    "content_policy": N_("FLUX.1 Kontext's safety system refused this edit: {detail}"),
+    "fal_failed": N_("FLUX.1 Kontext could not make this edit: {detail}"),
+    "fal_auth": N_("The bot's fal.ai key was refused. The bot's operator needs to check its configuration."),
+    "fal_account_locked": N_(
         "The bot's fal.ai account can't take edits right now (it is out of credit or locked). "
         "The bot's operator has been told; please try again later."
     ),
-    "fal_unavailable": "fal.ai is not answering right now, even after several retries. Please try again in a few minutes.",
-    "submit_uncertain": (
+    "fal_unavailable": N_(
+        "fal.ai is not answering right now, even after several retries. Please try again in a few minutes."
+    ),
+    "submit_uncertain": N_(
         "The bot lost contact with fal.ai while your edit was being sent, so it cannot tell whether "
         "fal received it. It was not sent again, so you are never billed twice for one edit; "
         "press Try again if no result shows up."
     ),
-    "bad_input": "{detail}",
-    "input_unavailable": "{detail} Please attach the image again.",
-    "upload_failed": "The image could not be handed to fal.ai right now. Please try again in a few minutes.",
-    "result_expired": "fal.ai no longer has this result (it keeps results only a few minutes). Please run the command again.",
-    "bad_output": "fal.ai sent back something that is not a usable image. Please try again.",
-    "timeout": "This edit took too long and was stopped. Please try again later.",
-    "missing_files": "The result files were lost before they could be posted. Please run the command again.",
+    "bad_input": "{detail}",  # the bot's own words, in the member's language already
+    "input_unavailable": N_("{detail} Please attach the image again."),
+    "upload_failed": N_("The image could not be handed to fal.ai right now. Please try again in a few minutes."),
+    "result_expired": N_(
+        "fal.ai no longer has this result (it keeps results only a few minutes). Please run the command again."
+    ),
+    "bad_output": N_("fal.ai sent back something that is not a usable image. Please try again."),
+    "timeout": N_("This edit took too long and was stopped. Please try again later."),
+    "missing_files": N_("The result files were lost before they could be posted. Please run the command again."),
 }
-GENERIC_FAILURE = "Something went wrong with this edit. Please try again."
+GENERIC_FAILURE = N_("Something went wrong with this edit. Please try again.")
 # Failures whose detail is the bot's own words (the input checks), shown as they are; any other
 # detail is fal's, shown as plain text.
 OWN_WORDS = frozenset({"bad_input", "input_unavailable"})
@@ -53,12 +74,12 @@ OWN_WORDS = frozenset({"bad_input", "input_unavailable"})
 PRIVATE_FAILURES = frozenset({"bad_input"})
 
 OPTION_LABELS = (
-    ("aspect_ratio", "Aspect ratio"),
-    ("num_images", "Images"),
-    ("guidance_scale", "Guidance"),
-    ("output_format", "Format"),
-    ("safety_tolerance", "Safety tolerance"),
-    ("enhance_prompt", "Enhanced prompt"),
+    ("aspect_ratio", N_("Aspect ratio")),
+    ("num_images", N_("Images")),
+    ("guidance_scale", N_("Guidance")),
+    ("output_format", N_("Format")),
+    ("safety_tolerance", N_("Safety tolerance")),
+    ("enhance_prompt", N_("Enhanced prompt")),
 )
 
 
@@ -87,17 +108,21 @@ class Rendered:
     files: list[ResultImage] = field(default_factory=list)
     # Shown only to the member who asked, in place of the public reply.
     private: bool = False
+    # A result as one card (see cogs.views.result_card): the request's details as markdown, and
+    # each image's alt text (the prompt); `content` is the card's first line.
+    details: str = ""
+    alt_text: str = ""
 
     def key(self) -> tuple[Any, ...]:
         """Equal keys mean the member would see the same message."""
         return (self.content, self.embed.to_dict(), self.buttons, tuple((f.url, f.size) for f in self.files))
 
 
-def failure_text(code: str | None, detail: str | None) -> str:
+def failure_text(code: str | None, detail: str | None, _: Texts) -> str:
     template = FAILURE_MESSAGES.get(code or "", GENERIC_FAILURE)
     if not detail:
-        return template.format(detail="no reason given")
-    return template.format(detail=detail if code in OWN_WORDS else _plain(detail))
+        return _(template, detail=_("no reason given"))
+    return _(template, detail=detail if code in OWN_WORDS else _plain(detail))
 
 
 def _plain(text: str, limit: int = 500) -> str:
@@ -108,36 +133,62 @@ def _plain(text: str, limit: int = 500) -> str:
 
 
 def render(job: Job) -> Rendered:
-    """The message for `job` as it stands now."""
-    embed = _request_embed(job)
+    """The message for `job` as it stands now, in the language of the member who asked."""
+    _ = texts(job.locale)
+    rendered = _render(job, _)
+    if not job.state.is_final and job.notes.get(NOTE_REPLY_EXPIRING):
+        rendered.content += "\n" + _(
+            "📬 This reply can only be updated for 15 minutes: the result will come in a DM from the bot."
+        )
+    return rendered
+
+
+def _render(job: Job, _: Texts) -> Rendered:
+    embed = _request_embed(job, _)
     state = job.state
     if state is JobState.PENDING:
-        place = job.bot_queue_position
-        where = f"you are **{_place(place)}** in line" if place else "starting"
-        return Rendered(job.id, f"⏳ Waiting for a free slot: {where}{_starting(job)}.", embed, WHILE_WAITING)
+        return Rendered(job.id, _waiting_text(job, _), embed, WHILE_WAITING)
     if state is JobState.SUBMITTING:
-        return Rendered(job.id, "📤 Sending your edit to FLUX.1 Kontext…", embed)
+        return Rendered(job.id, _("📤 Sending your edit to FLUX.1 Kontext…"), embed)
     if state is JobState.QUEUED:
-        position = (job.queue_position or 0) + 1
-        text = f"🕒 In queue, position **{_place(position, mark='')}**{_starting(job)}."
+        position = _place((job.queue_position or 0) + 1, _, mark="")
+        if job.starts_at:
+            text = _("🕒 In queue, position **{position}**, starting {when}.", position=position, when=_when(job))
+        else:
+            text = _("🕒 In queue, position **{position}**.", position=position)
         return Rendered(job.id, text, embed, WHILE_WAITING)
     if state is JobState.RUNNING:
-        started = int(job.started_at or job.created_at)
-        note = " Cancel asked: fal usually finishes an edit it has started." if _cancel_came_late(job) else ""
-        return Rendered(job.id, f"🎨 Generating… (started <t:{started}:R>){note}", embed)
+        text = _("🎨 Generating… (started {when})", when=f"<t:{int(job.started_at or job.created_at)}:R>")
+        if _cancel_came_late(job):
+            text += " " + _("Cancel asked: fal usually finishes an edit it has started.")
+        return Rendered(job.id, text, embed)
     if state is JobState.CANCELLED:
-        who = f"<@{job.cancelled_by}>" if job.cancelled_by else "the bot"
-        return Rendered(job.id, f"🚫 Cancelled by {who}.", embed)
+        if job.cancelled_by:
+            return Rendered(job.id, _("🚫 Cancelled by {member}.", member=f"<@{job.cancelled_by}>"), embed)
+        return Rendered(job.id, _("🚫 Cancelled by the bot."), embed)
     if state is JobState.FAILED:
         embed.colour = FAILURE_COLOUR
-        text = f"❌ {failure_text(job.error_code, job.error_detail)}"
+        text = f"❌ {failure_text(job.error_code, job.error_detail, _)}"
         if job.error_code in PRIVATE_FAILURES:
             return Rendered(job.id, text, embed, private=True)
         return Rendered(job.id, text, embed, ON_FAILURE)
-    return _render_result(job, embed)
+    return _render_result(job, embed, _)
 
 
-def _render_result(job: Job, embed: discord.Embed) -> Rendered:
+def _waiting_text(job: Job, _: Texts) -> str:
+    place = job.bot_queue_position
+    if not place:
+        return _("⏳ Waiting for a free slot: starting.")
+    if job.starts_at:
+        return _(
+            "⏳ Waiting for a free slot: you are **{place}** in line, starting {when}.",
+            place=_place(place, _),
+            when=_when(job),
+        )
+    return _("⏳ Waiting for a free slot: you are **{place}** in line.", place=_place(place, _))
+
+
+def _render_result(job: Job, embed: discord.Embed, _: Texts) -> Rendered:
     assert job.result is not None
     shown, withheld = [], 0
     for image in job.result.images:
@@ -145,69 +196,136 @@ def _render_result(job: Job, embed: discord.Embed) -> Rendered:
             withheld += 1
         else:
             shown.append(image)
-    if job.result.seed is not None:
-        embed.add_field(name="Seed", value=str(job.result.seed))
-    timing = _timing(job)
-    if timing:
-        embed.add_field(name="Time", value=timing)
+    for item in _result_fields(job, _):
+        embed.add_field(name=item.name, value=item.value)
     notes = []
     if withheld:
         notes.append(
-            f"🛡️ {withheld} of {len(job.result.images)} image(s) were flagged by the safety checker and are not shown"
-            + (" (age-restricted channels show them behind a spoiler)." if not job.channel_nsfw else ".")
+            _.ngettext(
+                "🛡️ {count} of {total} image was flagged by the safety checker and is not shown "
+                "(age-restricted channels show it behind a spoiler).",
+                "🛡️ {count} of {total} images were flagged by the safety checker and are not shown "
+                "(age-restricted channels show them behind a spoiler).",
+                withheld,
+                total=len(job.result.images),
+            )
         )
     if any(image.nsfw for image in shown):
-        notes.append("⚠️ Flagged by the safety checker: shown behind a spoiler.")
-    done = "✅ Done."
+        notes.append(_("⚠️ Flagged by the safety checker: shown behind a spoiler."))
+    done = _("✅ Done.")
     if _cancel_came_late(job):
-        done += " The cancel came after fal had started, and fal finishes (and bills) a started edit, so here it is."
-    content = "\n".join(notes) if notes else (done if shown else "No image could be shown.")
-    return Rendered(job.id, content, embed, ON_RESULT if shown else ON_FAILURE, files=shown)
+        done += " " + _(
+            "The cancel came after fal had started, and fal finishes (and bills) a started edit, so here it is."
+        )
+    content = "\n".join(notes) if notes else (done if shown else _("No image could be shown."))
+    return Rendered(
+        job.id,
+        content,
+        embed,
+        ON_RESULT if shown else ON_FAILURE,
+        files=shown,
+        details=_card_details(job, content, _),
+        alt_text=_shortened(" ".join(job.prompt.split()), ALT_TEXT_LIMIT),
+    )
 
 
-def _place(place: int, mark: str = "#") -> str:
+def _place(place: int, _: Texts, mark: str = "#") -> str:
     """A place in line, exact up to 10 and rounded beyond (about #35): a long line moving one
     place at a time is not worth an edit of every reply at every step."""
-    return f"{mark}{place}" if place <= 10 else f"about {mark}{place - place % 5}"
+    if place <= 10:
+        return f"{mark}{place}"
+    return _("about {place}", place=f"{mark}{place - place % 5}")
 
 
-def _starting(job: Job) -> str:
-    return f", starting <t:{int(job.starts_at)}:R>" if job.starts_at else ""
+def _when(job: Job) -> str:
+    return f"<t:{int(job.starts_at or 0)}:R>"
 
 
 def _cancel_came_late(job: Job) -> bool:
     return NOTE_CANCEL_REQUESTED_BY in job.notes
 
 
-def _request_embed(job: Job) -> discord.Embed:
-    embed = discord.Embed(description=_quote(job.prompt), colour=EMBED_COLOUR)
-    embed.set_author(name="FLUX.1 Kontext [max]")
-    options = _options_text(job.edit.options)
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    value: str
+    inline: bool = True
+
+
+def _request_fields(job: Job, _: Texts) -> list[_Field]:
+    """What was asked for, by whom, and what the policy changed: shown from the first reply on."""
+    options = _options_text(job.edit.options, _)
     inputs = len(job.edit.image_urls)
     if inputs > 1:
-        options = f"{inputs} images combined · {options}" if options else f"{inputs} images combined"
-    embed.add_field(name="Requested by", value=f"<@{job.user_id}>")
+        combined = _("{count} images combined", count=inputs)
+        options = f"{combined} · {options}" if options else combined
+    fields = [_Field(_("Requested by"), f"<@{job.user_id}>")]
     if options:
-        embed.add_field(name="Options", value=options, inline=False)
+        fields.append(_Field(_("Options"), options, inline=False))
     limited_to = job.notes.get(NOTE_SAFETY_LIMITED_TO)
     if limited_to is not None:
-        embed.add_field(
-            name="Policy", value=f"Safety tolerance limited to {limited_to} by this server's policy.", inline=False
-        )
-    footer = f"Job #{job.id}"
+        if job.place.personal:
+            why = _(
+                "Safety tolerance limited to {value} by the bot's policy for use outside servers.", value=limited_to
+            )
+        else:
+            why = _("Safety tolerance limited to {value} by this server's policy.", value=limited_to)
+        fields.append(_Field(_("Policy"), why, inline=False))
+    return fields
+
+
+def _result_fields(job: Job, _: Texts) -> list[_Field]:
+    assert job.result is not None
+    fields = []
+    if job.result.seed is not None:
+        fields.append(_Field(_("Seed"), str(job.result.seed)))
+    timing = _timing(job, _)
+    if timing:
+        fields.append(_Field(_("Time"), timing))
+    return fields
+
+
+def _footer(job: Job, _: Texts) -> str:
     if job.parent_job_id:
-        footer += f" · from job #{job.parent_job_id}"
-    embed.set_footer(text=footer)
+        return _("Job #{id} · from job #{parent}", id=job.id, parent=job.parent_job_id)
+    return _("Job #{id}", id=job.id)
+
+
+def _request_embed(job: Job, _: Texts) -> discord.Embed:
+    embed = discord.Embed(description=_quote(job.prompt), colour=EMBED_COLOUR)
+    embed.set_author(name=BRAND)
+    for item in _request_fields(job, _):
+        embed.add_field(name=item.name, value=item.value, inline=item.inline)
+    embed.set_footer(text=_footer(job, _))
     return embed
 
 
-def _options_text(options: KontextOptions) -> str:
+def _card_details(job: Job, status: str, _: Texts) -> str:
+    """The result card's text under the images: the prompt quoted, then what the embed's fields
+    say, then the job's number; within Discord's limit for a card's text (the prompt is cut)."""
+    lines = [f"**{item.name}** {item.value}" for item in (*_request_fields(job, _), *_result_fields(job, _))]
+    tail = [f"-# {_footer(job, _)}"]
+    if job.notes.get(NOTE_PRIVATE_REPLY):
+        tail.append(
+            "-# " + _("🔒 Only you can see this: this server keeps the replies of apps it has not added private.")
+        )
+    head = f"-# {BRAND}\n"
+    rest = "\n" + "\n".join(lines + tail)
+    room = CARD_TEXT_LIMIT - len(status) - len(head) - len(rest)
+    return head + _shortened(_quote(job.prompt), room) + rest
+
+
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _options_text(options: KontextOptions, _: Texts) -> str:
     shown = []
     for name, label in OPTION_LABELS:
         value = getattr(options, name)
         if value is None or value is False:
             continue
-        shown.append(label if value is True else f"{label} {value}")
+        shown.append(_(label) if value is True else f"{_(label)} {value}")
     return " · ".join(shown)
 
 
@@ -218,28 +336,40 @@ def _quote(prompt: str) -> str:
     return "\n".join(f"> {line}" for line in escaped.splitlines() or [""])[:4096]
 
 
-def _timing(job: Job) -> str | None:
+def _timing(job: Job, _: Texts) -> str | None:
     parts = []
     if job.submitted_at and job.started_at:
-        parts.append(f"queued {job.started_at - job.submitted_at:.1f}s")
+        parts.append(_("queued {seconds} s", seconds=_.number(job.started_at - job.submitted_at, 1)))
     if job.result and job.result.inference_seconds:
-        parts.append(f"generated in {job.result.inference_seconds:.1f}s")
+        parts.append(_("generated in {seconds} s", seconds=_.number(job.result.inference_seconds, 1)))
     elif job.started_at and job.completed_at:
-        parts.append(f"generated in {job.completed_at - job.started_at:.1f}s")
+        parts.append(_("generated in {seconds} s", seconds=_.number(job.completed_at - job.started_at, 1)))
     return ", ".join(parts) or None
 
 
 OUTCOME_MARKS = {JobState.SUCCEEDED: "✅", JobState.FAILED: "❌", JobState.CANCELLED: "🚫"}
 
 
-def job_log_line(job: Job) -> str:
-    """One line for the moderators' log channel: who, where, what, at which tolerance, outcome."""
+def job_log_line(job: Job, _: Texts) -> str:
+    """One line for the moderators' log channel (in the server's language): who, where, what, at
+    which tolerance, outcome."""
     prompt = _plain(job.prompt, limit=200)  # one line, no markdown or mentions: it cannot forge entries
-    outcome = job.state.value if job.state is not JobState.FAILED else f"failed ({job.error_code})"
-    link = f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{job.message_id}"
-    return (
-        f"{OUTCOME_MARKS.get(job.state, '•')} Job #{job.id} by <@{job.user_id}> in <#{job.channel_id}> · "
-        f"tolerance {job.edit.options.safety_tolerance or '?'} · {outcome} · “{prompt}” · {link}"
+    if job.state is JobState.SUCCEEDED:
+        outcome = _("succeeded")
+    elif job.state is JobState.CANCELLED:
+        outcome = _("cancelled")
+    else:
+        outcome = _("failed ({code})", code=job.error_code)
+    return _(
+        "{mark} Job #{id} by <@{user}> in <#{channel}> · tolerance {tolerance} · {outcome} · “{prompt}” · {link}",
+        mark=OUTCOME_MARKS.get(job.state, "•"),
+        id=job.id,
+        user=job.user_id,
+        channel=job.channel_id,
+        tolerance=job.edit.options.safety_tolerance or "?",
+        outcome=outcome,
+        prompt=prompt,
+        link=f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{job.message_id}",
     )
 
 

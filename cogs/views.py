@@ -1,5 +1,6 @@
-"""Buttons and the prompt modal that act on jobs. Every button's custom_id carries its action
-and job id (`kontext:<action>:<job id>`), so buttons keep working after a restart."""
+"""Buttons that act on jobs, and the result card that carries them. Every button's custom_id
+carries its action, job id and key (`kontext:<action>:<job id>:<key>`), so buttons keep working
+after a restart, on a classic message or inside a card."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from services.fal_queue import FalError
-from services.job import Job
+from services.i18n import N_, texts
+from services.job import Job, ResultImage
 from services.runner import CancelOutcome
 
 from .errors import UserFacingError, report, tell
 from .inputs import is_image_attachment
 from .modal import PromptModal
-from .render import JobAction
+from .render import JobAction, Rendered
+from .translation import member_texts
+
+# Discord's limit of items in one Media Gallery (components/reference.mdx).
+MAX_GALLERY_ITEMS = 10
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -39,22 +45,25 @@ def image_attachments(message: discord.Message | None) -> list[discord.Attachmen
 
 
 async def cancel_job(interaction: Interaction, job: Job) -> None:
+    _ = member_texts(interaction)
     await interaction.response.defer()
     try:
         outcome = await interaction.client.runner.cancel(job.id, interaction.user.id)
     except FalError:
-        raise UserFacingError("fal.ai did not answer the cancel request. Please try again in a moment.") from None
+        raise UserFacingError(N_("fal.ai did not answer the cancel request. Please try again in a moment.")) from None
     if outcome is CancelOutcome.TOO_LATE:
-        await tell(interaction, "Too late to cancel: this edit has already finished.")
+        await tell(interaction, _("Too late to cancel: this edit has already finished."))
     elif outcome is CancelOutcome.REQUESTED:
-        await tell(interaction, "Cancelling: the edit is being handed to fal right now and will be stopped there.")
+        await tell(interaction, _("Cancelling: the edit is being handed to fal right now and will be stopped there."))
     elif outcome is CancelOutcome.FORWARDED:
-        await tell(interaction, "Cancelling: this edit will be stopped in a moment.")
+        await tell(interaction, _("Cancelling: this edit will be stopped in a moment."))
     elif outcome is CancelOutcome.STARTED:
         await tell(
             interaction,
-            "FLUX.1 Kontext had already started this edit. fal passes the cancel on, but a started edit is "
-            "usually finished (and billed) anyway, so the images will be posted when they are ready.",
+            _(
+                "FLUX.1 Kontext had already started this edit. fal passes the cancel on, but a started edit is "
+                "usually finished (and billed) anyway, so the images will be posted when they are ready."
+            ),
         )
 
 
@@ -65,27 +74,33 @@ async def reroll_job(interaction: Interaction, job: Job) -> None:
 
 async def edit_job(interaction: Interaction, job: Job) -> None:
     """Anyone in the channel may build on a result: ask for a prompt (and which image)."""
+    _ = member_texts(interaction)
     images = image_attachments(interaction.message)
     if not images:
-        raise UserFacingError("This message has no image left to edit.")
+        raise UserFacingError(N_("This message has no image left to edit."))
     await interaction.response.send_modal(
         PromptModal(
-            title=f"Edit the result of job #{job.id}",
-            images=[(f"Image {i}: {a.filename}"[:100], a.url) for i, a in enumerate(images, start=1)],
+            title=_("Edit the result of job #{id}", id=job.id),
+            images=[
+                (_("Image {number}: {name}", number=i, name=a.filename)[:100], a.url)
+                for i, a in enumerate(images, start=1)
+            ],
             options=job.edit.options.for_follow_up_edit(),
             parent_job_id=job.id,
+            texts=_,
         )
     )
 
 
 async def delete_result(interaction: Interaction, job: Job) -> None:
-    """Every message of the result goes, not only the one whose button was pressed."""
+    """Every message of the result goes, not only the one whose button was pressed (where the
+    bot may not delete with its own token, a server without the bot, the others stay)."""
     await interaction.response.defer()
     pressed = interaction.message.id if interaction.message is not None else None
     channel = interaction.channel
     for message_id in job.posted_message_ids:
         if message_id != pressed and isinstance(channel, (discord.TextChannel, discord.Thread, discord.VoiceChannel)):
-            with contextlib.suppress(discord.NotFound):
+            with contextlib.suppress(discord.NotFound, discord.Forbidden):
                 await channel.get_partial_message(message_id).delete()
     await interaction.delete_original_response()
 
@@ -96,25 +111,83 @@ class ButtonSpec:
     emoji: str
     style: discord.ButtonStyle
     handler: Callable[[Interaction, Job], Awaitable[None]]
-    # Who may press it: the member who asked and moderators, or (None) anyone in the channel.
-    restricted_to_requester: str | None
+    # Only the member who asked and moderators may press it, and this is what anyone else is
+    # told; None: anyone in the channel may.
+    refusal: str | None
 
 
 BUTTONS: dict[JobAction, ButtonSpec] = {
-    JobAction.CANCEL: ButtonSpec("Cancel", "✖️", discord.ButtonStyle.secondary, cancel_job, "cancel"),
-    JobAction.REROLL: ButtonSpec("Re-roll", "🎲", discord.ButtonStyle.primary, reroll_job, "re-roll"),
-    JobAction.RETRY: ButtonSpec("Try again", "🔁", discord.ButtonStyle.primary, reroll_job, "re-roll"),
-    JobAction.EDIT: ButtonSpec("Edit", "✏️", discord.ButtonStyle.secondary, edit_job, None),
-    JobAction.DELETE: ButtonSpec("Delete", "🗑️", discord.ButtonStyle.danger, delete_result, "delete"),
+    JobAction.CANCEL: ButtonSpec(
+        N_("Cancel"),
+        "✖️",
+        discord.ButtonStyle.secondary,
+        cancel_job,
+        N_("Only the member who asked for this edit or a moderator can cancel it."),
+    ),
+    JobAction.REROLL: ButtonSpec(
+        N_("Re-roll"),
+        "🎲",
+        discord.ButtonStyle.primary,
+        reroll_job,
+        N_("Only the member who asked for this edit or a moderator can re-roll it."),
+    ),
+    JobAction.RETRY: ButtonSpec(
+        N_("Try again"),
+        "🔁",
+        discord.ButtonStyle.primary,
+        reroll_job,
+        N_("Only the member who asked for this edit or a moderator can try it again."),
+    ),
+    JobAction.EDIT: ButtonSpec(N_("Edit"), "✏️", discord.ButtonStyle.secondary, edit_job, None),
+    JobAction.DELETE: ButtonSpec(
+        N_("Delete"),
+        "🗑️",
+        discord.ButtonStyle.danger,
+        delete_result,
+        N_("Only the member who asked for this edit or a moderator can delete it."),
+    ),
 }
+
+
+def job_buttons(job: Job, actions: tuple[JobAction, ...]) -> list[JobButton]:
+    """A job's buttons, labelled in the language of the member who asked."""
+    _ = texts(job.locale)
+    return [JobButton(action, job.id, job.button_key, label=_(BUTTONS[action].label)) for action in actions]
 
 
 def job_view(job: Job, actions: tuple[JobAction, ...]) -> discord.ui.View:
     """A job's buttons, in one row; an empty view removes any shown before."""
     view = discord.ui.View(timeout=None)
-    for action in actions:
-        view.add_item(JobButton(action, job.id, job.button_key))
+    for button in job_buttons(job, actions):
+        view.add_item(button)
     return view
+
+
+def result_card(job: Job, rendered: Rendered, images: list[tuple[str, ResultImage]]) -> discord.ui.LayoutView:
+    """A finished result as one components-v2 message: a container holding the status line, a
+    media gallery of the images (a spoiler only on those fal flagged, the prompt as each one's
+    alt text), the job's details and the buttons: at most 9 of Discord's 40 components. The
+    images, at most 10 (a Media Gallery's limit), are the message's attachments of those names."""
+    assert len(images) <= MAX_GALLERY_ITEMS
+    items: list[discord.ui.Item[Any]] = [discord.ui.TextDisplay(rendered.content)]
+    if images:
+        items.append(
+            discord.ui.MediaGallery(
+                *(
+                    discord.MediaGalleryItem(
+                        f"attachment://{name}", description=rendered.alt_text or None, spoiler=image.nsfw
+                    )
+                    for name, image in images
+                )
+            )
+        )
+    items.append(discord.ui.TextDisplay(rendered.details))
+    if rendered.buttons:
+        items.append(discord.ui.Separator(visible=False))
+        items.append(discord.ui.ActionRow(*job_buttons(job, rendered.buttons)))
+    card = discord.ui.LayoutView(timeout=None)
+    card.add_item(discord.ui.Container(*items, accent_colour=rendered.embed.colour))
+    return card
 
 
 class JobButton(
@@ -122,10 +195,12 @@ class JobButton(
     # Buttons posted before the job key existed have none.
     template=r"kontext:(?P<action>[a-z]+):(?P<job_id>[0-9]+)(?::(?P<key>[0-9a-f]+))?",
 ):
-    def __init__(self, action: JobAction, job_id: int, key: str | None) -> None:
+    def __init__(self, action: JobAction, job_id: int, key: str | None, *, label: str | None = None) -> None:
         spec = BUTTONS[action]
         custom_id = f"kontext:{action.value}:{job_id}" + (f":{key}" if key else "")
-        super().__init__(discord.ui.Button(label=spec.label, emoji=spec.emoji, style=spec.style, custom_id=custom_id))
+        super().__init__(
+            discord.ui.Button(label=label or spec.label, emoji=spec.emoji, style=spec.style, custom_id=custom_id)
+        )
         self.action = action
         self.job_id = job_id
         self.key = key
@@ -144,10 +219,10 @@ class JobButton(
             bot = interaction.client
             job = bot.runner.active_job(self.job_id) or await bot.store.get_job(self.job_id)
             if job is None or not self._belongs_to(job, interaction):
-                raise UserFacingError("This button belongs to an edit the bot no longer knows.")
-            verb = BUTTONS[self.action].restricted_to_requester
-            if verb is not None and interaction.user.id != job.user_id and not is_moderator(interaction):
-                raise UserFacingError(f"Only the member who asked for this edit or a moderator can {verb} it.")
+                raise UserFacingError(N_("This button belongs to an edit the bot no longer knows."))
+            spec = BUTTONS[self.action]
+            if spec.refusal is not None and interaction.user.id != job.user_id and not is_moderator(interaction):
+                raise UserFacingError(spec.refusal)
         except Exception as exc:
             await report(interaction, exc)
             return False
@@ -156,13 +231,16 @@ class JobButton(
 
     def _belongs_to(self, job: Job, interaction: Interaction) -> bool:
         """A button acts only on the job it was posted for: same key (a job id alone is reused
-        when a database is lost or restored), same server and channel, one of its messages."""
+        when a database is lost or restored), same server and channel (or the requester's DM
+        with the bot, where a result that outlived its reply is sent), one of its messages."""
         if job.button_key is not None and self.key != job.button_key:
             return False
-        if (job.guild_id, job.channel_id) != (interaction.guild_id, interaction.channel_id):
-            return False
         message = interaction.message
-        return message is None or message.id in (job.message_id, *job.posted_message_ids)
+        if message is not None and message.id not in (job.message_id, *job.posted_message_ids):
+            return False
+        where = (interaction.guild_id, interaction.channel_id)
+        sent_to_dm = interaction.guild_id is None and interaction.user.id == job.user_id and message is not None
+        return where == (job.guild_id, job.channel_id) or sent_to_dm
 
     async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]
         assert self.job is not None, "interaction_check found the job"

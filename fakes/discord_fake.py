@@ -19,7 +19,10 @@ Facts used here are from /work/shared/reference/discord-platform.md (Part B).
   num_shards``); ``dispatch`` routes by guild (no guild: shard 0); RESUME per session; IDENTIFY
   limited to one per 5 s per bucket ``shard_id % max_concurrency`` (Invalid Session, op 9).
 * Interaction contexts and installs (guild install, user install, the bot's DM, group DMs),
-  autocomplete (type 4 / callback 8), components v2 (``IS_COMPONENTS_V2``) and locales.
+  autocomplete (type 4 / callback 8), components v2 (``IS_COMPONENTS_V2``) and locales (command
+  localizations keyed by Discord's locales only).
+* The bot's DMs: ``POST /users/@me/channels`` opens one; posting there needs a shared server or
+  the user's install of the app, and DMs the user has not closed (``dms_closed``), else 50007.
 """
 
 from __future__ import annotations
@@ -695,6 +698,9 @@ class FakeDiscord:
         self.dm_channels: dict[str, str] = {}  # user id -> DM channel id (with the bot)
         self.group_dms: dict[str, str] = {}  # user id -> a group DM channel id (without the bot)
         self._bot_dm_ids: set[str] = set()  # private channels the bot is a recipient of
+        # Users who turned off DMs from apps and server members (privacy settings): the bot's
+        # messages to them get 50007.
+        self.dms_closed: set[str] = set()
         self._messages_by_channel: dict[str, list[FakeMessage]] = {}
         self.guild_id = snowflake()
         self.channel_id = snowflake()
@@ -2227,6 +2233,7 @@ class FakeDiscord:
                 ("GET", r"/guilds/%s/channels" % (S % "gid"), self._h_get_guild_channels, True),
                 ("GET", r"/guilds/{}/members/{}".format(S % "gid", S % "uid"), self._h_get_member, True),
                 ("DELETE", r"/users/@me/guilds/%s" % (S % "gid"), self._h_leave_guild, True),
+                ("POST", r"/users/@me/channels", self._h_create_dm, True),
             ]
             self._route_table = [(m, re.compile("^" + rx + "$"), h, auth) for m, rx, h, auth in tbl]
         return self._route_table
@@ -2372,9 +2379,24 @@ class FakeDiscord:
             raise ApiError(403, {"message": "Missing Access", "code": 50001})
         return g
 
+    def _check_localizations(self, node: dict, path: list) -> None:
+        """`name_localizations` / `description_localizations` are keyed by Discord's locales (docs
+        application-commands.mdx Localization; reference.mdx Locales); the spec allows any key."""
+        for key in ("name_localizations", "description_localizations"):
+            for locale in node.get(key) or {}:
+                if locale not in LOCALES:
+                    raise invalid_form(
+                        _form_error([*path, key, locale], "LOCALE_INVALID", f"Invalid locale {locale!r}"),
+                        f"{key} with {locale!r}, which is not one of Discord's locales",
+                    )
+        for j, choice in enumerate(node.get("choices") or []):
+            if isinstance(choice, dict):
+                self._check_localizations(choice, [*path, "choices", j])
+
     def _check_command_body(self, cmds: list, guild_scoped: bool) -> None:
         """Rules the spec cannot express (docs application-commands.mdx)."""
         for i, c in enumerate(cmds or []):
+            self._check_localizations(c, [i])
             it = c.get("integration_types")
             if not guild_scoped and it is not None:
                 bad = [t for t in it if t not in self.app_integration_types]
@@ -2394,6 +2416,7 @@ class FakeDiscord:
                 for j, o in enumerate(opts or []):
                     if not isinstance(o, dict):
                         continue
+                    self._check_localizations(o, [*path, j])
                     if o.get("autocomplete") and o.get("choices"):
                         raise invalid_form(
                             _form_error(
@@ -2535,6 +2558,11 @@ class FakeDiscord:
     async def _h_post_message(self, req, p, body, files):
         ch = self._channel_or_404(p["cid"])
         gid = ch.get("guild_id")
+        if ch["id"] in self._bot_dm_ids:
+            (recipient,) = ch["recipients"]
+            if not self.dm_reachable(recipient["id"]):
+                # docs topics/opcodes-and-status-codes.mdx
+                raise ApiError(403, {"message": "Cannot send messages to this user", "code": 50007})
         body = body or {}
         msg = FakeMessage(self, ch["id"], author=dict(self.bot_user), type=0, guild_id=gid)
         ref = body.get("message_reference")
@@ -2587,6 +2615,26 @@ class FakeDiscord:
         msg = self._msg_or_404(p["cid"], p["mid"])
         self._delete(msg)
         return 204, None
+
+    async def _h_create_dm(self, req, p, body, files):
+        """Create DM (docs resources/user.mdx): the DM channel with `recipient_id`, the existing
+        one if there is one. Opening it always works; whether the bot may write there is decided
+        when it posts (see `dm_reachable`)."""
+        uid = str((body or {}).get("recipient_id") or "")
+        if uid not in self.users:
+            raise invalid_form(
+                _form_error(["recipient_id"], "USER_UNKNOWN", "Unknown user"), f"Create DM for unknown user {uid!r}"
+            )
+        return 200, dict(self._dm_channel(uid))
+
+    def dm_reachable(self, uid: str) -> bool:
+        """Whether the bot may message a user in their DM with it: the user shares a server with
+        the bot or installed the app to their account (discord-api-docs #7666: user-installed
+        apps DM their users), and has not closed DMs."""
+        if uid in self.dms_closed:
+            return False
+        shares_a_guild = any(g.bot_present and uid in g.members for g in self.guilds.values())
+        return shares_a_guild or uid in self.user_installs
 
     async def _h_leave_guild(self, req, p, body, files):
         """The bot leaves a server: Discord answers 204 and the guild's shard gets GUILD_DELETE."""
@@ -3147,21 +3195,21 @@ def custom_ids(components: list) -> list[str]:
     return found
 
 
-def _walk_components(node: Any):
+def walk_components(node: Any):
     """Every component dict in a component tree (children, accessories, label components)."""
     if isinstance(node, list):
         for c in node:
-            yield from _walk_components(c)
+            yield from walk_components(c)
     elif isinstance(node, dict) and "type" in node:
         yield node
         for key in ("components", "accessory", "component"):
             if key in node:
-                yield from _walk_components(node[key])
+                yield from walk_components(node[key])
 
 
 def _component_stats(comps: list) -> dict:
     stats: dict = {"count": 0, "text": 0, "custom_ids": [], "ids": [], "media": [], "buttons": []}
-    for c in _walk_components(comps):
+    for c in walk_components(comps):
         stats["count"] += 1
         if c.get("type") == 2:
             # docs components/reference.mdx (Button Structure): which fields each style must have
@@ -3197,7 +3245,7 @@ def _first_duplicate(values: list) -> Any:
 
 
 def _media_dicts(components: list):
-    for c in _walk_components(components):
+    for c in walk_components(components):
         t = c.get("type")
         if t == 11 and isinstance(c.get("media"), dict):
             yield c["media"]
@@ -3233,12 +3281,17 @@ def _resolve_media(components: list, attachments: list[dict]) -> list:
     return components
 
 
+def text_displays(components: list) -> list[str]:
+    """The contents of every Text Display in a component tree, in order."""
+    return [c["content"] for c in walk_components(components) if c.get("type") == 10 and "content" in c]
+
+
 def media_gallery_items(message: Any) -> list[dict]:
     """Every Media Gallery item of a message (nested ones included), in order: the item as stored
     plus `filename` and `data` (the bytes) when it shows one of the message's attachments."""
     by_id = {a["id"]: a for a in message.attachments}
     out = []
-    for c in _walk_components(message.components):
+    for c in walk_components(message.components):
         if c.get("type") != 12:
             continue
         for item in c.get("items") or []:

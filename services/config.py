@@ -20,6 +20,7 @@ from typing import TypeVar
 import yarl
 
 from .log_format import LOG_FORMATS
+from .policy import SAFETY_MAX, SAFETY_MIN, PersonalUse
 
 T = TypeVar("T")
 
@@ -104,6 +105,10 @@ class Settings:
     shard_ids: tuple[int, ...] | None = None
     # The gateway address used instead of discord.py's built-in one (a gateway proxy, a fake).
     discord_gateway_url: str | None = None
+    # Where no server governs (DMs, servers without the bot, through members' own installs).
+    personal: PersonalUse = PersonalUse()
+    # Results as one components-v2 card (0: the classic message with an embed and attachments).
+    result_cards: bool = True
 
     def __repr__(self) -> str:
         shown = []
@@ -244,6 +249,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"HEARTBEAT_SECONDS must be at most a third of LEASE_SECONDS ({lease_seconds:g}): a lease must "
             "outlive a missed renewal"
         )
+    monthly_budget = _parse(env, "MONTHLY_BUDGET_USD", _number(float, minimum=0.01), None)
     return Settings(
         discord_token=secrets["DISCORD_TOKEN"],
         fal_key=secrets["FAL_KEY"],
@@ -273,7 +279,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_result_bytes=_parse(env, "MAX_RESULT_BYTES", _number(int, minimum=1), Settings.max_result_bytes),
         result_memory_bytes=_parse(env, "RESULT_MEMORY_BYTES", _number(int, minimum=0), Settings.result_memory_bytes),
         price_per_image_usd=_parse(env, "PRICE_PER_IMAGE_USD", _number(float, minimum=0), Settings.price_per_image_usd),
-        monthly_budget_usd=_parse(env, "MONTHLY_BUDGET_USD", _number(float, minimum=0.01), None),
+        monthly_budget_usd=monthly_budget,
         allowed_guild_ids=_parse(env, "ALLOWED_GUILD_IDS", _ids, None),
         database_url=database_url,
         instance_id=_parse(env, "INSTANCE_ID", _instance_id, _default_instance_id(data_dir)),
@@ -283,6 +289,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         shard_count=shard_count,
         shard_ids=shard_ids,
         discord_gateway_url=_parse(env, "DISCORD_GATEWAY_URL", _gateway_url(allow_plain_http=plain_http), None),
+        personal=_personal_use(env, monthly_budget),
+        result_cards=_parse(env, "RESULT_CARDS", _flag, Settings.result_cards),
     )
 
 
@@ -326,6 +334,31 @@ def _gateway_url(*, allow_plain_http: bool) -> Callable[[str], str]:
         return str(url)
 
     return parse
+
+
+def _personal_use(env: Mapping[str, str], monthly_budget_usd: float | None) -> PersonalUse:
+    defaults = PersonalUse()
+    safety = _number(int, minimum=SAFETY_MIN, maximum=SAFETY_MAX)
+    personal = PersonalUse(
+        allowed=_parse(env, "PERSONAL_USE", _flag, defaults.allowed),
+        safety_default=_parse(env, "PERSONAL_SAFETY_DEFAULT", safety, defaults.safety_default),
+        safety_maximum=_parse(env, "PERSONAL_SAFETY_MAXIMUM", safety, defaults.safety_maximum),
+        daily_jobs_per_member=_parse(
+            env, "PERSONAL_DAILY_JOBS", _number(int, minimum=1), defaults.daily_jobs_per_member
+        ),
+        concurrent_jobs_per_member=_parse(
+            env, "PERSONAL_CONCURRENT_JOBS", _number(int, minimum=1), defaults.concurrent_jobs_per_member
+        ),
+    )
+    if personal.safety_default > personal.safety_maximum:
+        raise SettingsError(
+            f"PERSONAL_SAFETY_DEFAULT ({personal.safety_default}) is above PERSONAL_SAFETY_MAXIMUM "
+            f"({personal.safety_maximum})"
+        )
+    if personal.allowed and monthly_budget_usd is None:
+        # Anyone may install the app to their account; every such job is billed to the operator.
+        raise SettingsError("PERSONAL_USE=1 needs MONTHLY_BUDGET_USD: personal use is paid from the operator's budget")
+    return personal
 
 
 def _ids(raw: str) -> frozenset[int]:

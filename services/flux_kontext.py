@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .fal_queue import FalBadOutput
+from .i18n import N_, LocalizedError
 
 ENDPOINT_EDIT = "fal-ai/flux-pro/kontext/max"
 # Several input images ("put the hat from image 2 on the person in image 1").
@@ -25,7 +26,7 @@ SAFETY_MIN, SAFETY_MAX = 1, 6
 MAX_INPUT_IMAGES = 4
 
 
-class InvalidEdit(ValueError):
+class InvalidEdit(LocalizedError, ValueError):
     """A request the model would refuse: caught before anything is spent."""
 
 
@@ -51,18 +52,24 @@ class KontextOptions:
         """Raise InvalidEdit for a value the model does not take. Discord enforces the slash
         options' ranges, but discord.py does not check them again on receipt."""
         if self.aspect_ratio is not None and self.aspect_ratio not in ASPECT_RATIOS:
-            raise InvalidEdit(f"aspect ratio {self.aspect_ratio!r} is not one of {', '.join(ASPECT_RATIOS)}")
+            raise InvalidEdit(
+                N_("the aspect ratio {ratio} is not one of {ratios}"),
+                ratio=self.aspect_ratio,
+                ratios=", ".join(ASPECT_RATIOS),
+            )
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
-            raise InvalidEdit(f"output format {self.output_format!r} is not JPEG or PNG")
+            raise InvalidEdit(N_("the output format {format} is not JPEG or PNG"), format=self.output_format)
         if self.num_images is not None and not NUM_IMAGES_MIN <= self.num_images <= NUM_IMAGES_MAX:
-            raise InvalidEdit(f"the number of images must be {NUM_IMAGES_MIN} to {NUM_IMAGES_MAX}")
+            raise InvalidEdit(N_("the number of images must be {min} to {max}"), min=NUM_IMAGES_MIN, max=NUM_IMAGES_MAX)
         if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
-            raise InvalidEdit(f"the seed must be 0 to {SEED_MAX}")
+            raise InvalidEdit(N_("the seed must be 0 to {max}"), max=SEED_MAX)
         guidance = self.guidance_scale
         if guidance is not None and not (math.isfinite(guidance) and GUIDANCE_MIN <= guidance <= GUIDANCE_MAX):
-            raise InvalidEdit(f"the guidance scale must be {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g}")
+            raise InvalidEdit(
+                N_("the guidance scale must be {min} to {max}"), min=f"{GUIDANCE_MIN:g}", max=f"{GUIDANCE_MAX:g}"
+            )
         if self.safety_tolerance is not None and not SAFETY_MIN <= self.safety_tolerance <= SAFETY_MAX:
-            raise InvalidEdit(f"the safety tolerance must be {SAFETY_MIN} to {SAFETY_MAX}")
+            raise InvalidEdit(N_("the safety tolerance must be {min} to {max}"), min=SAFETY_MIN, max=SAFETY_MAX)
 
     def for_follow_up_edit(self) -> KontextOptions:
         """What carries over when a result is edited further (one image from one image): its
@@ -89,7 +96,9 @@ class KontextEdit:
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.image_urls) <= MAX_INPUT_IMAGES:
-            raise InvalidEdit(f"an edit takes 1 to {MAX_INPUT_IMAGES} images, not {len(self.image_urls)}")
+            raise InvalidEdit(
+                N_("an edit takes 1 to {max} images, not {count}"), max=MAX_INPUT_IMAGES, count=len(self.image_urls)
+            )
 
     @property
     def endpoint(self) -> str:

@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .fal_storage import FalStorage
 from .flux_kontext import KontextEdit
+from .i18n import N_, LocalizedError
 from .images import EXTENSIONS, SNIFF_BYTES, sniff_image_type
 from .redact import describe_error
 from .retry import Backoff, retrying
@@ -38,11 +39,11 @@ REUSE_MARGIN_SECONDS = 86400
 _PILLOW_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
-class InputRejected(Exception):
+class InputRejected(LocalizedError):
     """The member's image cannot be used (not an image, broken, too large, not on Discord)."""
 
 
-class InputUnavailable(Exception):
+class InputUnavailable(LocalizedError):
     """Discord no longer serves the image (an expired link or a deleted message), or could not
     be reached."""
 
@@ -55,21 +56,21 @@ def _source_key(url: yarl.URL) -> str:
 def check_image(data: bytes, name: str) -> str:
     """The content type of `data` if it is a whole image of a kind fal reads; else InputRejected."""
     if not data:
-        raise InputRejected(f"`{name}` is empty.")
+        raise InputRejected(N_("`{name}` is empty."), name=name)
     sniffed = sniff_image_type(data[:SNIFF_BYTES])
     if sniffed is None:
-        raise InputRejected(f"`{name}` is not an image FLUX.1 Kontext can read (PNG, JPEG, WebP or GIF).")
+        raise InputRejected(N_("`{name}` is not an image FLUX.1 Kontext can read (PNG, JPEG, WebP or GIF)."), name=name)
     try:
         with Image.open(io.BytesIO(data)) as image:
             pillow_type = _PILLOW_FORMATS.get(image.format or "")
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise InputRejected(f"`{name}` is damaged: it could not be read as an image.") from None
+        raise InputRejected(N_("`{name}` is damaged: it could not be read as an image."), name=name) from None
     if pillow_type != sniffed:
-        raise InputRejected(f"`{name}` is not an image FLUX.1 Kontext can read.")
+        raise InputRejected(N_("`{name}` is not an image FLUX.1 Kontext can read."), name=name)
     # Pillow's verify does not read JPEG data to its end: a cut-off file lacks its end marker.
     if sniffed == "image/jpeg" and b"\xff\xd9" not in data[-4096:]:
-        raise InputRejected(f"`{name}` is damaged: the image is cut off.")
+        raise InputRejected(N_("`{name}` is damaged: the image is cut off."), name=name)
     return sniffed
 
 
@@ -89,6 +90,7 @@ class InputStager:
         self._store = store
         self._discord_hosts = discord_cdn_hosts
         self._max_bytes = max_bytes
+        self._max_mb = max_bytes // (1024 * 1024)
         self._backoff = backoff
 
     async def stage(self, edit: KontextEdit, *, deadline: float) -> KontextEdit:
@@ -130,16 +132,18 @@ class InputStager:
         async def attempt() -> bytes:
             async with self._session.get(url) as response:
                 if response.status in (403, 404, 410):
-                    raise InputUnavailable(f"Discord no longer has `{name}` (the link expired or the message is gone).")
+                    raise InputUnavailable(
+                        N_("Discord no longer has `{name}` (the link expired or the message is gone)."), name=name
+                    )
                 if response.status >= 300:
                     raise aiohttp.ClientResponseError(response.request_info, (), status=response.status)
                 if (response.content_length or 0) > self._max_bytes:
-                    raise InputRejected(f"`{name}` is over the {self._max_bytes // (1024 * 1024)} MB limit.")
+                    raise InputRejected(N_("`{name}` is over the {limit} MB limit."), name=name, limit=self._max_mb)
                 data = bytearray()
                 async for chunk in response.content.iter_chunked(256 * 1024):
                     data += chunk
                     if len(data) > self._max_bytes:
-                        raise InputRejected(f"`{name}` is over the {self._max_bytes // (1024 * 1024)} MB limit.")
+                        raise InputRejected(N_("`{name}` is over the {limit} MB limit."), name=name, limit=self._max_mb)
                 return bytes(data)
 
         def transient(exc: BaseException) -> bool:
@@ -156,7 +160,7 @@ class InputStager:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("could not fetch an input image from Discord: %s", describe_error(exc))
-            raise InputUnavailable(f"`{name}` could not be fetched from Discord right now.") from None
+            raise InputUnavailable(N_("`{name}` could not be fetched from Discord right now."), name=name) from None
         return data
 
 

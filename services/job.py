@@ -19,10 +19,36 @@ NOTE_CANCEL_REQUESTED_BY = "cancel_requested_by"  # a cancel came once fal had s
 NOTE_UNDELIVERABLE = "undeliverable"  # why the final state could not be shown
 NOTE_WITHDRAWN = "withdrawn"  # why nothing more is shown in the channel (its reply was deleted)
 NOTE_HANDED_BACK = "handed_back"  # asked out of fal's line, to take its turn in the bot's
+NOTE_REPLY_EXPIRING = "reply_expiring"  # the reply's token ends soon: the result will come by DM
+NOTE_PRIVATE_REPLY = "private_reply"  # Discord made the reply ephemeral (the server keeps apps it lacks private)
 
 # The interaction token of the reply lives 15 minutes; leave a margin for the final upload.
 INTERACTION_TOKEN_LIFETIME = 15 * 60
 TOKEN_SAFETY_MARGIN = 30
+
+
+class JobPlace(enum.StrEnum):
+    """Where a job was asked for, which decides whose policy governs it and where the bot may
+    show it (platform doc A10; discord-api-docs receiving-and-responding.mdx, Authorizing
+    Integration Owners)."""
+
+    # A server that installed the bot: its moderators' policy, its channel.
+    SERVER = "server"
+    # The member's DM with the bot: the operator's personal policy; the bot may post there.
+    BOT_DM = "bot_dm"
+    # A group DM, or a server without the bot, where only the member's own install of the app
+    # brings it: the operator's personal policy, and only the interaction can show anything.
+    EXTERNAL = "external"
+
+    @property
+    def personal(self) -> bool:
+        """No server governs: the operator's policy for personal use applies."""
+        return self is not JobPlace.SERVER
+
+    @property
+    def bot_can_post(self) -> bool:
+        """The bot may post in the channel with its own token (after the 15-minute token)."""
+        return self is not JobPlace.EXTERNAL
 
 
 class JobState(enum.StrEnum):
@@ -129,6 +155,9 @@ class JobRequest:
     # Policy notes for the member, e.g. {"safety_limited_to": 3}.
     notes: dict[str, Any] = field(default_factory=dict)
     parent_job_id: int | None = None
+    place: JobPlace = JobPlace.SERVER
+    # The member's Discord locale: everything the bot shows of the job is in its language.
+    locale: str = "en-US"
 
 
 @dataclass

@@ -15,6 +15,8 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from .i18n import N_, Texts, english
+
 SAFETY_MIN, SAFETY_MAX = 1, 6
 
 
@@ -74,6 +76,32 @@ class OperatorLimits:
 
 
 NO_OPERATOR_LIMITS = OperatorLimits()
+
+
+@dataclass(frozen=True)
+class PersonalUse:
+    """What the operator allows where no server governs: the member's DM with the bot, group
+    DMs and servers that have not added the bot (reached through the member's own install of
+    the app). Set in the environment; the operator's monthly budget counts these jobs too."""
+
+    allowed: bool = False
+    safety_default: int = 2
+    safety_maximum: int = 2
+    daily_jobs_per_member: int | None = 10
+    concurrent_jobs_per_member: int | None = 1
+
+    def as_policy(self) -> GuildPolicy:
+        """The same limits as a policy `resolve` applies: no channel or role rules (no server
+        sets any) and no server budget (the operator's is checked instead)."""
+        return GuildPolicy(
+            safety_default=self.safety_default,
+            safety_maximum=self.safety_maximum,
+            safety_nsfw_maximum=self.safety_maximum,
+            daily_jobs_per_member=self.daily_jobs_per_member,
+            concurrent_jobs_per_member=self.concurrent_jobs_per_member,
+            concurrent_jobs_per_guild=None,
+            monthly_image_budget=None,
+        )
 
 
 @dataclass(frozen=True)
@@ -299,52 +327,69 @@ class FieldInfo(NamedTuple):
 
 
 _LABELS: dict[str, str] = {
-    "safety_default": "Default safety tolerance",
-    "safety_maximum": "Maximum safety tolerance",
-    "safety_nsfw_maximum": "Maximum safety tolerance in NSFW channels",
-    "allowed_channel_ids": "Allowed channels",
-    "required_role_id": "Required role",
-    "cooldown_seconds": "Cooldown (seconds)",
-    "daily_jobs_per_member": "Daily jobs per member",
-    "concurrent_jobs_per_member": "Concurrent jobs per member",
-    "concurrent_jobs_per_guild": "Concurrent jobs per server",
-    "monthly_image_budget": "Monthly image budget",
-    "monthly_usd_budget": "Monthly budget (USD)",
-    "log_channel_id": "Log channel",
+    "safety_default": N_("Default safety tolerance"),
+    "safety_maximum": N_("Maximum safety tolerance"),
+    "safety_nsfw_maximum": N_("Maximum safety tolerance in NSFW channels"),
+    "allowed_channel_ids": N_("Allowed channels"),
+    "required_role_id": N_("Required role"),
+    "cooldown_seconds": N_("Cooldown (seconds)"),
+    "daily_jobs_per_member": N_("Daily jobs per member"),
+    "concurrent_jobs_per_member": N_("Concurrent jobs per member"),
+    "concurrent_jobs_per_guild": N_("Concurrent jobs per server"),
+    "monthly_image_budget": N_("Monthly image budget"),
+    "monthly_usd_budget": N_("Monthly budget (USD)"),
+    "log_channel_id": N_("Log channel"),
 }
 
-# Field name -> (human label, default), in declaration order; built from the dataclass so
-# it cannot drift from it. Reset a setting with dataclasses.replace(p, **{name: info.default}).
+# Field name -> (human label, in English: translate with Texts), default), in declaration order;
+# built from the dataclass so it cannot drift from it. Reset a setting with
+# dataclasses.replace(p, **{name: info.default}).
 POLICY_FIELDS: Mapping[str, FieldInfo] = MappingProxyType(
     {f.name: FieldInfo(_LABELS[f.name], f.default) for f in fields(GuildPolicy)}
 )
 
 
-def validate_policy(policy: GuildPolicy) -> list[str]:
-    """Human-readable problems with a policy; empty when it is fine.
+def validate_policy(policy: GuildPolicy, in_language: Texts | None = None) -> list[str]:
+    """Problems with a policy, as moderators read them (in `in_language`, else English); empty
+    when it is fine.
 
     The admin cog shows these instead of saving. `resolve` still behaves sanely on
     an invalid policy (it clamps safety values), so a bad stored row cannot crash it.
     """
+    _ = in_language or english()
     problems: list[str] = []
-    label = {name: info.label for name, info in POLICY_FIELDS.items()}
+    label = {name: _(info.label) for name, info in POLICY_FIELDS.items()}
 
     safety_ok = True
     for name in ("safety_default", "safety_maximum", "safety_nsfw_maximum"):
         value = getattr(policy, name)
         if not SAFETY_MIN <= value <= SAFETY_MAX:
             safety_ok = False
-            problems.append(f"{label[name]} must be between {SAFETY_MIN} and {SAFETY_MAX} (is {value}).")
+            problems.append(
+                _(
+                    "{setting} must be between {min} and {max} (is {value}).",
+                    setting=label[name],
+                    min=SAFETY_MIN,
+                    max=SAFETY_MAX,
+                    value=value,
+                )
+            )
     if safety_ok:
         if policy.safety_default > policy.safety_maximum:
             problems.append(
-                f"The default safety tolerance ({policy.safety_default}) is above the maximum "
-                f"({policy.safety_maximum})."
+                _(
+                    "The default safety tolerance ({default}) is above the maximum ({maximum}).",
+                    default=policy.safety_default,
+                    maximum=policy.safety_maximum,
+                )
             )
         if policy.safety_default > policy.safety_nsfw_maximum:
             problems.append(
-                f"The default safety tolerance ({policy.safety_default}) is above the NSFW maximum "
-                f"({policy.safety_nsfw_maximum})."
+                _(
+                    "The default safety tolerance ({default}) is above the NSFW maximum ({maximum}).",
+                    default=policy.safety_default,
+                    maximum=policy.safety_nsfw_maximum,
+                )
             )
 
     for name in (
@@ -355,22 +400,34 @@ def validate_policy(policy: GuildPolicy) -> list[str]:
     ):
         value = getattr(policy, name)
         if value is not None and value < 0:
-            problems.append(f"{label[name]} must not be negative (is {value}).")
+            problems.append(_("{setting} must not be negative (is {value}).", setting=label[name], value=value))
 
     # A zero budget would silently stop the bot; "unlimited" is None, a pause is a channel list.
     if policy.monthly_image_budget is not None and policy.monthly_image_budget <= 0:
-        problems.append(f"{label['monthly_image_budget']} must be above 0 (is {policy.monthly_image_budget}).")
+        problems.append(
+            _(
+                "{setting} must be above 0 (is {value}).",
+                setting=label["monthly_image_budget"],
+                value=policy.monthly_image_budget,
+            )
+        )
     usd = policy.monthly_usd_budget
     if usd is not None and (not math.isfinite(usd) or usd <= 0):
-        problems.append(f"{label['monthly_usd_budget']} must be above 0 (is {usd}).")
+        problems.append(_("{setting} must be above 0 (is {value}).", setting=label["monthly_usd_budget"], value=usd))
 
     for name in ("required_role_id", "log_channel_id"):
         value = getattr(policy, name)
         if value is not None and value <= 0:
-            problems.append(f"{label[name]} is not a valid Discord id ({value}).")
+            problems.append(_("{setting} is not a valid Discord id ({value}).", setting=label[name], value=value))
     bad_ids = sorted(i for i in policy.allowed_channel_ids if i <= 0)
     if bad_ids:
-        problems.append(f"{label['allowed_channel_ids']} contains invalid ids: {bad_ids}.")
+        problems.append(
+            _(
+                "{setting} contains invalid ids: {ids}.",
+                setting=label["allowed_channel_ids"],
+                ids=", ".join(map(str, bad_ids)),
+            )
+        )
     return problems
 
 
@@ -463,6 +520,7 @@ __all__ = [
     "Requester",
     "Usage",
     "OperatorLimits",
+    "PersonalUse",
     "JobAsk",
     "Allowed",
     "Refused",

@@ -23,6 +23,7 @@ from .fal_queue import (
     QueueStatus,
 )
 from .flux_kontext import parse_output
+from .i18n import texts
 from .input_images import InputRejected, InputStager, InputUnavailable
 from .job import (
     NOTE_CANCEL_REQUESTED_BY,
@@ -379,10 +380,10 @@ class JobRunner:
             await self._failed_at_fal(job, exc)
         except InputRejected as exc:
             log.info("job %d: input refused: %s", job.id, exc)
-            await self._fail(job, "bad_input", str(exc))
+            await self._fail(job, "bad_input", texts(job.locale).error(exc))  # the bot's words, in the member's
         except InputUnavailable as exc:
             log.info("job %d: input unavailable: %s", job.id, exc)
-            await self._fail(job, "input_unavailable", str(exc))
+            await self._fail(job, "input_unavailable", texts(job.locale).error(exc))
         except TimeoutError:
             log.warning("job %d timed out after %.0fs", job.id, self._job_timeout)
             if job.request is not None:

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol, Self
 
 from .fal_queue import FalRequest
 from .flux_kontext import KontextEdit
-from .job import Job, JobRequest, JobResult, JobState
+from .job import Job, JobPlace, JobRequest, JobResult, JobState
 from .policy import GuildPolicy, Usage, day_start, month_start, policy_from_dict, policy_to_dict
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,11 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
     ALTER TABLE jobs ADD COLUMN cancel_requested_by BIGINT;
     ALTER TABLE jobs ADD COLUMN cancel_answer TEXT;
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN place TEXT NOT NULL DEFAULT 'server';
+    ALTER TABLE jobs ADD COLUMN locale TEXT NOT NULL DEFAULT 'en-US';
+    CREATE INDEX jobs_personal ON jobs (user_id, created_at) WHERE place != 'server';
+    """,
 )
 
 
@@ -208,9 +213,15 @@ _SPENT = (
     f"({_ACTIVE} OR state = 'succeeded' OR (started_at IS NOT NULL AND request_id IS NOT NULL"
     f" AND NOT (state = 'failed' AND error_code IN {_UNBILLED_FAILURES})))"
 )
+# Jobs a server's policy governs; the others (DMs, servers without the bot) count against the
+# operator's policy for personal use, per member.
+_SERVER = "place = 'server'"
+_PERSONAL = "place != 'server'"
 # The images a job makes, a column of its own: budgets sum it over a month of jobs at every
 # request, which must not mean parsing each job's payload (inputs inline make it kilobytes).
 _IMAGES = "images"
+
+_ALL_IMAGES_THIS_MONTH = f"(SELECT COALESCE(SUM({_IMAGES}), 0) FROM jobs WHERE created_at >= :month AND {_SPENT})"
 
 _JSON_COLUMNS = ("notes", "posted_message_ids")
 _BOOL_COLUMNS = ("channel_nsfw", "delivered_in_channel")
@@ -246,6 +257,7 @@ def _from_row(row: Row) -> Job:
     values = {name: row[name] for name in _SCALAR_COLUMNS}
     values.update({name: bool(row[name]) for name in _BOOL_COLUMNS})
     values.update({name: json.loads(row[name]) for name in _JSON_COLUMNS})
+    values["place"] = JobPlace(values["place"])
     request = FalRequest(*(row[name] for name in _REQUEST_FIELDS)) if row["request_id"] else None
     result = JobResult.from_dict(json.loads(row["result"])) if row["result"] else None
     edit = KontextEdit.from_payload(row["endpoint"], json.loads(row["params"]))
@@ -500,24 +512,41 @@ class Store(abc.ABC):
         images of every server this month only when an operator's budget needs them."""
         sql = f"""
             SELECT
-                (SELECT MAX(created_at) FROM jobs WHERE guild_id = :guild AND user_id = :user),
-                (SELECT COUNT(*) FROM jobs WHERE guild_id = :guild AND user_id = :user AND created_at >= :day),
+                (SELECT MAX(created_at) FROM jobs WHERE guild_id = :guild AND user_id = :user AND {_SERVER}),
+                (SELECT COUNT(*) FROM jobs WHERE guild_id = :guild AND user_id = :user AND created_at >= :day
+                    AND {_SERVER}),
                 (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND guild_id = :guild AND user_id = :user
-                    AND {_ACTIVE}),
-                (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND guild_id = :guild AND {_ACTIVE}),
+                    AND {_ACTIVE} AND {_SERVER}),
+                (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND guild_id = :guild AND {_ACTIVE}
+                    AND {_SERVER}),
                 (SELECT COALESCE(SUM({_IMAGES}), 0) FROM jobs
-                    WHERE guild_id = :guild AND created_at >= :month AND {_SPENT}),
-                {f"(SELECT COALESCE(SUM({_IMAGES}), 0) FROM jobs WHERE created_at >= :month AND {_SPENT})" if all_servers else "0"}
+                    WHERE guild_id = :guild AND created_at >= :month AND {_SPENT} AND {_SERVER}),
+                {_ALL_IMAGES_THIS_MONTH if all_servers else "0"}
         """
         args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": month_start(now)}
         (row,) = await self._fetch(sql, args)  # one trip to the database
         return Usage(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]))
 
+    async def personal_usage(self, user_id: int, now: float, *, all_servers: bool = False) -> Usage:
+        """The same for a member's personal use (DMs, servers without the bot), which the
+        operator's policy limits per member: the server figures are zero."""
+        sql = f"""
+            SELECT
+                (SELECT MAX(created_at) FROM jobs WHERE user_id = :user AND {_PERSONAL}),
+                (SELECT COUNT(*) FROM jobs WHERE user_id = :user AND created_at >= :day AND {_PERSONAL}),
+                (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND user_id = :user AND {_ACTIVE}
+                    AND {_PERSONAL}),
+                {_ALL_IMAGES_THIS_MONTH if all_servers else "0"}
+        """
+        args = {"user": user_id, "day": day_start(now), "month": month_start(now)}
+        (row,) = await self._fetch(sql, args)
+        return Usage(row[0], row[1], row[2], 0, 0, int(row[3]))
+
     async def daily_images(self, guild_id: int, since: float) -> dict[date, int]:
         """The images the budgets count, per UTC day, for a server's jobs since `since`."""
         sql = f"""
             SELECT {self._day_of_created} AS day, SUM({_IMAGES}) FROM jobs
-            WHERE guild_id = :guild AND created_at >= :since AND {_SPENT} GROUP BY day
+            WHERE guild_id = :guild AND created_at >= :since AND {_SPENT} AND {_SERVER} GROUP BY day
         """
         rows = await self._fetch(sql, {"guild": guild_id, "since": since})
         return {datetime.fromtimestamp(row[0] * 86400, UTC).date(): int(row[1]) for row in rows}

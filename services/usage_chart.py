@@ -17,6 +17,8 @@ from datetime import date, timedelta
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from .i18n import Texts, english
+
 WIDTH, HEIGHT = 800, 360
 
 BACKGROUND = (43, 45, 49)  # Discord's dark panel
@@ -54,23 +56,30 @@ def last_days(counts: Mapping[date, tuple[int, float]], today: date, days: int =
 
 
 def render_usage_chart(
-    days: Sequence[DayUsage], *, monthly_budget_usd: float | None, month_spent_usd: float, title: str
+    days: Sequence[DayUsage],
+    *,
+    monthly_budget_usd: float | None,
+    month_spent_usd: float,
+    title: str,
+    in_language: Texts | None = None,
 ) -> bytes:
-    """The chart as PNG bytes, WIDTH x HEIGHT, with the number of days in its `days` text chunk."""
+    """The chart as PNG bytes, WIDTH x HEIGHT, with the number of days in its `days` text chunk;
+    its words and dates in `in_language` (English by default)."""
     _check_budget(monthly_budget_usd)
+    _ = in_language or english()
     image = Image.new("RGB", (WIDTH, HEIGHT), BACKGROUND)
     draw = ImageDraw.Draw(image)
     title_font, font, small = _font(20), _font(14), _font(12)
     draw.text((PLOT[0], 14), _fit(title, title_font, PLOT[2] - PLOT[0]), font=title_font, fill=TEXT)
-    draw.text((PLOT[0], 42), "Images per day", font=small, fill=MUTED)
+    draw.text((PLOT[0], 42), _("Images per day"), font=small, fill=MUTED)
     total_images = sum(day.images for day in days)
-    totals = f"{total_images} images, ${sum(day.usd for day in days):.2f} in {len(days)} days"
+    totals = _totals(days, _)
     draw.text((PLOT[2], 42), totals, font=small, fill=MUTED, anchor="ra")
-    _draw_bars(draw, days, small)
+    _draw_bars(draw, days, small, _)
     if not total_images:
         middle = ((PLOT[0] + PLOT[2]) // 2, (PLOT[1] + PLOT[3]) // 2)
-        draw.text(middle, "No images in this period", font=font, fill=MUTED, anchor="mm")
-    _draw_budget(draw, monthly_budget_usd, month_spent_usd, font)
+        draw.text(middle, _("No images in this period"), font=font, fill=MUTED, anchor="mm")
+    _draw_budget(draw, monthly_budget_usd, month_spent_usd, font, _)
     info = PngInfo()
     info.add_text("days", str(len(days)))
     out = io.BytesIO()
@@ -78,26 +87,57 @@ def render_usage_chart(
     return out.getvalue()
 
 
-def usage_summary_text(days: Sequence[DayUsage], monthly_budget_usd: float | None, month_spent_usd: float) -> str:
-    """What the chart shows, in sentences (at most ALT_TEXT_LIMIT characters)."""
+def usage_summary_text(
+    days: Sequence[DayUsage], monthly_budget_usd: float | None, month_spent_usd: float, in_language: Texts | None = None
+) -> str:
+    """What the chart shows, in sentences (at most ALT_TEXT_LIMIT characters), in `in_language`
+    (English by default)."""
     _check_budget(monthly_budget_usd)
+    _ = in_language or english()
     parts: list[str] = []
     if days:
         images = sum(day.images for day in days)
         usd = sum(day.usd for day in days)
         parts.append(
-            f"Images per day from {_long_date(days[0].day)} to {_long_date(days[-1].day)}: "
-            f"{images} images in {len(days)} days, estimated ${usd:.2f}."
+            _.ngettext(
+                "Images per day from {first} to {last}: {count} image in {days} days, estimated {cost}.",
+                "Images per day from {first} to {last}: {count} images in {days} days, estimated {cost}.",
+                images,
+                first=_.long_day(days[0].day),
+                last=_.long_day(days[-1].day),
+                days=len(days),
+                cost=_.money(usd),
+            )
         )
         busiest = max(days, key=lambda day: day.images)
         if busiest.images:
             active = sum(1 for day in days if day.images)
             parts.append(
-                f"Busiest day {_long_date(busiest.day)} with {busiest.images} images; "
-                f"images were made on {active} of the {len(days)} days; {days[-1].images} on the last day."
+                _.ngettext(
+                    "Busiest day {day} with {count} image; images were made on {active} of the {days} days; "
+                    "{last} on the last day.",
+                    "Busiest day {day} with {count} images; images were made on {active} of the {days} days; "
+                    "{last} on the last day.",
+                    busiest.images,
+                    day=_.long_day(busiest.day),
+                    active=active,
+                    days=len(days),
+                    last=days[-1].images,
+                )
             )
-    parts.append(_budget_sentence(monthly_budget_usd, month_spent_usd))
+    parts.append(_budget_sentence(monthly_budget_usd, month_spent_usd, _))
     return " ".join(parts)[:ALT_TEXT_LIMIT]
+
+
+def _totals(days: Sequence[DayUsage], _: Texts) -> str:
+    images = sum(day.images for day in days)
+    return _.ngettext(
+        "{count} image, {cost} in {days} days",
+        "{count} images, {cost} in {days} days",
+        images,
+        cost=_.money(sum(day.usd for day in days)),
+        days=len(days),
+    )
 
 
 def _check_budget(monthly_budget_usd: float | None) -> None:
@@ -105,14 +145,19 @@ def _check_budget(monthly_budget_usd: float | None) -> None:
         raise ValueError(f"a monthly budget must be above 0 (None: no budget), got {monthly_budget_usd}")
 
 
-def _budget_sentence(budget: float | None, spent: float) -> str:
+def _budget_sentence(budget: float | None, spent: float, _: Texts) -> str:
     if budget is None:
-        return f"This month: ${spent:.2f} estimated; no monthly budget is set."
-    over = " Over budget." if spent > budget else ""
-    return f"This month: ${spent:.2f} of the ${budget:.2f} monthly budget ({spent / budget:.0%}).{over}"
+        return _("This month: {spent} estimated; no monthly budget is set.", spent=_.money(spent))
+    sentence = _(
+        "This month: {spent} of the {budget} monthly budget ({share}).",
+        spent=_.money(spent),
+        budget=_.money(budget),
+        share=_.percent(spent / budget),
+    )
+    return f"{sentence} {_('Over budget.')}" if spent > budget else sentence
 
 
-def _draw_bars(draw: ImageDraw.ImageDraw, days: Sequence[DayUsage], font: ImageFont.FreeTypeFont) -> None:
+def _draw_bars(draw: ImageDraw.ImageDraw, days: Sequence[DayUsage], font: ImageFont.FreeTypeFont, _: Texts) -> None:
     left, top, right, bottom = PLOT
     axis_top, step = _scale(max((day.images for day in days), default=0))
     for tick in range(0, axis_top + 1, step):
@@ -131,15 +176,17 @@ def _draw_bars(draw: ImageDraw.ImageDraw, days: Sequence[DayUsage], font: ImageF
                 (round(centre - width / 2), bottom - height, round(centre + width / 2) - 1, bottom - 1), fill=BAR_COLOUR
             )
         if (len(days) - 1 - index) % LABEL_EVERY == 0:
-            label = f"{day.day:%b} {day.day.day}"
+            label = _.day(day.day)
             half = font.getlength(label) / 2
             x = min(max(centre, left - 24 + half), WIDTH - 4 - half)  # kept inside the card
             draw.text((x, bottom + 8), label, font=font, fill=MUTED, anchor="ma")
 
 
-def _draw_budget(draw: ImageDraw.ImageDraw, budget: float | None, spent: float, font: ImageFont.FreeTypeFont) -> None:
+def _draw_budget(
+    draw: ImageDraw.ImageDraw, budget: float | None, spent: float, font: ImageFont.FreeTypeFont, _: Texts
+) -> None:
     left, top, right, bottom = BUDGET_BAR
-    draw.text((left, top - 26), _budget_sentence(budget, spent), font=font, fill=TEXT)
+    draw.text((left, top - 26), _budget_sentence(budget, spent, _), font=font, fill=TEXT)
     if budget is None:
         return
     draw.rectangle(BUDGET_BAR, fill=GRID)
@@ -165,10 +212,6 @@ def _fit(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
     while text and font.getlength(text + "…") > width:
         text = text[:-1]
     return text + "…"
-
-
-def _long_date(day: date) -> str:
-    return f"{day.day} {day:%B} {day.year}"
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont:

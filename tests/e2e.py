@@ -4,24 +4,44 @@ from __future__ import annotations
 
 import base64
 
-from fakes.discord_fake import EPHEMERAL, custom_ids
+from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2, custom_ids, text_displays
 
 FINAL_MARKS = ("✅", "❌", "🚫", "🛡️", "⚠️", "No image")
 
 
+def text(message) -> str:
+    """What a message says: its content, or on a components-v2 card its first Text Display
+    (the status line; `details` has the rest)."""
+    if message.flags & IS_COMPONENTS_V2:
+        return (text_displays(message.components) or [""])[0]
+    return message.content
+
+
+def details(message) -> str:
+    """A result card's details (prompt, who asked, options, seed, time, job number)."""
+    assert message.flags & IS_COMPONENTS_V2, "not a card"
+    return "\n".join(text_displays(message.components)[1:])
+
+
 def contents(message) -> list[str]:
     """Every version of a message's text, in the order the member saw them."""
-    return [snapshot.get("content") or "" for snapshot in message.history]
+    shown = []
+    for snapshot in message.history:
+        if snapshot["flags"] & IS_COMPONENTS_V2:
+            shown.append((text_displays(snapshot["components"]) or [""])[0])
+        else:
+            shown.append(snapshot.get("content") or "")
+    return shown
 
 
-def shows(handle, text: str) -> bool:
+def shows(handle, words: str) -> bool:
     message = handle.original
-    return message is not None and text in message.content
+    return message is not None and words in text(message)
 
 
 def is_final(handle) -> bool:
     message = handle.original
-    return message is not None and message.content.startswith(FINAL_MARKS)
+    return message is not None and text(message).startswith(FINAL_MARKS)
 
 
 async def finished(handle, timeout: float = 15):

@@ -91,8 +91,8 @@ def test_the_image_serves_the_ops_endpoint_on_8080_as_a_non_root_user():
     assert ("EXPOSE", "8080") in found
     users = [args for keyword, args in found if keyword == "USER"]
     assert users and users[-1] not in ("root", "0")
-    assert ("COPY", "services ./services") in found
+    assert ("COPY", "services ./services") in found and ("COPY", "locales ./locales") in found
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert not any(pattern.startswith("services") for pattern in ignored)
+    assert not any(pattern.startswith(("services", "locales")) for pattern in ignored)
     compose = (ROOT / "docker-compose.yml").read_text()
     assert re.search(r'^\s+- "127\.0\.0\.1:8080:8080"$', compose, flags=re.MULTILINE)

@@ -8,7 +8,7 @@ import asyncio
 import time
 
 from fakes.fal_fake import JobScript
-from tests.e2e import finished
+from tests.e2e import finished, text
 
 RUN = 1.0
 
@@ -30,7 +30,7 @@ async def test_a_busy_server_does_not_make_another_wait_behind_all_its_jobs(worl
     ahead += sum(1 for job in world.fal.jobs.values() if job.cancelled)  # handed back: they wait in the bot
     handle = await world.kontext(user=newcomer["id"], channel_id=quiet.channel_id, prompt="quiet job")
     message = await finished(handle, timeout=30)
-    assert message.content.startswith("✅")
+    assert text(message).startswith("✅")
     (quiet_job,) = [job for job in world.fal.jobs.values() if job.payload["prompt"] == "quiet job"]
     waited = quiet_job.started_at - arrived
     # First come, first served, it would start after every busy job not yet started, `limit` at a
@@ -38,7 +38,7 @@ async def test_a_busy_server_does_not_make_another_wait_behind_all_its_jobs(worl
     unfair = ahead / world.fal.concurrency_limit * RUN
     assert ahead >= 6 and waited <= 2.1 * RUN < unfair, f"waited {waited:.1f}s; first come, first served: {unfair:.1f}s"
     for handle in busy_jobs:
-        assert (await finished(handle, timeout=30)).content.startswith("✅")
+        assert text(await finished(handle, timeout=30)).startswith("✅")
     # Each busy job ran once; those handed back were cancelled while queued (never billed).
     ran = [job for job in world.fal.jobs.values() if job.started_at is not None]
     assert sorted(job.payload["prompt"] for job in ran) == sorted([f"busy job {n}" for n in range(20)] + ["quiet job"])
@@ -54,8 +54,8 @@ async def test_a_waiting_member_sees_an_honest_place_and_start_time(world):
     handles = [await world.kontext(user=m["id"], prompt=f"job {n}") for n, m in enumerate(members)]
     await world.discord.wait_until(lambda: world.fal.count("cancel") > 0, timeout=20)
     await asyncio.sleep(0.5)
-    waiting = [h for h in handles if h.original is not None and "in line" in h.original.content]
-    assert waiting, [h.original.content for h in handles if h.original]
-    assert all("starting <t:" in h.original.content for h in waiting)
+    waiting = [h for h in handles if h.original is not None and "in line" in text(h.original)]
+    assert waiting, [text(h.original) for h in handles if h.original]
+    assert all("starting <t:" in text(h.original) for h in waiting)
     for handle in handles:
-        assert (await finished(handle, timeout=40)).content.startswith("✅")
+        assert text(await finished(handle, timeout=40)).startswith("✅")

@@ -8,7 +8,7 @@ import asyncio
 import time
 
 from fakes.fal_fake import JobScript, infra_error, model_error
-from tests.e2e import attachment_bytes, button, fal_job, finished, has_button, private_answer, shows
+from tests.e2e import attachment_bytes, button, fal_job, finished, has_button, private_answer, shows, text
 
 
 def elapsed_since_completion(world) -> float:
@@ -22,7 +22,7 @@ async def test_a_validation_error_arrives_from_the_result_and_is_shown_in_fals_w
     world.fal.default = model_error("image_too_small", "Image must be at least 256 pixels wide")
     await world.start_bot()
     message = await finished(await world.kontext())
-    assert message.content == "❌ FLUX.1 Kontext refused this edit: Image must be at least 256 pixels wide"
+    assert text(message) == "❌ FLUX.1 Kontext refused this edit: Image must be at least 256 pixels wide"
     assert world.fal.count("submit") == 1 and world.fal.count("result") == 1  # final: asked once
     assert elapsed_since_completion(world) < 3
     assert has_button(message, "retry")
@@ -32,12 +32,12 @@ async def test_a_stored_5xx_is_final_and_shown_at_once_not_retried_until_the_dea
     world.fal.default = model_error("downstream_service_unavailable", "The partner API is unavailable")
     await world.start_bot()
     message = await finished(await world.kontext())
-    assert message.content.startswith("❌ FLUX.1 Kontext could not make this edit: The partner API is unavailable")
+    assert text(message).startswith("❌ FLUX.1 Kontext could not make this edit: The partner API is unavailable")
     assert world.fal.count("result") == 1
     assert elapsed_since_completion(world) < 3
     world.fal.default = infra_error("runner_disconnected", detail="Runner disconnected")
     message = await finished(await world.kontext())
-    assert "could not make this edit: Runner disconnected" in message.content
+    assert "could not make this edit: Runner disconnected" in text(message)
     assert world.fal.count("result") == 2
 
 
@@ -45,7 +45,7 @@ async def test_a_content_policy_refusal_quotes_fals_reason(world):
     world.fal.default = model_error("content_policy_violation", "The image was flagged for graphic violence.")
     await world.start_bot()
     message = await finished(await world.kontext())
-    assert "safety system refused this edit: The image was flagged for graphic violence." in message.content
+    assert "safety system refused this edit: The image was flagged for graphic violence." in text(message)
 
 
 async def test_a_submit_answered_with_500_is_never_sent_again(world):
@@ -53,19 +53,19 @@ async def test_a_submit_answered_with_500_is_never_sent_again(world):
     await world.start_bot()
     world.fal.fail_next("submit", status="500_after_record")
     message = await finished(await world.kontext())
-    assert "cannot tell whether fal received it" in message.content and has_button(message, "retry")
+    assert "cannot tell whether fal received it" in text(message) and has_button(message, "retry")
     assert world.fal.count("submit") == 1 and len(world.fal.jobs) == 1
     # Try again is the member's choice, and sends it once more.
     again = await finished(await world.discord.click_button(message.id, button(message, "retry")))
-    assert again.content.startswith("✅") and world.fal.count("submit") == 2
+    assert text(again).startswith("✅") and world.fal.count("submit") == 2
 
 
 async def test_an_account_out_of_credit_stops_submits_tells_the_operator_once_and_recovers(world):
     await world.start_bot(FAL_LOCK_RETRY_SECONDS="1.5")
     world.fal.lock_account("Exhausted balance")
     first = await finished(await world.kontext())
-    assert "account can't take edits right now (it is out of credit or locked)" in first.content
-    assert "key was refused" not in first.content
+    assert "account can't take edits right now (it is out of credit or locked)" in text(first)
+    assert "key was refused" not in text(first)
     # Asked again at once: refused privately, nothing sent to fal, nothing queued in vain.
     second = await world.kontext()
     await second.wait_for_callback()
@@ -74,7 +74,7 @@ async def test_an_account_out_of_credit_stops_submits_tells_the_operator_once_an
     world.fal.unlock_account()
     await asyncio.sleep(1.6)
     third = await finished(await world.kontext())
-    assert third.content.startswith("✅")
+    assert text(third).startswith("✅")
     await world.bot.stop()
     log = world.bot.log_text()
     errors = [line for line in log.splitlines() if "ERROR" in line and "User is locked" in line]
@@ -85,7 +85,7 @@ async def test_an_account_out_of_credit_stops_submits_tells_the_operator_once_an
 async def test_a_rejected_key_stays_its_own_message(world):
     await world.start_bot(FAL_KEY="not-the-right-key")
     message = await finished(await world.kontext())
-    assert "fal.ai key was refused" in message.content
+    assert "fal.ai key was refused" in text(message)
 
 
 async def test_a_stream_that_only_sends_keep_alives_is_checked_and_the_job_finishes(world):
@@ -95,7 +95,7 @@ async def test_a_stream_that_only_sends_keep_alives_is_checked_and_the_job_finis
     world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.3, stream_mode="comments_only")
     await world.start_bot(FAL_STREAM_EVENT_TIMEOUT="0.5", JOB_TIMEOUT="30")
     message = await finished(await world.kontext(), timeout=10)
-    assert message.content.startswith("✅")
+    assert text(message).startswith("✅")
     assert world.fal.count("status") >= 1
     streams = world.fal.requests_for("stream")
     assert streams and all(r.accept == "text/event-stream" for r in streams)
@@ -111,7 +111,7 @@ async def test_an_input_outlives_its_discord_link(world):
     await handle.wait_until(lambda h: shows(h, "In queue"))
     world.discord.expire_cdn_urls()
     message = await finished(handle)
-    assert message.content.startswith("✅")
+    assert text(message).startswith("✅")
     (upload,) = world.fal.uploads
     assert fal_job(world).payload["image_url"] == upload.url != photo["url"]
     assert upload.content_type == "image/png" and len(upload.data) == photo["size"]
@@ -124,13 +124,13 @@ async def test_reroll_and_edit_a_week_later_work_and_reuse_the_upload(world):
     first = await finished(await world.kontext(image=photo))
     world.discord.advance_cdn_clock(7 * 86400)  # every Discord link handed out so far has expired
     again = await finished(await world.discord.click_button(first.id, button(first, "reroll")))
-    assert again.content.startswith("✅")
+    assert text(again).startswith("✅")
     assert len(world.fal.uploads) == 1  # the same durable copy, not a second upload
     assert world.fal.submits[1]["image_url"] == world.fal.uploads[0].url
     edit = await world.discord.click_button(first.id, button(first, "edit"))
     await edit.wait_for_callback()
     edited = await finished(await world.discord.submit_modal(edit, {"prompt": "now in winter"}))
-    assert edited.content.startswith("✅")
+    assert text(edited).startswith("✅")
 
 
 async def lying_attachment(world, data: bytes, name: str = "photo.png"):
@@ -146,7 +146,7 @@ async def test_a_file_that_only_claims_to_be_an_image_is_refused_privately_and_c
         handle = await world.kontext(image=await lying_attachment(world, data))
         await handle.wait_until(lambda h: bool(h.followups), timeout=10)
         (note,) = handle.followups
-        assert note.ephemeral and expected in note.content, note.content
+        assert note.ephemeral and expected in text(note), text(note)
         assert handle.original is not None and handle.original.deleted  # the public "thinking…" is gone
     assert world.fal.count("submit") == 0 and world.fal.uploads == []
 
@@ -157,7 +157,7 @@ async def test_a_cut_off_jpeg_is_refused(world):
     cut = world.discord.add_cdn_file(attachment_bytes(world, whole)[:40_000], "cut.jpg", "image/jpeg")
     handle = await world.kontext(image=cut)
     await handle.wait_until(lambda h: bool(h.followups), timeout=10)
-    assert "`cut.jpg` is damaged" in handle.followups[0].content
+    assert "`cut.jpg` is damaged" in text(handle.followups[0])
     assert world.fal.count("submit") == 0
 
 
@@ -168,7 +168,7 @@ async def test_cancel_while_queued_removes_the_job(world):
     await handle.wait_until(lambda h: has_button(h.original, "cancel"))
     await world.discord.click_button(handle.original.id, button(handle.original, "cancel"))
     message = await finished(handle)
-    assert message.content.startswith("🚫 Cancelled by")
+    assert text(message).startswith("🚫 Cancelled by")
     assert fal_job(world).cancelled and fal_job(world).started_at is None
 
 
@@ -187,9 +187,9 @@ async def cancel_once_fal_has_started(world, script: JobScript):
 
 async def test_cancel_of_a_running_job_says_fal_finishes_it_and_delivers_what_was_paid_for(world):
     handle, click = await cancel_once_fal_has_started(world, JobScript(queue_positions=(0,), step=0.1, run_time=1.5))
-    assert "already started this edit" in click.followups[0].content and click.followups[0].ephemeral
+    assert "already started this edit" in text(click.followups[0]) and click.followups[0].ephemeral
     message = await finished(handle)
-    assert message.content.startswith("✅ Done. The cancel came after fal had started")
+    assert text(message).startswith("✅ Done. The cancel came after fal had started")
     assert len(message.files) == 1 and fal_job(world).cancel_requested_at is not None
 
 
@@ -198,4 +198,4 @@ async def test_a_cancel_fal_honours_ends_as_cancelled(world):
     script = JobScript(queue_positions=(0,), step=0.1, run_time=3.0, cancellation_aware=True)
     handle, _ = await cancel_once_fal_has_started(world, script)
     message = await finished(handle)
-    assert message.content.startswith("🚫 Cancelled by")
+    assert text(message).startswith("🚫 Cancelled by")

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+from fakes.discord_fake import custom_ids
 from fakes.fal_fake import JobScript
-from tests.e2e import admin, button, data_uri, finished, private_answer
+from tests.e2e import admin, button, data_uri, details, finished, private_answer, text
 
 
 async def first_result(world, **options):
     handle = await world.kontext(**options)
     message = await finished(handle)
-    assert message.content.startswith("✅"), message.content
+    assert text(message).startswith("✅"), text(message)
     return message
 
 
 def footer(message) -> str:
-    return message.embeds[0]["footer"]["text"]
+    """The result card's last line: the job's number (and the job it came from)."""
+    return details(message).splitlines()[-1].removeprefix("-# ")
 
 
 async def test_result_carries_one_row_of_buttons(world):
     await world.start_bot()
     message = await first_result(world)
-    (row,) = message.components
-    ids = [c["custom_id"] for c in row["components"]]
+    ids = custom_ids(message.components)  # one action row, at the foot of the card
     assert [i.rsplit(":", 1)[0] for i in ids] == ["kontext:reroll:1", "kontext:edit:1", "kontext:delete:1"]
     assert len({i.rsplit(":", 1)[1] for i in ids}) == 1  # the job's key, the same on each
 
@@ -71,7 +72,7 @@ async def test_anyone_can_edit_a_result_through_a_modal(world):
     assert submit["image_url"] == second_image and submit["prompt"] == "now at night"
     assert submit["aspect_ratio"] == "3:4" and "num_images" not in submit
     assert footer(edited) == "Job #2 · from job #1"
-    assert any(f["name"] == "Requested by" and "<@" in f["value"] for f in edited.embeds[0]["fields"])
+    assert "**Requested by** <@" in details(edited)
 
 
 async def test_edit_with_kontext_context_menu_uses_the_messages_first_image(world):
@@ -125,5 +126,5 @@ async def test_buttons_work_after_a_restart(world):
     assert await world.bot.stop() == 0
     await world.start_bot()
     click = await world.discord.click_button(message.id, button(message, "reroll"), user="alice")
-    assert (await finished(click)).content.startswith("✅")
+    assert text(await finished(click)).startswith("✅")
     assert len(world.fal.submits) == 2

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from fakes.discord_fake import media_gallery_items
 from fakes.fal_fake import JobScript
-from tests.e2e import button, contents, data_uri, fal_job, finished, has_button, private_answer
+from tests.e2e import button, contents, data_uri, details, fal_job, finished, has_button, private_answer, text
 
 
 async def test_edit_is_queued_shown_and_posted(world):
@@ -33,9 +34,9 @@ async def test_edit_is_queued_shown_and_posted(world):
     expected, _, _ = fal_job(world).image_blob()
     assert sorted(message.files) == [f"kontext-1-{i}.jpg" for i in (1, 2)]
     assert all(data == expected for data in message.files.values())  # byte for byte
-    embed = message.embeds[0]
-    assert embed["description"] == "> make it blue"
-    assert {f["name"] for f in embed["fields"]} >= {"Seed", "Options", "Requested by", "Time"}
+    card = details(message)
+    assert "\n> make it blue\n" in card
+    assert all(f"**{name}** " in card for name in ("Seed", "Options", "Requested by", "Time")), card
     # While queued the reply offers Cancel; the result no longer does.
     assert any("kontext:cancel:1:" in str(s["components"]) for s in message.history)
     assert "kontext:cancel" not in str(message.components)
@@ -55,7 +56,7 @@ async def test_mentions_in_the_prompt_never_ping(world):
     await world.start_bot()
     handle = await world.kontext(prompt="@everyone look <@&123> @here")
     message = await finished(handle)
-    assert "@everyone" in message.embeds[0]["description"]
+    assert "> @everyone look" in details(message)
     writes = [r for r in world.discord.requests if r.method in ("POST", "PATCH") and "/webhooks/" in r.path]
     assert writes
     assert all(r.json.get("allowed_mentions") == {"parse": []} for r in writes), [r.json for r in writes]
@@ -96,7 +97,7 @@ async def test_fal_validation_error_is_explained(world):
         json={"detail": [{"loc": ["body", "image_url"], "msg": "Image is too small", "type": "value_error"}]},
     )
     message = await finished(await world.kontext())
-    assert message.content == "❌ FLUX.1 Kontext refused this edit: Image is too small"
+    assert text(message) == "❌ FLUX.1 Kontext refused this edit: Image is too small"
     assert world.fal.count("submit") == 1  # a 4xx is not retried
 
 
@@ -107,14 +108,14 @@ async def test_content_policy_rejection_from_the_result(world):
     )
     await world.start_bot()
     message = await finished(await world.kontext())
-    assert "safety system refused" in message.content
+    assert "safety system refused" in text(message)
 
 
 async def test_plain_string_detail_is_shown(world):
     world.fal.default = JobScript(result_status=400, result_body={"detail": "Unsupported image dimensions"})
     await world.start_bot()
     message = await finished(await world.kontext())
-    assert "Unsupported image dimensions" in message.content
+    assert "Unsupported image dimensions" in text(message)
 
 
 @pytest.mark.parametrize("result_memory", ["33554432", "0"], ids=["in-memory", "through-files"])
@@ -125,7 +126,7 @@ async def test_fal_5xx_and_dropped_connections_are_retried(world, result_memory)
     world.fal.fail_next("result", status="ingress_502", times=2)
     world.fal.fail_next("file", status="drop", times=2)
     message = await finished(await world.kontext())
-    assert message.content.startswith("✅"), message.content
+    assert text(message).startswith("✅"), text(message)
     assert len(message.files) == 1
     assert len(world.fal.jobs) == 1  # fal created exactly one job
     # Nothing is left behind in DATA_DIR once the result is posted (no partial downloads).
@@ -140,7 +141,7 @@ async def test_submit_whose_answer_was_lost_is_not_resent(world, drop, jobs_at_f
     await world.start_bot()
     world.fal.fail_next("submit", status=drop)
     message = await finished(await world.kontext())
-    assert "cannot tell whether fal received it" in message.content
+    assert "cannot tell whether fal received it" in text(message)
     assert len(world.fal.jobs) == jobs_at_fal and world.fal.count("submit") == 1
 
 
@@ -148,7 +149,7 @@ async def test_fal_down_ends_in_a_clear_message(world):
     await world.start_bot(JOB_TIMEOUT="1.5")
     world.fal.fail_next("submit", status="ingress_503", times=1000)
     message = await finished(await world.kontext())
-    assert "fal.ai is not answering" in message.content
+    assert "fal.ai is not answering" in text(message)
     assert world.fal.jobs == {}
 
 
@@ -157,7 +158,7 @@ async def test_broken_status_stream_falls_back_to_polling(world, mode):
     world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.2, stream_mode=mode)
     await world.start_bot()
     message = await finished(await world.kontext())
-    assert message.content.startswith("✅")
+    assert text(message).startswith("✅")
     assert world.fal.count("status") >= 1
 
 
@@ -165,7 +166,7 @@ async def test_polling_mode_when_the_stream_is_disabled(world):
     world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.2)
     await world.start_bot(FAL_STATUS_STREAM="0")
     message = await finished(await world.kontext())
-    assert message.content.startswith("✅")
+    assert text(message).startswith("✅")
     assert world.fal.count("stream") == 0 and world.fal.count("status") >= 3
 
 
@@ -173,7 +174,7 @@ async def test_slow_queue_hits_the_deadline_and_is_cancelled_at_fal(world):
     world.fal.default = JobScript(queue_positions=(5, 4, 3, 2, 1), step=2.0)
     await world.start_bot(JOB_TIMEOUT="1.0")
     message = await finished(await world.kontext())
-    assert "took too long" in message.content
+    assert "took too long" in text(message)
     assert world.fal.count("cancel") == 1 and fal_job(world).cancelled
 
 
@@ -182,19 +183,48 @@ async def test_flagged_image_is_withheld_in_ordinary_channels(world):
     await world.start_bot()
     message = await finished(await world.kontext(num_images=2))
     assert list(message.files) == ["kontext-1-1.jpg"]
-    assert "1 of 2" in message.content
+    assert "1 of 2" in text(message)
 
 
 async def test_flagged_image_is_spoilered_in_age_restricted_channels(world):
     world.fal.default = JobScript(nsfw=(True,))
     await world.start_bot()
     message = await finished(await world.kontext(channel_id=world.discord.nsfw_channel_id))
-    assert list(message.files) == ["SPOILER_kontext-1-1.jpg"]
+    assert list(message.files) == ["kontext-1-1.jpg"]
+    assert [item["spoiler"] for item in media_gallery_items(message)] == [True]  # the card's own spoiler
 
 
-async def test_results_over_the_upload_limit_are_split_across_followups(world):
+async def test_classic_results_spoiler_the_attachment(world):
+    world.fal.default = JobScript(nsfw=(True,))
+    await world.start_bot(RESULT_CARDS="0")
+    message = await finished(await world.kontext(channel_id=world.discord.nsfw_channel_id))
+    assert list(message.files) == ["SPOILER_kontext-1-1.jpg"] and message.embeds
+
+
+async def test_a_card_holds_every_image_within_the_upload_limit_per_file(world):
+    """Discord's upload limit is per file (reference.mdx, Uploading Files): four images that
+    together exceed it fit one card; one over it on its own is linked."""
     world.fal.default = JobScript(image_size=40_000)
     await world.start_bot()
+    handle = await world.discord.invoke_slash(
+        "kontext",
+        options={"image": world.input_image(), "prompt": "four", "num_images": 4},
+        attachment_size_limit=100_000,
+    )
+    message = await finished(handle)
+    assert len(media_gallery_items(message)) == 4 and len(message.files) == 4 and handle.followups == []
+    small = await world.discord.invoke_slash(
+        "kontext", options={"image": world.input_image(), "prompt": "one"}, attachment_size_limit=30_000
+    )
+    message = await finished(small)
+    assert media_gallery_items(message) == [] and "Too large for this server's upload limit: [image 1](" in text(
+        message
+    )
+
+
+async def test_classic_results_over_the_upload_limit_are_split_across_followups(world):
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot(RESULT_CARDS="0")
     handle = await world.discord.invoke_slash(
         "kontext",
         options={"image": world.input_image(), "prompt": "four", "num_images": 4},
@@ -216,7 +246,7 @@ async def test_requester_can_cancel_while_queued(world):
     assert "Only the member who asked" in private_answer(stranger)
     click = await world.discord.click_button(handle.original.id, button(handle.original, "cancel"), user="alice")
     message = await finished(handle)
-    assert message.content.startswith("🚫 Cancelled by")
+    assert text(message).startswith("🚫 Cancelled by")
     assert (await click.wait_for_callback())["type"] == 6
     assert fal_job(world).cancelled
 
@@ -235,7 +265,7 @@ async def test_commands_are_synced_only_when_they_changed(world):
     await world.start_bot()
     assert len(world.discord.requests_to("PUT", r"/commands$")) == 1
     message = await finished(await world.kontext())  # the commands synced before still work
-    assert message.content.startswith("✅")
+    assert text(message).startswith("✅")
     await world.bot.stop()
     await world.start_bot(DEV_GUILD_ID=world.discord.guild_id)  # another scope: synced there
     await world.bot.stop()
@@ -249,7 +279,7 @@ async def test_commands_are_synced_only_when_they_changed(world):
 async def test_a_refused_fal_key_is_reported_as_a_configuration_problem(world):
     await world.start_bot(FAL_KEY="not-the-right-key")
     message = await finished(await world.kontext())
-    assert "fal.ai key was refused" in message.content
+    assert "fal.ai key was refused" in text(message)
 
 
 async def test_secrets_and_interaction_tokens_never_reach_the_log(world):

@@ -13,7 +13,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakes.fal_fake import JobScript
-from tests.e2e import finished
+from tests.e2e import finished, text
 
 
 def free_port() -> int:
@@ -42,11 +42,11 @@ async def test_metrics_move_by_exactly_the_jobs_run(world):
     status, before = await get(port, "/metrics")
     assert status == 200
     for _ in range(2):
-        assert (await finished(await world.kontext(num_images=2))).content.startswith("✅")
+        assert text(await finished(await world.kontext(num_images=2))).startswith("✅")
     world.fal.default = JobScript(
         result_status=422, result_body={"detail": [{"msg": "no", "type": "image_load_error"}]}
     )
-    assert (await finished(await world.kontext(user="mod"))).content.startswith("❌")
+    assert text(await finished(await world.kontext(user="mod"))).startswith("❌")
     was = samples(before)
     for _ in range(50):  # the reply shows before the job is closed and counted
         _, after = await get(port, "/metrics")
@@ -87,7 +87,7 @@ async def test_healthz_follows_fal(world):
     assert report["checks"]["fal"] is False and any(p.startswith("fal:") for p in report["problems"])
     for op in ("submit", "status", "stream", "result"):
         world.fal._faults[op].clear()
-    assert (await finished(await world.kontext(user="mod"))).content.startswith("✅")
+    assert text(await finished(await world.kontext(user="mod"))).startswith("✅")
     status, _ = await get(port, "/healthz")
     assert status == 200
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fakes.discord_fake import EPHEMERAL
 from fakes.fal_fake import JobScript
-from tests.e2e import admin, finished, private_answer
+from tests.e2e import admin, details, finished, private_answer, text
 
 
 async def refused(world, **options) -> str:
@@ -14,7 +14,8 @@ async def refused(world, **options) -> str:
 
 
 def policy_note(message) -> str:
-    return next((f["value"] for f in message.embeds[0]["fields"] if f["name"] == "Policy"), "")
+    """The result card's policy line, if any."""
+    return next((line for line in details(message).splitlines() if line.startswith("**Policy**")), "")
 
 
 async def test_admin_commands_are_hidden_from_members_by_default(world):
@@ -97,9 +98,9 @@ async def test_monthly_budget_counts_the_images_asked_for(world):
     await world.start_bot()
     await admin(world, "limits", monthly_images=3)
     await finished(await world.kontext(num_images=2))
-    assert "budget of 3 image(s)" in await refused(world, num_images=2)
+    assert "budget of 3 images would be exceeded" in await refused(world, num_images=2)
     await finished(await world.kontext(num_images=1))
-    assert "3 image(s), about $0.24" in await admin(world, "show")
+    assert "3 images, about $0.24" in await admin(world, "show")
 
 
 async def test_usd_budget(world):
@@ -129,7 +130,7 @@ async def test_reset_restores_the_default(world):
     await world.start_bot()
     await admin(world, "limits", cooldown_seconds=600)
     answer = await admin(world, "reset", setting="cooldown_seconds")
-    assert "600s → none" in answer
+    assert "600 s → none" in answer
     await finished(await world.kontext())
     await finished(await world.kontext())
 
@@ -155,7 +156,7 @@ async def test_changes_and_jobs_are_posted_in_the_log_channel(world):
     await admin(world, "safety", maximum=3)
     message = await finished(await world.kontext(prompt="a hat @everyone", safety_tolerance=5))
     await world.discord.wait_until(lambda: len(world.discord.channel_messages(log_channel)) >= 3)
-    change, job_line = [m.content for m in world.discord.channel_messages(log_channel)][-2:]
+    change, job_line = [text(m) for m in world.discord.channel_messages(log_channel)][-2:]
     assert "Maximum safety tolerance" in change
     # the prompt as plain text: a mention in it is shown, defused (a zero-width space after the @)
     assert "a hat @\u200beveryone" in job_line and "tolerance 3" in job_line and message.id in job_line

@@ -5,6 +5,7 @@ import pytest
 
 from cogs.render import FAILURE_MESSAGES, JobAction, failure_text, job_log_line, pack_files, render
 from services.flux_kontext import KontextEdit, KontextOptions
+from services.i18n import english
 from services.job import Job, JobResult, JobState, ResultImage
 
 MIB = 1024 * 1024
@@ -84,8 +85,8 @@ def test_every_failure_code_has_words(code):
 
 
 def test_fal_detail_is_passed_on_and_unknown_codes_are_generic():
-    assert "image too small" in failure_text("fal_rejected", "image too small")
-    assert failure_text("something_new", None).startswith("Something went wrong")
+    assert "image too small" in failure_text("fal_rejected", "image too small", english())
+    assert failure_text("something_new", None, english()).startswith("Something went wrong")
 
 
 def test_flagged_images_are_withheld_outside_age_restricted_channels():
@@ -123,7 +124,7 @@ def test_a_prompt_cannot_forge_a_log_channel_entry():
     forged = (
         "cat” · https://x\n✅ Job #41 by <@222222222222222222> in <#333> · tolerance 6 · succeeded · “nude **photo**"
     )
-    line = job_log_line(make_job(state=JobState.SUCCEEDED, edit=KontextEdit(forged, ("http://x/a.png",))))
+    line = job_log_line(make_job(state=JobState.SUCCEEDED, edit=KontextEdit(forged, ("http://x/a.png",))), english())
     assert "\n" not in line and "\\*\\*photo\\*\\*" in line and "<@222222222222222222>" not in line
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fakes.fal_fake import JobScript
-from tests.e2e import button, contents, fal_job, finished, has_button, shows
+from tests.e2e import button, contents, fal_job, finished, has_button, shows, text
 
 WEBHOOK_MESSAGE = r"/webhooks/\d+/[^/]+/messages/"
 
@@ -32,7 +32,7 @@ def file_uploads(world, handle) -> list:
 
 def assert_delivered_once(world, handle) -> None:
     message = handle.original
-    assert message.content.startswith("✅"), message.content
+    assert text(message).startswith("✅"), text(message)
     assert len(message.files) == 1, message.files
     assert len(file_uploads(world, handle)) == 1, [r.path for r in file_uploads(world, handle)]
     assert handle.followups == []
@@ -55,7 +55,7 @@ async def still_serving(world) -> None:
     world.fal.script_next(JobScript())  # a quick job, whatever the test scripted before
     handle = await world.kontext(prompt="and one more")
     message = await finished(handle)
-    assert message.content.startswith("✅"), message.content
+    assert text(message).startswith("✅"), text(message)
     assert len(world.fal.jobs) == before + 1
 
 
@@ -198,9 +198,9 @@ async def test_submit_in_flight_at_the_crash_is_not_resent(world):
     assert row["state"] == "submitting"
     await world.start_bot()
     message = await finished(handle)
-    assert message.content.startswith("❌")
-    assert "cannot tell whether fal received it" in message.content
-    assert "press Try again" in message.content and has_button(message, "retry")
+    assert text(message).startswith("❌")
+    assert "cannot tell whether fal received it" in text(message)
+    assert "press Try again" in text(message) and has_button(message, "retry")
     assert world.fal.count("submit") == 1
     await still_serving(world)
 
@@ -220,7 +220,7 @@ def assert_posted_as_reply(world, handle) -> None:
     alice = world.discord.alice["id"]
     (reply,) = channel_replies(world, handle)
     assert reply.type == 19  # a reply
-    assert reply.content.startswith(f"<@{alice}>") and "✅" in reply.content, reply.content
+    assert text(reply).startswith(f"<@{alice}>") and "✅" in text(reply), text(reply)
     assert len(reply.files) == 1
     mentions = reply.allowed_mentions
     assert mentions is not None and [str(u) for u in mentions.get("users", [])] == [alice], mentions
@@ -277,6 +277,7 @@ async def test_bot_knows_an_old_token_is_dead_and_does_not_try_it(world):
 async def test_kill_between_split_messages_resumes_after_the_last_one_posted(world):
     """Four images, one per message (reply + three follow-ups); killed while the third message is
     in flight: after the restart the second is not posted again and the rest once each."""
+    world.settings["RESULT_CARDS"] = "0"  # the classic message, split to fit the upload limit
     world.fal.default = JobScript(image_size=40_000)
     await world.start_bot()
     followup = r"/webhooks/\d+/[^/]+$"
@@ -299,6 +300,7 @@ async def test_kill_between_split_messages_resumes_after_the_last_one_posted(wor
 async def test_token_expiring_between_split_messages_posts_only_the_rest(world):
     """Four images over two messages: the reply is edited with the first two, then the token dies
     before the follow-up; only the other two go to the channel (nothing posted twice)."""
+    world.settings["RESULT_CARDS"] = "0"  # the classic message, split to fit the upload limit
     world.fal.default = JobScript(image_size=40_000)
     await world.start_bot()
     world.discord.fail_next(
@@ -333,7 +335,7 @@ async def test_result_expired_during_a_restart(world):
         await asyncio.sleep(0.05)
     await world.start_bot()
     message = await finished(handle)
-    assert "no longer has this result" in message.content, message.content
+    assert "no longer has this result" in text(message), text(message)
     assert world.fal.count("submit") == 1
     await still_serving(world)
 
@@ -345,7 +347,7 @@ async def test_result_files_gone_from_the_cdn(world):
     await world.fal.wait_for_submits(1)
     world.fal.expire_files()
     message = await finished(handle)
-    assert "no longer has this result" in message.content, message.content
+    assert "no longer has this result" in text(message), text(message)
     await still_serving(world)
 
 
@@ -403,7 +405,7 @@ async def test_hanging_submit_ends_in_a_clear_message(world):
     await world.start_bot()
     world.fal.fail_next("submit", status="hang")
     message = await finished(await world.kontext())
-    assert "cannot tell whether fal received it" in message.content
+    assert "cannot tell whether fal received it" in text(message)
     assert world.fal.count("submit") == 1
     await still_serving(world)
 
@@ -419,8 +421,8 @@ async def test_fal_down_while_following_ends_in_a_clear_message(world, op, fault
     handles = [await world.kontext(), await world.kontext()]  # the member's two places
     for handle in handles:
         message = await finished(handle, timeout=20)
-        assert message.content.startswith("❌")
-        assert "fal.ai is not answering" in message.content or "took too long" in message.content, message.content
+        assert text(message).startswith("❌")
+        assert "fal.ai is not answering" in text(message) or "took too long" in text(message), text(message)
     world.fal._faults[op].clear()
     await still_serving(world)  # the places were given back
 
@@ -452,7 +454,7 @@ async def test_cancel_button_works_after_a_restart(world, kill):
     await restart(world, kill=kill)
     click = await world.discord.click_button(handle.original.id, button(handle.original, "cancel"), user="alice")
     message = await finished(handle)
-    assert message.content.startswith("🚫 Cancelled by"), message.content
+    assert text(message).startswith("🚫 Cancelled by"), text(message)
     assert (await click.wait_for_callback())["type"] == 6
     assert world.fal.count("cancel") == 1 and fal_job(world).cancelled
     assert world.fal.count("submit") == 1
@@ -471,7 +473,7 @@ async def test_cancel_survives_a_flaky_cancel_call(world, faults):
         world.fal.fail_next("cancel", status=status, times=times)
     await world.discord.click_button(handle.original.id, button(handle.original, "cancel"), user="alice")
     message = await finished(handle)
-    assert message.content.startswith("🚫 Cancelled by"), message.content
+    assert text(message).startswith("🚫 Cancelled by"), text(message)
     assert fal_job(world).cancelled
     await still_serving(world)
 
@@ -502,7 +504,7 @@ async def test_sigterm_during_a_hanging_submit_exits_promptly(world):
     await world.discord.wait_until(lambda: world.fal.count("submit") == 1)
     await restart(world, kill=False)
     message = await finished(handle)
-    assert "cannot tell whether fal received it" in message.content
+    assert "cannot tell whether fal received it" in text(message)
     assert world.fal.count("submit") == 1
     await still_serving(world)
 

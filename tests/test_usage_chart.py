@@ -141,13 +141,13 @@ def test_the_summary_says_what_the_chart_shows():
     images[4], images[29] = 7, 3
     text = usage_summary_text(series(images), 20.0, 5.0)
     assert text == (
-        "Images per day from 1 March 2025 to 30 March 2025: 10 images in 30 days, estimated $0.80. "
-        "Busiest day 5 March 2025 with 7 images; images were made on 2 of the 30 days; 3 on the last day. "
+        "Images per day from March 1, 2025 to March 30, 2025: 10 images in 30 days, estimated $0.80. "
+        "Busiest day March 5, 2025 with 7 images; images were made on 2 of the 30 days; 3 on the last day. "
         "This month: $5.00 of the $20.00 monthly budget (25%)."
     )
     assert usage_summary_text(series(images), 2.0, 3.5).endswith("of the $2.00 monthly budget (175%). Over budget.")
     assert usage_summary_text(last_days({}, TODAY), None, 0.0) == (
-        "Images per day from 17 February 2025 to 18 March 2025: 0 images in 30 days, estimated $0.00. "
+        "Images per day from February 17, 2025 to March 18, 2025: 0 images in 30 days, estimated $0.00. "
         "This month: $0.00 estimated; no monthly budget is set."
     )
     assert usage_summary_text([], None, 1.25) == "This month: $1.25 estimated; no monthly budget is set."

@@ -61,7 +61,16 @@ from pathlib import Path
 from typing import Any
 
 from fakes.bot_process import PROJECT_ROOT, BotProcess
-from fakes.discord_fake import CALLBACK_WINDOW, LOADING, FakeDiscord, FakeMessage, InteractionHandle
+from fakes.discord_fake import (
+    CALLBACK_WINDOW,
+    IS_COMPONENTS_V2,
+    LOADING,
+    FakeDiscord,
+    FakeMessage,
+    InteractionHandle,
+    text_displays,
+    walk_components,
+)
 from fakes.fal_fake import FakeFal, JobScript, make_image
 from fakes.world import DISCORD_TOKEN, FAL_KEY, World
 from services.config import Settings
@@ -274,9 +283,11 @@ def distinct_states(message: FakeMessage) -> list[dict[str, Any]]:
 def describe_state(snapshot: Mapping[str, Any], bot_name: str) -> list[str]:
     """A few lines: the content, then a short summary of embed, buttons and files."""
     content = snapshot.get("content") or ""
+    if snapshot.get("flags", 0) & IS_COMPONENTS_V2:  # a result card: its texts, line by line
+        content = "\n".join(text_displays(snapshot.get("components") or []))
     if not content and snapshot.get("flags", 0) & LOADING:
         content = f"{bot_name} is thinking…"
-    lines = [content or "(no text)"]
+    lines = (content or "(no text)").splitlines()
     for embed in snapshot.get("embeds") or []:
         parts = [(embed.get("author") or {}).get("name"), (embed.get("description") or "").replace("\n", " ")[:80]]
         parts += [f"{f['name']}: {f['value']}" for f in embed.get("fields") or []]
@@ -284,8 +295,7 @@ def describe_state(snapshot: Mapping[str, Any], bot_name: str) -> list[str]:
         lines.append("embed: " + " | ".join(p for p in parts if p))
     buttons = [
         f"[{(c.get('emoji') or {}).get('name', '')}{c.get('label', '')}]"
-        for row in snapshot.get("components") or []
-        for c in row.get("components") or []
+        for c in walk_components(snapshot.get("components") or [])
         if c.get("type") == 2
     ]
     if buttons:
