@@ -92,6 +92,31 @@ async def test_healthz_follows_fal(world):
     assert status == 200
 
 
+async def test_healthz_follows_the_gateway(world):
+    port = free_port()
+    # After a failed resume discord.py reconnects to its built-in gateway address: point it here.
+    await world.start_bot(HTTP_PORT=str(port), DISCORD_GATEWAY_URL=world.discord.gateway_url)
+    assert (await get(port, "/healthz"))[0] == 200
+    await world.discord.start_gateway_outage()
+    status, body = await until_status(port, 503)
+    assert "discord: not connected to the gateway" in json.loads(body)["problems"]
+    world.discord.end_gateway_outage()
+    await until_status(port, 200, timeout=60)  # discord.py reconnects with its own back-off
+    assert any(kind == "gateway_refused" for _, kind, _ in world.discord.events)
+    assert text(await finished(await world.kontext())).startswith("✅")
+
+
+async def until_status(port: int, status: int, timeout: float = 10) -> tuple[int, str]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        answer = await get(port, "/healthz")
+        if answer[0] == status or loop.time() > deadline:
+            assert answer[0] == status, answer
+            return answer
+        await asyncio.sleep(0.1)
+
+
 async def test_json_logs_parse_and_carry_the_ids(world):
     await world.start_bot(LOG_FORMAT="json", LOG_LEVEL="INFO")
     await finished(await world.kontext())
