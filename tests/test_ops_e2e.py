@@ -100,9 +100,11 @@ async def test_healthz_follows_the_gateway(world):
     await world.discord.start_gateway_outage()
     status, body = await until_status(port, 503)
     assert "discord: not connected to the gateway" in json.loads(body)["problems"]
+    # Still 503 while discord.py's attempts to come back are refused...
+    await world.discord.wait_until(lambda: any(k == "gateway_refused" for _, k, _ in world.discord.events), timeout=30)
+    assert (await get(port, "/healthz"))[0] == 503
     world.discord.end_gateway_outage()
-    await until_status(port, 200, timeout=60)  # discord.py reconnects with its own back-off
-    assert any(kind == "gateway_refused" for _, kind, _ in world.discord.events)
+    await until_status(port, 200, timeout=60)  # ...and 200 once it reconnected, with its own back-off
     assert text(await finished(await world.kontext())).startswith("✅")
 
 
