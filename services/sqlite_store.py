@@ -7,6 +7,7 @@ process drives every unfinished job: no leases, nothing to renew or hand back.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -32,40 +33,36 @@ class SqliteStore(Store):
         super().__init__()
         self._path = path
         self._connection: aiosqlite.Connection | None = None
-        self._durable_connection: aiosqlite.Connection | None = None
+        # Durable writes switch the connection's synchronous mode around themselves, one at a time.
+        self._durable_write = asyncio.Lock()
         self._lock: int | None = None
 
     async def open(self) -> Self:
         directory = self._path.parent
         self._lock = lock_directory(directory)
-        # Two connections, each with its own thread. Writes commit without waiting for the disk
-        # (synchronous=NORMAL: a crash of the bot loses nothing, a power loss may lose the last
-        # commits), except those that must survive a power loss too, such as the one recording a
-        # submit under way: lost, the job would be submitted again. Those go through the second
-        # connection (synchronous=FULL), whose commit also makes every earlier one durable.
-        self._connection = await self._connect("NORMAL")
-        self._durable_connection = await self._connect("FULL")
+        self._connection = await self._connect()
         for name in (self._path.name, f"{self._path.name}-wal", f"{self._path.name}-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(directory / name, 0o600)
         await self._migrate()
         return self
 
-    async def _connect(self, synchronous: str) -> aiosqlite.Connection:
+    async def _connect(self) -> aiosqlite.Connection:
         # Autocommit: each statement is its own transaction, one trip to the database thread.
         connection = await aiosqlite.connect(self._path, isolation_level=None)
         connection.row_factory = aiosqlite.Row
-        await connection.execute("PRAGMA busy_timeout=10000")  # the two connections take turns
+        await connection.execute("PRAGMA busy_timeout=10000")
         await connection.execute("PRAGMA journal_mode=WAL")
-        await connection.execute(f"PRAGMA synchronous={synchronous}")
+        # Writes commit without waiting for the disk (a crash of the bot loses nothing, a power
+        # loss may lose the last commits), except the durable ones (see _update_job).
+        await connection.execute("PRAGMA synchronous=NORMAL")
         await connection.execute("PRAGMA foreign_keys=ON")
         return connection
 
     async def close(self) -> None:
-        for connection in (self._connection, self._durable_connection):
-            if connection is not None:
-                await connection.close()
-        self._connection = self._durable_connection = None
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
         if self._lock is not None:
             os.close(self._lock)  # releases the lock
             self._lock = None
@@ -107,8 +104,20 @@ class SqliteStore(Store):
 
     async def _update_job(self, job: Job, changed: dict[str, Any], *, durable: bool) -> None:
         assignments = ", ".join(f"{name} = :{name}" for name in changed)
-        connection = self._durable_connection if durable and self._durable_connection else self._db
-        await connection.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**changed, "id": job.id})
+        sql, args = f"UPDATE jobs SET {assignments} WHERE id = :id", {**changed, "id": job.id}
+        if not durable:
+            await self._db.execute(sql, args)
+            return
+        # A write that must survive a power loss too, such as the one recording a submit under
+        # way (lost, the job would be submitted again), commits with synchronous=FULL, which also
+        # syncs every earlier commit. The same connection, not a second one: a write by another
+        # connection makes SQLite drop this one's page cache and read the pages again.
+        async with self._durable_write:
+            await self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                await self._db.execute(sql, args)
+            finally:
+                await self._db.execute("PRAGMA synchronous=NORMAL")
 
     async def claim(self) -> list[Job]:
         """Every job a previous run left unfinished: this process is the only one."""

@@ -40,6 +40,48 @@ class Dialects:
     postgres: str
 
 
+def _sqlite_image_counters() -> str:
+    """SQLite's text of the monthly image counters (below): its triggers cannot call functions
+    of our own, so the expressions are written out for the old and the new row."""
+
+    def spent(row: str) -> str:
+        return (
+            f"(CASE WHEN {row}.state IN ('pending', 'submitting', 'queued', 'running', 'succeeded')"
+            f" OR ({row}.started_at IS NOT NULL AND {row}.request_id IS NOT NULL AND NOT ({row}.state = 'failed'"
+            f" AND {row}.error_code IN ('fal_rejected', 'content_policy', 'fal_failed'))) THEN {row}.images ELSE 0 END)"
+        )
+
+    def month(row: str) -> str:
+        return f"CAST(strftime('%s', {row}.created_at, 'unixepoch', 'start of month') AS INTEGER)"
+
+    def count(row: str, sign: str) -> str:
+        upsert = "ON CONFLICT (month, scope) DO UPDATE SET images = images + excluded.images"
+        return f"""
+            INSERT INTO monthly_images SELECT {month(row)}, 0, {sign}{spent(row)} WHERE {spent(row)} > 0 {upsert};
+            INSERT INTO monthly_images SELECT {month(row)}, {row}.guild_id, {sign}{spent(row)}
+                WHERE {spent(row)} > 0 AND {row}.place = 'server' {upsert};"""
+
+    return f"""
+        CREATE TABLE monthly_images (
+            month INTEGER NOT NULL,
+            scope INTEGER NOT NULL,
+            images INTEGER NOT NULL,
+            PRIMARY KEY (month, scope)
+        ) WITHOUT ROWID;
+        CREATE TRIGGER jobs_count_images_insert AFTER INSERT ON jobs BEGIN {count("NEW", "")}
+        END;
+        CREATE TRIGGER jobs_count_images_update
+            AFTER UPDATE OF state, started_at, request_id, error_code, images, created_at, guild_id, place ON jobs
+            WHEN {spent("OLD")} != {spent("NEW")} OR OLD.created_at IS NOT NEW.created_at
+                OR OLD.guild_id IS NOT NEW.guild_id OR OLD.place IS NOT NEW.place
+        BEGIN {count("OLD", "-")} {count("NEW", "")}
+        END;
+        INSERT INTO monthly_images SELECT {month("jobs")}, 0, SUM({spent("jobs")}) FROM jobs GROUP BY 1;
+        INSERT INTO monthly_images SELECT {month("jobs")}, guild_id, SUM({spent("jobs")}) FROM jobs
+            WHERE place = 'server' GROUP BY 1, 2;
+        """
+
+
 # Append-only: each entry upgrades the schema by one version, on either engine; never edit a
 # released one. SQLite's column types are affinities, so its first texts keep INTEGER and REAL;
 # PostgreSQL needs BIGINT for Discord's 64-bit ids and DOUBLE PRECISION for unix times.
@@ -196,6 +238,67 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
     ALTER TABLE jobs ADD COLUMN locale TEXT NOT NULL DEFAULT 'en-US';
     CREATE INDEX jobs_personal ON jobs (user_id, created_at) WHERE place != 'server';
     """,
+    # The images the budgets count, per UTC month: for each server that governs its jobs, and in
+    # all (scope 0, the operator's budget). Kept by triggers in the same statement as every job
+    # write, whichever process makes it, so a budget check reads one row instead of summing a
+    # month of jobs (of every server, for the operator's budget). A job counts while it is in
+    # flight (reserved), once it succeeded, and when it ended after fal started it unless fal
+    # does not bill that failure.
+    Dialects(
+        sqlite=_sqlite_image_counters(),
+        postgres="""
+        CREATE TABLE monthly_images (
+            month BIGINT NOT NULL,
+            scope BIGINT NOT NULL,
+            images BIGINT NOT NULL,
+            PRIMARY KEY (month, scope)
+        );
+        CREATE FUNCTION job_images_spent(job jobs) RETURNS BIGINT LANGUAGE sql AS $$
+            SELECT CASE WHEN job.state IN ('pending', 'submitting', 'queued', 'running', 'succeeded')
+                OR (job.started_at IS NOT NULL AND job.request_id IS NOT NULL
+                    AND NOT (job.state = 'failed' AND job.error_code IN ('fal_rejected', 'content_policy', 'fal_failed')))
+            THEN job.images ELSE 0 END
+        $$;
+        CREATE FUNCTION month_of(unix_time DOUBLE PRECISION) RETURNS BIGINT LANGUAGE sql AS $$
+            SELECT EXTRACT(EPOCH FROM date_trunc('month', to_timestamp(unix_time) AT TIME ZONE 'UTC'))::BIGINT
+        $$;
+        CREATE FUNCTION count_job_images(job jobs, sign INTEGER) RETURNS VOID LANGUAGE plpgsql AS $$
+        DECLARE
+            change BIGINT := sign * job_images_spent(job);
+            first_instant BIGINT := month_of(job.created_at);
+        BEGIN
+            IF change <> 0 THEN
+                INSERT INTO monthly_images AS counted VALUES (first_instant, 0, change)
+                    ON CONFLICT (month, scope) DO UPDATE SET images = counted.images + EXCLUDED.images;
+                IF job.place = 'server' THEN
+                    INSERT INTO monthly_images AS counted VALUES (first_instant, job.guild_id, change)
+                        ON CONFLICT (month, scope) DO UPDATE SET images = counted.images + EXCLUDED.images;
+                END IF;
+            END IF;
+        END $$;
+        CREATE FUNCTION jobs_count_images() RETURNS TRIGGER LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'UPDATE' THEN
+                PERFORM count_job_images(OLD, -1);
+            END IF;
+            PERFORM count_job_images(NEW, 1);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER jobs_count_images_insert AFTER INSERT ON jobs
+            FOR EACH ROW WHEN (job_images_spent(NEW) > 0) EXECUTE FUNCTION jobs_count_images();
+        CREATE TRIGGER jobs_count_images_update
+            AFTER UPDATE OF state, started_at, request_id, error_code, images, created_at, guild_id, place ON jobs
+            FOR EACH ROW WHEN (
+                job_images_spent(OLD) <> job_images_spent(NEW) OR OLD.created_at <> NEW.created_at
+                OR OLD.guild_id IS DISTINCT FROM NEW.guild_id OR OLD.place <> NEW.place
+            ) EXECUTE FUNCTION jobs_count_images();
+        INSERT INTO monthly_images
+            SELECT month_of(created_at), 0, SUM(job_images_spent(jobs)) FROM jobs GROUP BY 1;
+        INSERT INTO monthly_images
+            SELECT month_of(created_at), guild_id, SUM(job_images_spent(jobs)) FROM jobs
+            WHERE place = 'server' GROUP BY 1, 2;
+        """,
+    ),
 )
 
 
@@ -221,7 +324,8 @@ _PERSONAL = "place != 'server'"
 # request, which must not mean parsing each job's payload (inputs inline make it kilobytes).
 _IMAGES = "images"
 
-_ALL_IMAGES_THIS_MONTH = f"(SELECT COALESCE(SUM({_IMAGES}), 0) FROM jobs WHERE created_at >= :month AND {_SPENT})"
+# The counters the migration's triggers keep (scope: a server's id, or 0 for all jobs).
+_IMAGES_THIS_MONTH = "COALESCE((SELECT images FROM monthly_images WHERE month = :month AND scope = {scope}), 0)"
 
 _JSON_COLUMNS = ("notes", "posted_message_ids")
 _BOOL_COLUMNS = ("channel_nsfw", "delivered_in_channel")
@@ -519,11 +623,10 @@ class Store(abc.ABC):
                     AND {_ACTIVE} AND {_SERVER}),
                 (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND guild_id = :guild AND {_ACTIVE}
                     AND {_SERVER}),
-                (SELECT COALESCE(SUM({_IMAGES}), 0) FROM jobs
-                    WHERE guild_id = :guild AND created_at >= :month AND {_SPENT} AND {_SERVER}),
-                {_ALL_IMAGES_THIS_MONTH if all_servers else "0"}
+                {_IMAGES_THIS_MONTH.format(scope=":guild")},
+                {_IMAGES_THIS_MONTH.format(scope="0") if all_servers else "0"}
         """
-        args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": month_start(now)}
+        args = {"user": user_id, "guild": guild_id, "day": day_start(now), "month": int(month_start(now))}
         (row,) = await self._fetch(sql, args)  # one trip to the database
         return Usage(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]))
 
@@ -536,9 +639,9 @@ class Store(abc.ABC):
                 (SELECT COUNT(*) FROM jobs WHERE user_id = :user AND created_at >= :day AND {_PERSONAL}),
                 (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND user_id = :user AND {_ACTIVE}
                     AND {_PERSONAL}),
-                {_ALL_IMAGES_THIS_MONTH if all_servers else "0"}
+                {_IMAGES_THIS_MONTH.format(scope="0") if all_servers else "0"}
         """
-        args = {"user": user_id, "day": day_start(now), "month": month_start(now)}
+        args = {"user": user_id, "day": day_start(now), "month": int(month_start(now))}
         (row,) = await self._fetch(sql, args)
         return Usage(row[0], row[1], row[2], 0, 0, int(row[3]))
 

@@ -5,6 +5,7 @@ two connections and disk errors here; PostgreSQL's leases in test_store_leases.p
 from __future__ import annotations
 
 import dataclasses
+import random
 import sqlite3
 import time
 import typing
@@ -18,11 +19,11 @@ import pytest
 
 from services.fal_queue import FalRequest
 from services.flux_kontext import KontextEdit, KontextOptions
-from services.job import JobRequest, JobResult, JobState, ResultImage
-from services.policy import GuildPolicy
+from services.job import JobPlace, JobRequest, JobResult, JobState, ResultImage
+from services.policy import GuildPolicy, month_start
 from services.postgres_store import PostgresStore
 from services.sqlite_store import SqliteStore
-from services.store import MIGRATIONS, Store, migration_text
+from services.store import _SPENT, MIGRATIONS, Store, migration_text
 
 NOW = time.time()
 
@@ -135,6 +136,38 @@ async def test_usage_counts_what_the_limits_are_about(new_store: Opener):
         assert (await store.usage(1, 3, NOW, all_servers=True)).all_images_this_month == 2 + 2 + 2 + 2
 
 
+async def test_the_monthly_counters_follow_every_transition_as_a_sum_over_the_jobs_would(new_store: Opener):
+    """Budgets read counters the database keeps with each job write; whatever jobs go through
+    (billed or not, moved to another month, personal), they equal the sum they replace."""
+    rng = random.Random(7)
+    month = month_start(NOW)
+    spent_sql = f"SELECT COALESCE(SUM(images), 0) FROM jobs WHERE created_at >= :month AND {_SPENT}"
+    async with new_store() as store:
+        jobs = []
+        for _ in range(60):
+            guild = rng.choice((1, 2))
+            place = rng.choice((JobPlace.SERVER, JobPlace.SERVER, JobPlace.BOT_DM))
+            options = KontextOptions(num_images=rng.randint(1, 4))
+            edit = KontextEdit("p", ("https://cdn/u.png",), options)
+            jobs.append(await store.create_job(request(guild_id=guild, place=place, edit=edit)))
+        for _ in range(300):
+            job = rng.choice(jobs)
+            job.state = rng.choice(list(JobState))
+            job.started_at = rng.choice((None, month + 5))
+            job.request = rng.choice((None, FalRequest("rid", "s", "r", "c")))
+            job.error_code = rng.choice((None, "fal_rejected", "fal_failed", "timeout"))
+            if rng.random() < 0.1:  # another month, before or into this one
+                job.created_at = rng.choice((month - 86400, month + 3600))
+            await store.save(job)
+        for guild in (1, 2):
+            usage = await store.usage(guild, 3, NOW, all_servers=True)
+            args = {"month": month, "guild": guild}
+            (row,) = await store._fetch(f"{spent_sql} AND guild_id = :guild AND place = 'server'", args)
+            assert usage.guild_images_this_month == row[0]
+            (row,) = await store._fetch(spent_sql, args)
+            assert usage.all_images_this_month == row[0] > 0
+
+
 async def test_daily_images_are_counted_per_utc_day(new_store: Opener):
     day = datetime(2026, 3, 4, tzinfo=UTC).timestamp()
     async with new_store() as store:
@@ -224,15 +257,20 @@ async def test_a_failed_write_is_written_whole_by_the_next_save(tmp_path: Path):
 
 
 async def test_the_write_recording_a_submit_survives_a_power_loss(tmp_path: Path):
-    """NORMAL in WAL mode may roll back the last commits on a power loss; a durable save goes
-    through the connection that commits with synchronous=FULL (which syncs every earlier commit)."""
+    """NORMAL in WAL mode may roll back the last commits on a power loss; a durable save commits
+    with synchronous=FULL (which syncs every earlier commit), then the connection goes back."""
     async with SqliteStore(tmp_path / "db.sqlite3") as store:
-        ((everyday,),) = await store._db.execute_fetchall("PRAGMA synchronous")
-        assert store._durable_connection is not None
-        ((durable,),) = await store._durable_connection.execute_fetchall("PRAGMA synchronous")
-        assert (everyday, durable) == (1, 2)
+        statements: list[str] = []
+        await store._db.set_trace_callback(statements.append)
         job = await store.create_job(request())
         job.state = JobState.SUBMITTING
         await store.save(job, durable=True)
+        job.state = JobState.QUEUED
+        await store.save(job)
+        # (SQLite reports a statement again for each trigger program it runs)
+        writes = [s.split(" SET")[0] for s in dict.fromkeys(statements) if not s.startswith(("INSERT", "SELECT"))]
+        assert writes == ["PRAGMA synchronous=FULL", "UPDATE jobs", "PRAGMA synchronous=NORMAL", "UPDATE jobs"]
+        ((mode,),) = await store._db.execute_fetchall("PRAGMA synchronous")
+        assert mode == 1  # NORMAL
         loaded = await store.get_job(job.id)
-        assert loaded is not None and loaded.state is JobState.SUBMITTING
+        assert loaded is not None and loaded.state is JobState.QUEUED
