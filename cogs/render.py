@@ -256,9 +256,13 @@ def _request_fields(job: Job, _: Texts) -> list[_Field]:
     """What was asked for, by whom, and what the policy changed: shown from the first reply on."""
     options = _options_text(job.edit.options, _)
     inputs = len(job.edit.image_urls)
+    source = None
     if inputs > 1:
-        combined = _("{count} images combined", count=inputs)
-        options = f"{combined} · {options}" if options else combined
+        source = _("{count} images combined", count=inputs)
+    elif job.edit.from_text:
+        source = _("Made from text")
+    if source:
+        options = f"{source} · {options}" if options else source
     fields = [_Field(_("Requested by"), f"<@{job.user_id}>")]
     if options:
         fields.append(_Field(_("Options"), options, inline=False))
