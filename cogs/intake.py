@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -15,7 +16,7 @@ import discord
 from services.fal_queue import FalAccountLocked
 from services.flux_kontext import KontextEdit
 from services.job import NOTE_PRIVATE_REPLY, NOTE_SAFETY_LIMITED_TO, JobRequest
-from services.policy import JobAsk, OperatorLimits, Refused, Requester, resolve
+from services.policy import GuildPolicy, JobAsk, OperatorLimits, Refused, Requester, Usage, resolve
 
 from .errors import NotServedHere, PersonalUseOff, PolicyRefusal, place_of
 
@@ -42,6 +43,16 @@ def requester_of(interaction: discord.Interaction[KontextBot]) -> Requester:
     )
 
 
+@dataclass(frozen=True)
+class Governing:
+    """The limits that govern a member where they are, and their usage against them now."""
+
+    policy: GuildPolicy
+    usage: Usage
+    operator: OperatorLimits
+    personal: bool  # the operator's policy for personal use, not a server's
+
+
 class JobIntake:
     def __init__(self, bot: KontextBot) -> None:
         self._bot = bot
@@ -49,6 +60,21 @@ class JobIntake:
         # server, or one member's personal use), so two requests at the same instant cannot
         # both take the last free place.
         self._locks: defaultdict[tuple[str, int], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def governing(self, interaction: discord.Interaction[KontextBot], now: float) -> Governing:
+        """The policy of the place (the server's; where no server governs, the operator's for
+        personal use) and the member's usage, as the store counts it: what `start` decides on
+        and `/kontext-me` shows."""
+        bot = self._bot
+        operator = OperatorLimits(bot.settings.monthly_budget_usd)
+        all_servers = operator.monthly_usd_budget is not None
+        if place_of(interaction).personal:
+            usage = await bot.store.personal_usage(interaction.user.id, now, all_servers=all_servers)
+            return Governing(bot.settings.personal.as_policy(), usage, operator, personal=True)
+        assert interaction.guild_id is not None
+        policy = await bot.store.policy(interaction.guild_id)
+        usage = await bot.store.usage(interaction.guild_id, interaction.user.id, now, all_servers=all_servers)
+        return Governing(policy, usage, operator, personal=False)
 
     async def start(
         self, interaction: discord.Interaction[KontextBot], edit: KontextEdit, *, parent_job_id: int | None = None
@@ -71,24 +97,17 @@ class JobIntake:
         async with self._locks[scope]:
             requester = requester_of(interaction)
             now = time.time()
-            operator = OperatorLimits(bot.settings.monthly_budget_usd)
-            all_servers = operator.monthly_usd_budget is not None
-            if place.personal:
-                policy = personal.as_policy()
-                usage = await bot.store.personal_usage(interaction.user.id, now, all_servers=all_servers)
-            else:
-                assert interaction.guild_id is not None
-                policy = await bot.store.policy(interaction.guild_id)
-                usage = await bot.store.usage(interaction.guild_id, interaction.user.id, now, all_servers=all_servers)
+            governing = await self.governing(interaction, now)
+            policy = governing.policy
             ask = JobAsk(edit.options.safety_tolerance, edit.options.image_count)
             decision = resolve(
                 policy,
                 requester,
-                usage,
+                governing.usage,
                 ask,
                 now=now,
                 price_per_image=bot.settings.price_per_image_usd,
-                operator=operator,
+                operator=governing.operator,
             )
             if isinstance(decision, Refused):
                 raise PolicyRefusal(decision, policy, personal=place.personal)
