@@ -10,7 +10,6 @@ from discord import app_commands
 from discord.ext import commands
 
 from services.flux_kontext import (
-    ASPECT_RATIOS,
     GUIDANCE_MAX,
     GUIDANCE_MIN,
     NUM_IMAGES_MAX,
@@ -24,7 +23,14 @@ from services.flux_kontext import (
 from services.i18n import N_
 
 from .errors import UserFacingError
-from .inputs import MAX_PROMPT_LENGTH, clean_prompt, first_image_url, image_url
+from .inputs import (
+    ASPECT_RATIO_CHOICES,
+    MAX_PROMPT_LENGTH,
+    OUTPUT_FORMAT_CHOICES,
+    clean_prompt,
+    first_image_url,
+    image_url,
+)
 from .modal import PromptModal
 from .translation import member_texts
 
@@ -68,8 +74,8 @@ class Kontext(commands.Cog):
         image4=N_("A fourth image to combine"),
     )
     @app_commands.choices(
-        aspect_ratio=[app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_RATIOS],
-        output_format=[app_commands.Choice(name="JPEG", value="jpeg"), app_commands.Choice(name="PNG", value="png")],
+        aspect_ratio=ASPECT_RATIO_CHOICES,
+        output_format=OUTPUT_FORMAT_CHOICES,
     )
     async def kontext(
         self,
@@ -104,7 +110,7 @@ class Kontext(commands.Cog):
             enhance_prompt=enhance_prompt,
             safety_tolerance=safety_tolerance,
         )
-        await self.bot.intake.start(interaction, KontextEdit(prompt, urls, options))
+        await self.bot.intake.start(interaction, KontextEdit(prompt, urls, options), fill_defaults=True)
 
     async def edit_message_image(self, interaction: Interaction, message: discord.Message) -> None:
         """Message context menu: edit the message's first image with a prompt from a modal."""
