@@ -12,8 +12,10 @@ from discord import app_commands
 from discord.ext import commands
 
 from services.i18n import N_, Texts
-from services.policy import JobAsk, RefusalReason, Standing, standings
+from services.policy import JobAsk, RefusalReason, Refused, Standing, resolve, standings
 
+from .errors import refusal_text
+from .intake import requester_of
 from .render import EMBED_COLOUR
 from .translation import member_texts
 
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 
 # The next job, as /kontext-me judges it: one image at the policy's safety default.
 NEXT_JOB = JobAsk(safety_tolerance=None, num_images=1)
+# Refusals about where and who, not how much: no figure explains them.
+ACCESS_REASONS = (RefusalReason.CHANNEL_NOT_ALLOWED, RefusalReason.MISSING_ROLE)
 
 
 def _when(moment: float) -> str:
@@ -83,14 +87,21 @@ class Quota(commands.Cog):
         _ = member_texts(interaction)
         now = time.time()
         governing = await self.bot.intake.governing(interaction, now)
+        price = self.bot.settings.price_per_image_usd
         found = standings(
+            governing.policy, governing.usage, NEXT_JOB, now=now, price_per_image=price, operator=governing.operator
+        )
+        # Where the channel or a role keeps the member out, that comes first, as /kontext says it.
+        decision = resolve(
             governing.policy,
+            requester_of(interaction),
             governing.usage,
             NEXT_JOB,
             now=now,
-            price_per_image=self.bot.settings.price_per_image_usd,
+            price_per_image=price,
             operator=governing.operator,
         )
+        kept_out = isinstance(decision, Refused) and decision.reason in ACCESS_REASONS
         if governing.personal:
             title = _("Your Kontext quota outside servers that added the bot")
         else:
@@ -99,7 +110,10 @@ class Quota(commands.Cog):
         for standing in found:
             name, value = standing_line(standing, _, personal=governing.personal)
             embed.add_field(name=name, value=value, inline=False)
-        if not found:
+        if kept_out:
+            assert isinstance(decision, Refused)
+            embed.description = refusal_text(decision, governing.policy, _, personal=governing.personal)
+        elif not found:
             embed.description = _("No usage limits apply to you here.")
         elif any(standing.reached for standing in found):
             embed.description = _("⛔ marks a limit that stops your next job.")

@@ -78,3 +78,11 @@ async def test_the_operator_budget_and_personal_limits_outside_servers(world):
     assert field(embed, "The bot's monthly budget (all servers)")["value"].startswith("$0.16 of $8.00 · resets <t:")
     names = [f["name"] for f in embed["fields"]]
     assert "This server's monthly budget" not in names
+
+
+async def test_a_channel_closed_to_kontext_is_said_first(world):
+    await world.start_bot()
+    await admin(world, "access channel-add", channel=world.discord.nsfw_channel_id)
+    embed = await my_quota(world)
+    assert embed["description"].startswith("Kontext isn't enabled in this channel. It works in <#")
+    assert field(embed, "Your jobs running")["value"] == "0 of 2 · a job can start now"  # the figures still shown
