@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import discord
+from discord import app_commands
 
+from services.flux_kontext import ASPECT_RATIOS
 from services.i18n import N_
 from services.images import ACCEPTED_CONTENT_TYPES, declared_image_type
 from services.input_images import hosted_on
@@ -11,6 +13,9 @@ from services.input_images import hosted_on
 from .errors import UserFacingError
 
 MAX_PROMPT_LENGTH = 2000
+# The model's choices, as /kontext and /kontext-settings offer them.
+ASPECT_RATIO_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_RATIOS]
+OUTPUT_FORMAT_CHOICES = [app_commands.Choice(name="JPEG", value="jpeg"), app_commands.Choice(name="PNG", value="png")]
 
 
 def is_image_attachment(attachment: discord.Attachment) -> bool:

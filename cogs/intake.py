@@ -5,17 +5,25 @@ use), acknowledges within Discord's 3 seconds, records the job and hands it to t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import discord
 
 from services.fal_queue import FalAccountLocked
 from services.flux_kontext import KontextEdit
-from services.job import NOTE_PRIVATE_REPLY, NOTE_SAFETY_LIMITED_TO, JobRequest
-from services.policy import JobAsk, OperatorLimits, Refused, Requester, resolve
+from services.job import (
+    NOTE_FROM_DEFAULTS,
+    NOTE_PRIVATE_FIRST,
+    NOTE_PRIVATE_REPLY,
+    NOTE_SAFETY_LIMITED_TO,
+    JobRequest,
+)
+from services.policy import GuildPolicy, JobAsk, OperatorLimits, Refused, Requester, Usage, resolve
 
 from .errors import NotServedHere, PersonalUseOff, PolicyRefusal, place_of
 
@@ -42,6 +50,16 @@ def requester_of(interaction: discord.Interaction[KontextBot]) -> Requester:
     )
 
 
+@dataclass(frozen=True)
+class Governing:
+    """The limits that govern a member where they are, and their usage against them now."""
+
+    policy: GuildPolicy
+    usage: Usage
+    operator: OperatorLimits
+    personal: bool  # the operator's policy for personal use, not a server's
+
+
 class JobIntake:
     def __init__(self, bot: KontextBot) -> None:
         self._bot = bot
@@ -50,14 +68,47 @@ class JobIntake:
         # both take the last free place.
         self._locks: defaultdict[tuple[str, int], asyncio.Lock] = defaultdict(asyncio.Lock)
 
+    async def governing(self, interaction: discord.Interaction[KontextBot], now: float) -> Governing:
+        """The policy of the place (the server's; where no server governs, the operator's for
+        personal use) and the member's usage, as the store counts it: what `start` decides on
+        and `/kontext-me` shows."""
+        bot = self._bot
+        operator = OperatorLimits(bot.settings.monthly_budget_usd)
+        all_servers = operator.monthly_usd_budget is not None
+        if place_of(interaction).personal:
+            usage = await bot.store.personal_usage(interaction.user.id, now, all_servers=all_servers)
+            return Governing(bot.settings.personal.as_policy(), usage, operator, personal=True)
+        assert interaction.guild_id is not None
+        policy = await bot.store.policy(interaction.guild_id)
+        usage = await bot.store.usage(interaction.guild_id, interaction.user.id, now, all_servers=all_servers)
+        return Governing(policy, usage, operator, personal=False)
+
     async def start(
-        self, interaction: discord.Interaction[KontextBot], edit: KontextEdit, *, parent_job_id: int | None = None
+        self,
+        interaction: discord.Interaction[KontextBot],
+        edit: KontextEdit,
+        *,
+        parent_job_id: int | None = None,
+        fill_defaults: bool = False,
     ) -> None:
         """Apply the policy that governs where the member is (the server's; where no server
         governs, the operator's for personal use) to `edit` (its safety tolerance is what the
         member asked for), acknowledge, record the job and start it. A refusal is private
-        (PolicyRefusal) and nothing is spent."""
+        (PolicyRefusal) and nothing is spent.
+
+        The member's own settings (/kontext-settings): with `fill_defaults` (a request they just
+        typed, not a re-roll of a job as it was) their defaults fill the options they left out,
+        and the job notes which; whether the result is theirs alone first applies to every job."""
         bot = self._bot
+        defaults = await bot.store.member_defaults(interaction.user.id)
+        notes: dict[str, Any] = {}
+        if fill_defaults:
+            options, filled = defaults.apply(edit.options)
+            edit = dataclasses.replace(edit, options=options)
+            if filled:
+                notes[NOTE_FROM_DEFAULTS] = list(filled)
+        if defaults.private_first:
+            notes[NOTE_PRIVATE_FIRST] = True
         edit.options.check()
         if bot.runner.account.refuses():
             raise FalAccountLocked("refused up front", detail=bot.runner.account.locked_reason)
@@ -71,28 +122,22 @@ class JobIntake:
         async with self._locks[scope]:
             requester = requester_of(interaction)
             now = time.time()
-            operator = OperatorLimits(bot.settings.monthly_budget_usd)
-            all_servers = operator.monthly_usd_budget is not None
-            if place.personal:
-                policy = personal.as_policy()
-                usage = await bot.store.personal_usage(interaction.user.id, now, all_servers=all_servers)
-            else:
-                assert interaction.guild_id is not None
-                policy = await bot.store.policy(interaction.guild_id)
-                usage = await bot.store.usage(interaction.guild_id, interaction.user.id, now, all_servers=all_servers)
+            governing = await self.governing(interaction, now)
+            policy = governing.policy
             ask = JobAsk(edit.options.safety_tolerance, edit.options.image_count)
             decision = resolve(
                 policy,
                 requester,
-                usage,
+                governing.usage,
                 ask,
                 now=now,
                 price_per_image=bot.settings.price_per_image_usd,
-                operator=operator,
+                operator=governing.operator,
             )
             if isinstance(decision, Refused):
                 raise PolicyRefusal(decision, policy, personal=place.personal)
-            notes = {NOTE_SAFETY_LIMITED_TO: decision.limited_to} if decision.limited_to is not None else {}
+            if decision.limited_to is not None:
+                notes[NOTE_SAFETY_LIMITED_TO] = decision.limited_to
             job = await bot.runner.accept(
                 JobRequest(
                     guild_id=interaction.guild_id,
@@ -114,14 +159,14 @@ class JobIntake:
         # Acknowledge outside the lock: a burst in one server must not queue up behind Discord's
         # round trips (each interaction has its own 3 seconds).
         try:
-            callback = await interaction.response.defer(thinking=True)
+            callback = await interaction.response.defer(thinking=True, ephemeral=defaults.private_first)
             message_id = callback.message_id if callback is not None else None
             if message_id is None:
                 message_id = (await interaction.original_response()).id
         except discord.HTTPException as exc:
             await bot.runner.abandon(job, f"could not acknowledge the interaction: {exc}")
             raise
-        if callback is not None and callback.is_ephemeral():
+        if callback is not None and callback.is_ephemeral() and not defaults.private_first:
             # A server that keeps the replies of apps it has not added private (its "Use External
             # Apps" permission is off): Discord made the reply ephemeral; the card says so.
             job.notes = {**job.notes, NOTE_PRIVATE_REPLY: True}

@@ -1,5 +1,5 @@
-"""`/kontext` and "Edit with Kontext": turn what a member typed or picked into an edit for the
-intake."""
+"""`/kontext` and "Edit with Kontext": turn what a member typed or picked into a job for the
+intake: an edit of the images attached, or with none an image made from the prompt."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from discord import app_commands
 from discord.ext import commands
 
 from services.flux_kontext import (
-    ASPECT_RATIOS,
     GUIDANCE_MAX,
     GUIDANCE_MIN,
     NUM_IMAGES_MAX,
@@ -23,7 +22,15 @@ from services.flux_kontext import (
 )
 from services.i18n import N_
 
-from .inputs import MAX_PROMPT_LENGTH, clean_prompt, first_image_url, image_url
+from .errors import UserFacingError
+from .inputs import (
+    ASPECT_RATIO_CHOICES,
+    MAX_PROMPT_LENGTH,
+    OUTPUT_FORMAT_CHOICES,
+    clean_prompt,
+    first_image_url,
+    image_url,
+)
 from .modal import PromptModal
 from .translation import member_texts
 
@@ -49,11 +56,13 @@ class Kontext(commands.Cog):
 
     # Names stay English; descriptions (each at most 100 characters in every language, Discord's
     # limit) are translated by cogs.translation.KontextTranslator.
-    @app_commands.command(name="kontext", description=N_("Edit an image with FLUX.1 Kontext [max]"))
+    @app_commands.command(
+        name="kontext", description=N_("Edit an image, or make one from text, with FLUX.1 Kontext [max]")
+    )
     @app_commands.describe(
-        image=N_("The image to edit (PNG, JPEG, WebP or GIF)"),
-        prompt=N_("What to change, e.g. 'make it a watercolour painting'"),
-        aspect_ratio=N_("Shape of the result (default: like the input)"),
+        prompt=N_("What to change, or with no image what to make, e.g. 'a watercolour fox'"),
+        image=N_("The image to edit (PNG, JPEG, WebP or GIF); none: made from the prompt"),
+        aspect_ratio=N_("Shape of the result (default: like the input, or 1:1 from text)"),
         num_images=N_("How many variations to make (1-4, default 1)"),
         seed=N_("Same seed + same prompt = same result (default: random)"),
         guidance_scale=N_("How closely to follow the prompt (1-20, default 3.5)"),
@@ -65,14 +74,15 @@ class Kontext(commands.Cog):
         image4=N_("A fourth image to combine"),
     )
     @app_commands.choices(
-        aspect_ratio=[app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_RATIOS],
-        output_format=[app_commands.Choice(name="JPEG", value="jpeg"), app_commands.Choice(name="PNG", value="png")],
+        aspect_ratio=ASPECT_RATIO_CHOICES,
+        output_format=OUTPUT_FORMAT_CHOICES,
     )
     async def kontext(
         self,
         interaction: Interaction,
-        image: discord.Attachment,
+        # Discord lists required options first: the prompt, then the image it may edit.
         prompt: app_commands.Range[str, 1, MAX_PROMPT_LENGTH],
+        image: discord.Attachment | None = None,
         aspect_ratio: str | None = None,
         num_images: app_commands.Range[int, NUM_IMAGES_MIN, NUM_IMAGES_MAX] | None = None,
         seed: app_commands.Range[int, 0, SEED_MAX] | None = None,
@@ -87,6 +97,8 @@ class Kontext(commands.Cog):
         # Everything is checked before the interaction is acknowledged, so bad input gets a
         # private answer and nothing is spent.
         prompt = clean_prompt(prompt)
+        if image is None and (image2 or image3 or image4):
+            raise UserFacingError(N_("Attach the first image as `image`: `image2` to `image4` are combined with it."))
         limit = self.bot.settings.max_input_bytes
         urls = tuple(image_url(a, limit) for a in (image, image2, image3, image4) if a is not None)
         options = KontextOptions(
@@ -98,7 +110,7 @@ class Kontext(commands.Cog):
             enhance_prompt=enhance_prompt,
             safety_tolerance=safety_tolerance,
         )
-        await self.bot.intake.start(interaction, KontextEdit(prompt, urls, options))
+        await self.bot.intake.start(interaction, KontextEdit(prompt, urls, options), fill_defaults=True)
 
     async def edit_message_image(self, interaction: Interaction, message: discord.Message) -> None:
         """Message context menu: edit the message's first image with a prompt from a modal."""

@@ -56,7 +56,7 @@ class PromptModal(discord.ui.Modal):
     async def on_submit(self, interaction: Interaction) -> None:  # type: ignore[override]
         index = int(self.choice.values[0]) if self.choice is not None and self.choice.values else 0
         edit = KontextEdit(clean_prompt(self.prompt.value), (self._images[index][1],), self._options)
-        await interaction.client.intake.start(interaction, edit, parent_job_id=self._parent_job_id)
+        await interaction.client.intake.start(interaction, edit, parent_job_id=self._parent_job_id, fill_defaults=True)
 
     async def on_error(self, interaction: Interaction, error: Exception) -> None:  # type: ignore[override]
         await report(interaction, error)

@@ -87,7 +87,7 @@ class ProgressTicker:
         # Where only this reply can show the job, it says in time where the result will go.
         self._notice_at = (
             job.interaction_created_at + INTERACTION_TOKEN_LIFETIME - REPLY_NOTICE_BEFORE
-            if not job.place.bot_can_post
+            if not job.posts_late_in_channel
             else None
         )
         self._webhook = webhook
@@ -324,7 +324,7 @@ class DiscordPresenter:
         _ = texts(job.locale)
         reference: discord.MessageReference | None = None
         mentions = discord.AllowedMentions.none()
-        if job.place.bot_can_post:
+        if job.posts_late_in_channel:
             channel = self._bot.get_channel(job.channel_id) or await self._bot.fetch_channel(job.channel_id)
             lead = f"<@{job.user_id}>"
             mentions = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
@@ -339,7 +339,7 @@ class DiscordPresenter:
                 reply=f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{job.message_id}",
             )
         assert isinstance(channel, discord.abc.Messageable)
-        rendered.content = f"{lead} {rendered.content}" if job.place.bot_can_post else f"{lead}\n{rendered.content}"
+        rendered.content = f"{lead} {rendered.content}" if job.posts_late_in_channel else f"{lead}\n{rendered.content}"
         # Parts already shown through the interaction (public follow-ups) are not posted again;
         # the first one posted here says what it is.
         start = job.delivered_parts

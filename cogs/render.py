@@ -20,9 +20,11 @@ from services.i18n import N_, Texts, texts
 from services.images import EXTENSIONS
 from services.job import (
     NOTE_CANCEL_REQUESTED_BY,
+    NOTE_FROM_DEFAULTS,
     NOTE_PRIVATE_REPLY,
     NOTE_REPLY_EXPIRING,
     NOTE_SAFETY_LIMITED_TO,
+    NOTE_SHARED_AS,
     Job,
     JobState,
     ResultImage,
@@ -91,11 +93,14 @@ class JobAction(enum.Enum):
     RETRY = "retry"  # a re-roll offered on a failed job
     EDIT = "edit"
     DELETE = "delete"
+    SHARE = "share"  # a private-first result, posted to the channel
 
 
 # Which buttons a reply carries, by state.
 WHILE_WAITING = (JobAction.CANCEL,)
 ON_RESULT = (JobAction.REROLL, JobAction.EDIT, JobAction.DELETE)
+# A result the member sees alone first, until they share it.
+ON_PRIVATE_RESULT = (JobAction.SHARE, *ON_RESULT)
 ON_FAILURE = (JobAction.RETRY,)
 
 
@@ -222,7 +227,7 @@ def _render_result(job: Job, embed: discord.Embed, _: Texts) -> Rendered:
         job.id,
         content,
         embed,
-        ON_RESULT if shown else ON_FAILURE,
+        (ON_PRIVATE_RESULT if _unshared(job) else ON_RESULT) if shown else ON_FAILURE,
         files=shown,
         details=_card_details(job, content, _),
         alt_text=_shortened(" ".join(job.prompt.split()), ALT_TEXT_LIMIT),
@@ -254,11 +259,15 @@ class _Field:
 
 def _request_fields(job: Job, _: Texts) -> list[_Field]:
     """What was asked for, by whom, and what the policy changed: shown from the first reply on."""
-    options = _options_text(job.edit.options, _)
+    options = _options_text(job.edit.options, frozenset(job.notes.get(NOTE_FROM_DEFAULTS, ())), _)
     inputs = len(job.edit.image_urls)
+    source = None
     if inputs > 1:
-        combined = _("{count} images combined", count=inputs)
-        options = f"{combined} · {options}" if options else combined
+        source = _("{count} images combined", count=inputs)
+    elif job.edit.from_text:
+        source = _("Made from text")
+    if source:
+        options = f"{source} · {options}" if options else source
     fields = [_Field(_("Requested by"), f"<@{job.user_id}>")]
     if options:
         fields.append(_Field(_("Options"), options, inline=False))
@@ -305,7 +314,9 @@ def _card_details(job: Job, status: str, _: Texts) -> str:
     say, then the job's number; within Discord's limit for a card's text (the prompt is cut)."""
     lines = [f"**{item.name}** {item.value}" for item in (*_request_fields(job, _), *_result_fields(job, _))]
     tail = [f"-# {_footer(job, _)}"]
-    if job.notes.get(NOTE_PRIVATE_REPLY):
+    if _unshared(job):
+        tail.append("-# " + _("🔒 Only you can see this until you share it to the channel."))
+    elif job.notes.get(NOTE_PRIVATE_REPLY):
         tail.append(
             "-# " + _("🔒 Only you can see this: this server keeps the replies of apps it has not added private.")
         )
@@ -319,14 +330,21 @@ def _shortened(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _options_text(options: KontextOptions, _: Texts) -> str:
+def _options_text(options: KontextOptions, from_defaults: frozenset[str], _: Texts) -> str:
+    """The options set, each marked when it came from the member's defaults."""
     shown = []
     for name, label in OPTION_LABELS:
         value = getattr(options, name)
         if value is None or value is False:
             continue
-        shown.append(_(label) if value is True else f"{_(label)} {value}")
+        text = _(label) if value is True else f"{_(label)} {value}"
+        shown.append(_("{option} (your default)", option=text) if name in from_defaults else text)
     return " · ".join(shown)
+
+
+def _unshared(job: Job) -> bool:
+    """A private-first result its member has not shared to the channel yet."""
+    return job.private_first and NOTE_SHARED_AS not in job.notes
 
 
 def _quote(prompt: str) -> str:

@@ -5,6 +5,9 @@ after a restart, on a classic message or inside a card."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,14 +17,16 @@ import discord
 
 from services.fal_queue import FalError
 from services.i18n import N_, texts
-from services.job import Job, ResultImage
+from services.job import NOTE_SHARED_AS, Job, ResultImage
 from services.runner import CancelOutcome
 
 from .errors import UserFacingError, report, tell
 from .inputs import is_image_attachment
 from .modal import PromptModal
-from .render import JobAction, Rendered
+from .render import JobAction, Rendered, attachment_name, render
 from .translation import member_texts
+
+log = logging.getLogger(__name__)
 
 # Discord's limit of items in one Media Gallery (components/reference.mdx).
 MAX_GALLERY_ITEMS = 10
@@ -105,6 +110,59 @@ async def delete_result(interaction: Interaction, job: Job) -> None:
     await interaction.delete_original_response()
 
 
+async def share_result(interaction: Interaction, job: Job) -> None:
+    """Post a result its member saw alone first to the channel, as the same card with the job's
+    buttons: the images are those of the member's private copy (already within this channel's
+    upload limit), uploaded again, since an ephemeral message's attachments are not the channel's.
+    From its reply, through the interaction; from the DM a late result came in, with the bot's
+    own token, where the bot may post."""
+    bot = interaction.client
+    _ = member_texts(interaction)
+    shared_as = job.notes.get(NOTE_SHARED_AS)
+    if shared_as is not None:
+        raise UserFacingError(N_("Already shared: {link}"), link=_message_link(job, shared_as))
+    from_reply = (interaction.guild_id, interaction.channel_id) == (job.guild_id, job.channel_id)
+    if not from_reply and not job.place.bot_can_post:
+        raise UserFacingError(N_("This result can be shared only from its reply, in the channel it was made in."))
+    public = dataclasses.replace(job, notes={**job.notes, NOTE_SHARED_AS: 0})  # rendered as shared
+    rendered = render(public)
+    held = {a.filename: a for a in image_attachments(interaction.message)}
+    names = [attachment_name(job, i, image) for i, image in enumerate(rendered.files, start=1)]
+    shown = [(name, image) for name, image in zip(names, rendered.files, strict=True) if name in held]
+    if not shown:
+        raise UserFacingError(N_("This message has no image left to share."))
+    # From the reply: a new message in the channel, for everyone; elsewhere a private answer.
+    await interaction.response.defer(thinking=True, ephemeral=not from_reply)
+    files = [discord.File(io.BytesIO(await held[name].read()), filename=name) for name, _image in shown]
+    as_card = bot.settings.result_cards and len(shown) <= MAX_GALLERY_ITEMS
+    message: discord.Message
+    if from_reply and as_card:
+        # A deferred reply becomes a card only by this edit (see presenter._deliver_by_interaction).
+        card = result_card(public, rendered, shown)
+        message = await interaction.edit_original_response(content=None, embed=None, attachments=files, view=card)
+    elif from_reply:
+        view = job_view(public, rendered.buttons)
+        message = await interaction.edit_original_response(
+            content=rendered.content, embed=rendered.embed, attachments=files, view=view
+        )
+    else:
+        channel = bot.get_channel(job.channel_id) or await bot.fetch_channel(job.channel_id)
+        assert isinstance(channel, discord.abc.Messageable)
+        if as_card:
+            message = await channel.send(view=result_card(public, rendered, shown), files=files)
+        else:
+            message = await channel.send(
+                rendered.content, embed=rendered.embed, files=files, view=job_view(public, rendered.buttons)
+            )
+        await interaction.edit_original_response(content=_("📣 Shared: {link}", link=message.jump_url))
+    await bot.store.record_share(job, message.id)
+    log.info("job %d: shared to the channel by its member (message %d)", job.id, message.id)
+
+
+def _message_link(job: Job, message_id: int) -> str:
+    return f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{message_id}"
+
+
 @dataclass(frozen=True)
 class ButtonSpec:
     label: str
@@ -139,6 +197,13 @@ BUTTONS: dict[JobAction, ButtonSpec] = {
         N_("Only the member who asked for this edit or a moderator can try it again."),
     ),
     JobAction.EDIT: ButtonSpec(N_("Edit"), "✏️", discord.ButtonStyle.secondary, edit_job, None),
+    JobAction.SHARE: ButtonSpec(
+        N_("Share to channel"),
+        "📣",
+        discord.ButtonStyle.success,
+        share_result,
+        N_("Only the member who asked for this edit can share it."),
+    ),
     JobAction.DELETE: ButtonSpec(
         N_("Delete"),
         "🗑️",

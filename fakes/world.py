@@ -71,8 +71,11 @@ class World:
         return self.discord.add_cdn_file(data, f"input.{fmt}", f"image/{fmt}", width=width, height=height)
 
     async def kontext(self, user: str = "alice", channel_id: str | None = None, **options):
-        """Run `/kontext` as a member would: an image attached and a prompt."""
+        """Run `/kontext` as a member would: an image attached (`image=None`: none, to make one
+        from the prompt) and a prompt."""
         options.setdefault("image", self.input_image())
+        if options["image"] is None:
+            del options["image"]
         options.setdefault("prompt", "make the sky purple")
         return await self.discord.invoke_slash("kontext", options=options, user=user, channel_id=channel_id)
 

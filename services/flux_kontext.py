@@ -1,6 +1,7 @@
 """FLUX.1 Kontext [max] on fal: its endpoints, the options a member can set, the payload fal
 takes and the output it gives back. The one module that knows the model's API
-(fal-queue-api.md, part 1 §3 and part 2 §4); everything else speaks `KontextEdit`.
+(fal-queue-api.md, part 1 §3 and part 2 §4); everything else speaks `KontextEdit`: with input
+images an edit, without one an image made from the prompt alone.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from .i18n import N_, LocalizedError
 ENDPOINT_EDIT = "fal-ai/flux-pro/kontext/max"
 # Several input images ("put the hat from image 2 on the person in image 1").
 ENDPOINT_MULTI = "fal-ai/flux-pro/kontext/max/multi"
+# No input image: the same options, made from the prompt alone (aspect ratio 1:1 unless asked).
+ENDPOINT_TEXT = "fal-ai/flux-pro/kontext/max/text-to-image"
 
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
 OUTPUT_FORMATS = ("jpeg", "png")
@@ -88,20 +91,28 @@ _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(KontextOptions))
 
 @dataclass(frozen=True)
 class KontextEdit:
-    """One edit as the member asked for it: the prompt, the input images and the options."""
+    """One job as the member asked for it: the prompt, the input images (none: an image made
+    from the prompt alone) and the options."""
 
     prompt: str
     image_urls: tuple[str, ...]
     options: KontextOptions = KontextOptions()
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.image_urls) <= MAX_INPUT_IMAGES:
+        if len(self.image_urls) > MAX_INPUT_IMAGES:
             raise InvalidEdit(
-                N_("an edit takes 1 to {max} images, not {count}"), max=MAX_INPUT_IMAGES, count=len(self.image_urls)
+                N_("a job takes at most {max} images, not {count}"), max=MAX_INPUT_IMAGES, count=len(self.image_urls)
             )
 
     @property
+    def from_text(self) -> bool:
+        """Made from the prompt alone, with no input image."""
+        return not self.image_urls
+
+    @property
     def endpoint(self) -> str:
+        if self.from_text:
+            return ENDPOINT_TEXT
         return ENDPOINT_MULTI if len(self.image_urls) > 1 else ENDPOINT_EDIT
 
     def with_options(self, **changes: Any) -> KontextEdit:
@@ -112,7 +123,7 @@ class KontextEdit:
         body: dict[str, Any] = {"prompt": self.prompt}
         if self.endpoint == ENDPOINT_MULTI:
             body["image_urls"] = list(self.image_urls)
-        else:
+        elif self.endpoint == ENDPOINT_EDIT:
             body["image_url"] = self.image_urls[0]
         for name in _OPTION_FIELDS:
             value = getattr(self.options, name)
@@ -123,7 +134,11 @@ class KontextEdit:
     @classmethod
     def from_payload(cls, endpoint: str, body: dict[str, Any]) -> KontextEdit:
         """The edit a stored payload describes (the inverse of `payload`)."""
-        urls = tuple(body["image_urls"]) if endpoint == ENDPOINT_MULTI else (body["image_url"],)
+        urls: tuple[str, ...] = ()
+        if endpoint == ENDPOINT_MULTI:
+            urls = tuple(body["image_urls"])
+        elif endpoint == ENDPOINT_EDIT:
+            urls = (body["image_url"],)
         values = {name: body[name] for name in _OPTION_FIELDS if body.get(name) is not None}
         if "safety_tolerance" in values:
             values["safety_tolerance"] = int(values["safety_tolerance"])

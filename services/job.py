@@ -21,6 +21,9 @@ NOTE_WITHDRAWN = "withdrawn"  # why nothing more is shown in the channel (its re
 NOTE_HANDED_BACK = "handed_back"  # asked out of fal's line, to take its turn in the bot's
 NOTE_REPLY_EXPIRING = "reply_expiring"  # the reply's token ends soon: the result will come by DM
 NOTE_PRIVATE_REPLY = "private_reply"  # Discord made the reply ephemeral (the server keeps apps it lacks private)
+NOTE_FROM_DEFAULTS = "from_defaults"  # the options filled from the member's defaults (/kontext-settings)
+NOTE_PRIVATE_FIRST = "private_first"  # the member sees the result alone first, with Share to channel
+NOTE_SHARED_AS = "shared_as"  # the message that shared a private-first result in the channel
 
 # The interaction token of the reply lives 15 minutes; leave a margin for the final upload.
 INTERACTION_TOKEN_LIFETIME = 15 * 60
@@ -199,6 +202,16 @@ class Job(JobRequest):
         """Whether the reply can still be edited through the interaction token."""
         age = (now or time.time()) - self.interaction_created_at
         return age < INTERACTION_TOKEN_LIFETIME - TOKEN_SAFETY_MARGIN
+
+    @property
+    def private_first(self) -> bool:
+        return bool(self.notes.get(NOTE_PRIVATE_FIRST))
+
+    @property
+    def posts_late_in_channel(self) -> bool:
+        """After the reply's token, the result goes to the channel (a reply to the reply), not
+        to the member's DMs: where the bot may post, unless the member wanted it privately first."""
+        return self.place.bot_can_post and not self.private_first
 
     @property
     def prompt(self) -> str:

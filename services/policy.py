@@ -210,6 +210,75 @@ def _usd_exceeds(images: int, price_per_image: float, budget: float) -> bool:
     return cost > budget and not math.isclose(cost, budget, rel_tol=1e-9, abs_tol=1e-9)
 
 
+@dataclass(frozen=True)
+class Standing:
+    """Where a member stands against one usage limit: what `resolve` checks, and what
+    `/kontext-me` shows, from the same numbers, so the two can never disagree."""
+
+    reason: RefusalReason  # what a refusal by this limit says
+    used: float  # jobs, images or USD so far; for the cooldown, seconds since the last job
+    limit: int | float  # the policy value (jobs, images, USD, seconds)
+    # When it frees up: a refusal's retry_at while `reached`, else when the count starts again
+    # (None: when a running job ends, or no cooldown is running).
+    resets_at: float | None
+    reached: bool  # the next job (of the images asked) would be refused by this limit
+
+
+def standings(
+    policy: GuildPolicy,
+    usage: Usage,
+    ask: JobAsk,
+    *,
+    now: float,
+    price_per_image: float,
+    operator: OperatorLimits = NO_OPERATOR_LIMITS,
+) -> list[Standing]:
+    """Every usage limit that applies, in the order `resolve` reports them: the operator's
+    budget, concurrency (member, then server), cooldown, the daily limit, the server's budgets.
+    A limit left unset (None, or no cooldown) is not listed."""
+    found: list[Standing] = []
+    month_end = next_month_start(now)
+    usd = operator.monthly_usd_budget
+    if usd is not None:
+        spent = usage.all_images_this_month * price_per_image
+        reached = _usd_exceeds(usage.all_images_this_month + ask.num_images, price_per_image, usd)
+        found.append(Standing(RefusalReason.OPERATOR_BUDGET, spent, usd, month_end, reached))
+    limit = policy.concurrent_jobs_per_member
+    if limit is not None:
+        reached = usage.member_active_jobs >= limit
+        found.append(Standing(RefusalReason.MEMBER_CONCURRENCY, usage.member_active_jobs, limit, None, reached))
+    limit = policy.concurrent_jobs_per_guild
+    if limit is not None:
+        reached = usage.guild_active_jobs >= limit
+        found.append(Standing(RefusalReason.GUILD_CONCURRENCY, usage.guild_active_jobs, limit, None, reached))
+    cooldown = policy.cooldown_seconds
+    if cooldown > 0:
+        last = usage.member_last_job_at
+        ready_at = last + cooldown if last is not None else None
+        reached = ready_at is not None and now < ready_at
+        elapsed = now - last if last is not None else float(cooldown)
+        found.append(Standing(RefusalReason.COOLDOWN, elapsed, cooldown, ready_at if reached else None, reached))
+    limit = policy.daily_jobs_per_member
+    if limit is not None:
+        reached = usage.member_jobs_today >= limit
+        found.append(
+            Standing(RefusalReason.DAILY_LIMIT, usage.member_jobs_today, limit, next_utc_midnight(now), reached)
+        )
+    images_after = usage.guild_images_this_month + ask.num_images
+    limit = policy.monthly_image_budget
+    if limit is not None:
+        reached = images_after > limit
+        found.append(
+            Standing(RefusalReason.MONTHLY_IMAGE_BUDGET, usage.guild_images_this_month, limit, month_end, reached)
+        )
+    usd = policy.monthly_usd_budget
+    if usd is not None:
+        spent = usage.guild_images_this_month * price_per_image
+        reached = _usd_exceeds(images_after, price_per_image, usd)
+        found.append(Standing(RefusalReason.MONTHLY_USD_BUDGET, spent, usd, month_end, reached))
+    return found
+
+
 def _check(
     policy: GuildPolicy,
     requester: Requester,
@@ -224,35 +293,9 @@ def _check(
     role = policy.required_role_id
     if role is not None and role not in requester.role_ids:
         return Refused(RefusalReason.MISSING_ROLE, None, None)
-
-    usd = operator.monthly_usd_budget
-    if usd is not None and _usd_exceeds(usage.all_images_this_month + ask.num_images, price, usd):
-        return Refused(RefusalReason.OPERATOR_BUDGET, next_month_start(now), usd)
-
-    limit = policy.concurrent_jobs_per_member
-    if limit is not None and usage.member_active_jobs >= limit:
-        return Refused(RefusalReason.MEMBER_CONCURRENCY, None, limit)
-    limit = policy.concurrent_jobs_per_guild
-    if limit is not None and usage.guild_active_jobs >= limit:
-        return Refused(RefusalReason.GUILD_CONCURRENCY, None, limit)
-
-    cooldown = policy.cooldown_seconds
-    if cooldown > 0 and usage.member_last_job_at is not None:
-        ready_at = usage.member_last_job_at + cooldown
-        if now < ready_at:
-            return Refused(RefusalReason.COOLDOWN, ready_at, cooldown)
-
-    limit = policy.daily_jobs_per_member
-    if limit is not None and usage.member_jobs_today >= limit:
-        return Refused(RefusalReason.DAILY_LIMIT, next_utc_midnight(now), limit)
-
-    images_after = usage.guild_images_this_month + ask.num_images
-    limit = policy.monthly_image_budget
-    if limit is not None and images_after > limit:
-        return Refused(RefusalReason.MONTHLY_IMAGE_BUDGET, next_month_start(now), limit)
-    usd = policy.monthly_usd_budget
-    if usd is not None and _usd_exceeds(images_after, price, usd):
-        return Refused(RefusalReason.MONTHLY_USD_BUDGET, next_month_start(now), usd)
+    for standing in standings(policy, usage, ask, now=now, price_per_image=price, operator=operator):
+        if standing.reached:
+            return Refused(standing.reason, standing.resets_at, standing.limit)
     return None
 
 
@@ -526,6 +569,8 @@ __all__ = [
     "Refused",
     "RefusalReason",
     "Decision",
+    "Standing",
+    "standings",
     "FieldInfo",
     "POLICY_FIELDS",
     "resolve",

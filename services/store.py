@@ -26,7 +26,8 @@ from typing import Any, Literal, Protocol, Self
 
 from .fal_queue import FalRequest
 from .flux_kontext import KontextEdit
-from .job import Job, JobPlace, JobRequest, JobResult, JobState
+from .job import NOTE_SHARED_AS, Job, JobPlace, JobRequest, JobResult, JobState
+from .member_defaults import MemberDefaults
 from .policy import GuildPolicy, Usage, day_start, month_start, policy_from_dict, policy_to_dict
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,24 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
         INSERT INTO monthly_images
             SELECT month_of(created_at), guild_id, SUM(job_images_spent(jobs)) FROM jobs
             WHERE place = 'server' GROUP BY 1, 2;
+        """,
+    ),
+    # A member's own defaults (/kontext-settings), one row per member for every place they use
+    # the bot: JSON, read tolerantly (services.member_defaults).
+    Dialects(
+        sqlite="""
+        CREATE TABLE member_defaults (
+            user_id INTEGER PRIMARY KEY,
+            defaults TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        """,
+        postgres="""
+        CREATE TABLE member_defaults (
+            user_id BIGINT PRIMARY KEY,
+            defaults TEXT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        );
         """,
     ),
 )
@@ -609,6 +628,35 @@ class Store(abc.ABC):
             self._policies.clear()
         else:
             self._policies.pop(guild_id, None)
+
+    # -- a member's own settings ------------------------------------------------------------------
+
+    async def member_defaults(self, user_id: int) -> MemberDefaults:
+        """The member's defaults; a member who never set any has none."""
+        rows = await self._fetch("SELECT defaults FROM member_defaults WHERE user_id = :user", {"user": user_id})
+        return MemberDefaults.from_dict(json.loads(rows[0]["defaults"])) if rows else MemberDefaults()
+
+    async def save_member_defaults(self, user_id: int, defaults: MemberDefaults, *, now: float) -> None:
+        """Keep the member's defaults; having none leaves no row behind."""
+        if defaults.is_empty:
+            await self._execute("DELETE FROM member_defaults WHERE user_id = :user", {"user": user_id})
+            return
+        await self._execute(
+            "INSERT INTO member_defaults (user_id, defaults, updated_at) VALUES (:user, :defaults, :now) "
+            "ON CONFLICT (user_id) DO UPDATE SET defaults = excluded.defaults, updated_at = excluded.updated_at",
+            {"user": user_id, "defaults": json.dumps(defaults.to_dict()), "now": now},
+        )
+
+    async def record_share(self, job: Job, message_id: int) -> None:
+        """A finished result the member shared to the channel: its new message carries the job's
+        buttons too (see cogs.views). Only these two columns, without a lease: the job is done,
+        and whichever process drives or drove it writes nothing more."""
+        job.posted_message_ids = [*job.posted_message_ids, message_id]
+        job.notes = {**job.notes, NOTE_SHARED_AS: message_id}
+        await self._execute(
+            "UPDATE jobs SET posted_message_ids = :ids, notes = :notes WHERE id = :id",
+            {"ids": json.dumps(job.posted_message_ids), "notes": json.dumps(job.notes), "id": job.id},
+        )
 
     async def usage(self, guild_id: int, user_id: int, now: float, *, all_servers: bool = False) -> Usage:
         """What the policy's limits count. Each part reads an index range (a member's jobs since

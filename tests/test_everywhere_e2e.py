@@ -295,7 +295,10 @@ async def test_a_german_member_reads_german(world):
     await world.start_bot()
     localized = world.discord.commands["kontext"]
     assert localized["name"] == "kontext" and not localized.get("name_localizations")  # names stay English
-    assert localized["description_localizations"]["de"] == "Ein Bild mit FLUX.1 Kontext [max] bearbeiten"
+    assert (
+        localized["description_localizations"]["de"]
+        == "Ein Bild bearbeiten oder aus Text erstellen, mit FLUX.1 Kontext [max]"
+    )
     prompt = {o["name"]: o for o in localized["options"]}["prompt"]
     assert prompt["description_localizations"]["fr"].startswith("Ce qu’il faut changer")
     handle = await kontext_in(world, locale="de", options={"seed": 7})

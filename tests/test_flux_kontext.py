@@ -8,6 +8,7 @@ from services.fal_queue import FalBadOutput
 from services.flux_kontext import (
     ENDPOINT_EDIT,
     ENDPOINT_MULTI,
+    ENDPOINT_TEXT,
     InvalidEdit,
     KontextEdit,
     KontextOptions,
@@ -32,7 +33,13 @@ def test_several_images_go_to_the_multi_endpoint_as_a_list():
     assert edit.payload() == {"prompt": "combine", "image_urls": ["https://cdn/a.png", "https://cdn/b.png"]}
 
 
-@pytest.mark.parametrize("urls", [("https://cdn/a.png",), ("https://cdn/a.png", "https://cdn/b.png")])
+def test_no_image_goes_to_the_text_to_image_endpoint_without_an_image_field():
+    edit = KontextEdit("a red fox in snow", (), KontextOptions(aspect_ratio="16:9", num_images=2))
+    assert edit.from_text and edit.endpoint == ENDPOINT_TEXT
+    assert edit.payload() == {"prompt": "a red fox in snow", "aspect_ratio": "16:9", "num_images": 2}
+
+
+@pytest.mark.parametrize("urls", [(), ("https://cdn/a.png",), ("https://cdn/a.png", "https://cdn/b.png")])
 def test_a_stored_payload_reads_back_as_the_same_edit(urls):
     options = KontextOptions("16:9", 4, 42, 7.5, "png", True, 6)
     edit = KontextEdit("p", urls, options)
@@ -56,9 +63,7 @@ def test_values_the_model_does_not_take_are_refused(options):
         options.check()
 
 
-def test_an_edit_takes_one_to_four_images():
-    with pytest.raises(InvalidEdit):
-        KontextEdit("p", ())
+def test_a_job_takes_at_most_four_images():
     with pytest.raises(InvalidEdit):
         KontextEdit("p", tuple(f"https://cdn/{i}.png" for i in range(5)))
 

@@ -6,7 +6,7 @@ import pytest
 from cogs.render import FAILURE_MESSAGES, JobAction, failure_text, job_log_line, pack_files, render
 from services.flux_kontext import KontextEdit, KontextOptions
 from services.i18n import english
-from services.job import Job, JobResult, JobState, ResultImage
+from services.job import NOTE_FROM_DEFAULTS, NOTE_PRIVATE_FIRST, NOTE_SHARED_AS, Job, JobResult, JobState, ResultImage
 
 MIB = 1024 * 1024
 
@@ -131,3 +131,25 @@ def test_a_prompt_cannot_forge_a_log_channel_entry():
 def test_a_masked_link_in_a_prompt_is_not_a_link_in_the_reply():
     job = make_job(state=JobState.QUEUED, edit=KontextEdit("[Claim Nitro](https://evil.example)", ("http://x/a.png",)))
     assert render(job).embed.description == "> \\[Claim Nitro](https://evil.example)"  # shown, not a link
+
+
+def test_options_from_the_members_defaults_are_marked():
+    job = make_job(
+        state=JobState.QUEUED,
+        edit=KontextEdit("p", (), KontextOptions(aspect_ratio="16:9", num_images=2, enhance_prompt=True)),
+        notes={NOTE_FROM_DEFAULTS: ["aspect_ratio", "enhance_prompt"]},
+    )
+    options = next(f.value for f in render(job).embed.fields if f.name == "Options")
+    assert options == "Made from text · Aspect ratio 16:9 (your default) · Images 2 · Enhanced prompt (your default)"
+
+
+def test_a_private_first_result_offers_share_until_it_is_shared():
+    done = dict(state=JobState.SUCCEEDED, result=JobResult(1, [image("a")]))
+    private = render(make_job(**done, notes={NOTE_PRIVATE_FIRST: True}))
+    assert private.buttons == (JobAction.SHARE, JobAction.REROLL, JobAction.EDIT, JobAction.DELETE)
+    assert "Only you can see this until you share it" in private.details
+    shared = render(make_job(**done, notes={NOTE_PRIVATE_FIRST: True, NOTE_SHARED_AS: 99}))
+    assert shared.buttons == (JobAction.REROLL, JobAction.EDIT, JobAction.DELETE)
+    assert "Only you can see this" not in shared.details
+    failed = render(make_job(state=JobState.FAILED, error_code="fal_failed", notes={NOTE_PRIVATE_FIRST: True}))
+    assert failed.buttons == (JobAction.RETRY,)

@@ -1,0 +1,147 @@
+"""/kontext-settings end to end: a member's defaults fill what /kontext leaves out (and say so),
+explicit options win, the server's policy still caps them, and private-first results are shared
+to the channel with a button that survives a restart."""
+
+from __future__ import annotations
+
+from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2
+from fakes.fal_fake import JobScript
+from tests.e2e import admin, button, details, finished, has_button, private_answer, shows, text
+from tests.test_everywhere_e2e import dm_messages
+from tests.test_resilience_e2e import restart
+
+
+async def settings(world, user: str = "alice", **options) -> dict:
+    """The private answer to /kontext-settings: its embed's fields by name, and its texts."""
+    handle = await world.discord.invoke_slash("kontext-settings", options=options, user=user)
+    callback = await handle.wait_for_callback()
+    assert callback["type"] == 4 and callback["data"]["flags"] & EPHEMERAL, callback
+    (embed,) = callback["data"]["embeds"]
+    shown = {f["name"]: f["value"] for f in embed["fields"]}
+    shown["_heading"] = embed["description"]
+    shown["_footer"] = embed["footer"]["text"]
+    return shown
+
+
+def options_line(message) -> str:
+    return next(line for line in details(message).splitlines() if line.startswith("**Options**"))
+
+
+async def test_without_options_it_shows_that_nothing_is_set(world):
+    await world.start_bot()
+    shown = await settings(world)
+    assert shown["_heading"] == "Your defaults for /kontext, wherever you use the bot:"
+    assert shown["Aspect ratio"] == "not set" and shown["Results"] == "posted in the channel"
+
+
+async def test_defaults_fill_what_the_command_leaves_out_and_the_reply_says_so(world):
+    await world.start_bot()
+    saved = await settings(world, aspect_ratio="16:9", num_images=2, output_format="png")
+    assert saved["_heading"].startswith("Saved.")
+    assert (saved["Aspect ratio"], saved["Images"], saved["Format"]) == ("16:9", "2", "PNG")
+    message = await finished(await world.kontext(image=None, prompt="a fox", num_images=1))
+    submit = world.fal.submits[-1]
+    assert (submit["aspect_ratio"], submit["num_images"], submit["output_format"]) == ("16:9", 1, "png")
+    line = options_line(message)
+    assert "Aspect ratio 16:9 (your default)" in line and "Format png (your default)" in line
+    assert "Images 1 ·" in line or line.endswith("Images 1")  # given explicitly: no mark
+    assert "Images 1 (your default)" not in line
+    # Another member's jobs are untouched by alice's defaults.
+    world.discord.add_member(name="bob")
+    await finished(await world.kontext(user="bob", image=None, prompt="a fox"))
+    assert "aspect_ratio" not in world.fal.submits[-1]
+
+
+async def test_a_default_above_the_servers_maximum_is_lowered_and_said(world):
+    await world.start_bot()
+    saved = await settings(world, safety_tolerance=5)
+    assert "Here the safety tolerance is at most 2: your jobs here use 2." in saved["_footer"]
+    message = await finished(await world.kontext())
+    assert world.fal.submits[-1]["safety_tolerance"] == "2"
+    assert "Safety tolerance limited to 2 by this server's policy." in details(message)
+
+
+async def test_reset_forgets_one_default_or_all(world):
+    await world.start_bot()
+    await settings(world, aspect_ratio="4:3", enhance_prompt=True, results="private_first")
+    after = await settings(world, reset="aspect_ratio")
+    assert after["Aspect ratio"] == "not set" and after["Enhanced prompt"] == "on"
+    cleared = await settings(world, reset="everything")
+    assert cleared["Enhanced prompt"] == "not set" and cleared["Results"] == "posted in the channel"
+    await finished(await world.kontext())
+    assert "enhance_prompt" not in world.fal.submits[-1]
+
+
+async def test_private_first_results_are_shared_to_the_channel_after_a_restart(world):
+    await world.start_bot()
+    await settings(world, results="private_first")
+    handle = await world.kontext(image=None, prompt="a secret garden")
+    assert (await handle.wait_for_callback())["data"]["flags"] & EPHEMERAL  # thinking, privately
+    private = await finished(handle)
+    assert private.ephemeral and text(private).startswith("✅")
+    assert "Only you can see this until you share it" in details(private)
+    assert [m for m in world.discord.channel_messages() if not m.ephemeral] == []
+    await restart(world)  # the button still works: it is bound to the job, not to the process
+    world.discord.add_member(name="bob")
+    stranger = await world.discord.click_button(private.id, button(private, "share"), user="bob")
+    await stranger.wait_for_callback()
+    assert "Only the member who asked" in private_answer(stranger)
+    share = await world.discord.click_button(private.id, button(private, "share"), user="alice")
+    shared = await finished(share)
+    assert not shared.ephemeral and shared.flags & IS_COMPONENTS_V2
+    assert sorted(shared.files) == sorted(private.files)
+    assert list(shared.files.values()) == list(private.files.values())  # the same bytes
+    assert not has_button(shared, "share") and "Only you can see this" not in details(shared)
+    for action in ("reroll", "edit", "delete"):
+        button(shared, action)
+    again = await world.discord.click_button(private.id, button(private, "share"), user="alice")
+    await again.wait_for_callback()
+    assert "Already shared" in private_answer(again)
+    # The shared card's buttons act on the job: Delete removes it from the channel.
+    delete = await world.discord.click_button(shared.id, button(shared, "delete"), user="alice")
+    await delete.wait_for_callback()
+    await world.discord.wait_until(lambda: shared.deleted)
+
+
+async def test_an_explicit_image_edit_uses_the_defaults_too_and_the_policy_still_counts(world):
+    await world.start_bot()
+    await admin(world, "limits", daily_jobs=1)
+    await settings(world, num_images=3)
+    await finished(await world.kontext())
+    assert world.fal.submits[-1]["num_images"] == 3 and "image_url" in world.fal.submits[-1]
+    refused = await world.kontext()
+    await refused.wait_for_callback()
+    assert "for today" in private_answer(refused)
+
+
+async def test_a_private_result_outliving_its_reply_comes_by_dm_and_is_shared_from_there(world):
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    await world.start_bot()
+    await settings(world, results="private_first")
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: dm_messages(world), timeout=15)
+    (card,) = dm_messages(world)
+    assert [m for m in world.discord.channel_messages() if not m.ephemeral] == []  # never the channel
+    share = await world.discord.click_button(card.id, button(card, "share"), user="alice")
+    await share.wait_for_callback()
+    await world.discord.wait_until(lambda: [m for m in world.discord.channel_messages() if m.flags & IS_COMPONENTS_V2])
+    (shared,) = [m for m in world.discord.channel_messages() if m.flags & IS_COMPONENTS_V2]
+    assert not shared.ephemeral and list(shared.files.values()) == list(card.files.values())
+    await share.wait_until(
+        lambda h: h.original is not None and "Shared: https://discord.com/channels/" in h.original.content
+    )
+    button(shared, "reroll")
+
+
+async def test_the_member_commands_are_offered_wherever_kontext_is(world):
+    await world.start_bot(PERSONAL_USE="1", MONTHLY_BUDGET_USD="10")
+    synced = world.discord.commands
+    for name in ("kontext-me", "kontext-settings"):
+        assert sorted(synced[name]["integration_types"]) == sorted(synced["kontext"]["integration_types"]) == [0, 1]
+        assert sorted(synced[name]["contexts"]) == sorted(synced["kontext"]["contexts"]) == [0, 1, 2]
+    handle = await world.discord.invoke_slash("kontext-settings", options={"num_images": 2}, guild=False)
+    assert (await handle.wait_for_callback())["data"]["flags"] & EPHEMERAL  # in the DM with the bot too
+    await finished(await world.discord.invoke_slash("kontext", options={"prompt": "a kite"}, guild=False))
+    assert world.fal.submits[-1]["num_images"] == 2
