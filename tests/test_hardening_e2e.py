@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -51,6 +52,24 @@ async def test_answers_fal_sends_that_http_cannot_parse_end_plainly_and_never_lo
     for call in ("submit outcome unknown", "status stream", "fal status", "fal result", "fal cancel"):
         assert any(call in line for line in met), call
     assert FAL_KEY not in log and "Authorization" not in log
+
+
+async def test_a_failure_on_the_bots_side_ends_the_job_plainly_and_frees_the_members_place(world):
+    """Finding 2: an error that is not fal's (here the disk: a file stands where the results
+    folder was, which no permission lets the bot write through, root included) ends the job with
+    a message, frees the member's place for the next edit, and the log says which job."""
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot(RESULT_MEMORY_BYTES="0")  # every result goes through DATA_DIR
+    await admin(world, "limits", member_concurrent=1)
+    results = world.data_dir / "results"
+    shutil.rmtree(results, ignore_errors=True)
+    results.write_bytes(b"")
+    failed = await finished(await world.kontext())
+    assert text(failed) == "❌ Something went wrong with this edit. Please try again." and has_button(failed, "retry")
+    results.unlink()
+    assert text(await finished(await world.kontext())).startswith("✅")
+    await world.bot.stop()
+    assert "job 1 failed on the bot's side" in world.bot.log_text()
 
 
 async def test_a_second_bot_on_the_same_data_dir_refuses_to_start(world):
