@@ -40,6 +40,12 @@ async def test_answers_fal_sends_that_http_cannot_parse_end_plainly_and_never_lo
         assert text(await finished(await world.kontext())).startswith("❌ fal.ai is not answering right now")
         for op in ops:
             world.fal._faults[op].clear()
+    for op in ("storage_token", "storage_initiate"):  # a large input goes to fal's storage, with the key
+        world.fal.fail_next(op, "malformed", times=3)
+    large = world.input_image(size=200_000)
+    assert text(await finished(await world.kontext(image=large))).startswith(
+        "❌ The image could not be handed to fal.ai"
+    )
     world.fal.script_next(JobScript(queue_positions=(3, 2, 1, 0), step=1.0))
     handle = await world.kontext()
     await handle.wait_until(lambda h: has_button(h.original, "cancel"))
@@ -49,7 +55,8 @@ async def test_answers_fal_sends_that_http_cannot_parse_end_plainly_and_never_lo
     await world.bot.stop()
     log = world.bot.log_text()
     met = [line for line in log.splitlines() if "ClientResponseError" in line]
-    for call in ("submit outcome unknown", "status stream", "fal status", "fal result", "fal cancel"):
+    calls = ("submit outcome unknown", "status stream", "fal status", "fal result", "fal upload", "fal cancel")
+    for call in calls:
         assert any(call in line for line in met), call
     assert FAL_KEY not in log and "Authorization" not in log
 
