@@ -86,6 +86,9 @@ Modelled behaviour, with its source ("P2" = part 2, "P1" = part 1 of the referen
   ``fal.uploads``; served back without auth; ``expire_uploads()``; lifecycle header honoured.
 * Result retention: result 404 after ``JobScript.result_ttl`` (fal: 1 h, 6 min for >=10 KB; P2 §1.4);
   default None = kept.
+* Transport faults: ``fail_next(op, "drop"|"drop_after"|"hang"|"malformed")`` (see its doc);
+  ``refuse_connections()`` stops listening (a host that is down: connecting is refused, nothing is
+  sent) until ``accept_connections()``.
 * Hygiene: ``fal.violations`` lists any request carrying ``Authorization: Key ...`` to a CDN/file URL or
   the upload host, any unknown route, wrong method or rebuilt request URL.
 
@@ -169,7 +172,11 @@ LOCKED_OPS = ("submit", "storage_token", "storage_initiate", "upload")
 # so it may have acted (the job / cancel / upload happened, the answer says 5xx).
 ACTING_OPS = ("submit", "cancel", "storage_token", "storage_initiate", "upload", "upload_put")
 INGRESS_FAULTS = ("ingress_502", "ingress_503", "ingress_504")
-FAULT_KINDS = ("drop", "drop_after", "hang", "500_after_record", *INGRESS_FAULTS)
+FAULT_KINDS = ("drop", "drop_after", "hang", "malformed", "500_after_record", *INGRESS_FAULTS)
+# What "malformed" answers: a header line without a colon, as a broken proxy on the path might
+# send. aiohttp cannot parse it and raises ClientResponseError, which carries the request's
+# headers (the fal key among them).
+MALFORMED_ANSWER = b"HTTP/1.1 200 OK\r\nthis is not a header\r\n\r\n"
 
 IN_QUEUE, IN_PROGRESS, COMPLETED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED"
 
@@ -1052,6 +1059,7 @@ class FakeFal:
         self._predicates: list[Callable[[Any], JobScript | None]] = []
         self._faults: dict[str, deque[Fault]] = {op: deque() for op in OPS}
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -1097,10 +1105,9 @@ class FakeFal:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://127.0.0.1:{port}"
+        self._site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await self._site.start()
+        self.base_url = f"http://127.0.0.1:{self._site.port}"
         self._session = aiohttp.ClientSession()
         return self
 
@@ -1123,6 +1130,20 @@ class FakeFal:
         if self._session:
             await self._session.close()
             self._session = None
+
+    async def refuse_connections(self) -> None:
+        """fal's host is down: it stops listening, so a new connection is refused before anything
+        is sent (the client's ClientConnectorError), and the connections open to it are closed.
+        `accept_connections` listens again on the same port."""
+        assert self._site is not None and self._runner is not None and self._runner.server is not None
+        await self._site.stop()
+        for connection in self._runner.server.connections:
+            connection.force_close()
+
+    async def accept_connections(self) -> None:
+        assert self._runner is not None and self._site is not None
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self._site.port)
+        await self._site.start()
 
     async def __aenter__(self) -> FakeFal:
         return await self.start()
@@ -1156,6 +1177,8 @@ class FakeFal:
         * "drop": close the connection before doing anything (submit: no job).
         * "drop_after": process normally, then close without answering (submit: job created).
         * "hang": never answer until stop().
+        * "malformed": answer with a response HTTP cannot parse (`MALFORMED_ANSWER`), then close,
+          before doing anything (submit: no job): something broken on the path.
         """
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}")
@@ -1484,6 +1507,15 @@ class FakeFal:
         return web.Response(status=500)
 
     @staticmethod
+    def _malformed(request: web.Request) -> web.Response:
+        tr = request.transport
+        if tr is not None:
+            tr.write(MALFORMED_ANSWER)
+            tr.close()
+        # The connection is closing; aiohttp discards this response.
+        return web.Response(status=500)
+
+    @staticmethod
     def _ingress(code: int) -> web.Response:
         reason = _INGRESS_REASON[code]
         html = (
@@ -1552,6 +1584,8 @@ class FakeFal:
             kind = fault.status
             if kind == "drop":
                 return self._drop(request)
+            if kind == "malformed":
+                return self._malformed(request)
             if kind == "hang":
                 assert self._closing_event is not None
                 await self._closing_event.wait()

@@ -1164,3 +1164,38 @@ async def test_many_concurrent_jobs_cheap(fal, http):
     async with http.get(url) as r:
         assert len(await r.read()) == 100_000
     assert fal.violations == []
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_answer_is_an_error_that_carries_the_request_headers(fal, http):
+    """What a broken proxy on the path might send: aiohttp cannot parse it, and its exception
+    holds the request's headers, so the key (what the bot must never log)."""
+    for op in ("submit", "status"):
+        fal.fail_next(op, "malformed")
+    with pytest.raises(aiohttp.ClientResponseError) as refused:
+        await submit(http, fal)
+    assert fal.jobs == {} and KEY in repr(refused.value)
+    _, sub = await submit(http, fal)
+    with pytest.raises(aiohttp.ClientResponseError):
+        async with http.get(sub["status_url"], headers=AUTH) as r:
+            await r.read()
+    async with http.get(sub["status_url"], headers=AUTH) as r:  # one fault, one request
+        assert r.status in (200, 202)
+
+
+@pytest.mark.asyncio
+async def test_a_host_that_refuses_connections_records_nothing_and_comes_back_on_its_port(fal, http):
+    _, sub = await submit(http, fal)
+    fal.fail_next("status", "hang")
+    hanging = asyncio.ensure_future(http.get(sub["status_url"], headers=AUTH))
+    await asyncio.sleep(0.05)
+    await fal.refuse_connections()
+    with pytest.raises(aiohttp.ClientError):  # an open connection is closed
+        await hanging
+    async with aiohttp.ClientSession() as fresh:
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await submit(fresh, fal)
+    assert len(fal.jobs) == 1 and fal.count("submit") == 1
+    await fal.accept_connections()
+    await submit(http, fal)
+    assert len(fal.jobs) == 2

@@ -60,6 +60,18 @@ async def test_a_submit_answered_with_500_is_never_sent_again(world):
     assert text(again).startswith("✅") and world.fal.count("submit") == 2
 
 
+async def test_a_submit_whose_connection_was_refused_is_sent_again_and_runs_once(world):
+    """Refused before anything was sent, fal cannot have recorded it: unlike a 500, it is safe to
+    send again, and the member gets the result of exactly one job."""
+    await world.start_bot()
+    await world.fal.refuse_connections()
+    handle = await world.kontext()
+    await world.discord.wait_until(lambda: "fal submit failed (ClientConnectorError" in world.bot.log_text(), timeout=5)
+    await world.fal.accept_connections()
+    assert text(await finished(handle)).startswith("✅")
+    assert world.fal.count("submit") == 1 and len(world.fal.jobs) == 1
+
+
 async def test_an_account_out_of_credit_stops_submits_tells_the_operator_once_and_recovers(world):
     await world.start_bot(FAL_LOCK_RETRY_SECONDS="1.5")
     world.fal.lock_account("Exhausted balance")
@@ -80,6 +92,24 @@ async def test_an_account_out_of_credit_stops_submits_tells_the_operator_once_an
     errors = [line for line in log.splitlines() if "ERROR" in line and "User is locked" in line]
     assert len(errors) == 1 and "Exhausted balance" in errors[0], errors
     assert "fal accepts the bot's jobs again" in log
+
+
+async def test_an_account_locked_at_the_upload_of_a_large_input_is_told_like_a_locked_submit(world):
+    """An input past the inline size goes to fal's storage first, which refuses it with the same
+    403 while the account is locked: nothing submitted, the member's out-of-credit text, the
+    operator's one ERROR line, and new requests refused up front."""
+    await world.start_bot(FAL_LOCK_RETRY_SECONDS="30")
+    world.fal.lock_account("Exhausted balance")
+    message = await finished(await world.kontext(image=world.input_image(size=200_000)))
+    assert "account can't take edits right now (it is out of credit or locked)" in text(message)
+    second = await world.kontext()
+    await second.wait_for_callback()
+    assert "out of credit or locked" in private_answer(second)
+    assert world.fal.count("submit") == 0 and world.fal.uploads == []
+    assert world.fal.count("storage_token") == 1 and world.fal.count("storage_initiate") == 0  # a lock is not retried
+    await world.bot.stop()
+    errors = [line for line in world.bot.log_text().splitlines() if "ERROR" in line and "User is locked" in line]
+    assert len(errors) == 1 and "Exhausted balance" in errors[0], errors
 
 
 async def test_a_rejected_key_stays_its_own_message(world):

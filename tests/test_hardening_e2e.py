@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -13,6 +14,7 @@ import sys
 
 from fakes.bot_process import PROJECT_ROOT
 from fakes.fal_fake import JobScript, model_error
+from fakes.world import FAL_KEY
 from tests.e2e import admin, button, fal_job, finished, has_button, private_answer, shows, text
 
 CHANNEL_POST = r"/channels/\d+/messages$"
@@ -22,6 +24,59 @@ def rows(world) -> list[sqlite3.Row]:
     with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
         db.row_factory = sqlite3.Row
         return db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+
+
+async def test_answers_fal_sends_that_http_cannot_parse_end_plainly_and_never_log_the_request(world):
+    """Finding 1: aiohttp's exception for an answer it cannot parse carries the request, its
+    headers (so the fal key) included. Whichever call meets one, the member reads a clear message
+    and the log names the error without the request: not the key, not even the header's name
+    (which the last-resort filter would leave in place, the key starred out)."""
+    await world.start_bot()
+    world.fal.fail_next("submit", "malformed")
+    assert "cannot tell whether fal received it" in text(await finished(await world.kontext()))
+    for ops in (("stream", "status"), ("result",)):  # each status poll follows a broken stream
+        for op in ops:
+            world.fal.fail_next(op, "malformed", times=10_000)
+        assert text(await finished(await world.kontext())).startswith("❌ fal.ai is not answering right now")
+        for op in ops:
+            world.fal._faults[op].clear()
+    for op in ("storage_token", "storage_initiate"):  # a large input goes to fal's storage, with the key
+        world.fal.fail_next(op, "malformed", times=3)
+    large = world.input_image(size=200_000)
+    assert text(await finished(await world.kontext(image=large))).startswith(
+        "❌ The image could not be handed to fal.ai"
+    )
+    world.fal.script_next(JobScript(queue_positions=(3, 2, 1, 0), step=1.0))
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: has_button(h.original, "cancel"))
+    world.fal.fail_next("cancel", "malformed")  # then fal answers the cancel asked again
+    await world.discord.click_button(handle.original.id, button(handle.original, "cancel"))
+    assert text(await finished(handle)).startswith("🚫 Cancelled by")
+    await world.bot.stop()
+    log = world.bot.log_text()
+    met = [line for line in log.splitlines() if "ClientResponseError" in line]
+    calls = ("submit outcome unknown", "status stream", "fal status", "fal result", "fal upload", "fal cancel")
+    for call in calls:
+        assert any(call in line for line in met), call
+    assert FAL_KEY not in log and "Authorization" not in log
+
+
+async def test_a_failure_on_the_bots_side_ends_the_job_plainly_and_frees_the_members_place(world):
+    """Finding 2: an error that is not fal's (here the disk: a file stands where the results
+    folder was, which no permission lets the bot write through, root included) ends the job with
+    a message, frees the member's place for the next edit, and the log says which job."""
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot(RESULT_MEMORY_BYTES="0")  # every result goes through DATA_DIR
+    await admin(world, "limits", member_concurrent=1)
+    results = world.data_dir / "results"
+    shutil.rmtree(results, ignore_errors=True)
+    results.write_bytes(b"")
+    failed = await finished(await world.kontext())
+    assert text(failed) == "❌ Something went wrong with this edit. Please try again." and has_button(failed, "retry")
+    results.unlink()
+    assert text(await finished(await world.kontext())).startswith("✅")
+    await world.bot.stop()
+    assert "job 1 failed on the bot's side" in world.bot.log_text()
 
 
 async def test_a_second_bot_on_the_same_data_dir_refuses_to_start(world):

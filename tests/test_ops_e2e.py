@@ -9,6 +9,7 @@ import json
 import socket
 
 import aiohttp
+import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,19 +73,27 @@ async def test_metrics_move_by_exactly_the_jobs_run(world):
     assert not any(name[0].startswith("kontext_") and "guild" in dict(name[1]) for name in now)
 
 
-async def test_healthz_follows_fal(world):
+@pytest.mark.parametrize("fault", ["ingress_503", "hang", "drop", "refused"])
+async def test_healthz_follows_fal(world, fault):
+    """fal failing each way the bot meets: its front proxy answering 503, no answer until the read
+    timeout, connections dropped, connections refused (the host is down)."""
     port = free_port()
     await world.start_bot(HTTP_PORT=str(port), JOB_TIMEOUT="3")
     status, body = await get(port, "/healthz")
     assert status == 200, body
     assert json.loads(body)["checks"] == {"discord": True, "database": True, "fal": True}
+    if fault == "refused":
+        await world.fal.refuse_connections()
     for op in ("submit", "status", "stream", "result"):
-        world.fal.fail_next(op, status="ingress_503", times=10_000)
+        if fault != "refused":
+            world.fal.fail_next(op, status=fault, times=10_000)
     await finished(await world.kontext(), timeout=20)
     status, body = await get(port, "/healthz")
     assert status == 503
     report = json.loads(body)
     assert report["checks"]["fal"] is False and any(p.startswith("fal:") for p in report["problems"])
+    if fault == "refused":
+        await world.fal.accept_connections()
     for op in ("submit", "status", "stream", "result"):
         world.fal._faults[op].clear()
     assert text(await finished(await world.kontext(user="mod"))).startswith("✅")

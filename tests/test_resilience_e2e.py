@@ -185,6 +185,43 @@ async def test_a_failed_post_moves_the_result_to_data_dir(world):
     await still_serving(world)
 
 
+async def test_the_start_sweeps_leftovers_out_of_data_dir_and_keeps_what_a_job_still_needs(world):
+    """Files no unfinished job needs (a job delivered just before a crash, partial files, anything
+    else) are deleted at start; the image of the job not yet shown is kept and posted from there,
+    though fal no longer has it."""
+    handle = await kill_while_posting(world, RESULT_MEMORY_BYTES="0")
+    (kept,) = result_files(world)
+    leftovers = [kept.with_name("job-7-1"), kept.with_name(kept.name + ".part"), kept.with_name("notes.txt")]
+    for path in leftovers:
+        path.write_bytes(b"left over")
+    world.fal.expire_files()
+    await world.start_bot(RESULT_MEMORY_BYTES="0")
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("file") == 1
+    assert [path for path in leftovers if path.exists()] == []
+
+
+async def test_a_result_not_shown_within_a_day_is_given_up_once_with_its_files(world):
+    """A result Discord would not take for a day is closed at the next start, its reason logged
+    and its files deleted, not tried again at every start."""
+    handle = await kill_while_posting(world, RESULT_MEMORY_BYTES="0")
+    assert len(result_files(world)) == 1
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.execute("UPDATE jobs SET created_at = created_at - 86400 - 60")
+    edits = len([r for r in world.discord.requests_to("PATCH", WEBHOOK_MESSAGE) if handle.token in r.path])
+    await world.start_bot(RESULT_MEMORY_BYTES="0")
+    await world.discord.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=10)
+    assert result_files(world) == []
+    await restart(world, kill=False)
+    await still_serving(world)
+    await world.bot.stop()
+    assert len([r for r in world.discord.requests_to("PATCH", WEBHOOK_MESSAGE) if handle.token in r.path]) == edits
+    log = world.bot.log_text()
+    assert log.count("job 1 cannot be shown (not shown within a day of the request); it is closed") == 1
+    assert log.count("job 1 resumed") == 1
+
+
 # -- 2. a submit in flight at the crash ---------------------------------------------------------
 
 
