@@ -14,8 +14,8 @@ import discord
 
 from services.fal_queue import FalAccountLocked
 from services.flux_kontext import KontextEdit
-from services.job import NOTE_PRIVATE_REPLY, NOTE_SAFETY_LIMITED_TO, JobRequest
-from services.policy import JobAsk, OperatorLimits, Refused, Requester, resolve
+from services.job import NOTE_PRIVATE_REPLY, NOTE_SAFETY_LIMITED_TO, JobPlace, JobRequest
+from services.policy import JobAsk, OperatorLimits, Refused, Requester, access_refusal, resolve
 
 from .errors import NotServedHere, PersonalUseOff, PolicyRefusal, place_of
 
@@ -50,6 +50,30 @@ class JobIntake:
         # both take the last free place.
         self._locks: defaultdict[tuple[str, int], asyncio.Lock] = defaultdict(asyncio.Lock)
 
+    def _place(self, interaction: discord.Interaction[KontextBot]) -> JobPlace:
+        """Where the member is, if the operator lets the bot work there."""
+        place = place_of(interaction)
+        settings = self._bot.settings
+        if place.personal and not settings.personal.allowed:
+            raise PersonalUseOff()
+        if not place.personal and not settings.serves_guild(interaction.guild_id):
+            raise NotServedHere()
+        return place
+
+    async def check_access(self, interaction: discord.Interaction[KontextBot]) -> None:
+        """Refuse, as a job would be refused, a member who may not use the bot where they are
+        (the operator's servers and personal use, the server's channels and role). All that
+        showing an old result again needs: it spends nothing, so no limit of use applies."""
+        place = self._place(interaction)
+        if place.personal:
+            policy = self._bot.settings.personal.as_policy()
+        else:
+            assert interaction.guild_id is not None
+            policy = await self._bot.store.policy(interaction.guild_id)
+        refused = access_refusal(policy, requester_of(interaction))
+        if refused is not None:
+            raise PolicyRefusal(refused, policy, personal=place.personal)
+
     async def start(
         self, interaction: discord.Interaction[KontextBot], edit: KontextEdit, *, parent_job_id: int | None = None
     ) -> None:
@@ -61,12 +85,8 @@ class JobIntake:
         edit.options.check()
         if bot.runner.account.refuses():
             raise FalAccountLocked("refused up front", detail=bot.runner.account.locked_reason)
-        place = place_of(interaction)
+        place = self._place(interaction)
         personal = bot.settings.personal
-        if place.personal and not personal.allowed:
-            raise PersonalUseOff()
-        if not place.personal and not bot.settings.serves_guild(interaction.guild_id):
-            raise NotServedHere()
         scope = ("member", interaction.user.id) if place.personal else ("server", interaction.guild_id or 0)
         async with self._locks[scope]:
             requester = requester_of(interaction)

@@ -189,6 +189,9 @@ class Job(JobRequest):
     button_key: str | None = field(default_factory=lambda: secrets.token_hex(4))
     # Every message showing the result (the reply, follow-ups, channel posts), for Delete.
     posted_message_ids: list[int] = field(default_factory=list)
+    # The result's images as Discord returned them on the messages that show it (signed CDN
+    # URLs that expire, about a day): the history's thumbnails while they last.
+    posted_image_urls: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

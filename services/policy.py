@@ -210,6 +210,17 @@ def _usd_exceeds(images: int, price_per_image: float, budget: float) -> bool:
     return cost > budget and not math.isclose(cost, budget, rel_tol=1e-9, abs_tol=1e-9)
 
 
+def access_refusal(policy: GuildPolicy, requester: Requester) -> Refused | None:
+    """Whether the member may use the bot here at all (channel, then role), whatever it costs:
+    what a job checks first, and all that showing an old result again needs."""
+    if not _channel_allowed(policy, requester):
+        return Refused(RefusalReason.CHANNEL_NOT_ALLOWED, None, None)
+    role = policy.required_role_id
+    if role is not None and role not in requester.role_ids:
+        return Refused(RefusalReason.MISSING_ROLE, None, None)
+    return None
+
+
 def _check(
     policy: GuildPolicy,
     requester: Requester,
@@ -219,11 +230,9 @@ def _check(
     price: float,
     operator: OperatorLimits,
 ) -> Refused | None:
-    if not _channel_allowed(policy, requester):
-        return Refused(RefusalReason.CHANNEL_NOT_ALLOWED, None, None)
-    role = policy.required_role_id
-    if role is not None and role not in requester.role_ids:
-        return Refused(RefusalReason.MISSING_ROLE, None, None)
+    refused = access_refusal(policy, requester)
+    if refused is not None:
+        return refused
 
     usd = operator.monthly_usd_budget
     if usd is not None and _usd_exceeds(usage.all_images_this_month + ask.num_images, price, usd):
@@ -529,6 +538,7 @@ __all__ = [
     "FieldInfo",
     "POLICY_FIELDS",
     "resolve",
+    "access_refusal",
     "effective_maximum",
     "validate_policy",
     "next_utc_midnight",

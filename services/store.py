@@ -196,6 +196,33 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
     ALTER TABLE jobs ADD COLUMN locale TEXT NOT NULL DEFAULT 'en-US';
     CREATE INDEX jobs_personal ON jobs (user_id, created_at) WHERE place != 'server';
     """,
+    # A member's history: their jobs newest first (paged by created_at and id), the jobs made
+    # from one, and the images Discord shows; then the results shown again elsewhere ("Show here").
+    """
+    ALTER TABLE jobs ADD COLUMN posted_image_urls TEXT NOT NULL DEFAULT '[]';
+    CREATE INDEX jobs_history ON jobs (user_id, created_at, id);
+    CREATE INDEX jobs_parent ON jobs (parent_job_id, created_at) WHERE parent_job_id IS NOT NULL;
+    """,
+    Dialects(
+        sqlite="""
+        CREATE TABLE shown_results (
+            message_id INTEGER PRIMARY KEY,
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            channel_id INTEGER NOT NULL,
+            shown_by INTEGER NOT NULL,
+            shown_at REAL NOT NULL
+        );
+        """,
+        postgres="""
+        CREATE TABLE shown_results (
+            message_id BIGINT PRIMARY KEY,
+            job_id BIGINT NOT NULL REFERENCES jobs(id),
+            channel_id BIGINT NOT NULL,
+            shown_by BIGINT NOT NULL,
+            shown_at DOUBLE PRECISION NOT NULL
+        );
+        """,
+    ),
 )
 
 
@@ -223,7 +250,7 @@ _IMAGES = "images"
 
 _ALL_IMAGES_THIS_MONTH = f"(SELECT COALESCE(SUM({_IMAGES}), 0) FROM jobs WHERE created_at >= :month AND {_SPENT})"
 
-_JSON_COLUMNS = ("notes", "posted_message_ids")
+_JSON_COLUMNS = ("notes", "posted_message_ids", "posted_image_urls")
 _BOOL_COLUMNS = ("channel_nsfw", "delivered_in_channel")
 _REQUEST_FIELDS = ("request_id", "status_url", "response_url", "cancel_url")
 _SCALAR_COLUMNS = tuple(
@@ -291,6 +318,8 @@ class LeaseReport:
 
 
 Signal = Literal["cancel", "released"]
+# Where a page of a member's history ends: its last job's (created_at, id).
+HistoryCursor = tuple[float, int]
 
 
 def lock_directory(directory: Path) -> int:
@@ -474,6 +503,63 @@ class Store(abc.ABC):
             self._written[job.id] = _to_row(job)
             jobs.append((job, row))
         return jobs
+
+    # -- a member's history --------------------------------------------------------------------
+
+    async def member_jobs(
+        self, user_id: int, *, guild_id: int | None, after: HistoryCursor | None, newer: bool, limit: int
+    ) -> list[Job]:
+        """Up to `limit` of a member's jobs (in one server, or everywhere) from the cursor `after`
+        (a job's created_at, id; None: the newest) on: older ones newest first, or with `newer`
+        newer ones oldest first (walking back to the page before). Keyset paging on an index: as
+        cheap on the last page as on the first, and no job is skipped or shown twice when new
+        ones arrive meanwhile."""
+        where = ["user_id = :user"]
+        args: dict[str, Any] = {"user": user_id, "limit": limit}
+        if guild_id is not None:
+            where.append("guild_id = :guild")
+            args["guild"] = guild_id
+        if after is not None:
+            sign = ">" if newer else "<"
+            where.append(f"(created_at {sign} :at OR (created_at = :at AND id {sign} :id))")
+            args.update(at=after[0], id=after[1])
+        order = "ASC" if newer else "DESC"
+        sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at {order}, id {order} LIMIT :limit"
+        return [_from_row(row) for row in await self._fetch(sql, args)]
+
+    async def jobs_made_from(self, job_id: int, user_id: int, *, limit: int) -> list[Job]:
+        """A member's jobs made from `job_id` (Re-roll, Edit), newest first."""
+        sql = (
+            "SELECT * FROM jobs WHERE parent_job_id = :job AND user_id = :user "
+            "ORDER BY created_at DESC, id DESC LIMIT :limit"
+        )
+        return [_from_row(row) for row in await self._fetch(sql, {"job": job_id, "user": user_id, "limit": limit})]
+
+    async def made_from_counts(self, job_ids: Sequence[int], user_id: int) -> dict[int, int]:
+        """How many of a member's jobs were made from each of `job_ids` (those with none are left out)."""
+        if not job_ids:
+            return {}
+        names = {f"job{i}": job_id for i, job_id in enumerate(job_ids)}
+        sql = (
+            f"SELECT parent_job_id, COUNT(*) AS made FROM jobs WHERE parent_job_id IN "
+            f"({', '.join(':' + name for name in names)}) AND user_id = :user GROUP BY parent_job_id"
+        )
+        rows = await self._fetch(sql, {**names, "user": user_id})
+        return {int(row["parent_job_id"]): int(row["made"]) for row in rows}
+
+    async def record_shown(self, message_id: int, job_id: int, *, channel_id: int, by_user: int, now: float) -> None:
+        """A job's result was shown again as `message_id` ("Show here"): its buttons act on it."""
+        await self._execute(
+            "INSERT INTO shown_results (message_id, job_id, channel_id, shown_by, shown_at) "
+            "VALUES (:message, :job, :channel, :by, :now)",
+            {"message": message_id, "job": job_id, "channel": channel_id, "by": by_user, "now": now},
+        )
+
+    async def shown_job(self, message_id: int) -> tuple[int, int] | None:
+        """The job a message shows again, and the channel it is in."""
+        sql = "SELECT job_id, channel_id FROM shown_results WHERE message_id = :message"
+        rows = await self._fetch(sql, {"message": message_id})
+        return (int(rows[0]["job_id"]), int(rows[0]["channel_id"])) if rows else None
 
     # -- per-server settings and usage ----------------------------------------------------------
 

@@ -255,7 +255,7 @@ async def test_commands_sync_to_the_dev_guild_when_set(world):
     await world.start_bot(DEV_GUILD_ID=world.discord.guild_id)
     (sync,) = world.discord.requests_to("PUT", r"/commands$")
     assert sync.path.endswith(f"/guilds/{world.discord.guild_id}/commands")
-    assert {c["name"] for c in sync.json} == {"kontext", "kontext-admin", "Edit with Kontext"}
+    assert {c["name"] for c in sync.json} == {"kontext", "kontext-admin", "kontext-history", "Edit with Kontext"}
 
 
 async def test_commands_are_synced_only_when_they_changed(world):
