@@ -75,7 +75,12 @@ class JobIntake:
             raise PolicyRefusal(refused, policy, personal=place.personal)
 
     async def start(
-        self, interaction: discord.Interaction[KontextBot], edit: KontextEdit, *, parent_job_id: int | None = None
+        self,
+        interaction: discord.Interaction[KontextBot],
+        edit: KontextEdit,
+        *,
+        parent_job_id: int | None = None,
+        member_prompt: str | None = None,
     ) -> None:
         """Apply the policy that governs where the member is (the server's; where no server
         governs, the operator's for personal use) to `edit` (its safety tolerance is what the
@@ -129,6 +134,7 @@ class JobIntake:
                     parent_job_id=parent_job_id,
                     place=place,
                     locale=interaction.locale.value,
+                    member_prompt=member_prompt,
                 )
             )
         # Acknowledge outside the lock: a burst in one server must not queue up behind Discord's

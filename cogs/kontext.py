@@ -23,8 +23,9 @@ from services.flux_kontext import (
 )
 from services.i18n import N_
 
-from .inputs import MAX_PROMPT_LENGTH, clean_prompt, first_image_url, image_url
+from .inputs import MAX_PROMPT_LENGTH, first_image_url, image_url
 from .modal import PromptModal
+from .recipes import prompt_choices, resolve_prompt
 from .translation import member_texts
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class Kontext(commands.Cog):
     ) -> None:
         # Everything is checked before the interaction is acknowledged, so bad input gets a
         # private answer and nothing is spent.
-        prompt = clean_prompt(prompt)
+        prompt, member_prompt = await resolve_prompt(interaction, prompt)
         limit = self.bot.settings.max_input_bytes
         urls = tuple(image_url(a, limit) for a in (image, image2, image3, image4) if a is not None)
         options = KontextOptions(
@@ -98,7 +99,11 @@ class Kontext(commands.Cog):
             enhance_prompt=enhance_prompt,
             safety_tolerance=safety_tolerance,
         )
-        await self.bot.intake.start(interaction, KontextEdit(prompt, urls, options))
+        await self.bot.intake.start(interaction, KontextEdit(prompt, urls, options), member_prompt=member_prompt)
+
+    @kontext.autocomplete("prompt")
+    async def prompt_autocomplete(self, interaction: Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return await prompt_choices(interaction, current)
 
     async def edit_message_image(self, interaction: Interaction, message: discord.Message) -> None:
         """Message context menu: edit the message's first image with a prompt from a modal."""

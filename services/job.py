@@ -158,6 +158,9 @@ class JobRequest:
     place: JobPlace = JobPlace.SERVER
     # The member's Discord locale: everything the bot shows of the job is in its language.
     locale: str = "en-US"
+    # The prompt as the member typed it, before a server recipe wrapped it (None: they typed
+    # none, e.g. Re-roll): what /kontext's autocomplete offers them again, never a recipe's text.
+    member_prompt: str | None = None
 
 
 @dataclass
