@@ -23,7 +23,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from services.i18n import N_, Texts
-from services.job import Job, JobState, ResultImage
+from services.job import Job, JobPlace, JobState, ResultImage
 
 from .errors import UserFacingError, report
 from .inputs import is_image_attachment
@@ -43,6 +43,8 @@ PAGE_SIZE = 4
 # A chain shows the job, the one it was made from and the newest jobs made from it.
 CHAIN_MADE_FROM_SHOWN = 2
 PROMPT_SHOWN = 150
+# How long the thumbnails that need their message fetched again may take, all together.
+THUMBNAILS_WITHIN = 1.5
 # While skipping the jobs of servers the bot left, how many rows one query reads.
 FETCH_SIZE = 2 * PAGE_SIZE + 1
 
@@ -168,7 +170,26 @@ async def thumbnail(bot: KontextBot, job: Job, now: float) -> str | None:
         attachments = await fetch_result_attachments(bot, job)
     except discord.HTTPException:
         return None
-    return attachments[0].url if attachments else None
+    if not attachments:
+        return None
+    # Kept for the next look, so a result's message is fetched about once a day at most.
+    await bot.store.set_posted_image_urls(job.id, [a.url for a in attachments])
+    return attachments[0].url
+
+
+async def thumbnails(bot: KontextBot, jobs: list[Job]) -> list[str | None]:
+    """Each job's thumbnail, those that need a message fetched again given at most
+    THUMBNAILS_WITHIN seconds together: the list must answer within Discord's 3 seconds."""
+    now = time.time()
+    tasks = [asyncio.ensure_future(thumbnail(bot, job, now)) for job in jobs]
+    if tasks:
+        _done, late = await asyncio.wait(tasks, timeout=THUMBNAILS_WITHIN)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+    return [
+        task.result() if task.done() and not task.cancelled() and task.exception() is None else None for task in tasks
+    ]
 
 
 def jump_url(job: Job) -> str | None:
@@ -179,7 +200,10 @@ def jump_url(job: Job) -> str | None:
 
 def entry_text(job: Job, made_from: int, _: Texts) -> str:
     outcome = OUTCOMES.get(job.state, IN_PROGRESS)
-    where = f"<#{job.channel_id}>" if job.guild_id is not None and job.place.bot_can_post else _("a DM")
+    if job.guild_id is not None:
+        where = f"<#{job.channel_id}>"
+    else:
+        where = _("a DM") if job.place is JobPlace.BOT_DM else _("a group DM")
     lines = [f"**#{job.id}** · {_(outcome)} · <t:{int(job.created_at)}:R> · {where}"]
     lines.append("> " + (plain_text(job.prompt, PROMPT_SHOWN) or "…"))
     chain = []
@@ -220,8 +244,7 @@ def entry_items(job: Job, thumb: str | None, made_from: int, lookup: Lookup, _: 
 async def history_card(
     bot: KontextBot, lookup: Lookup, title: str, jobs: list[Job], nav: list[discord.ui.Item[Any]], _: Texts
 ) -> discord.ui.LayoutView:
-    now = time.time()
-    thumbs = await asyncio.gather(*(thumbnail(bot, job, now) for job in jobs))
+    thumbs = await thumbnails(bot, jobs)
     made_from = await bot.store.made_from_counts([job.id for job in jobs], lookup.subject)
     items: list[discord.ui.Item[Any]] = [discord.ui.TextDisplay(title)]
     if not jobs:

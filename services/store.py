@@ -578,6 +578,12 @@ class Store(abc.ABC):
         rows = await self._fetch(sql, {**names, "user": user_id})
         return {int(row["parent_job_id"]): int(row["made"]) for row in rows}
 
+    async def set_posted_image_urls(self, job_id: int, urls: Sequence[str]) -> None:
+        """A finished job's images at the addresses Discord gave them afresh (no process writes
+        its row any more)."""
+        sql = "UPDATE jobs SET posted_image_urls = :urls WHERE id = :id AND delivered_at IS NOT NULL"
+        await self._execute(sql, {"urls": json.dumps(list(urls)), "id": job_id})
+
     async def record_shown(self, message_id: int, job_id: int, *, channel_id: int, by_user: int, now: float) -> None:
         """A job's result was shown again as `message_id` ("Show here"): its buttons act on it."""
         await self._execute(

@@ -195,7 +195,18 @@ async def test_thumbnails_outlive_discords_signed_urls(world):
     await asyncio.sleep(max(0.0, expires - time.time()) + 0.05)
     (fresh,) = thumbnails((await history(world)).original)
     assert fresh != stored and fresh.split("?")[0] == stored.split("?")[0]  # the result's message fetched again
-    assert world.discord.requests_to("GET", r"^/channels/\d+/messages/\d+$")
+    fetches = len(world.discord.requests_to("GET", r"^/channels/\d+/messages/\d+$"))
+    assert fetches == 1
+    assert thumbnails((await history(world)).original) == [fresh]  # kept: not fetched again meanwhile
+    assert len(world.discord.requests_to("GET", r"^/channels/\d+/messages/\d+$")) == fetches
+    # Once that expires too and Discord does not answer the fetch, the list still comes in time.
+    expires = int(urllib.parse.parse_qs(urllib.parse.urlsplit(fresh).query)["ex"][0], 16)
+    await asyncio.sleep(max(0.0, expires - time.time()) + 0.05)
+    world.discord.fail_next("GET", r"^/channels/\d+/messages/\d+$", status="hang")
+    started = time.monotonic()
+    page = (await history(world)).original
+    assert thumbnails(page) == [] and listed(page) == [1] and time.monotonic() - started < 2.5
+    world.discord.release_hangs()
 
 
 async def test_history_in_dms_lists_personal_use_and_shows_results_there(world):

@@ -63,9 +63,16 @@ async def test_the_chain_of_edits_and_shown_results(new_store: Opener):
         assert await store.shown_job(999) == (source.id, 7)
         first.posted_image_urls = ["https://cdn.example/a.png?ex=1"]
         await store.save(first)
+        await store.set_posted_image_urls(
+            first.id, ["https://cdn.example/a.png?ex=2"]
+        )  # unfinished: its driver writes it
+        second.delivered_at = NOW
+        await store.save(second)
+        await store.set_posted_image_urls(second.id, ["https://cdn.example/b.png?ex=2"])
     async with new_store() as store:
-        loaded = await store.get_job(first.id)
+        loaded, finished = await store.get_job(first.id), await store.get_job(second.id)
         assert loaded is not None and loaded.posted_image_urls == ["https://cdn.example/a.png?ex=1"]
+        assert finished is not None and finished.posted_image_urls == ["https://cdn.example/b.png?ex=2"]
 
 
 async def page_statement(store: Store, guild_id: int | None, after: Job) -> tuple[str, dict[str, Any]]:
