@@ -420,6 +420,10 @@ async def show_here(interaction: Interaction, job: Job) -> None:
     rendered = render(here)  # images flagged by the safety checker only where they may be seen
     if job.state is not JobState.SUCCEEDED or not rendered.files:
         raise UserFacingError(N_("Job #{id} has no images that can be shown here."), id=job.id)
+    if all(image.size > interaction.filesize_limit for image in rendered.files):
+        raise UserFacingError(
+            N_("The images of job #{id} are over this server's upload limit: open the original instead."), id=job.id
+        )
     await interaction.response.defer(thinking=True)
     try:
         files = await result_files(bot, job, rendered.files, interaction.filesize_limit)
@@ -427,6 +431,14 @@ async def show_here(interaction: Interaction, job: Job) -> None:
             raise UserFacingError(
                 N_("Discord no longer has the images of job #{id} (the message was deleted or cannot be read)."),
                 id=job.id,
+            )
+        if missing := len(rendered.files) - len(files):
+            rendered.content += "\n" + _.ngettext(
+                "📦 {count} image could not be shown again here (over this server's upload limit, or gone "
+                "from Discord): the original has it.",
+                "📦 {count} images could not be shown again here (over this server's upload limit, or gone "
+                "from Discord): the original has them.",
+                missing,
             )
         rendered.content += "\n-# " + _("📌 Shown again by <@{member}>", member=interaction.user.id)
         if (url := jump_url(job)) is not None:

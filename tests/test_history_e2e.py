@@ -7,6 +7,7 @@ import time
 import urllib.parse
 
 from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2, media_gallery_items, text_displays, walk_components
+from fakes.fal_fake import JobScript
 from tests.e2e import admin, button, details, finished, private_answer, text
 
 
@@ -101,8 +102,11 @@ async def test_another_members_history_is_for_moderators_only(world):
     world.discord.add_member(name="bob")
     refused = await history(world, user="bob", member="alice")
     assert "Only moderators" in private_answer(refused)
-    looked_up = (await history(world, user="mod", member="alice")).original
-    assert listed(looked_up) == [2, 1]
+    other = world.discord.add_guild("Other server")
+    world.discord.add_member(user_id=world.discord.alice, guild=other)
+    await finished(await world.kontext(channel_id=other.channel_id))  # not this moderator's server
+    looked_up = (await history(world, user="mod", member="alice", where="a")).original
+    assert listed(looked_up) == [2, 1]  # this server only, whatever the filter asked
     assert "Show here" not in buttons(looked_up)  # a moderator looks; only the member posts
     # The list's buttons are its owner's: nobody else's press counts.
     click = await world.discord.click_button(looked_up.id, buttons(looked_up)["Next"]["custom_id"], user="bob")
@@ -237,3 +241,20 @@ async def test_history_in_dms_lists_personal_use_and_shows_results_there(world):
     await click.wait_until(lambda h: bool(h.followups))
     assert "no longer has the images of job #2" in click.followups[-1].content
     assert click.original.deleted  # the "thinking…" placeholder does not stay behind
+
+
+async def test_show_here_says_what_it_could_not_show_again(world):
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot()
+    (original,) = await results(world, 1, num_images=2)
+    page = (await history(world)).original
+    small = await world.discord.click_button(
+        page.id, entry_button(page, "show", 1), user="alice", attachment_size_limit=30_000
+    )
+    await small.wait_for_callback()
+    assert "over this server's upload limit" in private_answer(small)
+    gone = original.attachments[1]["url"].split("?")[0].removeprefix(world.discord.base_url)
+    del world.discord.cdn_files[gone]  # Discord lost one of the two
+    shown = await finished(await press(world, page, entry_button(page, "show", 1)))
+    assert len(media_gallery_items(shown)) == 1
+    assert "1 image could not be shown again here" in text(shown)
