@@ -46,7 +46,7 @@ from services.store import Store, StoreUnavailable, lock_directory
 
 log = logging.getLogger("kontext")
 
-EXTENSIONS = ("cogs.kontext", "cogs.admin", "cogs.quota", "cogs.member_settings")
+EXTENSIONS = ("cogs.kontext", "cogs.admin", "cogs.history", "cogs.quota", "cogs.member_settings")
 # Discord accepts one IDENTIFY per 5 seconds per bucket (shard id % max_concurrency) across all
 # of a bot's sessions (docs events/gateway.mdx); the margin covers the time from the turn to the
 # IDENTIFY reaching Discord.

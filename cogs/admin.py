@@ -15,10 +15,12 @@ from discord.ext import commands
 
 from services.i18n import N_, Texts
 from services.policy import POLICY_FIELDS, GuildPolicy, validate_policy
+from services.recipes import MAX_RECIPE_NAME, MAX_RECIPE_TEXT, WORDS, check_recipe
 from services.usage_chart import last_days, render_usage_chart, usage_summary_text
 
 from .errors import UserFacingError
 from .modlog import post_to_log_channel
+from .render import plain_text
 from .translation import member_texts, server_texts
 
 if TYPE_CHECKING:
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 EVERYTHING = "everything"
 NOTHING_CHANGED = N_("Nothing changed: those were already the settings.")
 POLICY_CHANGED = N_("🛠️ {moderator} changed the Kontext policy:")
+RECIPE_ADDED = N_("🛠️ {moderator} added the recipe “{name}”.")
+RECIPE_REMOVED = N_("🛠️ {moderator} removed the recipe “{name}”.")
 CHART_DAYS = 30
 
 
@@ -61,6 +65,7 @@ class Admin(
     server admins can show the commands to anyone."""
 
     access = app_commands.Group(name="access", description=N_("Where and by whom /kontext may be used"))
+    recipes = app_commands.Group(name="recipes", description=N_("Prompts /kontext suggests to this server's members"))
 
     def __init__(self, bot: KontextBot) -> None:
         self.bot = bot
@@ -125,6 +130,72 @@ class Admin(
             file=discord.File(io.BytesIO(chart), filename="kontext-usage.png", description=summary),
             ephemeral=True,
         )
+
+    # -- recipes ------------------------------------------------------------------------------
+
+    @recipes.command(name="add", description=N_("Suggest a prompt to members as they type one in /kontext"))
+    @app_commands.describe(
+        name=N_("What members see and pick, e.g. 'Mascot style'"),
+        prompt=N_("The prompt sent; {prompt} in it stands for the member's own words (they never see it)"),
+    )
+    async def recipe_add(
+        self,
+        interaction: discord.Interaction,
+        name: app_commands.Range[str, 1, MAX_RECIPE_NAME],
+        prompt: app_commands.Range[str, 1, MAX_RECIPE_TEXT],
+    ) -> None:
+        assert interaction.guild_id is not None
+        store = self.bot.store
+        name, text = check_recipe(name, prompt, await store.recipes(interaction.guild_id))
+        if not await store.add_recipe(interaction.guild_id, name, text, by_user=interaction.user.id, now=time.time()):
+            raise UserFacingError(N_("This server already has a recipe called “{name}”."), name=name)
+        log.info("guild %d: %s added the recipe %r", interaction.guild_id, interaction.user.id, name)
+        _ = member_texts(interaction)
+        how = (
+            _("Members type their words, then pick it: their words go where {words} is.", words=WORDS)
+            if WORDS in text
+            else _("Members pick it and its prompt is sent as it is.")
+        )
+        await interaction.response.send_message(_("Added the recipe “{name}”.", name=name) + " " + how, ephemeral=True)
+        await self._log_recipe(interaction, RECIPE_ADDED, name)
+
+    @recipes.command(name="remove", description=N_("Stop suggesting one of this server's recipes"))
+    async def recipe_remove(self, interaction: discord.Interaction, name: str) -> None:
+        assert interaction.guild_id is not None
+        if not await self.bot.store.remove_recipe(interaction.guild_id, name):
+            raise UserFacingError(N_("This server has no recipe called “{name}”."), name=name)
+        log.info("guild %d: %s removed the recipe %r", interaction.guild_id, interaction.user.id, name)
+        _ = member_texts(interaction)
+        await interaction.response.send_message(_("Removed the recipe “{name}”.", name=name), ephemeral=True)
+        await self._log_recipe(interaction, RECIPE_REMOVED, name)
+
+    @recipe_remove.autocomplete("name")
+    async def recipe_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        recipes = await self.bot.store.recipes(interaction.guild_id or 0)
+        typed = current.casefold()
+        return [app_commands.Choice(name=r.name, value=r.name) for r in recipes if typed in r.name.casefold()][:25]
+
+    @recipes.command(name="list", description=N_("This server's recipes and the prompts they send"))
+    async def recipe_list(self, interaction: discord.Interaction) -> None:
+        assert interaction.guild_id is not None
+        _ = member_texts(interaction)
+        recipes = await self.bot.store.recipes(interaction.guild_id)
+        embed = discord.Embed(title=_("Recipes of this server"), colour=discord.Colour.blurple())
+        embed.description = (
+            _("Members see these names as they type a prompt, with the bot's own suggestions and their recent prompts.")
+            if recipes
+            else _("None yet: add one with /kontext-admin recipes add.")
+        )
+        for recipe in recipes:
+            embed.add_field(name=recipe.name, value=plain_text(recipe.text, 1000), inline=False)
+        await interaction.response.send_message(embed=embed, ephemeral=True)
+
+    async def _log_recipe(self, interaction: discord.Interaction, template: str, name: str) -> None:
+        assert interaction.guild_id is not None
+        server = server_texts(self.bot, interaction.guild_id)
+        policy = await self.bot.store.policy(interaction.guild_id)
+        line = server(template, moderator=interaction.user.mention, name=plain_text(name, MAX_RECIPE_NAME))
+        await post_to_log_channel(self.bot, policy, line)
 
     # -- changing -----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from services.flux_kontext import InvalidEdit
 from services.i18n import LocalizedError, Texts
 from services.job import JobPlace
 from services.policy import GuildPolicy, RefusalReason, Refused
+from services.recipes import RecipeRefused
 from services.runner import RunnerStopped
 
 from .translation import member_texts
@@ -118,7 +119,7 @@ def describe(error: Exception, _: Texts) -> str | None:
     """The member-facing text for an error, or None for a bug (logged, then a generic text)."""
     if isinstance(error, app_commands.CommandInvokeError):
         error = error.original
-    if isinstance(error, UserFacingError):
+    if isinstance(error, (UserFacingError, RecipeRefused)):
         return _.error(error)
     if isinstance(error, NotServedHere):
         return _("The Kontext bot is not enabled for this server.")
@@ -183,12 +184,17 @@ class KontextTree(app_commands.CommandTree["KontextBot"]):
         """The operator's say on where the bot works: the servers of ALLOWED_GUILD_IDS, and
         outside servers that added it only with PERSONAL_USE."""
         settings = interaction.client.settings
+        refusal: app_commands.CheckFailure | None = None
         if place_of(interaction).personal:
             if not settings.personal.allowed:
-                raise PersonalUseOff()
+                refusal = PersonalUseOff()
         elif not settings.serves_guild(interaction.guild_id):
-            raise NotServedHere()
-        return True
+            refusal = NotServedHere()
+        if refusal is None:
+            return True
+        if interaction.type is discord.InteractionType.autocomplete:
+            return False  # nothing to suggest; an autocomplete cannot be answered with a message
+        raise refusal
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await report(interaction, error)

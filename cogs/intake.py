@@ -21,9 +21,19 @@ from services.job import (
     NOTE_PRIVATE_FIRST,
     NOTE_PRIVATE_REPLY,
     NOTE_SAFETY_LIMITED_TO,
+    JobPlace,
     JobRequest,
 )
-from services.policy import GuildPolicy, JobAsk, OperatorLimits, Refused, Requester, Usage, resolve
+from services.policy import (
+    GuildPolicy,
+    JobAsk,
+    OperatorLimits,
+    Refused,
+    Requester,
+    Usage,
+    access_refusal,
+    resolve,
+)
 
 from .errors import NotServedHere, PersonalUseOff, PolicyRefusal, place_of
 
@@ -83,6 +93,30 @@ class JobIntake:
         usage = await bot.store.usage(interaction.guild_id, interaction.user.id, now, all_servers=all_servers)
         return Governing(policy, usage, operator, personal=False)
 
+    def _place(self, interaction: discord.Interaction[KontextBot]) -> JobPlace:
+        """Where the member is, if the operator lets the bot work there."""
+        place = place_of(interaction)
+        settings = self._bot.settings
+        if place.personal and not settings.personal.allowed:
+            raise PersonalUseOff()
+        if not place.personal and not settings.serves_guild(interaction.guild_id):
+            raise NotServedHere()
+        return place
+
+    async def check_access(self, interaction: discord.Interaction[KontextBot]) -> None:
+        """Refuse, as a job would be refused, a member who may not use the bot where they are
+        (the operator's servers and personal use, the server's channels and role). All that
+        showing an old result again needs: it spends nothing, so no limit of use applies."""
+        place = self._place(interaction)
+        if place.personal:
+            policy = self._bot.settings.personal.as_policy()
+        else:
+            assert interaction.guild_id is not None
+            policy = await self._bot.store.policy(interaction.guild_id)
+        refused = access_refusal(policy, requester_of(interaction))
+        if refused is not None:
+            raise PolicyRefusal(refused, policy, personal=place.personal)
+
     async def start(
         self,
         interaction: discord.Interaction[KontextBot],
@@ -90,6 +124,7 @@ class JobIntake:
         *,
         parent_job_id: int | None = None,
         fill_defaults: bool = False,
+        member_prompt: str | None = None,
     ) -> None:
         """Apply the policy that governs where the member is (the server's; where no server
         governs, the operator's for personal use) to `edit` (its safety tolerance is what the
@@ -112,12 +147,7 @@ class JobIntake:
         edit.options.check()
         if bot.runner.account.refuses():
             raise FalAccountLocked("refused up front", detail=bot.runner.account.locked_reason)
-        place = place_of(interaction)
-        personal = bot.settings.personal
-        if place.personal and not personal.allowed:
-            raise PersonalUseOff()
-        if not place.personal and not bot.settings.serves_guild(interaction.guild_id):
-            raise NotServedHere()
+        place = self._place(interaction)
         scope = ("member", interaction.user.id) if place.personal else ("server", interaction.guild_id or 0)
         async with self._locks[scope]:
             requester = requester_of(interaction)
@@ -154,6 +184,7 @@ class JobIntake:
                     parent_job_id=parent_job_id,
                     place=place,
                     locale=interaction.locale.value,
+                    member_prompt=member_prompt,
                 )
             )
         # Acknowledge outside the lock: a burst in one server must not queue up behind Discord's

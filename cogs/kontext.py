@@ -27,11 +27,11 @@ from .inputs import (
     ASPECT_RATIO_CHOICES,
     MAX_PROMPT_LENGTH,
     OUTPUT_FORMAT_CHOICES,
-    clean_prompt,
     first_image_url,
     image_url,
 )
 from .modal import PromptModal
+from .recipes import prompt_choices, resolve_prompt
 from .translation import member_texts
 
 if TYPE_CHECKING:
@@ -96,9 +96,9 @@ class Kontext(commands.Cog):
     ) -> None:
         # Everything is checked before the interaction is acknowledged, so bad input gets a
         # private answer and nothing is spent.
-        prompt = clean_prompt(prompt)
         if image is None and (image2 or image3 or image4):
             raise UserFacingError(N_("Attach the first image as `image`: `image2` to `image4` are combined with it."))
+        prompt, member_prompt = await resolve_prompt(interaction, prompt)
         limit = self.bot.settings.max_input_bytes
         urls = tuple(image_url(a, limit) for a in (image, image2, image3, image4) if a is not None)
         options = KontextOptions(
@@ -110,7 +110,13 @@ class Kontext(commands.Cog):
             enhance_prompt=enhance_prompt,
             safety_tolerance=safety_tolerance,
         )
-        await self.bot.intake.start(interaction, KontextEdit(prompt, urls, options), fill_defaults=True)
+        await self.bot.intake.start(
+            interaction, KontextEdit(prompt, urls, options), fill_defaults=True, member_prompt=member_prompt
+        )
+
+    @kontext.autocomplete("prompt")
+    async def prompt_autocomplete(self, interaction: Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return await prompt_choices(interaction, current)
 
     async def edit_message_image(self, interaction: Interaction, message: discord.Message) -> None:
         """Message context menu: edit the message's first image with a prompt from a modal."""

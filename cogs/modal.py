@@ -10,7 +10,8 @@ from services.flux_kontext import KontextEdit, KontextOptions
 from services.i18n import Texts
 
 from .errors import report
-from .inputs import MAX_PROMPT_LENGTH, clean_prompt
+from .inputs import MAX_PROMPT_LENGTH
+from .recipes import resolve_prompt
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -55,8 +56,11 @@ class PromptModal(discord.ui.Modal):
 
     async def on_submit(self, interaction: Interaction) -> None:  # type: ignore[override]
         index = int(self.choice.values[0]) if self.choice is not None and self.choice.values else 0
-        edit = KontextEdit(clean_prompt(self.prompt.value), (self._images[index][1],), self._options)
-        await interaction.client.intake.start(interaction, edit, parent_job_id=self._parent_job_id, fill_defaults=True)
+        prompt, member_prompt = await resolve_prompt(interaction, self.prompt.value)
+        edit = KontextEdit(prompt, (self._images[index][1],), self._options)
+        await interaction.client.intake.start(
+            interaction, edit, parent_job_id=self._parent_job_id, fill_defaults=True, member_prompt=member_prompt
+        )
 
     async def on_error(self, interaction: Interaction, error: Exception) -> None:  # type: ignore[override]
         await report(interaction, error)

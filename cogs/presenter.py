@@ -45,7 +45,7 @@ from services.runner import DeliveryProgress, Undeliverable
 from .modlog import post_to_log_channel
 from .render import Rendered, attachment_name, job_log_line, pack_files, render
 from .translation import server_texts
-from .views import MAX_GALLERY_ITEMS, job_view, result_card
+from .views import MAX_GALLERY_ITEMS, image_attachments, job_view, result_card
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -298,11 +298,11 @@ class DiscordPresenter:
                     card = result_card(job, rendered, [(file.filename, image) for image, file in shown])
                     # discord.py's typing forbids content with a LayoutView, but its docs ask for
                     # content=None and embed=None to turn a message into a card (Webhook.edit_message).
-                    await webhook.edit_message(  # type: ignore[call-overload]
+                    reply = await webhook.edit_message(  # type: ignore[call-overload]
                         job.message_id, content=None, embed=None, attachments=files, view=card
                     )
                 else:
-                    await webhook.edit_message(
+                    reply = await webhook.edit_message(
                         job.message_id,
                         content=rendered.content,
                         embed=rendered.embed,
@@ -310,10 +310,14 @@ class DiscordPresenter:
                         view=job_view(job, rendered.buttons),
                     )
                 # Done again after a crash, an edit of the reply shows the same.
-                await progress.posted(1, message_id=job.message_id, in_channel=False, repeatable=True)
+                await progress.posted(
+                    1, message_id=job.message_id, in_channel=False, repeatable=True, image_urls=image_urls(reply)
+                )
             else:
                 message = await webhook.send(files=files, view=job_view(job, rendered.buttons), wait=True)
-                await progress.posted(index + 1, message_id=message.id, in_channel=False)
+                await progress.posted(
+                    index + 1, message_id=message.id, in_channel=False, image_urls=image_urls(message)
+                )
 
     async def _deliver_late(
         self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress, as_card: bool
@@ -359,7 +363,7 @@ class DiscordPresenter:
                     reference=reference,  # type: ignore[arg-type]
                     allowed_mentions=mentions if first else discord.AllowedMentions.none(),
                 )
-            await progress.posted(index + 1, message_id=message.id, in_channel=True)
+            await progress.posted(index + 1, message_id=message.id, in_channel=True, image_urls=image_urls(message))
 
     def _webhook(self, job: Job) -> discord.Webhook:
         """The interaction's own webhook, as discord.py builds it (`Interaction.followup`), from
@@ -383,6 +387,11 @@ class DiscordPresenter:
             name = attachment_name(job, i + 1, image)
             shown.append((image, discord.File(source, filename=name, spoiler=image.nsfw and not as_card)))
         return shown
+
+
+def image_urls(message: discord.Message) -> list[str]:
+    """The images a posted message shows, at the addresses Discord gave them."""
+    return [attachment.url for attachment in image_attachments(message)]
 
 
 def _withdrawn_text(job: Job) -> str:

@@ -127,10 +127,10 @@ def failure_text(code: str | None, detail: str | None, _: Texts) -> str:
     template = FAILURE_MESSAGES.get(code or "", GENERIC_FAILURE)
     if not detail:
         return _(template, detail=_("no reason given"))
-    return _(template, detail=detail if code in OWN_WORDS else _plain(detail))
+    return _(template, detail=detail if code in OWN_WORDS else plain_text(detail))
 
 
-def _plain(text: str, limit: int = 500) -> str:
+def plain_text(text: str, limit: int = 500) -> str:
     """Outside words (fal's) shown as plain text on one line: no markdown, links or mentions."""
     flat = " ".join(text.split())
     flat = flat if len(flat) <= limit else flat[: limit - 1] + "…"
@@ -371,7 +371,7 @@ OUTCOME_MARKS = {JobState.SUCCEEDED: "✅", JobState.FAILED: "❌", JobState.CAN
 def job_log_line(job: Job, _: Texts) -> str:
     """One line for the moderators' log channel (in the server's language): who, where, what, at
     which tolerance, outcome."""
-    prompt = _plain(job.prompt, limit=200)  # one line, no markdown or mentions: it cannot forge entries
+    prompt = plain_text(job.prompt, limit=200)  # one line, no markdown or mentions: it cannot forge entries
     if job.state is JobState.SUCCEEDED:
         outcome = _("succeeded")
     elif job.state is JobState.CANCELLED:

@@ -103,7 +103,8 @@ async def delete_result(interaction: Interaction, job: Job) -> None:
     await interaction.response.defer()
     pressed = interaction.message.id if interaction.message is not None else None
     channel = interaction.channel
-    for message_id in job.posted_message_ids:
+    # A result shown again elsewhere ("Show here") is one message of its own.
+    for message_id in job.posted_message_ids if pressed in job.posted_message_ids else ():
         if message_id != pressed and isinstance(channel, (discord.TextChannel, discord.Thread, discord.VoiceChannel)):
             with contextlib.suppress(discord.NotFound, discord.Forbidden):
                 await channel.get_partial_message(message_id).delete()
@@ -283,7 +284,7 @@ class JobButton(
         try:
             bot = interaction.client
             job = bot.runner.active_job(self.job_id) or await bot.store.get_job(self.job_id)
-            if job is None or not self._belongs_to(job, interaction):
+            if job is None or not await self._belongs_to(job, interaction):
                 raise UserFacingError(N_("This button belongs to an edit the bot no longer knows."))
             spec = BUTTONS[self.action]
             if spec.refusal is not None and interaction.user.id != job.user_id and not is_moderator(interaction):
@@ -294,15 +295,17 @@ class JobButton(
         self.job = job
         return True
 
-    def _belongs_to(self, job: Job, interaction: Interaction) -> bool:
+    async def _belongs_to(self, job: Job, interaction: Interaction) -> bool:
         """A button acts only on the job it was posted for: same key (a job id alone is reused
         when a database is lost or restored), same server and channel (or the requester's DM
-        with the bot, where a result that outlived its reply is sent), one of its messages."""
+        with the bot, where a result that outlived its reply is sent), one of its messages; or
+        on the job's result shown again elsewhere ("Show here"), in that message's channel."""
         if job.button_key is not None and self.key != job.button_key:
             return False
         message = interaction.message
         if message is not None and message.id not in (job.message_id, *job.posted_message_ids):
-            return False
+            shown = await interaction.client.store.shown_job(message.id)
+            return shown == (job.id, interaction.channel_id)
         where = (interaction.guild_id, interaction.channel_id)
         sent_to_dm = interaction.guild_id is None and interaction.user.id == job.user_id and message is not None
         return where == (job.guild_id, job.channel_id) or sent_to_dm

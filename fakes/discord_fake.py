@@ -645,6 +645,9 @@ class FakeDiscord:
         self.guild_commands: dict[str, dict[str, dict]] = {}
         self.cdn_files: dict[str, tuple[bytes, str]] = {}  # cdn path -> (data, content type)
         self.cdn_lifetimes: dict[str, float] = {}  # cdn path -> lifetime of its signed URLs (s)
+        # How long the signed URLs of files uploaded to messages last (undocumented; about a day):
+        # a test shortens it to see them expire in real time, as the bot's clock sees it.
+        self.upload_url_lifetime: float = CDN_URL_LIFETIME
         self.cdn_clock_offset = 0.0  # the CDN's clock = time.time() + this (advance_cdn_clock)
         self._cdn_secret = secrets.token_bytes(16)
         self._cdn_max_ex = 0
@@ -1072,11 +1075,11 @@ class FakeDiscord:
         filename: str,
         data: bytes,
         content_type: str | None,
-        lifetime: float = CDN_URL_LIFETIME,
+        lifetime: float | None = None,
     ) -> dict:
         path = f"/cdn/attachments/{channel_id}/{aid}/{urllib.parse.quote(filename)}"
         self.cdn_files[path] = (data, content_type or "application/octet-stream")
-        self.cdn_lifetimes[path] = lifetime
+        self.cdn_lifetimes[path] = self.upload_url_lifetime if lifetime is None else lifetime
         url = self._sign_cdn_path(path)
         att = {"id": aid, "filename": filename, "size": len(data), "url": url, "proxy_url": url}
         if content_type:

@@ -161,6 +161,9 @@ class JobRequest:
     place: JobPlace = JobPlace.SERVER
     # The member's Discord locale: everything the bot shows of the job is in its language.
     locale: str = "en-US"
+    # The prompt as the member typed it, before a server recipe wrapped it (None: they typed
+    # none, e.g. Re-roll): what /kontext's autocomplete offers them again, never a recipe's text.
+    member_prompt: str | None = None
 
 
 @dataclass
@@ -192,6 +195,9 @@ class Job(JobRequest):
     button_key: str | None = field(default_factory=lambda: secrets.token_hex(4))
     # Every message showing the result (the reply, follow-ups, channel posts), for Delete.
     posted_message_ids: list[int] = field(default_factory=list)
+    # The result's images as Discord returned them on the messages that show it (signed CDN
+    # URLs that expire, about a day): the history's thumbnails while they last.
+    posted_image_urls: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

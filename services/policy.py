@@ -279,6 +279,17 @@ def standings(
     return found
 
 
+def access_refusal(policy: GuildPolicy, requester: Requester) -> Refused | None:
+    """Whether the member may use the bot here at all (channel, then role), whatever it costs:
+    what a job checks first, and all that showing an old result again needs."""
+    if not _channel_allowed(policy, requester):
+        return Refused(RefusalReason.CHANNEL_NOT_ALLOWED, None, None)
+    role = policy.required_role_id
+    if role is not None and role not in requester.role_ids:
+        return Refused(RefusalReason.MISSING_ROLE, None, None)
+    return None
+
+
 def _check(
     policy: GuildPolicy,
     requester: Requester,
@@ -288,11 +299,9 @@ def _check(
     price: float,
     operator: OperatorLimits,
 ) -> Refused | None:
-    if not _channel_allowed(policy, requester):
-        return Refused(RefusalReason.CHANNEL_NOT_ALLOWED, None, None)
-    role = policy.required_role_id
-    if role is not None and role not in requester.role_ids:
-        return Refused(RefusalReason.MISSING_ROLE, None, None)
+    refused = access_refusal(policy, requester)
+    if refused is not None:
+        return refused
     for standing in standings(policy, usage, ask, now=now, price_per_image=price, operator=operator):
         if standing.reached:
             return Refused(standing.reason, standing.resets_at, standing.limit)
@@ -574,6 +583,7 @@ __all__ = [
     "FieldInfo",
     "POLICY_FIELDS",
     "resolve",
+    "access_refusal",
     "effective_maximum",
     "validate_policy",
     "next_utc_midnight",

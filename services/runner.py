@@ -9,6 +9,7 @@ import contextlib
 import enum
 import logging
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from .fal_account import AccountGate
@@ -45,11 +46,19 @@ log = logging.getLogger(__name__)
 
 
 class DeliveryProgress(Protocol):
-    async def posted(self, parts: int, *, message_id: int, in_channel: bool, repeatable: bool = False) -> None:
+    async def posted(
+        self,
+        parts: int,
+        *,
+        message_id: int,
+        in_channel: bool,
+        repeatable: bool = False,
+        image_urls: Sequence[str] = (),
+    ) -> None:
         """`parts` of the result's messages are shown, the last as `message_id` (posted in the
-        channel, if `in_channel`). Stored at once, so a delivery cut short resumes without
-        repeating a message, unless doing it again shows the same (`repeatable`: an edit of the
-        reply)."""
+        channel, if `in_channel`) with `image_urls` (its images as Discord serves them). Stored at
+        once, so a delivery cut short resumes without repeating a message, unless doing it again
+        shows the same (`repeatable`: an edit of the reply)."""
 
 
 class Undeliverable(Exception):
@@ -656,11 +665,23 @@ class _StoredProgress:
         self._store = store
         self._job = job
 
-    async def posted(self, parts: int, *, message_id: int, in_channel: bool, repeatable: bool = False) -> None:
-        self._job.delivered_parts = parts
-        self._job.delivered_in_channel = in_channel
-        if message_id not in self._job.posted_message_ids:
-            self._job.posted_message_ids = [*self._job.posted_message_ids, message_id]
+    async def posted(
+        self,
+        parts: int,
+        *,
+        message_id: int,
+        in_channel: bool,
+        repeatable: bool = False,
+        image_urls: Sequence[str] = (),
+    ) -> None:
+        job = self._job
+        job.delivered_parts = parts
+        job.delivered_in_channel = in_channel
+        if message_id not in job.posted_message_ids:
+            job.posted_message_ids = [*job.posted_message_ids, message_id]
+            job.posted_image_urls = [*job.posted_image_urls, *image_urls]
+        elif image_urls:  # the reply edited again: its images are those of the last edit
+            job.posted_image_urls = list(image_urls)
         if repeatable:
             self._store.ensure_held(self._job)  # before the next message is posted
         else:

@@ -258,6 +258,7 @@ async def test_commands_sync_to_the_dev_guild_when_set(world):
     assert {c["name"] for c in sync.json} == {
         "kontext",
         "kontext-admin",
+        "kontext-history",
         "kontext-me",
         "kontext-settings",
         "Edit with Kontext",

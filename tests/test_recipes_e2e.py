@@ -1,0 +1,132 @@
+"""Recipes through the fake Discord: the prompt's autocomplete (built-in edits, the server's own
+recipes with their hidden wrappers, the member's recent prompts) and /kontext-admin recipes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+
+from services.recipes import BUILT_IN_RECIPES, PAST_PROMPT_TOKEN, RECIPE_TOKEN
+from tests.e2e import admin, button, finished, private_answer, text
+
+MASCOT = "{prompt}, drawn in the style of our fox mascot with thick ink lines"
+
+
+async def suggestions(world, typed: str, user: str = "alice", **where) -> list[dict]:
+    handle = await world.discord.autocomplete("kontext", options={"prompt": typed}, user=user, **where)
+    callback = await handle.wait_for_callback()
+    assert callback["type"] == 8, callback
+    return handle.choices
+
+
+async def kontext(world, prompt: str, user: str = "alice"):
+    return await world.kontext(user=user, prompt=prompt)
+
+
+async def test_the_prompt_suggests_built_in_edits_and_the_members_recent_prompts(world):
+    await world.start_bot()
+    first = await suggestions(world, "")
+    assert [c["value"] for c in first] == list(BUILT_IN_RECIPES)  # nothing else yet
+    assert text(await finished(await kontext(world, "give the dog a tiny party hat"))).startswith("✅")
+    long_prompt = "make it look like a " + "very " * 30 + "old photograph"
+    assert text(await finished(await kontext(world, long_prompt))).startswith("✅")
+    assert [c["value"] for c in await suggestions(world, "party")] == ["give the dog a tiny party hat"]
+    (long_choice,) = await suggestions(world, "very very")
+    assert long_choice["value"].startswith(PAST_PROMPT_TOKEN) and long_choice["name"].endswith("…")
+    # Picking the long one runs it whole.
+    await finished(await kontext(world, long_choice["value"]))
+    assert world.fal.submits[-1]["prompt"] == long_prompt
+    assert await suggestions(world, "party", user="mod") == []  # nobody else's
+
+
+async def test_a_servers_recipe_wraps_the_members_words_without_showing_them(world):
+    await world.start_bot()
+    answer = await admin(world, "recipes add", name="Mascot style", prompt=MASCOT)
+    assert "Added the recipe “Mascot style”" in answer
+    await admin(
+        world, "recipes add", name="Event poster", prompt="Turn it into a retro event poster with bold lettering"
+    )
+    choices = await suggestions(world, "a red fox on a bike")
+    assert choices[0]["name"] == "Mascot style: a red fox on a bike"
+    assert all("thick ink" not in c["name"] and "retro" not in c["name"] for c in choices)
+    await finished(await kontext(world, choices[0]["value"]))
+    assert world.fal.submits[-1]["prompt"] == MASCOT.replace("{prompt}", "a red fox on a bike")
+    # A client that sends the choice's name instead of its value gets the same.
+    await finished(await kontext(world, "Mascot style: a blue whale"))
+    assert world.fal.submits[-1]["prompt"] == MASCOT.replace("{prompt}", "a blue whale")
+    (poster,) = [c for c in await suggestions(world, "poster") if c["name"] == "Event poster"]
+    await finished(await kontext(world, poster["value"]))
+    assert world.fal.submits[-1]["prompt"] == "Turn it into a retro event poster with bold lettering"
+    # What the member is offered again is their own words, never the wrapper.
+    again = [c for c in await suggestions(world, "whale") if not c["value"].startswith(RECIPE_TOKEN)]
+    assert [c["value"] for c in again] == ["a blue whale"]
+    # Picked before typing anything: the member is asked for their words.
+    (empty,) = [c for c in await suggestions(world, "") if c["name"] == "Mascot style: …"]
+    refused = await kontext(world, empty["value"])
+    await refused.wait_for_callback()
+    assert "Type your own words first" in private_answer(refused)
+
+
+async def test_moderators_add_list_and_remove_recipes(world):
+    await world.start_bot()
+    world.discord.add_member(name="bob")
+    denied = await world.discord.invoke_slash(
+        "kontext-admin recipes add", options={"name": "x", "prompt": "y"}, user="bob"
+    )
+    await denied.wait_for_callback()
+    assert "Manage Guild permission" in private_answer(denied)
+    await admin(world, "recipes add", name="Mascot style", prompt=MASCOT)
+    assert "already has a recipe" in await admin(world, "recipes add", name="mascot STYLE", prompt="x")
+    assert "at most once" in await admin(world, "recipes add", name="Twice", prompt="{prompt} {prompt}")
+    listing = await admin(world, "recipes list")
+    assert "**Mascot style**" in listing and "thick ink lines" in listing  # moderators see the text
+    names = await world.discord.autocomplete(
+        "kontext-admin recipes remove", options={"name": "masc"}, focused="name", user="mod"
+    )
+    await names.wait_for_callback()
+    assert names.choices == [{"name": "Mascot style", "value": "Mascot style"}]
+    assert "Removed" in await admin(world, "recipes remove", name="Mascot style")
+    assert not any(c["name"].startswith("Mascot") for c in await suggestions(world, "a cat"))
+    stale = await kontext(world, f"{RECIPE_TOKEN}1:a cat")
+    await stale.wait_for_callback()
+    assert "not on this server any more" in private_answer(stale)
+
+
+async def test_autocomplete_answers_quickly(world):
+    """Discord gives an autocomplete 3 seconds; members type fast. Measured through the fake
+    Discord (gateway dispatch, the bot's two indexed reads and the callback) with 20 recipes and
+    25 recent prompts."""
+    await world.start_bot()
+    for n in range(20):
+        await admin(world, "recipes add", name=f"Recipe {n}", prompt=f"{{prompt}} in style number {n}")
+    for n in range(25):
+        await finished(await kontext(world, f"prompt number {n}"))
+    timings = []
+    for n in range(20):
+        started = time.perf_counter()
+        choices = await suggestions(world, f"a cat {n}")
+        timings.append(time.perf_counter() - started)
+        assert len(choices) == 20  # every wrapper takes the words
+    median, worst = statistics.median(timings), max(timings)
+    print(f"autocomplete round trip: median {median * 1000:.1f} ms, worst {worst * 1000:.1f} ms")
+    assert median < 0.25 and worst < 1.0
+
+
+async def test_a_recipe_works_in_the_edit_form_by_its_name(world):
+    await world.start_bot()
+    await admin(world, "recipes add", name="Mascot style", prompt=MASCOT)
+    message = await finished(await kontext(world, "make the sky purple"))
+    click = await world.discord.click_button(message.id, button(message, "edit"), user="alice")
+    await click.wait_for_callback()
+    await finished(await world.discord.submit_modal(click, {"prompt": "Mascot style: at night"}, user="alice"))
+    assert world.fal.submits[-1]["prompt"] == MASCOT.replace("{prompt}", "at night")
+
+
+async def test_no_suggestions_where_the_bot_does_not_work(world):
+    await world.start_bot(ALLOWED_GUILD_IDS="1234")  # not this server: nothing runs here, nothing is suggested
+    handle = await world.discord.autocomplete("kontext", options={"prompt": "a"}, user="alice")
+    with pytest.raises(TimeoutError):  # no answer (an autocomplete cannot be answered with a message)
+        await handle.wait_for_callback(timeout=0.5)
+    assert "NotServedHere" not in world.bot.log_text()
