@@ -10,7 +10,7 @@ from discord import app_commands
 
 from services.fal_queue import FalAccountLocked
 from services.flux_kontext import InvalidEdit
-from services.i18n import LocalizedError, Texts
+from services.i18n import N_, LocalizedError, Texts
 from services.job import JobPlace
 from services.policy import GuildPolicy, RefusalReason, Refused
 from services.recipes import RecipeRefused
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from bot import KontextBot
 
 log = logging.getLogger(__name__)
+
+# The permissions the bot asks for, as Discord's own interface names them.
+PERMISSION_NAMES = {"manage_guild": N_("Manage Server"), "manage_messages": N_("Manage Messages")}
 
 
 class UserFacingError(LocalizedError):
@@ -137,10 +140,8 @@ def describe(error: Exception, _: Texts) -> str | None:
             "The bot's operator has been told; please try again later. Nothing was charged."
         )
     if isinstance(error, app_commands.MissingPermissions):
-        return _(
-            "You need the {permissions} permission for this.",
-            permissions=", ".join(p.replace("_", " ").title() for p in error.missing_permissions),
-        )
+        names = (_(PERMISSION_NAMES.get(p, p.replace("_", " ").title())) for p in error.missing_permissions)
+        return _("You need the {permissions} permission for this.", permissions=", ".join(names))
     if isinstance(error, app_commands.NoPrivateMessage):
         return _("This only works in a server.")
     if isinstance(error, app_commands.CommandOnCooldown):

@@ -60,7 +60,7 @@ async def test_nsfw_maximum_applies_only_in_age_restricted_channels(world):
 async def test_members_without_manage_server_cannot_change_policy(world):
     await world.start_bot()
     answer = await admin(world, "safety", user="alice", maximum=6)
-    assert "Manage Guild" in answer
+    assert "Manage Server" in answer
     await finished(await world.kontext(safety_tolerance=6))
     assert world.fal.submits[-1]["safety_tolerance"] == "2"
 

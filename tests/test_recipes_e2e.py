@@ -76,7 +76,7 @@ async def test_moderators_add_list_and_remove_recipes(world):
         "kontext-admin recipes add", options={"name": "x", "prompt": "y"}, user="bob"
     )
     await denied.wait_for_callback()
-    assert "Manage Guild permission" in private_answer(denied)
+    assert "Manage Server permission" in private_answer(denied)
     await admin(world, "recipes add", name="Mascot style", prompt=MASCOT)
     assert "already has a recipe" in await admin(world, "recipes add", name="mascot STYLE", prompt="x")
     assert "at most once" in await admin(world, "recipes add", name="Twice", prompt="{prompt} {prompt}")
