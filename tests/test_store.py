@@ -19,11 +19,11 @@ import pytest
 
 from services.fal_queue import FalRequest
 from services.flux_kontext import KontextEdit, KontextOptions
-from services.job import JobPlace, JobRequest, JobResult, JobState, ResultImage
+from services.job import Job, JobPlace, JobRequest, JobResult, JobState, ResultImage
 from services.policy import GuildPolicy, month_start
 from services.postgres_store import PostgresStore
 from services.sqlite_store import SqliteStore
-from services.store import _SPENT, MIGRATIONS, Store, migration_text
+from services.store import _SPENT, MIGRATIONS, Store, _to_row, migration_text
 
 NOW = time.time()
 
@@ -166,6 +166,37 @@ async def test_the_monthly_counters_follow_every_transition_as_a_sum_over_the_jo
             assert usage.guild_images_this_month == row[0]
             (row,) = await store._fetch(spent_sql, args)
             assert usage.all_images_this_month == row[0] > 0
+
+
+async def test_the_monthly_counters_start_from_the_jobs_an_upgraded_database_holds(tmp_path: Path, database_url: str):
+    """The migration that adds the counters fills them from the jobs already there."""
+    counters = next(i for i, m in enumerate(MIGRATIONS) if "monthly_images" in migration_text(m, "sqlite"))
+    job = Job(**{f.name: getattr(request(), f.name) for f in dataclasses.fields(JobRequest)})
+    job.state, job.request, job.started_at = JobState.SUCCEEDED, FalRequest("rid", "s", "r", "c"), NOW
+    path = tmp_path / "kontext.sqlite3"
+    with sqlite3.connect(path) as db:
+        for number, migration in enumerate(MIGRATIONS[:counters], start=1):
+            db.executescript(f"{migration_text(migration, 'sqlite')}\nPRAGMA user_version = {number};")
+        columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+        row = {name: value for name, value in _to_row(job).items() if name in columns}
+        db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join(':' + n for n in row)})", row)
+    pg = await asyncpg.connect(database_url)
+    try:
+        await pg.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        await pg.execute("INSERT INTO schema_version VALUES ($1)", counters)
+        for migration in MIGRATIONS[:counters]:
+            await pg.execute(migration_text(migration, "postgres"))
+        row = {name: value for name, value in row.items() if name != "id"}
+        await pg.execute(
+            f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join(f'${i}' for i in range(1, len(row) + 1))})",
+            *row.values(),
+        )
+    finally:
+        await pg.close()
+    for store in (SqliteStore(path), PostgresStore(database_url, instance_id="bot-0", lease_seconds=60)):
+        async with store:
+            usage = await store.usage(1, 3, NOW, all_servers=True)
+            assert (usage.guild_images_this_month, usage.all_images_this_month) == (2, 2)
 
 
 async def test_daily_images_are_counted_per_utc_day(new_store: Opener):
