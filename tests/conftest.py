@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 
+import discord
 import pytest
+import yarl
 
+from fakes.discord_fake import FakeDiscord
 from fakes.postgres_server import PostgresMissing, PostgresServer
 from fakes.world import DISCORD_TOKEN, FAL_KEY, World, running_world
 
@@ -30,6 +33,19 @@ async def world(tmp_path, request) -> AsyncIterator[World]:
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         leaked = [name for name, secret in secrets.items() if secret in log]
         assert leaked == [], f"{log_path} contains {leaked}"
+
+
+@pytest.fixture
+async def fake(monkeypatch) -> AsyncIterator[FakeDiscord]:
+    """The fake Discord alone, for its own tests with a discord.py client in the test."""
+    f = FakeDiscord(token="test-token")
+    await f.start()
+    # After an Invalid Session discord.py identifies again on DEFAULT_GATEWAY: point it here.
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(f.gateway_url))
+    try:
+        yield f
+    finally:
+        await f.stop()
 
 
 @pytest.fixture(scope="session")

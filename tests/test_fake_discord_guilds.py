@@ -9,20 +9,9 @@ from __future__ import annotations
 import aiohttp
 import discord
 import pytest
-import yarl
 
-from fakes.discord_fake import MANAGE_GUILD, MOD_PERMISSIONS, FakeDiscord, shard_of
+from fakes.discord_fake import MANAGE_GUILD, MOD_PERMISSIONS, shard_of
 from tests.test_fake_discord import new_bot, running
-
-
-@pytest.fixture
-async def fake():
-    f = FakeDiscord(token="test-token")
-    await f.start()
-    try:
-        yield f
-    finally:
-        await f.stop()
 
 
 async def _bot_get(fake, path):
@@ -33,9 +22,7 @@ async def _bot_get(fake, path):
         return r.status, await r.json(content_type=None)
 
 
-async def test_several_guilds_ready_rest_and_interactions(fake, monkeypatch):
-    # after an invalid session discord.py identifies again on its DEFAULT_GATEWAY
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+async def test_several_guilds_ready_rest_and_interactions(fake):
     second = fake.add_guild("Second", preferred_locale="de", premium_tier=2)
     art = fake.add_channel("art", nsfw=True, guild=second)
     fake.add_member(user_id=fake.alice, permissions=MOD_PERMISSIONS, guild=second)  # a mod there only

@@ -22,19 +22,8 @@ from fakes.discord_fake import (
     PRIVATE_APP_PERMISSIONS,
     USE_EXTERNAL_EMOJIS,
     CommandNotAvailable,
-    FakeDiscord,
 )
 from tests.test_fake_discord import new_bot, running
-
-
-@pytest.fixture
-async def fake():
-    f = FakeDiscord(token="test-token")
-    await f.start()
-    try:
-        yield f
-    finally:
-        await f.stop()
 
 
 def install_bot(fake):

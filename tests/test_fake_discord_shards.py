@@ -13,24 +13,10 @@ import json
 
 import aiohttp
 import discord
-import pytest
-import yarl
 from discord import app_commands
 
 from fakes.discord_fake import FakeDiscord, shard_of
 from tests.test_fake_discord import new_bot, running
-
-
-@pytest.fixture
-async def fake(monkeypatch):
-    f = FakeDiscord(token="test-token")
-    await f.start()
-    # After Invalid Session discord.py identifies again on DEFAULT_GATEWAY: point it here.
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(f.gateway_url))
-    try:
-        yield f
-    finally:
-        await f.stop()
 
 
 def sharded_bot(fake: FakeDiscord, wait: float, **options):
