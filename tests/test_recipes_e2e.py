@@ -3,9 +3,6 @@ recipes with their hidden wrappers, the member's recent prompts) and /kontext-ad
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 
 from services.recipes import BUILT_IN_RECIPES, PAST_PROMPT_TOKEN, RECIPE_TOKEN
@@ -94,24 +91,22 @@ async def test_moderators_add_list_and_remove_recipes(world):
     assert "not on this server any more" in private_answer(stale)
 
 
-async def test_autocomplete_answers_quickly(world):
-    """Discord gives an autocomplete 3 seconds; members type fast. Measured through the fake
-    Discord (gateway dispatch, the bot's two indexed reads and the callback) with 20 recipes and
-    25 recent prompts."""
+async def test_a_full_servers_suggestions_stay_within_discords_limits(world):
+    """20 recipes, the built-ins and past prompts: more than Discord shows. The answer keeps to
+    25 choices of at most 100 characters (the fake Discord also checks the callback against
+    Discord's spec), the server's own first. How fast it answers is the benchmark's to say."""
     await world.start_bot()
     for n in range(20):
         await admin(world, "recipes add", name=f"Recipe {n}", prompt=f"{{prompt}} in style number {n}")
-    for n in range(25):
+    for n in range(3):
         await finished(await kontext(world, f"prompt number {n}"))
-    timings = []
-    for n in range(20):
-        started = time.perf_counter()
-        choices = await suggestions(world, f"a cat {n}")
-        timings.append(time.perf_counter() - started)
-        assert len(choices) == 20  # every wrapper takes the words
-    median, worst = statistics.median(timings), max(timings)
-    print(f"autocomplete round trip: median {median * 1000:.1f} ms, worst {worst * 1000:.1f} ms")
-    assert median < 0.25 and worst < 1.0
+    everything = await suggestions(world, "")
+    assert len(everything) == 25
+    assert [c["name"] for c in everything[:20]] == [f"Recipe {n}: …" for n in sorted(range(20), key=str)]
+    assert all(len(c["name"]) <= 100 and len(c["value"]) <= 100 for c in everything)
+    typed = await suggestions(world, "a cat " + "very " * 16)  # "Recipe 1: a cat very …": 96 characters
+    assert len(typed) == 20  # every wrapper takes the words
+    assert all(len(c["name"]) <= 100 and len(c["value"]) <= 100 for c in typed)
 
 
 async def test_a_recipe_works_in_the_edit_form_by_its_name(world):
