@@ -19,6 +19,7 @@ stays as it is in every language: the client renders times in the reader's own l
 
 from __future__ import annotations
 
+import decimal
 import functools
 import gettext
 import string
@@ -57,6 +58,11 @@ class LocalizedError(Exception):
         super().__init__(template.format(**params))
         self.template = template
         self.params = params
+
+
+@functools.lru_cache(maxsize=4096)
+def _decimal(value: decimal.Decimal, digits: int, locale: Locale) -> str:
+    return format_decimal(value, format="#,##0" + ("." + "0" * digits if digits else ""), locale=locale)
 
 
 class Texts:
@@ -100,8 +106,10 @@ class Texts:
 
     def number(self, value: float, digits: int = 0) -> str:
         """`value` with the language's separators (1,234.5 / 1.234,5 / 1 234,5)."""
-        pattern = "#,##0" + ("." + "0" * digits if digits else "")
-        return format_decimal(value, format=pattern, locale=self.locale)
+        # Rounded as Babel rounds (the float's shortest decimal, half to even), so each value
+        # shown is formatted once per language: Babel takes longer than the rest of a card.
+        rounded = decimal.Decimal(str(value)).quantize(decimal.Decimal(1).scaleb(-digits))
+        return _decimal(rounded, digits, self.locale)
 
     def percent(self, share: float) -> str:
         """A share as the language writes it (25% / 25 % / 25 %)."""

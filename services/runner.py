@@ -461,6 +461,7 @@ class JobRunner:
         job.submitted_at = time.time()
         job.queue_position = status.queue_position
         await self._transition(job, JobState.QUEUED)
+        log.info("job %d submitted: fal request %s", job.id, request.request_id, extra=_ids(job))
         await self._apply_status(job, status)
 
     async def _follow(self, job: Job, deadline: float) -> None:
@@ -535,7 +536,9 @@ class JobRunner:
             job.queue_position = job.bot_queue_position = None
         if store:
             await self._store.save(job, durable=durable)
-        log.info(
+        # INFO has a job's three milestones (accepted, submitted, delivered) and its problems;
+        # every step is here at DEBUG (each INFO line is CPU spent on every job).
+        log.debug(
             "job %d is %s (guild %s, fal request %s)",
             job.id,
             state.value,
