@@ -46,7 +46,8 @@ class AccountGate:
         self._closed_until = self._clock() + self._pause
 
     def accepted(self) -> None:
-        """fal took a submit or upload: the account works."""
+        """fal took a submit: the account works. (Only a submit says so: the job that uploads
+        its input after a pause submits right after, and that answer decides.)"""
         if self._reason is not None:
             log.info("fal accepts the bot's jobs again")
         self._reason = None

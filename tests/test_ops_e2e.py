@@ -134,10 +134,16 @@ async def test_json_logs_parse_and_carry_the_ids(world):
     await world.bot.stop()
     lines = [line for line in world.bot.log_text().splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]  # every line is one JSON object
-    states = [e for e in entries if e.get("job_id") == 1 and "state" in e]
-    assert {"pending", "submitting", "queued", "running", "succeeded"} <= {e["state"] for e in states}
-    queued = next(e for e in states if e["state"] == "queued")
-    assert queued["guild_id"] == int(world.discord.guild_id) and queued["request_id"] == next(iter(world.fal.jobs))
+    # At INFO a job's milestones, each with the job's ids as fields.
+    job_lines = [e for e in entries if e.get("job_id") == 1]
+    assert [(e["message"].split(":")[0], e["state"]) for e in job_lines] == [
+        ("job 1 accepted", "pending"),
+        ("job 1 submitted", "queued"),
+        ("job 1 delivered (succeeded)", "succeeded"),
+    ]
+    submitted = job_lines[1]
+    assert submitted["guild_id"] == int(world.discord.guild_id)
+    assert submitted["request_id"] == next(iter(world.fal.jobs)) and submitted["request_id"] in submitted["message"]
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
 
 
