@@ -135,8 +135,10 @@ class JobRunner:
         self._work: dict[int, asyncio.Task[None]] = {}
         self._cancel_requests: dict[int, int] = {}
         self._delivering: set[int] = set()
-        # Jobs being handed back from fal's line to the bot's (see FairScheduler).
+        # Jobs being handed back from fal's line to the bot's (see FairScheduler), and for those
+        # whose cancel is on its way, whether fal took them out of its line.
         self._handing_back: set[int] = set()
+        self._hand_back_answers: dict[int, asyncio.Future[bool]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
         metrics.set_live_sources(self._jobs_by_state, lambda: self._scheduler.waiting)
@@ -469,6 +471,8 @@ class JobRunner:
         async with asyncio.timeout_at(deadline):
             async for status in self._fal.statuses(job.request, deadline=deadline):
                 await self._apply_status(job, status)
+            if job.started_at is None and await self._left_fals_line(job):
+                return  # handed back: the hand-back stops this work, and the result would say "cancelled"
             job.completed_at = time.time()
             # Done at fal, whatever the result: its slot there is free now (the next job may be
             # starting), though the result is still to be fetched.
@@ -574,6 +578,12 @@ class JobRunner:
                 self._listener.job_changed(job)
         return moved
 
+    async def _left_fals_line(self, job: Job) -> bool:
+        """Whether fal ended this never-started job because the bot asked to take it out of fal's
+        line (the stream often says COMPLETED before the cancel's answer arrives)."""
+        answer = self._hand_back_answers.get(job.id)
+        return answer is not None and await asyncio.shield(answer)
+
     def _hand_back_soon(self, job_id: int) -> None:
         task = asyncio.create_task(self._hand_back(job_id), name=f"job-{job_id}-hand-back")
         self._background.add(task)
@@ -588,6 +598,8 @@ class JobRunner:
             return
         self._handing_back.add(job_id)
         job.notes = {**job.notes, NOTE_HANDED_BACK: True}
+        answered = self._hand_back_answers[job_id] = asyncio.get_running_loop().create_future()
+        answer = "not asked"
         try:
             await self._store.save(job)  # a restart then takes fal's cancelled answer for a hand-back
             self._store.ensure_held(job)
@@ -598,6 +610,9 @@ class JobRunner:
             self._handing_back.discard(job_id)
             self._scheduler.stay(job_id)
             return
+        finally:
+            del self._hand_back_answers[job_id]
+            answered.set_result(answer == "OK")
         if answer != "OK":  # it started meanwhile, or fal could not be asked: it stays
             self._handing_back.discard(job_id)
             self._scheduler.stay(job_id)
