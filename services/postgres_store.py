@@ -29,6 +29,7 @@ import asyncpg
 
 from .job import Job
 from .redact import describe_error
+from .settings_cache import SettingKind
 from .store import MIGRATIONS, LeaseLost, LeaseReport, Row, Signal, Store, StoreUnavailable, migration_text
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,15 @@ MIGRATION_TIMEOUT = 3600.0
 ANSWER_POLL_SECONDS = 0.5
 
 RELEASED_CHANNEL = "kontext_released"
-POLICY_CHANNEL = "kontext_policy"
 ANSWER_CHANNEL = "kontext_cancel_answer"
+# A changed setting, its server or member as the payload ("kontext_policy" as earlier versions
+# send it, so processes of both versions keep each other's policies current during an upgrade).
+SETTING_CHANNELS: dict[SettingKind, str] = {
+    "policy": "kontext_policy",
+    "recipes": "kontext_recipes",
+    "defaults": "kontext_member_defaults",
+}
+_SETTING_OF_CHANNEL = {channel: kind for kind, channel in SETTING_CHANNELS.items()}
 
 # The database's clock, which decides when leases expire (the machines' clocks may differ).
 _NOW = "extract(epoch FROM clock_timestamp())::DOUBLE PRECISION"
@@ -201,7 +209,7 @@ class PostgresStore(Store):
     async def _listen(self) -> asyncpg.Connection:
         """A connection of its own for LISTEN (a pooled one would be reset, and stop listening)."""
         connection = await asyncpg.connect(self._dsn)
-        for channel in (self._run_channel, RELEASED_CHANNEL, POLICY_CHANNEL, ANSWER_CHANNEL):
+        for channel in (self._run_channel, RELEASED_CHANNEL, ANSWER_CHANNEL, *SETTING_CHANNELS.values()):
             await connection.add_listener(channel, self._notified)
         connection.add_termination_listener(self._listener_lost)
         return connection
@@ -222,14 +230,14 @@ class PostgresStore(Store):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         # Signals sent meanwhile are lost: forget what they would have changed, and look again.
-        self._forget_policy(None)
+        self._settings.forget_all()
         for callbacks in self._signals.values():
             for callback in callbacks:
                 callback()
 
     def _notified(self, connection: object, pid: int, channel: str, payload: object) -> None:
-        if channel == POLICY_CHANNEL:
-            self._forget_policy(int(str(payload)))
+        if channel in _SETTING_OF_CHANNEL:
+            self._settings.forget(_SETTING_OF_CHANNEL[channel], int(str(payload)))
         elif channel == ANSWER_CHANNEL:
             for event in self._answer_waiters.get(int(str(payload)), ()):
                 event.set()
@@ -269,8 +277,8 @@ class PostgresStore(Store):
             finally:
                 await connection.execute("SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_SPACE, name)
 
-    async def _policy_changed(self, guild_id: int) -> None:
-        await self._notify(POLICY_CHANNEL, str(guild_id))
+    async def _setting_changed(self, kind: SettingKind, key: int) -> None:
+        await self._notify(SETTING_CHANNELS[kind], str(key))
 
     # -- leases ---------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any, Self
 import aiosqlite
 
 from .job import Job
+from .settings_cache import SettingKind
 from .store import MIGRATIONS, LeaseReport, Row, Signal, Store, StoreUnavailable, lock_directory, migration_text
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,8 @@ class SqliteStore(Store):
     def on_signal(self, kind: Signal, callback: Callable[[], None]) -> None:
         """No other process sends signals."""
 
-    async def _policy_changed(self, guild_id: int) -> None:
-        """No other process caches policies."""
+    async def _setting_changed(self, kind: SettingKind, key: int) -> None:
+        """No other process caches settings."""
 
     def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self._local_lock(name)

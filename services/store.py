@@ -30,6 +30,7 @@ from .job import NOTE_SHARED_AS, Job, JobPlace, JobRequest, JobResult, JobState
 from .member_defaults import MemberDefaults
 from .policy import GuildPolicy, Usage, day_start, month_start, policy_from_dict, policy_to_dict
 from .recipes import PastPrompt, Recipe
+from .settings_cache import SettingKind, SettingsCache
 
 log = logging.getLogger(__name__)
 
@@ -508,9 +509,9 @@ class Store(abc.ABC):
     _day_of_created: str
 
     def __init__(self) -> None:
-        # Policies are read on every job and change only by /kontext-admin, which goes through
-        # save_policy (on a shared store, every process is told): a read-through cache is current.
-        self._policies: dict[int, GuildPolicy] = {}
+        # Policies, recipes and members' defaults are read on every command and change only
+        # through this store (on a shared one, every process is told): a read-through cache.
+        self._settings = SettingsCache()
         # The row as last written, per unfinished job this process wrote, for save()'s diff.
         self._written: dict[int, dict[str, Any]] = {}
         self._local_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -585,8 +586,9 @@ class Store(abc.ABC):
         """Hold the lock called `name` among all processes sharing the database."""
 
     @abc.abstractmethod
-    async def _policy_changed(self, guild_id: int) -> None:
-        """Tell the other processes sharing the database that a server's policy changed."""
+    async def _setting_changed(self, kind: SettingKind, key: int) -> None:
+        """Tell the other processes sharing the database that a server's policy or recipes
+        (`key`: the server) or a member's defaults (`key`: the member) changed."""
 
     @abc.abstractmethod
     async def _clock(self) -> float:
@@ -724,11 +726,14 @@ class Store(abc.ABC):
     # -- recipes ------------------------------------------------------------------------------
 
     async def recipes(self, guild_id: int) -> list[Recipe]:
-        """A server's recipes by name (a handful: an index range, read at each keystroke, so
-        every process sees a change at once)."""
-        sql = "SELECT id, name, text FROM recipes WHERE guild_id = :guild ORDER BY name"
-        rows = await self._fetch(sql, {"guild": guild_id})
-        return [Recipe(int(row["id"]), row["name"], row["text"]) for row in rows]
+        """A server's recipes by name (a handful, read at each keystroke and each command)."""
+
+        async def read() -> tuple[Recipe, ...]:
+            sql = "SELECT id, name, text FROM recipes WHERE guild_id = :guild ORDER BY name"
+            rows = await self._fetch(sql, {"guild": guild_id})
+            return tuple(Recipe(int(row["id"]), row["name"], row["text"]) for row in rows)
+
+        return list(await self._settings.get("recipes", guild_id, read))
 
     async def add_recipe(self, guild_id: int, name: str, text: str, *, by_user: int, now: float) -> bool:
         """Keep a server's new recipe; False if it has one of that name already."""
@@ -737,11 +742,16 @@ class Store(abc.ABC):
             "VALUES (:guild, :name, :text, :by, :now) ON CONFLICT (guild_id, name) DO NOTHING",
             {"guild": guild_id, "name": name, "text": text, "by": by_user, "now": now},
         )
+        if added:
+            await self._changed("recipes", guild_id)
         return added > 0
 
     async def remove_recipe(self, guild_id: int, name: str) -> bool:
         sql = "DELETE FROM recipes WHERE guild_id = :guild AND name = :name"
-        return await self._execute(sql, {"guild": guild_id, "name": name}) > 0
+        removed = await self._execute(sql, {"guild": guild_id, "name": name}) > 0
+        if removed:
+            await self._changed("recipes", guild_id)
+        return removed
 
     async def recent_prompts(self, user_id: int, *, limit: int) -> list[PastPrompt]:
         """The prompts a member typed lately, newest first, each once."""
@@ -758,14 +768,13 @@ class Store(abc.ABC):
 
     async def policy(self, guild_id: int) -> GuildPolicy:
         """The server's policy; a server that never changed it gets the defaults."""
-        cached = self._policies.get(guild_id)
-        if cached is None:
+
+        async def read() -> GuildPolicy:
             sql = "SELECT policy FROM guild_policies WHERE guild_id = :guild"
             rows = await self._fetch(sql, {"guild": guild_id})
-            cached = self._policies[guild_id] = (
-                policy_from_dict(json.loads(rows[0]["policy"])) if rows else GuildPolicy()
-            )
-        return cached
+            return policy_from_dict(json.loads(rows[0]["policy"])) if rows else GuildPolicy()
+
+        return await self._settings.get("policy", guild_id, read)
 
     async def save_policy(self, guild_id: int, policy: GuildPolicy, *, by_user: int, now: float) -> None:
         await self._execute(
@@ -775,33 +784,36 @@ class Store(abc.ABC):
             "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
             {"guild": guild_id, "policy": json.dumps(policy_to_dict(policy)), "now": now, "by": by_user},
         )
-        self._policies[guild_id] = policy
-        await self._policy_changed(guild_id)
+        await self._changed("policy", guild_id)
 
-    def _forget_policy(self, guild_id: int | None) -> None:
-        """Another process changed a server's policy (None: maybe any server's)."""
-        if guild_id is None:
-            self._policies.clear()
-        else:
-            self._policies.pop(guild_id, None)
+    async def _changed(self, kind: SettingKind, key: int) -> None:
+        """A setting this process just wrote: read again here, and in the other processes."""
+        self._settings.forget(kind, key)
+        await self._setting_changed(kind, key)
 
     # -- a member's own settings ------------------------------------------------------------------
 
     async def member_defaults(self, user_id: int) -> MemberDefaults:
         """The member's defaults; a member who never set any has none."""
-        rows = await self._fetch("SELECT defaults FROM member_defaults WHERE user_id = :user", {"user": user_id})
-        return MemberDefaults.from_dict(json.loads(rows[0]["defaults"])) if rows else MemberDefaults()
+
+        async def read() -> MemberDefaults:
+            sql = "SELECT defaults FROM member_defaults WHERE user_id = :user"
+            rows = await self._fetch(sql, {"user": user_id})
+            return MemberDefaults.from_dict(json.loads(rows[0]["defaults"])) if rows else MemberDefaults()
+
+        return await self._settings.get("defaults", user_id, read)
 
     async def save_member_defaults(self, user_id: int, defaults: MemberDefaults, *, now: float) -> None:
         """Keep the member's defaults; having none leaves no row behind."""
         if defaults.is_empty:
             await self._execute("DELETE FROM member_defaults WHERE user_id = :user", {"user": user_id})
-            return
-        await self._execute(
-            "INSERT INTO member_defaults (user_id, defaults, updated_at) VALUES (:user, :defaults, :now) "
-            "ON CONFLICT (user_id) DO UPDATE SET defaults = excluded.defaults, updated_at = excluded.updated_at",
-            {"user": user_id, "defaults": json.dumps(defaults.to_dict()), "now": now},
-        )
+        else:
+            await self._execute(
+                "INSERT INTO member_defaults (user_id, defaults, updated_at) VALUES (:user, :defaults, :now) "
+                "ON CONFLICT (user_id) DO UPDATE SET defaults = excluded.defaults, updated_at = excluded.updated_at",
+                {"user": user_id, "defaults": json.dumps(defaults.to_dict()), "now": now},
+            )
+        await self._changed("defaults", user_id)
 
     async def record_share(self, job: Job, message_id: int) -> None:
         """A finished result the member shared to the channel: its new message carries the job's

@@ -20,6 +20,7 @@ import pytest
 from services.fal_queue import FalRequest
 from services.flux_kontext import KontextEdit, KontextOptions
 from services.job import Job, JobPlace, JobRequest, JobResult, JobState, ResultImage
+from services.member_defaults import MemberDefaults
 from services.policy import GuildPolicy, month_start
 from services.postgres_store import PostgresStore
 from services.sqlite_store import SqliteStore
@@ -218,6 +219,23 @@ async def test_policies_are_saved_and_read_back(new_store: Opener):
     async with new_store() as store:
         assert await store.policy(1) == GuildPolicy(safety_maximum=5, allowed_channel_ids=frozenset({7}))
         assert await store.policy(2) == GuildPolicy()
+
+
+async def test_settings_read_before_a_change_are_read_again_after_it(new_store: Opener):
+    """The store caches policies, recipes and members' defaults; its own writes refresh them."""
+    async with new_store() as store:
+        assert await store.policy(1) == GuildPolicy()
+        assert await store.recipes(1) == []
+        assert await store.member_defaults(5) == MemberDefaults()
+        await store.save_policy(1, GuildPolicy(safety_maximum=5), by_user=9, now=NOW)
+        await store.add_recipe(1, "noir", "{prompt}, film noir", by_user=9, now=NOW)
+        await store.save_member_defaults(5, MemberDefaults(num_images=2), now=NOW)
+        assert (await store.policy(1)).safety_maximum == 5
+        assert [recipe.name for recipe in await store.recipes(1)] == ["noir"]
+        assert (await store.member_defaults(5)).num_images == 2
+        assert await store.remove_recipe(1, "noir")
+        await store.save_member_defaults(5, MemberDefaults(), now=NOW)
+        assert await store.recipes(1) == [] and await store.member_defaults(5) == MemberDefaults()
 
 
 def non_default_value(name: str, annotation: object, default: object) -> Any:

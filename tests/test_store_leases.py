@@ -1,6 +1,6 @@
 """Several processes on one PostgreSQL database (each a PostgresStore with its own pool, as a
 process would have): claims never take a job twice, a stale owner's write is refused, jobs are
-handed back and taken over, cancels and policy changes reach the other processes."""
+handed back and taken over, cancels and changed settings (policies, recipes, members' defaults) reach the other processes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from services.job import JobState
+from services.member_defaults import MemberDefaults
 from services.policy import GuildPolicy
 from services.postgres_store import PostgresStore
 from services.store import MIGRATIONS, LeaseLost
@@ -177,16 +178,30 @@ async def test_a_cancel_asked_in_another_process_reaches_the_owner_and_its_answe
 ANSWER_WAIT_BOUND = 0.4
 
 
-async def test_a_policy_changed_in_one_process_is_seen_by_the_others(processes):
+async def test_settings_changed_in_one_process_are_seen_by_the_others(processes):
     a, b = await processes("a"), await processes("b")
-    assert await a.policy(1) == GuildPolicy()  # cached
+    # Read (and cached) in process a...
+    assert await a.policy(1) == GuildPolicy()
+    assert await a.recipes(1) == []
+    assert await a.member_defaults(5) == MemberDefaults()
+    # ...changed in process b.
     await b.save_policy(1, GuildPolicy(safety_maximum=5), by_user=9, now=time.time())
+    await b.add_recipe(1, "noir", "{prompt}, film noir", by_user=9, now=time.time())
+    await b.save_member_defaults(5, MemberDefaults(num_images=2), now=time.time())
+
+    async def seen_by_a() -> bool:
+        return (
+            (await a.policy(1)).safety_maximum == 5
+            and [recipe.name for recipe in await a.recipes(1)] == ["noir"]
+            and (await a.member_defaults(5)).num_images == 2
+        )
+
     for _ in range(250):  # the NOTIFY takes a moment to arrive
-        if (await a.policy(1)).safety_maximum == 5:
+        if await seen_by_a():
             break
         await asyncio.sleep(0.02)
     else:
-        raise AssertionError("process a still shows the old policy")
+        raise AssertionError("process a still shows the old settings")
 
 
 async def test_turns_are_taken_one_interval_apart_across_processes(processes):
