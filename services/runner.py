@@ -611,7 +611,8 @@ class JobRunner:
             self._scheduler.stay(job_id)
             return
         finally:
-            del self._hand_back_answers[job_id]
+            if self._hand_back_answers.get(job_id) is answered:
+                del self._hand_back_answers[job_id]
             answered.set_result(answer == "OK")
         if answer != "OK":  # it started meanwhile, or fal could not be asked: it stays
             self._handing_back.discard(job_id)
