@@ -1,10 +1,22 @@
-"""The benchmark's arithmetic: percentiles, the median of repeated runs, the fairness report."""
+"""The benchmark's arithmetic: percentiles, the median of repeated runs, the order of runs and
+the ratio of paired ones, the fairness report."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from tools.sandbox import RunConfig, RunResult, compare_table, fairness_rows, median_run, percentiles
+import pytest
+
+from tools.sandbox import (
+    RunConfig,
+    RunResult,
+    compare_table,
+    fairness_rows,
+    median_run,
+    paired_ratio,
+    percentiles,
+    run_order,
+)
 
 
 def run(cpu_seconds: float, jobs: int = 100) -> RunResult:
@@ -57,3 +69,16 @@ def test_the_fairness_report_sets_each_servers_wait_against_first_come_first_ser
     # Two of A's jobs ahead, two at a time, five seconds each.
     assert rows["server B, first come, first served"].startswith("2 of A's jobs ahead in fal's line: about 5 s")
     assert fairness_rows(run(1.0)) == []
+
+
+def test_runs_alternate_their_order_round_by_round():
+    assert run_order(2, 4) == [0, 1, 1, 0, 0, 1, 1, 0]
+    assert run_order(3, 2) == [0, 1, 2, 2, 1, 0]
+    assert run_order(1, 3) == [0, 0, 0]
+
+
+def test_the_paired_ratio_compares_runs_of_the_same_round():
+    # A minute where everything ran slow (round 2) moves both alike and leaves the ratio.
+    assert paired_ratio([10.0, 20.0, 11.0], [10.0, 16.0, 10.0]) == 1.1
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])

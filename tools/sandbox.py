@@ -6,6 +6,7 @@
     python -m tools.sandbox --jobs 200 --arrival-seconds 10 --compare
     python -m tools.sandbox --fairness            # two servers share fal's account limit
     python -m tools.sandbox --growth              # 100, 300 and 1,000 jobs at 33 a second
+    python -m tools.sandbox --jobs 200 --arrival-seconds 10 --against ../other --repeat 6
 
 What runs: the fake Discord (REST + gateway) and the fake fal queue (fakes/) start in this
 process on 127.0.0.1, and the real, unmodified bot runs as a subprocess (`python bot.py`) pointed
@@ -902,13 +903,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run the load three times (stream, polling 1.0 s, polling 0.1 s) and print a markdown table",
     )
+    modes.add_argument(
+        "--against",
+        type=Path,
+        metavar="DIR",
+        help="run this checkout's bot and DIR's (another checkout, e.g. a git worktree of main) under the "
+        "same load, in alternating order with --repeat, and print both with the median ratio of their CPU "
+        "per job over runs of the same round",
+    )
     parser.add_argument(
         "--repeat",
         type=int,
         default=1,
         metavar="N",
         help="run each load N times and report the run with the median bot CPU, with every "
-        "run's figure (CPU time on a shared machine varies from run to run)",
+        "run's figure (CPU time on a shared machine varies from run to run); with several loads, "
+        "round by round, every other round in reverse order",
     )
     parser.add_argument(
         "--validate", action="store_true", help="validate every Discord request against the OpenAPI spec (slower fake)"
@@ -931,10 +941,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--jobs, --concurrency and --repeat must be at least 1")
     if any("=" not in item for item in args.bot_setting):
         parser.error("--bot-setting takes NAME=VALUE")
-    if (args.profile or args.py_spy) and (args.compare or args.growth):
-        parser.error("--profile and --py-spy profile one run; leave out --compare and --growth")
+    if (args.profile or args.py_spy) and (args.compare or args.growth or args.against):
+        parser.error("--profile and --py-spy profile one run; leave out --compare, --growth and --against")
     if sum((args.compare, args.growth, args.fairness)) > 1:
         parser.error("--compare, --growth and --fairness are separate benchmarks: choose one")
+    if args.against and (args.compare or args.growth or args.bot_root != PROJECT_ROOT):
+        parser.error(
+            "--against compares this checkout with DIR under one load: leave out --compare, --growth and --bot-root"
+        )
     if args.fal_limit is not None and args.fal_limit < 1:
         parser.error("--fal-limit must be at least 1")
     return args
@@ -979,6 +993,29 @@ def growth_configs(base: RunConfig) -> list[RunConfig]:
     ]
 
 
+def against_configs(base: RunConfig, other_root: Path) -> list[RunConfig]:
+    """This checkout's bot and another checkout's (`--against`), under the same load."""
+    return [
+        dataclasses.replace(base, label="this checkout"),
+        dataclasses.replace(base, bot_root=other_root, label=str(other_root)),
+    ]
+
+
+def run_order(configs: int, repeat: int) -> list[int]:
+    """The order of the runs (indexes into the configs): round by round, every other round
+    reversed, so a drift of the machine over the minutes weighs on every config alike."""
+    order: list[int] = []
+    for round_number in range(repeat):
+        indexes = range(configs)
+        order.extend(indexes if round_number % 2 == 0 else reversed(indexes))
+    return order
+
+
+def paired_ratio(first: Sequence[float], second: Sequence[float]) -> float:
+    """The median of first / second over runs of the same round: each pair shares its minute."""
+    return statistics.median(a / b for a, b in zip(first, second, strict=True))
+
+
 def compare_configs(base: RunConfig) -> list[RunConfig]:
     return [
         RunConfig(**{**base.__dict__, "polling": False, "label": "status stream"}),
@@ -1001,37 +1038,52 @@ def data_dir_for(keep: Path | None, label: str) -> Any:
 
 async def main_async(args: argparse.Namespace) -> int:
     base = config_from(args)
-    configs = compare_configs(base) if args.compare else growth_configs(base) if args.growth else [base]
+    if args.compare:
+        configs = compare_configs(base)
+    elif args.growth:
+        configs = growth_configs(base)
+    elif args.against:
+        configs = against_configs(base, args.against)
+    else:
+        configs = [base]
     sandbox = len(configs) == 1 and base.all_jobs == 1
-    results = []
-    for config in configs:
+    runs: list[list[RunResult]] = [[] for _ in configs]
+    for index in run_order(len(configs), args.repeat):
+        config = configs[index]
         label = re.sub(r"[^a-z0-9.]+", "-", config.label.lower()).strip("-")
-        runs = []
-        for attempt in range(args.repeat):
-            print(
-                f"running: {describe_load(config)}"
-                + (f" (run {attempt + 1} of {args.repeat})" if args.repeat > 1 else ""),
-                flush=True,
+        attempt = len(runs[index]) + 1
+        print(
+            f"running: {config.label + ': ' if config.label else ''}{describe_load(config)}"
+            + (f" (run {attempt} of {args.repeat})" if args.repeat > 1 else ""),
+            flush=True,
+        )
+        with data_dir_for(args.keep_data, label) as data_dir:
+            run = await run_once(
+                config, data_dir, show=sandbox, out=args.out if sandbox else None, input_path=args.input
             )
-            with data_dir_for(args.keep_data, label) as data_dir:
-                run = await run_once(
-                    config, data_dir, show=sandbox, out=args.out if sandbox else None, input_path=args.input
-                )
-            if not sandbox and config.floor_applies:
-                # The same minute, the same machine: what the traffic alone costs.
-                run.floor_ms = (await floor.measure(config.jobs, config.arrival_seconds)).ms_per_job
-            runs.append(run)
-            print_report(run)
-        result = median_run(runs) if len(runs) > 1 else runs[0]
-        if len(runs) > 1:
-            print(f"\n  bot CPU per job, {config.label or config.mode()}: {runs_text(result.cpu_per_job_runs)}")
-        results.append(result)
+        if not sandbox and config.floor_applies:
+            # The same minute, the same machine: what the traffic alone costs.
+            run.floor_ms = (await floor.measure(config.jobs, config.arrival_seconds)).ms_per_job
+        runs[index].append(run)
+        print_report(run)
+    cpu = [[r.per_job(r.bot_cpu_seconds) * 1000 for r in config_runs] for config_runs in runs]
+    results = [median_run(config_runs) if len(config_runs) > 1 else config_runs[0] for config_runs in runs]
+    for result in results:
+        if len(result.cpu_per_job_runs) > 1:
+            print(
+                f"\n  bot CPU per job, {result.config.label or result.config.mode()}: {runs_text(result.cpu_per_job_runs)}"
+            )
     if args.profile is not None:
         print(f"\nprofile written to {args.profile} (python -m pstats {args.profile})")
-    if args.compare or args.growth:
+    if args.against:
+        print(
+            f"\n  this checkout's bot CPU per job / {args.against}'s, median of {args.repeat} same-round "
+            f"pairs: {paired_ratio(cpu[0], cpu[1]):.3f}"
+        )
+    if args.compare or args.growth or args.against:
         load = (
             describe_load(base, with_mode=False)
-            if args.compare
+            if args.compare or args.against
             else f"{GROWTH_RATE:.0f} commands a second; " + (describe_load(configs[0]).split("; ", 1)[1])
         )
         print(f"\nCommand: python -m tools.sandbox {' '.join(sys.argv[1:])}\nLoad: {load}\n")
