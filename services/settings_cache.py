@@ -5,10 +5,9 @@ process changes it or another process sharing the database says it did."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 SettingKind = Literal["policy", "recipes", "defaults"]
-KINDS: tuple[SettingKind, ...] = ("policy", "recipes", "defaults")
 # Entries kept per kind (servers, members): beyond, the oldest is read again when next needed.
 MAX_ENTRIES = 10_000
 
@@ -17,7 +16,7 @@ T = TypeVar("T")
 
 class SettingsCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._entries: dict[SettingKind, dict[int, Any]] = {kind: {} for kind in KINDS}
+        self._entries: dict[SettingKind, dict[int, Any]] = {kind: {} for kind in get_args(SettingKind)}
         self._max_entries = max_entries
         # Counts every forget: a value read while one happened may predate the change, so it
         # is returned but not kept.

@@ -743,14 +743,14 @@ class Store(abc.ABC):
             {"guild": guild_id, "name": name, "text": text, "by": by_user, "now": now},
         )
         if added:
-            await self._changed("recipes", guild_id)
+            await self._forget_everywhere("recipes", guild_id)
         return added > 0
 
     async def remove_recipe(self, guild_id: int, name: str) -> bool:
         sql = "DELETE FROM recipes WHERE guild_id = :guild AND name = :name"
         removed = await self._execute(sql, {"guild": guild_id, "name": name}) > 0
         if removed:
-            await self._changed("recipes", guild_id)
+            await self._forget_everywhere("recipes", guild_id)
         return removed
 
     async def recent_prompts(self, user_id: int, *, limit: int) -> list[PastPrompt]:
@@ -784,9 +784,9 @@ class Store(abc.ABC):
             "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
             {"guild": guild_id, "policy": json.dumps(policy_to_dict(policy)), "now": now, "by": by_user},
         )
-        await self._changed("policy", guild_id)
+        await self._forget_everywhere("policy", guild_id)
 
-    async def _changed(self, kind: SettingKind, key: int) -> None:
+    async def _forget_everywhere(self, kind: SettingKind, key: int) -> None:
         """A setting this process just wrote: read again here, and in the other processes."""
         self._settings.forget(kind, key)
         await self._setting_changed(kind, key)
@@ -813,7 +813,7 @@ class Store(abc.ABC):
                 "ON CONFLICT (user_id) DO UPDATE SET defaults = excluded.defaults, updated_at = excluded.updated_at",
                 {"user": user_id, "defaults": json.dumps(defaults.to_dict()), "now": now},
             )
-        await self._changed("defaults", user_id)
+        await self._forget_everywhere("defaults", user_id)
 
     async def record_share(self, job: Job, message_id: int) -> None:
         """A finished result the member shared to the channel: its new message carries the job's
