@@ -611,6 +611,8 @@ class JobRunner:
             self._scheduler.stay(job_id)
             return
         finally:
+            # A job that failed at fal meanwhile is back in the bot's line and may already be
+            # asked back again under a new request: that ask's answer is not this one's to drop.
             if self._hand_back_answers.get(job_id) is answered:
                 del self._hand_back_answers[job_id]
             answered.set_result(answer == "OK")
