@@ -240,13 +240,14 @@ class JobRunner:
         if job.state is JobState.SUBMITTING:
             self._cancel_requests[job.id] = by_user
             return CancelOutcome.REQUESTED
-        if job.state.at_fal:
+        if job.state.at_fal and not await self._left_fals_line(job):
             answer = await self._ask_fal_to_cancel(job, by_user)
             if answer == "ALREADY_COMPLETED":
                 return CancelOutcome.TOO_LATE
             if answer == "CANCELLATION_REQUESTED":
                 return CancelOutcome.STARTED
-        # Still in the bot, or removed from fal's queue (OK) or unknown there (NOT_FOUND).
+        # Still in the bot, taken out of fal's line by the bot, or removed from fal's queue (OK)
+        # or unknown there (NOT_FOUND).
         return await self._stop_work(job, by_user)
 
     async def withdraw(self, job_id: int, reason: str) -> None:
@@ -285,12 +286,15 @@ class JobRunner:
 
     async def _stop_work(self, job: Job, by_user: int) -> CancelOutcome:
         work = self._work.get(job.id)
-        if work is None or work.done():
+        # Handed back, a job is between two works: its driver puts it back in line unless it ended.
+        between_works = job.id in self._handing_back
+        if (work is None or work.done()) and not between_works:
             return CancelOutcome.CANCELLED if job.state is JobState.CANCELLED else CancelOutcome.TOO_LATE
         # State first, then stop the work: the driver delivers as soon as the work ends.
         job.state = JobState.CANCELLED
         job.cancelled_by = by_user
-        work.cancel()
+        if work is not None:
+            work.cancel()
         await self._transition(job, JobState.CANCELLED)
         return CancelOutcome.CANCELLED
 
@@ -349,9 +353,10 @@ class JobRunner:
                 # otherwise the member cancelled it (cancel() recorded that), or it is handed back
             finally:
                 self._work.pop(job.id, None)
-            handed_back = job.id in self._handing_back
-            if handed_back:
-                await self._back_in_line(job)
+            # Out of fal's line: the next work puts it back in the bot's, so a member's cancel
+            # always finds a work to stop. One that ended meanwhile (cancelled) stays ended.
+            handed_back = job.id in self._handing_back and not job.state.is_final
+        self._handing_back.discard(job.id)
         if job.state is JobState.SUCCEEDED:
             await self._restore_images(job)
         await self._deliver(job)
@@ -359,6 +364,8 @@ class JobRunner:
     async def _run_at_fal(self, job: Job, *, handed_back: bool = False) -> None:
         """Take the job from where it stands to a final state, whatever goes wrong on the way
         (or, handed back from fal's line, back to the bot's)."""
+        if handed_back:
+            await self._back_in_line(job)
         deadline = self._deadline(job)
         admitted = job.state.at_fal
         try:
@@ -413,15 +420,18 @@ class JobRunner:
                 self._scheduler.left_fal(job.id, ran_for=ran)
 
     async def _failed_at_fal(self, job: Job, exc: FalError) -> None:
-        if (job.id in self._handing_back or NOTE_HANDED_BACK in job.notes) and job.started_at is None:
-            # fal removed it from its line as asked (maybe before a restart): back to the bot's.
-            self._handing_back.add(job.id)
-            return
         by_user = self._cancel_requests.get(job.id)
         if by_user is not None and (isinstance(exc, FalCancelled) or job.started_at is None):
             log.info("job %d: fal ended it after the cancel request (%s)", job.id, exc.code)
             job.cancelled_by = by_user
             await self._transition(job, JobState.CANCELLED)
+            return
+        # fal's answer for a job taken out of its line is not documented, so any error of a job
+        # that never started counts once fal said OK to the hand-back (or, the answer lost with
+        # a restart, once the bot had asked): it goes back to the bot's line. Not before: a job
+        # fal may still hold is not sent again.
+        if job.started_at is None and (await self._left_fals_line(job) or NOTE_HANDED_BACK in job.notes):
+            self._handing_back.add(job.id)
             return
         if isinstance(exc, FalAccountLocked):
             self.account.locked(exc.reason)
@@ -579,10 +589,12 @@ class JobRunner:
         return moved
 
     async def _left_fals_line(self, job: Job) -> bool:
-        """Whether fal ended this never-started job because the bot asked to take it out of fal's
-        line (the stream often says COMPLETED before the cancel's answer arrives)."""
+        """Whether fal took this job out of its line as the bot asked; an answer on its way is
+        waited for (fal's stream often says COMPLETED before the cancel's answer arrives)."""
         answer = self._hand_back_answers.get(job.id)
-        return answer is not None and await asyncio.shield(answer)
+        if answer is not None:
+            return await asyncio.shield(answer)
+        return job.id in self._handing_back
 
     def _hand_back_soon(self, job_id: int) -> None:
         task = asyncio.create_task(self._hand_back(job_id), name=f"job-{job_id}-hand-back")
@@ -611,17 +623,17 @@ class JobRunner:
             self._scheduler.stay(job_id)
             return
         finally:
-            # A job that failed at fal meanwhile is back in the bot's line and may already be
-            # asked back again under a new request: that ask's answer is not this one's to drop.
-            if self._hand_back_answers.get(job_id) is answered:
-                del self._hand_back_answers[job_id]
+            del self._hand_back_answers[job_id]
             answered.set_result(answer == "OK")
         if answer != "OK":  # it started meanwhile, or fal could not be asked: it stays
             self._handing_back.discard(job_id)
+            if answer == "CANCELLATION_REQUESTED":  # it runs; any other answer may hide a lost OK
+                job.notes = {key: value for key, value in job.notes.items() if key != NOTE_HANDED_BACK}
             self._scheduler.stay(job_id)
             return
-        log.info("job %d: handed back from fal's line to take its turn", job_id)
-        work.cancel()
+        if not job.state.is_final:  # not cancelled by its member meanwhile
+            log.info("job %d: handed back from fal's line to take its turn", job_id)
+            work.cancel()
 
     async def _back_in_line(self, job: Job) -> None:
         self._handing_back.discard(job.id)

@@ -8,7 +8,7 @@ import asyncio
 import time
 
 from fakes.fal_fake import JobScript
-from tests.e2e import finished, text
+from tests.e2e import button, finished, text
 
 RUN = 1.0
 
@@ -61,3 +61,46 @@ async def test_a_waiting_member_sees_an_honest_place_and_start_time(world):
     assert all("starting <t:" in text(h.original) for h in waiting)
     for handle in handles:
         assert text(await finished(handle, timeout=40)).startswith("✅")
+
+
+async def test_a_cancel_pressed_while_the_job_is_handed_back_is_kept(world):
+    """The member presses Cancel while the bot is asking fal to take the job out of its line
+    (fal is slow to answer): the job ends cancelled, and is not put back in the bot's line to be
+    sent, run and billed after all."""
+    world.fal.concurrency_limit = 2
+    # Long enough that the job cannot start at fal while its hand-back waits for an answer.
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=3 * RUN)
+    world.fal.fail_next("cancel", "hang")  # the first hand-back waits out a read timeout, then asks again
+    await world.start_bot()
+    members = {f"job {n}": world.discord.add_member(name=f"member{n}") for n in range(8)}
+    handles = {prompt: await world.kontext(user=m["id"], prompt=prompt) for prompt, m in members.items()}
+    await world.discord.wait_until(lambda: world.fal.count("cancel") > 0, timeout=20)
+    asked = world.fal.requests_for("cancel")[0]
+    prompt = world.fal.jobs[asked.request_id].payload["prompt"]
+    handle = handles.pop(prompt)
+    await world.discord.click_button(handle.original.id, button(handle.original, "cancel"), user=members[prompt]["id"])
+    message = await finished(handle, timeout=30)
+    assert text(message).startswith("🚫"), text(message)
+    for other in handles.values():
+        assert text(await finished(other, timeout=40)).startswith("✅")
+    assert [payload["prompt"] for payload in world.fal.submits].count(prompt) == 1
+    assert world.fal.jobs[asked.request_id].started_at is None
+
+
+async def test_a_hand_back_whose_answer_was_lost_still_takes_the_job_out_of_fal_s_line(world):
+    """fal takes the job out of its line but the answer never arrives; asked again, fal says the
+    job is complete. Its result says it was cancelled: the job waits its turn in the bot's line
+    and runs once, instead of failing with an error its member did not cause."""
+    world.fal.concurrency_limit = 2
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=3 * RUN)
+    world.fal.fail_next("cancel", "drop_after")
+    await world.start_bot()
+    members = {f"job {n}": world.discord.add_member(name=f"member{n}") for n in range(8)}
+    handles = {prompt: await world.kontext(user=m["id"], prompt=prompt) for prompt, m in members.items()}
+    await world.discord.wait_until(lambda: world.fal.count("cancel") > 0, timeout=20)
+    asked = world.fal.requests_for("cancel")[0]
+    prompt = world.fal.jobs[asked.request_id].payload["prompt"]
+    for handle in handles.values():
+        assert text(await finished(handle, timeout=40)).startswith("✅")
+    sent = [job for job in world.fal.jobs.values() if job.payload["prompt"] == prompt]
+    assert len(sent) == 2 and sent[0].cancelled and sent[0].started_at is None and sent[1].started_at is not None
