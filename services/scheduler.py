@@ -267,7 +267,10 @@ class FairScheduler:
                 self._remove(waiter)
                 self._schedule_places()
             elif waiter.ready.done() and not waiter.ready.cancelled():
-                self._release_waiters()  # let in just as it gave up: the room goes to the next
+                # Let in just as it gave up: the room it held goes to the next.
+                self._at_fal.pop(job_id, None)
+                self._owners.pop(job_id, None)
+                self._release_waiters()
             raise
 
     def _remove(self, waiter: _Waiter) -> None:

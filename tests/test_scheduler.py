@@ -211,6 +211,18 @@ async def test_a_job_that_gives_up_leaves_the_line():
     assert s.waiting == 0
 
 
+async def test_a_job_let_in_just_as_it_gives_up_leaves_its_room_to_the_next():
+    s, _, _ = scheduler(Clock(), cap=1)
+    await s.admit(0, 1, 1)
+    waiting = asyncio.ensure_future(s.admit(1, 1, 2))
+    await asyncio.sleep(0)
+    s.left_fal(0, ran_for=None)  # job 1 is let in; it gives up before it hears so
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert s.queued_at_fal == 0 and not s.must_wait()
+    await asyncio.wait_for(s.admit(2, 1, 3), 1)
+
+
 async def test_start_estimates_once_the_limit_is_known():
     clock = Clock()
     s, _, _ = scheduler(clock)
