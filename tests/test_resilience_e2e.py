@@ -519,8 +519,12 @@ async def test_cancel_survives_a_flaky_cancel_call(world, faults):
 
 
 async def test_sigterm_with_jobs_running_exits_cleanly_and_they_finish(world):
-    world.fal.script_next(JobScript(queue_positions=(2, 1, 0), step=0.4, run_time=0.2))
-    world.fal.script_next(JobScript(queue_positions=(0,), step=0.05, run_time=1.0))
+    # By prompt: the two submits may reach fal in either order.
+    scripts = {
+        "first": JobScript(queue_positions=(2, 1, 0), step=0.4, run_time=0.2),
+        "second": JobScript(queue_positions=(0,), step=0.05, run_time=1.0),
+    }
+    world.fal.script_for(lambda payload: scripts.get(payload.get("prompt")))
     await world.start_bot()
     queued = await world.kontext(prompt="first")
     running = await world.kontext(prompt="second")
