@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from services.policy import GuildPolicy
+from services.redact import describe_error
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -23,5 +24,5 @@ async def post_to_log_channel(bot: KontextBot, policy: GuildPolicy, content: str
         channel = bot.get_channel(policy.log_channel_id) or await bot.fetch_channel(policy.log_channel_id)
         if isinstance(channel, discord.abc.Messageable):
             await channel.send(content[:2000], allowed_mentions=discord.AllowedMentions.none())
-    except discord.HTTPException as exc:
-        log.warning("could not post to log channel %d: %s", policy.log_channel_id, exc)
+    except Exception as exc:  # Discord's refusal or the way there failing: the log is not worth an error
+        log.warning("could not post to log channel %d: %s", policy.log_channel_id, describe_error(exc))

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -171,7 +171,8 @@ class DiscordPresenter:
         self._edit_interval = edit_interval
         self._metrics = metrics
         self._tickers: dict[int, ProgressTicker] = {}
-        self._withdrawals: set[asyncio.Task[None]] = set()
+        # Withdrawals and the moderators' log lines: started here, not waited for.
+        self._background: set[asyncio.Task[None]] = set()
 
     def job_changed(self, job: Job) -> None:
         if job.state.is_final or not job.token_valid() or NOTE_WITHDRAWN in job.notes:
@@ -200,9 +201,12 @@ class DiscordPresenter:
 
     def _reply_gone(self, job: Job) -> None:
         log.info("job %d: its reply was deleted; the job is withdrawn", job.id)
-        task = asyncio.create_task(self._bot.runner.withdraw(job.id, "its reply was deleted"))
-        self._withdrawals.add(task)
-        task.add_done_callback(self._withdrawals.discard)
+        self._in_background(self._bot.runner.withdraw(job.id, "its reply was deleted"))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         tickers = list(self._tickers.values())
@@ -223,8 +227,16 @@ class DiscordPresenter:
             self._metrics.discord_error(discord_error_kind(exc))
             raise
         if job.place is JobPlace.SERVER and job.guild_id is not None:
-            policy = await self._bot.store.policy(job.guild_id)
-            await post_to_log_channel(self._bot, policy, job_log_line(job, server_texts(self._bot, job.guild_id)))
+            # The member has the result: a slow or failing log channel must not hold the job open.
+            self._in_background(self._log_job(job, job.guild_id))
+
+    async def _log_job(self, job: Job, guild_id: int) -> None:
+        try:
+            policy = await self._bot.store.policy(guild_id)
+        except Exception as exc:
+            log.warning("job %d: no log line (the server's policy could not be read: %s)", job.id, describe_error(exc))
+            return
+        await post_to_log_channel(self._bot, policy, job_log_line(job, server_texts(self._bot, guild_id)))
 
     async def _show(self, job: Job, progress: DeliveryProgress) -> None:
         rendered = render(job)

@@ -162,3 +162,19 @@ async def test_changes_and_jobs_are_posted_in_the_log_channel(world):
     assert "a hat @\u200beveryone" in job_line and "tolerance 3" in job_line and message.id in job_line
     assert all(m.allowed_mentions == {"parse": []} for m in world.discord.channel_messages(log_channel))
     assert not any(m.flags & EPHEMERAL for m in world.discord.channel_messages(log_channel))
+
+
+async def test_a_log_channel_that_does_not_answer_does_not_hold_the_job_open(world):
+    """The log line is the moderators' side note: the job is done once its member has the
+    result, however long the log channel takes (here: the post is lost in flight)."""
+    await world.start_bot()
+    channel = world.discord.add_channel("kontext-log")
+    await world.discord.dispatch("CHANNEL_CREATE", channel)
+    await admin(world, "log-channel", channel=channel["id"])
+    world.discord.fail_next("POST", rf"^/channels/{channel['id']}/messages$", status="hang")
+    message = await finished(await world.kontext())
+    assert text(message).startswith("✅")
+    await world.discord.wait_until(lambda: "delivered (succeeded)" in world.bot.log_text(), timeout=5)
+    world.discord.release_hangs()  # the post fails: a warning, nothing more
+    await world.discord.wait_until(lambda: "could not post to log channel" in world.bot.log_text(), timeout=5)
+    await finished(await world.kontext(prompt="and the next one"))
