@@ -86,7 +86,7 @@ Modelled behaviour, with its source ("P2" = part 2, "P1" = part 1 of the referen
   ``fal.uploads``; served back without auth; ``expire_uploads()``; lifecycle header honoured.
 * Result retention: result 404 after ``JobScript.result_ttl`` (fal: 1 h, 6 min for >=10 KB; P2 §1.4);
   default None = kept.
-* Transport faults: ``fail_next(op, "drop"|"drop_after"|"hang"|"malformed")`` (see its doc);
+* Transport faults: ``fail_next(op, "drop"|"drop_after"|"hang"|"hang_after"|"malformed")`` (see its doc);
   ``refuse_connections()`` stops listening (a host that is down: connecting is refused, nothing is
   sent) until ``accept_connections()``.
 * Hygiene: ``fal.violations`` lists any request carrying ``Authorization: Key ...`` to a CDN/file URL or
@@ -172,7 +172,7 @@ LOCKED_OPS = ("submit", "storage_token", "storage_initiate", "upload")
 # so it may have acted (the job / cancel / upload happened, the answer says 5xx).
 ACTING_OPS = ("submit", "cancel", "storage_token", "storage_initiate", "upload", "upload_put")
 INGRESS_FAULTS = ("ingress_502", "ingress_503", "ingress_504")
-FAULT_KINDS = ("drop", "drop_after", "hang", "malformed", "500_after_record", *INGRESS_FAULTS)
+FAULT_KINDS = ("drop", "drop_after", "hang", "hang_after", "malformed", "500_after_record", *INGRESS_FAULTS)
 # What "malformed" answers: a header line without a colon, as a broken proxy on the path might
 # send. aiohttp cannot parse it and raises ClientResponseError, which carries the request's
 # headers (the fal key among them).
@@ -1177,6 +1177,8 @@ class FakeFal:
         * "drop": close the connection before doing anything (submit: no job).
         * "drop_after": process normally, then close without answering (submit: job created).
         * "hang": never answer until stop().
+        * "hang_after": process normally, then never answer until stop() (the answer is lost on
+          the way, and a client waits for it until its read timeout).
         * "malformed": answer with a response HTTP cannot parse (`MALFORMED_ANSWER`), then close,
           before doing anything (submit: no job): something broken on the path.
         """
@@ -1614,6 +1616,11 @@ class FakeFal:
                     )
 
         resp = await self._route(request, rec, op, endpoint, raw, body_json)
+        if fault is not None and fault.status == "hang_after":
+            rec.status = None
+            assert self._closing_event is not None
+            await self._closing_event.wait()
+            return self._drop(request)
         if fault is not None and fault.status == "drop_after":
             rec.status = None
             if isinstance(resp, web.Response):

@@ -104,3 +104,27 @@ async def test_a_hand_back_whose_answer_was_lost_still_takes_the_job_out_of_fal_
         assert text(await finished(handle, timeout=40)).startswith("✅")
     sent = [job for job in world.fal.jobs.values() if job.payload["prompt"] == prompt]
     assert len(sent) == 2 and sent[0].cancelled and sent[0].started_at is None and sent[1].started_at is not None
+
+
+async def test_a_restart_while_fal_s_answer_to_a_hand_back_is_lost_still_runs_the_job_once(world):
+    """fal takes the job out of its line, the answer is lost and the bot stops before asking
+    again. The restarted bot finds the job ended at fal without starting; its record says it was
+    being handed back, so it waits its turn in the bot's line and runs once."""
+    world.fal.concurrency_limit = 2
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=3 * RUN)
+    world.fal.fail_next("cancel", "hang_after")  # the bot waits for the answer until it is stopped
+    await world.start_bot()
+    members = {f"job {n}": world.discord.add_member(name=f"member{n}") for n in range(8)}
+    handles = {prompt: await world.kontext(user=m["id"], prompt=prompt) for prompt, m in members.items()}
+    await world.discord.wait_until(lambda: world.fal.count("cancel") > 0, timeout=20)
+    await world.bot.kill()
+    lost = world.fal.requests_for("cancel")[0]  # the answer that never came back
+    assert world.fal.jobs[lost.request_id].cancelled
+    await world.start_bot()
+    prompt = world.fal.jobs[lost.request_id].payload["prompt"]
+    for handle in handles.values():
+        assert text(await finished(handle, timeout=40)).startswith("✅")
+    sent = [job for job in world.fal.jobs.values() if job.payload["prompt"] == prompt]
+    assert len(sent) == 2 and sent[0].started_at is None and sent[1].started_at is not None
+    # The restarted bot needed no answer from fal: it did not ask again.
+    assert len(world.fal.requests_for("cancel", request_id=lost.request_id)) == 1

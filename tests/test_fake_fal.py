@@ -707,6 +707,14 @@ async def test_fail_next_drop_hang_and_read_faults(fal, http):
         async with http.get(sub["status_url"], headers=AUTH, timeout=aiohttp.ClientTimeout(total=0.2)):
             pass
     assert await fal.wait_for_submits(2, timeout=1) and len(fal.submits) == 2
+    # "hang_after": done at fal (here: the queued job is cancelled), the answer never comes.
+    fal.script_next(JobScript(queue_positions=(5, 4, 3, 2, 1, 0), step=10))
+    _, queued = await submit(http, fal)
+    fal.fail_next("cancel", "hang_after")
+    with pytest.raises(asyncio.TimeoutError):
+        async with http.put(queued["cancel_url"], headers=AUTH, timeout=aiohttp.ClientTimeout(total=0.2)):
+            pass
+    assert fal.jobs[queued["request_id"]].cancelled and fal.count("cancel") == 1
     with pytest.raises(ValueError):
         fal.fail_next("submit", "ingress_500")
 
