@@ -63,19 +63,29 @@ async def test_a_waiting_member_sees_an_honest_place_and_start_time(world):
         assert text(await finished(handle, timeout=40)).startswith("✅")
 
 
-async def test_a_cancel_pressed_while_the_job_is_handed_back_is_kept(world):
-    """The member presses Cancel while the bot is asking fal to take the job out of its line
-    (fal is slow to answer): the job ends cancelled, and is not put back in the bot's line to be
-    sent, run and billed after all."""
+async def first_hand_back(world, fault: str):
+    """Eight members' jobs at fal with its account limit 2, each running long enough that none
+    starts while a hand-back waits for its answer; the bot's first ask of fal meets `fault`.
+    Returns the members and replies by prompt, and that first ask as fal recorded it."""
     world.fal.concurrency_limit = 2
-    # Long enough that the job cannot start at fal while its hand-back waits for an answer.
     world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=3 * RUN)
-    world.fal.fail_next("cancel", "hang")  # the first hand-back waits out a read timeout, then asks again
+    world.fal.fail_next("cancel", fault)
     await world.start_bot()
     members = {f"job {n}": world.discord.add_member(name=f"member{n}") for n in range(8)}
     handles = {prompt: await world.kontext(user=m["id"], prompt=prompt) for prompt, m in members.items()}
     await world.discord.wait_until(lambda: world.fal.count("cancel") > 0, timeout=20)
-    asked = world.fal.requests_for("cancel")[0]
+    return members, handles, world.fal.requests_for("cancel")[0]
+
+
+def sent_as(world, prompt: str) -> list:
+    return [job for job in world.fal.jobs.values() if job.payload["prompt"] == prompt]
+
+
+async def test_a_cancel_pressed_while_the_job_is_handed_back_is_kept(world):
+    """The member presses Cancel while the bot is asking fal to take the job out of its line
+    (fal is slow to answer: the first ask waits out a read timeout): the job ends cancelled, and
+    is not put back in the bot's line to be sent, run and billed after all."""
+    members, handles, asked = await first_hand_back(world, "hang")
     prompt = world.fal.jobs[asked.request_id].payload["prompt"]
     handle = handles.pop(prompt)
     await world.discord.click_button(handle.original.id, button(handle.original, "cancel"), user=members[prompt]["id"])
@@ -83,48 +93,34 @@ async def test_a_cancel_pressed_while_the_job_is_handed_back_is_kept(world):
     assert text(message).startswith("🚫"), text(message)
     for other in handles.values():
         assert text(await finished(other, timeout=40)).startswith("✅")
-    assert [payload["prompt"] for payload in world.fal.submits].count(prompt) == 1
-    assert world.fal.jobs[asked.request_id].started_at is None
+    (sent,) = sent_as(world, prompt)
+    assert sent.started_at is None
 
 
 async def test_a_hand_back_whose_answer_was_lost_still_takes_the_job_out_of_fal_s_line(world):
     """fal takes the job out of its line but the answer never arrives; asked again, fal says the
     job is complete. Its result says it was cancelled: the job waits its turn in the bot's line
     and runs once, instead of failing with an error its member did not cause."""
-    world.fal.concurrency_limit = 2
-    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=3 * RUN)
-    world.fal.fail_next("cancel", "drop_after")
-    await world.start_bot()
-    members = {f"job {n}": world.discord.add_member(name=f"member{n}") for n in range(8)}
-    handles = {prompt: await world.kontext(user=m["id"], prompt=prompt) for prompt, m in members.items()}
-    await world.discord.wait_until(lambda: world.fal.count("cancel") > 0, timeout=20)
-    asked = world.fal.requests_for("cancel")[0]
+    _, handles, asked = await first_hand_back(world, "drop_after")
     prompt = world.fal.jobs[asked.request_id].payload["prompt"]
     for handle in handles.values():
         assert text(await finished(handle, timeout=40)).startswith("✅")
-    sent = [job for job in world.fal.jobs.values() if job.payload["prompt"] == prompt]
-    assert len(sent) == 2 and sent[0].cancelled and sent[0].started_at is None and sent[1].started_at is not None
+    first, second = sent_as(world, prompt)
+    assert first.cancelled and first.started_at is None and second.started_at is not None
 
 
 async def test_a_restart_while_fal_s_answer_to_a_hand_back_is_lost_still_runs_the_job_once(world):
-    """fal takes the job out of its line, the answer is lost and the bot stops before asking
-    again. The restarted bot finds the job ended at fal without starting; its record says it was
-    being handed back, so it waits its turn in the bot's line and runs once."""
-    world.fal.concurrency_limit = 2
-    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=3 * RUN)
-    world.fal.fail_next("cancel", "hang_after")  # the bot waits for the answer until it is stopped
-    await world.start_bot()
-    members = {f"job {n}": world.discord.add_member(name=f"member{n}") for n in range(8)}
-    handles = {prompt: await world.kontext(user=m["id"], prompt=prompt) for prompt, m in members.items()}
-    await world.discord.wait_until(lambda: world.fal.count("cancel") > 0, timeout=20)
+    """fal takes the job out of its line, the answer is lost and the bot is stopped while it
+    waits for it. The restarted bot finds the job ended at fal without starting; its record says
+    it was being handed back, so it waits its turn in the bot's line and runs once."""
+    _, handles, lost = await first_hand_back(world, "hang_after")
     await world.bot.kill()
-    lost = world.fal.requests_for("cancel")[0]  # the answer that never came back
     assert world.fal.jobs[lost.request_id].cancelled
     await world.start_bot()
     prompt = world.fal.jobs[lost.request_id].payload["prompt"]
     for handle in handles.values():
         assert text(await finished(handle, timeout=40)).startswith("✅")
-    sent = [job for job in world.fal.jobs.values() if job.payload["prompt"] == prompt]
-    assert len(sent) == 2 and sent[0].started_at is None and sent[1].started_at is not None
+    first, second = sent_as(world, prompt)
+    assert first.started_at is None and second.started_at is not None
     # The restarted bot needed no answer from fal: it did not ask again.
     assert len(world.fal.requests_for("cancel", request_id=lost.request_id)) == 1
