@@ -109,6 +109,8 @@ class KontextBot(commands.AutoShardedBot):
             ),
             account=AccountGate(settings.fal_lock_retry_seconds),
             max_concurrent_jobs=settings.max_concurrent_jobs,
+            # Waiting members' places, recomputed as often as a reply may show them.
+            places_interval=settings.edit_interval,
             job_timeout=settings.job_timeout,
             backoff=backoff,
             metrics=metrics,

@@ -114,6 +114,7 @@ class JobRunner:
         inputs: InputStager,
         account: AccountGate,
         max_concurrent_jobs: int | None,
+        places_interval: float,
         job_timeout: float,
         backoff: Backoff,
         metrics: Metrics,
@@ -129,7 +130,9 @@ class JobRunner:
         self._backoff = backoff
         self._metrics = metrics
         self._price = price_per_image
-        self._scheduler = FairScheduler(self._show_places, self._hand_back_soon, cap=max_concurrent_jobs)
+        self._scheduler = FairScheduler(
+            self._show_places, self._hand_back_soon, cap=max_concurrent_jobs, places_interval=places_interval
+        )
         self._jobs: dict[int, Job] = {}
         self._drivers: dict[int, asyncio.Task[None]] = {}
         self._work: dict[int, asyncio.Task[None]] = {}

@@ -100,6 +100,10 @@ def fair_order(
 
 
 class FairScheduler:
+    """The bot's line and fal's limit (see the module docstring). `on_places` hears the waiting
+    jobs' places at most once per `places_interval` seconds: each report is a pass over the whole
+    line, and a long line moving fast would otherwise cost one at every step."""
+
     def __init__(
         self,
         on_places: Callable[[dict[int, Place]], None],
@@ -108,6 +112,7 @@ class FairScheduler:
         cap: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        places_interval: float = 1.0,
     ) -> None:
         self._on_places = on_places
         self._on_displace = on_displace
@@ -136,6 +141,8 @@ class FairScheduler:
         self._job_length = FIRST_JOB_LENGTH_GUESS
         self._runs_seen = 0
         self._places_due = False
+        self._places_interval = places_interval
+        self._places_reported_at = -math.inf  # on the event loop's clock
 
     # -- what the runner reports --------------------------------------------------------------
 
@@ -333,13 +340,21 @@ class FairScheduler:
     # -- places and start times ---------------------------------------------------------------
 
     def _schedule_places(self) -> None:
-        """Places are computed once per loop turn, however many jobs joined or left in it."""
-        if not self._places_due:
-            self._places_due = True
-            asyncio.get_running_loop().call_soon(self._report_places)
+        """Places are computed once however many jobs joined or left meanwhile: at once after a
+        quiet while, else `places_interval` after the last report."""
+        if self._places_due:
+            return
+        self._places_due = True
+        loop = asyncio.get_running_loop()
+        wait = self._places_reported_at + self._places_interval - loop.time()
+        if wait > 0:
+            loop.call_later(wait, self._report_places)
+        else:
+            loop.call_soon(self._report_places)
 
     def _report_places(self) -> None:
         self._places_due = False
+        self._places_reported_at = asyncio.get_running_loop().time()
         self._on_places(self.places())
 
     def places(self) -> dict[int, Place]:

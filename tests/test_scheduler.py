@@ -20,7 +20,7 @@ class Clock:
 def scheduler(clock: Clock, *, cap: int | None = None):
     handed_back: list[int] = []
     places: list[dict[int, Place]] = []
-    s = FairScheduler(places.append, handed_back.append, cap=cap, clock=clock, wall_clock=clock)
+    s = FairScheduler(places.append, handed_back.append, cap=cap, clock=clock, wall_clock=clock, places_interval=0)
     return s, handed_back, places
 
 
@@ -221,6 +221,23 @@ async def test_a_job_let_in_just_as_it_gives_up_leaves_its_room_to_the_next():
     await asyncio.gather(waiting, return_exceptions=True)
     assert s.queued_at_fal == 0 and not s.must_wait()
     await asyncio.wait_for(s.admit(2, 1, 3), 1)
+
+
+async def test_places_are_reported_at_once_then_at_most_once_an_interval():
+    """A long line moving fast costs one pass over it per interval, not one per step."""
+    places: list[dict[int, Place]] = []
+    s = FairScheduler(places.append, lambda job: None, cap=1, places_interval=0.05)
+    await s.admit(0, 1, 0)
+    waits = []
+    for job in range(1, 21):
+        waits.append(asyncio.ensure_future(s.admit(job, 1, job)))
+        await asyncio.sleep(0)
+    assert [list(p) for p in places] == [[1]]  # the first change, at once
+    await asyncio.sleep(0.2)
+    assert len(places) == 2 and list(places[-1]) == list(range(1, 21))  # the rest, together
+    for wait in waits:
+        wait.cancel()
+    await asyncio.gather(*waits, return_exceptions=True)
 
 
 async def test_start_estimates_once_the_limit_is_known():
