@@ -1065,6 +1065,7 @@ class FakeFal:
         self._closing = False
         self._closing_event: asyncio.Event | None = None
         self._submit_event: asyncio.Event | None = None
+        self._recorded_event = asyncio.Event()
         self._bg: set[asyncio.Task] = set()
         # scheduler
         self._concurrency_limit = concurrency_limit
@@ -1101,6 +1102,7 @@ class FakeFal:
         self._loop = asyncio.get_running_loop()
         self._closing_event = asyncio.Event()
         self._submit_event = asyncio.Event()
+        self._recorded_event = asyncio.Event()
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False)
@@ -1269,6 +1271,16 @@ class FakeFal:
 
         await asyncio.wait_for(_wait(), timeout)
         return self.submits
+
+    async def wait_for_requests(self, op: str, n: int = 1, timeout: float = 5.0) -> list[Recorded]:
+        """Until `n` requests of `op` have arrived (answered or not); returns them."""
+
+        async def _wait() -> None:
+            while self.count(op) < n:
+                await self._recorded_event.wait()
+
+        await asyncio.wait_for(_wait(), timeout)
+        return self.requests_for(op)
 
     # -- scheduler -------------------------------------------------------------------
     # Events (a job passing its minimum queue time, a job's end freeing its slot) are
@@ -1576,6 +1588,8 @@ class FakeFal:
             request_id=req_id,
         )
         self.requests.append(rec)
+        recorded, self._recorded_event = self._recorded_event, asyncio.Event()
+        recorded.set()
         auth = request.headers.get("Authorization", "")
         if op in CDN_OPS and auth.startswith("Key "):
             self.violations.append(f"fal key sent to the CDN / upload host: {method} {path}")

@@ -63,18 +63,19 @@ async def test_a_waiting_member_sees_an_honest_place_and_start_time(world):
         assert text(await finished(handle, timeout=40)).startswith("✅")
 
 
-async def first_hand_back(world, fault: str):
+async def first_hand_back(world, fault: str, **settings: str):
     """Eight members' jobs at fal with its account limit 2, each running long enough that none
     starts while a hand-back waits for its answer; the bot's first ask of fal meets `fault`.
-    Returns the members and replies by prompt, and that first ask as fal recorded it."""
+    Returns (as soon as fal has it) the members and replies by prompt, and that first ask as fal
+    recorded it."""
     world.fal.concurrency_limit = 2
     world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=3 * RUN)
     world.fal.fail_next("cancel", fault)
-    await world.start_bot()
+    await world.start_bot(**settings)
     members = {f"job {n}": world.discord.add_member(name=f"member{n}") for n in range(8)}
     handles = {prompt: await world.kontext(user=m["id"], prompt=prompt) for prompt, m in members.items()}
-    await world.discord.wait_until(lambda: world.fal.count("cancel") > 0, timeout=20)
-    return members, handles, world.fal.requests_for("cancel")[0]
+    (first, *_) = await world.fal.wait_for_requests("cancel", timeout=20)
+    return members, handles, first
 
 
 def sent_as(world, prompt: str) -> list:
@@ -113,7 +114,8 @@ async def test_a_restart_while_fal_s_answer_to_a_hand_back_is_lost_still_runs_th
     """fal takes the job out of its line, the answer is lost and the bot is stopped while it
     waits for it. The restarted bot finds the job ended at fal without starting; its record says
     it was being handed back, so it waits its turn in the bot's line and runs once."""
-    _, handles, lost = await first_hand_back(world, "hang_after")
+    # A long read timeout: the bot is still waiting for the answer when it is killed.
+    _, handles, lost = await first_hand_back(world, "hang_after", FAL_READ_TIMEOUT="10")
     await world.bot.kill()
     assert world.fal.jobs[lost.request_id].cancelled
     await world.start_bot()
