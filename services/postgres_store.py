@@ -122,6 +122,16 @@ class PostgresStore(Store):
     """`PostgresStore(dsn, instance_id=..., lease_seconds=...)`."""
 
     shared = True
+    # The connection lost or refused, the server shutting down or starting, a statement past
+    # its timeout, a transaction the server rolled back (serialization, deadlock).
+    transient_errors = (
+        OSError,
+        TimeoutError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        asyncpg.exceptions.OperatorInterventionError,
+        asyncpg.exceptions.TransactionRollbackError,
+    )
     _day_of_created = "FLOOR(created_at / 86400)::BIGINT"
 
     def __init__(self, dsn: str, *, instance_id: str, lease_seconds: float) -> None:
@@ -130,6 +140,8 @@ class PostgresStore(Store):
         self.slot = instance_id
         self.run = secrets.token_hex(8)
         self._lease_seconds = lease_seconds
+        # Past its lease a job may be another process's: it is let go, to be claimed again.
+        self.write_retry_seconds = lease_seconds
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._relistening: asyncio.Task[None] | None = None

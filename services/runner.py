@@ -40,7 +40,7 @@ from .redact import describe_error
 from .results import ResultCustody
 from .retry import Backoff, retrying
 from .scheduler import FairScheduler, Place
-from .store import LeaseLost, Store
+from .store import LeaseLost, Store, StoreFailed
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,10 @@ class JobRunner:
 
     def start(self, job: Job, *, message_id: int) -> None:
         """Start driving an accepted job whose reply message is `message_id` (stored with the
-        job's next write: at once if it has to wait for a slot, else with SUBMITTING)."""
+        job's next write: at once if it has to wait for a slot, else with SUBMITTING). Raises
+        RunnerStopped once stopping: the job stays as stored, with no reply on record."""
+        if self._stopping:
+            raise RunnerStopped()
         job.message_id = message_id
         self._start(job)
 
@@ -332,17 +335,24 @@ class JobRunner:
             del self._drivers[job_id]
             self._jobs.pop(job_id, None)
             self._cancel_requests.pop(job_id, None)
-        if not job.finished:
+        error = None if task.cancelled() else task.exception()
+        # A job finished in memory whose last write failed is unfinished in the database.
+        if not job.finished or error is not None:
             self._store.let_go(job)
             self._listener.job_dropped(job)
-        if not task.cancelled() and isinstance(task.exception(), LeaseLost):
+        if isinstance(error, LeaseLost):
             log.warning("job %d: another process holds it now; this one stopped driving it", job_id)
-        elif not task.cancelled() and task.exception() is not None:
-            # Only the store failing can get here: the job stays unfinished and resumes at the
-            # next start (sharing the database: once its lease runs out, here or elsewhere).
-            log.error("job %d stopped unfinished", job_id, exc_info=task.exception())
+        elif error is not None:
+            # Only the store failing can get here (StoreFailed): the job resumes from its row
+            # at the next start (sharing the database: once its lease runs out, here or elsewhere).
+            log.error("job %d stopped unfinished", job_id, exc_info=error)
 
     async def _drive(self, job: Job) -> None:
+        if job.message_id is None:
+            # Accepted, then the process stopped before the job's reply was stored, which is
+            # before anything was sent to fal: nothing was spent, and there is nowhere to show it.
+            await self.abandon(job, "the bot stopped before the job started")
+            return
         handed_back = False
         while not job.state.is_final:
             work = asyncio.create_task(self._run_at_fal(job, handed_back=handed_back), name=f"job-{job.id}-work")
@@ -397,6 +407,8 @@ class JobRunner:
                 return
             if job.state.at_fal:
                 await self._follow(job, deadline)
+        except StoreFailed:
+            raise  # nothing went wrong with the job itself: it resumes from its stored state
         except FalError as exc:
             await self._failed_at_fal(job, exc)
         except InputRejected as exc:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ class SqliteStore(Store):
     """`SqliteStore(path)`: the database file at `path`, in a folder this process takes."""
 
     _day_of_created = "CAST(created_at / 86400 AS INTEGER)"
+    # Locked past the busy timeout, an I/O error, a full disk.
+    transient_errors = (sqlite3.OperationalError,)
 
     def __init__(self, path: Path) -> None:
         super().__init__()

@@ -30,9 +30,13 @@ from .job import NOTE_SHARED_AS, Job, JobPlace, JobRequest, JobResult, JobState
 from .member_defaults import MemberDefaults
 from .policy import GuildPolicy, Usage, day_start, month_start, policy_from_dict, policy_to_dict
 from .recipes import PastPrompt, Recipe
+from .redact import describe_error
+from .retry import Backoff, retrying
 from .settings_cache import SettingKind, SettingsCache
 
 log = logging.getLogger(__name__)
+
+WRITE_BACKOFF = Backoff(base=0.2, factor=2.0, cap=5.0)
 
 
 @dataclass(frozen=True)
@@ -450,6 +454,16 @@ class StoreUnavailable(Exception):
     """The database must not be used as it is; the message says why and can be printed."""
 
 
+class StoreFailed(Exception):
+    """A job's write kept failing for a reason of the database's own (connection lost, server
+    restarting, disk): what the row holds is unknown but intact, and the job resumes from it
+    (at the next start; sharing the database, once its lease runs out, here or elsewhere)."""
+
+    def __init__(self, job_id: int, cause: BaseException) -> None:
+        super().__init__(f"job {job_id} could not be written: {describe_error(cause)}")
+        self.job_id = job_id
+
+
 class LeaseLost(BaseException):
     """This process no longer holds the job's lease (another process took it over, or this one
     could not renew it in time): stop driving it, and write and show nothing more of it.
@@ -505,6 +519,10 @@ class Store(abc.ABC):
 
     # Whether several processes use the database at once (then leases decide who drives a job).
     shared: bool = False
+    # What the engine raises when the database, not the statement, failed: worth trying again,
+    # for this long (seconds) before the job is left to resume from its row.
+    transient_errors: tuple[type[BaseException], ...]
+    write_retry_seconds = 30.0
     # The UTC day number of a job's created_at, as this engine writes integer division.
     _day_of_created: str
 
@@ -628,12 +646,30 @@ class Store(abc.ABC):
         else:
             self._written.pop(job.id, None)  # finished: no more writes expected
         if changed:
+
+            async def write() -> None:
+                nonlocal changed
+                try:
+                    await self._update_job(job, changed, durable=durable)
+                except BaseException:
+                    # What the database holds is unknown now: the whole row is written next (a
+                    # retry writes the job as it is then, not changes another save may have
+                    # overtaken).
+                    self._written.pop(job.id, None)
+                    changed = _to_row(job)
+                    raise
+
             try:
-                await self._update_job(job, changed, durable=durable)
-            except BaseException:
-                # What the database holds is unknown now: the next save writes the whole row.
-                self._written.pop(job.id, None)
-                raise
+                # Through a short outage of the database (a failover, a restart of the server).
+                await retrying(
+                    write,
+                    retryable=lambda exc: isinstance(exc, self.transient_errors),
+                    backoff=WRITE_BACKOFF,
+                    deadline=asyncio.get_running_loop().time() + self.write_retry_seconds,
+                    what=f"job {job.id}'s write",
+                )
+            except self.transient_errors as exc:
+                raise StoreFailed(job.id, exc) from exc
         if job.delivered_at is not None:
             self.let_go(job)
 

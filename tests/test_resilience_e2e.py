@@ -99,6 +99,21 @@ async def test_kill_at_fal_resumes_the_same_request_and_delivers_once(world, scr
     await still_serving(world)
 
 
+async def test_kill_before_the_reply_exists_closes_the_job_without_sending_it(world):
+    """Accepted (its row written), then killed while Discord holds the acknowledgement: the
+    restarted bot has no reply to show the job in, so it closes it, and sends nothing to fal."""
+    await world.start_bot()
+    world.discord.fail_next("POST", r"/interactions/\d+/[^/]+/callback$", status="hang")
+    await world.kontext()
+    await world.discord.wait_until(lambda: "accepted" in world.bot.log_text())
+    await restart(world)
+    await world.discord.wait_until(lambda: "abandoned before it started" in world.bot.log_text())
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        assert db.execute("SELECT state, error_code FROM jobs").fetchall() == [("failed", "abandoned")]
+    assert world.fal.count("submit") == 0
+    await still_serving(world)
+
+
 async def test_kill_while_downloading_the_result(world):
     """Completed at fal, the result file download in flight: fetched again after the restart."""
     await world.start_bot()

@@ -24,7 +24,7 @@ from services.member_defaults import MemberDefaults
 from services.policy import GuildPolicy, month_start
 from services.postgres_store import PostgresStore
 from services.sqlite_store import SqliteStore
-from services.store import _SPENT, MIGRATIONS, Store, _to_row, migration_text
+from services.store import _SPENT, MIGRATIONS, Store, StoreFailed, _to_row, migration_text
 
 NOW = time.time()
 
@@ -292,17 +292,40 @@ async def test_an_unreadable_row_is_closed_at_the_next_start(new_store: Opener):
 async def test_a_failed_write_is_written_whole_by_the_next_save(tmp_path: Path):
     """A write that failed (disk full) must not leave save() believing the row is stored."""
     async with SqliteStore(tmp_path / "db.sqlite3") as store:
+        store.write_retry_seconds = 0  # no retries: the disk stays full
         job = await store.create_job(request())
         ((pages,),) = await store._db.execute_fetchall("PRAGMA page_count")
         await store._db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is "full"
         job.state, job.request, job.error_detail = JobState.QUEUED, FalRequest("req-1", "s", "r", "c"), "x" * 200_000
-        with pytest.raises(sqlite3.Error):
+        with pytest.raises(StoreFailed) as failed:
             await store.save(job)
+        assert isinstance(failed.value.__cause__, sqlite3.OperationalError)
         await store._db.execute("PRAGMA max_page_count = 1073741823")  # space is back
         job.error_detail, job.queue_position = None, 3
         await store.save(job)
         loaded = await store.get_job(job.id)
         assert loaded is not None and loaded.state is JobState.QUEUED and loaded.request == job.request
+
+
+async def test_a_retried_write_stores_the_job_as_it_is_when_retried(tmp_path: Path):
+    """The database failed a write once (a dropped connection): the retry writes the whole row as
+    the job is by then, so a change made meanwhile is stored and nothing older overwrites it."""
+    async with SqliteStore(tmp_path / "db.sqlite3") as store:
+        job = await store.create_job(request())
+        update = store._update_job
+        failures = [sqlite3.OperationalError("disk I/O error")]
+
+        async def failing_once(job: Job, changed: dict[str, Any], *, durable: bool) -> None:
+            if failures:
+                job.queue_position = 2  # meanwhile, fal reported a new place
+                raise failures.pop()
+            await update(job, changed, durable=durable)
+
+        store._update_job = failing_once  # type: ignore[method-assign]
+        job.state = JobState.QUEUED
+        await store.save(job)
+        loaded = await store.get_job(job.id)
+        assert loaded is not None and (loaded.state, loaded.queue_position) == (JobState.QUEUED, 2)
 
 
 async def test_the_write_recording_a_submit_survives_a_power_loss(tmp_path: Path):
