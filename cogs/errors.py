@@ -103,6 +103,12 @@ def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: b
         )
     if reason is RefusalReason.OPERATOR_BUDGET:
         return _("The bot's monthly budget is used up. It resets {when}.", when=when)
+    if reason is RefusalReason.SAFETY_ABOVE_MAXIMUM:
+        return _(
+            "This result was made at a higher safety tolerance than this channel allows (at most {maximum}), "
+            "so it can't be shown here.",
+            maximum=limit,
+        )
     return _(
         "This server's monthly budget of {amount} would be exceeded. It resets {when}.",
         amount=_.money(float(refused.limit or 0)),

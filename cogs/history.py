@@ -412,10 +412,10 @@ async def result_files(
 
 async def show_here(interaction: Interaction, job: Job) -> None:
     """Post the job's result again in this channel, with its buttons, as the member would have
-    been allowed to ask for it here (the place's policy: channels, role)."""
+    been allowed to ask for it here (the place's policy: channels, role, safety maximum)."""
     bot = interaction.client
     _ = member_texts(interaction)
-    await bot.intake.check_access(interaction)
+    await bot.intake.check_showing(interaction, job.edit.options.safety_tolerance)
     here = dataclasses.replace(job, channel_nsfw=is_nsfw_channel(interaction.channel))
     rendered = render(here)  # images flagged by the safety checker only where they may be seen
     if job.state is not JobState.SUCCEEDED or not rendered.files:

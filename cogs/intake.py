@@ -31,8 +31,8 @@ from services.policy import (
     Refused,
     Requester,
     Usage,
-    access_refusal,
     resolve,
+    showing_refusal,
 )
 
 from .errors import NotServedHere, PersonalUseOff, PolicyRefusal, place_of
@@ -103,17 +103,18 @@ class JobIntake:
             raise NotServedHere()
         return place
 
-    async def check_access(self, interaction: discord.Interaction[KontextBot]) -> None:
-        """Refuse, as a job would be refused, a member who may not use the bot where they are
-        (the operator's servers and personal use, the server's channels and role). All that
-        showing an old result again needs: it spends nothing, so no limit of use applies."""
+    async def check_showing(self, interaction: discord.Interaction[KontextBot], safety_tolerance: int | None) -> None:
+        """Refuse, as a job would be refused, a member who may not show here a result made at
+        `safety_tolerance`: where they may not use the bot (the operator's servers and personal
+        use, the server's channels and role), or where a job may not use that tolerance (see
+        `showing_refusal`)."""
         place = self._place(interaction)
         if place.personal:
             policy = self._bot.settings.personal.as_policy()
         else:
             assert interaction.guild_id is not None
             policy = await self._bot.store.policy(interaction.guild_id)
-        refused = access_refusal(policy, requester_of(interaction))
+        refused = showing_refusal(policy, requester_of(interaction), safety_tolerance)
         if refused is not None:
             raise PolicyRefusal(refused, policy, personal=place.personal)
 

@@ -129,6 +129,8 @@ class RefusalReason(enum.Enum):
     MONTHLY_IMAGE_BUDGET = "monthly_image_budget"
     MONTHLY_USD_BUDGET = "monthly_usd_budget"
     OPERATOR_BUDGET = "operator_budget"
+    # Showing an old result again: it was made at a tolerance above what is allowed here.
+    SAFETY_ABOVE_MAXIMUM = "safety_above_maximum"
 
 
 @dataclass(frozen=True)
@@ -281,12 +283,27 @@ def standings(
 
 def access_refusal(policy: GuildPolicy, requester: Requester) -> Refused | None:
     """Whether the member may use the bot here at all (channel, then role), whatever it costs:
-    what a job checks first, and all that showing an old result again needs."""
+    what a job checks first, and showing an old result again too (`showing_refusal`)."""
     if not _channel_allowed(policy, requester):
         return Refused(RefusalReason.CHANNEL_NOT_ALLOWED, None, None)
     role = policy.required_role_id
     if role is not None and role not in requester.role_ids:
         return Refused(RefusalReason.MISSING_ROLE, None, None)
+    return None
+
+
+def showing_refusal(policy: GuildPolicy, requester: Requester, made_at: int | None) -> Refused | None:
+    """Whether the member may show here again a result made at safety tolerance `made_at`: as a
+    job here, access first, then the tolerance, which must be within what a job here could have
+    used (the channel's effective maximum), so that a result cannot carry a more permissive
+    tolerance out of the place that allowed it. Nothing is spent, so no limit of use applies. A
+    result with no tolerance recorded counts as made at the most permissive."""
+    refused = access_refusal(policy, requester)
+    if refused is not None:
+        return refused
+    maximum = effective_maximum(policy, requester.channel_nsfw)
+    if (SAFETY_MAX if made_at is None else made_at) > maximum:
+        return Refused(RefusalReason.SAFETY_ABOVE_MAXIMUM, None, maximum)
     return None
 
 
@@ -584,6 +601,7 @@ __all__ = [
     "POLICY_FIELDS",
     "resolve",
     "access_refusal",
+    "showing_refusal",
     "effective_maximum",
     "validate_policy",
     "next_utc_midnight",

@@ -172,6 +172,24 @@ async def test_show_here_is_refused_where_kontext_would_be(world):
     assert refusal == private_answer(job) and refusal
 
 
+async def test_show_here_keeps_a_result_made_at_the_nsfw_maximum_out_of_ordinary_channels(world):
+    await world.start_bot()
+    made = await finished(await world.kontext(channel_id=world.discord.nsfw_channel_id, safety_tolerance=4))
+    assert text(made).startswith("✅") and world.fal.submits[-1]["safety_tolerance"] == "4"
+    await finished(await world.kontext(safety_tolerance=4))
+    assert world.fal.submits[-1]["safety_tolerance"] == "2"  # what /kontext allows in #general
+    page = (await history(world)).original  # opened in #general
+    refused = await press(world, page, entry_button(page, "show", 1))
+    assert "made at a higher safety tolerance than this channel allows (at most 2)" in private_answer(refused)
+    assert [m for m in world.discord.channel_messages() if "Shown again by" in text(m)] == []
+    # Another age-restricted channel allows what the first one did: there it is shown.
+    adult = world.discord.add_channel("more-nsfw-art", nsfw=True)
+    handle = await world.discord.invoke_slash("kontext-history", user="alice", channel_id=adult["id"])
+    await handle.wait_for_callback()
+    shown = await finished(await press(world, handle.original, entry_button(handle.original, "show", 1)))
+    assert shown.channel_id == adult["id"] and "Shown again by <@" in text(shown)
+
+
 async def test_history_skips_servers_the_bot_left(world):
     other = world.discord.add_guild("Other server")
     world.discord.add_member(user_id=world.discord.alice, guild=other)

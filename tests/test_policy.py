@@ -30,6 +30,7 @@ from services.policy import (
     policy_from_dict,
     policy_to_dict,
     resolve,
+    showing_refusal,
     validate_policy,
 )
 
@@ -177,6 +178,24 @@ def test_required_role() -> None:
     assert run(policy, who()) == Refused(RefusalReason.MISSING_ROLE, None, None)
 
 
+def test_a_result_is_shown_again_only_where_a_job_could_have_used_its_tolerance() -> None:
+    for default, maximum, nsfw_max in itertools.product(SAFETY, repeat=3):
+        policy = GuildPolicy(safety_default=default, safety_maximum=maximum, safety_nsfw_maximum=nsfw_max)
+        for nsfw, made_at in itertools.product((False, True), SAFETY):
+            job_here = run(policy, who(nsfw=nsfw), ask=JobAsk(made_at, 1))
+            assert isinstance(job_here, Allowed)
+            refused = showing_refusal(policy, who(nsfw=nsfw), made_at)
+            if job_here.limited_to is None:
+                assert refused is None
+            else:
+                assert refused == Refused(RefusalReason.SAFETY_ABOVE_MAXIMUM, None, job_here.limited_to)
+    # Access comes first, as for a job; a tolerance not recorded counts as the most permissive.
+    closed = GuildPolicy(allowed_channel_ids=frozenset({OTHER}))
+    assert showing_refusal(closed, who(), 1) == Refused(RefusalReason.CHANNEL_NOT_ALLOWED, None, None)
+    assert showing_refusal(GuildPolicy(safety_nsfw_maximum=6), who(nsfw=True), None) is None
+    assert showing_refusal(GuildPolicy(), who(nsfw=True), None) == Refused(RefusalReason.SAFETY_ABOVE_MAXIMUM, None, 4)
+
+
 # --- usage limits ------------------------------------------------------------------------
 
 
@@ -296,7 +315,9 @@ LIFT: list[dict[str, Any]] = [
 
 
 def test_check_order() -> None:
-    assert [r for r in RefusalReason if r is not RefusalReason.OPERATOR_BUDGET] == ORDER
+    # The operator's budget is tested on its own; a result's tolerance is refused only when shown again.
+    elsewhere = {RefusalReason.OPERATOR_BUDGET, RefusalReason.SAFETY_ABOVE_MAXIMUM}
+    assert [r for r in RefusalReason if r not in elsewhere] == ORDER
     policy = EVERYTHING_FAILS
     for expected, lift in zip(ORDER, LIFT, strict=True):
         result = run(policy, use=ALL_FAILING_USAGE, ask=JobAsk(6, 1))
