@@ -111,12 +111,28 @@ async def delete_result(interaction: Interaction, job: Job) -> None:
     await interaction.delete_original_response()
 
 
+# The jobs whose result is being shared now: the share is recorded only once it is posted, so a
+# second press meanwhile is told instead of posting it twice. In-process is enough: both presses
+# of one message come through the same gateway shard.
+_sharing: set[int] = set()
+
+
 async def share_result(interaction: Interaction, job: Job) -> None:
-    """Post a result its member saw alone first to the channel, as the same card with the job's
-    buttons: the images are those of the member's private copy (already within this channel's
-    upload limit), uploaded again, since an ephemeral message's attachments are not the channel's.
-    From its reply, through the interaction; from the DM a late result came in, with the bot's
-    own token, where the bot may post."""
+    """Post a result its member saw alone first to the channel, once however often it is pressed."""
+    if job.id in _sharing:
+        raise UserFacingError(N_("This result is already being shared."))
+    _sharing.add(job.id)
+    try:
+        await _share(interaction, job)
+    finally:
+        _sharing.discard(job.id)
+
+
+async def _share(interaction: Interaction, job: Job) -> None:
+    """The same card with the job's buttons: the images are those of the member's private copy
+    (already within this channel's upload limit), uploaded again, since an ephemeral message's
+    attachments are not the channel's. From its reply, through the interaction; from the DM a late
+    result came in, with the bot's own token, where the bot may post."""
     bot = interaction.client
     _ = member_texts(interaction)
     shared_as = job.notes.get(NOTE_SHARED_AS)

@@ -4,6 +4,8 @@ to the channel with a button that survives a restart."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2
 from fakes.fal_fake import JobScript
 from tests.e2e import admin, button, details, finished, has_button, private_answer, shows, text
@@ -101,6 +103,27 @@ async def test_private_first_results_are_shared_to_the_channel_after_a_restart(w
     delete = await world.discord.click_button(shared.id, button(shared, "delete"), user="alice")
     await delete.wait_for_callback()
     await world.discord.wait_until(lambda: shared.deleted)
+
+
+async def test_a_double_click_on_share_posts_the_result_once(world):
+    await world.start_bot()
+    await settings(world, results="private_first")
+    private = await finished(await world.kontext(image=None, prompt="a secret garden"))
+    share = button(private, "share")
+    clicks = await asyncio.gather(*(world.discord.click_button(private.id, share, user="alice") for _ in range(2)))
+    for click in clicks:
+        await click.wait_for_callback()
+    shared, pending = sorted(clicks, key=lambda click: click.callback["type"] == 4)
+    assert "already being shared" in private_answer(pending)
+    await finished(shared)
+
+    def cards():
+        return [m for m in world.discord.channel_messages() if not m.ephemeral and m.flags & IS_COMPONENTS_V2]
+
+    await world.discord.wait_until(lambda: len(cards()) == 1)
+    again = await world.discord.click_button(private.id, share, user="alice")
+    await again.wait_for_callback()
+    assert "Already shared" in private_answer(again) and len(cards()) == 1
 
 
 async def test_an_explicit_image_edit_uses_the_defaults_too_and_the_policy_still_counts(world):
