@@ -34,6 +34,10 @@ POLICY_CHANGED = N_("🛠️ {moderator} changed the Kontext policy:")
 RECIPE_ADDED = N_("🛠️ {moderator} added the recipe “{name}”.")
 RECIPE_REMOVED = N_("🛠️ {moderator} removed the recipe “{name}”.")
 CHART_DAYS = 30
+# Discord's limits for embeds (resources/message.mdx, Embed Limits): a field's value, and all the
+# embeds of a message together.
+FIELD_VALUE_LIMIT = 1024
+EMBEDS_TOTAL_LIMIT = 6000
 
 
 def format_value(name: str, value: Any, _: Texts) -> str:
@@ -163,7 +167,10 @@ class Admin(
     async def recipe_remove(self, interaction: discord.Interaction, name: str) -> None:
         assert interaction.guild_id is not None
         if not await self.bot.store.remove_recipe(interaction.guild_id, name):
-            raise UserFacingError(N_("This server has no recipe called “{name}”."), name=name)
+            # Discord lets a moderator type 6,000 characters here; no recipe's name is longer than this.
+            raise UserFacingError(
+                N_("This server has no recipe called “{name}”."), name=plain_text(name, MAX_RECIPE_NAME)
+            )
         log.info("guild %d: %s removed the recipe %r", interaction.guild_id, interaction.user.id, name)
         _ = member_texts(interaction)
         await interaction.response.send_message(_("Removed the recipe “{name}”.", name=name), ephemeral=True)
@@ -186,8 +193,10 @@ class Admin(
             if recipes
             else _("None yet: add one with /kontext-admin recipes add.")
         )
-        for recipe in recipes:
-            embed.add_field(name=recipe.name, value=plain_text(recipe.text, 1000), inline=False)
+        whole = [len(plain_text(recipe.text, FIELD_VALUE_LIMIT)) for recipe in recipes]
+        room = EMBEDS_TOTAL_LIMIT - len(embed) - sum(len(recipe.name) for recipe in recipes)
+        for recipe, share in zip(recipes, _fair_shares(whole, room), strict=True):
+            embed.add_field(name=recipe.name, value=plain_text(recipe.text, share), inline=False)
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     async def _log_recipe(self, interaction: discord.Interaction, template: str, name: str) -> None:
@@ -304,6 +313,18 @@ class Admin(
         server = server_texts(self.bot, interaction.guild_id)
         heading = server(POLICY_CHANGED, moderator=interaction.user.mention)
         await post_to_log_channel(self.bot, new, f"{heading}\n{_change_text(changed, old, new, server)}")
+
+
+def _fair_shares(lengths: list[int], room: int) -> list[int]:
+    """How long each text may be so that all fit in `room`: the short ones whole, the long ones
+    an equal share of what the short ones leave (20 recipes of 1,000 characters do not fit one
+    message)."""
+    shares = [0] * len(lengths)
+    waiting = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for place, index in enumerate(waiting):
+        shares[index] = min(lengths[index], room // (len(waiting) - place))
+        room -= shares[index]
+    return shares
 
 
 def _change_text(names: list[str], old: GuildPolicy, new: GuildPolicy, _: Texts) -> str:

@@ -9,6 +9,7 @@ message only when what it shows changed. The buttons and the card's layout are b
 
 from __future__ import annotations
 
+import bisect
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,10 +132,24 @@ def failure_text(code: str | None, detail: str | None, _: Texts) -> str:
 
 
 def plain_text(text: str, limit: int = 500) -> str:
-    """Outside words (fal's) shown as plain text on one line: no markdown, links or mentions."""
+    """Outside words (fal's, a moderator's) shown as plain text on one line: no markdown, links
+    or mentions. `limit` counts the text as sent, escapes included (each `_` or `*` gains one),
+    since that is what Discord's limits count."""
     flat = " ".join(text.split())
-    flat = flat if len(flat) <= limit else flat[: limit - 1] + "…"
-    return discord.utils.escape_mentions(discord.utils.escape_markdown(flat))
+    shown = _defused(flat)
+    if len(shown) <= limit:
+        return shown
+
+    def sent_length(end: int) -> int:
+        return len(_defused(flat[:end]))
+
+    # The longest start of the words that fits with the ellipsis, escaped whole: never half an escape.
+    end = bisect.bisect_right(range(min(len(flat), limit)), limit - 1, key=sent_length) - 1
+    return _defused(flat[:end]) + "…"
+
+
+def _defused(text: str) -> str:
+    return discord.utils.escape_mentions(discord.utils.escape_markdown(text))
 
 
 def render(job: Job) -> Rendered:

@@ -91,6 +91,36 @@ async def test_moderators_add_list_and_remove_recipes(world):
     assert "not on this server any more" in private_answer(stale)
 
 
+async def test_recipes_list_with_long_recipes_is_answered(world):
+    await world.start_bot()
+    for i in range(7):
+        await admin(world, "recipes add", name=f"Recipe {i}", prompt=f"{i} " + "x" * 990)
+    handle = await world.discord.invoke_slash("kontext-admin recipes list", user="mod")
+    await handle.wait_for_callback(timeout=5)
+    assert handle.callback["data"].get("embeds"), (handle.callback, world.discord.violations)
+
+
+async def test_a_full_servers_recipes_list_fits_one_message(world):
+    """20 recipes, names of 40 characters and prompts of 1,000 full of markdown that escaping
+    makes longer: each is shortened to its share of the embed's 6,000 characters, the short one
+    shown whole."""
+    await world.start_bot()
+    await admin(world, "recipes add", name="Short", prompt="make it *blue*")
+    names = [f"Recipe {n:02} " + "n" * 30 for n in range(19)]
+    for n, name in enumerate(names):
+        await admin(world, "recipes add", name=name, prompt=f"{n:02} " + "a_b*" * 249 + "!")
+    listing = await admin(world, "recipes list")
+    assert "**Short**: make it \\*blue\\*" in listing
+    assert all(f"**{name}**: {n:02} a\\_b\\*" in listing for n, name in enumerate(names))
+    assert listing.count("…") == 19
+
+
+async def test_removing_a_recipe_by_a_name_it_cannot_have_is_answered(world):
+    await world.start_bot()
+    answer = await admin(world, "recipes remove", name="no_such " * 300)
+    assert answer.startswith("This server has no recipe called “no\\_such") and len(answer) < 200
+
+
 async def test_a_full_servers_suggestions_stay_within_discords_limits(world):
     """20 recipes, the built-ins and past prompts: more than Discord shows. The answer keeps to
     25 choices of at most 100 characters (the fake Discord also checks the callback against

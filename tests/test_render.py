@@ -3,7 +3,7 @@ from typing import Any
 
 import pytest
 
-from cogs.render import FAILURE_MESSAGES, JobAction, failure_text, job_log_line, pack_files, render
+from cogs.render import FAILURE_MESSAGES, JobAction, failure_text, job_log_line, pack_files, plain_text, render
 from services.flux_kontext import KontextEdit, KontextOptions
 from services.i18n import english
 from services.job import NOTE_FROM_DEFAULTS, NOTE_PRIVATE_FIRST, NOTE_SHARED_AS, Job, JobResult, JobState, ResultImage
@@ -126,6 +126,17 @@ def test_a_prompt_cannot_forge_a_log_channel_entry():
     )
     line = job_log_line(make_job(state=JobState.SUCCEEDED, edit=KontextEdit(forged, ("http://x/a.png",))), english())
     assert "\n" not in line and "\\*\\*photo\\*\\*" in line and "<@222222222222222222>" not in line
+
+
+@pytest.mark.parametrize("words", ["x" * 1000, "a_b*" * 250, "_" * 1000, "hi @everyone " * 100])
+def test_plain_text_keeps_to_its_limit_escapes_included(words):
+    shown = plain_text(words, 500)
+    assert len(shown) <= 500 and len(shown) >= 498 and shown.endswith("…")
+    assert not shown.endswith("\\…")  # an escape is never cut in half
+
+
+def test_plain_text_that_fits_is_shown_whole():
+    assert plain_text("make it *blue*", 16) == "make it \\*blue\\*"
 
 
 def test_a_masked_link_in_a_prompt_is_not_a_link_in_the_reply():
