@@ -20,7 +20,7 @@ from services.usage_chart import last_days, render_usage_chart, usage_summary_te
 
 from .errors import UserFacingError
 from .modlog import post_to_log_channel
-from .render import plain_text
+from .render import channel_list, plain_text
 from .translation import member_texts, server_texts
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ EMBEDS_TOTAL_LIMIT = 6000
 def format_value(name: str, value: Any, _: Texts) -> str:
     """A policy value as moderators read it."""
     if name == "allowed_channel_ids":
-        return ", ".join(f"<#{channel}>" for channel in sorted(value)) if value else _("every channel")
+        return channel_list(value, _) if value else _("every channel")
     if value is None:
         return _("not set") if name in ("required_role_id", "log_channel_id") else _("no limit")
     if name == "required_role_id":
@@ -329,12 +329,22 @@ def _fair_shares(lengths: list[int], room: int) -> list[int]:
 
 def _change_text(names: list[str], old: GuildPolicy, new: GuildPolicy, _: Texts) -> str:
     """One line per setting changed: its label, the old value and the new."""
-    lines = [
-        f"**{_(POLICY_FIELDS[name].label)}**: {format_value(name, getattr(old, name), _)} → "
-        f"{format_value(name, getattr(new, name), _)}"
-        for name in names
-    ]
+    lines = [f"**{_(POLICY_FIELDS[name].label)}**: {_change(name, old, new, _)}" for name in names]
     return "\n".join(lines) or _(NOTHING_CHANGED)
+
+
+def _change(name: str, old: GuildPolicy, new: GuildPolicy, _: Texts) -> str:
+    """The old value and the new; for one list of channels to another, the channels added and
+    removed (the lists themselves are cut to their first few)."""
+    before, after = getattr(old, name), getattr(new, name)
+    if name != "allowed_channel_ids" or not (before and after):
+        return f"{format_value(name, before, _)} → {format_value(name, after, _)}"
+    added, removed = after - before, before - after
+    done = [_("added {channels}", channels=channel_list(added, _))] if added else []
+    done += [_("removed {channels}", channels=channel_list(removed, _))] if removed else []
+    return _.ngettext(
+        "{changes} ({count} channel now)", "{changes} ({count} channels now)", len(after), changes="; ".join(done)
+    )
 
 
 async def setup(bot: KontextBot) -> None:

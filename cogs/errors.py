@@ -16,6 +16,7 @@ from services.policy import GuildPolicy, RefusalReason, Refused
 from services.recipes import RecipeRefused
 from services.runner import RunnerStopped
 
+from .render import channel_list
 from .translation import member_texts
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: b
     limit = int(refused.limit) if isinstance(refused.limit, int) else 0
     reason = refused.reason
     if reason is RefusalReason.CHANNEL_NOT_ALLOWED:
-        channels = ", ".join(f"<#{channel}>" for channel in sorted(policy.allowed_channel_ids)[:10])
+        channels = channel_list(policy.allowed_channel_ids, _)
         return _("Kontext isn't enabled in this channel. It works in {channels}.", channels=channels)
     if reason is RefusalReason.MISSING_ROLE:
         return _("You need the <@&{role}> role to use `/kontext` in this server.", role=policy.required_role_id)

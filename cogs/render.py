@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,8 @@ BRAND = "FLUX.1 Kontext [max]"
 # message together, and a Media Gallery item's description (its alt text).
 CARD_TEXT_LIMIT = 4000
 ALT_TEXT_LIMIT = 1024
+# Channels named in a text at most; the others are counted.
+CHANNELS_LISTED = 10
 
 # Failure codes (set by the services) -> what the member reads. `{detail}` is fal's own words
 # (or, for the input checks, the bot's, already in the member's language).
@@ -150,6 +153,17 @@ def plain_text(text: str, limit: int = 500) -> str:
 
 def _defused(text: str) -> str:
     return discord.utils.escape_mentions(discord.utils.escape_markdown(text))
+
+
+def channel_list(channel_ids: Iterable[int], _: Texts) -> str:
+    """Channels as mentions, the first few (by id) and the number of the others: a server may
+    allow hundreds, and a message holds 2,000 characters."""
+    ordered = sorted(channel_ids)
+    shown = ", ".join(f"<#{channel}>" for channel in ordered[:CHANNELS_LISTED])
+    others = len(ordered) - CHANNELS_LISTED
+    if others <= 0:
+        return shown
+    return _.ngettext("{channels} and {count} more", "{channels} and {count} more", others, channels=shown)
 
 
 def render(job: Job) -> Rendered:

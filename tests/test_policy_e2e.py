@@ -126,6 +126,30 @@ async def test_access_by_channel_and_role(world):
     assert len(world.fal.submits) == 2
 
 
+async def test_a_server_with_many_allowed_channels_can_still_be_moderated(world):
+    channels = [world.discord.add_channel(f"art-{i}")["id"] for i in range(50)]
+    await world.start_bot()
+    answers = [await admin(world, "access channel-add", channel=c) for c in channels]
+    failed = [i + 1 for i, a in enumerate(answers) if "Allowed channels" not in a]
+    shown = await admin(world, "show")
+    assert failed == [] and "Allowed channels" in shown, (failed, shown)
+
+
+async def test_a_channel_change_says_which_channel_and_long_lists_are_cut(world):
+    channels = [world.discord.add_channel(f"art-{i}")["id"] for i in range(12)]
+    await world.start_bot()
+    for channel in channels[:-1]:
+        await admin(world, "access channel-add", channel=channel)
+    added = await admin(world, "access channel-add", channel=channels[-1])
+    assert added == f"**Allowed channels**: added <#{channels[-1]}> (12 channels now)"
+    removed = await admin(world, "access channel-remove", channel=channels[0])
+    assert removed == f"**Allowed channels**: removed <#{channels[0]}> (11 channels now)"
+    assert "<#" + channels[10] + "> and 1 more" in await admin(world, "show")
+    assert "and 1 more." in await refused(world)
+    everywhere = await admin(world, "access all-channels")
+    assert everywhere.endswith(f"<#{channels[10]}> and 1 more → every channel")
+
+
 async def test_reset_restores_the_default(world):
     await world.start_bot()
     await admin(world, "limits", cooldown_seconds=600)
