@@ -25,7 +25,7 @@ from cogs.errors import KontextTree
 from cogs.intake import JobIntake
 from cogs.presenter import DiscordPresenter
 from cogs.translation import KontextTranslator
-from cogs.views import JobButton
+from cogs.views import JobButton, submit_edit_form
 from services.config import CommandSync, Settings, SettingsError, load_settings
 from services.fal_account import AccountGate
 from services.fal_queue import FalQueueClient
@@ -132,8 +132,10 @@ class KontextBot(commands.AutoShardedBot):
         self._max_concurrency: int | None = None
 
     async def setup_hook(self) -> None:
-        # Result buttons are posted by the presenter whichever command started the job.
+        # Result buttons are posted by the presenter whichever command started the job; the
+        # forms their ✏️ Edit opens are answered from their custom_id, across restarts too.
         self.add_dynamic_items(JobButton)
+        self.add_listener(submit_edit_form, "on_interaction")
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.tree.set_translator(KontextTranslator())

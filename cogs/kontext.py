@@ -30,7 +30,7 @@ from .inputs import (
     first_image_url,
     image_url,
 )
-from .modal import PromptModal
+from .modal import ImagePromptModal
 from .recipes import prompt_choices, resolve_prompt
 from .translation import member_texts
 
@@ -123,15 +123,7 @@ class Kontext(commands.Cog):
         settings = self.bot.settings
         url = first_image_url(message, settings.max_input_bytes, settings.discord_cdn_hosts)
         _ = member_texts(interaction)
-        await interaction.response.send_modal(
-            PromptModal(
-                title=_("Edit with Kontext"),
-                images=[(_("Image"), url)],
-                options=KontextOptions(),
-                parent_job_id=None,
-                texts=_,
-            )
-        )
+        await interaction.response.send_modal(ImagePromptModal(title=_("Edit with Kontext"), url=url, texts=_))
 
 
 async def setup(bot: KontextBot) -> None:

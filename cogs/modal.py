@@ -1,8 +1,10 @@
-"""The prompt modal: a new edit of an image, from a button or the message context menu."""
+"""The prompt form: a new edit of an image, from the ✏️ Edit button or the message context menu."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import discord
 
@@ -18,49 +20,99 @@ if TYPE_CHECKING:
 
     Interaction = discord.Interaction[KontextBot]
 
+# The form's fields, as their answers come back in a submit.
+PROMPT_FIELD = "prompt"
+IMAGE_FIELD = "image"
+
 
 class PromptModal(discord.ui.Modal):
-    """Asks for a prompt (and, given several images, which one) and starts a job on it."""
+    """Asks for a prompt and, given several images, which one. Given a `custom_id`, the form
+    is only sent, never held (stopped at once, discord.py keeps no copy): its submit, however
+    late, even after a restart, goes to whoever handles that custom_id, once (`answer_of`)."""
 
     def __init__(
-        self,
-        *,
-        title: str,
-        images: list[tuple[str, str]],
-        options: KontextOptions,
-        parent_job_id: int | None,
-        texts: Texts,
+        self, *, title: str, image_labels: Sequence[str], texts: Texts, custom_id: str = discord.utils.MISSING
     ) -> None:
-        super().__init__(title=title[:45], timeout=600)
+        super().__init__(title=title[:45], timeout=600, custom_id=custom_id)
         _ = texts  # the language of the member the form is shown to
-        self._images = images
-        self._options = options
-        self._parent_job_id = parent_job_id
-        self.prompt: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
-            custom_id="prompt",
+        prompt: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
+            custom_id=PROMPT_FIELD,
             style=discord.TextStyle.paragraph,
             max_length=MAX_PROMPT_LENGTH,
             placeholder=_("e.g. make it night time, keep everything else")[:100],
         )
-        self.add_item(discord.ui.Label(text=_("What should change?")[:45], component=self.prompt))
-        self.choice: discord.ui.Select[PromptModal] | None = None
-        if len(images) > 1:
-            self.choice = discord.ui.Select(
-                custom_id="image",
+        self.add_item(discord.ui.Label(text=_("What should change?")[:45], component=prompt))
+        if len(image_labels) > 1:
+            choice: discord.ui.Select[PromptModal] = discord.ui.Select(
+                custom_id=IMAGE_FIELD,
                 options=[
-                    discord.SelectOption(label=label, value=str(i), default=i == 0)
-                    for i, (label, _) in enumerate(images)
+                    discord.SelectOption(label=label[:100], value=str(i), default=i == 0)
+                    for i, label in enumerate(image_labels)
                 ],
             )
-            self.add_item(discord.ui.Label(text=_("Which image?")[:45], component=self.choice))
+            self.add_item(discord.ui.Label(text=_("Which image?")[:45], component=choice))
+        if custom_id is not discord.utils.MISSING:
+            self.stop()
+
+
+class ImagePromptModal(PromptModal):
+    """The form for one image of any message (the context menu): held in memory while open,
+    since a message the bot may not read (a server without the bot) cannot be found again."""
+
+    def __init__(self, *, title: str, url: str, texts: Texts) -> None:
+        super().__init__(title=title, image_labels=(), texts=texts)
+        self._url = url
 
     async def on_submit(self, interaction: Interaction) -> None:  # type: ignore[override]
-        index = int(self.choice.values[0]) if self.choice is not None and self.choice.values else 0
-        prompt, member_prompt = await resolve_prompt(interaction, self.prompt.value)
-        edit = KontextEdit(prompt, (self._images[index][1],), self._options)
-        await interaction.client.intake.start(
-            interaction, edit, parent_job_id=self._parent_job_id, fill_defaults=True, member_prompt=member_prompt
-        )
+        await start_edit(interaction, answer_of(interaction).prompt, self._url, KontextOptions())
 
     async def on_error(self, interaction: Interaction, error: Exception) -> None:  # type: ignore[override]
         await report(interaction, error)
+
+
+@dataclass(frozen=True)
+class Answer:
+    prompt: str
+    image: int  # which of the form's images, from 0
+
+
+def answer_of(interaction: Interaction) -> Answer:
+    """The form's answers, read from the submit itself, so a form nobody holds in memory (sent
+    before a restart, or open for long) is read the same as one that is."""
+    found: dict[str, Any] = {}
+    pending: list[Any] = list(_data(interaction).get("components", []))
+    while pending:
+        component = pending.pop()
+        pending.extend(component.get("components", []))  # an action row
+        if "component" in component:  # a label
+            pending.append(component["component"])
+        if "custom_id" in component:
+            found[component["custom_id"]] = component.get("values", component.get("value"))
+    choice = found.get(IMAGE_FIELD) or ["0"]
+    return Answer(str(found.get(PROMPT_FIELD) or ""), int(choice[0]))
+
+
+def form_id(interaction: Interaction) -> str | None:
+    """The custom_id of a submitted form; None for any other interaction."""
+    if interaction.type is not discord.InteractionType.modal_submit:
+        return None
+    return str(_data(interaction).get("custom_id", ""))
+
+
+def _data(interaction: Interaction) -> dict[str, Any]:
+    return cast("dict[str, Any]", interaction.data or {})
+
+
+async def start_edit(
+    interaction: Interaction, submitted: str, url: str, options: KontextOptions, *, parent_job_id: int | None = None
+) -> None:
+    """What a submitted form does, whichever form: the prompt read (a recipe, a past prompt, the
+    member's words) and a job started on the image."""
+    prompt, member_prompt = await resolve_prompt(interaction, submitted)
+    await interaction.client.intake.start(
+        interaction,
+        KontextEdit(prompt, (url,), options),
+        parent_job_id=parent_job_id,
+        fill_defaults=True,
+        member_prompt=member_prompt,
+    )

@@ -22,7 +22,7 @@ from services.runner import CancelOutcome
 
 from .errors import UserFacingError, report, tell
 from .inputs import is_image_attachment
-from .modal import PromptModal
+from .modal import PromptModal, answer_of, form_id, start_edit
 from .render import JobAction, Rendered, attachment_name, render
 from .translation import member_texts
 
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # Discord's limit of items in one Media Gallery (components/reference.mdx).
 MAX_GALLERY_ITEMS = 10
+
+# The ✏️ Edit form's custom_id: the job it edits and its key, as on the job's buttons.
+EDIT_FORM = re.compile(r"kontext:form:(?P<job_id>[0-9]+)(?::(?P<key>[0-9a-f]+))?")
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -78,23 +81,19 @@ async def reroll_job(interaction: Interaction, job: Job) -> None:
 
 
 async def edit_job(interaction: Interaction, job: Job) -> None:
-    """Anyone in the channel may build on a result: ask for a prompt (and which image)."""
+    """Anyone in the channel may build on a result: ask for a prompt (and which image). The form
+    carries the job in its custom_id: its submit comes to `submit_edit_form`, after a restart too."""
     _ = member_texts(interaction)
     images = image_attachments(interaction.message)
     if not images:
         raise UserFacingError(N_("This message has no image left to edit."))
-    await interaction.response.send_modal(
-        PromptModal(
-            title=_("Edit the result of job #{id}", id=job.id),
-            images=[
-                (_("Image {number}: {name}", number=i, name=a.filename)[:100], a.url)
-                for i, a in enumerate(images, start=1)
-            ],
-            options=job.edit.options.for_follow_up_edit(),
-            parent_job_id=job.id,
-            texts=_,
-        )
+    form = PromptModal(
+        title=_("Edit the result of job #{id}", id=job.id),
+        image_labels=[_("Image {number}: {name}", number=i, name=a.filename) for i, a in enumerate(images, start=1)],
+        texts=_,
+        custom_id=f"kontext:form:{job.id}" + (f":{job.button_key}" if job.button_key else ""),
     )
+    await interaction.response.send_modal(form)
 
 
 async def delete_result(interaction: Interaction, job: Job) -> None:
@@ -298,33 +297,14 @@ class JobButton(
         """Find the job and check who may press this. discord.py ignores an error raised here
         for a dynamic item, so the member is told here."""
         try:
-            bot = interaction.client
-            job = bot.runner.active_job(self.job_id) or await bot.store.get_job(self.job_id)
-            if job is None or not await self._belongs_to(job, interaction):
+            job = await job_for(interaction, self.job_id, self.key, self.action)
+            if job is None:
                 raise UserFacingError(N_("This button belongs to an edit the bot no longer knows."))
-            spec = BUTTONS[self.action]
-            if spec.refusal is not None and interaction.user.id != job.user_id and not is_moderator(interaction):
-                raise UserFacingError(spec.refusal)
         except Exception as exc:
             await report(interaction, exc)
             return False
         self.job = job
         return True
-
-    async def _belongs_to(self, job: Job, interaction: Interaction) -> bool:
-        """A button acts only on the job it was posted for: same key (a job id alone is reused
-        when a database is lost or restored), same server and channel (or the requester's DM
-        with the bot, where a result that outlived its reply is sent), one of its messages; or
-        on the job's result shown again elsewhere ("Show here"), in that message's channel."""
-        if job.button_key is not None and self.key != job.button_key:
-            return False
-        message = interaction.message
-        if message is not None and message.id not in (job.message_id, *job.posted_message_ids):
-            shown = await interaction.client.store.shown_job(message.id)
-            return shown == (job.id, interaction.channel_id)
-        where = (interaction.guild_id, interaction.channel_id)
-        sent_to_dm = interaction.guild_id is None and interaction.user.id == job.user_id and message is not None
-        return where == (job.guild_id, job.channel_id) or sent_to_dm
 
     async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]
         assert self.job is not None, "interaction_check found the job"
@@ -332,3 +312,53 @@ class JobButton(
             await BUTTONS[self.action].handler(interaction, self.job)
         except Exception as exc:
             await report(interaction, exc)
+
+
+async def job_for(interaction: Interaction, job_id: int, key: str | None, action: JobAction) -> Job | None:
+    """The job a button (or the form it opened) acts on, or None when the bot no longer knows
+    it there; refused (UserFacingError) when this member may not do `action` to it."""
+    bot = interaction.client
+    job = bot.runner.active_job(job_id) or await bot.store.get_job(job_id)
+    if job is None or not await _belongs_to(job, key, interaction):
+        return None
+    refusal = BUTTONS[action].refusal
+    if refusal is not None and interaction.user.id != job.user_id and not is_moderator(interaction):
+        raise UserFacingError(refusal)
+    return job
+
+
+async def _belongs_to(job: Job, key: str | None, interaction: Interaction) -> bool:
+    """A button acts only on the job it was posted for: same key (a job id alone is reused
+    when a database is lost or restored), same server and channel (or the requester's DM
+    with the bot, where a result that outlived its reply is sent), one of its messages; or
+    on the job's result shown again elsewhere ("Show here"), in that message's channel."""
+    if job.button_key is not None and key != job.button_key:
+        return False
+    message = interaction.message
+    if message is not None and message.id not in (job.message_id, *job.posted_message_ids):
+        shown = await interaction.client.store.shown_job(message.id)
+        return shown == (job.id, interaction.channel_id)
+    where = (interaction.guild_id, interaction.channel_id)
+    sent_to_dm = interaction.guild_id is None and interaction.user.id == job.user_id and message is not None
+    return where == (job.guild_id, job.channel_id) or sent_to_dm
+
+
+async def submit_edit_form(interaction: Interaction) -> None:
+    """A submitted ✏️ Edit form (listening to every interaction: discord.py routes no modal by
+    its custom_id): the same checks as the button, then the edit, on the image chosen among the
+    images of the message whose button opened the form."""
+    match = EDIT_FORM.fullmatch(form_id(interaction) or "")
+    if match is None:
+        return
+    try:
+        job = await job_for(interaction, int(match["job_id"]), match["key"], JobAction.EDIT)
+        if job is None:
+            raise UserFacingError(N_("This form belongs to an edit the bot no longer knows, so nothing was started."))
+        answer = answer_of(interaction)
+        images = image_attachments(interaction.message)
+        if answer.image >= len(images):
+            raise UserFacingError(N_("This message has no image left to edit."))
+        options = job.edit.options.for_follow_up_edit()
+        await start_edit(interaction, answer.prompt, images[answer.image].url, options, parent_job_id=job.id)
+    except Exception as exc:
+        await report(interaction, exc)

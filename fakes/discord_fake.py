@@ -2059,7 +2059,9 @@ class FakeDiscord:
         app_permissions: int | None = None,
         locale: str = "en-US",
     ) -> InteractionHandle:
-        """`custom_id` may be the modal's custom_id or the InteractionHandle that received the modal."""
+        """`custom_id` may be the modal's custom_id or the InteractionHandle that received the modal.
+        A modal opened by a component carries that component's message, as Discord's does
+        (`message`: "for components or modals triggered by components")."""
         src_place: _Place | None = None
         if isinstance(custom_id, InteractionHandle):
             modal = custom_id.modal
@@ -2067,6 +2069,7 @@ class FakeDiscord:
                 raise ValueError("that interaction was not answered with a modal")
             channel_id = channel_id or custom_id.channel_id
             src_place = custom_id.place
+            message_id = message_id or custom_id.source_message_id
             custom_id = modal["custom_id"]
         comps = []
         for i, (k, v) in enumerate(values.items()):

@@ -128,3 +128,33 @@ async def test_buttons_work_after_a_restart(world):
     click = await world.discord.click_button(message.id, button(message, "reroll"), user="alice")
     assert text(await finished(click)).startswith("✅")
     assert len(world.fal.submits) == 2
+
+
+async def test_an_edit_form_open_across_a_restart_is_still_answered(world):
+    """The form is read back from its custom_id: nothing of it lives in the bot's memory, so a
+    restart (a deploy) or a member taking longer than any timeout loses nothing."""
+    await world.start_bot()
+    message = await first_result(world, num_images=2)
+    click = await world.discord.click_button(message.id, button(message, "edit"), user="alice")
+    modal = await click.wait_for_callback()
+    assert modal["type"] == 9
+    assert modal["data"]["custom_id"] == button(message, "edit").replace(":edit:", ":form:")
+    assert await world.bot.stop() == 0
+    await world.start_bot()
+    submitted = await world.discord.submit_modal(click, {"prompt": "now at night", "image": ["1"]}, user="alice")
+    assert (await submitted.wait_for_callback(timeout=5))["type"] == 5  # acknowledged once, in time
+    edited = await finished(submitted)
+    submit = world.fal.submits[-1]
+    assert submit["prompt"] == "now at night"
+    assert submit["image_url"] == data_uri(world, message.attachments[1], "image/jpeg")
+    assert footer(edited) == "Job #2 · from job #1"
+
+
+async def test_an_edit_form_for_a_job_the_bot_no_longer_knows_is_answered_privately(world):
+    await world.start_bot()
+    message = await first_result(world)
+    stale = button(message, "edit").replace(":edit:", ":form:").rsplit(":", 1)[0] + ":0badc0de"  # another key
+    submitted = await world.discord.submit_modal(stale, {"prompt": "now at night"}, message_id=message.id)
+    await submitted.wait_for_callback()
+    assert "no longer knows" in private_answer(submitted)
+    assert len(world.fal.submits) == 1
