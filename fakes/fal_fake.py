@@ -85,7 +85,7 @@ Modelled behaviour, with its source ("P2" = part 2, "P1" = part 1 of the referen
   token -> ``{"access_url"}``; fallback initiate -> ``{upload_url, file_url}`` + ``PUT``. Recorded in
   ``fal.uploads``; served back without auth; ``expire_uploads()``; lifecycle header honoured.
 * Result retention: result 404 after ``JobScript.result_ttl`` (fal: 1 h, 6 min for >=10 KB; P2 §1.4);
-  default None = kept.
+  the default is fal's hour.
 * Transport faults: ``fail_next(op, "drop"|"drop_after"|"hang"|"hang_after"|"malformed")`` (see its doc);
   ``refuse_connections()`` stops listening (a host that is down: connecting is refused, nothing is
   sent) until ``accept_connections()``.
@@ -172,7 +172,20 @@ LOCKED_OPS = ("submit", "storage_token", "storage_initiate", "upload")
 # so it may have acted (the job / cancel / upload happened, the answer says 5xx).
 ACTING_OPS = ("submit", "cancel", "storage_token", "storage_initiate", "upload", "upload_put")
 INGRESS_FAULTS = ("ingress_502", "ingress_503", "ingress_504")
-FAULT_KINDS = ("drop", "drop_after", "hang", "hang_after", "malformed", "500_after_record", *INGRESS_FAULTS)
+# A proxy between the bot and fal's own front (a cloud load balancer, an egress proxy) that timed
+# out after passing the request on: fal ran it, the answer is that proxy's plain 504, without
+# x-fal-request-id and without nginx's page (fal-client resends only on nginx's).
+PROXY_TIMEOUT_BODY = "upstream request timeout"
+FAULT_KINDS = (
+    "drop",
+    "drop_after",
+    "hang",
+    "hang_after",
+    "malformed",
+    "500_after_record",
+    "proxy_504_after_record",
+    *INGRESS_FAULTS,
+)
 # What "malformed" answers: a header line without a colon, as a broken proxy on the path might
 # send. aiohttp cannot parse it and raises ClientResponseError, which carries the request's
 # headers (the fal key among them).
@@ -269,7 +282,7 @@ class JobScript:
     result_headers: dict[str, str] | None = None
     error: str | None = None
     error_type: str | None = None
-    result_ttl: float | None = None  # result -> 404 this long after completion
+    result_ttl: float | None = 3600.0  # result -> 404 this long after completion (fal: an hour; None: kept)
     stream_mode: str = "ok"  # see STREAM_MODES
     inference_time: float | None = None  # metrics.inference_time; default = time in progress
     cancel_delay: float = 0.02  # cancellation-aware job: time to stop after PUT cancel
@@ -1176,6 +1189,8 @@ class FakeFal:
           500 internal_error with x-fal-request-id (same as 500 with a realistic body).
         * "ingress_502" / "ingress_503" / "ingress_504": nginx HTML, no x-fal-request-id; the
           request never reached fal (submit: no job).
+        * "proxy_504_after_record": processed (submit: job created), then a proxy's plain-text
+          504 (`PROXY_TIMEOUT_BODY`), no x-fal-request-id, no nginx page.
         * "drop": close the connection before doing anything (submit: no job).
         * "drop_after": process normally, then close without answering (submit: job created).
         * "hang": never answer until stop().
@@ -1610,7 +1625,9 @@ class FakeFal:
                 code = int(str(kind).rsplit("_", 1)[1])
                 rec.status = code
                 return self._ingress(code)
-            if kind == "500_after_record":
+            if kind == "proxy_504_after_record":
+                after = fault
+            elif kind == "500_after_record":
                 after = Fault(
                     500,
                     fault.json
@@ -1643,6 +1660,9 @@ class FakeFal:
             if request.transport is not None:
                 request.transport.abort()
             return resp
+        if after is not None and after.status == "proxy_504_after_record":
+            rec.status = 504
+            return web.Response(status=504, text=PROXY_TIMEOUT_BODY, content_type="text/plain")
         if after is not None:
             code = int(after.status)
             rec.status = code

@@ -3,14 +3,16 @@
 Every failure surfaces as a `FalError` subclass whose `code` the Discord side turns into words.
 What is retried follows how fal behaves (fal-queue-api.md, part 2):
 
-- A submit is resent only when fal surely did not record it: no connection was made, a 429, or
-  an ingress error (502-504 from fal's front proxy, without `x-fal-request-id`). Anything else
-  after the request went out (a 500, a lost answer) may have been recorded and billed: it is
+- A submit is resent only when fal surely did not record it: no connection was made, a 408 or
+  429, or an ingress error (502-504 from fal's front proxy: no `x-fal-request-id`, and nginx's
+  page as the body, as fal-client checks). Anything else after the request went out (a 500, a
+  409, another proxy's 504, a lost answer) may have been recorded and billed: it is
   `FalSubmitUncertain`, never resent.
 - A completed job's error is final: fal answers every later result GET the same way, 5xx
   included, so it is reported at once in fal's own words.
-- Transport failures and ingress errors while following a job are retried a few times, then
-  reported as `FalUnavailable`.
+- Transport failures, 408/409/429 and ingress errors while following a job are retried (a few
+  times for a status, twice as many for a billed result's fetch and download), then reported as
+  `FalUnavailable`.
 
 Follow-up calls use the URLs fal returned on submit, never URLs built from the endpoint id (fal
 drops the endpoint's sub-path from them), and the key is sent only to the configured queue host.
@@ -46,6 +48,9 @@ MAX_BROKEN_STREAMS = 3
 # "A few times": attempts of an idempotent call (status, result, cancel, download) through
 # transport failures and ingress errors before fal counts as unavailable.
 FOLLOW_ATTEMPTS = 6
+# A made (and billed) result, which fal keeps for an hour: tried through an outage of about a
+# minute and a half with the default backoff (0.5 s doubling to 10 s), as fal-client's 10 tries.
+RESULT_ATTEMPTS = 12
 # fal's detail type for a refusal by its safety system.
 CONTENT_POLICY = "content_policy_violation"
 # What fal's 403 says when the account is out of credit or locked by fal.
@@ -139,7 +144,12 @@ class FalBadOutput(FalError):
 
 
 class _Transient(FalError):
-    """An answer that says nothing was recorded or done (429, an ingress error): retry."""
+    """An answer that says nothing was done (408, 409, 429, an ingress error): retry a call
+    that changes nothing at fal; a submit only if it `surely_not_recorded`."""
+
+    def __init__(self, message: str, *, status: int | None = None, surely_not_recorded: bool = False) -> None:
+        super().__init__(message, status=status)
+        self.surely_not_recorded = surely_not_recorded
 
 
 @dataclass(frozen=True)
@@ -226,10 +236,13 @@ def _detail_types(detail: Any) -> set[str]:
 
 def error_for(status: int, body: Any, headers: Mapping[str, str]) -> FalError:
     """What an HTTP error from fal means. Ingress errors (502-504 without `x-fal-request-id`,
-    from the front proxy) and 429s are transient; the rest came from fal's app layer."""
+    from a proxy in front of fal's app) and 408, 409 and 429 are transient; the rest came from
+    fal's app layer."""
     detail = body.get("detail") if isinstance(body, dict) else body
-    if status == 429 or (status in (502, 503, 504) and "x-fal-request-id" not in headers):
-        return _Transient(f"fal answered {status} before taking the request", status=status, detail=None)
+    if status in (408, 409, 429) or (status in (502, 503, 504) and "x-fal-request-id" not in headers):
+        # fal-client resends on these; a submit only when fal's own front proxy said it.
+        surely = status in (408, 429) or (status != 409 and "nginx" in str(body).lower())
+        return _Transient(f"fal answered {status} before taking the request", status=status, surely_not_recorded=surely)
     if status == 401:
         return FalAuthError("fal refused the API key (401)", status=status, detail=detail)
     if status == 403:
@@ -348,8 +361,12 @@ class FalQueueClient:
         async def attempt() -> Any:
             try:
                 return await self._json_call("POST", url, json_body=payload)
-            except (_Transient, aiohttp.ClientConnectorError):
-                raise  # not recorded: safe to send again
+            except _Transient as exc:
+                if exc.surely_not_recorded:
+                    raise  # safe to send again
+                raise FalSubmitUncertain(f"fal answered {exc.status} to the submit", status=exc.status) from None
+            except aiohttp.ClientConnectorError:
+                raise  # not sent: safe to send again
             except FalJobFailed as exc:
                 raise FalSubmitUncertain(f"fal answered {exc.status} to the submit", status=exc.status) from None
             except (TimeoutError, aiohttp.ClientError) as exc:
@@ -492,7 +509,7 @@ class FalQueueClient:
                     raise FalResultExpired("fal no longer has this result", status=exc.status) from None
                 raise
 
-        return await self._retried(attempt, what="fal result", deadline=deadline)
+        return await self._retried(attempt, what="fal result", deadline=deadline, attempts=RESULT_ATTEMPTS)
 
     async def cancel(self, request: FalRequest, *, timeout: float = 15.0) -> str:
         """Ask fal to cancel; returns fal's answer: OK (it was queued: removed),
@@ -539,7 +556,9 @@ class FalQueueClient:
                     sink.discard()
                     raise
 
-        size_and_type: tuple[int, str] = await self._retried(attempt, what="result download", deadline=deadline)
+        size_and_type: tuple[int, str] = await self._retried(
+            attempt, what="result download", deadline=deadline, attempts=RESULT_ATTEMPTS
+        )
         return size_and_type
 
 

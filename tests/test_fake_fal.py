@@ -19,7 +19,17 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from fakes.fal_fake import LOCK_MESSAGES, FakeFal, JobScript, infra_error, make_image, make_jpeg, make_png, model_error
+from fakes.fal_fake import (
+    LOCK_MESSAGES,
+    PROXY_TIMEOUT_BODY,
+    FakeFal,
+    JobScript,
+    infra_error,
+    make_image,
+    make_jpeg,
+    make_png,
+    model_error,
+)
 
 KEY = "test-fal-key"
 AUTH = {"Authorization": f"Key {KEY}"}
@@ -671,6 +681,12 @@ async def test_submit_5xx_after_record_creates_the_job(fal, http):
     fal.fail_next("submit", 429)
     status, hdrs, text = await submit_r(http, fal)
     assert status == 429 and hdrs["x-fal-request-id"] and len(fal.jobs) == 2
+
+    # a proxy in front of fal timed out after passing it on: recorded, and its plain 504 says nothing
+    fal.fail_next("submit", "proxy_504_after_record")
+    status, hdrs, text = await submit_r(http, fal)
+    assert (status, text) == (504, PROXY_TIMEOUT_BODY) and "x-fal-request-id" not in hdrs
+    assert len(fal.jobs) == 3
 
 
 @pytest.mark.asyncio

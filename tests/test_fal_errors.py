@@ -52,6 +52,27 @@ def test_ingress_errors_without_a_request_id_are_transient(status):
     assert type(error).__name__ == "_Transient"
 
 
+@pytest.mark.parametrize("status", [408, 409, 429])
+def test_answers_fal_client_resends_on_are_transient(status):
+    error = error_for(status, {"detail": "Request Timeout"}, FROM_FAL)
+    assert type(error).__name__ == "_Transient"
+
+
+@pytest.mark.parametrize(
+    "status,body,headers,surely",
+    [
+        (429, {"detail": "Too many requests"}, FROM_FAL, True),
+        (408, {"detail": "Request Timeout"}, FROM_FAL, True),
+        (409, {"detail": "Conflict"}, FROM_FAL, False),
+        (504, "<html><center>nginx</center></html>", {}, True),
+        (504, "upstream request timeout", {}, False),  # another proxy, which passed it on
+    ],
+)
+def test_a_submit_is_surely_not_recorded_only_after_what_fal_client_resends_it_on(status, body, headers, surely):
+    error = error_for(status, body, headers)
+    assert getattr(error, "surely_not_recorded", None) is surely
+
+
 def test_fals_own_words_are_kept():
     error = error_for(422, detail("content_policy_violation", "The prompt was flagged."), FROM_FAL)
     assert error.messages == ["The prompt was flagged."]
