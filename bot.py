@@ -77,7 +77,8 @@ class KontextBot(commands.AutoShardedBot):
         )
         self.settings = settings
         self.store = store
-        backoff = Backoff(base=settings.retry_base_delay)
+        # Doubling from the first delay up to twenty times it (10 s with the default).
+        backoff = Backoff(base=settings.retry_base_delay, cap=20 * settings.retry_base_delay)
         self.fal = FalQueueClient(
             http,
             settings.fal_queue_url,

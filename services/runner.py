@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -455,9 +456,10 @@ class JobRunner:
         log.warning("job %d failed: %s (%s)", job.id, exc, exc.code, extra=_ids(job))
         await self._fail(job, exc.code, _describe_detail(exc))
 
-    def _deadline(self, job: Job) -> float:
+    def _deadline(self, job: Job, *, since: float | None = None) -> float:
+        """When the job times out, on the loop's clock: JOB_TIMEOUT after it was made (or `since`)."""
         loop = asyncio.get_running_loop()
-        return loop.time() + (job.created_at + self._job_timeout - time.time())
+        return loop.time() + ((job.created_at if since is None else since) + self._job_timeout - time.time())
 
     async def _submit(self, job: Job, deadline: float) -> None:
         if self.account.refuses():
@@ -492,20 +494,29 @@ class JobRunner:
         await self._apply_status(job, status)
 
     async def _follow(self, job: Job, deadline: float) -> None:
+        """Follow the job at fal to its result. JOB_TIMEOUT bounds the wait for fal to start it;
+        once fal runs it, it is billed whatever the bot does, so it is followed for as long
+        again, and its result fetched, rather than cancelled (a running job ignores a cancel)."""
         assert job.request is not None
-        async with asyncio.timeout_at(deadline):
-            async for status in self._fal.statuses(job.request, deadline=deadline):
+        async with asyncio.timeout_at(deadline) as limit:
+            # The statuses' own retries are bounded in number; the time, by `limit`.
+            async for status in self._fal.statuses(job.request, deadline=math.inf):
                 await self._apply_status(job, status)
+                if job.started_at is not None:
+                    limit.reschedule(max(deadline, self._deadline(job, since=job.started_at)))
             if job.started_at is None and await self._left_fals_line(job):
                 return  # handed back: the hand-back stops this work, and the result would say "cancelled"
             job.completed_at = time.time()
+            if job.started_at is None:  # it ran between two statuses
+                limit.reschedule(max(deadline, self._deadline(job, since=job.completed_at)))
+            fetch_by = limit.when() or deadline
             # Done at fal, whatever the result: its slot there is free now (the next job may be
             # starting), though the result is still to be fetched.
             self._scheduler.left_fal(job.id, ran_for=job.completed_at - job.started_at if job.started_at else None)
-            output = parse_output(await self._fal.result(job.request, deadline=deadline))
+            output = parse_output(await self._fal.result(job.request, deadline=fetch_by))
             made = len(output.images)
             self._metrics.images_made(made, made * self._price)
-            job.result = await self._results.take(job.id, output, deadline=deadline)
+            job.result = await self._results.take(job.id, output, deadline=fetch_by)
         # Stored now only if files in DATA_DIR depend on it; images held in memory are gone
         # after a restart anyway, which then follows the request at fal again.
         on_disk = any(image.on_disk for image in job.result.images)

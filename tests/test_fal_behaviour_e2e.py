@@ -60,6 +60,53 @@ async def test_a_submit_answered_with_500_is_never_sent_again(world):
     assert text(again).startswith("✅") and world.fal.count("submit") == 2
 
 
+async def test_a_submit_timed_out_by_a_proxy_after_fal_took_it_is_never_sent_again(world):
+    """A 504 without fal's request id but not from fal's own front (no nginx page): the job may
+    be at fal, as fal-client assumes; sent again, it would run and bill twice."""
+    await world.start_bot()
+    world.fal.fail_next("submit", status="proxy_504_after_record")
+    message = await finished(await world.kontext())
+    assert "cannot tell whether fal received it" in text(message)
+    assert world.fal.count("submit") == 1 and len(world.fal.jobs) == 1
+
+
+async def test_a_billed_result_survives_a_short_fal_outage(world):
+    """fal keeps a result for an hour: a fetch is retried until the job's deadline, not a few
+    times (the job was paid for)."""
+    await world.start_bot()
+    world.fal.fail_next("result", status="ingress_503", times=8)
+    message = await finished(await world.kontext(), timeout=30)
+    assert text(message).startswith("✅"), text(message)
+    assert world.fal.count("result") == 9 and not fal_job(world).cancelled
+
+
+async def test_a_job_still_running_at_its_timeout_is_followed_to_its_result(world):
+    """JOB_TIMEOUT bounds the wait for fal to start a job; once running it is billed, and a
+    cancel would not stop it: its images are posted."""
+    # Started 1.6 s after the command, done at 3.1 s: past JOB_TIMEOUT, within as long again.
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.8, run_time=1.5)
+    await world.start_bot(JOB_TIMEOUT="2")
+    message = await finished(await world.kontext(), timeout=20)
+    assert text(message).startswith("✅"), text(message)
+    assert world.fal.count("cancel") == 0
+
+
+async def test_a_job_fal_never_starts_is_cancelled_at_its_timeout(world):
+    world.fal.default = JobScript(queue_positions=(5, 4, 3, 2, 1, 0), step=1.0, run_time=0.1)
+    await world.start_bot(JOB_TIMEOUT="1")
+    message = await finished(await world.kontext(), timeout=20)
+    assert "took too long" in text(message), text(message)
+    assert world.fal.count("cancel") == 1 and fal_job(world).cancelled
+
+
+async def test_one_408_on_a_status_poll_does_not_end_the_job(world):
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.5)
+    await world.start_bot(FAL_STATUS_STREAM="0")
+    world.fal.fail_next("status", 408, json={"detail": "Request Timeout"})
+    message = await finished(await world.kontext(), timeout=20)
+    assert text(message).startswith("✅"), text(message)
+
+
 async def test_a_submit_whose_connection_was_refused_is_sent_again_and_runs_once(world):
     """Refused before anything was sent, fal cannot have recorded it: unlike a 500, it is safe to
     send again, and the member gets the result of exactly one job."""
