@@ -3,6 +3,7 @@ intake: an edit of the images attached, or with none an image made from the prom
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import discord
@@ -22,7 +23,7 @@ from services.flux_kontext import (
 )
 from services.i18n import N_
 
-from .errors import UserFacingError
+from .errors import UserFacingError, report
 from .inputs import (
     ASPECT_RATIO_CHOICES,
     MAX_PROMPT_LENGTH,
@@ -30,7 +31,7 @@ from .inputs import (
     first_image_url,
     image_url,
 )
-from .modal import ImagePromptModal
+from .modal import PromptModal, answer_of, form_id, start_edit
 from .recipes import prompt_choices, resolve_prompt
 from .translation import member_texts
 
@@ -38,6 +39,11 @@ if TYPE_CHECKING:
     from bot import KontextBot
 
     Interaction = discord.Interaction[KontextBot]
+
+# The context menu's form: the message whose first image it edits.
+MENU_FORM = re.compile(r"kontext:menu:(?P<channel_id>[0-9]+):(?P<message_id>[0-9]+)")
+# Forms opened and not yet submitted whose image is remembered (the oldest forgotten first).
+MAX_OPEN_FORMS = 1000
 
 
 class Kontext(commands.Cog):
@@ -47,6 +53,9 @@ class Kontext(commands.Cog):
         # Where it is offered (servers, and with PERSONAL_USE also DMs and group DMs) is the
         # bot's default (bot.py).
         self.edit_menu = app_commands.ContextMenu(name="Edit with Kontext", callback=self.edit_message_image)
+        # The image of each open form, by its custom_id: where the bot cannot read the message
+        # again (a server without the bot), this is the only copy.
+        self._open_forms: dict[str, str] = {}
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.edit_menu)
@@ -119,11 +128,46 @@ class Kontext(commands.Cog):
         return await prompt_choices(interaction, current)
 
     async def edit_message_image(self, interaction: Interaction, message: discord.Message) -> None:
-        """Message context menu: edit the message's first image with a prompt from a modal."""
+        """Message context menu: edit the message's first image with a prompt from a form. The
+        form is not held by discord.py: its submit comes to `submit_menu_form`, however late."""
         settings = self.bot.settings
         url = first_image_url(message, settings.max_input_bytes, settings.discord_cdn_hosts)
         _ = member_texts(interaction)
-        await interaction.response.send_modal(ImagePromptModal(title=_("Edit with Kontext"), url=url, texts=_))
+        custom_id = f"kontext:menu:{message.channel.id}:{message.id}"
+        self._open_forms.pop(custom_id, None)
+        self._open_forms[custom_id] = url
+        if len(self._open_forms) > MAX_OPEN_FORMS:
+            del self._open_forms[next(iter(self._open_forms))]
+        await interaction.response.send_modal(
+            PromptModal(title=_("Edit with Kontext"), image_labels=(), texts=_, custom_id=custom_id)
+        )
+
+    @commands.Cog.listener("on_interaction")
+    async def submit_menu_form(self, interaction: Interaction) -> None:
+        """A submitted "Edit with Kontext" form: its image as remembered, else (the bot restarted
+        since) the message's first image read again where the bot can read it."""
+        match = MENU_FORM.fullmatch(form_id(interaction) or "")
+        if match is None:
+            return
+        try:
+            url = self._open_forms.pop(match[0], None) or await self._first_image(
+                int(match["channel_id"]), int(match["message_id"])
+            )
+            if url is None:
+                raise UserFacingError(
+                    N_("This form was opened before the bot restarted: open it again from the message's Apps menu.")
+                )
+            await start_edit(interaction, answer_of(interaction).prompt, url, KontextOptions())
+        except Exception as exc:
+            await report(interaction, exc)
+
+    async def _first_image(self, channel_id: int, message_id: int) -> str | None:
+        try:
+            message = await self.bot.get_partial_messageable(channel_id).fetch_message(message_id)
+        except (discord.NotFound, discord.Forbidden):
+            return None  # gone, or not the bot's to read (a server without the bot)
+        settings = self.bot.settings
+        return first_image_url(message, settings.max_input_bytes, settings.discord_cdn_hosts)
 
 
 async def setup(bot: KontextBot) -> None:

@@ -11,7 +11,6 @@ import discord
 from services.flux_kontext import KontextEdit, KontextOptions
 from services.i18n import Texts
 
-from .errors import report
 from .inputs import MAX_PROMPT_LENGTH
 from .recipes import resolve_prompt
 
@@ -26,14 +25,12 @@ IMAGE_FIELD = "image"
 
 
 class PromptModal(discord.ui.Modal):
-    """Asks for a prompt and, given several images, which one. Given a `custom_id`, the form
-    is only sent, never held (stopped at once, discord.py keeps no copy): its submit, however
-    late, even after a restart, goes to whoever handles that custom_id, once (`answer_of`)."""
+    """Asks for a prompt and, given several images, which one. The form is only sent, never
+    held (stopped at once, discord.py keeps no copy): its submit, however late, even after a
+    restart, goes to the listener that handles its `custom_id`, once (`answer_of`)."""
 
-    def __init__(
-        self, *, title: str, image_labels: Sequence[str], texts: Texts, custom_id: str = discord.utils.MISSING
-    ) -> None:
-        super().__init__(title=title[:45], timeout=600, custom_id=custom_id)
+    def __init__(self, *, title: str, image_labels: Sequence[str], texts: Texts, custom_id: str) -> None:
+        super().__init__(title=title[:45], custom_id=custom_id)
         _ = texts  # the language of the member the form is shown to
         prompt: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
             custom_id=PROMPT_FIELD,
@@ -51,23 +48,7 @@ class PromptModal(discord.ui.Modal):
                 ],
             )
             self.add_item(discord.ui.Label(text=_("Which image?")[:45], component=choice))
-        if custom_id is not discord.utils.MISSING:
-            self.stop()
-
-
-class ImagePromptModal(PromptModal):
-    """The form for one image of any message (the context menu): held in memory while open,
-    since a message the bot may not read (a server without the bot) cannot be found again."""
-
-    def __init__(self, *, title: str, url: str, texts: Texts) -> None:
-        super().__init__(title=title, image_labels=(), texts=texts)
-        self._url = url
-
-    async def on_submit(self, interaction: Interaction) -> None:  # type: ignore[override]
-        await start_edit(interaction, answer_of(interaction).prompt, self._url, KontextOptions())
-
-    async def on_error(self, interaction: Interaction, error: Exception) -> None:  # type: ignore[override]
-        await report(interaction, error)
+        self.stop()
 
 
 @dataclass(frozen=True)

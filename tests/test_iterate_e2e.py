@@ -88,6 +88,34 @@ async def test_edit_with_kontext_context_menu_uses_the_messages_first_image(worl
     assert world.fal.submits[-1] == {"prompt": "add a rainbow", "image_url": image, "safety_tolerance": "2"}
 
 
+async def test_an_edit_with_kontext_form_open_across_a_restart_reads_the_message_again(world):
+    await world.start_bot()
+    photo = world.input_image()
+    post = world.discord.post_user_message("look at this", user="mod", attachments=[photo])
+    menu = await world.discord.invoke_message_command("Edit with Kontext", post.id, user="alice")
+    assert (await menu.wait_for_callback())["type"] == 9
+    assert await world.bot.stop() == 0
+    await world.start_bot()
+    submitted = await world.discord.submit_modal(menu, {"prompt": "add a rainbow"}, user="alice")
+    assert (await submitted.wait_for_callback(timeout=5))["type"] == 5
+    assert text(await finished(submitted)).startswith("✅")
+    assert world.fal.submits[-1]["image_url"] == data_uri(world, photo)
+
+
+async def test_an_edit_with_kontext_form_whose_message_is_gone_after_a_restart_says_so(world):
+    await world.start_bot()
+    post = world.discord.post_user_message("look at this", user="mod", attachments=[world.input_image()])
+    menu = await world.discord.invoke_message_command("Edit with Kontext", post.id, user="alice")
+    await menu.wait_for_callback()
+    assert await world.bot.stop() == 0
+    post.deleted = True  # its author deleted it meanwhile
+    await world.start_bot()
+    submitted = await world.discord.submit_modal(menu, {"prompt": "add a rainbow"}, user="alice")
+    await submitted.wait_for_callback(timeout=5)
+    assert "open it again" in private_answer(submitted)
+    assert world.fal.submits == []
+
+
 async def test_context_menu_on_a_message_without_an_image(world):
     await world.start_bot()
     post = world.discord.post_user_message("no pictures here")
