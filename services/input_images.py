@@ -53,6 +53,11 @@ def _source_key(url: yarl.URL) -> str:
     return str(url.with_query(None).with_fragment(None))
 
 
+# A few kilobytes can claim a picture of billions of pixels (a "decompression bomb"): past
+# Pillow's own warning limit (about 89 million, twice an 8K image), an input is refused.
+MAX_INPUT_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
 def check_image(data: bytes, name: str) -> str:
     """The content type of `data` if it is a whole image of a kind fal reads; else InputRejected."""
     if not data:
@@ -60,12 +65,20 @@ def check_image(data: bytes, name: str) -> str:
     sniffed = sniff_image_type(data[:SNIFF_BYTES])
     if sniffed is None:
         raise InputRejected(N_("`{name}` is not an image FLUX.1 Kontext can read (PNG, JPEG, WebP or GIF)."), name=name)
+    too_large = InputRejected(
+        N_("`{name}` has too many pixels: at most {limit} million."), name=name, limit=MAX_INPUT_PIXELS // 1_000_000
+    )
     try:
         with Image.open(io.BytesIO(data)) as image:
             pillow_type = _PILLOW_FORMATS.get(image.format or "")
+            pixels = image.width * image.height
             image.verify()
+    except Image.DecompressionBombError:  # Pillow's own refusal, at twice its limit
+        raise too_large from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputRejected(N_("`{name}` is damaged: it could not be read as an image."), name=name) from None
+    if pixels > MAX_INPUT_PIXELS:
+        raise too_large
     if pillow_type != sniffed:
         raise InputRejected(N_("`{name}` is not an image FLUX.1 Kontext can read."), name=name)
     # Pillow's verify does not read JPEG data to its end: a cut-off file lacks its end marker.

@@ -5,7 +5,13 @@ credit, quiet status streams, inputs fetched when the job starts, cancels a runn
 from __future__ import annotations
 
 import asyncio
+import io
+import struct
 import time
+import zlib
+
+import pytest
+from PIL import Image
 
 from fakes.fal_fake import JobScript, infra_error, model_error
 from tests.e2e import attachment_bytes, button, fal_job, finished, has_button, private_answer, shows, text
@@ -235,6 +241,29 @@ async def test_a_cut_off_jpeg_is_refused(world):
     handle = await world.kontext(image=cut)
     await handle.wait_until(lambda h: bool(h.followups), timeout=10)
     assert "`cut.jpg` is damaged" in text(handle.followups[0])
+    assert world.fal.count("submit") == 0
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A whole, valid PNG of a few bytes whose header claims `width` x `height` pixels."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    header = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("width,height", [(20_000, 10_000), (10_000, 10_000)], ids=["over-pillows-limit", "over-ours"])
+async def test_an_image_of_too_many_pixels_is_refused_privately(world, width, height):
+    """A decompression bomb (a few bytes claiming 100-200 million pixels) is the member's input
+    to fix, not the bot's failure with a Try again that can only fail again."""
+    await world.start_bot()
+    handle = await world.kontext(image=world.discord.add_cdn_file(png_claiming(width, height), "pano.png", "image/png"))
+    await handle.wait_until(lambda h: bool(h.followups), timeout=10)
+    (note,) = handle.followups
+    assert note.ephemeral and "`pano.png` has too many pixels" in text(note), text(note)
     assert world.fal.count("submit") == 0
 
 
