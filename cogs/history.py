@@ -28,7 +28,7 @@ from services.job import Job, JobPlace, JobState, ResultImage
 from .errors import UserFacingError, report
 from .inputs import is_image_attachment
 from .intake import is_nsfw_channel
-from .render import attachment_name, plain_text, render
+from .render import attachment_name, in_public, plain_text, render
 from .translation import member_texts
 from .views import is_moderator, result_card
 
@@ -416,7 +416,7 @@ async def show_here(interaction: Interaction, job: Job) -> None:
     bot = interaction.client
     _ = member_texts(interaction)
     await bot.intake.check_showing(interaction, job.edit.options.safety_tolerance)
-    here = dataclasses.replace(job, channel_nsfw=is_nsfw_channel(interaction.channel))
+    here = dataclasses.replace(in_public(job), channel_nsfw=is_nsfw_channel(interaction.channel))
     rendered = render(here)  # images flagged by the safety checker only where they may be seen
     if job.state is not JobState.SUCCEEDED or not rendered.files:
         raise UserFacingError(N_("Job #{id} has no images that can be shown here."), id=job.id)

@@ -10,6 +10,7 @@ message only when what it shows changed. The buttons and the card's layout are b
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from services.images import EXTENSIONS
 from services.job import (
     NOTE_CANCEL_REQUESTED_BY,
     NOTE_FROM_DEFAULTS,
+    NOTE_PRIVATE_FIRST,
     NOTE_PRIVATE_REPLY,
     NOTE_REPLY_EXPIRING,
     NOTE_SAFETY_LIMITED_TO,
@@ -369,6 +371,12 @@ def _options_text(options: KontextOptions, from_defaults: frozenset[str], _: Tex
         text = _(label) if value is True else f"{_(label)} {value}"
         shown.append(_("{option} (your default)", option=text) if name in from_defaults else text)
     return " · ".join(shown)
+
+
+def in_public(job: Job) -> Job:
+    """The job as a message everyone in a channel sees renders it (its share, a copy shown again
+    with Show here): not the member's own private-first copy, so no private notice, no Share."""
+    return dataclasses.replace(job, notes={k: v for k, v in job.notes.items() if k != NOTE_PRIVATE_FIRST})
 
 
 def _unshared(job: Job) -> bool:

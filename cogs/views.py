@@ -5,7 +5,6 @@ after a restart, on a classic message or inside a card."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import logging
 import re
@@ -23,7 +22,7 @@ from services.runner import CancelOutcome
 from .errors import UserFacingError, report, tell
 from .inputs import is_image_attachment
 from .modal import PromptModal, answer_of, form_id, start_edit
-from .render import JobAction, Rendered, attachment_name, render
+from .render import JobAction, Rendered, attachment_name, in_public, render
 from .translation import member_texts
 
 log = logging.getLogger(__name__)
@@ -140,7 +139,7 @@ async def _share(interaction: Interaction, job: Job) -> None:
     from_reply = (interaction.guild_id, interaction.channel_id) == (job.guild_id, job.channel_id)
     if not from_reply and not job.place.bot_can_post:
         raise UserFacingError(N_("This result can be shared only from its reply, in the channel it was made in."))
-    public = dataclasses.replace(job, notes={**job.notes, NOTE_SHARED_AS: 0})  # rendered as shared
+    public = in_public(job)
     rendered = render(public)
     held = {a.filename: a for a in image_attachments(interaction.message)}
     names = [attachment_name(job, i, image) for i, image in enumerate(rendered.files, start=1)]

@@ -8,7 +8,8 @@ import urllib.parse
 
 from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2, media_gallery_items, text_displays, walk_components
 from fakes.fal_fake import JobScript
-from tests.e2e import admin, button, details, finished, private_answer, text
+from tests.e2e import admin, button, details, finished, has_button, private_answer, text
+from tests.test_member_settings_e2e import settings
 
 
 async def results(world, count: int, user: str = "alice", **options) -> list:
@@ -154,6 +155,25 @@ async def test_show_here_posts_the_result_again_with_working_buttons(world):
     await delete.wait_for_callback()
     await world.discord.wait_until(lambda: shown.deleted)
     assert not original.deleted  # the shown copy only
+
+
+async def test_a_private_first_result_shown_here_is_a_public_card(world):
+    await world.start_bot()
+    await settings(world, results="private_first")
+    private = await finished(await world.kontext(image=None, prompt="a secret garden"))
+    art = world.discord.add_channel("gallery")
+    handle = await world.discord.invoke_slash("kontext-history", user="alice", channel_id=art["id"])
+    await handle.wait_for_callback()
+    shown = await finished(await press(world, handle.original, "Show here"))
+    assert not shown.ephemeral and shown.channel_id == art["id"]
+    assert "Only you can see this" not in details(shown) and not has_button(shown, "share")
+    for action in ("reroll", "edit", "delete"):
+        button(shown, action)
+    # The original stays the member's alone until they share it, and Share still posts it.
+    assert "Only you can see this until you share it" in details(private)
+    shared = await finished(await world.discord.click_button(private.id, button(private, "share"), user="alice"))
+    assert not shared.ephemeral and shared.channel_id == world.discord.channel_id
+    assert "Only you can see this" not in details(shared) and not has_button(shared, "share")
 
 
 async def test_show_here_is_refused_where_kontext_would_be(world):
