@@ -49,12 +49,16 @@ def is_nsfw_channel(channel: Any) -> bool:
 
 
 def requester_of(interaction: discord.Interaction[KontextBot]) -> Requester:
-    channel = interaction.channel
-    member = interaction.user
+    return requester_in(interaction.user, interaction.channel, interaction.channel_id or 0)
+
+
+def requester_in(member: discord.abc.User, channel: Any, channel_id: int) -> Requester:
+    """The member as the policy sees them in `channel`: their roles there, the channel (a
+    thread's parent too), whether it is age-restricted."""
     return Requester(
         user_id=member.id,
         role_ids=frozenset(role.id for role in getattr(member, "roles", ())),
-        channel_id=interaction.channel_id or 0,
+        channel_id=channel_id,
         parent_channel_id=channel.parent_id if isinstance(channel, discord.Thread) else None,
         channel_nsfw=is_nsfw_channel(channel),
     )
@@ -109,14 +113,19 @@ class JobIntake:
         use, the server's channels and role), or where a job may not use that tolerance (see
         `showing_refusal`)."""
         place = self._place(interaction)
-        if place.personal:
+        guild_id = None if place.personal else interaction.guild_id
+        await self.check_showing_in(guild_id, requester_of(interaction), safety_tolerance)
+
+    async def check_showing_in(self, guild_id: int | None, requester: Requester, safety_tolerance: int | None) -> None:
+        """`check_showing` for `requester` in a server's channel (None: personal use), wherever
+        the member asks from: Share from the DM a late result came in posts in the job's channel."""
+        if guild_id is None:
             policy = self._bot.settings.personal.as_policy()
         else:
-            assert interaction.guild_id is not None
-            policy = await self._bot.store.policy(interaction.guild_id)
-        refused = showing_refusal(policy, requester_of(interaction), safety_tolerance)
+            policy = await self._bot.store.policy(guild_id)
+        refused = showing_refusal(policy, requester, safety_tolerance)
         if refused is not None:
-            raise PolicyRefusal(refused, policy, personal=place.personal)
+            raise PolicyRefusal(refused, policy, personal=guild_id is None)
 
     async def start(
         self,

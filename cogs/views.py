@@ -21,11 +21,15 @@ from services.runner import CancelOutcome
 
 from .errors import UserFacingError, report, tell
 from .inputs import is_image_attachment
+from .intake import requester_in
 from .modal import PromptModal, answer_of, form_id, start_edit
 from .render import JobAction, Rendered, attachment_name, in_public, render
 from .translation import member_texts
 
 log = logging.getLogger(__name__)
+
+# The server channels a result is posted in.
+ServerChannel = discord.TextChannel | discord.Thread | discord.VoiceChannel | discord.StageChannel
 
 # Discord's limit of items in one Media Gallery (components/reference.mdx).
 MAX_GALLERY_ITEMS = 10
@@ -139,6 +143,8 @@ async def _share(interaction: Interaction, job: Job) -> None:
     from_reply = (interaction.guild_id, interaction.channel_id) == (job.guild_id, job.channel_id)
     if not from_reply and not job.place.bot_can_post:
         raise UserFacingError(N_("This result can be shared only from its reply, in the channel it was made in."))
+    channel = None if from_reply else await _channel_of(bot, job)
+    await _check_sharing(interaction, job, channel)
     public = in_public(job)
     rendered = render(public)
     held = {a.filename: a for a in image_attachments(interaction.message)}
@@ -161,8 +167,7 @@ async def _share(interaction: Interaction, job: Job) -> None:
             content=rendered.content, embed=rendered.embed, attachments=files, view=view
         )
     else:
-        channel = bot.get_channel(job.channel_id) or await bot.fetch_channel(job.channel_id)
-        assert isinstance(channel, discord.abc.Messageable)
+        assert channel is not None
         if as_card:
             message = await channel.send(view=result_card(public, rendered, shown), files=files)
         else:
@@ -172,6 +177,31 @@ async def _share(interaction: Interaction, job: Job) -> None:
         await interaction.edit_original_response(content=_("📣 Shared: {link}", link=message.jump_url))
     await bot.store.record_share(job, message.id)
     log.info("job %d: shared to the channel by its member (message %d)", job.id, message.id)
+
+
+async def _channel_of(bot: KontextBot, job: Job) -> ServerChannel:
+    channel = bot.get_channel(job.channel_id) or await bot.fetch_channel(job.channel_id)
+    assert isinstance(channel, ServerChannel)
+    return channel
+
+
+async def _check_sharing(interaction: Interaction, job: Job, channel: ServerChannel | None) -> None:
+    """Sharing shows the result in its channel now, so it is checked as Show here is, under that
+    channel's policy now (its safety maximum may have been lowered since the job): from its reply,
+    there; from the DM a late result came in, as the member in `channel`."""
+    intake = interaction.client.intake
+    made_at = job.edit.options.safety_tolerance
+    if channel is None:
+        await intake.check_showing(interaction, made_at)
+        return
+    user_id = interaction.user.id
+    try:
+        member = channel.guild.get_member(user_id) or await channel.guild.fetch_member(user_id)
+    except discord.NotFound:
+        raise UserFacingError(
+            N_("You are no longer in the server of this result, so it can't be shared there.")
+        ) from None
+    await intake.check_showing_in(channel.guild.id, requester_in(member, channel, channel.id), made_at)
 
 
 def _message_link(job: Job, message_id: int) -> str:

@@ -126,6 +126,44 @@ async def test_a_double_click_on_share_posts_the_result_once(world):
     assert "Already shared" in private_answer(again) and len(cards()) == 1
 
 
+async def test_share_applies_the_channels_policy_as_it_is_now(world):
+    await world.start_bot()
+    await settings(world, results="private_first")
+    adult = world.discord.nsfw_channel_id
+    private = await finished(await world.kontext(channel_id=adult, safety_tolerance=4))
+    assert world.fal.submits[-1]["safety_tolerance"] == "4"
+    await admin(world, "safety", nsfw_maximum=3)  # the moderators lower the maximum afterwards
+    refused = await world.discord.click_button(private.id, button(private, "share"), user="alice")
+    await refused.wait_for_callback()
+    assert "made at a higher safety tolerance than this channel allows (at most 3)" in private_answer(refused)
+    assert [m for m in world.discord.channel_messages(adult) if not m.ephemeral] == []
+    await admin(world, "safety", nsfw_maximum=4)
+    shared = await finished(await world.discord.click_button(private.id, button(private, "share"), user="alice"))
+    assert not shared.ephemeral and shared.channel_id == adult
+
+
+async def test_share_from_the_dm_applies_the_policy_of_the_channel_it_posts_in(world):
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    await world.start_bot()
+    await settings(world, results="private_first")
+    adult = world.discord.nsfw_channel_id
+    handle = await world.kontext(channel_id=adult, safety_tolerance=4)
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: dm_messages(world), timeout=15)
+    (card,) = dm_messages(world)
+    await admin(world, "safety", nsfw_maximum=3)
+    refused = await world.discord.click_button(card.id, button(card, "share"), user="alice")
+    await refused.wait_for_callback()
+    assert "made at a higher safety tolerance than this channel allows (at most 3)" in private_answer(refused)
+    await admin(world, "safety", nsfw_maximum=4)
+    del world.discord.get_guild(None).members[world.discord.alice["id"]]  # alice left the server
+    gone = await world.discord.click_button(card.id, button(card, "share"), user="alice")
+    await gone.wait_for_callback()
+    assert "no longer in the server of this result" in private_answer(gone)
+    assert [m for m in world.discord.channel_messages(adult) if not m.ephemeral] == []
+
+
 async def test_an_explicit_image_edit_uses_the_defaults_too_and_the_policy_still_counts(world):
     await world.start_bot()
     await admin(world, "limits", daily_jobs=1)
