@@ -147,15 +147,19 @@ async def _share(interaction: Interaction, job: Job) -> None:
     await _check_sharing(interaction, job, channel)
     public = in_public(job)
     rendered = render(public)
-    held = {a.filename: a for a in image_attachments(interaction.message)}
+    # A classic message spoilers a flagged image's attachment (SPOILER_…), a card its gallery item.
+    held = {a.filename.removeprefix("SPOILER_"): a for a in image_attachments(interaction.message)}
     names = [attachment_name(job, i, image) for i, image in enumerate(rendered.files, start=1)]
     shown = [(name, image) for name, image in zip(names, rendered.files, strict=True) if name in held]
     if not shown:
         raise UserFacingError(N_("This message has no image left to share."))
     # From the reply: a new message in the channel, for everyone; elsewhere a private answer.
     await interaction.response.defer(thinking=True, ephemeral=not from_reply)
-    files = [discord.File(io.BytesIO(await held[name].read()), filename=name) for name, _image in shown]
     as_card = bot.settings.result_cards and len(shown) <= MAX_GALLERY_ITEMS
+    files = [
+        discord.File(io.BytesIO(await held[name].read()), filename=name, spoiler=image.nsfw and not as_card)
+        for name, image in shown
+    ]
     message: discord.Message
     if from_reply and as_card:
         # A deferred reply becomes a card only by this edit (see presenter._deliver_by_interaction).

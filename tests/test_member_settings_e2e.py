@@ -126,6 +126,19 @@ async def test_a_double_click_on_share_posts_the_result_once(world):
     assert "Already shared" in private_answer(again) and len(cards()) == 1
 
 
+async def test_share_of_a_classic_result_keeps_its_flagged_image_behind_a_spoiler(world):
+    world.fal.default = JobScript(nsfw=(True, False))
+    await world.start_bot(RESULT_CARDS="0")
+    await settings(world, results="private_first")
+    adult = world.discord.nsfw_channel_id
+    private = await finished(await world.kontext(channel_id=adult, num_images=2))
+    assert sorted(private.files) == ["SPOILER_kontext-1-1.jpg", "kontext-1-2.jpg"]
+    share = await world.discord.click_button(private.id, button(private, "share"), user="alice")
+    await finished(share)
+    (shared,) = [m for m in world.discord.channel_messages(adult) if not m.ephemeral]
+    assert sorted(shared.files) == sorted(private.files)
+
+
 async def test_share_applies_the_channels_policy_as_it_is_now(world):
     await world.start_bot()
     await settings(world, results="private_first")
