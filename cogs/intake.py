@@ -4,11 +4,9 @@ use), acknowledges within Discord's 3 seconds, records the job and hands it to t
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,10 +75,6 @@ class Governing:
 class JobIntake:
     def __init__(self, bot: KontextBot) -> None:
         self._bot = bot
-        # Checking the limits and recording the new job happen under a lock per policy scope (a
-        # server, or one member's personal use), so two requests at the same instant cannot
-        # both take the last free place.
-        self._locks: defaultdict[tuple[str, int], asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def governing(self, interaction: discord.Interaction[KontextBot], now: float) -> Governing:
         """The policy of the place (the server's; where no server governs, the operator's for
@@ -106,6 +100,13 @@ class JobIntake:
         if not place.personal and not settings.serves_guild(interaction.guild_id):
             raise NotServedHere()
         return place
+
+    def _scopes(self, interaction: discord.Interaction[KontextBot], place: JobPlace) -> list[str]:
+        """The limits a new job is checked against, which the store holds from the check to the
+        job's row, in every process: the place's (one server's, or one member's personal use), and
+        the operator's budget, which every server shares."""
+        scope = f"member:{interaction.user.id}" if place.personal else f"server:{interaction.guild_id or 0}"
+        return [scope, "budget"] if self._bot.settings.monthly_budget_usd is not None else [scope]
 
     async def check_showing(self, interaction: discord.Interaction[KontextBot], safety_tolerance: int | None) -> None:
         """Refuse, as a job would be refused, a member who may not show here a result made at
@@ -158,8 +159,7 @@ class JobIntake:
         if bot.runner.account.refuses():
             raise FalAccountLocked("refused up front", detail=bot.runner.account.locked_reason)
         place = self._place(interaction)
-        scope = ("member", interaction.user.id) if place.personal else ("server", interaction.guild_id or 0)
-        async with self._locks[scope]:
+        async with bot.store.admitting(self._scopes(interaction, place)):
             requester = requester_of(interaction)
             now = time.time()
             governing = await self.governing(interaction, now)

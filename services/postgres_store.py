@@ -22,10 +22,12 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Self
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from .job import Job
 from .redact import describe_error
@@ -111,6 +113,20 @@ class _Lease:
     job: Job  # the object this process drives: a job claimed again is another object
     epoch: int
     granted_at: float  # _lease_clock() when the statement that granted or renewed it was sent
+
+
+@dataclass
+class _Transaction:
+    """An admission under way in this task (see `_locked_transaction`)."""
+
+    store: PostgresStore
+    connection: PoolConnectionProxy[asyncpg.Record]
+    inserted: list[Job]  # let go if the transaction does not commit
+
+
+# The task's admission: its statements run on that connection, inside its transaction (a task
+# started inside would inherit it, and outlive it: none is).
+_TRANSACTION: ContextVar[_Transaction | None] = ContextVar("kontext_transaction", default=None)
 
 
 # What connecting can raise besides StoreUnavailable: refused, timed out, refused by the server
@@ -265,13 +281,23 @@ class PostgresStore(Store):
 
     # -- the engine's primitives ----------------------------------------------------------------
 
+    def _transaction(self) -> _Transaction | None:
+        transaction = _TRANSACTION.get()
+        return transaction if transaction is not None and transaction.store is self else None
+
+    @property
+    def _connection(self) -> asyncpg.Pool | PoolConnectionProxy[asyncpg.Record]:
+        """Where this task's statements run: its admission's transaction, or any pooled connection."""
+        transaction = self._transaction()
+        return transaction.connection if transaction is not None else self._db
+
     async def _fetch(self, sql: str, args: Mapping[str, Any]) -> Sequence[Row]:
         text, names = _positional(sql)
-        return await self._db.fetch(text, *(args[name] for name in names))
+        return await self._connection.fetch(text, *(args[name] for name in names))
 
     async def _execute(self, sql: str, args: Mapping[str, Any]) -> int:
         text, names = _positional(sql)
-        status = await self._db.execute(text, *(args[name] for name in names))
+        status = await self._connection.execute(text, *(args[name] for name in names))
         count = status.rsplit(" ", 1)[-1]
         return int(count) if count.isdigit() else 0
 
@@ -289,6 +315,29 @@ class PostgresStore(Store):
             finally:
                 await connection.execute("SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_SPACE, name)
 
+    @contextlib.asynccontextmanager
+    async def _locked_transaction(self, names: Sequence[str]) -> AsyncIterator[None]:
+        """One connection and one transaction for the block, under transaction advisory locks:
+        the usage it reads and the job it inserts are seen together by the next holder, and the
+        commit or rollback releases the locks however the block ends (behind a transaction
+        pooler too). Only this connection is used meanwhile, so waiters cannot exhaust the pool."""
+        async with self._db.acquire() as connection:
+            transaction = _Transaction(self, connection, [])
+            try:
+                async with connection.transaction():
+                    for name in names:
+                        await connection.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", LOCK_SPACE, name)
+                    token = _TRANSACTION.set(transaction)
+                    try:
+                        yield
+                    finally:
+                        _TRANSACTION.reset(token)
+            except BaseException:
+                for job in transaction.inserted:  # rolled back: they do not exist
+                    self.let_go(job)
+                    self._written.pop(job.id, None)
+                raise
+
     async def _setting_changed(self, kind: SettingKind, key: int) -> None:
         await self._notify(SETTING_CHANNELS[kind], str(key))
 
@@ -305,6 +354,9 @@ class PostgresStore(Store):
         (inserted,) = await self._fetch(sql, {**row, "slot": self.slot, "run": self.run, "lease": self._lease_seconds})
         job_id = int(inserted["id"])
         self._held[job_id] = _Lease(job, 1, sent)
+        transaction = self._transaction()
+        if transaction is not None:
+            transaction.inserted.append(job)
         return job_id
 
     def _lease(self, job: Job) -> _Lease:

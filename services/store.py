@@ -515,7 +515,8 @@ class Store(abc.ABC):
 
     Jobs: `create_job` records a new one, held by this process; `save` writes a job's changes and,
     on a shared store, raises LeaseLost when another process took the job over; `claim` takes the
-    unfinished jobs this process may drive (at start: those of its previous run)."""
+    unfinished jobs this process may drive (at start: those of its previous run); `admitting`
+    holds a place's limits, in every process, from reading its usage to recording the job."""
 
     # Whether several processes use the database at once (then leases decide who drives a job).
     shared: bool = False
@@ -602,6 +603,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold the lock called `name` among all processes sharing the database."""
+
+    @abc.abstractmethod
+    def _locked_transaction(self, names: Sequence[str]) -> contextlib.AbstractAsyncContextManager[None]:
+        """Run the block's statements as one transaction that holds the locks `names` among all
+        processes sharing the database (they were taken in this process already)."""
 
     @abc.abstractmethod
     async def _setting_changed(self, kind: SettingKind, key: int) -> None:
@@ -949,6 +955,20 @@ class Store(abc.ABC):
             "ON CONFLICT (source) DO UPDATE SET url = excluded.url, expires_at = excluded.expires_at",
             {"source": source, "url": url, "expires": expires_at},
         )
+
+    @contextlib.asynccontextmanager
+    async def admitting(self, scopes: Sequence[str]) -> AsyncIterator[None]:
+        """Hold the limits of `scopes` (a server, a member's personal use; the operator's budget,
+        which every job shares, last) while the block reads the usage against them and records
+        the job they admit: two requests, in any process sharing the database, cannot both take
+        the last free place. Queued in this process first, so a burst waits here, not on pooled
+        connections."""
+        names = [f"admit:{scope}" for scope in scopes]
+        async with contextlib.AsyncExitStack() as held:
+            for name in names:
+                await held.enter_async_context(self._local_lock(name))
+            async with self._locked_transaction(names):
+                yield
 
     @contextlib.asynccontextmanager
     async def _local_lock(self, name: str) -> AsyncIterator[None]:
