@@ -121,7 +121,9 @@ class _Transaction:
 
     store: PostgresStore
     connection: PoolConnectionProxy[asyncpg.Record]
-    inserted: list[Job]  # let go if the transaction does not commit
+    # The jobs it inserted, held once it commits: until then no other connection sees their
+    # rows, so a heartbeat meanwhile would find their leases gone.
+    inserted: list[_Lease]
 
 
 # The task's admission: its statements run on that connection, inside its transaction (a task
@@ -333,10 +335,11 @@ class PostgresStore(Store):
                     finally:
                         _TRANSACTION.reset(token)
             except BaseException:
-                for job in transaction.inserted:  # rolled back: they do not exist
-                    self.let_go(job)
-                    self._written.pop(job.id, None)
+                for lease in transaction.inserted:  # rolled back: they do not exist
+                    self._written.pop(lease.job.id, None)
                 raise
+            for lease in transaction.inserted:
+                self._held[lease.job.id] = lease
 
     async def _setting_changed(self, kind: SettingKind, key: int) -> None:
         await self._notify(SETTING_CHANNELS[kind], str(key))
@@ -353,10 +356,11 @@ class PostgresStore(Store):
         sent = _lease_clock()
         (inserted,) = await self._fetch(sql, {**row, "slot": self.slot, "run": self.run, "lease": self._lease_seconds})
         job_id = int(inserted["id"])
-        self._held[job_id] = _Lease(job, 1, sent)
         transaction = self._transaction()
         if transaction is not None:
-            transaction.inserted.append(job)
+            transaction.inserted.append(_Lease(job, 1, sent))
+        else:
+            self._held[job_id] = _Lease(job, 1, sent)
         return job_id
 
     def _lease(self, job: Job) -> _Lease:

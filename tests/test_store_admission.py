@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -150,3 +151,22 @@ async def test_a_burst_larger_than_the_pool_is_admitted_in_full(stores):
         admitted, refused = await race(*requests)
     assert (admitted, refused) == (len(requests), [])
     assert len(runner.started) == len(requests)
+
+
+async def test_a_heartbeat_during_an_admission_keeps_the_job_it_inserts(stores):
+    """Until the admission commits, no other connection sees the new row: a heartbeat then must
+    not report its lease lost (the job would be dropped as soon as it is accepted)."""
+    store = await stores("a")
+    intake, runner = process(store)
+    renewals = []
+
+    async def heartbeat_after_the_insert(request: JobRequest) -> Job:
+        job = await store.create_job(request)
+        # The heartbeat is another task, outside the admission's transaction.
+        renewals.append(await asyncio.create_task(store.renew(), context=contextvars.Context()))
+        return job
+
+    runner.accept = heartbeat_after_the_insert  # type: ignore[method-assign]
+    await intake.start(interaction(7, guild_id=1), edit())
+    (job,) = runner.started
+    assert renewals[0].lost == () and store.holds(job)
