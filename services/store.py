@@ -454,6 +454,14 @@ class StoreUnavailable(Exception):
     """The database must not be used as it is; the message says why and can be printed."""
 
 
+@dataclass
+class _JobWrites:
+    """One job's saves: they take turns, and the last one lets a finished job go."""
+
+    turn: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    pending: int = 0
+
+
 class StoreFailed(Exception):
     """A job's write kept failing for a reason of the database's own (connection lost, server
     restarting, disk): what the row holds is unknown but intact, and the job resumes from it
@@ -533,6 +541,8 @@ class Store(abc.ABC):
         self._settings = SettingsCache()
         # The row as last written, per unfinished job this process wrote, for save()'s diff.
         self._written: dict[int, dict[str, Any]] = {}
+        # The saves of each job under way (see save).
+        self._writes: dict[int, _JobWrites] = {}
         self._local_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     # -- what each engine provides ------------------------------------------------------------
@@ -641,43 +651,36 @@ class Store(abc.ABC):
     async def save(self, job: Job, *, durable: bool = False) -> None:
         """Write what changed since this job's last write (a transition touches a few columns;
         writing all thirty costs the bot twice the CPU). `durable`: the write must survive a
-        power loss before the caller acts on it."""
-        row = _to_row(job)
-        last = self._written.get(job.id)
-        changed = row if last is None else {name: value for name, value in row.items() if last[name] != value}
-        # Recorded before the write is awaited, so a second save of the job diffs against it;
-        # the engine runs the two in order.
-        if job.delivered_at is None:
-            self._written[job.id] = row
-        else:
-            self._written.pop(job.id, None)  # finished: no more writes expected
-        if changed:
-
-            async def write() -> None:
-                nonlocal changed
-                try:
-                    await self._update_job(job, changed, durable=durable)
-                except BaseException:
-                    # What the database holds is unknown now: the whole row is written next (a
-                    # retry writes the job as it is then, not changes another save may have
-                    # overtaken).
-                    self._written.pop(job.id, None)
-                    changed = _to_row(job)
-                    raise
-
-            try:
-                # Through a short outage of the database (a failover, a restart of the server).
+        power loss before the caller acts on it. A job's saves run one at a time, in the order
+        they were made (a pool of connections keeps none), and through a short outage of the
+        database (a failover, a restart of the server) each is tried again, as the job is then."""
+        writes = self._writes.setdefault(job.id, _JobWrites())
+        writes.pending += 1
+        try:
+            async with writes.turn:
                 await retrying(
-                    write,
+                    lambda: self._write(job, durable=durable),
                     retryable=lambda exc: isinstance(exc, self.transient_errors),
                     backoff=WRITE_BACKOFF,
                     deadline=asyncio.get_running_loop().time() + self.write_retry_seconds,
                     what=f"job {job.id}'s write",
                 )
-            except self.transient_errors as exc:
-                raise StoreFailed(job.id, exc) from exc
-        if job.delivered_at is not None:
+        except self.transient_errors as exc:
+            raise StoreFailed(job.id, exc) from exc
+        finally:
+            writes.pending -= 1
+        if job.delivered_at is not None and not writes.pending:  # its last write is done
+            del self._writes[job.id]
+            self._written.pop(job.id, None)
             self.let_go(job)
+
+    async def _write(self, job: Job, *, durable: bool) -> None:
+        row = _to_row(job)
+        last = self._written.pop(job.id, None)  # unknown until this write is done: written whole next
+        changed = row if last is None else {name: value for name, value in row.items() if last[name] != value}
+        if changed:
+            await self._update_job(job, changed, durable=durable)
+        self._written[job.id] = row
 
     async def get_job(self, job_id: int) -> Job | None:
         rows = await self._fetch("SELECT * FROM jobs WHERE id = :id", {"id": job_id})

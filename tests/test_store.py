@@ -4,6 +4,7 @@ two connections and disk errors here; PostgreSQL's leases in test_store_leases.p
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import sqlite3
@@ -326,6 +327,31 @@ async def test_a_retried_write_stores_the_job_as_it_is_when_retried(tmp_path: Pa
         await store.save(job)
         loaded = await store.get_job(job.id)
         assert loaded is not None and (loaded.state, loaded.queue_position) == (JobState.QUEUED, 2)
+
+
+async def test_a_save_made_while_another_is_retried_is_not_overwritten_by_the_retry(tmp_path: Path):
+    """A cancel's write fails once; the delivery saves meanwhile. The saves of one job run in
+    order, each as the job is when it runs, so the retry cannot put back what the delivery moved on."""
+    async with SqliteStore(tmp_path / "db.sqlite3") as store:
+        job = await store.create_job(request())
+        update = store._update_job
+        failures = [sqlite3.OperationalError("database is locked")]
+
+        async def failing_once(job: Job, changed: dict[str, Any], *, durable: bool) -> None:
+            if failures:
+                raise failures.pop()
+            await update(job, changed, durable=durable)
+
+        store._update_job = failing_once  # type: ignore[method-assign]
+        job.state = JobState.CANCELLED
+        cancel = asyncio.create_task(store.save(job))
+        await asyncio.sleep(0.01)  # the cancel's write failed, its retry waits
+        job.delivered_parts, job.delivered_at = 1, time.time()
+        await store.save(job)
+        await cancel
+        loaded = await store.get_job(job.id)
+        assert loaded is not None and (loaded.state, loaded.delivered_parts) == (JobState.CANCELLED, 1)
+        assert loaded.delivered_at is not None
 
 
 async def test_the_write_recording_a_submit_survives_a_power_loss(tmp_path: Path):
