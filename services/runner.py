@@ -45,6 +45,9 @@ from .store import LeaseLost, Store, StoreFailed
 
 log = logging.getLogger(__name__)
 
+# Seconds a job resumed at fal is given, past its deadline, for its first status.
+FIRST_STATUS_SECONDS = 30.0
+
 
 class DeliveryProgress(Protocol):
     async def posted(
@@ -382,6 +385,10 @@ class JobRunner:
             await self._back_in_line(job)
         deadline = self._deadline(job)
         admitted = job.state.at_fal
+        if admitted:
+            # Resumed at fal, perhaps past its deadline: its first status is to say whether fal
+            # started it (when it started is not stored; fal tells the state again).
+            deadline = max(deadline, asyncio.get_running_loop().time() + FIRST_STATUS_SECONDS)
         try:
             if job.state is JobState.PENDING:
                 if self.account.refuses():
@@ -489,7 +496,15 @@ class JobRunner:
         job.request = request
         job.submitted_at = time.time()
         job.queue_position = status.queue_position
-        await self._transition(job, JobState.QUEUED)
+        try:
+            await self._transition(job, JobState.QUEUED)
+        except StoreFailed:
+            # fal has the job and the database does not: resumed, it would count as lost in its
+            # submit. Taken back while queued it costs nothing (no other process knows its id).
+            log.warning("job %d: fal request %s could not be recorded; cancelling it", job.id, request.request_id)
+            with contextlib.suppress(Exception):
+                await self._fal.cancel(request)
+            raise
         log.info("job %d submitted: fal request %s", job.id, request.request_id, extra=_ids(job))
         await self._apply_status(job, status)
 
@@ -504,11 +519,11 @@ class JobRunner:
                 await self._apply_status(job, status)
                 if job.started_at is not None:
                     limit.reschedule(max(deadline, self._deadline(job, since=job.started_at)))
-            if job.started_at is None and await self._left_fals_line(job):
-                return  # handed back: the hand-back stops this work, and the result would say "cancelled"
+            if job.started_at is None:  # it ran between two statuses (or was handed back)
+                limit.reschedule(max(deadline, self._deadline(job, since=time.time())))
+                if await self._left_fals_line(job):
+                    return  # handed back: the hand-back stops this work, and the result would say "cancelled"
             job.completed_at = time.time()
-            if job.started_at is None:  # it ran between two statuses
-                limit.reschedule(max(deadline, self._deadline(job, since=job.completed_at)))
             fetch_by = limit.when() or deadline
             # Done at fal, whatever the result: its slot there is free now (the next job may be
             # starting), though the result is still to be fetched.
@@ -637,13 +652,14 @@ class JobRunner:
         self._handing_back.add(job_id)
         job.notes = {**job.notes, NOTE_HANDED_BACK: True}
         answered = self._hand_back_answers[job_id] = asyncio.get_running_loop().create_future()
-        answer = "not asked"
+        answer, asked = "not asked", False
         try:
             await self._store.save(job)  # a restart then takes fal's cancelled answer for a hand-back
             self._store.ensure_held(job)
+            asked = True
             answer = await self._fal.cancel(job.request)
-        except (FalError, OSError) as exc:
-            answer = f"not asked ({describe_error(exc)})"
+        except (FalError, OSError, StoreFailed) as exc:
+            answer = f"{'no answer' if asked else 'not asked'} ({describe_error(exc)})"
         except LeaseLost:  # another process drives it now
             self._handing_back.discard(job_id)
             self._scheduler.stay(job_id)
@@ -653,7 +669,8 @@ class JobRunner:
             answered.set_result(answer == "OK")
         if answer != "OK":  # it started meanwhile, or fal could not be asked: it stays
             self._handing_back.discard(job_id)
-            if answer == "CANCELLATION_REQUESTED":  # it runs; any other answer may hide a lost OK
+            # It runs, or fal never heard of the hand-back; any other answer may hide a lost OK.
+            if answer == "CANCELLATION_REQUESTED" or not asked:
                 job.notes = {key: value for key, value in job.notes.items() if key != NOTE_HANDED_BACK}
             self._scheduler.stay(job_id)
             return

@@ -114,6 +114,20 @@ async def test_kill_before_the_reply_exists_closes_the_job_without_sending_it(wo
     await still_serving(world)
 
 
+async def test_a_job_running_when_the_bot_restarts_past_its_timeout_is_delivered(world):
+    """JOB_TIMEOUT bounds the wait for fal to start a job. Resumed past it, a job fal started
+    (when, the bot did not store) is given its first status to say so, then followed."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=1.2, run_time=2.5)
+    await world.start_bot(JOB_TIMEOUT="3")
+    sent = time.monotonic()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "Generating"))
+    await asyncio.sleep(max(0.0, 3.2 - (time.monotonic() - sent)))
+    await restart(world, JOB_TIMEOUT="3")
+    assert text(await finished(handle, timeout=20)).startswith("✅")
+    assert world.fal.count("submit") == 1 and world.fal.count("cancel") == 0
+
+
 async def test_kill_while_downloading_the_result(world):
     """Completed at fal, the result file download in flight: fetched again after the restart."""
     await world.start_bot()

@@ -10,8 +10,9 @@ import asyncio
 
 import asyncpg
 
+from fakes.fal_fake import JobScript
 from fakes.world import World
-from tests.e2e import admin, fal_job, finished, text
+from tests.e2e import admin, fal_job, finished, has_button, text
 from tests.test_cluster_e2e import LEASE_SECONDS, SLOW_QUEUE
 
 SHORT_LEASES = {"LEASE_SECONDS": str(LEASE_SECONDS), "HEARTBEAT_SECONDS": "0.5", "CLAIM_INTERVAL": "0.3"}
@@ -92,3 +93,17 @@ async def test_a_job_whose_last_write_keeps_failing_is_let_go_and_finished_again
     # The member's one job at a time is free again.
     second = await finished(await world.kontext(prompt="and now at night"), timeout=20)
     assert text(second).startswith("✅"), text(second)
+
+
+async def test_a_submit_whose_answer_cannot_be_recorded_is_taken_back_from_fal(world: World, database_url: str):
+    """fal has the job, the database never learns its id: resumed, the job could only say it lost
+    track of it. Taken back from fal's queue (still there once the write gave up), it costs nothing."""
+    world.fal.default = JobScript(queue_positions=(4, 3, 2, 1, 0), step=2.0, run_time=0.1)
+    bot = await world.start_bot(DATABASE_URL=database_url, **SHORT_LEASES)
+    await drop_connections_on(database_url, "OLD.state = 'submitting' AND NEW.state = 'queued'", times=None)
+    handle = await world.kontext()
+    await world.discord.wait_until(lambda: "stopped unfinished" in bot.log_text(), timeout=3 * LEASE_SECONDS)
+    await stop_dropping(database_url)
+    message = await finished(handle, timeout=20)
+    assert "Try again" in text(message) or has_button(message, "retry"), text(message)
+    assert len(world.fal.submits) == 1 and fal_job(world).cancelled
