@@ -60,6 +60,8 @@ UNKNOWN_MESSAGE = 10008
 # (receiving-and-responding.mdx, Create Followup Message): the classic fallback of a 4-image
 # result needs 3 at most, but whatever Discord refuses moves on like an expired token.
 MAX_FOLLOWUPS_REACHED = 40094
+# Errors after which the interaction can show no more: the bot posts the rest itself.
+INTERACTION_EXHAUSTED = frozenset({INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE, MAX_FOLLOWUPS_REACHED})
 # A reply only the interaction can edit (EXTERNAL places) says this long before its token ends
 # that the result will come by DM (the token's last 30 s are kept for the final upload).
 REPLY_NOTICE_BEFORE = 120
@@ -259,42 +261,47 @@ class DiscordPresenter:
             rendered.content += "\n" + _("📦 Too large for this server's upload limit: {links}", links=links)
         groups = groups or [[]]
         late = job.delivered_in_channel or not job.token_valid()
-        if not late:
-            try:
-                await self._deliver_by_interaction(job, rendered, groups, progress, as_card)
-            except discord.HTTPException as exc:
-                if exc.code == UNKNOWN_MESSAGE and job.delivered_parts == 0:
-                    # A moderator deleted the reply: what it showed is not posted again.
-                    job.notes = {**job.notes, NOTE_WITHDRAWN: "its reply was deleted"}
-                    return
-                if exc.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE, MAX_FOLLOWUPS_REACHED):
-                    raise
-                log.info("job %d: the interaction can show no more; the rest is posted by the bot", job.id)
-                late = True
-        if late:
-            try:
+        try:
+            if not late:
+                try:
+                    await self._deliver_by_interaction(job, rendered, groups, progress, as_card)
+                except discord.HTTPException as exc:
+                    if _reply_deleted(job, exc) or exc.code not in INTERACTION_EXHAUSTED:
+                        raise
+                    log.info("job %d: the interaction can show no more; the rest is posted by the bot", job.id)
+                    late = True
+            if late:
                 await self._deliver_late(job, rendered, groups, progress, as_card)
-            except discord.HTTPException as exc:
-                if 400 <= exc.status < 500 and exc.status != 429:
-                    # The channel is gone, the bot may not see or post in it, or the member's
-                    # DMs are closed to it: final.
-                    raise Undeliverable(f"Discord refused the bot's post: {exc.status} {exc.code}") from exc
-                raise
+        except discord.HTTPException as exc:
+            if _reply_deleted(job, exc):
+                # A moderator deleted the reply: what it showed is not posted again.
+                job.notes = {**job.notes, NOTE_WITHDRAWN: "its reply was deleted"}
+                return
+            if late and 400 <= exc.status < 500 and exc.status != 429:
+                # The channel is gone, the bot may not see or post in it, or the member's
+                # DMs are closed to it: final.
+                raise Undeliverable(f"Discord refused the bot's post: {exc.status} {exc.code}") from exc
+            raise
 
     async def _tell_requester(
         self, job: Job, text: str, progress: DeliveryProgress, *, replace_reply: bool = False
     ) -> None:
         """A message only the member who asked sees (while the token lives), in place of the
         public reply when `replace_reply`."""
-        if not job.token_valid():
-            log.info("job %d: too late to tell the member privately", job.id)
-            return
-        webhook = self._webhook(job)
-        if replace_reply and job.message_id is not None:
-            with contextlib.suppress(discord.NotFound):
-                await webhook.delete_message(job.message_id)
-        message = await webhook.send(text, ephemeral=True, wait=True)
-        await progress.posted(job.delivered_parts, message_id=message.id, in_channel=False)
+        if job.token_valid():
+            webhook = self._webhook(job)
+            try:
+                if replace_reply and job.message_id is not None:
+                    with contextlib.suppress(discord.NotFound):
+                        await webhook.delete_message(job.message_id)
+                message = await webhook.send(text, ephemeral=True, wait=True)
+            except discord.HTTPException as exc:
+                if exc.code != INVALID_WEBHOOK_TOKEN:  # Discord's clock ended the token first
+                    raise
+            else:
+                await progress.posted(job.delivered_parts, message_id=message.id, in_channel=False)
+                return
+        log.info("job %d: too late to tell the member privately", job.id)
 
     async def _deliver_by_interaction(
         self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress, as_card: bool
@@ -355,6 +362,10 @@ class DiscordPresenter:
                 reply=f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{job.message_id}",
             )
         assert isinstance(channel, discord.abc.Messageable)
+        if job.posts_late_in_channel and job.message_id and job.delivered_parts == 0:
+            # No progress edit may have noticed that a moderator deleted the reply (its text had
+            # not changed for a while): Unknown Message here withdraws the job (see _show).
+            await channel.fetch_message(job.message_id)
         rendered.content = f"{lead} {rendered.content}" if job.posts_late_in_channel else f"{lead}\n{rendered.content}"
         # Parts already shown through the interaction (public follow-ups) are not posted again;
         # the first one posted here says what it is.
@@ -404,6 +415,11 @@ class DiscordPresenter:
 def image_urls(message: discord.Message) -> list[str]:
     """The images a posted message shows, at the addresses Discord gave them."""
     return [attachment.url for attachment in image_attachments(message)]
+
+
+def _reply_deleted(job: Job, exc: discord.HTTPException) -> bool:
+    """Whether Discord says the reply is gone before any of the result was shown."""
+    return exc.code == UNKNOWN_MESSAGE and job.delivered_parts == 0
 
 
 def _withdrawn_text(job: Job) -> str:

@@ -308,6 +308,21 @@ async def test_token_expired_mid_job_posts_a_reply_in_the_channel(world):
     await still_serving(world)
 
 
+async def test_a_reply_deleted_while_generating_is_not_posted_again_after_its_token(world):
+    """A moderator deletes the reply while it shows "Generating…" (no progress edit follows to
+    notice) and the job outlives its token: the job is withdrawn, nothing lands in the channel."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=3.0)
+    await world.start_bot()
+    handle = await world.kontext(prompt="something the moderator removed")
+    await handle.wait_until(lambda h: shows(h, "Generating"), timeout=10)
+    world.discord._delete(handle.original)
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=20)
+    assert [m for m in world.discord.channel_messages() if m.interaction is None] == []
+    assert "withdrawn" in db_rows(world)[0]["notes"]
+    await still_serving(world)
+
+
 async def test_token_expired_while_the_bot_was_down(world):
     world.fal.default = JobScript(queue_positions=(2, 1, 0), step=0.3, run_time=0.2)
     await world.start_bot()
