@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -66,6 +67,9 @@ INTERACTION_EXHAUSTED = frozenset({INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE, MAX_F
 # that the result will come by DM (the token's last 30 s are kept for the final upload).
 REPLY_NOTICE_BEFORE = 120
 IMAGE_LINK = N_("image {number}")
+# Images over the upload limit where they are posted are linked instead, with this line.
+TOO_LARGE_FOR_SERVER = N_("📦 Too large for this server's upload limit: {links}")
+TOO_LARGE_FOR_DM = N_("📦 Too large to send in a DM: {links}")
 # All replies together get at most this many progress edits per second.
 MAX_PROGRESS_EDITS_PER_SECOND = 20
 
@@ -245,33 +249,23 @@ class DiscordPresenter:
         if rendered.private:
             await self._tell_requester(job, rendered.content, progress, replace_reply=True)
             return
-        sizes = [image.size for image in rendered.files]
         as_card = (
-            self._bot.settings.result_cards and job.state is JobState.SUCCEEDED and len(sizes) <= MAX_GALLERY_ITEMS
+            self._bot.settings.result_cards
+            and job.state is JobState.SUCCEEDED
+            and len(rendered.files) <= MAX_GALLERY_ITEMS
         )
-        if as_card:
-            # One message: Discord's upload limit is per file (reference.mdx, Uploading Files).
-            fitting = [i for i, size in enumerate(sizes) if size <= job.upload_limit]
-            groups, too_large = [fitting], [i for i, size in enumerate(sizes) if size > job.upload_limit]
-        else:
-            groups, too_large = pack_files(sizes, job.upload_limit)
-        if too_large:
-            _ = texts(job.locale)
-            links = ", ".join(f"[{_(IMAGE_LINK, number=i + 1)}]({rendered.files[i].url})" for i in too_large)
-            rendered.content += "\n" + _("📦 Too large for this server's upload limit: {links}", links=links)
-        groups = groups or [[]]
         late = job.delivered_in_channel or not job.token_valid()
         try:
             if not late:
                 try:
-                    await self._deliver_by_interaction(job, rendered, groups, progress, as_card)
+                    await self._deliver_by_interaction(job, rendered, progress, as_card)
                 except discord.HTTPException as exc:
                     if _reply_deleted(job, exc) or exc.code not in INTERACTION_EXHAUSTED:
                         raise
                     log.info("job %d: the interaction can show no more; the rest is posted by the bot", job.id)
                     late = True
             if late:
-                await self._deliver_late(job, rendered, groups, progress, as_card)
+                await self._deliver_late(job, rendered, progress, as_card)
         except discord.HTTPException as exc:
             if _reply_deleted(job, exc):
                 # A moderator deleted the reply: what it showed is not posted again.
@@ -304,8 +298,9 @@ class DiscordPresenter:
         log.info("job %d: too late to tell the member privately", job.id)
 
     async def _deliver_by_interaction(
-        self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress, as_card: bool
+        self, job: Job, rendered: Rendered, progress: DeliveryProgress, as_card: bool
     ) -> None:
+        rendered, groups = _packed(job, rendered, as_card, job.upload_limit, TOO_LARGE_FOR_SERVER)
         webhook = self._webhook(job)
         for index in range(job.delivered_parts, len(groups)):
             shown = self._shown(job, rendered, groups[index], as_card)
@@ -338,9 +333,7 @@ class DiscordPresenter:
                     index + 1, message_id=message.id, in_channel=False, image_urls=image_urls(message)
                 )
 
-    async def _deliver_late(
-        self, job: Job, rendered: Rendered, groups: list[list[int]], progress: DeliveryProgress, as_card: bool
-    ) -> None:
+    async def _deliver_late(self, job: Job, rendered: Rendered, progress: DeliveryProgress, as_card: bool) -> None:
         """After the 15-minute token, with the bot's own token: where the bot may post, a channel
         message replying to the original that mentions only the member who asked; elsewhere a DM
         to the member that links the reply it belongs to."""
@@ -366,6 +359,7 @@ class DiscordPresenter:
             # No progress edit may have noticed that a moderator deleted the reply (its text had
             # not changed for a while): Unknown Message here withdraws the job (see _show).
             await channel.fetch_message(job.message_id)
+        rendered, groups = _packed(job, rendered, as_card, *self._own_upload_limit(job))
         rendered.content = f"{lead} {rendered.content}" if job.posts_late_in_channel else f"{lead}\n{rendered.content}"
         # Parts already shown through the interaction (public follow-ups) are not posted again;
         # the first one posted here says what it is.
@@ -387,6 +381,19 @@ class DiscordPresenter:
                     allowed_mentions=mentions if first else discord.AllowedMentions.none(),
                 )
             await progress.posted(index + 1, message_id=message.id, in_channel=True, image_urls=image_urls(message))
+
+    def _own_upload_limit(self, job: Job) -> tuple[int, str]:
+        """What the bot's own post may upload, and the line linking images over it: the server's
+        limit (its boosts), or Discord's default in a DM. The interaction's may be higher (a
+        member's Nitro) and holds for its reply alone, and for the parts after those it showed:
+        they keep its packing, so the rest resumes where it stopped."""
+        if job.delivered_parts > 0 and job.posted_message_ids[:1] == [job.message_id]:
+            return job.upload_limit, TOO_LARGE_FOR_SERVER
+        if job.posts_late_in_channel and job.guild_id is not None:
+            guild = self._bot.get_guild(job.guild_id)
+            own = guild.filesize_limit if guild else discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
+            return min(own, job.upload_limit), TOO_LARGE_FOR_SERVER
+        return min(discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES, job.upload_limit), TOO_LARGE_FOR_DM
 
     def _webhook(self, job: Job) -> discord.Webhook:
         """The interaction's own webhook, as discord.py builds it (`Interaction.followup`), from
@@ -415,6 +422,25 @@ class DiscordPresenter:
 def image_urls(message: discord.Message) -> list[str]:
     """The images a posted message shows, at the addresses Discord gave them."""
     return [attachment.url for attachment in image_attachments(message)]
+
+
+def _packed(
+    job: Job, rendered: Rendered, as_card: bool, limit: int, too_large_text: str
+) -> tuple[Rendered, list[list[int]]]:
+    """The result's messages (image indexes) within the upload limit, and a copy of `rendered`
+    whose status line links each image over it instead: each path packs for its own limit."""
+    sizes = [image.size for image in rendered.files]
+    if as_card:
+        # One message: Discord's upload limit is per file (reference.mdx, Uploading Files).
+        groups = [[i for i, size in enumerate(sizes) if size <= limit]]
+        too_large = [i for i, size in enumerate(sizes) if size > limit]
+    else:
+        groups, too_large = pack_files(sizes, limit)
+    if too_large:
+        _ = texts(job.locale)
+        links = ", ".join(f"[{_(IMAGE_LINK, number=i + 1)}]({rendered.files[i].url})" for i in too_large)
+        rendered = dataclasses.replace(rendered, content=rendered.content + "\n" + _(too_large_text, links=links))
+    return rendered, groups or [[]]
 
 
 def _reply_deleted(job: Job, exc: discord.HTTPException) -> bool:

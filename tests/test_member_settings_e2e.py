@@ -209,6 +209,22 @@ async def test_a_private_result_outliving_its_reply_comes_by_dm_and_is_shared_fr
     button(shared, "reroll")
 
 
+async def test_a_late_private_result_over_the_dm_upload_limit_is_linked(world):
+    """The interaction may upload 50 MiB (a member's Nitro, a boosted server), the bot's own DM
+    10 MiB: an 11 MiB image is linked in the DM, not refused with a 413 and lost."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2, image_size=11 * 1024 * 1024)
+    await world.start_bot()
+    await settings(world, results="private_first")
+    handle = await world.discord.invoke_slash(
+        "kontext", options={"image": world.input_image(), "prompt": "a big one"}, attachment_size_limit=50 << 20
+    )
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: dm_messages(world), timeout=30)
+    (card,) = dm_messages(world)
+    assert card.files == {} and "📦 Too large to send in a DM: [image 1](" in text(card), text(card)
+
+
 async def test_the_member_commands_are_offered_wherever_kontext_is(world):
     await world.start_bot(PERSONAL_USE="1", MONTHLY_BUDGET_USD="10")
     synced = world.discord.commands

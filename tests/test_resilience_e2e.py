@@ -323,6 +323,21 @@ async def test_a_reply_deleted_while_generating_is_not_posted_again_after_its_to
     await still_serving(world)
 
 
+async def test_a_late_reply_links_an_image_over_the_servers_upload_limit(world):
+    """The interaction could upload 50 MiB (a member's Nitro), the bot's own post only what the
+    server allows (10 MiB): the late reply links the 11 MiB image instead of being refused."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2, image_size=11 * 1024 * 1024)
+    await world.start_bot()
+    handle = await world.discord.invoke_slash(
+        "kontext", options={"image": world.input_image(), "prompt": "a big one"}, attachment_size_limit=50 << 20
+    )
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: channel_replies(world, handle), timeout=30)
+    (reply,) = channel_replies(world, handle)
+    assert reply.files == {} and "Too large for this server's upload limit: [image 1](" in text(reply), text(reply)
+
+
 async def test_token_expired_while_the_bot_was_down(world):
     world.fal.default = JobScript(queue_positions=(2, 1, 0), step=0.3, run_time=0.2)
     await world.start_bot()
