@@ -271,9 +271,10 @@ class DiscordPresenter:
                 # A moderator deleted the reply: what it showed is not posted again.
                 job.notes = {**job.notes, NOTE_WITHDRAWN: "its reply was deleted"}
                 return
-            if late and 400 <= exc.status < 500 and exc.status != 429:
-                # The channel is gone, the bot may not see or post in it, or the member's
-                # DMs are closed to it: final.
+            if 400 <= exc.status < 500 and exc.status != 429:
+                # Sent again, it would be refused again: the message itself (a 400), or the
+                # channel is gone, the bot may not see or post in it, the member's DMs are
+                # closed to it. Final, on either path.
                 raise Undeliverable(f"Discord refused the bot's post: {exc.status} {exc.code}") from exc
             raise
 

@@ -37,6 +37,7 @@ from services.job import (
 EMBED_COLOUR = discord.Colour.from_rgb(88, 101, 242)
 FAILURE_COLOUR = discord.Colour.red()
 BRAND = "FLUX.1 Kontext [max]"
+CARD_HEAD = f"-# {BRAND}\n"
 
 # Discord's limits for a components-v2 card (components/reference.mdx): all Text Displays of a
 # message together, and a Media Gallery item's description (its alt text).
@@ -119,14 +120,24 @@ class Rendered:
     files: list[ResultImage] = field(default_factory=list)
     # Shown only to the member who asked, in place of the public reply.
     private: bool = False
-    # A result as one card (see cogs.views.result_card): the request's details as markdown, and
-    # each image's alt text (the prompt); `content` is the card's first line.
-    details: str = ""
+    # A result as one card (see cogs.views.result_card): `content` is its first line, then the
+    # prompt quoted and the rest of the request's details as markdown (see `details`), and each
+    # image's alt text (the prompt).
+    quoted_prompt: str = ""
+    details_rest: str = ""
     alt_text: str = ""
 
     def key(self) -> tuple[Any, ...]:
         """Equal keys mean the member would see the same message."""
         return (self.content, self.embed.to_dict(), self.buttons, tuple((f.url, f.size) for f in self.files))
+
+    @property
+    def details(self) -> str:
+        """The card's text under the images. Made from the status line as it is when the card
+        is built (the presenter adds links and leads to it), so the card's texts together stay
+        within Discord's limit: the prompt is cut to the room left."""
+        room = CARD_TEXT_LIMIT - len(self.content) - len(CARD_HEAD) - len(self.details_rest)
+        return CARD_HEAD + _shortened(self.quoted_prompt, room) + self.details_rest
 
 
 def failure_text(code: str | None, detail: str | None, _: Texts) -> str:
@@ -260,7 +271,8 @@ def _render_result(job: Job, embed: discord.Embed, _: Texts) -> Rendered:
         embed,
         (ON_PRIVATE_RESULT if _unshared(job) else ON_RESULT) if shown else ON_FAILURE,
         files=shown,
-        details=_card_details(job, content, _),
+        quoted_prompt=_quote(job.prompt),
+        details_rest=_card_details(job, _),
         alt_text=_shortened(" ".join(job.prompt.split()), ALT_TEXT_LIMIT),
     )
 
@@ -340,9 +352,8 @@ def _request_embed(job: Job, _: Texts) -> discord.Embed:
     return embed
 
 
-def _card_details(job: Job, status: str, _: Texts) -> str:
-    """The result card's text under the images: the prompt quoted, then what the embed's fields
-    say, then the job's number; within Discord's limit for a card's text (the prompt is cut)."""
+def _card_details(job: Job, _: Texts) -> str:
+    """The result card's text after the prompt: what the embed's fields say, then the job's number."""
     lines = [f"**{item.name}** {item.value}" for item in (*_request_fields(job, _), *_result_fields(job, _))]
     tail = [f"-# {_footer(job, _)}"]
     if _unshared(job):
@@ -351,10 +362,7 @@ def _card_details(job: Job, status: str, _: Texts) -> str:
         tail.append(
             "-# " + _("🔒 Only you can see this: this server keeps the replies of apps it has not added private.")
         )
-    head = f"-# {BRAND}\n"
-    rest = "\n" + "\n".join(lines + tail)
-    room = CARD_TEXT_LIMIT - len(status) - len(head) - len(rest)
-    return head + _shortened(_quote(job.prompt), room) + rest
+    return "\n" + "\n".join(lines + tail)
 
 
 def _shortened(text: str, limit: int) -> str:

@@ -186,7 +186,8 @@ async def test_the_database_and_result_files_are_the_bots_alone_and_tokens_are_d
     await world.start_bot(RESULT_MEMORY_BYTES="0")
     handle = await world.kontext()
     await handle.wait_until(lambda h: shows(h, "Generating"))
-    world.discord.fail_next("PATCH", r"/webhooks/.*/messages/", status=400)  # the first post fails: files kept
+    # The first post fails (Cloudflare's 429, without Via, reaches the bot at once): files kept.
+    world.discord.fail_next("PATCH", r"/webhooks/.*/messages/", status=429, headers={"Via": ""})
     await world.discord.wait_until(lambda: any((world.data_dir / "results").glob("job-*")), timeout=10)
     for path in (world.data_dir / "results").glob("job-*"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

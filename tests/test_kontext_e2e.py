@@ -222,6 +222,21 @@ async def test_a_card_holds_every_image_within_the_upload_limit_per_file(world):
     )
 
 
+async def test_a_card_with_a_linked_image_and_a_long_markdown_prompt_fits_discords_text_limit(world):
+    """The link to an image over the limit is added to the status line after rendering; the
+    prompt (2,000 characters, twice as long escaped) is cut to the room left, so the card's
+    4,000 characters hold and Discord takes it at once."""
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot()
+    handle = await world.discord.invoke_slash(
+        "kontext", options={"image": world.input_image(), "prompt": "__" * 1000}, attachment_size_limit=30_000
+    )
+    message = await finished(handle)
+    assert text(message).startswith("✅") and "Too large for this server's upload limit" in text(message)
+    assert len(text(message)) + len(details(message)) <= 4000 and "…\n**Requested by**" in details(message)
+    assert world.discord.rejections == []
+
+
 async def test_classic_results_over_the_upload_limit_are_split_across_followups(world):
     world.fal.default = JobScript(image_size=40_000)
     await world.start_bot(RESULT_CARDS="0")

@@ -154,8 +154,9 @@ async def kill_while_posting(world, *, refuse_first_post: bool = False, **settin
     handle = await world.kontext()
     await handle.wait_until(lambda h: shows(h, "Generating"))
     if refuse_first_post:
-        # discord.py retries 5xx itself; a 400 reaches the bot's own retry at once.
-        world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status=400)
+        # discord.py retries 5xx itself and a 400 is final; Cloudflare's 429 (no Via header)
+        # reaches the bot's own retry at once.
+        world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status=429, headers={"Via": ""})
     world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status="hang")
     await world.discord.wait_until(lambda: world.discord.hanging == 1)
     await world.bot.kill()
@@ -336,6 +337,18 @@ async def test_a_late_reply_links_an_image_over_the_servers_upload_limit(world):
     await world.discord.wait_until(lambda: channel_replies(world, handle), timeout=30)
     (reply,) = channel_replies(world, handle)
     assert reply.files == {} and "Too large for this server's upload limit: [image 1](" in text(reply), text(reply)
+
+
+async def test_a_late_card_with_a_long_markdown_prompt_fits_discords_text_limit(world):
+    """The late lead (`<@member>`) is added to the status line after rendering: the prompt is
+    cut to the room left, and the reply is posted, not refused as over 4,000 characters."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    await world.start_bot()
+    handle = await world.kontext(prompt="__" * 1000)  # 2,000 characters; escaped, twice as long
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: channel_replies(world, handle), timeout=15)
+    assert_posted_as_reply(world, handle)
 
 
 async def test_token_expired_while_the_bot_was_down(world):
@@ -535,6 +548,20 @@ async def test_discord_5xx_on_the_final_edit_still_delivers_once(world):
     await finished(handle)
     assert_delivered_once(world, handle)
     assert any(r[0] == 500 for r in world.discord.rejections)
+    await still_serving(world)
+
+
+async def test_a_final_edit_discord_refuses_as_invalid_ends_the_job_at_once(world):
+    """A 400 is the request itself refused: sent again it is refused again, so the job is closed
+    after one attempt (with a logged reason) instead of retried."""
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=0.5)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "Generating"))
+    world.discord.fail_next("PATCH", WEBHOOK_MESSAGE, status=400)
+    await world.discord.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=10)
+    assert len([r for r in world.discord.requests_to("PATCH", WEBHOOK_MESSAGE) if r.files]) == 1
+    assert "job 1 cannot be shown (Discord refused the bot's post: 400 0)" in world.bot.log_text()
     await still_serving(world)
 
 
