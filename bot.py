@@ -347,7 +347,8 @@ def main() -> int:
     except SettingsError as exc:
         print(f"kontext-bot: {exc}", file=sys.stderr)
         return 2
-    secrets = [settings.discord_token, settings.fal_key, settings.database_password or ""]
+    # Passwords (DATABASE_URL's) are masked by where they stand, in every record (services/redact.py).
+    secrets = [settings.discord_token, settings.fal_key]
     configure_logging(getattr(logging, settings.log_level), settings.log_format, secrets=secrets)
     log.info("starting with %r", settings)
     log.info("texts in English and %s", ", ".join(catalogs().languages) or "no other language")

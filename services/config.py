@@ -21,6 +21,7 @@ import yarl
 
 from .log_format import LOG_FORMATS
 from .policy import SAFETY_MAX, SAFETY_MIN, PersonalUse
+from .redact import without_credentials
 
 T = TypeVar("T")
 
@@ -116,7 +117,7 @@ class Settings:
             if not f.repr:
                 continue
             value = getattr(self, f.name)
-            shown.append(f"{f.name}={(_without_credentials(value) if isinstance(value, str) else value)!r}")
+            shown.append(f"{f.name}={(without_credentials(value) if isinstance(value, str) else value)!r}")
         return f"Settings({', '.join(shown)})"
 
     def serves_guild(self, guild_id: int | None) -> bool:
@@ -131,29 +132,10 @@ class Settings:
     def results_dir(self) -> Path:
         return self.data_dir / "results"
 
-    @property
-    def database_password(self) -> str | None:
-        """The password in DATABASE_URL, to keep out of the log."""
-        if self.database_url is None:
-            return None
-        url = yarl.URL(self.database_url)
-        return url.password or url.query.get("password")
 
-
-def _without_credentials(value: str) -> str:
-    """A URL as it may be logged: any user:password part is masked."""
-    try:
-        url = yarl.URL(value)
-    except (TypeError, ValueError):
-        return value
-    if url.user is not None or url.password is not None:
-        url = url.with_user("***").with_password(None)
-    if "password" in url.query:
-        url = url.without_query_params("password")
-    return str(url) if url != yarl.URL(value) else value
-
-
-def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T) -> T:
+def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], default: T, *, secret: bool = False) -> T:
+    """The setting `name` converted, or `default` when unset. A `secret` one (a URL, which may
+    carry a password) is never quoted in the error, which bot.py prints."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -161,7 +143,8 @@ def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], defau
         return convert(raw)
     except ValueError as exc:
         why = f" ({exc})" if str(exc) and str(exc) != raw else ""
-        raise SettingsError(f"{name} has an invalid value: {raw!r}{why}") from None
+        shown = "" if secret else f": {raw!r}"
+        raise SettingsError(f"{name} has an invalid value{shown}{why}") from None
 
 
 def _number(convert: Callable[[str], T], *, minimum: float, maximum: float = math.inf) -> Callable[[str], T]:
@@ -230,7 +213,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     url = _url(allow_plain_http=plain_http)
     seconds = _number(float, minimum=0.001)
     data_dir = _parse(env, "DATA_DIR", Path, Settings.data_dir)
-    database_url = _parse(env, "DATABASE_URL", _database_url, None)
+    database_url = _parse(env, "DATABASE_URL", _database_url, None, secret=True)
     shard_count = _parse(env, "SHARD_COUNT", _number(int, minimum=1), None)
     shard_ids = _parse(env, "SHARD_IDS", _shard_ids, None)
     if shard_ids is not None:
@@ -253,10 +236,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         discord_token=secrets["DISCORD_TOKEN"],
         fal_key=secrets["FAL_KEY"],
-        discord_api_base=_parse(env, "DISCORD_API_BASE", url, Settings.discord_api_base),
+        discord_api_base=_parse(env, "DISCORD_API_BASE", url, Settings.discord_api_base, secret=True),
         discord_cdn_hosts=_parse(env, "DISCORD_CDN_HOSTS", _hosts, Settings.discord_cdn_hosts),
-        fal_queue_url=_parse(env, "FAL_QUEUE_URL", url, Settings.fal_queue_url),
-        fal_rest_url=_parse(env, "FAL_REST_URL", url, Settings.fal_rest_url),
+        fal_queue_url=_parse(env, "FAL_QUEUE_URL", url, Settings.fal_queue_url, secret=True),
+        fal_rest_url=_parse(env, "FAL_REST_URL", url, Settings.fal_rest_url, secret=True),
         data_dir=data_dir,
         log_level=_parse(env, "LOG_LEVEL", _log_level, Settings.log_level),
         log_format=_parse(env, "LOG_FORMAT", _log_format, Settings.log_format),
@@ -288,15 +271,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         claim_interval=_parse(env, "CLAIM_INTERVAL", seconds, Settings.claim_interval),
         shard_count=shard_count,
         shard_ids=shard_ids,
-        discord_gateway_url=_parse(env, "DISCORD_GATEWAY_URL", _gateway_url(allow_plain_http=plain_http), None),
+        discord_gateway_url=_parse(
+            env, "DISCORD_GATEWAY_URL", _gateway_url(allow_plain_http=plain_http), None, secret=True
+        ),
         personal=_personal_use(env, monthly_budget),
         result_cards=_parse(env, "RESULT_CARDS", _flag, Settings.result_cards),
     )
 
 
 def _database_url(raw: str) -> str:
-    url = yarl.URL(raw)
-    if url.scheme not in ("postgresql", "postgres"):
+    """Only the scheme is checked, as text: asyncpg takes URLs yarl cannot parse, such as several
+    hosts (postgresql://user:password@db1:5432,db2:5432/db), and reports the rest itself."""
+    scheme, separator, _ = raw.partition("://")
+    if not separator or scheme.lower() not in ("postgresql", "postgres"):
         raise ValueError("it must be a postgresql:// URL")
     return raw
 

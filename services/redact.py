@@ -1,8 +1,15 @@
-"""Keeping secrets out of the log: the fal key, the bot token and interaction tokens.
+"""Keeping secrets out of the log: the fal key, the bot token, interaction tokens and passwords.
 
 aiohttp puts the whole request (headers, so the fal key, and URLs, which for interaction
 webhooks carry the token) into the text of some of its exceptions. Errors are therefore logged
 through `describe_error`, and every log record passes `RedactingFilter` as a last line of defence.
+
+The bot token and the fal key are long and random: they are replaced wherever they appear.
+Passwords (DATABASE_URL's) are masked by where they stand, whatever their value: a URL's
+`user:password@` and a `password=` parameter. Replacing a password's text everywhere would hide
+unrelated words when it is a short one (compose's default database password is `kontext`, the
+bot's own name, in its commands and every settings line), and would miss the password spelt
+otherwise (percent-encoded in a URL); its place in a URL or a parameter does neither.
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ import aiohttp
 
 # Interaction and webhook routes carry a token after the id: /interactions/<id>/<token>/...
 _TOKEN_IN_URL = re.compile(r"(/(?:webhooks|interactions)/\d+/)[A-Za-z0-9_.\-]{20,}")
+# A URL's user:password part, up to the last @ before its path (a password may hold an @).
+_CREDENTIALS_IN_URL = re.compile(r"(://)[^\s/?#]*@")
+# A password as a parameter: a URL's ?password=, libpq's password=, PGPASSWORD=.
+_PASSWORD_PARAMETER = re.compile(r"(password=)('[^']*'|[^\s&'\"]*)", re.IGNORECASE)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -29,15 +40,20 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def without_credentials(text: str) -> str:
+    """`text` with any URL's user:password part and any password parameter masked."""
+    return _PASSWORD_PARAMETER.sub(r"\1***", _CREDENTIALS_IN_URL.sub(r"\1***@", text))
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
-    return _TOKEN_IN_URL.sub(r"\1***", text)
+    return without_credentials(_TOKEN_IN_URL.sub(r"\1***", text))
 
 
 class RedactingFilter(logging.Filter):
-    """Replaces the given secrets and any interaction token in a URL with *** in every record,
-    its arguments and its traceback."""
+    """Replaces the given secrets, any interaction token in a URL and any password with *** in
+    every record, its arguments and its traceback."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()

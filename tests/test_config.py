@@ -150,10 +150,31 @@ def test_a_cluster_process_reads_its_shards_and_database():
     )
     assert settings.shard_ids == (0, 1, 2, 3, 8, 12, 13) and settings.shard_count == 16
     assert settings.instance_id == "bot-0" and settings.discord_gateway_url == "wss://gateway-proxy.internal"
-    assert settings.database_password == "s3cret" and "s3cret" not in repr(settings)
+    assert "s3cret" not in repr(settings)
     assert "database_url='postgresql://***@db/kontext'" in repr(settings)
     hidden = load_settings({**SECRETS, "DATABASE_URL": "postgresql:///kontext?host=/run/pg&password=hush"})
-    assert hidden.database_password == "hush" and "hush" not in repr(hidden)
+    assert "hush" not in repr(hidden) and "password=***" in repr(hidden)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "postgresq://kontext:s3cret@db/kontext",  # a typo in the scheme
+        "host=db user=kontext password=s3cret",  # libpq's keyword form, which asyncpg does not take
+    ],
+)
+def test_a_malformed_database_url_is_refused_without_showing_its_password(value):
+    with pytest.raises(SettingsError, match="DATABASE_URL") as refused:
+        load_settings({**SECRETS, "DATABASE_URL": value})
+    assert "s3cret" not in str(refused.value)
+
+
+def test_a_multi_host_database_url_is_taken_and_its_password_kept_out_of_the_logged_settings():
+    dsn = "postgresql://kontext:s3cret@db1:5432,db2:5432/kontext?target_session_attrs=read-write"
+    settings = load_settings({**SECRETS, "DATABASE_URL": dsn})
+    assert settings.database_url == dsn
+    assert "s3cret" not in repr(settings)
+    assert "database_url='postgresql://***@db1:5432,db2:5432/kontext?target_session_attrs=read-write'" in repr(settings)
 
 
 @pytest.mark.parametrize(

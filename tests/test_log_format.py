@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from services.job import JobState
 from services.log_format import NOISY_LOGGERS, configure_logging
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SECRET = "fal-key-0123456789abcdef"
 TOKEN = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5MDpzZWNyZXQ" * 2
@@ -129,3 +134,34 @@ def test_configuring_again_replaces_the_handler_and_keeps_others(capsys):
 def test_an_unknown_format_is_refused():
     with pytest.raises(ValueError, match="text, json"):
         configure_logging(logging.INFO, "yaml", secrets=[])
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_passwords_are_masked_where_they_stand_whatever_their_value(capsys, fmt):
+    configure_logging(logging.INFO, fmt, secrets=[SECRET])
+    log.error("cannot connect to postgresql://kontext:p@ss%2Fw0rd@db1:5432,db2:5432/kontext")
+    log.error("cannot connect to postgresql:///kontext?host=/run/pg&password=hush&sslmode=require")
+    log.error("libpq says: host=db user=kontext password='two words' dbname=kontext")
+    output = capsys.readouterr().err
+    assert "postgresql://***@db1:5432,db2:5432/kontext" in output
+    assert "?host=/run/pg&password=***&sslmode=require" in output
+    assert "user=kontext password=*** dbname=kontext" in output
+    assert not any(word in output for word in ("p@ss", "w0rd", "hush", "two words"))
+
+
+def test_a_short_database_password_hides_no_other_word_of_the_log(tmp_path):
+    """compose's default database password is the bot's own name: the settings line, commands
+    and paths keep it, and the DSN shows no password."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DISCORD_TOKEN": "discord-secret",
+        "FAL_KEY": "fal-secret",
+        "DATA_DIR": str(tmp_path / "kontext-data"),
+        "DATABASE_URL": "postgresql://kontext:kontext@127.0.0.1:1/kontext",  # nothing listens: it stops at once
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bot.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2, done.stderr
+    assert "database_url='postgresql://***@127.0.0.1:1/kontext'" in done.stderr
+    assert "kontext-data" in done.stderr and "kontext:kontext" not in done.stderr
