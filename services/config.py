@@ -152,7 +152,10 @@ def _number(convert: Callable[[str], T], *, minimum: float, maximum: float = mat
 
     def parse(raw: str) -> T:
         value = convert(raw)
-        number = float(value)  # type: ignore[arg-type]
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except OverflowError:  # an integer beyond any float: beyond any bound the bot has
+            raise ValueError("it is far too large") from None
         if not math.isfinite(number):
             raise ValueError("it must be a finite number")
         if not minimum <= number <= maximum:

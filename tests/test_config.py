@@ -87,6 +87,8 @@ def test_bot_exits_at_once_with_one_line_when_a_secret_is_missing(tmp_path, miss
         ("MONTHLY_BUDGET_USD", "0"),
         ("ALLOWED_GUILD_IDS", "abc"),
         ("LOG_LEVEL", "chatty"),
+        pytest.param("MAX_INPUT_BYTES", "9" * 400, id="MAX_INPUT_BYTES-beyond-any-float"),
+        pytest.param("HTTP_PORT", "9" * 400, id="HTTP_PORT-beyond-any-float"),
     ],
 )
 def test_values_that_would_break_the_bot_are_refused(name, value):
