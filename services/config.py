@@ -191,6 +191,9 @@ def _url(*, allow_plain_http: bool) -> Callable[[str], str]:
             raise ValueError("it must be an https:// URL")
         if url.scheme == "http" and not (allow_plain_http or _is_loopback(url.host)):
             raise ValueError("plain http sends the token unencrypted: use https, or set ALLOW_PLAIN_HTTP=1")
+        if url.user is not None or url.password is not None:
+            # aiohttp refuses them next to the Authorization header every call to these hosts sends.
+            raise ValueError("it must not contain user:password@ (every call sends the bot's own Authorization)")
         return str(url)
 
     return parse
