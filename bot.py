@@ -52,6 +52,16 @@ EXTENSIONS = ("cogs.kontext", "cogs.admin", "cogs.history", "cogs.quota", "cogs.
 # IDENTIFY reaching Discord.
 IDENTIFY_INTERVAL = 5.0 + 0.5
 
+# How `python bot.py` ends (README, Operations): stopped by SIGTERM or Ctrl-C; Discord refused the
+# token; a setting or the database cannot be used; anything else stopped it (the log's last line
+# names it).
+EXIT_STOPPED, EXIT_TOKEN_REFUSED, EXIT_UNUSABLE_SETTING, EXIT_FAILED = 0, 1, 2, 3
+
+
+class CannotStart(Exception):
+    """A start-up step failed for a reason outside the bot; the message names the settings
+    involved and is safe to log."""
+
 
 class KontextBot(commands.AutoShardedBot):
     """AutoShardedBot asks `GET {DISCORD_API_BASE}/gateway/bot` for its gateway, so a REST proxy
@@ -313,7 +323,11 @@ async def _ops_endpoint(
         yield
         return
     server = OpsServer(settings.http_host, settings.http_port, metrics, health)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # the port taken, the host not an address of this machine, or unknown
+        where = f"{settings.http_host}:{settings.http_port} (HTTP_HOST, HTTP_PORT)"
+        raise CannotStart(f"cannot serve /healthz and /metrics on {where}: {exc}") from None
     try:
         yield
     finally:
@@ -346,7 +360,7 @@ def main() -> int:
         settings = load_settings()
     except SettingsError as exc:
         print(f"kontext-bot: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_UNUSABLE_SETTING
     # Passwords (DATABASE_URL's) are masked by where they stand, in every record (services/redact.py).
     secrets = [settings.discord_token, settings.fal_key]
     configure_logging(getattr(logging, settings.log_level), settings.log_format, secrets=secrets)
@@ -358,11 +372,20 @@ def main() -> int:
         _event_loop_runner()(run(settings))
     except discord.LoginFailure:
         log.error("Discord refused DISCORD_TOKEN; check the token in the Developer Portal")
-        return 1
+        return EXIT_TOKEN_REFUSED
     except StoreUnavailable as exc:
         log.error("cannot start: %s", exc)
-        return 2
-    return 0
+        return EXIT_UNUSABLE_SETTING
+    except CannotStart as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILED
+    except Exception as exc:
+        # Discord unreachable at the login or the command sync, or a fault of the bot's
+        # own: one line through the configured (redacted) log, never a raw traceback on stderr.
+        log.error("stopped by %s", describe_error(exc))
+        log.debug("what stopped the bot", exc_info=exc)
+        return EXIT_FAILED
+    return EXIT_STOPPED
 
 
 if __name__ == "__main__":

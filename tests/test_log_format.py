@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -165,3 +166,45 @@ def test_a_short_database_password_hides_no_other_word_of_the_log(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "database_url='postgresql://***@127.0.0.1:1/kontext'" in done.stderr
     assert "kontext-data" in done.stderr and "kontext:kontext" not in done.stderr
+
+
+def is_json(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def run_bot(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "DISCORD_TOKEN": "discord-secret", "FAL_KEY": "fal-secret"}
+    env |= {"DATA_DIR": str(tmp_path / "data"), **settings}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bot.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_a_start_up_failure_is_one_json_line_naming_the_cause(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = run_bot(tmp_path, LOG_FORMAT="json", HTTP_PORT=port)
+    not_json = [line for line in done.stderr.splitlines() if line.strip() and not is_json(line)]
+    assert not not_json, f"{len(not_json)} non-JSON lines, exit {done.returncode}: {not_json[-1]}"
+    last = json.loads(done.stderr.splitlines()[-1])
+    assert last["level"] == "ERROR" and f"127.0.0.1:{port} (HTTP_HOST, HTTP_PORT)" in last["message"]
+    assert "exception" not in last and done.returncode == 3
+
+
+@pytest.mark.parametrize(
+    "settings,cause",
+    [
+        ({"DISCORD_API_BASE": "http://127.0.0.1:9/api/v10"}, "ClientConnectorError to 127.0.0.1:9"),
+        ({"HTTP_PORT": "8080", "HTTP_HOST": "no-such-host.invalid"}, "no-such-host.invalid:8080 (HTTP_HOST"),
+    ],
+    ids=["discord-unreachable", "http-host-unknown"],
+)
+def test_a_start_up_failure_is_one_text_line_naming_the_cause(tmp_path, settings, cause):
+    done = run_bot(tmp_path, **settings)
+    assert "Traceback" not in done.stderr and "discord-secret" not in done.stderr
+    assert done.returncode == 3 and cause in done.stderr.splitlines()[-1], done.stderr
