@@ -315,27 +315,33 @@ class FalQueueClient:
                 method, self._check_host(url), json=json_body, params=params, headers=self._auth
             ) as response:
                 text = await response.text(errors="replace")
-                try:
-                    body = json.loads(text) if text else None
-                except ValueError:
-                    body = text
-                if response.status >= 300:
-                    raise error_for(response.status, body, response.headers)
-        except (TimeoutError, aiohttp.ClientError, _Transient, FalJobFailed) as exc:
-            self._answered(False, "ingress" if isinstance(exc, _Transient) else "transport")
+        except (TimeoutError, aiohttp.ClientError):
+            self._answered(False, "transport")
             raise
-        self._answered(True)
-        return body
+        try:
+            body = json.loads(text) if text else None
+        except ValueError:
+            body = text
+        if response.status < 300:
+            self._answered(True)
+            return body
+        error = error_for(response.status, body, response.headers)
+        # fal's app layer answered (its 5xx carry x-fal-request-id), whatever it said.
+        app = not isinstance(error, _Transient) and (response.status < 500 or "x-fal-request-id" in response.headers)
+        self._answered(app, error.code if app else "ingress")
+        raise error
 
-    def _answered(self, ok: bool, kind: str = "") -> None:
-        """Note whether fal answered (for /healthz) and count what failed (for /metrics). A
-        refusal (4xx) is an answer: fal is up."""
-        if ok:
+    def _answered(self, up: bool, failure: str | None = None) -> None:
+        """Note whether fal answered (for /healthz) and count a call that did not succeed by
+        kind (for /metrics). An answer from fal's app layer shows fal is up, even one refusing
+        the call or giving the job's failure (a 504 generation_timeout the model ran into): only
+        calls fal's app never answered (transport, ingress) count against its health."""
+        if up:
             self.last_success = time.monotonic()
-            return
-        self.last_failure = time.monotonic()
-        if self._metrics is not None:
-            self._metrics.fal_error(kind)
+        else:
+            self.last_failure = time.monotonic()
+        if failure is not None and self._metrics is not None:
+            self._metrics.fal_error(failure)
 
     async def _retried(self, call: Any, *, what: str, deadline: float, attempts: int | None = FOLLOW_ATTEMPTS) -> Any:
         """Run an idempotent call through transport failures and transient answers; once they

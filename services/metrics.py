@@ -51,21 +51,18 @@ KNOWN_ERROR_CODES = frozenset(
     }
 )
 
-# Failures talking to fal: the codes of its error classes, and the retried ones that never
-# reach a job: a connection or read that failed (transport), a 502-504 from fal's front proxy
-# (ingress).
+# Calls to fal's queue that did not succeed: fal's app answered with an error (the code of its
+# error class: fal is up), or it never answered: a connection or read that failed (transport),
+# an answer from before fal took the call (ingress: 408, 409, 429, or a 5xx from the proxy in
+# front of fal's app, without x-fal-request-id).
 FAL_ERROR_KINDS = frozenset(
     {
         "fal_rejected",
         "content_policy",
         "fal_failed",
+        "fal_cancelled",
         "fal_auth",
         "fal_account_locked",
-        "fal_unavailable",
-        "submit_uncertain",
-        "result_expired",
-        "bad_output",
-        "upload_failed",
         "transport",
         "ingress",
     }

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from fakes.fal_fake import JobScript
+from fakes.fal_fake import JobScript, model_error
 from tests.e2e import finished, text
 
 
@@ -99,6 +99,25 @@ async def test_healthz_follows_fal(world, fault):
     assert text(await finished(await world.kontext(user="mod"))).startswith("✅")
     status, _ = await get(port, "/healthz")
     assert status == 200
+
+
+async def test_a_job_the_model_failed_leaves_fal_healthy_and_is_counted_as_such(world):
+    """A 504 generation_timeout carries x-fal-request-id: fal's app answered, so fal is up (a quiet
+    bot would otherwise be unhealthy for two minutes); the call is counted as fal_failed."""
+    port = free_port()
+    await world.start_bot(HTTP_PORT=str(port))
+    was = samples((await get(port, "/metrics"))[1])
+    world.fal.default = model_error("generation_timeout", "The generation took too long")
+    assert text(await finished(await world.kontext())).startswith("❌")
+    status, body = await get(port, "/healthz")
+    assert status == 200, body
+    now = samples((await get(port, "/metrics"))[1])
+
+    def moved(kind: str) -> float:
+        key = ("kontext_fal_errors_total", (("kind", kind),))
+        return now[key] - was[key]
+
+    assert (moved("fal_failed"), moved("transport"), moved("ingress")) == (1, 0, 0)
 
 
 async def test_healthz_follows_the_gateway(world):
