@@ -43,6 +43,20 @@ def compose_healthcheck_command() -> list[str]:
     return argv
 
 
+def compose_entries() -> dict[str, str]:
+    """docker-compose.yml's top-level `x-` entries and its services, each by name, as their text
+    (the test dependencies have no YAML parser; the file keeps to a plain layout)."""
+    entries: dict[str, list[str]] = {}
+    top = name = ""
+    for line in (ROOT / "docker-compose.yml").read_text().splitlines():
+        if match := re.match(r"([\w-]+):", line):
+            top = name = match[1]
+        elif top == "services" and (match := re.match(r"  ([\w-]+):", line)):
+            name = match[1]
+        entries.setdefault(name, []).append(line)
+    return {name: "\n".join(lines) for name, lines in entries.items() if name not in ("", "services", "volumes")}
+
+
 async def run_check(port: int) -> int:
     _, code = healthcheck_command()[1:]
     # A proxy set for the bot's own traffic must not catch the check.
@@ -96,3 +110,39 @@ def test_the_image_serves_the_ops_endpoint_on_8080_as_a_non_root_user():
     assert not any(pattern.startswith(("services", "locales")) for pattern in ignored)
     compose = (ROOT / "docker-compose.yml").read_text()
     assert re.search(r'^\s+- "127\.0\.0\.1:8080:8080"$', compose, flags=re.MULTILINE)
+
+
+def test_every_bot_in_compose_has_its_data_dir_on_its_volume():
+    """DATA_DIR=./data from .env would make a bot write to /app/data, which is not the volume
+    (and not writable by the bot's user)."""
+    entries = compose_entries()
+    assert {"HTTP_HOST: 0.0.0.0", 'HTTP_PORT: "8080"', "DATA_DIR: /data"} <= {
+        line.strip() for line in entries["x-container-env"].splitlines()
+    }
+    assert "<<: *container-env" in entries["x-cluster-env"]
+    bots = {name: entry for name, entry in entries.items() if "<<: *bot" in entry}
+    assert set(bots) == {"bot", "bot-0", "bot-1"}
+    for name, entry in bots.items():
+        assert re.search(r"^\s+- [\w-]+:/data$", entry, flags=re.MULTILINE), name
+        assert re.search(r"environment: \*container-env$|environment:\n\s+<<: \*cluster-env$", entry, re.M), name
+
+
+def test_each_compose_set_up_starts_only_its_own_services():
+    """With `bot` outside every profile, `--profile cluster up` started it too: a process on
+    SQLite running every shard next to the cluster's."""
+    entries = compose_entries()
+    profiles = {
+        name: re.findall(r"^    profiles: \[(.*)\]$", entry, flags=re.MULTILINE)
+        for name, entry in entries.items()
+        if not name.startswith("x-")
+    }
+    assert profiles == {
+        "bot": ["single"],
+        "db": ["cluster"],
+        "bot-0": ["cluster"],
+        "bot-1": ["cluster"],
+        "nirn": ["proxy"],
+    }
+    documents = (ROOT / "README.md").read_text() + (ROOT / "docker-compose.yml").read_text()
+    commands = re.findall(r"docker compose (?!logs)[^\n`]*", documents)
+    assert commands and all("--profile" in command for command in commands), commands
