@@ -28,6 +28,17 @@ FAST_LEASES = {"LEASE_SECONDS": str(LEASE_SECONDS), "HEARTBEAT_SECONDS": "0.5", 
 SLOW_QUEUE = JobScript(queue_positions=(3, 2, 1, 0), step=0.5, run_time=0.1)
 
 
+async def newest_job(database_url: str) -> asyncpg.Record:
+    """The newest job's row."""
+    db = await asyncpg.connect(database_url)
+    try:
+        row = await db.fetchrow("SELECT * FROM jobs ORDER BY id DESC LIMIT 1")
+    finally:
+        await db.close()
+    assert row is not None
+    return row
+
+
 @dataclass
 class Cluster:
     world: World
@@ -59,14 +70,7 @@ class Cluster:
         await discord.wait_until(lambda: len(discord.identifies_by_shard.get(shard, [])) >= times, timeout=20)
 
     async def job_row(self) -> asyncpg.Record:
-        """The newest job's row."""
-        db = await asyncpg.connect(self.database_url)
-        try:
-            row = await db.fetchrow("SELECT * FROM jobs ORDER BY id DESC LIMIT 1")
-        finally:
-            await db.close()
-        assert row is not None
-        return row
+        return await newest_job(self.database_url)
 
     async def settled_row(self, column: str = "delivered_at") -> asyncpg.Record:
         """The newest job's row once `column` is written (a reply shows the result a moment

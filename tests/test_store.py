@@ -308,21 +308,30 @@ async def test_a_failed_write_is_written_whole_by_the_next_save(tmp_path: Path):
         assert loaded is not None and loaded.state is JobState.QUEUED and loaded.request == job.request
 
 
+def fail_the_next_write(store: SqliteStore, meanwhile: Callable[[Job], None] = lambda job: None) -> None:
+    """The database fails the store's next write of a job (after `meanwhile` changed the job)."""
+    update = store._update_job
+    failures = [sqlite3.OperationalError("disk I/O error")]
+
+    async def failing_once(job: Job, changed: dict[str, Any], *, durable: bool) -> None:
+        if failures:
+            meanwhile(job)
+            raise failures.pop()
+        await update(job, changed, durable=durable)
+
+    store._update_job = failing_once  # type: ignore[method-assign]
+
+
 async def test_a_retried_write_stores_the_job_as_it_is_when_retried(tmp_path: Path):
     """The database failed a write once (a dropped connection): the retry writes the whole row as
     the job is by then, so a change made meanwhile is stored and nothing older overwrites it."""
     async with SqliteStore(tmp_path / "db.sqlite3") as store:
         job = await store.create_job(request())
-        update = store._update_job
-        failures = [sqlite3.OperationalError("disk I/O error")]
 
-        async def failing_once(job: Job, changed: dict[str, Any], *, durable: bool) -> None:
-            if failures:
-                job.queue_position = 2  # meanwhile, fal reported a new place
-                raise failures.pop()
-            await update(job, changed, durable=durable)
+        def meanwhile(job: Job) -> None:
+            job.queue_position = 2  # fal reported a new place
 
-        store._update_job = failing_once  # type: ignore[method-assign]
+        fail_the_next_write(store, meanwhile)
         job.state = JobState.QUEUED
         await store.save(job)
         loaded = await store.get_job(job.id)
@@ -334,15 +343,7 @@ async def test_a_save_made_while_another_is_retried_is_not_overwritten_by_the_re
     order, each as the job is when it runs, so the retry cannot put back what the delivery moved on."""
     async with SqliteStore(tmp_path / "db.sqlite3") as store:
         job = await store.create_job(request())
-        update = store._update_job
-        failures = [sqlite3.OperationalError("database is locked")]
-
-        async def failing_once(job: Job, changed: dict[str, Any], *, durable: bool) -> None:
-            if failures:
-                raise failures.pop()
-            await update(job, changed, durable=durable)
-
-        store._update_job = failing_once  # type: ignore[method-assign]
+        fail_the_next_write(store)
         job.state = JobState.CANCELLED
         cancel = asyncio.create_task(store.save(job))
         await asyncio.sleep(0.01)  # the cancel's write failed, its retry waits

@@ -13,7 +13,7 @@ import asyncpg
 from fakes.fal_fake import JobScript
 from fakes.world import World
 from tests.e2e import admin, fal_job, finished, has_button, text
-from tests.test_cluster_e2e import LEASE_SECONDS, SLOW_QUEUE
+from tests.test_cluster_e2e import LEASE_SECONDS, SLOW_QUEUE, newest_job
 
 SHORT_LEASES = {"LEASE_SECONDS": str(LEASE_SECONDS), "HEARTBEAT_SECONDS": "0.5", "CLAIM_INTERVAL": "0.3"}
 
@@ -46,16 +46,6 @@ async def stop_dropping(database_url: str) -> None:
         await db.execute("DROP TRIGGER drop_connection ON jobs")
     finally:
         await db.close()
-
-
-async def newest_job(database_url: str) -> asyncpg.Record:
-    db = await asyncpg.connect(database_url)
-    try:
-        row = await db.fetchrow("SELECT * FROM jobs ORDER BY id DESC LIMIT 1")
-    finally:
-        await db.close()
-    assert row is not None
-    return row
 
 
 async def test_a_connection_dropped_while_fal_s_answer_is_written_is_retried(world: World, database_url: str):
