@@ -58,6 +58,12 @@ def _source_key(url: yarl.URL) -> str:
 MAX_INPUT_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
+def _too_many_pixels(name: str) -> InputRejected:
+    return InputRejected(
+        N_("`{name}` has too many pixels: at most {limit} million."), name=name, limit=MAX_INPUT_PIXELS // 1_000_000
+    )
+
+
 def check_image(data: bytes, name: str) -> str:
     """The content type of `data` if it is a whole image of a kind fal reads; else InputRejected."""
     if not data:
@@ -65,20 +71,17 @@ def check_image(data: bytes, name: str) -> str:
     sniffed = sniff_image_type(data[:SNIFF_BYTES])
     if sniffed is None:
         raise InputRejected(N_("`{name}` is not an image FLUX.1 Kontext can read (PNG, JPEG, WebP or GIF)."), name=name)
-    too_large = InputRejected(
-        N_("`{name}` has too many pixels: at most {limit} million."), name=name, limit=MAX_INPUT_PIXELS // 1_000_000
-    )
     try:
         with Image.open(io.BytesIO(data)) as image:
             pillow_type = _PILLOW_FORMATS.get(image.format or "")
             pixels = image.width * image.height
             image.verify()
     except Image.DecompressionBombError:  # Pillow's own refusal, at twice its limit
-        raise too_large from None
+        raise _too_many_pixels(name) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputRejected(N_("`{name}` is damaged: it could not be read as an image."), name=name) from None
     if pixels > MAX_INPUT_PIXELS:
-        raise too_large
+        raise _too_many_pixels(name)
     if pillow_type != sniffed:
         raise InputRejected(N_("`{name}` is not an image FLUX.1 Kontext can read."), name=name)
     # Pillow's verify does not read JPEG data to its end: a cut-off file lacks its end marker.

@@ -516,15 +516,17 @@ class JobRunner:
         async with asyncio.timeout_at(deadline) as limit:
             # The statuses' own retries are bounded in number; the time, by `limit`.
             async for status in self._fal.statuses(job.request, deadline=math.inf):
+                starting = job.started_at is None
                 await self._apply_status(job, status)
-                if job.started_at is not None:
+                if starting and job.started_at is not None:
                     limit.reschedule(max(deadline, self._deadline(job, since=job.started_at)))
             if job.started_at is None:  # it ran between two statuses (or was handed back)
                 limit.reschedule(max(deadline, self._deadline(job, since=time.time())))
                 if await self._left_fals_line(job):
                     return  # handed back: the hand-back stops this work, and the result would say "cancelled"
             job.completed_at = time.time()
-            fetch_by = limit.when() or deadline
+            fetch_by = limit.when()
+            assert fetch_by is not None, "a timeout at a time"
             # Done at fal, whatever the result: its slot there is free now (the next job may be
             # starting), though the result is still to be fetched.
             self._scheduler.left_fal(job.id, ran_for=job.completed_at - job.started_at if job.started_at else None)
