@@ -493,6 +493,7 @@ class JobRunner:
             await self._transition(job, JobState.CANCELLED)
 
     async def _record_submission(self, job: Job, request: FalRequest, status: QueueStatus) -> None:
+        self._scheduler.submitted(job.id)
         job.request = request
         job.submitted_at = time.time()
         job.queue_position = status.queue_position

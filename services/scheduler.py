@@ -164,6 +164,13 @@ class FairScheduler:
         self._at_fal.setdefault(job_id, False)
         self._owners[job_id] = (guild_id, user_id)
 
+    def submitted(self, job_id: int) -> None:
+        """fal took the job: it joins the back of fal's line, which fal serves first come, first
+        served. Jobs are sent side by side and answered in any order; the margin kept at fal when
+        the limit shows must be the front of that line, the jobs fal starts next."""
+        if job_id in self._at_fal:
+            self._at_fal[job_id] = self._at_fal.pop(job_id)
+
     def started(self, job_id: int) -> None:
         """fal reports the job IN_PROGRESS."""
         if self._at_fal.get(job_id, True):

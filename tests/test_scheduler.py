@@ -50,13 +50,16 @@ def run_at_the_limit(
     queued: int,
     job_length: float = 5.0,
     owner: Callable[[int], tuple[int, int]] = lambda job: (1, job),
+    fal_line: list[int] | None = None,
 ) -> list[int]:
     """`limit` of our jobs run; each finishing one is followed at once by a start, as fal does
     when the account limit holds its line, until the limit shows; returns the jobs then still
-    queued at fal."""
-    jobs = list(range(limit + queued))
-    for job in jobs:
+    queued at fal. `fal_line`: the order fal took them in (default: the order they came)."""
+    for job in range(limit + queued):
         s.resumed_at_fal(job, *owner(job))
+    jobs = fal_line or list(range(limit + queued))
+    for job in jobs:
+        s.submitted(job)
     for job in jobs[:limit]:
         s.started(job)
     clock.now += HANDOFF_SECONDS + 0.5  # they all still run: that is the ceiling
@@ -83,6 +86,16 @@ async def test_the_account_limit_shows_when_starts_only_follow_finishes():
     # the first in fal's line stay there, to take the next freed slot at once.
     assert sorted(handed_back) == still_queued[s.margin :]
     assert s.must_wait()
+
+
+async def test_the_margin_kept_at_fal_is_the_front_of_fal_s_line_not_the_first_sent():
+    """Jobs sent side by side are answered in any order; fal starts them in the order it took
+    them, so that is the order whose front stays at fal."""
+    clock = Clock()
+    s, handed_back, _ = scheduler(clock)
+    still_queued = run_at_the_limit(s, clock, limit=2, queued=6, fal_line=[0, 1, 2, 3, 4, 7, 5, 6])
+    assert s.limit == 2 and s.margin == 1 and still_queued == [7, 5, 6]
+    assert sorted(handed_back) == [5, 6]
 
 
 async def test_the_limit_shows_only_once_every_running_slot_was_handed_on():
