@@ -23,7 +23,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from services.i18n import N_, Texts
-from services.job import Job, JobPlace, JobState, ResultImage
+from services.job import NOTE_PRIVATE_REPLY, Job, JobPlace, JobState, ResultImage
 
 from .errors import UserFacingError, report
 from .inputs import is_image_attachment
@@ -424,7 +424,11 @@ async def show_here(interaction: Interaction, job: Job) -> None:
         raise UserFacingError(
             N_("The images of job #{id} are over this server's upload limit: open the original instead."), id=job.id
         )
-    await interaction.response.defer(thinking=True)
+    callback = await interaction.response.defer(thinking=True)
+    if callback is not None and callback.is_ephemeral():
+        # Where the server keeps the replies of apps it has not added private, so is this copy.
+        here = dataclasses.replace(here, notes={**here.notes, NOTE_PRIVATE_REPLY: True})
+        rendered = render(here)
     try:
         files = await result_files(bot, job, rendered.files, interaction.filesize_limit)
         if not files:

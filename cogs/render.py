@@ -383,8 +383,10 @@ def _options_text(options: KontextOptions, from_defaults: frozenset[str], _: Tex
 
 def in_public(job: Job) -> Job:
     """The job as a message everyone in a channel sees renders it (its share, a copy shown again
-    with Show here): not the member's own private-first copy, so no private notice, no Share."""
-    return dataclasses.replace(job, notes={k: v for k, v in job.notes.items() if k != NOTE_PRIVATE_FIRST})
+    with Show here): not the member's own private-first copy, nor the reply Discord kept private,
+    so no private notice, no Share."""
+    private = (NOTE_PRIVATE_FIRST, NOTE_PRIVATE_REPLY)
+    return dataclasses.replace(job, notes={k: v for k, v in job.notes.items() if k not in private})
 
 
 def _unshared(job: Job) -> bool:

@@ -336,3 +336,41 @@ async def test_the_moderators_log_follows_the_servers_language(world):
     assert change.startswith(f"🛠️ <@{world.discord.mod['id']}> a modifié les règles de Kontext :\n**Salon de journal**")
     assert job_line.startswith(f"✅ Tâche n° 1 de <@{world.discord.alice['id']}> dans <#")
     assert "· tolérance 2 · réussie · « un chat bleu » ·" in job_line
+
+
+async def test_a_result_discord_kept_private_shown_again_says_so_only_where_it_is(world):
+    """Show here of a job whose reply Discord made private: in a server that added the bot the
+    copy is for everyone and says nothing of privacy; back where Discord keeps the app's replies
+    private, the copy is private again and says why."""
+    await world.start_bot(**PERSONAL)
+    alone = server_without_the_bot(world)
+    alone.use_external_apps = False
+    kept = await finished(await kontext_in(world, guild_id=alone.id, context="user_guild"))
+    assert "🔒 Only you can see this" in details(kept)
+    for guild_id, context, private in ((world.discord.guild_id, None, False), (alone.id, "user_guild", True)):
+        where = {"context": context} if context else {}
+        page = await world.discord.invoke_slash("kontext-history", user="alice", guild_id=guild_id, **where)
+        await page.wait_for_callback()
+        (show,) = [c for c in custom_ids(page.original.components) if c.startswith("kh:show:")]
+        shown = await finished(await world.discord.click_button(page.original.id, show, user="alice"))
+        assert bool(shown.flags & EPHEMERAL) == private
+        assert ("🔒 Only you can see this" in details(shown)) == private, details(shown)
+
+
+async def test_a_private_first_result_is_not_shared_where_discord_keeps_the_app_s_replies_private(world):
+    """Share posts through the interaction, which Discord makes private in a server that keeps
+    the replies of apps it has not added private: the member is told it cannot be shared there,
+    and the result stays unshared instead of counting as shared while only they see it."""
+    await world.start_bot(**PERSONAL)
+    chosen = await world.discord.invoke_slash("kontext-settings", options={"results": "private_first"}, user="alice")
+    await chosen.wait_for_callback()
+    alone = server_without_the_bot(world)
+    alone.use_external_apps = False
+    private = await finished(await kontext_in(world, guild_id=alone.id, context="user_guild"))
+    assert private.flags & EPHEMERAL
+    for _ in range(2):  # the second press meets the same answer: nothing was recorded as shared
+        click = await world.discord.click_button(private.id, button(private, "share"), user="alice")
+        await click.wait_for_callback()
+        await click.wait_until(lambda h: shows(h, "can't be shared"))
+        assert click.original.flags & EPHEMERAL and not media_gallery_items(click.original)
+    assert "Only you can see this until you share it" in details(private)
