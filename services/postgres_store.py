@@ -425,7 +425,7 @@ class PostgresStore(Store):
             and _lease_clock() < lease.granted_at + self._lease_seconds * SELF_FENCE_FRACTION
         )
 
-    def let_go(self, job: Job) -> None:
+    def _stop_renewing(self, job: Job) -> None:
         lease = self._held.get(job.id)
         if lease is not None and lease.job is job:
             del self._held[job.id]

@@ -137,8 +137,8 @@ class SqliteStore(Store):
     def holds(self, job: Job) -> bool:
         return True
 
-    def let_go(self, job: Job) -> None:
-        """A job left unfinished is resumed at the next start."""
+    def _stop_renewing(self, job: Job) -> None:
+        """No leases: a job left unfinished is resumed at the next start."""
 
     async def request_cancel(self, job_id: int, by_user: int) -> bool:
         return False  # a job this process does not drive is finished, or waits for the next start

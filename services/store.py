@@ -587,10 +587,19 @@ class Store(abc.ABC):
         """Whether this process may still act on the job (post, submit, cancel at fal) by its own
         clock, without asking the database."""
 
-    @abc.abstractmethod
     def let_go(self, job: Job) -> None:
-        """This process stopped driving the job unfinished: stop renewing its lease, so it is
-        claimed again once the lease runs out."""
+        """This process stopped driving the job (unfinished, or finished and written): stop
+        renewing its lease, so an unfinished one is claimed again once the lease runs out, and
+        keep nothing of it. Claimed again here, its row is read afresh."""
+        writes = self._writes.get(job.id)
+        if writes is None or not writes.pending:  # a save under way still needs its diff
+            self._writes.pop(job.id, None)
+            self._written.pop(job.id, None)
+        self._stop_renewing(job)
+
+    @abc.abstractmethod
+    def _stop_renewing(self, job: Job) -> None:
+        """Stop renewing the job's lease (see `let_go`)."""
 
     @abc.abstractmethod
     async def request_cancel(self, job_id: int, by_user: int) -> bool:
@@ -670,8 +679,6 @@ class Store(abc.ABC):
         finally:
             writes.pending -= 1
         if job.delivered_at is not None and not writes.pending:  # its last write is done
-            del self._writes[job.id]
-            self._written.pop(job.id, None)
             self.let_go(job)
 
     async def _write(self, job: Job, *, durable: bool) -> None:

@@ -290,6 +290,21 @@ async def test_an_unreadable_row_is_closed_at_the_next_start(new_store: Opener):
         assert closed[0]["interaction_token"] == ""
 
 
+async def test_a_store_keeps_nothing_of_the_jobs_it_let_go(new_store: Opener):
+    """A long-running process lets go of jobs unfinished (another process took them, the
+    database failed their write, it is stopping) as well as finished: none of them may stay in
+    its memory (claimed again, a job's row is read afresh)."""
+    async with new_store() as store:
+        finished, unfinished = await store.create_job(request()), await store.create_job(request(user_id=4))
+        for job in (finished, unfinished):
+            job.state = JobState.QUEUED
+            await store.save(job)
+        finished.state, finished.delivered_at = JobState.SUCCEEDED, time.time()
+        await store.save(finished)
+        store.let_go(unfinished)
+        assert store._written == {} and store._writes == {}
+
+
 async def test_a_failed_write_is_written_whole_by_the_next_save(tmp_path: Path):
     """A write that failed (disk full) must not leave save() believing the row is stored."""
     async with SqliteStore(tmp_path / "db.sqlite3") as store:
