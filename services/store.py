@@ -17,7 +17,6 @@ import fcntl
 import json
 import logging
 import os
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -462,6 +461,14 @@ class _JobWrites:
     pending: int = 0
 
 
+@dataclasses.dataclass
+class _NamedLock:
+    """A lock of `Store._local_lock`, and how many hold it or wait for it."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class StoreFailed(Exception):
     """A job's write kept failing for a reason of the database's own (connection lost, server
     restarting, disk): what the row holds is unknown but intact, and the job resumes from it
@@ -543,7 +550,9 @@ class Store(abc.ABC):
         self._written: dict[int, dict[str, Any]] = {}
         # The saves of each job under way (see save).
         self._writes: dict[int, _JobWrites] = {}
-        self._local_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # The locks of `_local_lock`, each only while it is held or waited for: a bot in thousands
+        # of servers takes one per member and server over time.
+        self._local_locks: dict[str, _NamedLock] = {}
 
     # -- what each engine provides ------------------------------------------------------------
 
@@ -983,5 +992,14 @@ class Store(abc.ABC):
     @contextlib.asynccontextmanager
     async def _local_lock(self, name: str) -> AsyncIterator[None]:
         """`exclusive` for a store no other process uses."""
-        async with self._local_locks[name]:
-            yield
+        named = self._local_locks.get(name)
+        if named is None:
+            named = self._local_locks[name] = _NamedLock()
+        named.users += 1
+        try:
+            async with named.lock:
+                yield
+        finally:
+            named.users -= 1
+            if not named.users:
+                del self._local_locks[name]

@@ -142,6 +142,17 @@ async def test_the_operators_budget_shared_by_servers_admits_what_it_allows(stor
     assert len(runner.started) == 3
 
 
+async def test_admissions_leave_no_lock_behind_for_the_servers_and_members_they_served(store: Store):
+    """Each admission locks its server (or member) and the budget while it waits or runs; a bot
+    in thousands of servers meets millions of them, so none is kept after."""
+    intake, _ = process(store, MONTHLY_BUDGET_USD="100", PERSONAL_USE="1")
+    slow_usage_reads(store)
+    admitted, _ = await race(
+        *((intake, interaction(user, guild_id=user % 3 or None)) for user in range(1, 7)),
+    )
+    assert admitted == 6 and store._local_locks == {}
+
+
 async def test_a_burst_larger_than_the_pool_is_admitted_in_full(stores):
     # Every accept waits for the operator's budget: the waiters must not hold the connections
     # the accept under way needs.
