@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
     Interaction = discord.Interaction[KontextBot]
 
-# The next job, as /kontext-me judges it: one image at the policy's safety default.
-NEXT_JOB = JobAsk(safety_tolerance=None, num_images=1)
 # Refusals about where and who, not how much: no figure explains them.
 ACCESS_REASONS = (RefusalReason.CHANNEL_NOT_ALLOWED, RefusalReason.MISSING_ROLE)
 
@@ -87,16 +85,20 @@ class Quota(commands.Cog):
         _ = member_texts(interaction)
         now = time.time()
         governing = await self.bot.intake.governing(interaction, now)
+        # The next job as a plain /kontext would ask for it: the member's own defaults fill it
+        # (two images by default count twice against a budget), as they fill that command.
+        defaults = (await self.bot.store.member_defaults(interaction.user.id)).options
+        next_job = JobAsk(defaults.safety_tolerance, defaults.image_count)
         price = self.bot.settings.price_per_image_usd
         found = standings(
-            governing.policy, governing.usage, NEXT_JOB, now=now, price_per_image=price, operator=governing.operator
+            governing.policy, governing.usage, next_job, now=now, price_per_image=price, operator=governing.operator
         )
         # Where the channel or a role keeps the member out, that comes first, as /kontext says it.
         decision = resolve(
             governing.policy,
             requester_of(interaction),
             governing.usage,
-            NEXT_JOB,
+            next_job,
             now=now,
             price_per_image=price,
             operator=governing.operator,

@@ -8,6 +8,7 @@ import re
 from fakes.discord_fake import EPHEMERAL
 from fakes.fal_fake import JobScript
 from tests.e2e import admin, finished, private_answer
+from tests.test_member_settings_e2e import settings
 
 
 async def my_quota(world, **where) -> dict:
@@ -86,3 +87,17 @@ async def test_a_channel_closed_to_kontext_is_said_first(world):
     embed = await my_quota(world)
     assert embed["description"].startswith("Kontext isn't enabled in this channel. It works in <#")
     assert field(embed, "Your jobs running")["value"] == "0 of 2 · a job can start now"  # the figures still shown
+
+
+async def test_the_next_job_is_judged_with_the_members_own_number_of_images(world):
+    await world.start_bot()
+    await admin(world, "limits", monthly_images=3)
+    await settings(world, num_images=2)  # every /kontext of hers without num_images makes 2
+    await finished(await world.kontext())
+    refused = await world.kontext()
+    await refused.wait_for_callback()
+    assert "monthly" in private_answer(refused)  # 2 + 2 images would pass the budget of 3
+    embed = await my_quota(world)
+    budget = field(embed, "This server's monthly budget")
+    assert budget["name"].startswith("⛔") and budget["value"].startswith("2 of 3 images")
+    assert embed["description"] == "⛔ marks a limit that stops your next job."
