@@ -37,7 +37,12 @@ if TYPE_CHECKING:
 EVERYTHING = "everything"
 RESULTS_PUBLIC, RESULTS_PRIVATE_FIRST = "public", "private_first"
 RESULTS_LABEL = N_("Results")
-LABELS: dict[str, str] = {**dict(OPTION_LABELS), "private_first": RESULTS_LABEL}
+# What a member can keep, and so forget: the defaultable options (not every option the card
+# labels: there is no default guidance) and where results go.
+LABELS: dict[str, str] = {
+    **{name: label for name, label in OPTION_LABELS if name in DEFAULTABLE},
+    "private_first": RESULTS_LABEL,
+}
 
 
 def defaults_text(defaults: MemberDefaults, _: Texts) -> list[tuple[str, str]]:

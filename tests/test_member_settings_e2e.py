@@ -8,6 +8,7 @@ import asyncio
 
 from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2
 from fakes.fal_fake import JobScript
+from services.member_defaults import DEFAULTABLE
 from tests.e2e import admin, button, details, finished, has_button, private_answer, shows, text
 from tests.test_everywhere_e2e import dm_messages
 from tests.test_resilience_e2e import restart
@@ -72,6 +73,18 @@ async def test_reset_forgets_one_default_or_all(world):
     assert cleared["Enhanced prompt"] == "not set" and cleared["Results"] == "posted in the channel"
     await finished(await world.kontext())
     assert "enhance_prompt" not in world.fal.submits[-1]
+
+
+async def test_every_reset_the_command_offers_is_one_it_can_do(world):
+    await world.start_bot()
+    (reset,) = [o for o in world.discord.commands["kontext-settings"]["options"] if o["name"] == "reset"]
+    offered = {choice["value"]: choice["name"] for choice in reset["choices"]}
+    for value, name in offered.items():
+        handle = await world.discord.invoke_slash("kontext-settings", options={"reset": value}, user="alice")
+        callback = await handle.wait_for_callback()
+        assert callback["data"].get("embeds"), (name, callback["data"].get("content"))
+    # Each default the member can set, their choice of where results go, and all of them.
+    assert list(offered) == [*DEFAULTABLE, "private_first", "everything"]
 
 
 async def test_private_first_results_are_shared_to_the_channel_after_a_restart(world):
