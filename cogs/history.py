@@ -99,7 +99,15 @@ class Lookup:
             return False
         if self.scope is Scope.SERVER and job.guild_id != guild_id:
             return False
-        return job.place.personal or (job.guild_id is not None and bot.get_guild(job.guild_id) is not None)
+        return job.place.personal or (job.guild_id is not None and still_in(bot, job.guild_id))
+
+
+def still_in(bot: KontextBot, guild_id: int) -> bool:
+    """Whether the bot is still in a server, as far as this process can tell: it knows only the
+    servers on its own shards (SHARD_IDS), so one on another process's shard counts as kept."""
+    if bot.shard_count is not None and (guild_id >> 22) % bot.shard_count not in bot.shards:
+        return True
+    return bot.get_guild(guild_id) is not None
 
 
 @dataclass

@@ -8,8 +8,12 @@ import urllib.parse
 
 from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2, media_gallery_items, text_displays, walk_components
 from fakes.fal_fake import JobScript
+from tests import test_cluster_e2e
 from tests.e2e import admin, button, details, finished, has_button, private_answer, text
+from tests.test_cluster_e2e import Cluster
 from tests.test_member_settings_e2e import settings
+
+cluster = test_cluster_e2e.cluster  # two processes, each serving the server on its shard
 
 
 async def results(world, count: int, user: str = "alice", **options) -> list:
@@ -296,3 +300,15 @@ async def test_show_here_says_what_it_could_not_show_again(world):
     shown = await finished(await press(world, page, entry_button(page, "show", 1)))
     assert len(media_gallery_items(shown)) == 1
     assert "1 image could not be shown again here" in text(shown)
+
+
+async def test_history_lists_the_servers_another_process_serves(cluster: Cluster):
+    """With SHARD_IDS each process knows only its own shards' servers: the jobs of a server on
+    the other process's shard are still the member's, and the bot is still in it."""
+    world = cluster.world
+    await cluster.identified(cluster.shard_b)
+    await results(world, 1)  # in a's server
+    elsewhere = await finished(await world.kontext(channel_id=cluster.guild_b.channel_id, prompt="in b's server"))
+    assert text(elsewhere).startswith("✅")
+    page = (await history(world)).original  # asked in a's server: a answers
+    assert listed(page) == [2, 1]
