@@ -11,6 +11,7 @@ the intake also recognises a server recipe's name.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -76,6 +77,14 @@ class Recipe:
                 N_("Type your own words first, then pick “{name}”: it puts them into its prompt."), name=self.name
             )
         return self.text.replace(WORDS, words.strip())
+
+
+def reading_order(recipe: Recipe) -> tuple[str, str]:
+    """Where a recipe's name goes in a list, as people read names: case and accents aside
+    ("anime", "émail", "Mascot"), the same on both engines (a database sorts by its collation:
+    SQLite by code points, capitals first; PostgreSQL by the locale it was created with)."""
+    folded = unicodedata.normalize("NFKD", recipe.name.casefold())
+    return "".join(c for c in folded if not unicodedata.combining(c)), recipe.name
 
 
 def check_recipe(name: str, text: str, existing: Sequence[Recipe]) -> tuple[str, str]:

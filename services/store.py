@@ -28,7 +28,7 @@ from .flux_kontext import KontextEdit
 from .job import NOTE_SHARED_AS, Job, JobPlace, JobRequest, JobResult, JobState
 from .member_defaults import MemberDefaults
 from .policy import GuildPolicy, Usage, day_start, month_start, policy_from_dict, policy_to_dict
-from .recipes import PastPrompt, Recipe
+from .recipes import PastPrompt, Recipe, reading_order
 from .redact import describe_error
 from .retry import Backoff, retrying
 from .settings_cache import SettingKind, SettingsCache
@@ -790,9 +790,9 @@ class Store(abc.ABC):
         """A server's recipes by name (a handful, read at each keystroke and each command)."""
 
         async def read() -> tuple[Recipe, ...]:
-            sql = "SELECT id, name, text FROM recipes WHERE guild_id = :guild ORDER BY name"
+            sql = "SELECT id, name, text FROM recipes WHERE guild_id = :guild"
             rows = await self._fetch(sql, {"guild": guild_id})
-            return tuple(Recipe(int(row["id"]), row["name"], row["text"]) for row in rows)
+            return tuple(sorted((Recipe(int(row["id"]), row["name"], row["text"]) for row in rows), key=reading_order))
 
         return list(await self._settings.get("recipes", guild_id, read))
 

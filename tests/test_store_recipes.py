@@ -37,3 +37,10 @@ async def test_recent_prompts_are_the_members_own_words_newest_first_each_once(n
         assert [p.prompt for p in recent] == ["a bird", "a cat", "a dog"]
         assert recent[1].job_id == 3  # the newest job with those words
         assert [p.prompt for p in await store.recent_prompts(3, limit=2)] == ["a bird", "a cat"]
+
+
+async def test_recipes_are_in_the_order_members_read_names_whatever_the_engine(new_store: Opener):
+    async with new_store() as store:
+        for name in ("Zebra print", "anime style", "Mascot style", "émail look"):
+            assert await store.add_recipe(1, name, "a prompt", by_user=9, now=NOW)
+        assert [r.name for r in await store.recipes(1)] == ["anime style", "émail look", "Mascot style", "Zebra print"]
