@@ -115,9 +115,12 @@ class Admin(
         counts = await self.bot.store.daily_images(interaction.guild_id, since=now - CHART_DAYS * 86400)
         days = last_days({day: (images, images * price) for day, images in counts.items()}, today, CHART_DAYS)
         usage = await self.bot.store.usage(interaction.guild_id, interaction.user.id, now)
-        budget = policy.monthly_usd_budget
-        if budget is None and policy.monthly_image_budget is not None and price > 0:
-            budget = policy.monthly_image_budget * price
+        # The budget that stops jobs first, in dollars: both may be set (a new server's 250
+        # images stay when moderators add a budget in dollars).
+        caps = [policy.monthly_usd_budget]
+        if policy.monthly_image_budget is not None and price > 0:
+            caps.append(policy.monthly_image_budget * price)
+        budget = min((cap for cap in caps if cap is not None), default=None)
         spent = usage.guild_images_this_month * price
         guild_name = interaction.guild.name if interaction.guild else _("this server")
         chart = render_usage_chart(

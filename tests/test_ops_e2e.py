@@ -14,7 +14,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakes.fal_fake import JobScript, model_error
-from tests.e2e import finished, text
+from tests.e2e import admin, finished, text
 
 
 def free_port() -> int:
@@ -180,3 +180,16 @@ async def test_moderators_get_a_chart_of_the_last_30_days(world):
     assert image.format == "PNG" and image.text["days"] == "30"  # type: ignore[attr-defined]
     (attachment,) = callback["data"]["attachments"]
     assert attachment["description"] == summary[:1024]
+
+
+async def test_the_chart_shows_the_budget_that_stops_jobs_first(world):
+    await world.start_bot()
+    await admin(world, "limits", monthly_usd=50)  # the 250 images of a new server still apply: $20
+    await finished(await world.kontext(num_images=3))
+    handle = await world.discord.invoke_slash("kontext-admin usage", user="mod")
+    await handle.wait_for_callback()
+    assert "$0.24 of the $20.00 monthly budget" in handle.callback["data"]["content"]
+    await admin(world, "limits", monthly_images=1000)  # $80: now the dollars stop jobs first
+    handle = await world.discord.invoke_slash("kontext-admin usage", user="mod")
+    await handle.wait_for_callback()
+    assert "$0.24 of the $50.00 monthly budget" in handle.callback["data"]["content"]
