@@ -175,7 +175,8 @@ def picked(prompt: str, server: Sequence[Recipe]) -> Picked:
     if prompt.startswith(PAST_PROMPT_TOKEN):
         number = prompt.removeprefix(PAST_PROMPT_TOKEN)
         return Picked(job_id=int(number)) if number.isdigit() else Picked(words=prompt)
-    for recipe in server:
+    # The longest name first: "Style: anime: a cat" is the recipe "Style: anime", not "Style".
+    for recipe in sorted(server, key=lambda recipe: len(recipe.name), reverse=True):
         if recipe.wraps and prompt.startswith(f"{recipe.name}: "):
             return Picked(recipe_id=recipe.id, words=prompt.removeprefix(f"{recipe.name}: "))
         if not recipe.wraps and prompt == recipe.name:

@@ -84,6 +84,14 @@ def test_a_submitted_prompt_is_read_back():
             MASCOT.prompt(nothing)
 
 
+def test_a_recipe_name_sent_back_is_the_longest_that_fits():
+    """Recipes listed in name order, "Style" before "Style: anime": a client that sends the
+    choice's name back must get the recipe the member picked, not the shorter one it begins with."""
+    style, anime = Recipe(3, "Style", "{prompt}, styled"), Recipe(4, "Style: anime", "{prompt}, as anime")
+    assert picked("Style: anime: a cat", [style, anime]) == Picked(recipe_id=4, words="a cat")
+    assert picked("Style: a cat", [style, anime]) == Picked(recipe_id=3, words="a cat")
+
+
 @pytest.mark.parametrize(
     ("name", "text", "why"),
     [
