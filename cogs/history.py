@@ -23,7 +23,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from services.i18n import N_, Texts
-from services.job import NOTE_PRIVATE_REPLY, Job, JobPlace, JobState, ResultImage
+from services.job import NOTE_PRIVATE_REPLY, NOTE_SHARED_AS, Job, JobPlace, JobState, ResultImage
 
 from .errors import UserFacingError, report
 from .inputs import is_image_attachment
@@ -164,6 +164,12 @@ async def fetch_result_attachments(bot: KontextBot, job: Job) -> list[discord.At
             message = await channel.fetch_message(message_id)
             found += [a for a in message.attachments if is_image_attachment(a)]
     return found
+
+
+def _bot_reads_result(job: Job) -> bool:
+    """Whether the bot can fetch the messages showing the result: posted where the bot posts, and
+    public (a private first result not shared is ephemeral: only its interaction sees it)."""
+    return job.place.bot_can_post and (not job.private_first or NOTE_SHARED_AS in job.notes)
 
 
 async def thumbnail(bot: KontextBot, job: Job, now: float) -> str | None:
@@ -398,12 +404,14 @@ async def result_files(
 ) -> list[tuple[discord.File, ResultImage]]:
     """The result's images (those of `images` still on Discord and within `limit`) downloaded
     again from Discord's CDN, named as the bot first posted them: the original messages fetched
-    afresh where the bot can read them, else the addresses stored when they were posted."""
+    afresh where the bot can read them, else the addresses stored when they were posted. Where
+    the bot can read the result, messages gone are a result deleted (by its member, or by a
+    moderator): its images are not posted again from the addresses stored."""
     names = {attachment_name(job, i, image): image for i, image in enumerate(render(job).files, start=1)}
     sources: list[tuple[str, str, int | None]] = [
         (a.filename.removeprefix("SPOILER_"), a.url, a.size) for a in await fetch_result_attachments(bot, job)
     ]
-    if not sources:
+    if not sources and not _bot_reads_result(job):
         sources = [(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1], url, None) for url in job.posted_image_urls]
     files = []
     for name, url, size in sources:

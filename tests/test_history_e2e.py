@@ -180,6 +180,21 @@ async def test_a_private_first_result_shown_here_is_a_public_card(world):
     assert "Only you can see this" not in details(shared) and not has_button(shared, "share")
 
 
+async def test_a_deleted_result_is_not_shown_again(world):
+    """Deleted with its 🗑️ button (or by a moderator), a result is gone: Show here does not post
+    it again from the image addresses kept when it was posted, which Discord's CDN may still
+    serve for a while."""
+    await world.start_bot()
+    (original,) = await results(world, 1)
+    delete = await world.discord.click_button(original.id, button(original, "delete"), user="alice")
+    await delete.wait_for_callback()
+    await world.discord.wait_until(lambda: original.deleted)
+    handle = await history(world)
+    click = await press(world, handle.original, "Show here")
+    await click.wait_until(lambda h: any("no longer has the images" in m.content for m in h.followups))
+    assert not [m for m in world.discord.channel_messages(world.discord.channel_id) if not (m.deleted or m.ephemeral)]
+
+
 async def test_show_here_is_refused_where_kontext_would_be(world):
     await world.start_bot()
     (original,) = await results(world, 1)
