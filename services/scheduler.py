@@ -310,20 +310,24 @@ class FairScheduler:
         return fair_order(self._line, self._shares(), self._last_served)
 
     def _release_waiters(self) -> None:
-        released = False
+        changed = False
         while self._waiters:
             room = self._room()
             if room is not None and room <= 0:
                 break
             owner, waiter = next(self._serving_order())
             self._remove(waiter)
+            changed = True
+            if waiter.ready.cancelled():
+                # It gave up (cancelled, timed out) and would leave the line when its task next
+                # runs: it takes no room, the next one does.
+                continue
             self._served += 1
             self._last_served[owner[0]] = self._last_served[owner] = self._served
             self._at_fal[waiter.job_id] = False  # holds its room until it is submitted or gives up
             self._owners[waiter.job_id] = owner
             waiter.ready.set_result(None)
-            released = True
-        if released:
+        if changed:
             self._schedule_places()
 
     def _displace_excess(self) -> None:

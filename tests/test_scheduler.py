@@ -261,3 +261,19 @@ async def test_start_estimates_once_the_limit_is_known():
     run_at_the_limit(s, clock, limit=4, queued=10, job_length=8.0)
     estimate = s.start_estimate(9)
     assert estimate is not None and estimate > clock.now
+
+
+async def test_a_job_that_gives_up_while_another_leaves_fal_does_not_break_the_line():
+    """A waiting job's member cancels it (or its deadline passes): its wait is cancelled at once,
+    but it leaves the line only when its task next runs. A job leaving fal in between must let
+    in the next waiting job, not stumble over the one that gave up."""
+    s, _, _ = scheduler(Clock(), cap=1)
+    await s.admit(0, 1, 1)
+    giving_up = asyncio.ensure_future(s.admit(1, 1, 2))
+    next_in_line = asyncio.ensure_future(s.admit(2, 1, 3))
+    await asyncio.sleep(0)
+    giving_up.cancel()
+    s.left_fal(0, ran_for=5.0)  # before the cancelled wait has run
+    await asyncio.gather(giving_up, return_exceptions=True)
+    await asyncio.wait_for(next_in_line, 1)
+    assert s.waiting == 0 and s.queued_at_fal == 1
