@@ -396,9 +396,7 @@ class JobRunner:
                     return
                 # It takes its place in line at once (first come, first served within a member's
                 # turn) and its inputs are made durable while it waits.
-                admission = asyncio.ensure_future(
-                    self._scheduler.admit(job.id, job.guild_id or 0, job.user_id, first=handed_back)
-                )
+                admission = asyncio.ensure_future(self._scheduler.admit(job.id, job.guild_id or 0, job.user_id))
                 try:
                     job.edit = await self._inputs.stage(job.edit, deadline=deadline)
                     if not admission.done():

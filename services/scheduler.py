@@ -20,11 +20,12 @@ An operator's cap (`MAX_CONCURRENT_JOBS`) bounds the jobs at fal whatever fal sh
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import logging
 import math
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -122,8 +123,8 @@ class FairScheduler:
         # Our jobs at fal, by id: True once it runs.
         self._at_fal: dict[int, bool] = {}
         self._owners: dict[int, Owner] = {}  # job -> (server, member), while at fal
-        # The line: server -> member -> their waiting jobs, in the order they joined.
-        self._line: dict[int, dict[int, deque[_Waiter]]] = {}
+        # The line: server -> member -> their waiting jobs, in the order they were accepted.
+        self._line: dict[int, dict[int, list[_Waiter]]] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._displacing: set[int] = set()
         # What fal shows of the account's limit.
@@ -260,18 +261,18 @@ class FairScheduler:
         room = self._room()
         return bool(self._waiters) or (room is not None and room <= 0)
 
-    async def admit(self, job_id: int, guild_id: int, user_id: int, *, first: bool = False) -> None:
+    async def admit(self, job_id: int, guild_id: int, user_id: int) -> None:
         """Return once the job may go to fal (it then counts as at fal until `left_fal`); until
-        then it waits its turn. `first`: a job handed back from fal goes before its member's other
-        jobs."""
+        then it waits its turn. A member's jobs wait in the order they were accepted (job ids
+        rise), whatever order they join in: jobs handed back from fal rejoin as fal answers,
+        before the member's later jobs and after their earlier ones."""
         if not self.must_wait():
             self._at_fal[job_id] = False
             self._owners[job_id] = (guild_id, user_id)
             return
         waiter = _Waiter(job_id, guild_id, user_id, asyncio.get_running_loop().create_future())
         members = self._line.setdefault(guild_id, {})
-        jobs = members.setdefault(user_id, deque())
-        jobs.appendleft(waiter) if first else jobs.append(waiter)
+        bisect.insort(members.setdefault(user_id, []), waiter, key=lambda other: other.job_id)
         self._waiters[job_id] = waiter
         self._schedule_places()
         try:

@@ -277,3 +277,30 @@ async def test_a_job_that_gives_up_while_another_leaves_fal_does_not_break_the_l
     await asyncio.gather(giving_up, return_exceptions=True)
     await asyncio.wait_for(next_in_line, 1)
     assert s.waiting == 0 and s.queued_at_fal == 1
+
+
+async def test_a_member_s_jobs_handed_back_keep_their_order():
+    """fal's limit shows with one member's jobs queued there: they are handed back in their
+    order and rejoin the bot's line as fal's answers come, each before the member's other
+    waiting jobs; the member's earlier job must still go before their later one."""
+    clock = Clock()
+    s, handed_back, _ = scheduler(clock)
+    still_queued = run_at_the_limit(s, clock, limit=2, queued=8, owner=lambda job: (1, job) if job < 2 else (2, 50))
+    assert s.limit == 2 and len(handed_back) >= 3
+    order: list[int] = []
+
+    async def join(job: int) -> None:
+        await s.admit(job, 2, 50)
+        order.append(job)
+
+    waits = [asyncio.ensure_future(join(100))]  # the member's next job waits in the bot's line
+    await asyncio.sleep(0)
+    for job in handed_back:  # fal answers the hand-backs in the order they were asked
+        s.left_fal(job, ran_for=None)
+        waits.append(asyncio.ensure_future(join(job)))
+        await asyncio.sleep(0)
+    assert s.waiting == len(handed_back) + 1
+    for job in [j for j in still_queued if j not in handed_back] + list(range(10)):
+        s.left_fal(job, ran_for=None)  # whatever was at fal ends, making room
+    await asyncio.wait_for(asyncio.gather(*waits), 1)
+    assert order == [*sorted(handed_back), 100]
