@@ -146,6 +146,8 @@ class JobRunner:
         # whose cancel is on its way, whether fal took them out of its line.
         self._handing_back: set[int] = set()
         self._hand_back_answers: dict[int, asyncio.Future[bool]] = {}
+        # For each job showing a start estimate, the timer that takes it down once it passes.
+        self._estimate_expiries: dict[int, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
         metrics.set_live_sources(self._jobs_by_state, lambda: self._scheduler.waiting)
@@ -339,6 +341,7 @@ class JobRunner:
             del self._drivers[job_id]
             self._jobs.pop(job_id, None)
             self._cancel_requests.pop(job_id, None)
+            self._stop_estimate_expiry(job_id)
         error = None if task.cancelled() else task.exception()
         # A job finished in memory whose last write failed is unfinished in the database.
         if not job.finished or error is not None:
@@ -618,7 +621,10 @@ class JobRunner:
 
     def _estimate_start(self, job: Job, starts_at: float | None, *, notify: bool = True) -> bool:
         """Show a new start estimate only when it moved meaningfully (20 s, or a fifth of the
-        wait): an estimate that drifts a few seconds is not worth an edit of every reply."""
+        wait): an estimate that drifts a few seconds is not worth an edit of every reply. The
+        estimate shown is taken down if it passes with the job still waiting (the line stalled
+        behind a job running long): "starting 5 seconds ago" is no estimate, and the line moving
+        again brings a new one."""
         shown = job.starts_at
         if starts_at is None or shown is None:
             moved = starts_at != shown
@@ -626,9 +632,24 @@ class JobRunner:
             moved = abs(starts_at - shown) > max(20.0, 0.2 * (shown - time.time()))
         if moved:
             job.starts_at = starts_at
+            self._stop_estimate_expiry(job.id)
+            if starts_at is not None:
+                loop = asyncio.get_running_loop()
+                self._estimate_expiries[job.id] = loop.call_later(starts_at - time.time(), self._estimate_passed, job)
             if notify:
                 self._listener.job_changed(job)
         return moved
+
+    def _estimate_passed(self, job: Job) -> None:
+        del self._estimate_expiries[job.id]
+        if job.starts_at is not None and job.state in (JobState.PENDING, JobState.QUEUED):
+            job.starts_at = None
+            self._listener.job_changed(job)
+
+    def _stop_estimate_expiry(self, job_id: int) -> None:
+        expiry = self._estimate_expiries.pop(job_id, None)
+        if expiry is not None:
+            expiry.cancel()
 
     async def _left_fals_line(self, job: Job) -> bool:
         """Whether fal took this job out of its line as the bot asked; an answer on its way is

@@ -5,7 +5,9 @@ another wait behind all of its jobs."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from dataclasses import replace
 
 from fakes.fal_fake import JobScript
 from tests.e2e import button, finished, text
@@ -126,3 +128,24 @@ async def test_a_restart_while_fal_s_answer_to_a_hand_back_is_lost_still_runs_th
     assert first.started_at is None and second.started_at is not None
     # The restarted bot needed no answer from fal: it did not ask again.
     assert len(world.fal.requests_for("cancel", request_id=lost.request_id)) == 1
+
+
+async def test_a_start_time_that_has_passed_is_no_longer_shown(world):
+    """fal's line stalls behind a job that runs far longer than those before it, so the start
+    times shown to the members waiting pass with nothing moving. A reply must not go on saying
+    a job that waits is "starting 3 seconds ago"."""
+    quick = JobScript(queue_positions=(0,), step=0.05, run_time=0.3)
+    world.fal.concurrency_limit = 1
+    world.fal.default = quick
+    world.fal.script_for(lambda payload: replace(quick, run_time=8.0) if payload["prompt"] == "slow" else None)
+    await world.start_bot()
+    prompts = [*(f"job {n}" for n in range(6)), "slow", *(f"job {n}" for n in range(6, 12))]
+    members = [world.discord.add_member(name=f"member{n}") for n in range(len(prompts))]
+    handles = [await world.kontext(user=m["id"], prompt=prompt) for m, prompt in zip(members, prompts, strict=True)]
+    await world.discord.wait_until(lambda: any(job.started_at for job in sent_as(world, "slow")), timeout=20)
+    await asyncio.sleep(4)  # every start estimated before the slow job started has passed
+    now = time.time()
+    shown = [int(when) for h in handles for when in re.findall(r"starting <t:(\d+):R>", text(h.original))]
+    assert all(when >= now - 1 for when in shown), f"{now=:.0f}, shown: {shown}"
+    for handle in handles:
+        assert text(await finished(handle, timeout=40)).startswith("✅")
