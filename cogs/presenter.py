@@ -10,8 +10,9 @@ a media gallery, or, with RESULT_CARDS=0 or more images than a gallery holds, th
 (content, embed, attachments, split across follow-ups to fit the upload limit).
 
 Where it goes: the interaction's reply while its 15-minute token lives; after that, where the
-bot may post with its own token (a server that added it, the member's DM with it), a channel
-message that replies to it, and anywhere else (a group DM, a server without the bot: only the
+bot may post with its own token (a server that added it, with the permissions to post images in
+that channel, the member's DM with it), a channel message that replies to it (where the bot may
+read the channel's history), and anywhere else (a group DM, a server without the bot: only the
 interaction can show anything there) a DM to the member, who was told so on the reply before
 the token ran out. A reply that is gone (a moderator deleted it) is not posted again: the job is
 withdrawn and the member told privately.
@@ -25,6 +26,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -88,14 +90,13 @@ class ProgressTicker:
         on_reply_gone: Callable[[], None],
         metrics: Metrics,
         held: Callable[[], bool],
+        posts_late_in_channel: Callable[[], bool],
     ) -> None:
         self._job = job
-        # Where only this reply can show the job, it says in time where the result will go.
-        self._notice_at = (
-            job.interaction_created_at + INTERACTION_TOKEN_LIFETIME - REPLY_NOTICE_BEFORE
-            if not job.posts_late_in_channel
-            else None
-        )
+        # Where the bot cannot post the result itself after the token, the reply says in time
+        # that it will come by DM (whether it can is known only then: see _late_place).
+        self._notice_at: float | None = job.interaction_created_at + INTERACTION_TOKEN_LIFETIME - REPLY_NOTICE_BEFORE
+        self._posts_late_in_channel = posts_late_in_channel
         self._webhook = webhook
         self._pace = pace
         self._on_reply_gone = on_reply_gone
@@ -147,7 +148,8 @@ class ProgressTicker:
                 await self._changed.wait()
         except TimeoutError:
             self._notice_at = None
-            self._job.notes = {**self._job.notes, NOTE_REPLY_EXPIRING: True}
+            if not self._posts_late_in_channel():
+                self._job.notes = {**self._job.notes, NOTE_REPLY_EXPIRING: True}
 
     async def _edit(self, rendered: Rendered) -> None:
         # Only what changed is sent: Discord keeps the fields an edit leaves out.
@@ -167,6 +169,14 @@ class ProgressTicker:
         self.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+@dataclass(frozen=True)
+class LatePlace:
+    """Where the bot posts a result itself, once the interaction's token is over."""
+
+    in_channel: bool  # the job's channel; else the member's DM with the bot
+    as_reply: bool  # replying to the interaction's reply there
 
 
 class DiscordPresenter:
@@ -192,6 +202,7 @@ class DiscordPresenter:
                 lambda: self._reply_gone(job),
                 self._metrics,
                 held=lambda: self._bot.store.holds(job),
+                posts_late_in_channel=lambda: self._late_place(job).in_channel,
             )
         ticker.poke()
 
@@ -335,17 +346,18 @@ class DiscordPresenter:
                 )
 
     async def _deliver_late(self, job: Job, rendered: Rendered, progress: DeliveryProgress, as_card: bool) -> None:
-        """After the 15-minute token, with the bot's own token: where the bot may post, a channel
-        message replying to the original that mentions only the member who asked; elsewhere a DM
-        to the member that links the reply it belongs to."""
+        """After the 15-minute token, with the bot's own token (see `_late_place`): in the
+        channel, a message (replying to the original where it may) that mentions only the member
+        who asked; elsewhere a DM to the member that links the reply it belongs to."""
         _ = texts(job.locale)
+        place = self._late_place(job)
         reference: discord.MessageReference | None = None
         mentions = discord.AllowedMentions.none()
-        if job.posts_late_in_channel:
+        if place.in_channel:
             channel = self._bot.get_channel(job.channel_id) or await self._bot.fetch_channel(job.channel_id)
             lead = f"<@{job.user_id}>"
             mentions = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
-            if job.message_id:
+            if job.message_id and place.as_reply:
                 reference = discord.MessageReference(
                     message_id=job.message_id, channel_id=job.channel_id, fail_if_not_exists=False
                 )
@@ -356,12 +368,12 @@ class DiscordPresenter:
                 reply=f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{job.message_id}",
             )
         assert isinstance(channel, discord.abc.Messageable)
-        if job.posts_late_in_channel and job.message_id and job.delivered_parts == 0:
+        if reference is not None and job.message_id and job.delivered_parts == 0:
             # No progress edit may have noticed that a moderator deleted the reply (its text had
             # not changed for a while): Unknown Message here withdraws the job (see _show).
             await channel.fetch_message(job.message_id)
-        rendered, groups = _packed(job, rendered, as_card, *self._own_upload_limit(job))
-        rendered.content = f"{lead} {rendered.content}" if job.posts_late_in_channel else f"{lead}\n{rendered.content}"
+        rendered, groups = _packed(job, rendered, as_card, *self._own_upload_limit(job, place.in_channel))
+        rendered.content = f"{lead} {rendered.content}" if place.in_channel else f"{lead}\n{rendered.content}"
         # Parts already shown through the interaction (public follow-ups) are not posted again;
         # the first one posted here says what it is.
         start = job.delivered_parts
@@ -383,14 +395,35 @@ class DiscordPresenter:
                 )
             await progress.posted(index + 1, message_id=message.id, in_channel=True, image_urls=image_urls(message))
 
-    def _own_upload_limit(self, job: Job) -> tuple[int, str]:
+    def _late_place(self, job: Job) -> LatePlace:
+        """Where the result goes after the reply's token. The job's channel where the bot may post
+        (`Job.posts_late_in_channel`) and its permissions there, as Discord last sent them, let it
+        post images: members may use the bot's commands in a channel where the bot itself may
+        not write. Elsewhere the member's DM. As a reply to the reply only where the bot may read
+        the channel's history (message.mdx, Create Message: replies need READ_MESSAGE_HISTORY)."""
+        if not job.posts_late_in_channel:
+            return LatePlace(in_channel=False, as_reply=False)
+        channel = self._bot.get_channel(job.channel_id)
+        if not isinstance(channel, (discord.abc.GuildChannel, discord.Thread)):
+            return LatePlace(in_channel=True, as_reply=True)  # not in the cache: Discord decides
+        try:
+            permissions = channel.permissions_for(channel.guild.me)
+        except discord.ClientException:  # a thread whose parent channel is not cached
+            return LatePlace(in_channel=True, as_reply=True)
+        sends = (
+            permissions.send_messages_in_threads if isinstance(channel, discord.Thread) else permissions.send_messages
+        )
+        in_channel = permissions.view_channel and sends and permissions.attach_files
+        return LatePlace(in_channel=in_channel, as_reply=in_channel and permissions.read_message_history)
+
+    def _own_upload_limit(self, job: Job, in_channel: bool) -> tuple[int, str]:
         """What the bot's own post may upload, and the line linking images over it: the server's
         limit (its boosts), or Discord's default in a DM. The interaction's may be higher (a
         member's Nitro) and holds for its reply alone, and for the parts after those it showed:
         they keep its packing, so the rest resumes where it stopped."""
         if job.delivered_parts > 0 and job.posted_message_ids[:1] == [job.message_id]:
             return job.upload_limit, TOO_LARGE_FOR_SERVER
-        if job.posts_late_in_channel and job.guild_id is not None:
+        if in_channel and job.guild_id is not None:
             guild = self._bot.get_guild(job.guild_id)
             own = guild.filesize_limit if guild else discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
             return min(own, job.upload_limit), TOO_LARGE_FOR_SERVER

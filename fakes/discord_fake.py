@@ -23,6 +23,9 @@ Facts used here are from /work/shared/reference/discord-platform.md (Part B).
   localizations keyed by Discord's locales only).
 * The bot's DMs: ``POST /users/@me/channels`` opens one; posting there needs a shared server or
   the user's install of the app, and DMs the user has not closed (``dms_closed``), else 50007.
+* The bot's permissions in a server channel (``bot_permissions``): its managed role and the
+  channel's overwrites (``set_permission_overwrite``), in ``app_permissions`` and enforced on the
+  bot-token message routes (50001 / 50013).
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ MOD_PERMISSIONS = MEMBER_PERMISSIONS | MANAGE_GUILD | MANAGE_MESSAGES | MANAGE_C
 BOT_PERMISSIONS = MEMBER_PERMISSIONS  # app_permissions default: view, send, attach, embed, ...
 
 USE_EXTERNAL_APPS = 1 << 50
+ALL_PERMISSIONS = (1 << 51) - 1
+THREAD_TYPES = (10, 11, 12)  # announcement, public and private threads (docs resources/channel.mdx)
 
 # What an app may do where it has no bot member (platform doc A10; docs
 # receiving-and-responding.mdx Interaction Structure note ***; change-log 2022-06-29 and
@@ -548,6 +553,9 @@ class FakeGuild:
         # user-installed app that is not installed in the server are ephemeral.
         self.use_external_apps = True
         self.channel_id: str | None = None  # the default text channel
+        # The role Discord makes for a bot added with permissions (managed, tags.bot_id): where
+        # the bot's own permissions come from (see FakeDiscord.bot_permissions).
+        self.bot_role_id: str | None = None
 
     @property
     def name(self) -> str:
@@ -777,6 +785,10 @@ class FakeDiscord:
             raise ValueError(f"{preferred_locale!r} is not one of Discord's locales")
         g = FakeGuild(gid, name, premium_tier, preferred_locale, bot_member)
         g.roles[gid] = self._role_obj(gid, "@everyone", 0, 0)
+        bot_role = self._role_obj(snowflake(), str(self.bot_user["username"]), BOT_PERMISSIONS, 1)
+        bot_role.update(managed=True, tags={"bot_id": self.application_id})
+        g.roles[bot_role["id"]] = bot_role
+        g.bot_role_id = bot_role["id"]
         self.guilds[gid] = g
         return g
 
@@ -979,7 +991,7 @@ class FakeDiscord:
             if r in g.roles:
                 perms |= int(g.roles[r]["permissions"])
         if perms & ADMINISTRATOR or user_id == g.owner_id:
-            perms |= (1 << 51) - 1
+            perms |= ALL_PERMISSIONS
         return perms
 
     def member_payload(self, user_id: str, with_permissions: bool = True, guild: Any = None) -> dict:
@@ -1003,11 +1015,73 @@ class FakeDiscord:
             p["permissions"] = str(self.member_permissions(user_id, g))
         return p
 
+    def _bot_member_payload(self, g: FakeGuild) -> dict:
+        return {
+            "user": dict(self.bot_user),
+            "roles": [g.bot_role_id],
+            "joined_at": JOINED_AT,
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+        }
+
+    def bot_permissions(self, channel_id: Any) -> int:
+        """The bot's permissions in a guild channel, computed as Discord documents it (docs
+        topics/permissions.mdx, Permission Overwrites): @everyone's and its role's permissions,
+        ADMINISTRATOR meaning all, then the channel's overwrites for @everyone, for its roles and
+        for the bot itself. A thread takes its parent's overwrites."""
+        ch, g = self.find_channel(channel_id)
+        if ch is None or g is None:
+            raise KeyError(f"{channel_id} is not a guild channel")
+        if ch.get("type") in THREAD_TYPES and ch.get("parent_id") in g.channels:
+            ch = g.channels[ch["parent_id"]]
+        bot_roles = [g.bot_role_id] if g.bot_role_id in g.roles else []
+        perms = 0
+        for rid in [g.id, *bot_roles]:
+            perms |= int(g.roles[rid]["permissions"])
+        if perms & ADMINISTRATOR:
+            return ALL_PERMISSIONS
+        overwrites = {str(o["id"]): o for o in ch.get("permission_overwrites") or []}
+        for layer in ([g.id], bot_roles, [self.application_id]):
+            allow = deny = 0
+            for target in layer:
+                o = overwrites.get(target)
+                if o is not None:
+                    allow, deny = allow | int(o["allow"]), deny | int(o["deny"])
+            perms = (perms & ~deny) | allow
+        return perms
+
+    def set_permission_overwrite(self, channel_id: Any, target: Any, *, allow: int = 0, deny: int = 0) -> dict:
+        """A channel's permission overwrite for a role (@everyone is the guild's id) or a member
+        (`target`: a role or user dict or id; the bot by its user id, `fake.bot_user`). A
+        connected bot gets CHANNEL_UPDATE, as from Discord."""
+        ch, g = self.find_channel(channel_id)
+        if ch is None or g is None:
+            raise KeyError(f"{channel_id} is not a guild channel")
+        tid = str(target["id"] if isinstance(target, dict) else target)
+        overwrite = {"id": tid, "type": 0 if tid in g.roles else 1, "allow": str(allow), "deny": str(deny)}
+        ch["permission_overwrites"] = [o for o in ch["permission_overwrites"] if o["id"] != tid] + [overwrite]
+        if g.bot_present and self._route(g.id) is not None:
+            self._spawn(self._dispatch_if_connected("CHANNEL_UPDATE", dict(ch)))
+        return overwrite
+
+    def _check_bot_permissions(self, ch: dict, needed: int, what: str) -> None:
+        """Refuse a bot-token request in a guild channel the bot lacks permissions for, as Discord
+        does: no VIEW_CHANNEL -> 403 50001 Missing Access, the rest -> 403 50013 Missing
+        Permissions (docs topics/opcodes-and-status-codes.mdx)."""
+        if not ch.get("guild_id"):
+            return  # DMs have no permissions
+        perms = self.bot_permissions(ch["id"])
+        if not perms & VIEW_CHANNEL:
+            raise ApiError(403, {"message": "Missing Access", "code": 50001})
+        missing = needed & ~perms
+        if missing:
+            self.event("missing_permissions", {"channel_id": ch["id"], "what": what, "missing": missing})
+            raise ApiError(403, {"message": "Missing Permissions", "code": 50013})
+
     def guild_payload(self, guild: Any = None) -> dict:
         g = self.get_guild(guild)
-        members = [
-            {"user": dict(self.bot_user), "roles": [], "joined_at": JOINED_AT, "deaf": False, "mute": False, "flags": 0}
-        ]
+        members = [self._bot_member_payload(g)]
         members += [self.member_payload(uid, with_permissions=False, guild=g) for uid in g.members]
         return {
             "id": g.id,
@@ -1713,8 +1787,8 @@ class FakeDiscord:
             if app_permissions is None:
                 # No bot member: the invoking user's permissions, limited to what interaction
                 # responses can use (docs change-log 2022-06-29, 2024-06-27; platform doc A10).
-                app_permissions = BOT_PERMISSIONS if installed else member_perms & USER_APP_PERMISSIONS
-            channel = self._channel_payload(cid, BOT_PERMISSIONS if installed else member_perms)
+                app_permissions = self.bot_permissions(cid) if installed else member_perms & USER_APP_PERMISSIONS
+            channel = self._channel_payload(cid, self.bot_permissions(cid) if installed else member_perms)
             return _Place(ctx, g, channel, owners, app_permissions, installed)
         if cmd is not None and cmd.get("guild_id"):
             raise self._unavailable(f"{label} is a guild command: guild commands exist only in their guild")
@@ -1760,9 +1834,10 @@ class FakeDiscord:
                 if uid not in src.guild.members:
                     raise KeyError(f"{u['username']} is not a member of guild {src.guild.name!r}")
                 member_perms = self.member_permissions(uid, src.guild)
-                channel = self._channel_payload(msg.channel_id, BOT_PERMISSIONS if src.installed else member_perms)
+                bot_perms = self.bot_permissions(msg.channel_id) if src.installed else 0
+                channel = self._channel_payload(msg.channel_id, bot_perms if src.installed else member_perms)
                 if app_permissions is None:
-                    app_permissions = BOT_PERMISSIONS if src.installed else member_perms & USER_APP_PERMISSIONS
+                    app_permissions = bot_perms if src.installed else member_perms & USER_APP_PERMISSIONS
             else:
                 channel = dict(self.private_channels[msg.channel_id])
                 if app_permissions is None:
@@ -2529,14 +2604,7 @@ class FakeDiscord:
     async def _h_get_member(self, req, p, body, files):
         g = self._guild_for_bot(p["gid"])
         if p["uid"] == self.bot_user["id"]:
-            return 200, {
-                "user": dict(self.bot_user),
-                "roles": [],
-                "joined_at": JOINED_AT,
-                "deaf": False,
-                "mute": False,
-                "flags": 0,
-            }
+            return 200, self._bot_member_payload(g)
         if p["uid"] not in g.members:
             raise ApiError(404, {"message": "Unknown Member", "code": 10007})
         return 200, self.member_payload(p["uid"], with_permissions=False, guild=g)
@@ -2552,11 +2620,16 @@ class FakeDiscord:
         return m
 
     async def _h_get_message(self, req, p, body, files):
-        self._channel_or_404(p["cid"])
+        # docs resources/message.mdx (Get Channel Message): VIEW_CHANNEL and READ_MESSAGE_HISTORY
+        self._check_bot_permissions(self._channel_or_404(p["cid"]), READ_MESSAGE_HISTORY, "get a message")
         return 200, self._msg_or_404(p["cid"], p["mid"]).to_payload()
 
     async def _h_list_messages(self, req, p, body, files):
-        self._channel_or_404(p["cid"])
+        ch = self._channel_or_404(p["cid"])
+        self._check_bot_permissions(ch, 0, "list messages")
+        if ch.get("guild_id") and not self.bot_permissions(ch["id"]) & READ_MESSAGE_HISTORY:
+            # docs resources/message.mdx (Get Channel Messages): "no messages will be returned"
+            return 200, []
         msgs = [m for m in self.channel_messages(p["cid"]) if not m.ephemeral]
         limit = int(req.query.get("limit", 50))
         return 200, [m.to_payload() for m in reversed(msgs)][:limit]
@@ -2570,6 +2643,15 @@ class FakeDiscord:
                 # docs topics/opcodes-and-status-codes.mdx
                 raise ApiError(403, {"message": "Cannot send messages to this user", "code": 50007})
         body = body or {}
+        # docs resources/message.mdx (Create Message, Limitations): SEND_MESSAGES, and
+        # READ_MESSAGE_HISTORY for a reply; topics/permissions.mdx: ATTACH_FILES "allows for
+        # uploading images and files", SEND_MESSAGES "does not allow sending messages in threads".
+        needed = SEND_MESSAGES_IN_THREADS if ch.get("type") in THREAD_TYPES else SEND_MESSAGES
+        if body.get("message_reference"):
+            needed |= READ_MESSAGE_HISTORY
+        if files:
+            needed |= ATTACH_FILES
+        self._check_bot_permissions(ch, needed, "post a message")
         msg = FakeMessage(self, ch["id"], author=dict(self.bot_user), type=0, guild_id=gid)
         ref = body.get("message_reference")
         if ref:

@@ -6,12 +6,26 @@ leaving at runtime, guild REST routes and locales, with a real discord.py bot in
 
 from __future__ import annotations
 
+from json import dumps
+
 import aiohttp
 import discord
 import pytest
 
-from fakes.discord_fake import MANAGE_GUILD, MOD_PERMISSIONS, shard_of
+from fakes.discord_fake import (
+    ATTACH_FILES,
+    BOT_PERMISSIONS,
+    EMBED_LINKS,
+    MANAGE_GUILD,
+    MOD_PERMISSIONS,
+    READ_MESSAGE_HISTORY,
+    SEND_MESSAGES,
+    VIEW_CHANNEL,
+    shard_of,
+)
 from tests.test_fake_discord import new_bot, running
+
+MISSING_PERMISSIONS = {"message": "Missing Permissions", "code": 50013}
 
 
 async def _bot_get(fake, path):
@@ -134,3 +148,83 @@ async def test_guild_on_a_chosen_shard_and_runtime_guild_without_connection(fake
     g = fake.add_guild("offline", bot=False)
     await fake.add_bot_to_guild(g)
     assert g.bot_present and fake.violations == []
+
+
+async def _bot_request(fake, method, path, *, json=None, file=None):
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bot {fake.token}"}) as s:
+        if file is None:
+            kw = {"json": json}
+        else:
+            form = aiohttp.FormData(quote_fields=False)
+            form.add_field("payload_json", dumps(json))
+            form.add_field("files[0]", file, filename="a.png")
+            kw = {"data": form}
+        async with s.request(method, f"{fake.api_base}{path}", **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+
+async def test_the_bots_channel_permissions_are_discords(fake):
+    """The bot's permissions come from its managed role and the channel's overwrites, computed as
+    topics/permissions.mdx (Permission Overwrites) says, and the bot-token message routes refuse
+    what they need and it lacks: Create Message needs SEND_MESSAGES, and READ_MESSAGE_HISTORY for
+    a reply; Get Channel Message needs VIEW_CHANNEL and READ_MESSAGE_HISTORY; Get Channel
+    Messages without READ_MESSAGE_HISTORY returns none (resources/message.mdx); uploading needs
+    ATTACH_FILES (permissions.mdx). No VIEW_CHANNEL is 50001 Missing Access, the rest 50013."""
+    cid = fake.channel_id
+    posts = f"/channels/{cid}/messages"
+    status, first = await _bot_request(fake, "POST", posts, json={"content": "hi"})
+    assert status == 200 and fake.bot_permissions(cid) == BOT_PERMISSIONS
+    reply = {"content": "re", "message_reference": {"message_id": first["id"]}}
+    bot_role = fake.default_guild.bot_role_id
+
+    fake.set_permission_overwrite(cid, bot_role, deny=READ_MESSAGE_HISTORY)
+    assert await _bot_request(fake, "POST", posts, json=reply) == (403, MISSING_PERMISSIONS)
+    assert (await _bot_request(fake, "GET", f"{posts}/{first['id']}")) == (403, MISSING_PERMISSIONS)
+    assert await _bot_request(fake, "GET", posts) == (200, [])
+    assert (await _bot_request(fake, "POST", posts, json={"content": "plain"}))[0] == 200
+
+    fake.set_permission_overwrite(cid, bot_role, deny=ATTACH_FILES)
+    assert await _bot_request(fake, "POST", posts, json={"content": "f"}, file=b"png") == (403, MISSING_PERMISSIONS)
+    assert (await _bot_request(fake, "POST", posts, json=reply))[0] == 200
+
+    # @everyone denies sending; an overwrite for the bot itself allows it again (applied last)
+    fake.set_permission_overwrite(cid, bot_role, deny=0)
+    fake.set_permission_overwrite(cid, fake.guild_id, deny=SEND_MESSAGES)
+    assert await _bot_request(fake, "POST", posts, json={"content": "x"}) == (403, MISSING_PERMISSIONS)
+    fake.set_permission_overwrite(cid, fake.bot_user, allow=SEND_MESSAGES)
+    assert (await _bot_request(fake, "POST", posts, json={"content": "x"}))[0] == 200
+
+    fake.set_permission_overwrite(cid, bot_role, deny=VIEW_CHANNEL)
+    missing_access = {"message": "Missing Access", "code": 50001}
+    assert await _bot_request(fake, "POST", posts, json={"content": "x"}) == (403, missing_access)
+    assert await _bot_request(fake, "GET", f"{posts}/{first['id']}") == (403, missing_access)
+    assert fake.violations == []
+
+
+async def test_discord_py_sees_the_bots_permissions_as_the_fake_enforces_them(fake):
+    """The bot's role is in GUILD_CREATE and an overwrite set while it runs comes as
+    CHANNEL_UPDATE, so discord.py's permissions_for(guild.me) and the interaction's
+    app_permissions agree with what the fake enforces."""
+    bot = new_bot(fake)
+    seen = {}
+
+    @bot.tree.command(name="where", description="Permissions here")
+    async def where(interaction: discord.Interaction) -> None:
+        seen["app"] = interaction.app_permissions.value
+        await interaction.response.send_message("ok", ephemeral=True)
+
+    async with running(fake, bot):
+        guild = bot.get_guild(int(fake.guild_id))
+        channel = guild.get_channel(int(fake.channel_id))
+        assert guild.me.roles[-1].is_bot_managed()
+        assert channel.permissions_for(guild.me).value == fake.bot_permissions(fake.channel_id) == BOT_PERMISSIONS
+        fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=SEND_MESSAGES)
+        await fake.wait_until(lambda: not channel.permissions_for(guild.me).send_messages, timeout=5)
+        # discord.py also drops what no SEND_MESSAGES implicitly denies (permissions.mdx,
+        # Implicit Permissions), which Discord's calculation leaves in the value
+        implicit = ATTACH_FILES | EMBED_LINKS
+        assert channel.permissions_for(guild.me).value == fake.bot_permissions(fake.channel_id) & ~implicit
+        h = await fake.invoke_slash("where")
+        await h.wait_for_callback()
+        assert seen["app"] == BOT_PERMISSIONS & ~SEND_MESSAGES
+    assert fake.violations == []

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from fakes.discord_fake import ATTACH_FILES, READ_MESSAGE_HISTORY, SEND_MESSAGES
 from fakes.fal_fake import JobScript
 from tests.e2e import button, contents, fal_job, finished, has_button, shows, text
 
@@ -283,6 +284,15 @@ def channel_replies(world, handle) -> list:
     ]
 
 
+def bot_posts(world) -> list:
+    """Every message the bot posted with its own token, anywhere (channels and DMs)."""
+    return [
+        m
+        for m in world.discord.messages.values()
+        if m.interaction is None and m.author["id"] == world.discord.bot_user["id"]
+    ]
+
+
 def assert_posted_as_reply(world, handle) -> None:
     alice = world.discord.alice["id"]
     (reply,) = channel_replies(world, handle)
@@ -307,6 +317,53 @@ async def test_token_expired_mid_job_posts_a_reply_in_the_channel(world):
     assert_posted_as_reply(world, handle)
     assert any(r[0] == 401 and r[1]["code"] == 50027 for r in world.discord.rejections)
     await still_serving(world)
+
+
+async def test_a_late_result_where_the_bot_may_not_read_history_is_posted_without_replying(world):
+    """The bot's role may not Read Message History in the channel (the README calls it what lets
+    late results *reply*): Discord refuses the bot both fetching the reply and replying to it
+    (message.mdx, Get Channel Message and Create Message), so the result is posted in the channel
+    as a plain message mentioning the member, not lost."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    fake = world.discord
+    fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=READ_MESSAGE_HISTORY)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    fake.expire_token(handle.token)
+    alice = fake.alice["id"]
+    await fake.wait_until(lambda: bot_posts(world), timeout=15)
+    (post,) = bot_posts(world)
+    assert post.type == 0 and post.message_reference is None
+    assert text(post).startswith(f"<@{alice}> ✅") and len(post.files) == 1, text(post)
+    assert [str(u) for u in post.allowed_mentions.get("users", [])] == [alice]
+    assert not any(status == 403 for status, *_ in fake.rejections), fake.rejections
+    await still_serving(world)
+
+
+@pytest.mark.parametrize("denied", [SEND_MESSAGES, ATTACH_FILES], ids=["no-send", "no-attach"])
+async def test_a_late_result_where_the_bot_may_not_post_comes_by_dm(world, denied):
+    """The bot may not send messages (or upload files) in the channel, where members may still
+    use its commands: the reply says in time that the result will come by DM, and it does."""
+    world.fal.default = JobScript(queue_positions=(6, 5, 4, 3, 2, 1, 0), step=1.0)
+    fake = world.discord
+    fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=denied)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await world.bot.kill()
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:  # 13.5 minutes old, as the bot sees it
+        db.execute("UPDATE jobs SET interaction_created_at = interaction_created_at - 810")
+    await world.start_bot()
+    await handle.wait_until(lambda h: shows(h, "the result will come in a DM from the bot"), timeout=10)
+    fake.age_interactions(16 * 60)
+    await fake.wait_until(lambda: bot_posts(world), timeout=15)
+    (card,) = bot_posts(world)
+    assert card.channel_id == fake.dm_channels[fake.alice["id"]]
+    link = f"https://discord.com/channels/{fake.guild_id}/{fake.channel_id}/{handle.original.id}"
+    assert text(card).startswith(f"📬 Your edit from {link} is ready") and len(card.files) == 1, text(card)
+    assert world.fal.count("submit") == 1
+    assert not any(status == 403 for status, *_ in fake.rejections), fake.rejections
 
 
 async def test_a_reply_deleted_while_generating_is_not_posted_again_after_its_token(world):
