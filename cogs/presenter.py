@@ -48,7 +48,7 @@ from services.runner import DeliveryProgress, Undeliverable
 from .modlog import post_to_log_channel
 from .render import Rendered, attachment_name, job_log_line, pack_files, render
 from .translation import server_texts
-from .views import MAX_GALLERY_ITEMS, image_attachments, job_view, result_card
+from .views import MAX_GALLERY_ITEMS, image_attachments, job_view, may_post_images, own_permissions, result_card
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -404,16 +404,10 @@ class DiscordPresenter:
         if not job.posts_late_in_channel:
             return LatePlace(in_channel=False, as_reply=False)
         channel = self._bot.get_channel(job.channel_id)
-        if not isinstance(channel, (discord.abc.GuildChannel, discord.Thread)):
+        permissions = own_permissions(channel)
+        if permissions is None:
             return LatePlace(in_channel=True, as_reply=True)  # not in the cache: Discord decides
-        try:
-            permissions = channel.permissions_for(channel.guild.me)
-        except discord.ClientException:  # a thread whose parent channel is not cached
-            return LatePlace(in_channel=True, as_reply=True)
-        sends = (
-            permissions.send_messages_in_threads if isinstance(channel, discord.Thread) else permissions.send_messages
-        )
-        in_channel = permissions.view_channel and sends and permissions.attach_files
+        in_channel = may_post_images(channel, permissions)
         return LatePlace(in_channel=in_channel, as_reply=in_channel and permissions.read_message_history)
 
     def _own_upload_limit(self, job: Job, in_channel: bool) -> tuple[int, str]:

@@ -48,6 +48,24 @@ def is_moderator(interaction: Interaction) -> bool:
     return permissions.manage_messages or permissions.manage_guild
 
 
+def own_permissions(channel: object) -> discord.Permissions | None:
+    """The bot's own permissions in a server channel, as Discord last sent them (its roles and
+    the channel's overwrites); None where the bot's cache cannot tell."""
+    if not isinstance(channel, (discord.abc.GuildChannel, discord.Thread)):
+        return None
+    try:
+        return channel.permissions_for(channel.guild.me)
+    except discord.ClientException:  # a thread whose parent channel is not cached
+        return None
+
+
+def may_post_images(channel: object, permissions: discord.Permissions) -> bool:
+    """Whether the bot may post a message with images in the channel (message.mdx, Create
+    Message; permissions.mdx: SEND_MESSAGES does not cover threads, ATTACH_FILES uploads)."""
+    sends = permissions.send_messages_in_threads if isinstance(channel, discord.Thread) else permissions.send_messages
+    return permissions.view_channel and sends and permissions.attach_files
+
+
 def image_attachments(message: discord.Message | None) -> list[discord.Attachment]:
     return [a for a in (message.attachments if message else []) if is_image_attachment(a)]
 
@@ -144,6 +162,15 @@ async def _share(interaction: Interaction, job: Job) -> None:
     if not from_reply and not job.place.bot_can_post:
         raise UserFacingError(N_("This result can be shared only from its reply, in the channel it was made in."))
     channel = None if from_reply else await _channel_of(bot, job)
+    permissions = own_permissions(channel)
+    if permissions is not None and not may_post_images(channel, permissions):
+        raise UserFacingError(
+            N_(
+                "The bot may not post images in {channel}, so the result can't be shared there. "
+                "A moderator can allow its role Send Messages and Attach Files in that channel."
+            ),
+            channel=f"<#{job.channel_id}>",
+        )
     await _check_sharing(interaction, job, channel)
     public = in_public(job)
     rendered = render(public)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2
+from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2, SEND_MESSAGES
 from fakes.fal_fake import JobScript
 from services.member_defaults import DEFAULTABLE
 from tests.e2e import admin, button, details, finished, has_button, private_answer, shows, text
@@ -248,3 +248,26 @@ async def test_the_member_commands_are_offered_wherever_kontext_is(world):
     assert (await handle.wait_for_callback())["data"]["flags"] & EPHEMERAL  # in the DM with the bot too
     await finished(await world.discord.invoke_slash("kontext", options={"prompt": "a kite"}, guild=False))
     assert world.fal.submits[-1]["num_images"] == 2
+
+
+async def test_share_from_the_dm_to_a_channel_the_bot_may_not_post_in_says_so(world):
+    """The bot's role may not send messages in the result's channel: Share from the DM the
+    result came in tells the member why, instead of an error "on the bot's side", and asks
+    Discord nothing it would refuse (403s count towards its invalid-request limit)."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    await world.start_bot()
+    await settings(world, results="private_first")
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: dm_messages(world), timeout=15)
+    (card,) = dm_messages(world)
+    fake = world.discord
+    fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=SEND_MESSAGES)
+    await asyncio.sleep(0.2)  # the bot gets CHANNEL_UPDATE
+    share = await fake.click_button(card.id, button(card, "share"), user="alice")
+    await share.wait_for_callback()
+    assert f"The bot may not post images in <#{fake.channel_id}>" in private_answer(share)
+    assert [m for m in fake.channel_messages() if not m.ephemeral] == []
+    assert not any(status == 403 for status, *_ in fake.rejections), fake.rejections
+    assert "unexpected error" not in world.bot.log_text()
