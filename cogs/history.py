@@ -28,7 +28,7 @@ from services.job import NOTE_PRIVATE_REPLY, NOTE_SHARED_AS, Job, JobPlace, JobS
 from .errors import UserFacingError, report
 from .inputs import is_image_attachment
 from .intake import is_nsfw_channel
-from .render import attachment_name, in_public, plain_text, render
+from .render import in_public, plain_text, posted_names, render
 from .translation import member_texts
 from .views import is_moderator, result_card
 
@@ -407,7 +407,7 @@ async def result_files(
     afresh where the bot can read them, else the addresses stored when they were posted. Where
     the bot can read the result, messages gone are a result deleted (by its member, or by a
     moderator): its images are not posted again from the addresses stored."""
-    names = {attachment_name(job, i, image): image for i, image in enumerate(render(job).files, start=1)}
+    names = posted_names(job)
     sources: list[tuple[str, str, int | None]] = [
         (a.filename.removeprefix("SPOILER_"), a.url, a.size) for a in await fetch_result_attachments(bot, job)
     ]
@@ -432,7 +432,7 @@ async def show_here(interaction: Interaction, job: Job) -> None:
     bot = interaction.client
     _ = member_texts(interaction)
     await bot.intake.check_showing(interaction, job.edit.options.safety_tolerance)
-    here = dataclasses.replace(in_public(job), channel_nsfw=is_nsfw_channel(interaction.channel))
+    here = in_public(job, channel_nsfw=is_nsfw_channel(interaction.channel))
     rendered = render(here)  # images flagged by the safety checker only where they may be seen
     if job.state is not JobState.SUCCEEDED or not rendered.files:
         raise UserFacingError(N_("Job #{id} has no images that can be shown here."), id=job.id)

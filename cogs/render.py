@@ -381,12 +381,14 @@ def _options_text(options: KontextOptions, from_defaults: frozenset[str], _: Tex
     return " · ".join(shown)
 
 
-def in_public(job: Job) -> Job:
+def in_public(job: Job, *, channel_nsfw: bool) -> Job:
     """The job as a message everyone in a channel sees renders it (its share, a copy shown again
     with Show here): not the member's own private-first copy, nor the reply Discord kept private,
-    so no private notice, no Share."""
+    so no private notice, no Share; and with the images fal flagged shown only if that channel is
+    age-restricted now (it may not be the job's, or no longer be what it was when the job ran)."""
     private = (NOTE_PRIVATE_FIRST, NOTE_PRIVATE_REPLY)
-    return dataclasses.replace(job, notes={k: v for k, v in job.notes.items() if k not in private})
+    notes = {k: v for k, v in job.notes.items() if k not in private}
+    return dataclasses.replace(job, notes=notes, channel_nsfw=channel_nsfw)
 
 
 def _unshared(job: Job) -> bool:
@@ -441,6 +443,13 @@ def job_log_line(job: Job, _: Texts) -> str:
 def attachment_name(job: Job, index: int, image: ResultImage) -> str:
     extension = EXTENSIONS.get(image.content_type, "png")
     return f"kontext-{job.id}-{index}.{extension}"
+
+
+def posted_names(job: Job) -> dict[str, ResultImage]:
+    """The result's images by the names its own messages carry them under: numbered among the
+    images shown there, so a copy shown where fewer may be seen (a channel not age-restricted)
+    finds each image by its name, not by its place."""
+    return {attachment_name(job, i, image): image for i, image in enumerate(render(job).files, start=1)}
 
 
 def pack_files(sizes: list[int], limit: int, per_message: int = 10) -> tuple[list[list[int]], list[int]]:

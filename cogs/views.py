@@ -21,9 +21,9 @@ from services.runner import CancelOutcome
 
 from .errors import UserFacingError, report, tell
 from .inputs import is_image_attachment
-from .intake import requester_in
+from .intake import is_nsfw_channel, requester_in
 from .modal import PromptModal, answer_of, form_id, start_edit
-from .render import JobAction, Rendered, attachment_name, in_public, render
+from .render import JobAction, Rendered, in_public, posted_names, render
 from .translation import member_texts
 
 log = logging.getLogger(__name__)
@@ -172,12 +172,11 @@ async def _share(interaction: Interaction, job: Job) -> None:
             channel=f"<#{job.channel_id}>",
         )
     await _check_sharing(interaction, job, channel)
-    public = in_public(job)
+    public = in_public(job, channel_nsfw=is_nsfw_channel(channel or interaction.channel))
     rendered = render(public)
     # A classic message spoilers a flagged image's attachment (SPOILER_…), a card its gallery item.
     held = {a.filename.removeprefix("SPOILER_"): a for a in image_attachments(interaction.message)}
-    names = [attachment_name(job, i, image) for i, image in enumerate(rendered.files, start=1)]
-    shown = [(name, image) for name, image in zip(names, rendered.files, strict=True) if name in held]
+    shown = [(name, image) for name, image in posted_names(job).items() if name in held and image in rendered.files]
     if not shown:
         raise UserFacingError(N_("This message has no image left to share."))
     # From the reply: a new message in the channel, for everyone; elsewhere a private answer.

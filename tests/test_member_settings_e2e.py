@@ -271,3 +271,21 @@ async def test_share_from_the_dm_to_a_channel_the_bot_may_not_post_in_says_so(wo
     assert [m for m in fake.channel_messages() if not m.ephemeral] == []
     assert not any(status == 403 for status, *_ in fake.rejections), fake.rejections
     assert "unexpected error" not in world.bot.log_text()
+
+
+async def test_share_withholds_flagged_images_from_a_channel_no_longer_age_restricted(world):
+    """A flagged image a private result showed behind a spoiler in an age-restricted channel is
+    withheld when it is shared after the channel lost that setting, as Show here withholds it."""
+    world.fal.default = JobScript(nsfw=(True, False))
+    await world.start_bot()
+    await settings(world, results="private_first")
+    adult = world.discord.nsfw_channel_id
+    private = await finished(await world.kontext(channel_id=adult, num_images=2))
+    assert sorted(private.files) == ["kontext-1-1.jpg", "kontext-1-2.jpg"]  # the flagged one behind a spoiler
+    channel = world.discord.channels[adult]
+    channel["nsfw"] = False  # the moderators make the channel an ordinary one
+    await world.discord.dispatch("CHANNEL_UPDATE", channel)
+    shared = await finished(await world.discord.click_button(private.id, button(private, "share"), user="alice"))
+    assert not shared.ephemeral and shared.channel_id == adult
+    assert sorted(shared.files) == ["kontext-1-2.jpg"]
+    assert "1 of 2 image was flagged by the safety checker and is not shown" in text(shared)
