@@ -25,7 +25,7 @@ from discord.ext import commands
 from services.i18n import N_, Texts
 from services.job import NOTE_PRIVATE_REPLY, NOTE_SHARED_AS, Job, JobPlace, JobState, ResultImage
 
-from .errors import UserFacingError, report
+from .errors import UserFacingError, place_of, report
 from .inputs import is_image_attachment
 from .intake import is_nsfw_channel
 from .render import in_public, plain_text, posted_names, render
@@ -56,6 +56,7 @@ OUTCOMES = {
 IN_PROGRESS = N_("⏳ In progress")
 NOT_YOURS = N_("This list belongs to someone else: open your own with /kontext-history.")
 MODERATORS_ONLY = N_("Only moderators can look at another member's jobs, and only in their server.")
+NO_SERVER_GOVERNS = N_("Looking at another member's jobs is for the moderators of a server that added the bot.")
 
 
 class Scope(enum.StrEnum):
@@ -84,18 +85,24 @@ class Lookup:
 
     def check(self, interaction: Interaction) -> None:
         """The member pressing may use this list: its owner, and for another member's jobs
-        still a moderator of this server."""
+        still a moderator of this server, one that added the bot (where only members' own
+        installs bring it, no server governs their jobs, and its moderators are none of theirs)."""
         if interaction.user.id != self.owner:
             raise UserFacingError(NOT_YOURS)
-        if self.subject != self.owner and not (
-            interaction.guild_id is not None and self.scope is Scope.SERVER and is_moderator(interaction)
-        ):
+        if self.subject == self.owner:
+            return
+        if not (interaction.guild_id is not None and self.scope is Scope.SERVER and is_moderator(interaction)):
             raise UserFacingError(MODERATORS_ONLY)
+        if place_of(interaction) is not JobPlace.SERVER:
+            raise UserFacingError(NO_SERVER_GOVERNS)
 
     def shows(self, bot: KontextBot, job: Job, guild_id: int | None) -> bool:
         """Whether the list may show `job`: the subject's, in this server for a server list, and
-        only in servers the bot is still in (personal use, DMs included, is the member's own)."""
+        only in servers the bot is still in (personal use, DMs included, is the member's own, and
+        no moderator's to look up: a job made in the server before it added the bot, too)."""
         if job.user_id != self.subject:
+            return False
+        if self.subject != self.owner and job.place is not JobPlace.SERVER:
             return False
         if self.scope is Scope.SERVER and job.guild_id != guild_id:
             return False

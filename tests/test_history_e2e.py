@@ -6,7 +6,14 @@ import asyncio
 import time
 import urllib.parse
 
-from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2, media_gallery_items, text_displays, walk_components
+from fakes.discord_fake import (
+    EPHEMERAL,
+    IS_COMPONENTS_V2,
+    MOD_PERMISSIONS,
+    media_gallery_items,
+    text_displays,
+    walk_components,
+)
 from fakes.fal_fake import JobScript
 from tests import test_cluster_e2e
 from tests.e2e import admin, button, details, finished, has_button, private_answer, text
@@ -327,3 +334,32 @@ async def test_history_lists_the_servers_another_process_serves(cluster: Cluster
     assert text(elsewhere).startswith("✅")
     page = (await history(world)).original  # asked in a's server: a answers
     assert listed(page) == [2, 1]
+
+
+async def test_a_server_without_the_bot_has_no_moderators_of_its_members_jobs(world):
+    """Where only members' own installs bring the app, no server governs it: a member with Manage
+    Messages there cannot read another member's jobs (their private results' prompts included)."""
+    await world.start_bot(PERSONAL_USE="1", MONTHLY_BUDGET_USD="5")
+    alone = world.discord.add_guild("Friends", bot=False)
+    world.discord.add_member(world.discord.alice, guild=alone)
+    world.discord.authorize_user_install("alice")
+    await settings(world, results="private_first")
+    options = {"image": world.input_image(), "prompt": "my secret birthday card"}
+    private = await finished(await world.discord.invoke_slash("kontext", options=options, guild_id=alone.id))
+    assert private.ephemeral and text(private).startswith("✅")
+    world.discord.add_member(name="nosy", permissions=MOD_PERMISSIONS, guild=alone)
+    world.discord.authorize_user_install("nosy")
+    handle = await world.discord.invoke_slash(
+        "kontext-history", options={"member": world.discord.alice["id"]}, user="nosy", guild_id=alone.id
+    )
+    await handle.wait_for_callback()
+    assert "for the moderators of a server that added the bot" in private_answer(handle)
+    # Once the server adds the bot, its moderators look up the jobs it governs, not those before.
+    await world.discord.add_bot_to_guild(alone)
+    channel = alone.channel_id
+    await finished(await world.kontext(channel_id=channel, prompt="now the server's", user="alice"))
+    handle = await world.discord.invoke_slash(
+        "kontext-history", options={"member": world.discord.alice["id"]}, user="nosy", guild_id=alone.id
+    )
+    await handle.wait_for_callback()
+    assert listed(handle.original) == [2]
