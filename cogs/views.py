@@ -223,7 +223,9 @@ async def _channel_of(bot: KontextBot, job: Job) -> ServerChannel:
 async def _check_sharing(interaction: Interaction, job: Job, channel: ServerChannel | None) -> None:
     """Sharing shows the result in its channel now, so it is checked as Show here is, under that
     channel's policy now (its safety maximum may have been lowered since the job): from its reply,
-    there; from the DM a late result came in, as the member in `channel`."""
+    there; from the DM a late result came in, as the member in `channel`. There the bot posts with
+    its own token, so it asks what Discord asks of an interaction in the channel: that the member
+    may still see it and post in it (not shut out of it since, nor timed out)."""
     intake = interaction.client.intake
     made_at = job.edit.options.safety_tolerance
     if channel is None:
@@ -236,6 +238,12 @@ async def _check_sharing(interaction: Interaction, job: Job, channel: ServerChan
         raise UserFacingError(
             N_("You are no longer in the server of this result, so it can't be shared there.")
         ) from None
+    permissions = channel.permissions_for(member)
+    may_post = (
+        permissions.send_messages_in_threads if isinstance(channel, discord.Thread) else permissions.send_messages
+    )
+    if not (permissions.view_channel and may_post):
+        raise UserFacingError(N_("You can no longer post in the channel of this result, so it can't be shared there."))
     await intake.check_showing_in(channel.guild.id, requester_in(member, channel, channel.id), made_at)
 
 

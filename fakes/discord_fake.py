@@ -528,8 +528,9 @@ class InteractionHandle:
 
 class FakeGuild:
     """One server: its roles (@everyone has the guild's id), channels and per-guild member
-    records ({"user", "roles", "permissions"}). `bot_member`: the bot user was added (guild
-    install); `bot_left`: it left since (DELETE /users/@me/guilds/{id})."""
+    records ({"user", "roles"}; a member's permissions come from its roles, as on Discord).
+    `bot_member`: the bot user was added (guild install); `bot_left`: it left since
+    (DELETE /users/@me/guilds/{id})."""
 
     def __init__(
         self,
@@ -898,7 +899,10 @@ class FakeDiscord:
         guild: Any = None,
     ) -> dict:
         """A member of `guild` (default: the first guild). An existing user's id (or user dict)
-        adds that user to another guild with its own roles and permissions there."""
+        adds that user to another guild with its own roles and permissions there. Discord grants
+        permissions only through roles (and channel overwrites): `permissions` are the member's
+        through a role of the guild holding exactly them (see `_permissions_role`), so a bot
+        computing them from the member's roles, as real bots do, finds them."""
         g = self.get_guild(guild)
         if isinstance(user_id, dict):
             user_id = user_id["id"]
@@ -915,12 +919,23 @@ class FakeDiscord:
                 "bot": False,
             }
             self.users[uid] = user
-        g.members[uid] = {
-            "user": user,
-            "roles": [str(r["id"] if isinstance(r, dict) else r) for r in roles],
-            "permissions": permissions,
-        }
+        role_ids = [str(r["id"] if isinstance(r, dict) else r) for r in roles]
+        if permissions:
+            role_ids.append(self._permissions_role(g, permissions))
+        g.members[uid] = {"user": user, "roles": role_ids}
         return user
+
+    def _permissions_role(self, g: FakeGuild, permissions: int) -> str:
+        """The guild's role granting exactly `permissions`, one per distinct set (a server's
+        "Members" and "Moderators"); a new one reaches a connected bot as GUILD_ROLE_CREATE."""
+        for rid, role in g.roles.items():
+            if rid != g.id and role["name"].startswith("perms-") and int(role["permissions"]) == permissions:
+                return rid
+        role = self.add_role(f"perms-{permissions:x}", permissions, guild=g)
+        if g.bot_member and self._route(g.id) is not None:
+            event = {"guild_id": g.id, "role": role}
+            self._spawn(self._dispatch_if_connected("GUILD_ROLE_CREATE", event))
+        return role["id"]
 
     def authorize_user_install(self, user: Any) -> dict:
         """The user installs the app to their account (integration type USER_INSTALL)."""
@@ -986,7 +1001,7 @@ class FakeDiscord:
     def member_permissions(self, user_id: str, guild: Any = None) -> int:
         g = self.get_guild(guild)
         m = g.members[user_id]
-        perms = int(g.roles[g.id]["permissions"]) | m["permissions"]
+        perms = int(g.roles[g.id]["permissions"])
         for r in m["roles"]:
             if r in g.roles:
                 perms |= int(g.roles[r]["permissions"])

@@ -289,3 +289,25 @@ async def test_share_withholds_flagged_images_from_a_channel_no_longer_age_restr
     assert not shared.ephemeral and shared.channel_id == adult
     assert sorted(shared.files) == ["kontext-1-2.jpg"]
     assert "1 of 2 image was flagged by the safety checker and is not shown" in text(shared)
+
+
+async def test_share_from_the_dm_needs_the_member_still_able_to_post_in_the_channel(world):
+    """From the DM the bot posts with its own token, so it checks what Discord would check of the
+    member: a member who may no longer see or post in the channel cannot have the bot post there."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    await world.start_bot()
+    await settings(world, results="private_first")
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: dm_messages(world), timeout=15)
+    (card,) = dm_messages(world)
+    channel = world.discord.channels[world.discord.channel_id]
+    view_and_send = (1 << 10) | (1 << 11)  # VIEW_CHANNEL, SEND_MESSAGES
+    overwrite = {"id": world.discord.alice["id"], "type": 1, "allow": "0", "deny": str(view_and_send)}
+    channel["permission_overwrites"] = [overwrite]  # the moderators shut alice out of the channel
+    await world.discord.dispatch("CHANNEL_UPDATE", channel)
+    refused = await world.discord.click_button(card.id, button(card, "share"), user="alice")
+    await refused.wait_for_callback()
+    assert "can no longer post in the channel of this result" in private_answer(refused)
+    assert [m for m in world.discord.channel_messages() if not m.ephemeral] == []
