@@ -494,10 +494,10 @@ class JobRunner:
             await self._transition(job, JobState.CANCELLED)
 
     async def _record_submission(self, job: Job, request: FalRequest, status: QueueStatus) -> None:
-        self._scheduler.submitted(job.id)
         job.request = request
         job.submitted_at = time.time()
         job.queue_position = status.queue_position
+        self._scheduler.submitted(job.id)  # may hand it back, once it is queued (see _hand_back)
         try:
             await self._transition(job, JobState.QUEUED)
         except StoreFailed:

@@ -126,6 +126,8 @@ class FairScheduler:
         # The line: server -> member -> their waiting jobs, in the order they were accepted.
         self._line: dict[int, dict[int, list[_Waiter]]] = {}
         self._waiters: dict[int, _Waiter] = {}
+        # Our jobs fal has taken and not started: its line (jobs still being sent are not in it).
+        self._in_fals_line: set[int] = set()
         self._displacing: set[int] = set()
         # What fal shows of the account's limit.
         self.limit: int | None = None
@@ -162,21 +164,30 @@ class FairScheduler:
 
     def resumed_at_fal(self, job_id: int, guild_id: int, user_id: int) -> None:
         """A job found at fal after a restart: it counts as at fal without waiting its turn."""
-        self._at_fal.setdefault(job_id, False)
+        if not self._at_fal.setdefault(job_id, False):
+            self._in_fals_line.add(job_id)
         self._owners[job_id] = (guild_id, user_id)
 
     def submitted(self, job_id: int) -> None:
         """fal took the job: it joins the back of fal's line, which fal serves first come, first
         served. Jobs are sent side by side and answered in any order; the margin kept at fal when
-        the limit shows must be the front of that line, the jobs fal starts next."""
-        if job_id in self._at_fal:
-            self._at_fal[job_id] = self._at_fal.pop(job_id)
+        the limit shows must be the front of that line, the jobs fal starts next. A job sent
+        before the limit showed and taken after is beyond what the bot keeps at fal now: it is
+        handed back as those waiting in fal's line were."""
+        if job_id not in self._at_fal:
+            return
+        self._at_fal[job_id] = self._at_fal.pop(job_id)
+        self._in_fals_line.add(job_id)
+        if self.limit is not None and len(self._at_fal) - len(self._displacing) > self.limit + self.margin:
+            self._displacing.add(job_id)
+            self._on_displace(job_id)
 
     def started(self, job_id: int) -> None:
         """fal reports the job IN_PROGRESS."""
         if self._at_fal.get(job_id, True):
             return  # unknown, or already running
         self._at_fal[job_id] = True
+        self._in_fals_line.discard(job_id)
         self._running_changed(started=True)
         self._release_waiters()  # the ceiling may have risen past the limit
 
@@ -184,6 +195,7 @@ class FairScheduler:
         """The job ended at fal (done, failed, cancelled) or was handed back to the line."""
         was_running = self._at_fal.pop(job_id, None)
         self._owners.pop(job_id, None)
+        self._in_fals_line.discard(job_id)
         self._displacing.discard(job_id)
         if was_running:
             if ran_for is not None and ran_for > 0:
@@ -334,10 +346,11 @@ class FairScheduler:
     def _displace_excess(self) -> None:
         """The limit shows: hand back the jobs waiting in fal's line but for the margin, the
         margin chosen as the line would serve them (the running jobs counted as shares), so every
-        server's jobs take their turn."""
+        server's jobs take their turn. Jobs still being sent are handed back once fal takes them
+        (see `submitted`)."""
         queued: dict[int, dict[int, list[int]]] = {}
-        for job_id, running in self._at_fal.items():
-            if not running and job_id not in self._displacing:
+        for job_id in self._at_fal:
+            if job_id in self._in_fals_line and job_id not in self._displacing:
                 guild_id, user_id = self._owners.get(job_id, (0, 0))
                 queued.setdefault(guild_id, {}).setdefault(user_id, []).append(job_id)
         order = fair_order(queued, self._shares(running_only=True), self._last_served)

@@ -98,6 +98,26 @@ async def test_the_margin_kept_at_fal_is_the_front_of_fal_s_line_not_the_first_s
     assert sorted(handed_back) == [5, 6]
 
 
+async def test_a_job_sent_as_the_limit_shows_is_handed_back_once_fal_takes_it():
+    """Jobs still being sent when the limit shows cannot be asked back yet (fal does not have
+    them): once fal takes one beyond what the bot keeps there, it is handed back too, instead of
+    making every other server wait behind it in fal's line."""
+    clock = Clock()
+    s, handed_back, _ = scheduler(clock)
+    for job in (100, 101):
+        await s.admit(job, guild_id=1, user_id=job)  # let in at once: no limit shows yet
+    still_queued = run_at_the_limit(s, clock, limit=2, queued=5)
+    assert s.limit == 2 and s.margin == 1 and still_queued == [5, 6] and handed_back == [6]
+    s.submitted(100)
+    assert handed_back == [6, 100]
+    for job in (6, 100):
+        s.left_fal(job, ran_for=None)  # out of fal's line, back in the bot's
+    s.left_fal(3, ran_for=5.0)
+    s.started(5)  # the margin took the freed slot: one more fits in fal's line
+    s.submitted(101)
+    assert handed_back == [6, 100]
+
+
 async def test_the_limit_shows_only_once_every_running_slot_was_handed_on():
     clock = Clock()
     s, _, _ = scheduler(clock)
