@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2, SEND_MESSAGES
+from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2, SEND_MESSAGES, VIEW_CHANNEL
 from fakes.fal_fake import JobScript
 from services.member_defaults import DEFAULTABLE
 from tests.e2e import admin, button, details, finished, has_button, private_answer, shows, text
@@ -168,16 +168,22 @@ async def test_share_applies_the_channels_policy_as_it_is_now(world):
     assert not shared.ephemeral and shared.channel_id == adult
 
 
-async def test_share_from_the_dm_applies_the_policy_of_the_channel_it_posts_in(world):
+async def private_result_by_dm(world, **options):
+    """A private first result that outlived its reply's token: the card the bot sent by DM."""
     world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
     await world.start_bot()
     await settings(world, results="private_first")
-    adult = world.discord.nsfw_channel_id
-    handle = await world.kontext(channel_id=adult, safety_tolerance=4)
+    handle = await world.kontext(**options)
     await handle.wait_until(lambda h: shows(h, "In queue"))
     world.discord.expire_token(handle.token)
     await world.discord.wait_until(lambda: dm_messages(world), timeout=15)
     (card,) = dm_messages(world)
+    return card
+
+
+async def test_share_from_the_dm_applies_the_policy_of_the_channel_it_posts_in(world):
+    adult = world.discord.nsfw_channel_id
+    card = await private_result_by_dm(world, channel_id=adult, safety_tolerance=4)
     await admin(world, "safety", nsfw_maximum=3)
     refused = await world.discord.click_button(card.id, button(card, "share"), user="alice")
     await refused.wait_for_callback()
@@ -202,14 +208,7 @@ async def test_an_explicit_image_edit_uses_the_defaults_too_and_the_policy_still
 
 
 async def test_a_private_result_outliving_its_reply_comes_by_dm_and_is_shared_from_there(world):
-    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
-    await world.start_bot()
-    await settings(world, results="private_first")
-    handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "In queue"))
-    world.discord.expire_token(handle.token)
-    await world.discord.wait_until(lambda: dm_messages(world), timeout=15)
-    (card,) = dm_messages(world)
+    card = await private_result_by_dm(world)
     assert [m for m in world.discord.channel_messages() if not m.ephemeral] == []  # never the channel
     share = await world.discord.click_button(card.id, button(card, "share"), user="alice")
     await share.wait_for_callback()
@@ -254,14 +253,7 @@ async def test_share_from_the_dm_to_a_channel_the_bot_may_not_post_in_says_so(wo
     """The bot's role may not send messages in the result's channel: Share from the DM the
     result came in tells the member why, instead of an error "on the bot's side", and asks
     Discord nothing it would refuse (403s count towards its invalid-request limit)."""
-    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
-    await world.start_bot()
-    await settings(world, results="private_first")
-    handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "In queue"))
-    world.discord.expire_token(handle.token)
-    await world.discord.wait_until(lambda: dm_messages(world), timeout=15)
-    (card,) = dm_messages(world)
+    card = await private_result_by_dm(world)
     fake = world.discord
     fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=SEND_MESSAGES)
     await asyncio.sleep(0.2)  # the bot gets CHANNEL_UPDATE
@@ -294,19 +286,12 @@ async def test_share_withholds_flagged_images_from_a_channel_no_longer_age_restr
 async def test_share_from_the_dm_needs_the_member_still_able_to_post_in_the_channel(world):
     """From the DM the bot posts with its own token, so it checks what Discord would check of the
     member: a member who may no longer see or post in the channel cannot have the bot post there."""
-    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
-    await world.start_bot()
-    await settings(world, results="private_first")
-    handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "In queue"))
-    world.discord.expire_token(handle.token)
-    await world.discord.wait_until(lambda: dm_messages(world), timeout=15)
-    (card,) = dm_messages(world)
-    channel = world.discord.channels[world.discord.channel_id]
-    view_and_send = (1 << 10) | (1 << 11)  # VIEW_CHANNEL, SEND_MESSAGES
-    overwrite = {"id": world.discord.alice["id"], "type": 1, "allow": "0", "deny": str(view_and_send)}
-    channel["permission_overwrites"] = [overwrite]  # the moderators shut alice out of the channel
-    await world.discord.dispatch("CHANNEL_UPDATE", channel)
+    card = await private_result_by_dm(world)
+    # The moderators shut alice out of the channel.
+    world.discord.set_permission_overwrite(
+        world.discord.channel_id, world.discord.alice, deny=VIEW_CHANNEL | SEND_MESSAGES
+    )
+    await asyncio.sleep(0.2)  # the bot gets CHANNEL_UPDATE
     refused = await world.discord.click_button(card.id, button(card, "share"), user="alice")
     await refused.wait_for_callback()
     assert "can no longer post in the channel of this result" in private_answer(refused)
