@@ -97,7 +97,7 @@ class JobAction(enum.Enum):
 
     CANCEL = "cancel"
     REROLL = "reroll"
-    RETRY = "retry"  # a re-roll offered on a failed job
+    RETRY = "retry"  # a failed job sent again as it was
     EDIT = "edit"
     DELETE = "delete"
     SHARE = "share"  # a private-first result, posted to the channel

@@ -101,6 +101,12 @@ async def reroll_job(interaction: Interaction, job: Job) -> None:
     await interaction.client.intake.start(interaction, job.edit.with_options(seed=None), parent_job_id=job.id)
 
 
+async def retry_job(interaction: Interaction, job: Job) -> None:
+    """A failed job made nothing to vary: the same job again, as the member asked for it, the
+    seed they chose included."""
+    await interaction.client.intake.start(interaction, job.edit, parent_job_id=job.id)
+
+
 async def edit_job(interaction: Interaction, job: Job) -> None:
     """Anyone in the channel may build on a result: ask for a prompt (and which image). The form
     carries the job in its custom_id: its submit comes to `submit_edit_form`, after a restart too."""
@@ -281,7 +287,7 @@ BUTTONS: dict[JobAction, ButtonSpec] = {
         N_("Try again"),
         "🔁",
         discord.ButtonStyle.primary,
-        reroll_job,
+        retry_job,
         N_("Only the member who asked for this edit or a moderator can try it again."),
     ),
     JobAction.EDIT: ButtonSpec(N_("Edit"), "✏️", discord.ButtonStyle.secondary, edit_job, None),

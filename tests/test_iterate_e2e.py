@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fakes.discord_fake import custom_ids
-from fakes.fal_fake import JobScript
+from fakes.fal_fake import JobScript, model_error
 from tests.e2e import admin, button, data_uri, details, finished, private_answer, text
 
 
@@ -186,3 +186,19 @@ async def test_an_edit_form_for_a_job_the_bot_no_longer_knows_is_answered_privat
     await submitted.wait_for_callback()
     assert "no longer knows" in private_answer(submitted)
     assert len(world.fal.submits) == 1
+
+
+async def test_try_again_repeats_a_failed_job_as_it_was_its_seed_too(world):
+    """A failed job made nothing: Try again sends what the member asked for, the seed they
+    chose included (a re-roll of a result is what asks for a new seed)."""
+    world.fal.default = model_error("downstream_service_unavailable", "The partner API is unavailable")
+    await world.start_bot()
+    failed = await finished(await world.kontext(prompt="a red scarf", seed=7, aspect_ratio="1:1"))
+    assert text(failed).startswith("❌")
+    world.fal.default = JobScript()
+    again = await finished(await world.discord.click_button(failed.id, button(failed, "retry"), user="alice"))
+    assert text(again).startswith("✅"), text(again)
+    first, second = world.fal.submits
+    assert second == first and second["seed"] == 7
+    assert "**Seed** 7" in details(again)
+    assert footer(again) == "Job #2 · from job #1"
