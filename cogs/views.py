@@ -20,7 +20,7 @@ from services.job import NOTE_SHARED_AS, Job, ResultImage
 from services.runner import CancelOutcome
 
 from .errors import UserFacingError, report, tell
-from .inputs import is_image_attachment
+from .inputs import image_url, is_image_attachment
 from .intake import is_nsfw_channel, requester_in
 from .modal import PromptModal, answer_of, form_id, start_edit
 from .render import JobAction, Rendered, in_public, posted_names, render
@@ -436,7 +436,9 @@ async def submit_edit_form(interaction: Interaction) -> None:
         images = image_attachments(interaction.message)
         if answer.image >= len(images):
             raise UserFacingError(N_("This message has no image left to edit."))
+        # Checked as an attached image is, before anything is acknowledged or spent.
+        url = image_url(images[answer.image], interaction.client.settings.max_input_bytes)
         options = job.edit.options.for_follow_up_edit()
-        await start_edit(interaction, answer.prompt, images[answer.image].url, options, parent_job_id=job.id)
+        await start_edit(interaction, answer.prompt, url, options, parent_job_id=job.id)
     except Exception as exc:
         await report(interaction, exc)

@@ -202,3 +202,18 @@ async def test_try_again_repeats_a_failed_job_as_it_was_its_seed_too(world):
     assert second == first and second["seed"] == 7
     assert "**Seed** 7" in details(again)
     assert footer(again) == "Job #2 · from job #1"
+
+
+async def test_an_edit_of_a_result_image_over_the_input_limit_is_refused_before_it_starts(world):
+    """The result's image is checked as an attached one is, when the form is sent: refused
+    privately, nothing acknowledged, recorded or sent to fal."""
+    world.fal.default = JobScript(image_size=60_000)
+    await world.start_bot(MAX_INPUT_BYTES="50000")
+    message = await first_result(world)
+    assert message.attachments[0]["size"] > 50_000
+    click = await world.discord.click_button(message.id, button(message, "edit"), user="alice")
+    await click.wait_for_callback()
+    submitted = await world.discord.submit_modal(click, {"prompt": "now at night"}, user="alice")
+    await submitted.wait_for_callback()
+    assert "the limit is" in private_answer(submitted)
+    assert len(world.fal.submits) == 1 and len(world.fal.jobs) == 1
