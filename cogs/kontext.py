@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 # The context menu's form: the message whose first image it edits.
 MENU_FORM = re.compile(r"kontext:menu:(?P<channel_id>[0-9]+):(?P<message_id>[0-9]+)")
-# Forms opened and not yet submitted whose image is remembered (the oldest forgotten first).
+# Messages whose image is remembered for their forms (the oldest forgotten first).
 MAX_OPEN_FORMS = 1000
 
 
@@ -53,8 +53,10 @@ class Kontext(commands.Cog):
         # Where it is offered (servers, and with PERSONAL_USE also DMs and group DMs) is the
         # bot's default (bot.py).
         self.edit_menu = app_commands.ContextMenu(name="Edit with Kontext", callback=self.edit_message_image)
-        # The image of each open form, by its custom_id: where the bot cannot read the message
-        # again (a server without the bot), this is the only copy.
+        # The image of each message a form was opened on, by the form's custom_id (one for every
+        # member's form on that message): where the bot cannot read the message again (a server
+        # without the bot), this is the only copy, so one member's submit does not take it from
+        # another's form still open.
         self._open_forms: dict[str, str] = {}
 
     async def cog_load(self) -> None:
@@ -150,7 +152,7 @@ class Kontext(commands.Cog):
         if match is None:
             return
         try:
-            url = self._open_forms.pop(match[0], None) or await self._first_image(
+            url = self._open_forms.get(match[0]) or await self._first_image(
                 int(match["channel_id"]), int(match["message_id"])
             )
             if url is None:

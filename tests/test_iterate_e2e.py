@@ -217,3 +217,25 @@ async def test_an_edit_of_a_result_image_over_the_input_limit_is_refused_before_
     await submitted.wait_for_callback()
     assert "the limit is" in private_answer(submitted)
     assert len(world.fal.submits) == 1 and len(world.fal.jobs) == 1
+
+
+async def test_two_members_editing_one_message_where_the_bot_cannot_read_it_both_get_their_edit(world):
+    """In a server without the bot the form's image is only in the bot's memory: the first
+    member's submit must not take it from the second's open form."""
+    await world.start_bot(PERSONAL_USE="1", MONTHLY_BUDGET_USD="5")
+    alone = world.discord.add_guild("Friends", bot=False)
+    for member in (world.discord.alice, world.discord.add_member(name="bob")):
+        world.discord.add_member(member, guild=alone)
+        world.discord.authorize_user_install(member)
+    post = world.discord.post_user_message(
+        "look", user="bob", channel_id=alone.channel_id, attachments=[world.input_image()]
+    )
+    menus = {}
+    for name in ("alice", "bob"):
+        menus[name] = await world.discord.invoke_message_command("Edit with Kontext", post.id, user=name)
+        assert (await menus[name].wait_for_callback())["type"] == 9
+    for name, prompt in (("alice", "add a rainbow"), ("bob", "add a moon")):
+        submitted = await world.discord.submit_modal(menus[name], {"prompt": prompt}, user=name)
+        assert (await submitted.wait_for_callback())["type"] == 5, (name, submitted.callback)
+        assert text(await finished(submitted)).startswith("✅")
+    assert [s["prompt"] for s in world.fal.submits] == ["add a rainbow", "add a moon"]
