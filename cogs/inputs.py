@@ -62,11 +62,13 @@ def clean_prompt(prompt: str) -> str:
 def first_image_url(message: discord.Message, max_bytes: int, discord_hosts: frozenset[str]) -> str:
     """The first image of a message, checked as `/kontext` checks its attachments: an image
     attachment, else an embed's image or thumbnail as Discord's media proxy serves it (never the
-    address the embed points at, which whoever posted it controls)."""
-    for attachment in message.attachments:
+    address the embed points at, which whoever posted it controls). A forward has none of its
+    own: its images are in its snapshot of the message forwarded."""
+    sources: tuple[discord.Message | discord.MessageSnapshot, ...] = (message, *message.message_snapshots)
+    for attachment in (a for source in sources for a in source.attachments):
         if is_image_attachment(attachment):
             return image_url(attachment, max_bytes)
-    for embed in message.embeds:
+    for embed in (e for source in sources for e in source.embeds):
         for url in (embed.image.proxy_url, embed.thumbnail.proxy_url):
             if url and hosted_on(url, discord_hosts):
                 return url

@@ -100,6 +100,8 @@ USER_APP_PERMISSIONS = ATTACH_FILES | EMBED_LINKS | MENTION_EVERYONE | USE_EXTER
 EPHEMERAL = 1 << 6
 LOADING = 1 << 7
 IS_COMPONENTS_V2 = 1 << 15
+# Message reference types (resources/message.mdx): a reply, and a forward.
+REFERENCE_DEFAULT, REFERENCE_FORWARD = 0, 1
 MAX_COMPONENTS_V2 = 40  # docs components/reference.mdx (intro)
 MAX_TEXT_DISPLAY_TOTAL = 4000  # all Text Displays of a message together ([3rd] discord-api-docs PR #8562)
 USER_INSTALL_FOLLOWUP_LIMIT = 5  # docs receiving-and-responding.mdx (Create Followup Message)
@@ -387,6 +389,8 @@ class FakeMessage:
         self.flags = 0
         self.allowed_mentions: dict | None = None
         self.message_reference: dict | None = None
+        # A forward: the forwarded message's content as it was, its own fields left empty.
+        self.message_snapshots: list[dict] = []
         self.tts = False
         self.deleted = False
         self.timestamp = _now_iso()
@@ -446,8 +450,18 @@ class FakeMessage:
         if self.message_reference:
             p["message_reference"] = copy.deepcopy(self.message_reference)
             ref = self.fake.messages.get(str(self.message_reference.get("message_id")))
-            if ref is not None and not ref.deleted:
+            if ref is not None and not ref.deleted and self.message_reference.get("type", 0) == REFERENCE_DEFAULT:
                 p["referenced_message"] = ref.to_payload()
+        if self.message_snapshots:
+            p["message_snapshots"] = [
+                {
+                    "message": {
+                        **copy.deepcopy(m),
+                        "attachments": [self.fake.refresh_attachment(a) for a in m["attachments"]],
+                    }
+                }
+                for m in self.message_snapshots
+            ]
         if self.guild_id:
             p["guild_id"] = self.guild_id
         return p
@@ -1237,6 +1251,30 @@ class FakeDiscord:
         msg.content = content
         msg.attachments = [dict(a) for a in attachments]
         self._record_message(msg, "create")
+        return msg
+
+    def forward_message(self, source: FakeMessage, user: Any = "alice", channel_id: str | None = None) -> FakeMessage:
+        """`source` forwarded by a (fake) human: a message of its own with no content or
+        attachments, a reference of type FORWARD and a snapshot of what `source` said
+        (resources/message.mdx, Message Snapshot Object)."""
+        msg = self.post_user_message(user=user, channel_id=channel_id)
+        msg.message_reference = {"type": REFERENCE_FORWARD, "channel_id": source.channel_id, "message_id": source.id}
+        if source.guild_id:
+            msg.message_reference["guild_id"] = source.guild_id
+        msg.message_snapshots = [
+            {
+                "type": source.type,
+                "content": source.content,
+                "mentions": [],
+                "mention_roles": [],
+                "attachments": copy.deepcopy(source.attachments),
+                "embeds": copy.deepcopy(source.embeds),
+                "timestamp": source.timestamp,
+                "edited_timestamp": source.edited_timestamp,
+                "flags": source.flags,
+                "components": copy.deepcopy(source.components),
+            }
+        ]
         return msg
 
     # ---------------------------------------------------------------- lifecycle

@@ -239,3 +239,18 @@ async def test_two_members_editing_one_message_where_the_bot_cannot_read_it_both
         assert (await submitted.wait_for_callback())["type"] == 5, (name, submitted.callback)
         assert text(await finished(submitted)).startswith("✅")
     assert [s["prompt"] for s in world.fal.submits] == ["add a rainbow", "add a moon"]
+
+
+async def test_edit_with_kontext_on_a_forwarded_image_edits_that_image(world):
+    """A forward carries the image in its snapshot of the original message, not as its own."""
+    world.fal.fetch_inputs = True
+    await world.start_bot()
+    photo = world.input_image()
+    original = world.discord.post_user_message("look at this", user="mod", attachments=[photo])
+    forward = world.discord.forward_message(original, user="mod")
+    assert forward.attachments == []
+    menu = await world.discord.invoke_message_command("Edit with Kontext", forward.id, user="alice")
+    assert (await menu.wait_for_callback())["type"] == 9, menu.callback
+    submitted = await world.discord.submit_modal(menu, {"prompt": "add a rainbow"}, user="alice")
+    assert text(await finished(submitted)).startswith("✅")
+    assert world.fal.submits[-1]["image_url"] == data_uri(world, photo)
