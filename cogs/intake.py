@@ -29,6 +29,7 @@ from services.policy import (
     Refused,
     Requester,
     Usage,
+    access_refusal,
     resolve,
     showing_refusal,
 )
@@ -108,6 +109,23 @@ class JobIntake:
         scope = f"member:{interaction.user.id}" if place.personal else f"server:{interaction.guild_id or 0}"
         return [scope, "budget"] if self._bot.settings.monthly_budget_usd is not None else [scope]
 
+    async def check_access(self, interaction: discord.Interaction[KontextBot]) -> None:
+        """Refuse, as a job would be refused, a member who may not use the bot here at all (the
+        operator's servers and personal use, the server's channels and role): asked before a
+        prompt form is shown, so nobody writes a prompt that could never be sent. Limits that
+        clear with time (jobs running, cooldown, daily and monthly) are the job's to check."""
+        place = self._place(interaction)
+        policy = await self._policy(None if place.personal else interaction.guild_id)
+        refused = access_refusal(policy, requester_of(interaction))
+        if refused is not None:
+            raise PolicyRefusal(refused, policy, personal=place.personal)
+
+    async def _policy(self, guild_id: int | None) -> GuildPolicy:
+        """A server's policy, or with None the operator's for personal use."""
+        if guild_id is None:
+            return self._bot.settings.personal.as_policy()
+        return await self._bot.store.policy(guild_id)
+
     async def check_showing(self, interaction: discord.Interaction[KontextBot], safety_tolerance: int | None) -> None:
         """Refuse, as a job would be refused, a member who may not show here a result made at
         `safety_tolerance`: where they may not use the bot (the operator's servers and personal
@@ -120,10 +138,7 @@ class JobIntake:
     async def check_showing_in(self, guild_id: int | None, requester: Requester, safety_tolerance: int | None) -> None:
         """`check_showing` for `requester` in a server's channel (None: personal use), wherever
         the member asks from: Share from the DM a late result came in posts in the job's channel."""
-        if guild_id is None:
-            policy = self._bot.settings.personal.as_policy()
-        else:
-            policy = await self._bot.store.policy(guild_id)
+        policy = await self._policy(guild_id)
         refused = showing_refusal(policy, requester, safety_tolerance)
         if refused is not None:
             raise PolicyRefusal(refused, policy, personal=guild_id is None)

@@ -133,6 +133,7 @@ class Kontext(commands.Cog):
         """Message context menu: edit the message's first image with a prompt from a form. The
         form is not held by discord.py: its submit comes to `submit_menu_form`, however late."""
         settings = self.bot.settings
+        await self.bot.intake.check_access(interaction)
         url = first_image_url(message, settings.max_input_bytes, settings.discord_cdn_hosts)
         _ = member_texts(interaction)
         custom_id = f"kontext:menu:{message.channel.id}:{message.id}"

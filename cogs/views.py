@@ -111,6 +111,7 @@ async def edit_job(interaction: Interaction, job: Job) -> None:
     """Anyone in the channel may build on a result: ask for a prompt (and which image). The form
     carries the job in its custom_id: its submit comes to `submit_edit_form`, after a restart too."""
     _ = member_texts(interaction)
+    await interaction.client.intake.check_access(interaction)
     images = image_attachments(interaction.message)
     if not images:
         raise UserFacingError(N_("This message has no image left to edit."))

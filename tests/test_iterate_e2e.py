@@ -254,3 +254,22 @@ async def test_edit_with_kontext_on_a_forwarded_image_edits_that_image(world):
     submitted = await world.discord.submit_modal(menu, {"prompt": "add a rainbow"}, user="alice")
     assert text(await finished(submitted)).startswith("✅")
     assert world.fal.submits[-1]["image_url"] == data_uri(world, photo)
+
+
+async def test_a_member_who_may_not_use_kontext_here_is_told_before_writing_a_prompt(world):
+    """A role the server requires: told on pressing ✏️ Edit or picking Edit with Kontext, not
+    after typing the prompt into a form that could never be sent."""
+    await world.start_bot()
+    message = await first_result(world)
+    artists = world.discord.add_role("artists")
+    await world.discord.dispatch("GUILD_ROLE_CREATE", {"guild_id": world.discord.guild_id, "role": artists})
+    await admin(world, "access role", role=artists)
+    world.discord.add_member(name="bob")
+    post = world.discord.post_user_message("pic", user="mod", attachments=[world.input_image()])
+    for handle in (
+        await world.discord.click_button(message.id, button(message, "edit"), user="bob"),
+        await world.discord.invoke_message_command("Edit with Kontext", post.id, user="bob"),
+    ):
+        await handle.wait_for_callback()
+        assert f"You need the <@&{artists['id']}> role" in private_answer(handle)
+    assert len(world.fal.submits) == 1
