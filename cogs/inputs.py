@@ -25,12 +25,7 @@ def is_image_attachment(attachment: discord.Attachment) -> bool:
 def image_url(attachment: discord.Attachment, max_bytes: int) -> str:
     """The attachment's URL for fal to fetch, once it is known to be an image fal can read."""
     if not is_image_attachment(attachment):
-        kinds = ", ".join(sorted(t.split("/")[1].upper() for t in ACCEPTED_CONTENT_TYPES))
-        raise UserFacingError(
-            N_("`{name}` is not an image Kontext can read. Please attach {kinds}."),
-            name=attachment.filename,
-            kinds=kinds,
-        )
+        raise unreadable(attachment)
     if attachment.size <= 0:
         raise UserFacingError(N_("`{name}` is empty."), name=attachment.filename)
     if attachment.size > max_bytes:
@@ -41,6 +36,14 @@ def image_url(attachment: discord.Attachment, max_bytes: int) -> str:
             limit=megabytes(max_bytes),
         )
     return attachment.url
+
+
+def unreadable(attachment: discord.Attachment) -> UserFacingError:
+    """What a member is told of a file that is not an image Kontext reads: the kinds it reads."""
+    kinds = ", ".join(sorted(t.split("/")[1].upper() for t in ACCEPTED_CONTENT_TYPES))
+    return UserFacingError(
+        N_("`{name}` is not an image Kontext can read. Please attach {kinds}."), name=attachment.filename, kinds=kinds
+    )
 
 
 def megabytes(size: int) -> str:
@@ -65,11 +68,16 @@ def first_image_url(message: discord.Message, max_bytes: int, discord_hosts: fro
     address the embed points at, which whoever posted it controls). A forward has none of its
     own: its images are in its snapshot of the message forwarded."""
     sources: tuple[discord.Message | discord.MessageSnapshot, ...] = (message, *message.message_snapshots)
-    for attachment in (a for source in sources for a in source.attachments):
+    attachments = [a for source in sources for a in source.attachments]
+    for attachment in attachments:
         if is_image_attachment(attachment):
             return image_url(attachment, max_bytes)
     for embed in (e for source in sources for e in source.embeds):
         for url in (embed.image.proxy_url, embed.thumbnail.proxy_url):
             if url and hosted_on(url, discord_hosts):
                 return url
+    # A picture Discord shows but Kontext cannot read (AVIF, HEIC…): say which kinds it reads.
+    for attachment in attachments:
+        if (attachment.content_type or "").startswith("image/"):
+            raise unreadable(attachment)
     raise UserFacingError(N_("That message has no image to edit."))

@@ -273,3 +273,15 @@ async def test_a_member_who_may_not_use_kontext_here_is_told_before_writing_a_pr
         await handle.wait_for_callback()
         assert f"You need the <@&{artists['id']}> role" in private_answer(handle)
     assert len(world.fal.submits) == 1
+
+
+async def test_edit_with_kontext_on_a_picture_of_a_kind_kontext_cannot_read_says_so(world):
+    """Discord shows an AVIF photo like any other: "no image" would be wrong, the kind is."""
+    await world.start_bot()
+    avif = world.discord.add_cdn_file(
+        b"\x00\x00\x00\x1cftypavif" + b"0" * 100, "photo.avif", "image/avif", ephemeral=False
+    )
+    post = world.discord.post_user_message("pic", user="mod", attachments=[avif])
+    menu = await world.discord.invoke_message_command("Edit with Kontext", post.id, user="alice")
+    await menu.wait_for_callback()
+    assert "`photo.avif` is not an image Kontext can read" in private_answer(menu)
