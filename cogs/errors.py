@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -117,12 +117,20 @@ def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: b
     )
 
 
-async def tell(interaction: discord.Interaction, message: str) -> None:
+async def tell(interaction: discord.Interaction, message: str, embed: discord.Embed | None = None) -> None:
     """Send a private message to the member, whether or not the interaction was answered yet."""
+    extra: dict[str, Any] = {"embed": embed} if embed is not None else {}
     if interaction.response.is_done():
-        await interaction.followup.send(message, ephemeral=True)
+        await interaction.followup.send(message, ephemeral=True, **extra)
     else:
-        await interaction.response.send_message(message, ephemeral=True)
+        await interaction.response.send_message(message, ephemeral=True, **extra)
+
+
+def words_back(typed: str, _: Texts) -> discord.Embed:
+    """A member's words as they typed them, in a code block to copy (a fence inside is broken
+    with a zero-width space, so it cannot close the block)."""
+    fenced = typed.replace("```", "`\u200b``")
+    return discord.Embed(title=_("What you wrote"), description=f"```\n{fenced}\n```")
 
 
 def describe(error: Exception, _: Texts) -> str | None:
@@ -160,7 +168,9 @@ def describe(error: Exception, _: Texts) -> str | None:
     return None
 
 
-async def report(interaction: discord.Interaction, error: Exception) -> None:
+async def report(interaction: discord.Interaction, error: Exception, *, typed: str | None = None) -> None:
+    """Tell the member what went wrong. `typed`: what they wrote in a form, given back with it
+    (Discord cannot answer a form with a form, so a refused one would lose their words)."""
     _ = member_texts(interaction)
     message = describe(error, _)
     if message is None:
@@ -168,7 +178,7 @@ async def report(interaction: discord.Interaction, error: Exception) -> None:
         log.error("unexpected error in %s", command, exc_info=error)
         message = _("Something went wrong on the bot's side. It has been logged; please try again.")
     try:
-        await tell(interaction, message)
+        await tell(interaction, message, words_back(typed, _) if typed else None)
     except discord.HTTPException:
         log.warning("could not tell the member about an error", exc_info=True)
 

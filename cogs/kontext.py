@@ -152,6 +152,7 @@ class Kontext(commands.Cog):
         match = MENU_FORM.fullmatch(form_id(interaction) or "")
         if match is None:
             return
+        prompt = answer_of(interaction).prompt
         try:
             url = self._open_forms.get(match[0]) or await self._first_image(
                 int(match["channel_id"]), int(match["message_id"])
@@ -160,9 +161,9 @@ class Kontext(commands.Cog):
                 raise UserFacingError(
                     N_("This form was opened before the bot restarted: open it again from the message's Apps menu.")
                 )
-            await start_edit(interaction, answer_of(interaction).prompt, url, KontextOptions())
+            await start_edit(interaction, prompt, url, KontextOptions())
         except Exception as exc:
-            await report(interaction, exc)
+            await report(interaction, exc, typed=prompt)
 
     async def _first_image(self, channel_id: int, message_id: int) -> str | None:
         try:

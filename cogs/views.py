@@ -429,11 +429,11 @@ async def submit_edit_form(interaction: Interaction) -> None:
     match = EDIT_FORM.fullmatch(form_id(interaction) or "")
     if match is None:
         return
+    answer = answer_of(interaction)
     try:
         job = await job_for(interaction, int(match["job_id"]), match["key"], JobAction.EDIT)
         if job is None:
             raise UserFacingError(N_("This form belongs to an edit the bot no longer knows, so nothing was started."))
-        answer = answer_of(interaction)
         images = image_attachments(interaction.message)
         if answer.image >= len(images):
             raise UserFacingError(N_("This message has no image left to edit."))
@@ -442,4 +442,4 @@ async def submit_edit_form(interaction: Interaction) -> None:
         options = job.edit.options.for_follow_up_edit()
         await start_edit(interaction, answer.prompt, url, options, parent_job_id=job.id)
     except Exception as exc:
-        await report(interaction, exc)
+        await report(interaction, exc, typed=answer.prompt)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fakes.discord_fake import custom_ids
+from fakes.discord_fake import EPHEMERAL, custom_ids
 from fakes.fal_fake import JobScript, model_error
 from tests.e2e import admin, button, data_uri, details, finished, private_answer, text
 
@@ -145,6 +145,25 @@ async def test_iteration_respects_the_servers_limits(world):
     click = await world.discord.click_button(message.id, button(message, "reroll"), user="alice")
     await click.wait_for_callback()
     assert "Slow down" in private_answer(click)
+    assert len(world.fal.submits) == 1
+
+
+async def test_a_refused_edit_form_gives_the_member_their_words_back(world):
+    """Discord cannot answer a form with a form, so a refused one (here: the server's cooldown)
+    would lose what the member typed; the private answer carries it, ready to copy."""
+    world.fal.default = JobScript()
+    await world.start_bot()
+    await admin(world, "limits", cooldown_seconds=600)
+    message = await first_result(world)
+    click = await world.discord.click_button(message.id, button(message, "edit"), user="alice")
+    await click.wait_for_callback()
+    words = "now at night, with `ticks` and ```fences``` and <@123>"
+    submitted = await world.discord.submit_modal(click, {"prompt": words}, user="alice")
+    callback = await submitted.wait_for_callback()
+    assert callback["data"]["flags"] & EPHEMERAL and "Slow down" in callback["data"]["content"]
+    (kept,) = callback["data"]["embeds"]
+    assert kept["description"].startswith("```\n") and kept["description"].endswith("\n```")
+    assert kept["description"][4:-4].replace("\u200b", "") == words
     assert len(world.fal.submits) == 1
 
 
