@@ -82,3 +82,32 @@ def test_the_paired_ratio_compares_runs_of_the_same_round():
     assert paired_ratio([10.0, 20.0, 11.0], [10.0, 16.0, 10.0]) == 1.1
     with pytest.raises(ValueError):
         paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_the_floor_keeps_each_job_at_fal_as_long_as_the_benchmarks_fake_fal_does():
+    # The bot holds every job's status stream open while fal has the job (200 at once under the
+    # default load); a floor whose streams end at once would measure one connection, not those.
+    timeline = RunConfig().floor_timeline()
+    assert [(offset, s["status"], s.get("queue_position")) for offset, s in timeline.changes()] == [
+        (0.0, "IN_QUEUE", 4),
+        (1.0, "IN_QUEUE", 3),
+        (2.0, "IN_QUEUE", 2),
+        (3.0, "IN_QUEUE", 1),
+        (4.0, "IN_QUEUE", 0),
+        (5.0, "IN_PROGRESS", None),
+        (10.0, "COMPLETED", None),
+    ]
+    # Polled, the floor answers what the stream would have said by then.
+    assert timeline.status_at(0.5)["queue_position"] == 4
+    assert timeline.status_at(9.9)["status"] == "IN_PROGRESS"
+    assert timeline.status_at(10.0)["status"] == "COMPLETED"
+    no_queue = RunConfig(queue_seconds=0.0, run_seconds=2.0).floor_timeline()
+    assert [s["status"] for _, s in no_queue.changes()] == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert no_queue.started == 0.0
+
+
+def test_the_floor_is_left_out_where_it_is_not_the_loads_traffic():
+    assert RunConfig(jobs=200).floor_applies
+    # fal's account limit: jobs handed back and submitted again, cancels; not the floor's job.
+    assert not RunConfig(jobs=200, fal_limit=20).floor_applies
+    assert not RunConfig(jobs=200, image_bytes=2 * 1024 * 1024).floor_applies

@@ -171,8 +171,20 @@ class RunConfig:
 
     @property
     def floor_applies(self) -> bool:
-        """tools.floor models this load's traffic: one 1 MiB result, a small input, one server."""
-        return self.image_bytes == MIB and self.num_images == 1 and not self.input_bytes and not self.second_server_jobs
+        """tools.floor models this load's traffic: one 1 MiB result, a small input, one server,
+        every job let in by fal as it comes (no account limit: no jobs handed back)."""
+        return (
+            self.image_bytes == MIB
+            and self.num_images == 1
+            and not self.input_bytes
+            and not self.second_server_jobs
+            and self.fal_limit is None
+        )
+
+    def floor_timeline(self) -> floor.Timeline:
+        """Each job's time at fal, as the fake fal scripts it, for tools.floor's status stream."""
+        script = self.fal_script()
+        return floor.Timeline(script.queue_positions, script.step, script.run_time)
 
     @property
     def all_jobs(self) -> int:
@@ -1063,7 +1075,13 @@ async def main_async(args: argparse.Namespace) -> int:
             )
         if not sandbox and config.floor_applies:
             # The same minute, the same machine: what the traffic alone costs.
-            run.floor_ms = (await floor.measure(config.jobs, config.arrival_seconds)).ms_per_job
+            measured = await floor.measure(
+                config.jobs,
+                config.arrival_seconds,
+                config.floor_timeline(),
+                poll_interval=config.poll_interval if config.polling else None,
+            )
+            run.floor_ms = measured.ms_per_job
         runs[index].append(run)
         print_report(run)
     cpu = [[r.per_job(r.bot_cpu_seconds) * 1000 for r in config_runs] for config_runs in runs]
