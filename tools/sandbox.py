@@ -476,6 +476,14 @@ class RunResult:
     def per_job(self, value: float) -> float:
         return value / max(1, self.jobs)
 
+    @property
+    def cpu_ms_per_job(self) -> float:
+        """Bot CPU per job (ms); with --repeat the median of every run's, which for an even number
+        of runs is no run's own (the mean of the middle two), not the faster of them."""
+        if self.cpu_per_job_runs:
+            return statistics.median(self.cpu_per_job_runs)
+        return self.per_job(self.bot_cpu_seconds) * 1000
+
 
 def collect(
     world: World,
@@ -726,8 +734,9 @@ def runs_text(values: Sequence[float]) -> str:
 
 
 def median_run(runs: list[RunResult]) -> RunResult:
-    """The run with the median bot CPU, carrying every run's figure: on a shared machine one
-    run's CPU time can be off by a fifth either way."""
+    """The run with the median bot CPU (the lower middle one of an even number), carrying every
+    run's figure: on a shared machine one run's CPU time can be off by a fifth either way. Its
+    other figures are reported, and the median of every run's CPU (`cpu_ms_per_job`)."""
     cpu = [r.per_job(r.bot_cpu_seconds) * 1000 for r in runs]
     chosen = sorted(runs, key=lambda r: r.per_job(r.bot_cpu_seconds))[(len(runs) - 1) // 2]
     chosen.cpu_per_job_runs = tuple(cpu)
@@ -757,7 +766,7 @@ def compare_table(results: list[RunResult]) -> str:
             f"{per(result.states_shown):.2f}",
             "n/a" if delays is None else f"{delays[0]:.0f} / {delays[1]:.0f} / {delays[2]:.0f}",
             "n/a" if acks is None else f"{acks[1]:.0f} / {acks[2]:.0f}",
-            f"{per(result.bot_cpu_seconds) * 1000:.1f}"
+            f"{result.cpu_ms_per_job:.1f}"
             + (
                 f" ({min(result.cpu_per_job_runs):.1f}–{max(result.cpu_per_job_runs):.1f})"
                 if result.cpu_per_job_runs
@@ -928,8 +937,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         metavar="N",
-        help="run each load N times and report the run with the median bot CPU, with every "
-        "run's figure (CPU time on a shared machine varies from run to run); with several loads, "
+        help="run each load N times and report the median of the runs' bot CPU, with every run's "
+        "figure, and the other figures of the run at the median (the lower middle of an even N; CPU "
+        "time on a shared machine varies from run to run); with several loads, "
         "round by round, every other round in reverse order",
     )
     parser.add_argument(
