@@ -42,18 +42,27 @@ class SqliteStore(Store):
         self._lock: int | None = None
 
     async def open(self) -> Self:
+        """Take the folder, connect and migrate. A failure closes what was opened: the
+        connection's thread left running would keep the process from ever exiting."""
         directory = self._path.parent
         self._lock = lock_directory(directory)
-        self._connection = await self._connect()
-        for name in (self._path.name, f"{self._path.name}-wal", f"{self._path.name}-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(directory / name, 0o600)
-        await self._migrate()
+        try:
+            await self._connect()
+            for name in (self._path.name, f"{self._path.name}-wal", f"{self._path.name}-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(directory / name, 0o600)
+            await self._migrate()
+        except sqlite3.DatabaseError as exc:  # not a database, damaged, unreadable
+            await self.close()
+            raise StoreUnavailable(f"cannot use the database {self._path}: {exc}") from None
+        except BaseException:
+            await self.close()
+            raise
         return self
 
-    async def _connect(self) -> aiosqlite.Connection:
+    async def _connect(self) -> None:
         # Autocommit: each statement is its own transaction, one trip to the database thread.
-        connection = await aiosqlite.connect(self._path, isolation_level=None)
+        self._connection = connection = await aiosqlite.connect(self._path, isolation_level=None)
         connection.row_factory = aiosqlite.Row
         await connection.execute("PRAGMA busy_timeout=10000")
         await connection.execute("PRAGMA journal_mode=WAL")
@@ -61,7 +70,6 @@ class SqliteStore(Store):
         # loss may lose the last commits), except the durable ones (see _update_job).
         await connection.execute("PRAGMA synchronous=NORMAL")
         await connection.execute("PRAGMA foreign_keys=ON")
-        return connection
 
     async def close(self) -> None:
         if self._connection is not None:

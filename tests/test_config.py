@@ -135,6 +135,29 @@ def test_only_the_env_file_of_the_start_folder_is_read(tmp_path):
     assert done.returncode == 2 and "DISCORD_TOKEN is not set" in done.stderr
 
 
+def start_without_discord(tmp_path: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`python bot.py` with Discord out of reach: a start-up that gets past the database fails at
+    the login instead (exit 3)."""
+    env = {"PATH": "/usr/bin:/bin", **SECRETS, "DATA_DIR": str(data_dir)}
+    env["DISCORD_API_BASE"] = "http://127.0.0.1:9/api/v10"
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bot.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=20
+    )
+
+
+def test_a_damaged_database_file_stops_the_bot_with_one_line(tmp_path):
+    """A kontext.sqlite3 that is not a database (a disk fault, another file copied over it) used
+    to be logged and then keep the process alive for ever, deaf to SIGTERM (the database's
+    thread still ran): no restart policy or `docker stop` saw the bot end."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "kontext.sqlite3").write_bytes(b"not a database at all " * 400)
+    done = start_without_discord(tmp_path, data_dir)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stderr
+    assert f"{data_dir / 'kontext.sqlite3'}" in last and "file is not a database" in last, last
+
+
 def test_one_process_on_sqlite_unless_a_database_is_shared():
     settings = load_settings(SECRETS)
     assert settings.database_url is None and settings.shard_count is None and settings.shard_ids is None
