@@ -510,10 +510,13 @@ def lock_directory(directory: Path) -> int:
     """Take DATA_DIR for this process (created, readable by the bot's user only): a second bot
     on the same folder would resume, and so submit, every job a second time, or delete the result
     files of another's jobs. Returns the descriptor that holds the lock; closing it releases it."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # Readable by the bot's user only: prompts, ids and interaction tokens live here.
-    os.chmod(directory, 0o700)
-    descriptor = os.open(directory / "kontext.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Readable by the bot's user only: prompts, ids and interaction tokens live here.
+        os.chmod(directory, 0o700)
+        descriptor = os.open(directory / "kontext.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:  # not a folder, or one the bot's user may not write (a volume's owner)
+        raise StoreUnavailable(f"cannot use DATA_DIR {directory}: {exc}") from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

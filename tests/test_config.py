@@ -158,6 +158,17 @@ def test_a_damaged_database_file_stops_the_bot_with_one_line(tmp_path):
     assert f"{data_dir / 'kontext.sqlite3'}" in last and "file is not a database" in last, last
 
 
+def test_a_data_dir_the_bot_cannot_use_stops_it_with_one_line_naming_it(tmp_path):
+    """README, exit codes: a database that cannot be used is exit 2 with its cause, not exit 3
+    with a bare OSError (a volume the bot's user cannot write is the usual case)."""
+    (tmp_path / "volume").write_text("a file, not a folder")
+    data_dir = tmp_path / "volume" / "data"
+    done = start_without_discord(tmp_path, data_dir)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stderr
+    assert f"cannot use DATA_DIR {data_dir}" in last and "Not a directory" in last, last
+
+
 def test_one_process_on_sqlite_unless_a_database_is_shared():
     settings = load_settings(SECRETS)
     assert settings.database_url is None and settings.shard_count is None and settings.shard_ids is None
