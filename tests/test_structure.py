@@ -62,14 +62,39 @@ def test_only_the_settings_module_reads_the_environment():
     assert readers == []
 
 
-def test_readme_settings_table_lists_exactly_what_the_code_reads():
+def readme_settings_defaults() -> dict[str, str]:
+    """The README's settings table: each variable and its Default column."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n## Settings", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", section, flags=re.MULTILINE))
-    assert documented == settings_the_code_reads()
+    rows = re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \| ([^|]+) \|", section, flags=re.MULTILINE)
+    return {name: default.strip() for name, default in rows}
+
+
+def env_example_values() -> dict[str, str]:
+    text = (ROOT / ".env.example").read_text()
+    return dict(re.findall(r"^#?([A-Z][A-Z0-9_]+)=(.*)$", text, flags=re.MULTILINE))
+
+
+def test_readme_settings_table_lists_exactly_what_the_code_reads():
+    assert set(readme_settings_defaults()) == settings_the_code_reads()
 
 
 def test_env_example_lists_exactly_what_the_code_reads():
-    text = (ROOT / ".env.example").read_text()
-    listed = set(re.findall(r"^#?([A-Z][A-Z0-9_]+)=", text, flags=re.MULTILINE))
-    assert listed == settings_the_code_reads()
+    assert set(env_example_values()) == settings_the_code_reads()
+
+
+def test_the_defaults_the_readme_and_env_example_show_are_the_codes():
+    """Setting a variable to the default the README gives changes nothing, and `.env.example`
+    shows the same default: an operator who copies either gets what the bot does unset."""
+    secrets = {"DISCORD_TOKEN": "x", "FAL_KEY": "y"}
+    unset = load_settings(secrets)
+    example = env_example_values()
+    defaults = {
+        name: shown[1]
+        for name, text in readme_settings_defaults().items()
+        if (shown := re.fullmatch(r"`([^`]+)`", text))
+    }
+    assert len(defaults) > 20  # the table's form still matches
+    differ = {name: value for name, value in defaults.items() if load_settings({**secrets, name: value}) != unset}
+    assert differ == {}, "the README's default is not the code's"
+    assert {name: example[name] for name in defaults} == defaults, ".env.example shows another default"
