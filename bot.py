@@ -69,6 +69,9 @@ class KontextBot(commands.AutoShardedBot):
     runs those shards, connecting to DISCORD_GATEWAY_URL (or discord.py's built-in address)."""
 
     def __init__(self, settings: Settings, *, store: Store, http: aiohttp.ClientSession, metrics: Metrics) -> None:
+        # The bot never joins voice: without this, discord.py warns at every start that voice
+        # lacks PyNaCl and davey, two WARNING lines about nothing wrong.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=discord.Intents(guilds=True),

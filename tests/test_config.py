@@ -169,6 +169,14 @@ def test_a_data_dir_the_bot_cannot_use_stops_it_with_one_line_naming_it(tmp_path
     assert f"cannot use DATA_DIR {data_dir}" in last and "Not a directory" in last, last
 
 
+def test_a_start_warns_of_nothing_when_nothing_is_wrong(tmp_path):
+    """discord.py warned at every start that voice needs PyNaCl and davey: two WARNING lines a
+    log collector alerts on, about a feature the bot never uses."""
+    done = start_without_discord(tmp_path, tmp_path / "data")
+    assert done.returncode == 3, done.stderr  # it got as far as the login
+    assert [line for line in done.stderr.splitlines() if "WARNING" in line] == []
+
+
 def test_one_process_on_sqlite_unless_a_database_is_shared():
     settings = load_settings(SECRETS)
     assert settings.database_url is None and settings.shard_count is None and settings.shard_ids is None

@@ -556,11 +556,7 @@ def collect(
         bot_peak_rss_mib=rss,
         tool_cpu_seconds=tool_cpu,
         rejections=[f"{status} {where}" for status, _, where in discord.rejections],
-        bot_warnings=sum(
-            1
-            for line in log.splitlines()
-            if re.search(r"WARNING|ERROR|CRITICAL", line) and "voice will NOT" not in line
-        ),
+        bot_warnings=sum(1 for line in log.splitlines() if re.search(r"WARNING|ERROR|CRITICAL", line)),
         start_waits=start_waits,
         first_server_ahead=ahead,
     )
