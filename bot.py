@@ -199,7 +199,16 @@ class KontextBot(commands.AutoShardedBot):
         if mode is CommandSync.AUTO and await self.store.meta(key) == digest:
             log.info("application commands unchanged since the last sync %s", where)
             return
-        synced = await self.tree.sync(guild=guild)
+        try:
+            synced = await self.tree.sync(guild=guild)
+        except (discord.Forbidden, discord.NotFound) as exc:
+            if guild_id is None:
+                raise
+            # Discord's answer alone (403 Missing Access) names neither the setting nor the server.
+            raise CannotStart(
+                f"cannot sync the commands to DEV_GUILD_ID {guild_id} ({describe_error(exc)}): add the bot to that "
+                "server with the applications.commands scope, or unset DEV_GUILD_ID"
+            ) from None
         await self.store.set_meta(key, digest)
         log.info("synced %d application command(s) %s", len(synced), where)
 

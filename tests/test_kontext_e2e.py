@@ -3,6 +3,8 @@ back to the fake Discord, checked as the member would see it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fakes.discord_fake import media_gallery_items
@@ -278,6 +280,20 @@ async def test_commands_sync_to_the_dev_guild_when_set(world):
         "kontext-settings",
         "Edit with Kontext",
     }
+
+
+async def test_a_dev_guild_the_bot_is_not_in_stops_it_with_a_line_naming_the_setting(world):
+    """DEV_GUILD_ID set to a server the bot was not added to (or not with the
+    applications.commands scope): Discord refuses the sync with 403 Missing Access. The last line
+    used to be that bare 403, which says nothing about which setting or server is wrong."""
+    elsewhere = world.discord.add_guild("another server", bot=False)
+    bot = world.new_bot(DEV_GUILD_ID=elsewhere.id)
+    await bot.start()
+    assert bot.process is not None
+    assert await asyncio.wait_for(bot.process.wait(), 20) == 3
+    (last,) = [line for line in bot.log_text().splitlines() if "[ERROR" in line]
+    assert f"cannot sync the commands to DEV_GUILD_ID {elsewhere.id}" in last and "Missing Access" in last, last
+    assert "applications.commands" in last
 
 
 async def test_commands_are_synced_only_when_they_changed(world):
