@@ -307,10 +307,11 @@ def _default_instance_id(data_dir: Path) -> str:
 
 
 def _shard_ids(raw: str) -> tuple[int, ...]:
-    """A list of shard ids and ranges: "0,1", "0-3", "4-7,9"."""
+    """A list of shard ids and ranges: "0,1", "0-3", "4-7,9". Spaces around the numbers are
+    allowed; "0 1" is refused, not read as shard 1."""
     ids: set[int] = set()
-    for part in raw.replace(" ", "").split(","):
-        first, _, last = part.partition("-")
+    for part in raw.split(","):
+        first, _, last = (half.strip() for half in part.partition("-"))
         if not first.isdigit() or (last and not last.isdigit()) or int(last or first) < int(first):
             raise ValueError("give shard ids or ranges, separated by commas (e.g. 0-3,8)")
         ids.update(range(int(first), int(last or first) + 1))
@@ -355,10 +356,12 @@ def _personal_use(env: Mapping[str, str], monthly_budget_usd: float | None) -> P
 
 
 def _ids(raw: str) -> frozenset[int]:
-    ids = frozenset(int(part) for part in raw.replace(" ", "").split(",") if part)
-    if not ids or min(ids) <= 0:
+    """Server ids separated by commas. Ids separated by spaces are refused, not run together
+    into one id that matches no server."""
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
         raise ValueError("give server ids, separated by commas")
-    return ids
+    return frozenset(int(part) for part in parts)
 
 
 def _log_format(raw: str) -> str:

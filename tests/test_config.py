@@ -119,6 +119,21 @@ def test_operator_limits_are_read():
     assert settings.allowed_guild_ids == frozenset({12, 34}) and settings.monthly_budget_usd == 150.0
 
 
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        # Read as the one server 111…222: the bot would have left both servers it was meant for.
+        ("ALLOWED_GUILD_IDS", "111111111111111111 222222222222222222"),
+        # Read as shard 10: shards 0 and 1 would have had no process, without a word.
+        ("SHARD_IDS", "1 0"),
+    ],
+)
+def test_ids_separated_by_spaces_instead_of_commas_are_refused(name, value):
+    env = {**SECRETS, "SHARD_COUNT": "12", "DATABASE_URL": "postgresql://db/kontext", name: value}
+    with pytest.raises(SettingsError, match=f"{name} .*separated by commas"):
+        load_settings(env)
+
+
 def test_only_the_env_file_of_the_start_folder_is_read(tmp_path):
     """A bot started from the wrong folder must not pick up another project's .env."""
     (tmp_path / ".env").write_text("DISCORD_TOKEN=parent-token\nFAL_KEY=parent-key\n")
