@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -199,10 +200,16 @@ def _url(*, allow_plain_http: bool) -> Callable[[str], str]:
     return parse
 
 
+# A host name or IPv4 address, with an optional port: what `hosted_on` compares a URL's with.
+HOST_AND_PORT = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)*(:[0-9]{1,5})?")
+
+
 def _hosts(raw: str) -> frozenset[str]:
+    """Hosts separated by commas. Anything else ("a b", "a;b", "https://a") is refused: taken as
+    one host, it would match no attachment, and every input image would be refused."""
     hosts = frozenset(part.strip().lower() for part in raw.split(",") if part.strip())
-    if not hosts or any("/" in host for host in hosts):
-        raise ValueError("give host names, separated by commas")
+    if not hosts or not all(HOST_AND_PORT.fullmatch(host) for host in hosts):
+        raise ValueError("give host names (host or host:port), separated by commas")
     return hosts
 
 

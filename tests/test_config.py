@@ -126,9 +126,12 @@ def test_operator_limits_are_read():
         ("ALLOWED_GUILD_IDS", "111111111111111111 222222222222222222"),
         # Read as shard 10: shards 0 and 1 would have had no process, without a word.
         ("SHARD_IDS", "1 0"),
+        # Read as one host no attachment is on: every member's image would have been refused.
+        ("DISCORD_CDN_HOSTS", "cdn.discordapp.com media.discordapp.net"),
+        ("DISCORD_CDN_HOSTS", "cdn.discordapp.com;media.discordapp.net"),
     ],
 )
-def test_ids_separated_by_spaces_instead_of_commas_are_refused(name, value):
+def test_lists_separated_by_anything_but_commas_are_refused(name, value):
     env = {**SECRETS, "SHARD_COUNT": "12", "DATABASE_URL": "postgresql://db/kontext", name: value}
     with pytest.raises(SettingsError, match=f"{name} .*separated by commas"):
         load_settings(env)
