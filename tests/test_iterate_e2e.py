@@ -137,13 +137,19 @@ async def test_several_images_are_combined_with_the_multi_endpoint(world):
     assert job.payload["enhance_prompt"] is True
 
 
-async def test_iteration_respects_the_servers_limits(world):
+async def pressed_under_a_cooldown(world, action: str):
+    """A result's `action` button pressed by its member while the server's cooldown runs."""
     world.fal.default = JobScript()
     await world.start_bot()
     await admin(world, "limits", cooldown_seconds=600)
     message = await first_result(world)
-    click = await world.discord.click_button(message.id, button(message, "reroll"), user="alice")
+    click = await world.discord.click_button(message.id, button(message, action), user="alice")
     await click.wait_for_callback()
+    return click
+
+
+async def test_iteration_respects_the_servers_limits(world):
+    click = await pressed_under_a_cooldown(world, "reroll")
     assert "Slow down" in private_answer(click)
     assert len(world.fal.submits) == 1
 
@@ -151,12 +157,7 @@ async def test_iteration_respects_the_servers_limits(world):
 async def test_a_refused_edit_form_gives_the_member_their_words_back(world):
     """Discord cannot answer a form with a form, so a refused one (here: the server's cooldown)
     would lose what the member typed; the private answer carries it, ready to copy."""
-    world.fal.default = JobScript()
-    await world.start_bot()
-    await admin(world, "limits", cooldown_seconds=600)
-    message = await first_result(world)
-    click = await world.discord.click_button(message.id, button(message, "edit"), user="alice")
-    await click.wait_for_callback()
+    click = await pressed_under_a_cooldown(world, "edit")
     words = "now at night, with `ticks` and ```fences``` and <@123>"
     submitted = await world.discord.submit_modal(click, {"prompt": words}, user="alice")
     callback = await submitted.wait_for_callback()
