@@ -23,7 +23,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from services.i18n import N_, Texts
-from services.job import NOTE_PRIVATE_REPLY, NOTE_SHARED_AS, Job, JobPlace, JobState, ResultImage
+from services.job import NOTE_LATE_BY_DM, NOTE_PRIVATE_REPLY, NOTE_SHARED_AS, Job, JobPlace, JobState, ResultImage
 
 from .errors import UserFacingError, place_of, report
 from .inputs import is_image_attachment
@@ -174,9 +174,11 @@ async def fetch_result_attachments(bot: KontextBot, job: Job) -> list[discord.At
 
 
 def _bot_reads_result(job: Job) -> bool:
-    """Whether the bot can fetch the messages showing the result: posted where the bot posts, and
-    public (a private first result not shared is ephemeral: only its interaction sees it)."""
-    return job.place.bot_can_post and (not job.private_first or NOTE_SHARED_AS in job.notes)
+    """Whether the bot can fetch the messages showing the result in its channel: posted where the
+    bot posts, in that channel (not a late result the bot could post only in the member's DM),
+    and public (a private first result not shared is ephemeral: only its interaction sees it)."""
+    in_channel = job.place.bot_can_post and NOTE_LATE_BY_DM not in job.notes
+    return in_channel and (not job.private_first or NOTE_SHARED_AS in job.notes)
 
 
 async def thumbnail(bot: KontextBot, job: Job, now: float) -> str | None:

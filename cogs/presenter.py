@@ -34,6 +34,7 @@ import discord
 from services.i18n import N_, texts
 from services.job import (
     INTERACTION_TOKEN_LIFETIME,
+    NOTE_LATE_BY_DM,
     NOTE_REPLY_EXPIRING,
     NOTE_WITHDRAWN,
     Job,
@@ -362,6 +363,8 @@ class DiscordPresenter:
                     message_id=job.message_id, channel_id=job.channel_id, fail_if_not_exists=False
                 )
         else:
+            if job.posts_late_in_channel:  # the bot may not post there: its messages are not the channel's
+                job.notes = {**job.notes, NOTE_LATE_BY_DM: True}
             channel = await self._bot.create_dm(discord.Object(job.user_id))
             lead = _(
                 "📬 Your edit from {reply} is ready: the reply there could only be updated for 15 minutes.",
