@@ -173,12 +173,18 @@ class FairScheduler:
         served. Jobs are sent side by side and answered in any order; the margin kept at fal when
         the limit shows must be the front of that line, the jobs fal starts next. A job sent
         before the limit showed and taken after is beyond what the bot keeps at fal now: it is
-        handed back as those waiting in fal's line were."""
+        handed back as those waiting in fal's line were. Jobs still being sent are not counted:
+        fal has not taken them, and the one it takes first is ahead of them in its line."""
         if job_id not in self._at_fal:
             return
         self._at_fal[job_id] = self._at_fal.pop(job_id)
         self._in_fals_line.add(job_id)
-        if self.limit is not None and len(self._at_fal) - len(self._displacing) > self.limit + self.margin:
+        kept = sum(
+            1
+            for other, running in self._at_fal.items()
+            if (running or other in self._in_fals_line) and other not in self._displacing
+        )
+        if self.limit is not None and kept > self.limit + self.margin:
             self._displacing.add(job_id)
             self._on_displace(job_id)
 

@@ -118,6 +118,23 @@ async def test_a_job_sent_as_the_limit_shows_is_handed_back_once_fal_takes_it():
     assert handed_back == [6, 100]
 
 
+async def test_of_jobs_sent_as_the_limit_shows_the_first_fal_takes_is_the_one_kept():
+    """Two jobs still being sent when the limit shows, and room in fal's line for one of them:
+    the one fal takes first is at the front of its line and stays; the later one is handed back
+    (a job still being sent is not yet at fal, so it takes none of the room)."""
+    clock = Clock()
+    s, handed_back, _ = scheduler(clock)
+    for job in (100, 101):
+        await s.admit(job, guild_id=1, user_id=job)  # let in at once: no limit shows yet
+    assert run_at_the_limit(s, clock, limit=2, queued=5) == [5, 6] and handed_back == [6]
+    s.left_fal(6, ran_for=None)  # out of fal's line, back in the bot's
+    s.left_fal(3, ran_for=5.0)
+    s.started(5)  # fal's line is empty: 4 and 5 run, room for one there
+    s.submitted(100)
+    s.submitted(101)
+    assert handed_back == [6, 101]
+
+
 async def test_the_limit_shows_only_once_every_running_slot_was_handed_on():
     clock = Clock()
     s, _, _ = scheduler(clock)
