@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -128,8 +129,9 @@ async def tell(interaction: discord.Interaction, message: str, embed: discord.Em
 
 def words_back(typed: str, _: Texts) -> discord.Embed:
     """A member's words as they typed them, in a code block to copy (a fence inside is broken
-    with a zero-width space, so it cannot close the block)."""
-    fenced = typed.replace("```", "`\u200b``")
+    with a zero-width space after every second backtick of a longer run, so no run of three,
+    which would close the block, is left)."""
+    fenced = re.sub("``(?=`)", "``\u200b", typed)
     return discord.Embed(title=_("What you wrote"), description=f"```\n{fenced}\n```")
 
 

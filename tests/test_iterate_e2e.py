@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fakes.discord_fake import EPHEMERAL, custom_ids
 from fakes.fal_fake import JobScript, model_error
 from tests.e2e import admin, button, data_uri, details, finished, private_answer, text
@@ -154,17 +156,23 @@ async def test_iteration_respects_the_servers_limits(world):
     assert len(world.fal.submits) == 1
 
 
-async def test_a_refused_edit_form_gives_the_member_their_words_back(world):
+@pytest.mark.parametrize(
+    "words",
+    ["now at night, with `ticks` and ```fences``` and <@123>", "a run of ```` four and `````` six ticks"],
+    ids=["fences", "longer-runs"],
+)
+async def test_a_refused_edit_form_gives_the_member_their_words_back(world, words):
     """Discord cannot answer a form with a form, so a refused one (here: the server's cooldown)
-    would lose what the member typed; the private answer carries it, ready to copy."""
+    would lose what the member typed; the private answer carries it, ready to copy, with no run
+    of three backticks inside that would close its code block early."""
     click = await pressed_under_a_cooldown(world, "edit")
-    words = "now at night, with `ticks` and ```fences``` and <@123>"
     submitted = await world.discord.submit_modal(click, {"prompt": words}, user="alice")
     callback = await submitted.wait_for_callback()
     assert callback["data"]["flags"] & EPHEMERAL and "Slow down" in callback["data"]["content"]
     (kept,) = callback["data"]["embeds"]
     assert kept["description"].startswith("```\n") and kept["description"].endswith("\n```")
     assert kept["description"][4:-4].replace("\u200b", "") == words
+    assert "```" not in kept["description"][4:-4]
     assert len(world.fal.submits) == 1
 
 
