@@ -161,13 +161,15 @@ def url_expired(url: str, now: float) -> bool:
 
 async def fetch_result_attachments(bot: KontextBot, job: Job) -> list[discord.Attachment]:
     """The images on the messages that show the job's result, fetched again (with URLs Discord
-    signs afresh) where the bot can read them: not where only the member's interaction could post."""
+    signs afresh) where the bot can read them: not where only the member's interaction could post.
+    Messages deleted are skipped; discord.Forbidden where the bot may not read the channel's
+    history (its role, the channel's overwrites): the result is there, unread."""
     if not job.place.bot_can_post:
         return []
     channel = bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
     found: list[discord.Attachment] = []
     for message_id in job.posted_message_ids:
-        with contextlib.suppress(discord.NotFound, discord.Forbidden):
+        with contextlib.suppress(discord.NotFound):
             message = await channel.fetch_message(message_id)
             found += [a for a in message.attachments if is_image_attachment(a)]
     return found
@@ -417,10 +419,13 @@ async def result_files(
     the bot can read the result, messages gone are a result deleted (by its member, or by a
     moderator): its images are not posted again from the addresses stored."""
     names = posted_names(job)
-    sources: list[tuple[str, str, int | None]] = [
-        (a.filename.removeprefix("SPOILER_"), a.url, a.size) for a in await fetch_result_attachments(bot, job)
-    ]
-    if not sources and not _bot_reads_result(job):
+    readable = _bot_reads_result(job)
+    try:
+        fetched = await fetch_result_attachments(bot, job)
+    except discord.Forbidden:  # the bot may not read the result again: it is not gone for that
+        fetched, readable = [], False
+    sources: list[tuple[str, str, int | None]] = [(a.filename.removeprefix("SPOILER_"), a.url, a.size) for a in fetched]
+    if not sources and not readable:
         sources = [(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1], url, None) for url in job.posted_image_urls]
     files = []
     for name, url, size in sources:

@@ -11,6 +11,7 @@ from fakes.discord_fake import (
     EPHEMERAL,
     IS_COMPONENTS_V2,
     MOD_PERMISSIONS,
+    READ_MESSAGE_HISTORY,
     media_gallery_items,
     text_displays,
     walk_components,
@@ -220,6 +221,20 @@ async def test_a_late_result_that_came_by_dm_is_shown_here(world):
     shown = await finished(await press(world, page, "Show here"))
     assert not shown.ephemeral and shown.channel_id == fake.channel_id, text(shown)
     assert "Shown again by <@" in text(shown) and len(media_gallery_items(shown)) == 1
+
+
+async def test_a_result_the_bot_may_not_read_again_is_shown_here(world):
+    """The bot's role may not Read Message History in the channel, so Discord refuses it the
+    result's message (403, not 404): the result is not gone, and Show here posts it from the
+    image addresses kept when it was posted."""
+    fake = world.discord
+    fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=READ_MESSAGE_HISTORY)
+    await world.start_bot()
+    await results(world, 1)
+    page = (await history(world)).original
+    shown = await finished(await press(world, page, "Show here"))
+    assert not shown.ephemeral and "Shown again by <@" in text(shown), text(shown)
+    assert len(media_gallery_items(shown)) == 1
 
 
 async def test_show_here_is_refused_where_kontext_would_be(world):
