@@ -179,12 +179,14 @@ class FairScheduler:
             return
         self._at_fal[job_id] = self._at_fal.pop(job_id)
         self._in_fals_line.add(job_id)
+        if self.limit is None:
+            return  # every job goes to fal at once: nothing to count (a pass over all of them)
         kept = sum(
             1
             for other, running in self._at_fal.items()
             if (running or other in self._in_fals_line) and other not in self._displacing
         )
-        if self.limit is not None and kept > self.limit + self.margin:
+        if kept > self.limit + self.margin:
             self._displacing.add(job_id)
             self._on_displace(job_id)
 
