@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 from fakes.discord_fake import EPHEMERAL, IS_COMPONENTS_V2, custom_ids, text_displays
+from fakes.fal_fake import JobScript
 
 FINAL_MARKS = ("✅", "❌", "🚫", "🛡️", "⚠️", "No image")
 
@@ -91,3 +92,17 @@ def attachment_bytes(world, attachment: dict) -> bytes:
 def data_uri(world, attachment: dict, content_type: str = "image/png") -> str:
     """The durable copy the bot hands fal for a small attachment: its bytes, inline."""
     return f"data:{content_type};base64," + base64.b64encode(attachment_bytes(world, attachment)).decode()
+
+
+async def outliving_its_reply(world, *, bot_denied: int = 0):
+    """A job still at fal when its reply's 15-minute token ends, so the bot posts its result
+    itself, in a channel where the bot's role is denied `bot_denied` (permission bits)."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    if bot_denied:
+        fake = world.discord
+        fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=bot_denied)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    return handle

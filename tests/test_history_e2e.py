@@ -18,7 +18,7 @@ from fakes.discord_fake import (
 )
 from fakes.fal_fake import JobScript
 from tests import test_cluster_e2e
-from tests.e2e import admin, button, details, finished, has_button, private_answer, shows, text
+from tests.e2e import admin, button, details, finished, has_button, outliving_its_reply, private_answer, text
 from tests.test_cluster_e2e import Cluster
 from tests.test_member_settings_e2e import settings
 
@@ -207,13 +207,8 @@ async def test_a_deleted_result_is_not_shown_again(world):
 async def test_a_late_result_that_came_by_dm_is_shown_here(world):
     """The bot may not upload files in the job's channel, so its late result came by DM: Show
     here finds its images (in the DM, not the channel), instead of taking it for deleted."""
-    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    await outliving_its_reply(world, bot_denied=ATTACH_FILES)
     fake = world.discord
-    fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=ATTACH_FILES)
-    await world.start_bot()
-    handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "In queue"))
-    fake.expire_token(handle.token)
     dm = lambda: [m for m in fake.channel_messages(fake.dm_channels.get(fake.alice["id"], "none")) if m.files]  # noqa: E731
     await fake.wait_until(dm, timeout=15)
     fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id)

@@ -14,7 +14,7 @@ import pytest
 
 from fakes.discord_fake import ATTACH_FILES, READ_MESSAGE_HISTORY, SEND_MESSAGES
 from fakes.fal_fake import JobScript
-from tests.e2e import button, contents, fal_job, finished, has_button, shows, text
+from tests.e2e import button, contents, fal_job, finished, has_button, outliving_its_reply, shows, text
 
 WEBHOOK_MESSAGE = r"/webhooks/\d+/[^/]+/messages/"
 
@@ -324,13 +324,8 @@ async def test_a_late_result_where_the_bot_may_not_read_history_is_posted_withou
     late results *reply*): Discord refuses the bot both fetching the reply and replying to it
     (message.mdx, Get Channel Message and Create Message), so the result is posted in the channel
     as a plain message mentioning the member, not lost."""
-    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    await outliving_its_reply(world, bot_denied=READ_MESSAGE_HISTORY)
     fake = world.discord
-    fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=READ_MESSAGE_HISTORY)
-    await world.start_bot()
-    handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "In queue"))
-    fake.expire_token(handle.token)
     alice = fake.alice["id"]
     await fake.wait_until(lambda: bot_posts(world), timeout=15)
     (post,) = bot_posts(world)
