@@ -59,11 +59,16 @@ def own_permissions(channel: object) -> discord.Permissions | None:
         return None
 
 
-def may_post_images(channel: object, permissions: discord.Permissions) -> bool:
-    """Whether the bot may post a message with images in the channel (message.mdx, Create
-    Message; permissions.mdx: SEND_MESSAGES does not cover threads, ATTACH_FILES uploads)."""
+def may_send(channel: object, permissions: discord.Permissions) -> bool:
+    """Whether `permissions` let their holder see the channel and post in it (message.mdx,
+    Create Message; permissions.mdx: SEND_MESSAGES does not cover threads)."""
     sends = permissions.send_messages_in_threads if isinstance(channel, discord.Thread) else permissions.send_messages
-    return permissions.view_channel and sends and permissions.attach_files
+    return permissions.view_channel and sends
+
+
+def may_post_images(channel: object, permissions: discord.Permissions) -> bool:
+    """Whether the bot may post a message with images in the channel (ATTACH_FILES uploads)."""
+    return may_send(channel, permissions) and permissions.attach_files
 
 
 def image_attachments(message: discord.Message | None) -> list[discord.Attachment]:
@@ -245,11 +250,7 @@ async def _check_sharing(interaction: Interaction, job: Job, channel: ServerChan
         raise UserFacingError(
             N_("You are no longer in the server of this result, so it can't be shared there.")
         ) from None
-    permissions = channel.permissions_for(member)
-    may_post = (
-        permissions.send_messages_in_threads if isinstance(channel, discord.Thread) else permissions.send_messages
-    )
-    if not (permissions.view_channel and may_post):
+    if not may_send(channel, channel.permissions_for(member)):
         raise UserFacingError(N_("You can no longer post in the channel of this result, so it can't be shared there."))
     await intake.check_showing_in(channel.guild.id, requester_in(member, channel, channel.id), made_at)
 
