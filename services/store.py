@@ -461,7 +461,7 @@ class _JobWrites:
     pending: int = 0
 
 
-@dataclasses.dataclass
+@dataclass
 class _NamedLock:
     """A lock of `Store._local_lock`, and how many hold it or wait for it."""
 
