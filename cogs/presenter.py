@@ -49,7 +49,15 @@ from services.runner import DeliveryProgress, Undeliverable
 from .modlog import post_to_log_channel
 from .render import Rendered, attachment_name, job_log_line, pack_files, render
 from .translation import server_texts
-from .views import MAX_GALLERY_ITEMS, image_attachments, job_view, may_post_images, own_permissions, result_card
+from .views import (
+    MAX_GALLERY_ITEMS,
+    image_attachments,
+    job_view,
+    may_post_images,
+    may_send,
+    own_permissions,
+    result_card,
+)
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -351,7 +359,7 @@ class DiscordPresenter:
         channel, a message (replying to the original where it may) that mentions only the member
         who asked; elsewhere a DM to the member that links the reply it belongs to."""
         _ = texts(job.locale)
-        place = self._late_place(job)
+        place = self._late_place(job, with_files=bool(rendered.files))
         reference: discord.MessageReference | None = None
         mentions = discord.AllowedMentions.none()
         if place.in_channel:
@@ -398,19 +406,20 @@ class DiscordPresenter:
                 )
             await progress.posted(index + 1, message_id=message.id, in_channel=True, image_urls=image_urls(message))
 
-    def _late_place(self, job: Job) -> LatePlace:
+    def _late_place(self, job: Job, *, with_files: bool = True) -> LatePlace:
         """Where the result goes after the reply's token. The job's channel where the bot may post
         (`Job.posts_late_in_channel`) and its permissions there, as Discord last sent them, let it
-        post images: members may use the bot's commands in a channel where the bot itself may
-        not write. Elsewhere the member's DM. As a reply to the reply only where the bot may read
-        the channel's history (message.mdx, Create Message: replies need READ_MESSAGE_HISTORY)."""
+        post the message (images, unless `with_files` is false: a failure is only text): members
+        may use the bot's commands in a channel where the bot itself may not write. Elsewhere the
+        member's DM. As a reply to the reply only where the bot may read the channel's history
+        (message.mdx, Create Message: replies need READ_MESSAGE_HISTORY)."""
         if not job.posts_late_in_channel:
             return LatePlace(in_channel=False, as_reply=False)
         channel = self._bot.get_channel(job.channel_id)
         permissions = own_permissions(channel)
         if permissions is None:
             return LatePlace(in_channel=True, as_reply=True)  # not in the cache: Discord decides
-        in_channel = may_post_images(channel, permissions)
+        in_channel = may_post_images(channel, permissions) if with_files else may_send(channel, permissions)
         return LatePlace(in_channel=in_channel, as_reply=in_channel and permissions.read_message_history)
 
     def _own_upload_limit(self, job: Job, in_channel: bool) -> tuple[int, str]:

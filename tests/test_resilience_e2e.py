@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fakes.discord_fake import ATTACH_FILES, READ_MESSAGE_HISTORY, SEND_MESSAGES
-from fakes.fal_fake import JobScript
+from fakes.fal_fake import JobScript, model_error
 from tests.e2e import button, contents, fal_job, finished, has_button, outliving_its_reply, shows, text
 
 WEBHOOK_MESSAGE = r"/webhooks/\d+/[^/]+/messages/"
@@ -358,6 +358,25 @@ async def test_a_late_result_where_the_bot_may_not_post_comes_by_dm(world, denie
     link = f"https://discord.com/channels/{fake.guild_id}/{fake.channel_id}/{handle.original.id}"
     assert text(card).startswith(f"📬 Your edit from {link} is ready") and len(card.files) == 1, text(card)
     assert world.fal.count("submit") == 1
+    assert not any(status == 403 for status, *_ in fake.rejections), fake.rejections
+
+
+async def test_a_late_failure_where_the_bot_may_not_upload_is_said_in_the_channel(world):
+    """The bot may send messages but not upload files in the channel: a job that fails after its
+    token has nothing to upload, so the member learns it there, replying to the reply, not by DM."""
+    world.fal.default = model_error(
+        "content_policy_violation", "The image was flagged for graphic violence.", queue_positions=(1, 0), step=0.3
+    )
+    fake = world.discord
+    fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=ATTACH_FILES)
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    fake.expire_token(handle.token)
+    await fake.wait_until(lambda: bot_posts(world), timeout=15)
+    (post,) = bot_posts(world)
+    assert post.channel_id == fake.channel_id and post.message_reference is not None, post
+    assert text(post).startswith(f"<@{fake.alice['id']}>") and not post.files, text(post)
     assert not any(status == 403 for status, *_ in fake.rejections), fake.rejections
 
 
