@@ -40,6 +40,29 @@ FIELD_VALUE_LIMIT = 1024
 EMBEDS_TOTAL_LIMIT = 6000
 
 
+class AllowableChannel(app_commands.Transformer):
+    """A channel /kontext can be allowed in: every kind a member can run it in, or whose threads
+    follow it. A forum's posts are threads of the forum, so a choice of text channels alone would
+    leave no way to allow them; voice and stage channels have a text chat of their own."""
+
+    @property
+    def type(self) -> discord.AppCommandOptionType:
+        return discord.AppCommandOptionType.channel
+
+    @property
+    def channel_types(self) -> list[discord.ChannelType]:
+        kinds = discord.ChannelType
+        return [kinds.text, kinds.news, kinds.forum, kinds.voice, kinds.stage_voice]
+
+    async def transform(
+        self, interaction: discord.Interaction, value: app_commands.AppCommandChannel
+    ) -> app_commands.AppCommandChannel:
+        return value  # only its id is kept
+
+
+AllowedChannel = app_commands.Transform[app_commands.AppCommandChannel, AllowableChannel]
+
+
 def format_value(name: str, value: Any, _: Texts) -> str:
     """A policy value as moderators read it."""
     if name == "allowed_channel_ids":
@@ -229,12 +252,12 @@ class Admin(
         )
 
     @access.command(name="channel-add", description=N_("Allow /kontext in this channel (then only listed channels)"))
-    async def channel_add(self, interaction: discord.Interaction, channel: discord.TextChannel) -> None:
+    async def channel_add(self, interaction: discord.Interaction, channel: AllowedChannel) -> None:
         policy = await self.bot.store.policy(interaction.guild_id or 0)
         await self._change(interaction, allowed_channel_ids=policy.allowed_channel_ids | {channel.id})
 
     @access.command(name="channel-remove", description=N_("Stop allowing /kontext in this channel"))
-    async def channel_remove(self, interaction: discord.Interaction, channel: discord.TextChannel) -> None:
+    async def channel_remove(self, interaction: discord.Interaction, channel: AllowedChannel) -> None:
         policy = await self.bot.store.policy(interaction.guild_id or 0)
         if channel.id not in policy.allowed_channel_ids:
             raise UserFacingError(N_("{channel} is not in the list of allowed channels."), channel=channel.mention)

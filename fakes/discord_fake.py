@@ -904,6 +904,28 @@ class FakeDiscord:
             g.channel_id = cid
         return ch
 
+    def add_thread(self, parent_id: Any, name: str, owner: Any = "alice", type: int = 11) -> dict:
+        """A thread of a guild channel (a forum's or media channel's post, or a text channel's
+        thread): type 11 public, 12 private, 10 announcement (docs resources/channel.mdx, Thread
+        Metadata). It reaches the bot in GUILD_CREATE's `threads`, as an active thread does."""
+        parent, g = self.find_channel(parent_id)
+        if parent is None or g is None:
+            raise KeyError(f"{parent_id} is not a guild channel")
+        ch = self.add_channel(name, type=type, guild=g)
+        ch.update(
+            parent_id=parent["id"],
+            owner_id=self._resolve_user(owner)["id"],
+            message_count=0,
+            member_count=1,
+            thread_metadata={
+                "archived": False,
+                "auto_archive_duration": 1440,
+                "archive_timestamp": JOINED_AT,
+                "locked": False,
+            },
+        )
+        return ch
+
     def add_member(
         self,
         user_id: Any = None,
@@ -1126,9 +1148,9 @@ class FakeDiscord:
             "joined_at": JOINED_AT,
             "nsfw_level": 0,
             "roles": list(g.roles.values()),
-            "channels": [dict(c) for c in g.channels.values()],
+            "channels": [dict(c) for c in g.channels.values() if c["type"] not in THREAD_TYPES],
             "members": members,
-            "threads": [],
+            "threads": [dict(c) for c in g.channels.values() if c["type"] in THREAD_TYPES],
             "emojis": [],
             "stickers": [],
             "voice_states": [],
@@ -2033,6 +2055,11 @@ class FakeDiscord:
                 v = u["id"]
             elif t == 7:
                 cid = str(value)
+                kind = (self.find_channel(cid)[0] or {}).get("type")
+                if o.get("channel_types") and kind not in o["channel_types"]:
+                    # docs application-commands.mdx (Application Command Option Structure): the
+                    # client offers only channels of the option's `channel_types`.
+                    raise self._unavailable(f"option {name!r} does not offer channels of type {kind}")
                 resolved.setdefault("channels", {})[cid] = self._channel_payload(cid)
                 v = cid
             elif t == 8:

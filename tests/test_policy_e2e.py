@@ -202,3 +202,20 @@ async def test_a_log_channel_that_does_not_answer_does_not_hold_the_job_open(wor
     world.discord.release_hangs()  # the post fails: a warning, nothing more
     await world.discord.wait_until(lambda: "could not post to log channel" in world.bot.log_text(), timeout=5)
     await finished(await world.kontext(prompt="and the next one"))
+
+
+async def test_a_forum_can_be_allowed_and_its_posts_follow_it(world):
+    """Forum posts are threads whose parent is the forum: allowing the forum allows them, as a
+    text channel's threads follow it."""
+    fake = world.discord
+    forum = fake.add_channel("art-forum", type=15)
+    post = fake.add_thread(forum["id"], "my cat, but a wizard")
+    await world.start_bot()
+    added = await admin(world, "access channel-add", channel=forum["id"])
+    assert added == f"**Allowed channels**: every channel → <#{forum['id']}>"
+    message = await finished(await world.kontext(channel_id=post["id"]))
+    assert text(message).startswith("✅")
+    assert "isn't enabled in this channel" in await refused(world)
+    assert f"<#{forum['id']}>" in await admin(world, "show")
+    await admin(world, "access channel-remove", channel=forum["id"])
+    assert "every channel" in await admin(world, "show")
