@@ -96,17 +96,36 @@ class Lookup:
         if place_of(interaction) is not JobPlace.SERVER:
             raise UserFacingError(NO_SERVER_GOVERNS)
 
-    def shows(self, bot: KontextBot, job: Job, guild_id: int | None) -> bool:
-        """Whether the list may show `job`: the subject's, in this server for a server list, and
-        only in servers the bot is still in (personal use, DMs included, is the member's own, and
-        no moderator's to look up: a job made in the server before it added the bot, too)."""
+    def shows(self, interaction: Interaction, job: Job) -> bool:
+        """Whether the list may show `job` to the member asking: the subject's, in this server for
+        a server list, and only in servers the bot is still in (personal use, DMs included, is the
+        member's own, and no moderator's to look up: a job made in the server before it added the
+        bot, too). A moderator looking at another member sees only the jobs of channels they may
+        see themself: Manage Messages does not open a staff-only channel's prompts and images."""
+        bot = interaction.client
         if job.user_id != self.subject:
             return False
-        if self.subject != self.owner and job.place is not JobPlace.SERVER:
+        if self.subject != self.owner and (
+            job.place is not JobPlace.SERVER or not sees_channel(interaction, job.channel_id)
+        ):
             return False
-        if self.scope is Scope.SERVER and job.guild_id != guild_id:
+        if self.scope is Scope.SERVER and job.guild_id != server_of(self, interaction):
             return False
         return job.place.personal or (job.guild_id is not None and still_in(bot, job.guild_id))
+
+
+def sees_channel(interaction: Interaction, channel_id: int) -> bool:
+    """Whether the member asking may see a channel of this server: their roles and the channel's
+    overwrites as the bot's cache has them (a thread as its parent). A channel the cache does not
+    know (deleted, or a thread long archived) counts as not seen."""
+    guild, member = interaction.guild, interaction.user
+    channel = guild.get_channel_or_thread(channel_id) if guild is not None else None
+    if channel is None or not isinstance(member, discord.Member):
+        return False
+    try:
+        return channel.permissions_for(member).view_channel
+    except discord.ClientException:  # a thread whose parent channel is not cached
+        return False
 
 
 def still_in(bot: KontextBot, guild_id: int) -> bool:
@@ -128,16 +147,18 @@ def server_of(lookup: Lookup, interaction: Interaction) -> int | None:
     return interaction.guild_id if lookup.scope is Scope.SERVER else None
 
 
-async def load_page(bot: KontextBot, lookup: Lookup, guild_id: int | None, anchor: Job | None, newer: bool) -> Page:
+async def load_page(interaction: Interaction, lookup: Lookup, anchor: Job | None, newer: bool) -> Page:
     """The page after `anchor` (None: the first), or with `newer` the page before it. Jobs the
     list may not show (servers the bot left) are skipped, so a page may take more than one read."""
+    bot = interaction.client
+    guild_id = server_of(lookup, interaction)
     found: list[Job] = []
     cursor = (anchor.created_at, anchor.id) if anchor is not None else None
     while len(found) <= PAGE_SIZE:
         batch = await bot.store.member_jobs(
             lookup.subject, guild_id=guild_id, after=cursor, newer=newer, limit=FETCH_SIZE
         )
-        found += [job for job in batch if lookup.shows(bot, job, guild_id)]
+        found += [job for job in batch if lookup.shows(interaction, job)]
         if len(batch) < FETCH_SIZE:
             break
         cursor = (batch[-1].created_at, batch[-1].id)
@@ -146,7 +167,7 @@ async def load_page(bot: KontextBot, lookup: Lookup, guild_id: int | None, ancho
     if not newer:
         return Page(jobs, newer=anchor is not None, older=more)
     if not more:  # walked back to the newest jobs: that is the first page
-        return await load_page(bot, lookup, guild_id, None, newer=False)
+        return await load_page(interaction, lookup, None, newer=False)
     return Page(jobs[::-1], newer=True, older=True)
 
 
@@ -308,10 +329,9 @@ async def list_card(bot: KontextBot, lookup: Lookup, interaction: Interaction, p
 async def chain_card(bot: KontextBot, lookup: Lookup, interaction: Interaction, job: Job) -> discord.ui.LayoutView:
     """A job with the one it was made from above it and the newest made from it below."""
     _ = member_texts(interaction)
-    guild_id = server_of(lookup, interaction)
     source = await bot.store.get_job(job.parent_job_id) if job.parent_job_id is not None else None
     made = await bot.store.jobs_made_from(job.id, lookup.subject, limit=CHAIN_MADE_FROM_SHOWN)
-    shown = [j for j in (source, job, *made) if j is not None and lookup.shows(bot, j, guild_id)]
+    shown = [j for j in (source, job, *made) if j is not None and lookup.shows(interaction, j)]
     title = "### " + _("The chain of job #{id}", id=job.id)
     if source is not None and source not in shown:
         title += "\n-# " + _("Made from job #{id}, which is not yours or no longer shown.", id=source.id)
@@ -351,7 +371,7 @@ class PageButton(
             self.lookup.check(interaction)
             bot = interaction.client
             anchor = await bot.store.get_job(self.anchor) if self.anchor else None
-            page = await load_page(bot, self.lookup, server_of(self.lookup, interaction), anchor, self.newer)
+            page = await load_page(interaction, self.lookup, anchor, self.newer)
             card = await list_card(bot, self.lookup, interaction, page)
             await interaction.response.edit_message(view=card)
         except Exception as exc:
@@ -397,7 +417,7 @@ class JobEntryButton(
             self.lookup.check(interaction)
             bot = interaction.client
             job = await bot.store.get_job(self.job_id)
-            if job is None or not self.lookup.shows(bot, job, server_of(self.lookup, interaction)):
+            if job is None or not self.lookup.shows(interaction, job):
                 raise UserFacingError(N_("That job is not in this list any more."))
             if self.action is EntryAction.CHAIN:
                 await interaction.response.edit_message(view=await chain_card(bot, self.lookup, interaction, job))
@@ -515,7 +535,7 @@ class History(commands.Cog):
             scope = Scope.SERVER if interaction.guild_id is not None else Scope.EVERYWHERE
         lookup = Lookup(interaction.user.id, subject, scope)
         lookup.check(interaction)
-        page = await load_page(self.bot, lookup, server_of(lookup, interaction), None, newer=False)
+        page = await load_page(interaction, lookup, None, newer=False)
         card = await list_card(self.bot, lookup, interaction, page)
         await interaction.response.send_message(view=card, ephemeral=True)
 

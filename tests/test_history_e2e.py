@@ -12,6 +12,7 @@ from fakes.discord_fake import (
     IS_COMPONENTS_V2,
     MOD_PERMISSIONS,
     READ_MESSAGE_HISTORY,
+    VIEW_CHANNEL,
     media_gallery_items,
     text_displays,
     walk_components,
@@ -393,3 +394,24 @@ async def test_a_server_without_the_bot_has_no_moderators_of_its_members_jobs(wo
     )
     await handle.wait_for_callback()
     assert listed(handle.original) == [2]
+
+
+async def test_a_moderator_sees_only_the_jobs_of_channels_they_may_see(world):
+    """Manage Messages lets a moderator look a member up, not read a staff-only channel they
+    cannot open: its jobs (prompt, image, link) stay out of their list."""
+    fake = world.discord
+    staff = fake.add_role("staff")
+    staff_room = fake.add_channel("staff-room")
+    fake.set_permission_overwrite(staff_room["id"], fake.guild_id, deny=VIEW_CHANNEL)
+    for allowed in (staff, fake.default_guild.bot_role_id):
+        fake.set_permission_overwrite(staff_room["id"], allowed, allow=VIEW_CHANNEL)
+    fake.add_member(user_id=fake.alice, roles=[staff])
+    await world.start_bot()
+    await results(world, 1)
+    secret = await finished(await world.kontext(channel_id=staff_room["id"], prompt="staff-only mock-up"))
+    assert text(secret).startswith("✅")
+    looked_up = (await history(world, user="mod", member="alice")).original
+    assert listed(looked_up) == [1]
+    assert "staff-only mock-up" not in "\n".join(text_displays(looked_up.components))
+    fake.add_member(user_id=fake.mod, permissions=MOD_PERMISSIONS, roles=[staff])  # now one of the staff
+    assert listed((await history(world, user="mod", member="alice")).original) == [2, 1]
