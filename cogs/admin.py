@@ -22,6 +22,7 @@ from .errors import UserFacingError
 from .modlog import post_to_log_channel
 from .render import channel_list, plain_text
 from .translation import member_texts, server_texts
+from .views import may_send, own_permissions
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -302,6 +303,17 @@ class Admin(
 
     @app_commands.command(name="log-channel", description=N_("Post one line per job (and every policy change) here"))
     async def log_channel(self, interaction: discord.Interaction, channel: discord.TextChannel) -> None:
+        """Refused where the bot may not post: the log is best-effort, so a channel it cannot
+        reach would take every line without a word to the moderators."""
+        permissions = own_permissions(channel)
+        if permissions is not None and not may_send(channel, permissions):
+            raise UserFacingError(
+                N_(
+                    "The bot may not post in {channel}, so the log would stay empty. Allow its role View Channel "
+                    "and Send Messages there, then set it again."
+                ),
+                channel=channel.mention,
+            )
         await self._change(interaction, log_channel_id=channel.id)
 
     @app_commands.command(name="reset", description=N_("Put a setting (or everything) back to its default"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fakes.discord_fake import EPHEMERAL
+from fakes.discord_fake import EPHEMERAL, SEND_MESSAGES
 from fakes.fal_fake import JobScript
 from tests.e2e import admin, details, finished, private_answer, text
 
@@ -219,3 +219,15 @@ async def test_a_forum_can_be_allowed_and_its_posts_follow_it(world):
     assert f"<#{forum['id']}>" in await admin(world, "show")
     await admin(world, "access channel-remove", channel=forum["id"])
     assert "every channel" in await admin(world, "show")
+
+
+async def test_a_log_channel_the_bot_may_not_post_in_is_refused(world):
+    """The log is best-effort (a failed post is only a warning in the bot's log), so a channel the
+    bot's role may not post in would take every line in silence: the moderator is told instead."""
+    fake = world.discord
+    channel = fake.add_channel("kontext-log")
+    fake.set_permission_overwrite(channel["id"], fake.default_guild.bot_role_id, deny=SEND_MESSAGES)
+    await world.start_bot()
+    answer = await admin(world, "log-channel", channel=channel["id"])
+    assert answer.startswith(f"The bot may not post in <#{channel['id']}>"), answer
+    assert "**Log channel**: not set" in await admin(world, "show")
