@@ -13,7 +13,7 @@ from services.fal_queue import FalAccountLocked
 from services.flux_kontext import InvalidEdit
 from services.i18n import N_, LocalizedError, Texts
 from services.job import JobPlace
-from services.policy import GuildPolicy, RefusalReason, Refused
+from services.policy import POLICY_FIELDS, GuildPolicy, RefusalReason, Refused
 from services.recipes import RecipeRefused
 from services.runner import RunnerStopped
 
@@ -53,6 +53,20 @@ class PolicyRefusal(Exception):
         self.personal = personal
 
 
+# The limits moderators may set to 0, which turns /kontext off in the server: a refusal by one
+# says so, not that jobs are running or that the day is used up.
+PAUSING_LIMITS = {
+    RefusalReason.MEMBER_CONCURRENCY: "concurrent_jobs_per_member",
+    RefusalReason.GUILD_CONCURRENCY: "concurrent_jobs_per_guild",
+    RefusalReason.DAILY_LIMIT: "daily_jobs_per_member",
+}
+
+
+def is_paused(refused: Refused) -> bool:
+    """Whether the refusal is by a limit set to 0: waiting does not help."""
+    return refused.reason in PAUSING_LIMITS and refused.limit == 0
+
+
 def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: bool = False) -> str:
     """Why a member may not start a job now, and when they can try again."""
     when = f"<t:{int(refused.retry_at)}:R>" if refused.retry_at else ""
@@ -63,6 +77,9 @@ def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: b
         return _("Kontext isn't enabled in this channel. It works in {channels}.", channels=channels)
     if reason is RefusalReason.MISSING_ROLE:
         return _("You need the <@&{role}> role to use `/kontext` in this server.", role=policy.required_role_id)
+    if is_paused(refused):
+        setting = _(POLICY_FIELDS[PAUSING_LIMITS[reason]].label)
+        return _("`/kontext` is paused in this server: its moderators set “{setting}” to 0.", setting=setting)
     if reason is RefusalReason.MEMBER_CONCURRENCY:
         return _.ngettext(
             "You already have {count} edit running. Wait for it to finish, then try again.",

@@ -14,7 +14,7 @@ from discord.ext import commands
 from services.i18n import N_, Texts
 from services.policy import JobAsk, RefusalReason, Refused, Standing, resolve, standings
 
-from .errors import refusal_text
+from .errors import is_paused, refusal_text
 from .intake import requester_of
 from .render import EMBED_COLOUR
 from .translation import member_texts
@@ -93,7 +93,8 @@ class Quota(commands.Cog):
         found = standings(
             governing.policy, governing.usage, next_job, now=now, price_per_image=price, operator=governing.operator
         )
-        # Where the channel or a role keeps the member out, that comes first, as /kontext says it.
+        # Where the channel or a role keeps the member out, or a limit set to 0, that comes first,
+        # as /kontext says it.
         decision = resolve(
             governing.policy,
             requester_of(interaction),
@@ -103,7 +104,7 @@ class Quota(commands.Cog):
             price_per_image=price,
             operator=governing.operator,
         )
-        kept_out = isinstance(decision, Refused) and decision.reason in ACCESS_REASONS
+        kept_out = isinstance(decision, Refused) and (decision.reason in ACCESS_REASONS or is_paused(decision))
         if governing.personal:
             title = _("Your Kontext quota outside servers that added the bot")
         else:

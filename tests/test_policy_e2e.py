@@ -231,3 +231,19 @@ async def test_a_log_channel_the_bot_may_not_post_in_is_refused(world):
     answer = await admin(world, "log-channel", channel=channel["id"])
     assert answer.startswith(f"The bot may not post in <#{channel['id']}>"), answer
     assert "**Log channel**: not set" in await admin(world, "show")
+
+
+async def test_a_limit_set_to_0_is_told_as_a_pause(world):
+    """Moderators may set a limit of jobs to 0 and so turn /kontext off: members read that, not
+    that they have jobs running (they have none) or used up a day they never started."""
+    await world.start_bot()
+    await admin(world, "limits", member_concurrent=0)
+    answer = await refused(world)
+    assert answer == "`/kontext` is paused in this server: its moderators set “Concurrent jobs per member” to 0."
+    me = await world.discord.invoke_slash("kontext-me")
+    await me.wait_for_callback()
+    assert me.callback["data"]["embeds"][0]["description"] == answer  # /kontext-me says it as /kontext does
+    await admin(world, "reset", setting="concurrent_jobs_per_member")
+    await admin(world, "limits", daily_jobs=0)
+    assert "moderators set “Daily jobs per member” to 0" in await refused(world)
+    assert world.fal.submits == []
