@@ -52,6 +52,9 @@ EXTENSIONS = ("cogs.kontext", "cogs.admin", "cogs.history", "cogs.quota", "cogs.
 # IDENTIFY reaching Discord.
 IDENTIFY_INTERVAL = 5.0 + 0.5
 
+# The health check's write to the database: within the ops server's own limit (HEALTH_TIMEOUT).
+DATABASE_CHECK_SECONDS = 2.0
+
 # How `python bot.py` ends (README, Operations): stopped by SIGTERM or Ctrl-C; Discord refused the
 # token; a setting or the database cannot be used; anything else stopped it (the log's last line
 # names it).
@@ -213,7 +216,7 @@ class KontextBot(commands.AutoShardedBot):
         log.info("synced %d application command(s) %s", len(synced), where)
 
     async def health(self) -> HealthReport:
-        """For /healthz: connected to Discord's gateway, the database answers, fal answered
+        """For /healthz: connected to Discord's gateway, the database takes a write, fal answered
         recently (or nothing was asked of it)."""
         problems = []
         shards = self.shards.values()
@@ -221,9 +224,12 @@ class KontextBot(commands.AutoShardedBot):
         if not gateway:
             problems.append("discord: not connected to the gateway")
         try:
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(DATABASE_CHECK_SECONDS):
                 await self.store.ping()
             store = True
+        except TimeoutError:
+            store = False
+            problems.append(f"database: a write did not complete within {DATABASE_CHECK_SECONDS:g}s")
         except Exception as exc:
             store = False
             problems.append(f"database: {describe_error(exc)}")

@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -937,8 +938,10 @@ class Store(abc.ABC):
     # -- what the bot keeps about itself --------------------------------------------------------
 
     async def ping(self) -> None:
-        """One trivial query: the database answers."""
-        await self._fetch("SELECT 1", {})
+        """One small write: the database answers and takes writes. A read alone still answers
+        from a full disk, a file system remounted read-only or behind another writer's lock,
+        where every job fails at its first write."""
+        await self.set_meta("health_checked_at", repr(time.time()))
 
     async def meta(self, key: str) -> str | None:
         """A value the bot keeps about itself (e.g. the commands last synced)."""

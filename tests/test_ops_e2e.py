@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import socket
+import sqlite3
 
 import aiohttp
 import pytest
@@ -133,6 +134,28 @@ async def test_healthz_follows_the_gateway(world):
     assert (await get(port, "/healthz"))[0] == 503
     world.discord.end_gateway_outage()
     await until_status(port, 200, timeout=60)  # ...and 200 once it reconnected, with its own back-off
+    assert text(await finished(await world.kontext())).startswith("✅")
+
+
+async def test_healthz_reports_a_database_that_takes_no_writes(world):
+    """A database that still answers reads but takes no writes (a full disk, a file system
+    remounted read-only, another writer holding its lock) makes every job fail: /healthz says so,
+    and is healthy again once writes go through."""
+    port = free_port()
+    await world.start_bot(HTTP_PORT=str(port))
+    assert (await get(port, "/healthz"))[0] == 200
+    other = sqlite3.connect(world.data_dir / "kontext.sqlite3", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
+        assert other.execute("SELECT count(*) FROM jobs").fetchone() == (0,)  # reads still answer
+        _, body = await until_status(port, 503)
+        report = json.loads(body)
+        assert report["checks"]["database"] is False
+        assert any(problem.startswith("database: ") for problem in report["problems"]), report
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    await until_status(port, 200, timeout=15)
     assert text(await finished(await world.kontext())).startswith("✅")
 
 
