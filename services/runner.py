@@ -186,13 +186,16 @@ class JobRunner:
         self._start(job)
 
     async def abandon(self, job: Job, reason: str) -> None:
-        """Close an accepted job that never started (its reply could not be created)."""
+        """Close an accepted job that never started (its reply could not be created). Counted as
+        finished like every closed job, so the accepted jobs minus the finished ones stay those
+        under way."""
         log.warning("job %d abandoned before it started: %s", job.id, reason)
         job.error_code = "abandoned"
         job.error_detail = reason
         job.state = JobState.FAILED
         job.delivered_at = time.time()
         await self._store.save(job)
+        self._metrics.job_finished(job.state.value, job.error_code)
 
     async def resume(self) -> int:
         """Drive every job a previous run left unfinished (and, sharing the database, those no

@@ -74,6 +74,32 @@ async def test_metrics_move_by_exactly_the_jobs_run(world):
     assert not any(name[0].startswith("kontext_") and "guild" in dict(name[1]) for name in now)
 
 
+async def test_a_job_whose_reply_discord_refused_is_counted_as_finished(world):
+    """Accepted, then Discord refused the acknowledgement (too late: 10062 Unknown interaction):
+    the job is closed as abandoned, and counted as finished as well as accepted, so accepted
+    minus finished stays the jobs under way."""
+    port = free_port()
+    await world.start_bot(HTTP_PORT=str(port))
+    was = samples((await get(port, "/metrics"))[1])
+    world.discord.fail_next(
+        "POST",
+        r"/interactions/\d+/[^/]+/callback$",
+        status=404,
+        json={"message": "Unknown interaction", "code": 10062},
+    )
+    await world.kontext()
+    await world.discord.wait_until(lambda: "abandoned before it started" in world.bot.log_text())
+    now = samples((await get(port, "/metrics"))[1])
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return now.get(key, 0.0) - was.get(key, 0.0)
+
+    assert moved("kontext_jobs_accepted_total") == 1
+    assert moved("kontext_jobs_finished_total", outcome="failed", error_code="abandoned") == 1
+    assert world.fal.count("submit") == 0
+
+
 @pytest.mark.parametrize("fault", ["ingress_503", "hang", "drop", "refused"])
 async def test_healthz_follows_fal(world, fault):
     """fal failing each way the bot meets: its front proxy answering 503, no answer until the read
