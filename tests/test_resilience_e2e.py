@@ -115,6 +115,22 @@ async def test_kill_before_the_reply_exists_closes_the_job_without_sending_it(wo
     await still_serving(world)
 
 
+@pytest.mark.parametrize("kill", [True, False], ids=["kill", "sigterm"])
+async def test_a_stop_while_the_input_goes_to_fal_s_storage_resumes_the_job(world, kill):
+    """Stopped while the member's photo is on its way to fal's storage (before anything was
+    submitted): its reply exists, so after the restart the input is staged again and the
+    result delivered once, not the job closed with the reply left thinking for good."""
+    await world.start_bot()
+    world.fal.fail_next("storage_token", status="hang")
+    handle = await world.kontext(image=world.input_image(size=200_000))
+    await world.discord.wait_until(lambda: world.fal.count("storage_token") == 1)
+    await restart(world, kill=kill)
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
 async def test_a_job_running_when_the_bot_restarts_past_its_timeout_is_delivered(world):
     """JOB_TIMEOUT bounds the wait for fal to start a job. Resumed past it, a job fal started
     (when, the bot did not store) is given its first status to say so, then followed."""
