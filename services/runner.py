@@ -177,9 +177,10 @@ class JobRunner:
         return job
 
     def start(self, job: Job, *, message_id: int) -> None:
-        """Start driving an accepted job whose reply message is `message_id` (stored by its
-        driver before its inputs are fetched). Raises RunnerStopped once stopping: the job stays as
-        stored, with no reply on record."""
+        """Start driving an accepted job whose reply message is `message_id` (stored with the
+        job's next write: before its inputs are staged, at once if it has to wait for a slot, else
+        with SUBMITTING). Raises RunnerStopped once stopping: the job stays as stored, with no reply
+        on record."""
         if self._stopping:
             raise RunnerStopped()
         job.message_id = message_id
@@ -404,10 +405,11 @@ class JobRunner:
                 # turn) and its inputs are made durable while it waits.
                 admission = asyncio.ensure_future(self._scheduler.admit(job.id, job.guild_id or 0, job.user_id))
                 try:
-                    # Its reply is recorded before the inputs' fetch and upload, which can take a
-                    # while: a job stopped then resumes, where without a reply it would be closed
-                    # unseen. Written only when new (the save writes what changed).
-                    await self._store.save(job)
+                    if job.edit.image_urls:
+                        # Its reply is recorded before the inputs' fetch and upload, which can
+                        # take a while: a job stopped then (this process, or another taking it
+                        # over) resumes, where without a reply it would be closed unseen.
+                        await self._store.save(job)
                     job.edit = await self._inputs.stage(job.edit, deadline=deadline)
                     if not admission.done():
                         await self._store.save(job)  # its durable inputs, not staged again after a stop

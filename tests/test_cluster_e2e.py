@@ -1,7 +1,7 @@
 """Two real `bot.py` processes on two shards, one PostgreSQL database and the fakes: each serves
-the server on its shard; a job whose process dies (kill -9, SIGTERM, or in the middle of its fal
-submit) is finished by the other, once, with one fal submit; a Cancel pressed in a server the other
-process serves reaches the job through the database."""
+the server on its shard; a job whose process dies (kill -9, SIGTERM, in the middle of its fal
+submit or of its input's upload) is finished by the other, once, with one fal submit; a Cancel
+pressed in a server the other process serves reaches the job through the database."""
 
 from __future__ import annotations
 
@@ -213,3 +213,19 @@ async def test_a_cancel_whose_process_died_is_carried_out_by_the_one_taking_the_
     assert press.followups == []
     answered = "cancel asked in another process: cancelled"
     await cluster.world.discord.wait_until(lambda: answered in cluster.b.log_text(), timeout=5)
+
+
+@pytest.mark.parametrize("end", ["kill", "stop"])
+async def test_a_job_whose_process_ends_while_its_input_uploads_is_finished_by_the_other(cluster: Cluster, end: str):
+    """The reply exists (the member sees it) but its id was not stored yet while the input image
+    went to fal's storage: the other process still finishes the job in that reply, once."""
+    world = cluster.world
+    world.fal.fail_next("upload", status="hang")
+    handle = await world.kontext(image=world.input_image(size=200_000))  # too big to send inline
+    await world.discord.wait_until(lambda: world.fal.count("upload") == 1)
+    assert await getattr(cluster.a, end)() in (0, -9)
+    await finished(handle, timeout=20)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1
+    row = await cluster.settled_row()
+    assert (row["state"], row["owner"]) == ("succeeded", "b")
