@@ -49,6 +49,10 @@ STATEMENT_TIMEOUT = 60.0
 MIGRATION_TIMEOUT = 3600.0
 # How often a wait for a cancel answer reads the row, in case a NOTIFY is lost.
 ANSWER_POLL_SECONDS = 0.5
+# How often the notification connection is asked a query of its own. It only listens, so one
+# dropped without a word (a NAT table or a load balancer's idle timeout forgets it) would never
+# find out, and the settings other processes change would stay stale here until a restart.
+LISTENER_CHECK_SECONDS = 30.0
 
 RELEASED_CHANNEL = "kontext_released"
 ANSWER_CHANNEL = "kontext_cancel_answer"
@@ -152,7 +156,14 @@ class PostgresStore(Store):
     )
     _day_of_created = "FLOOR(created_at / 86400)::BIGINT"
 
-    def __init__(self, dsn: str, *, instance_id: str, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        instance_id: str,
+        lease_seconds: float,
+        listener_check_seconds: float = LISTENER_CHECK_SECONDS,
+    ) -> None:
         super().__init__()
         self._dsn = dsn
         self.slot = instance_id
@@ -163,6 +174,8 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._relistening: asyncio.Task[None] | None = None
+        self._listener_check_seconds = listener_check_seconds
+        self._checking_listener: asyncio.Task[None] | None = None
         self._closing = False
         self._held: dict[int, _Lease] = {}
         self._signals: defaultdict[str, list[Callable[[], None]]] = defaultdict(list)
@@ -182,6 +195,7 @@ class PostgresStore(Store):
             )
             await self._migrate()
             self._listener = await self._listen()
+            self._checking_listener = asyncio.create_task(self._check_listener())
         except _CONNECT_ERRORS as exc:
             await self.close()
             raise StoreUnavailable(f"cannot use the database in DATABASE_URL: {describe_error(exc)}") from None
@@ -192,8 +206,9 @@ class PostgresStore(Store):
 
     async def close(self) -> None:
         self._closing = True
-        if self._relistening is not None:
-            self._relistening.cancel()
+        for task in (self._checking_listener, self._relistening):
+            if task is not None:
+                task.cancel()
         if self._listener is not None:
             with contextlib.suppress(*_CONNECT_ERRORS):
                 await self._listener.close(timeout=5)
@@ -264,6 +279,19 @@ class PostgresStore(Store):
         for callbacks in self._signals.values():
             for callback in callbacks:
                 callback()
+
+    async def _check_listener(self) -> None:
+        """Replace a notification connection that no longer answers (see LISTENER_CHECK_SECONDS)."""
+        while True:
+            await asyncio.sleep(self._listener_check_seconds)
+            listener = self._listener
+            if listener is None or listener.is_closed():
+                continue  # being replaced
+            try:
+                await listener.fetchval("SELECT 1", timeout=self._listener_check_seconds)
+            except _CONNECT_ERRORS as exc:
+                log.warning("the database's notification connection does not answer (%s)", describe_error(exc))
+                listener.terminate()  # then replaced, as any closed one is
 
     def _notified(self, connection: object, pid: int, channel: str, payload: object) -> None:
         if channel in _SETTING_OF_CHANNEL:

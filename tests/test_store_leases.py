@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
+import yarl
 
 from services.job import JobState
 from services.member_defaults import MemberDefaults
@@ -202,6 +203,64 @@ async def test_settings_changed_in_one_process_are_seen_by_the_others(processes)
         await asyncio.sleep(0.02)
     else:
         raise AssertionError("process a still shows the old settings")
+
+
+class SilentDropPath:
+    """The way to the database over TCP (as most deployments reach it), where a connection can be
+    dropped silently: forwarded no more either way, with no FIN or RST, as a NAT table or a load
+    balancer's idle timeout forgets it."""
+
+    def __init__(self, database_url: str) -> None:
+        url = yarl.URL(database_url)
+        self._socket = f"{url.query['host']}/.s.PGSQL.5432"
+        self._database = url.path
+        self._silenced: set[int] = set()  # the client ports whose connection is dropped
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"postgresql://postgres@127.0.0.1:{port}{self._database}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    def drop(self, connection: asyncpg.Connection) -> None:
+        transport = connection._transport  # type: ignore[attr-defined]  # asyncpg keeps its socket private
+        self._silenced.add(transport.get_extra_info("sockname")[1])
+
+    async def _forward(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        port = client_out.get_extra_info("peername")[1]
+        server_in, server_out = await asyncio.open_unix_connection(self._socket)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if port not in self._silenced:
+                    sink.write(data)
+            sink.close()
+
+        with contextlib.suppress(OSError):
+            await asyncio.gather(pump(client_in, server_out), pump(server_in, client_out))
+
+
+async def test_settings_reach_a_process_whose_notification_connection_was_dropped_silently(database_url: str):
+    path = SilentDropPath(database_url)
+    async with (
+        path as url,
+        PostgresStore(url, instance_id="a", lease_seconds=60, listener_check_seconds=0.2) as a,
+        PostgresStore(database_url, instance_id="b", lease_seconds=60) as b,
+    ):
+        assert await a.member_defaults(5) == MemberDefaults()
+        assert a._listener is not None
+        path.drop(a._listener)
+        await b.save_member_defaults(5, MemberDefaults(num_images=2), now=time.time())
+        for _ in range(250):
+            if (await a.member_defaults(5)).num_images == 2:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("process a still shows the member's old defaults")
 
 
 async def test_turns_are_taken_one_interval_apart_across_processes(processes):
