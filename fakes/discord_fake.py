@@ -1380,23 +1380,29 @@ class FakeDiscord:
         json: dict | None = None,
         headers: dict | None = None,
         skip: int = 0,
+        delay: float = 0.0,
     ) -> None:
         """Answer the next `times` requests matching METHOD and regex (searched in the path after
         /api/v10) with `status`, after letting `skip` matching requests through. 429 gets
         Discord's body and a `Via` header by default.
 
         status="hang": record the request, never apply it and never answer until `release_hangs()`
-        or stop() (then the connection is dropped): a request lost in flight."""
-        if status == "hang":
+        or stop() (then the connection is dropped): a request lost in flight.
+
+        status="slow": apply the request and answer as usual, `delay` seconds after it arrived (a
+        big upload Discord takes its time over). Applied even when the client gave up waiting
+        meanwhile, as Discord's servers carry on with a request they received whole."""
+        if status in ("hang", "slow"):
             self._faults.append(
                 {
                     "method": method.upper(),
                     "rx": re.compile(path_regex),
-                    "status": "hang",
+                    "status": status,
                     "times": times,
                     "json": None,
                     "headers": {},
                     "skip": skip,
+                    "delay": delay,
                 }
             )
             return
@@ -2421,6 +2427,9 @@ class FakeDiscord:
                         if f["status"] == "hang":
                             await self._hang(request, rec)
                             return web.Response(status=500)  # the connection is gone
+                        if f["status"] == "slow":
+                            await asyncio.sleep(f["delay"])
+                            break
                         raise ApiError(f["status"], f["json"], f["headers"])
                 # route: must exist in Discord's spec
                 tmpl = None

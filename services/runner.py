@@ -72,6 +72,9 @@ class Undeliverable(Exception):
 
 # A job not shown within this time of its request is given up, across restarts too.
 DELIVERY_GIVE_UP_SECONDS = 24 * 3600
+# How long a stop waits for a post under way (four images at a server's upload limit take a
+# while): within compose's stop_grace_period (30 s), with room for the rest of the shutdown.
+DELIVERY_STOP_SECONDS = 20.0
 
 
 class JobListener(Protocol):
@@ -314,22 +317,28 @@ class JobRunner:
         await self._transition(job, JobState.CANCELLED)
         return CancelOutcome.CANCELLED
 
-    async def stop(self, grace: float = 3.0) -> None:
+    async def stop(self, grace: float = 3.0, delivery_grace: float = DELIVERY_STOP_SECONDS) -> None:
         """Stop taking jobs and stop driving them, leaving each resumable from its stored state.
-        A submit already in flight is allowed to finish (within `grace`) so its id is kept."""
+        A submit already in flight is allowed to finish (within `grace`) so its id is kept, and a
+        post under way (within `delivery_grace`): cut short, one Discord received whole would be
+        shown twice after the restart (a follow-up or channel message is not an idempotent edit).
+        A delivery waiting to try again is stopped at once, like any other job."""
         self._stopping = True
-        drivers = list(self._drivers.values())
-        for job_id, task in list(self._drivers.items()):
-            # A delivery under way is let finish: cut short, it could be shown twice after the
-            # restart (a follow-up or channel message is not an idempotent edit).
+        drivers = dict(self._drivers)
+        for job_id, task in drivers.items():
             if job_id not in self._delivering:
                 task.cancel()
-        if drivers:
-            _, pending = await asyncio.wait(drivers, timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
+        if not drivers:
+            return
+        _, pending = await asyncio.wait(drivers.values(), timeout=grace)
+        posting = {task for job_id, task in drivers.items() if task in pending and job_id in self._delivering}
+        if posting:
+            _, still_posting = await asyncio.wait(posting, timeout=max(0.0, delivery_grace - grace))
+            pending = (pending - posting) | still_posting
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
 
     # -- driving ----------------------------------------------------------------------------
 
@@ -724,15 +733,16 @@ class JobRunner:
 
         async def attempt() -> None:
             self._store.ensure_held(job)  # nothing is shown by a process that lost the job
+            self._delivering.add(job.id)  # from here to its stored end, a stop lets it finish
             try:
                 await self._listener.deliver(job, _StoredProgress(self._store, job))
             except Exception:
+                self._delivering.discard(job.id)  # nothing in flight until the next try
                 # It may take a while or a restart: memory is for passing through.
                 if job.result is not None and await self._results.keep_on_disk(job.id, job.result):
                     await self._store.save(job)
                 raise
 
-        self._delivering.add(job.id)
         try:
             try:
                 if time.time() - job.created_at > DELIVERY_GIVE_UP_SECONDS:

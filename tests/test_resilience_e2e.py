@@ -711,6 +711,23 @@ async def test_sigterm_with_jobs_running_exits_cleanly_and_they_finish(world):
     await still_serving(world)
 
 
+async def test_sigterm_while_discord_takes_its_time_over_a_post_lets_it_finish_once(world):
+    """The result's post is slow at Discord (a big upload): a SIGTERM meanwhile waits for its
+    answer rather than cutting it off, which left the message Discord created unknown to the bot,
+    posted a second time after the restart."""
+    fake = world.discord
+    handle = await outliving_its_reply(world)
+    posts = r"^/channels/\d+/messages$"
+    fake.fail_next("POST", posts, status="slow", delay=5.0)
+    await fake.wait_until(lambda: fake.requests_to("POST", posts), timeout=15)
+    assert await world.bot.stop(timeout=15) == 0
+    assert len(channel_replies(world, handle)) == 1
+    await world.start_bot()
+    await still_serving(world)
+    assert_posted_as_reply(world, handle)
+    assert db_rows(world)[0]["delivered_at"] is not None
+
+
 async def test_sigterm_during_a_hanging_submit_exits_promptly(world):
     await world.start_bot(FAL_STREAM_STALL_TIMEOUT="30")
     world.fal.fail_next("submit", status="hang")
