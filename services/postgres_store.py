@@ -453,6 +453,12 @@ class PostgresStore(Store):
             and _lease_clock() < lease.granted_at + self._lease_seconds * SELF_FENCE_FRACTION
         )
 
+    def held_for(self, job: Job) -> float:
+        lease = self._held.get(job.id)
+        if lease is None or lease.job is not job:
+            return 0.0
+        return max(0.0, lease.granted_at + self._lease_seconds - _lease_clock())
+
     def _stop_renewing(self, job: Job) -> None:
         lease = self._held.get(job.id)
         if lease is not None and lease.job is job:

@@ -322,7 +322,8 @@ class JobRunner:
         A submit already in flight is allowed to finish (within `grace`) so its id is kept, and a
         post under way (within `delivery_grace`): cut short, one Discord received whole would be
         shown twice after the restart (a follow-up or channel message is not an idempotent edit).
-        A delivery waiting to try again is stopped at once, like any other job."""
+        Not beyond its lease, though: another process may post it then, so an upload still going
+        is better cut off. A delivery waiting to try again is stopped at once, like any other."""
         self._stopping = True
         drivers = dict(self._drivers)
         for job_id, task in drivers.items():
@@ -331,10 +332,11 @@ class JobRunner:
         if not drivers:
             return
         _, pending = await asyncio.wait(drivers.values(), timeout=grace)
-        posting = {task for job_id, task in drivers.items() if task in pending and job_id in self._delivering}
+        posting = {job_id: task for job_id, task in drivers.items() if task in pending and job_id in self._delivering}
         if posting:
-            _, still_posting = await asyncio.wait(posting, timeout=max(0.0, delivery_grace - grace))
-            pending = (pending - posting) | still_posting
+            held = min(self._store.held_for(self._jobs[job_id]) for job_id in posting)
+            _, still_posting = await asyncio.wait(posting.values(), timeout=max(0.0, min(delivery_grace - grace, held)))
+            pending = (pending - set(posting.values())) | still_posting
         for task in pending:
             task.cancel()
         if pending:

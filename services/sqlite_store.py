@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -144,6 +145,9 @@ class SqliteStore(Store):
 
     def holds(self, job: Job) -> bool:
         return True
+
+    def held_for(self, job: Job) -> float:
+        return math.inf
 
     def _stop_renewing(self, job: Job) -> None:
         """No leases: a job left unfinished is resumed at the next start."""

@@ -600,6 +600,11 @@ class Store(abc.ABC):
         """Whether this process may still act on the job (post, submit, cancel at fal) by its own
         clock, without asking the database."""
 
+    @abc.abstractmethod
+    def held_for(self, job: Job) -> float:
+        """Seconds until another process may take the job over, by this process's clock (its
+        lease running out unrenewed); infinite where no other process can."""
+
     def let_go(self, job: Job) -> None:
         """This process stopped driving the job (unfinished, or finished and written): stop
         renewing its lease, so an unfinished one is claimed again once the lease runs out, and

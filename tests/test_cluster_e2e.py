@@ -229,3 +229,20 @@ async def test_a_job_whose_process_ends_while_its_input_uploads_is_finished_by_t
     assert world.fal.count("submit") == 1
     row = await cluster.settled_row()
     assert (row["state"], row["owner"]) == ("succeeded", "b")
+
+
+async def test_a_stopping_process_waits_for_a_slow_post_only_while_the_job_s_lease_lasts(cluster: Cluster):
+    """A stop lets a post under way finish (Discord may have it whole), but not past the job's
+    lease: the other process may take the job over then, and an upload still going is better
+    cut off than finished twice."""
+    world = cluster.world
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)  # the result is then the bot's own post
+    posts = r"^/channels/\d+/messages$"
+    world.discord.fail_next("POST", posts, status="slow", delay=3 * LEASE_SECONDS)
+    await world.discord.wait_until(lambda: bool(world.discord.requests_to("POST", posts)), timeout=15)
+    started = time.monotonic()
+    assert await cluster.a.stop(timeout=3 * LEASE_SECONDS) == 0
+    assert time.monotonic() - started < LEASE_SECONDS + 2
