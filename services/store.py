@@ -899,12 +899,14 @@ class Store(abc.ABC):
     async def usage(self, guild_id: int, user_id: int, now: float, *, all_servers: bool = False) -> Usage:
         """What the policy's limits count. Each part reads an index range (a member's jobs since
         today, the unfinished jobs, the server's jobs this month), never the whole history; the
-        images of every server this month only when an operator's budget needs them."""
+        images of every server this month only when an operator's budget needs them. A member's
+        day counts the jobs the budgets count (`_SPENT`): one cancelled before it started, or
+        failed on fal's side, cost nothing and does not use the day up; the cooldown counts all."""
         sql = f"""
             SELECT
                 (SELECT MAX(created_at) FROM jobs WHERE guild_id = :guild AND user_id = :user AND {_SERVER}),
                 (SELECT COUNT(*) FROM jobs WHERE guild_id = :guild AND user_id = :user AND created_at >= :day
-                    AND {_SERVER}),
+                    AND {_SPENT} AND {_SERVER}),
                 (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND guild_id = :guild AND user_id = :user
                     AND {_ACTIVE} AND {_SERVER}),
                 (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND guild_id = :guild AND {_ACTIVE}
@@ -922,7 +924,8 @@ class Store(abc.ABC):
         sql = f"""
             SELECT
                 (SELECT MAX(created_at) FROM jobs WHERE user_id = :user AND {_PERSONAL}),
-                (SELECT COUNT(*) FROM jobs WHERE user_id = :user AND created_at >= :day AND {_PERSONAL}),
+                (SELECT COUNT(*) FROM jobs WHERE user_id = :user AND created_at >= :day AND {_SPENT}
+                    AND {_PERSONAL}),
                 (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND user_id = :user AND {_ACTIVE}
                     AND {_PERSONAL}),
                 {_IMAGES_THIS_MONTH.format(scope="0") if all_servers else "0"}

@@ -127,14 +127,20 @@ async def test_usage_counts_what_the_limits_are_about(new_store: Opener):
         cancelled_in_queue.state, cancelled_in_queue.delivered_at = JobState.CANCELLED, NOW
         cancelled_in_queue.request = FalRequest("rid2", "s", "r", "c")
         await store.save(cancelled_in_queue)
+        failed_at_fal = await store.create_job(request())  # fal's own 5xx: not billed
+        failed_at_fal.state, failed_at_fal.delivered_at, failed_at_fal.error_code = JobState.FAILED, NOW, "fal_failed"
+        failed_at_fal.request, failed_at_fal.started_at = FalRequest("rid3", "s", "r", "c"), NOW
+        await store.save(failed_at_fal)
         await store.create_job(request(user_id=8))  # someone else
         await store.create_job(request(guild_id=5))  # another server
         usage = await store.usage(1, 3, NOW)
-        assert usage.member_jobs_today == 3
+        # A member's day counts what ran or runs: a job that cost nothing (cancelled before it
+        # started, failed on fal's side) does not use it up.
+        assert usage.member_jobs_today == 2
         assert usage.member_active_jobs == 1 and usage.guild_active_jobs == 2
         # in flight (reserved) + reached fal; the job cancelled before it started is free
         assert usage.guild_images_this_month == 2 + 2 + 2
-        assert usage.member_last_job_at == cancelled_in_queue.created_at
+        assert usage.member_last_job_at == failed_at_fal.created_at
         assert (await store.usage(1, 3, NOW, all_servers=True)).all_images_this_month == 2 + 2 + 2 + 2
 
 
