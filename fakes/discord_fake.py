@@ -23,9 +23,13 @@ Facts used here are from /work/shared/reference/discord-platform.md (Part B).
   localizations keyed by Discord's locales only).
 * The bot's DMs: ``POST /users/@me/channels`` opens one; posting there needs a shared server or
   the user's install of the app, and DMs the user has not closed (``dms_closed``), else 50007.
-* The bot's permissions in a server channel (``bot_permissions``): its managed role and the
-  channel's overwrites (``set_permission_overwrite``), in ``app_permissions`` and enforced on the
-  bot-token message routes (50001 / 50013).
+* Permissions in a server channel, computed as Discord documents it: roles, then the channel's
+  overwrites (``set_permission_overwrite``); a thread's are its parent's, and a private thread is
+  seen only by its members (``add_thread_member``) and those with MANAGE_THREADS. The bot's
+  (``bot_permissions``) are in ``app_permissions`` and enforced on the bot-token message routes
+  (50001 / 50013); the member's (``member_permissions_in``) in an interaction's
+  ``member.permissions`` and ``channel.permissions``, and a member who cannot see a channel (or
+  may not use app commands there) cannot act in it.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ MENTION_EVERYONE = 1 << 17
 USE_EXTERNAL_EMOJIS = 1 << 18
 CHANGE_NICKNAME = 1 << 26
 USE_APPLICATION_COMMANDS = 1 << 31
+MANAGE_THREADS = 1 << 34
 SEND_MESSAGES_IN_THREADS = 1 << 38
 
 MEMBER_PERMISSIONS = (
@@ -89,6 +94,7 @@ BOT_PERMISSIONS = MEMBER_PERMISSIONS  # app_permissions default: view, send, att
 USE_EXTERNAL_APPS = 1 << 50
 ALL_PERMISSIONS = (1 << 51) - 1
 THREAD_TYPES = (10, 11, 12)  # announcement, public and private threads (docs resources/channel.mdx)
+PRIVATE_THREAD = 12
 
 # What an app may do where it has no bot member (platform doc A10; docs
 # receiving-and-responding.mdx Interaction Structure note ***; change-log 2022-06-29 and
@@ -568,6 +574,9 @@ class FakeGuild:
         # user-installed app that is not installed in the server are ephemeral.
         self.use_external_apps = True
         self.channel_id: str | None = None  # the default text channel
+        # Who has joined each thread (thread id -> user ids): a private thread is seen only by
+        # them and by those with MANAGE_THREADS (docs resources/channel.mdx, Channel Types).
+        self.thread_members: dict[str, set[str]] = {}
         # The role Discord makes for a bot added with permissions (managed, tags.bot_id): where
         # the bot's own permissions come from (see FakeDiscord.bot_permissions).
         self.bot_role_id: str | None = None
@@ -924,7 +933,22 @@ class FakeDiscord:
                 "locked": False,
             },
         )
+        g.thread_members[ch["id"]] = {ch["owner_id"]}
         return ch
+
+    def add_thread_member(self, thread_id: Any, user: Any) -> None:
+        """`user` (a member, or the bot: `fake.bot_user`) joins the thread, or is added to a
+        private one (docs resources/channel.mdx, Add Thread Member). A connected bot added to a
+        thread gets THREAD_CREATE (docs events/gateway-events.mdx: "or when the current user is
+        added to a thread")."""
+        ch, g = self.find_channel(thread_id)
+        if ch is None or g is None or ch["type"] not in THREAD_TYPES:
+            raise KeyError(f"{thread_id} is not a thread")
+        is_bot = (user["id"] if isinstance(user, dict) else str(user)) == self.application_id
+        uid = self.application_id if is_bot else self._resolve_user(user)["id"]
+        g.thread_members.setdefault(ch["id"], set()).add(uid)
+        if is_bot and g.bot_present and self._route(g.id) is not None:
+            self._spawn(self._dispatch_if_connected("THREAD_CREATE", {**ch, "newly_created": False}))
 
     def add_member(
         self,
@@ -1035,6 +1059,8 @@ class FakeDiscord:
         return self.find_channel(channel_id)[1]
 
     def member_permissions(self, user_id: str, guild: Any = None) -> int:
+        """A member's permissions in the server: @everyone's and its roles', all of them for an
+        administrator or the owner (docs topics/permissions.mdx, Permission Hierarchy)."""
         g = self.get_guild(guild)
         m = g.members[user_id]
         perms = int(g.roles[g.id]["permissions"])
@@ -1045,7 +1071,47 @@ class FakeDiscord:
             perms |= ALL_PERMISSIONS
         return perms
 
-    def member_payload(self, user_id: str, with_permissions: bool = True, guild: Any = None) -> dict:
+    def member_permissions_in(self, user_id: str, channel_id: Any) -> int:
+        """A member's permissions in a guild channel, as `member.permissions` of an interaction
+        there carries them ("total permissions of the member in the channel, including
+        overwrites": docs resources/guild.mdx, Guild Member Object)."""
+        ch, g = self.find_channel(channel_id)
+        if ch is None or g is None:
+            raise KeyError(f"{channel_id} is not a guild channel")
+        roles = [r for r in g.members[user_id]["roles"] if r in g.roles]
+        return self._permissions_in(g, ch, self.member_permissions(user_id, g), roles, user_id)
+
+    def _permissions_in(self, g: FakeGuild, ch: dict, base: int, role_ids: list[str], user_id: str) -> int:
+        """Server-wide permissions `base` of a member (its `role_ids`, its `user_id`) in channel
+        `ch`, computed as Discord documents it (docs topics/permissions.mdx, Permission
+        Overwrites): ADMINISTRATOR means all; else the channel's overwrites for @everyone, then
+        for the member's roles together, then for the member. A thread has its parent's
+        permissions; a private thread is seen only by its members and by those with
+        MANAGE_THREADS (docs resources/channel.mdx, Channel Types)."""
+        if base & ADMINISTRATOR:
+            return ALL_PERMISSIONS
+        thread = ch if ch.get("type") in THREAD_TYPES else None
+        if thread is not None and thread.get("parent_id") in g.channels:
+            ch = g.channels[thread["parent_id"]]
+        overwrites = {str(o["id"]): o for o in ch.get("permission_overwrites") or []}
+        perms = base
+        for layer in ([g.id], role_ids, [user_id]):
+            allow = deny = 0
+            for target in layer:
+                o = overwrites.get(target)
+                if o is not None:
+                    allow, deny = allow | int(o["allow"]), deny | int(o["deny"])
+            perms = (perms & ~deny) | allow
+        joined = thread is not None and user_id in g.thread_members.get(thread["id"], ())
+        if thread is not None and thread["type"] == PRIVATE_THREAD and not joined and not perms & MANAGE_THREADS:
+            perms &= ~VIEW_CHANNEL
+        return perms
+
+    def member_payload(
+        self, user_id: str, with_permissions: bool = True, guild: Any = None, channel_id: Any = None
+    ) -> dict:
+        """A member object; `with_permissions`: with its `permissions`, as an interaction carries
+        them: in `channel_id` (overwrites included) where it is given, else server-wide."""
         g = self.get_guild(guild)
         m = g.members[user_id]
         p = {
@@ -1063,7 +1129,12 @@ class FakeDiscord:
             "communication_disabled_until": None,
         }
         if with_permissions:
-            p["permissions"] = str(self.member_permissions(user_id, g))
+            perms = (
+                self.member_permissions(user_id, g)
+                if channel_id is None
+                else self.member_permissions_in(user_id, channel_id)
+            )
+            p["permissions"] = str(perms)
         return p
 
     def _bot_member_payload(self, g: FakeGuild) -> dict:
@@ -1077,30 +1148,16 @@ class FakeDiscord:
         }
 
     def bot_permissions(self, channel_id: Any) -> int:
-        """The bot's permissions in a guild channel, computed as Discord documents it (docs
-        topics/permissions.mdx, Permission Overwrites): @everyone's and its role's permissions,
-        ADMINISTRATOR meaning all, then the channel's overwrites for @everyone, for its roles and
-        for the bot itself. A thread takes its parent's overwrites."""
+        """The bot's permissions in a guild channel: @everyone's and its managed role's, then the
+        channel's overwrites for them and for the bot itself (see `_permissions_in`)."""
         ch, g = self.find_channel(channel_id)
         if ch is None or g is None:
             raise KeyError(f"{channel_id} is not a guild channel")
-        if ch.get("type") in THREAD_TYPES and ch.get("parent_id") in g.channels:
-            ch = g.channels[ch["parent_id"]]
         bot_roles = [g.bot_role_id] if g.bot_role_id in g.roles else []
-        perms = 0
+        base = 0
         for rid in [g.id, *bot_roles]:
-            perms |= int(g.roles[rid]["permissions"])
-        if perms & ADMINISTRATOR:
-            return ALL_PERMISSIONS
-        overwrites = {str(o["id"]): o for o in ch.get("permission_overwrites") or []}
-        for layer in ([g.id], bot_roles, [self.application_id]):
-            allow = deny = 0
-            for target in layer:
-                o = overwrites.get(target)
-                if o is not None:
-                    allow, deny = allow | int(o["allow"]), deny | int(o["deny"])
-            perms = (perms & ~deny) | allow
-        return perms
+            base |= int(g.roles[rid]["permissions"])
+        return self._permissions_in(g, ch, base, bot_roles, self.application_id)
 
     def set_permission_overwrite(self, channel_id: Any, target: Any, *, allow: int = 0, deny: int = 0) -> dict:
         """A channel's permission overwrite for a role (@everyone is the guild's id) or a member
@@ -1150,7 +1207,13 @@ class FakeDiscord:
             "roles": list(g.roles.values()),
             "channels": [dict(c) for c in g.channels.values() if c["type"] not in THREAD_TYPES],
             "members": members,
-            "threads": [dict(c) for c in g.channels.values() if c["type"] in THREAD_TYPES],
+            # docs events/gateway-events.mdx (Guild Create): "active threads in the guild that
+            # current user has permission to view"
+            "threads": [
+                dict(c)
+                for c in g.channels.values()
+                if c["type"] in THREAD_TYPES and self.bot_permissions(c["id"]) & VIEW_CHANNEL
+            ],
             "emojis": [],
             "stickers": [],
             "voice_states": [],
@@ -1864,13 +1927,14 @@ class FakeDiscord:
                     f"user installed: {uid in self.user_installs})"
                 )
             installed = str(GUILD_INSTALL) in owners
-            member_perms = self.member_permissions(uid, g)
-            if app_permissions is None:
-                # No bot member: the invoking user's permissions, limited to what interaction
-                # responses can use (docs change-log 2022-06-29, 2024-06-27; platform doc A10).
-                app_permissions = self.bot_permissions(cid) if installed else member_perms & USER_APP_PERMISSIONS
-            channel = self._channel_payload(cid, self.bot_permissions(cid) if installed else member_perms)
-            return _Place(ctx, g, channel, owners, app_permissions, installed)
+            member_perms = self.member_permissions_in(uid, cid)
+            if not member_perms & VIEW_CHANNEL:
+                raise KeyError(f"{u['username']} cannot see channel {cid} (its permission overwrites)")
+            if cmd is not None and not member_perms & USE_APPLICATION_COMMANDS:
+                # docs topics/permissions.mdx: USE_APPLICATION_COMMANDS, per channel.
+                raise self._unavailable(f"{label}: {u['username']} may not use app commands in channel {cid}")
+            channel, perms = self._guild_channel_seen_by(uid, cid, installed)
+            return _Place(ctx, g, channel, owners, perms if app_permissions is None else app_permissions, installed)
         if cmd is not None and cmd.get("guild_id"):
             raise self._unavailable(f"{label} is a guild command: guild commands exist only in their guild")
         if ctx == BOT_DM_CONTEXT:
@@ -1905,6 +1969,16 @@ class FakeDiscord:
         perms = PRIVATE_APP_PERMISSIONS if app_permissions is None else app_permissions
         return _Place(ctx, None, dict(pch), owners, perms, False)
 
+    def _guild_channel_seen_by(self, uid: str, channel_id: Any, installed: bool) -> tuple[dict, int]:
+        """An interaction's `channel` in a server, with the invoking member's permissions there
+        ("computed permissions for the invoking user in the channel, including overwrites": docs
+        resources/channel.mdx, Channel Object), and its `app_permissions`: the bot's in the
+        channel where the app is installed, else the member's, limited to what interaction
+        responses can use (docs change-log 2022-06-29, 2024-06-27; platform doc A10)."""
+        member_perms = self.member_permissions_in(uid, channel_id)
+        app_permissions = self.bot_permissions(channel_id) if installed else member_perms & USER_APP_PERMISSIONS
+        return self._channel_payload(str(channel_id), member_perms), app_permissions
+
     def _place_of_message(self, msg: FakeMessage, u: dict, app_permissions: int | None) -> _Place:
         """A component on a message lives where the message is, authorized like the interaction
         that made the message."""
@@ -1914,11 +1988,11 @@ class FakeDiscord:
                 uid = u["id"]
                 if uid not in src.guild.members:
                     raise KeyError(f"{u['username']} is not a member of guild {src.guild.name!r}")
-                member_perms = self.member_permissions(uid, src.guild)
-                bot_perms = self.bot_permissions(msg.channel_id) if src.installed else 0
-                channel = self._channel_payload(msg.channel_id, bot_perms if src.installed else member_perms)
+                if not self.member_permissions_in(uid, msg.channel_id) & VIEW_CHANNEL:
+                    raise KeyError(f"{u['username']} cannot see channel {msg.channel_id} (its permission overwrites)")
+                channel, perms = self._guild_channel_seen_by(uid, msg.channel_id, src.installed)
                 if app_permissions is None:
-                    app_permissions = bot_perms if src.installed else member_perms & USER_APP_PERMISSIONS
+                    app_permissions = perms
             else:
                 channel = dict(self.private_channels[msg.channel_id])
                 if app_permissions is None:
@@ -1964,7 +2038,7 @@ class FakeDiscord:
                     "guild_locale": g.preferred_locale,
                     "channel": place.channel,
                     "channel_id": place.channel["id"],
-                    "member": self.member_payload(u["id"], guild=g),
+                    "member": self.member_payload(u["id"], guild=g, channel_id=place.channel["id"]),
                     "authorizing_integration_owners": dict(place.owners),
                     "context": place.context,
                 }

@@ -17,10 +17,16 @@ from fakes.discord_fake import (
     BOT_PERMISSIONS,
     EMBED_LINKS,
     MANAGE_GUILD,
+    MANAGE_MESSAGES,
+    MANAGE_THREADS,
+    MEMBER_PERMISSIONS,
     MOD_PERMISSIONS,
     READ_MESSAGE_HISTORY,
     SEND_MESSAGES,
+    USE_APPLICATION_COMMANDS,
+    USER_APP_PERMISSIONS,
     VIEW_CHANNEL,
+    CommandNotAvailable,
     shard_of,
 )
 from tests.test_fake_discord import new_bot, running
@@ -228,3 +234,89 @@ async def test_discord_py_sees_the_bots_permissions_as_the_fake_enforces_them(fa
         await h.wait_for_callback()
         assert seen["app"] == BOT_PERMISSIONS & ~SEND_MESSAGES
     assert fake.violations == []
+
+
+async def test_an_interactions_member_permissions_are_those_in_its_channel(fake):
+    """An interaction's `member.permissions` are the member's "total permissions in the channel,
+    including overwrites" (resources/guild.mdx, Guild Member Object), as its `channel.permissions`
+    (resources/channel.mdx); a thread's are its parent's. Where the app is only the member's
+    install, `app_permissions` are theirs in the channel, limited to what responses can use."""
+    bot = new_bot(fake)
+    seen = []
+
+    @bot.tree.command(name="where", description="Permissions here")
+    async def where(interaction: discord.Interaction) -> None:
+        seen.append((interaction.permissions.value, interaction.app_permissions.value))
+        await interaction.response.send_message("ok", ephemeral=True)
+
+    staff = fake.add_channel("staff")
+    thread = fake.add_thread(staff["id"], "a thread")
+    fake.set_permission_overwrite(staff["id"], fake.alice, allow=MANAGE_MESSAGES, deny=ATTACH_FILES)
+    fake.set_permission_overwrite(
+        staff["id"], fake.default_guild.members[fake.mod["id"]]["roles"][0], deny=MANAGE_MESSAGES
+    )
+    async with running(fake, bot):
+        for where_id in (staff["id"], thread["id"]):
+            h = await fake.invoke_slash("where", channel_id=where_id)
+            await h.wait_for_callback()
+            assert h.payload["channel"]["permissions"] == h.payload["member"]["permissions"]
+            h = await fake.invoke_slash("where", user="mod", channel_id=where_id)
+            await h.wait_for_callback()
+        h = await fake.invoke_slash("where")
+        await h.wait_for_callback()
+    in_staff = (MEMBER_PERMISSIONS | MANAGE_MESSAGES) & ~ATTACH_FILES
+    assert seen == [
+        (in_staff, BOT_PERMISSIONS),
+        (MOD_PERMISSIONS & ~MANAGE_MESSAGES, BOT_PERMISSIONS),
+        (in_staff, BOT_PERMISSIONS),
+        (MOD_PERMISSIONS & ~MANAGE_MESSAGES, BOT_PERMISSIONS),
+        (MEMBER_PERMISSIONS, BOT_PERMISSIONS),
+    ]
+    alone = fake.add_guild("No bot", bot=False)
+    fake.add_member(fake.alice, guild=alone)
+    room = fake.add_channel("room", guild=alone)
+    fake.set_permission_overwrite(room["id"], alone.id, deny=ATTACH_FILES)
+    place = fake._place(fake.alice, None, 0, alone, room["id"], None)
+    assert place.app_permissions == USER_APP_PERMISSIONS & MEMBER_PERMISSIONS & ~ATTACH_FILES
+    assert fake.violations == []
+
+
+async def test_a_private_thread_is_seen_by_its_members_and_thread_managers(fake):
+    """A private thread is "only viewable by those invited and those with the MANAGE_THREADS
+    permission" (resources/channel.mdx, Channel Types): others get no interaction from it, the bot
+    neither finds it in GUILD_CREATE nor may post in it until it is added (THREAD_CREATE), and a
+    member who may not see a channel, or use app commands in it, cannot run a command there."""
+    bot = new_bot(fake)
+
+    @bot.tree.command(name="where", description="Permissions here")
+    async def where(interaction: discord.Interaction) -> None:
+        await interaction.response.send_message("ok", ephemeral=True)
+
+    private = fake.add_thread(fake.channel_id, "secret", owner="alice", type=12)
+    assert fake.member_permissions_in(fake.alice["id"], private["id"]) & VIEW_CHANNEL
+    assert not fake.member_permissions_in(fake.mod["id"], private["id"]) & VIEW_CHANNEL
+    assert fake.member_permissions_in(fake.owner["id"], private["id"]) & VIEW_CHANNEL  # administrator
+    fake.set_permission_overwrite(fake.channel_id, fake.mod, allow=MANAGE_THREADS)
+    assert fake.member_permissions_in(fake.mod["id"], private["id"]) & VIEW_CHANNEL
+    fake.set_permission_overwrite(fake.channel_id, fake.mod, allow=0)
+    async with running(fake, bot):
+        guild = bot.get_guild(int(fake.guild_id))
+        assert guild.get_thread(int(private["id"])) is None
+        with pytest.raises(KeyError, match="cannot see"):
+            await fake.invoke_slash("where", user="mod", channel_id=private["id"])
+        h = await fake.invoke_slash("where", channel_id=private["id"])
+        await h.wait_for_callback()
+        posts = f"/channels/{private['id']}/messages"
+        missing_access = {"message": "Missing Access", "code": 50001}
+        assert await _bot_request(fake, "POST", posts, json={"content": "x"}) == (403, missing_access)
+        fake.add_thread_member(private["id"], fake.bot_user)
+        await fake.wait_until(lambda: guild.get_thread(int(private["id"])) is not None, timeout=5)
+        assert (await _bot_request(fake, "POST", posts, json={"content": "x"}))[0] == 200
+
+        fake.set_permission_overwrite(fake.channel_id, fake.alice, deny=USE_APPLICATION_COMMANDS)
+        with pytest.raises(CommandNotAvailable):
+            await fake.invoke_slash("where")
+        fake.violations.clear()  # provoked on purpose
+        fake.set_permission_overwrite(fake.channel_id, fake.alice, deny=VIEW_CHANNEL)
+        with pytest.raises(KeyError, match="cannot see"):
+            await fake.invoke_slash("where")
