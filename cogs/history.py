@@ -30,7 +30,7 @@ from .inputs import is_image_attachment
 from .intake import is_nsfw_channel
 from .render import in_public, plain_text, posted_names, render
 from .translation import member_texts
-from .views import is_moderator, result_card
+from .views import is_moderator, moderates, result_card
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -100,13 +100,14 @@ class Lookup:
         """Whether the list may show `job` to the member asking: the subject's, in this server for
         a server list, and only in servers the bot is still in (personal use, DMs included, is the
         member's own, and no moderator's to look up: a job made in the server before it added the
-        bot, too). A moderator looking at another member sees only the jobs of channels they may
-        see themself: Manage Messages does not open a staff-only channel's prompts and images."""
+        bot, too). A moderator looking at another member sees only the jobs of channels they
+        moderate themself: Manage Messages does not open a staff-only channel's prompts and
+        images, and Manage Messages in one channel (its own moderator) not the other channels'."""
         bot = interaction.client
         if job.user_id != self.subject:
             return False
         if self.subject != self.owner and (
-            job.place is not JobPlace.SERVER or not sees_channel(interaction, job.channel_id)
+            job.place is not JobPlace.SERVER or not moderates_channel(interaction, job.channel_id)
         ):
             return False
         if self.scope is Scope.SERVER and job.guild_id != server_of(self, interaction):
@@ -114,18 +115,19 @@ class Lookup:
         return job.place.personal or (job.guild_id is not None and still_in(bot, job.guild_id))
 
 
-def sees_channel(interaction: Interaction, channel_id: int) -> bool:
-    """Whether the member asking may see a channel of this server: their roles and the channel's
-    overwrites as the bot's cache has them (a thread as its parent). A channel the cache does not
-    know (deleted, or a thread long archived) counts as not seen."""
+def moderates_channel(interaction: Interaction, channel_id: int) -> bool:
+    """Whether the member asking may see a channel of this server and moderates it: their roles
+    and the channel's overwrites as the bot's cache has them (a thread as its parent). A channel
+    the cache does not know (deleted, or a thread long archived) counts as not moderated."""
     guild, member = interaction.guild, interaction.user
     channel = guild.get_channel_or_thread(channel_id) if guild is not None else None
     if channel is None or not isinstance(member, discord.Member):
         return False
     try:
-        return channel.permissions_for(member).view_channel
+        permissions = channel.permissions_for(member)
     except discord.ClientException:  # a thread whose parent channel is not cached
         return False
+    return permissions.view_channel and moderates(permissions)
 
 
 def still_in(bot: KontextBot, guild_id: int) -> bool:

@@ -44,7 +44,13 @@ if TYPE_CHECKING:
 
 
 def is_moderator(interaction: Interaction) -> bool:
-    permissions = interaction.permissions
+    """Whether the member acting moderates the interaction's channel: Discord sends their
+    permissions there, the channel's overwrites included."""
+    return moderates(interaction.permissions)
+
+
+def moderates(permissions: discord.Permissions) -> bool:
+    """Whether a member's permissions in a channel make them a moderator of it."""
     return permissions.manage_messages or permissions.manage_guild
 
 

@@ -10,6 +10,7 @@ from fakes.discord_fake import (
     ATTACH_FILES,
     EPHEMERAL,
     IS_COMPONENTS_V2,
+    MANAGE_MESSAGES,
     MOD_PERMISSIONS,
     READ_MESSAGE_HISTORY,
     VIEW_CHANNEL,
@@ -394,6 +395,26 @@ async def test_a_server_without_the_bot_has_no_moderators_of_its_members_jobs(wo
     )
     await handle.wait_for_callback()
     assert listed(handle.original) == [2]
+
+
+async def test_a_channels_own_moderator_looks_up_only_that_channels_jobs(world):
+    """Manage Messages granted in one channel makes a member its moderator, not the server's:
+    Discord sends the member's permissions in the channel the command is used in, so a lookup
+    from there lists the member's jobs of that channel, not those of channels they do not
+    moderate (a result its member kept private there included), and elsewhere none."""
+    fake = world.discord
+    art = fake.add_channel("art")
+    fake.set_permission_overwrite(art["id"], fake.alice, allow=MANAGE_MESSAGES)
+    bob = fake.add_member(name="bob")
+    await world.start_bot()
+    await results(world, 1, user="bob")
+    await results(world, 1, user="bob", channel_id=art["id"])
+    lookup = await fake.invoke_slash(
+        "kontext-history", options={"member": bob["id"]}, user="alice", channel_id=art["id"]
+    )
+    await lookup.wait_for_callback()
+    assert listed(lookup.original) == [2]
+    assert "Only moderators" in private_answer(await history(world, user="alice", member=bob["id"]))
 
 
 async def test_a_moderator_sees_only_the_jobs_of_channels_they_may_see(world):
