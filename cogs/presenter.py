@@ -355,11 +355,25 @@ class DiscordPresenter:
                 )
 
     async def _deliver_late(self, job: Job, rendered: Rendered, progress: DeliveryProgress, as_card: bool) -> None:
-        """After the 15-minute token, with the bot's own token (see `_late_place`): in the
-        channel, a message (replying to the original where it may) that mentions only the member
-        who asked; elsewhere a DM to the member that links the reply it belongs to."""
-        _ = texts(job.locale)
+        """After the 15-minute token, with the bot's own token (see `_late_place`). Where Discord
+        refuses the bot the channel before any of the result is there, the result goes to the
+        member's DM instead of being lost: the bot's cache could not tell (a private thread it
+        was never added to, which only its members see, is never in it)."""
         place = self._late_place(job, with_files=bool(rendered.files))
+        try:
+            await self._post_late(job, rendered, progress, as_card, place)
+        except discord.Forbidden as exc:
+            if not place.in_channel or job.delivered_in_channel:
+                raise
+            log.info("job %d: Discord refused the bot the channel (%s); the result goes by DM", job.id, exc.code)
+            await self._post_late(job, rendered, progress, as_card, LatePlace(in_channel=False, as_reply=False))
+
+    async def _post_late(
+        self, job: Job, rendered: Rendered, progress: DeliveryProgress, as_card: bool, place: LatePlace
+    ) -> None:
+        """In the channel, a message (replying to the original where it may) that mentions only
+        the member who asked; elsewhere a DM to the member that links the reply it belongs to."""
+        _ = texts(job.locale)
         reference: discord.MessageReference | None = None
         mentions = discord.AllowedMentions.none()
         if place.in_channel:
@@ -384,7 +398,8 @@ class DiscordPresenter:
             # not changed for a while): Unknown Message here withdraws the job (see _show).
             await channel.fetch_message(job.message_id)
         rendered, groups = _packed(job, rendered, as_card, *self._own_upload_limit(job, place.in_channel))
-        rendered.content = f"{lead} {rendered.content}" if place.in_channel else f"{lead}\n{rendered.content}"
+        content = f"{lead} {rendered.content}" if place.in_channel else f"{lead}\n{rendered.content}"
+        rendered = dataclasses.replace(rendered, content=content)  # the caller's stays as it was, for a DM after all
         # Parts already shown through the interaction (public follow-ups) are not posted again;
         # the first one posted here says what it is.
         start = job.delivered_parts

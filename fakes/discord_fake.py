@@ -2742,7 +2742,9 @@ class FakeDiscord:
         return ch
 
     async def _h_get_channel(self, req, p, body, files):
-        return 200, dict(self._channel_or_404(p["cid"]))
+        ch = self._channel_or_404(p["cid"])
+        self._check_bot_permissions(ch, 0, "get a channel")  # one it may not see: 50001
+        return 200, dict(ch)
 
     async def _h_get_guild(self, req, p, body, files):
         g = self.guild_payload(self._guild_for_bot(p["gid"]))

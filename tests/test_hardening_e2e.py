@@ -112,7 +112,8 @@ async def test_old_buttons_never_act_on_an_unrelated_job_after_the_database_is_l
 
 async def test_a_result_the_channel_refuses_ends_its_job_and_leaves_nothing_behind(world):
     """Finding 5: the token expired and the channel refuses posts for good (the bot lost its
-    permission): the job is closed, its files deleted, and a restart does not try again."""
+    permission), and so does the member's DM the result then goes to: the job is closed, its
+    files deleted, and a restart does not try again."""
     world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2, image_size=40_000)
     world.discord.fail_next(
         "POST", CHANNEL_POST, 403, times=10_000, json={"message": "Missing Permissions", "code": 50013}
@@ -122,13 +123,17 @@ async def test_a_result_the_channel_refuses_ends_its_job_and_leaves_nothing_behi
     await handle.wait_until(lambda h: shows(h, "In queue"))
     world.discord.expire_token(handle.token)
     await world.discord.wait_until(lambda: rows(world)[0]["delivered_at"] is not None, timeout=10)
-    assert len(world.discord.requests_to("POST", CHANNEL_POST)) == 1  # a 403 is final: asked once
+    # a 403 is final: the channel asked once, then the DM once
+    assert [r.path for r in world.discord.requests_to("POST", CHANNEL_POST)] == [
+        f"/channels/{world.discord.channel_id}/messages",
+        f"/channels/{world.discord.dm_channels[world.discord.alice['id']]}/messages",
+    ]
     await world.discord.wait_until(lambda: not any((world.data_dir / "results").glob("*")), timeout=5)
     await world.bot.stop()
     assert "cannot be shown" in world.bot.log_text()
     await world.start_bot()
     await asyncio.sleep(1)
-    assert len(world.discord.requests_to("POST", CHANNEL_POST)) == 1
+    assert len(world.discord.requests_to("POST", CHANNEL_POST)) == 2
 
 
 async def test_a_reply_a_moderator_deleted_is_not_posted_again(world):

@@ -377,6 +377,26 @@ async def test_a_late_result_where_the_bot_may_not_post_comes_by_dm(world, denie
     assert not any(status == 403 for status, *_ in fake.rejections), fake.rejections
 
 
+async def test_a_late_result_from_a_private_thread_the_bot_is_not_in_comes_by_dm(world):
+    """A member uses /kontext in a private thread the bot was never added to: Discord answers the
+    interaction there, but a private thread is "only viewable by those invited" (channel.mdx), so
+    the bot's cache never had it and Discord refuses the bot's own post (50001). A result that
+    outlives its reply comes by DM instead of being lost."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    fake = world.discord
+    thread = fake.add_thread(fake.channel_id, "alice's corner", owner="alice", type=12)
+    await world.start_bot()
+    handle = await world.kontext(channel_id=thread["id"])
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    fake.expire_token(handle.token)
+    await fake.wait_until(lambda: bot_posts(world), timeout=15)
+    (card,) = bot_posts(world)
+    assert card.channel_id == fake.dm_channels[fake.alice["id"]]
+    link = f"https://discord.com/channels/{fake.guild_id}/{thread['id']}/{handle.original.id}"
+    assert text(card).startswith(f"📬 Your edit from {link} is ready") and len(card.files) == 1, text(card)
+    assert world.fal.count("submit") == 1
+
+
 async def test_a_late_failure_where_the_bot_may_not_upload_is_said_in_the_channel(world):
     """The bot may send messages but not upload files in the channel: a job that fails after its
     token has nothing to upload, so the member learns it there, replying to the reply, not by DM."""
