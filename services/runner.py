@@ -446,10 +446,8 @@ class JobRunner:
         except InputUnavailable as exc:
             log.info("job %d: input unavailable: %s", job.id, exc)
             await self._fail(job, "input_unavailable", texts(job.locale).error(exc))
-        except TimeoutError:
+        except TimeoutError:  # cancelled at fal by `_follow`, if it was there
             log.warning("job %d timed out after %.0fs", job.id, self._job_timeout)
-            if job.request is not None:
-                await self._cancel_quietly(job)
             await self._fail(job, "timeout", None)
         except Exception:
             log.exception("job %d failed on the bot's side", job.id)
@@ -533,29 +531,45 @@ class JobRunner:
     async def _follow(self, job: Job, deadline: float) -> None:
         """Follow the job at fal to its result. JOB_TIMEOUT bounds the wait for fal to start it;
         once fal runs it, it is billed whatever the bot does, so it is followed for as long
-        again, and its result fetched, rather than cancelled (a running job ignores a cancel)."""
+        again, and its result fetched, rather than cancelled (a running job ignores a cancel).
+        At a deadline the job is cancelled at fal; if fal answers that it runs or is done (it
+        started after the last status the bot saw), it is billed all the same and followed on,
+        once, as a job seen starting then."""
         assert job.request is not None
-        async with asyncio.timeout_at(deadline) as limit:
-            # The statuses' own retries are bounded in number; the time, by `limit`.
-            async for status in self._fal.statuses(job.request, deadline=math.inf):
-                starting = job.started_at is None
-                await self._apply_status(job, status)
-                if starting and job.started_at is not None:
-                    limit.reschedule(max(deadline, self._deadline(job, since=job.started_at)))
-            if job.started_at is None:  # it ran between two statuses (or was handed back)
-                limit.reschedule(max(deadline, self._deadline(job, since=time.time())))
-                if await self._left_fals_line(job):
-                    return  # handed back: the hand-back stops this work, and the result would say "cancelled"
-            job.completed_at = time.time()
-            fetch_by = limit.when()
-            assert fetch_by is not None, "a timeout at a time"
-            # Done at fal, whatever the result: its slot there is free now (the next job may be
-            # starting), though the result is still to be fetched.
-            self._scheduler.left_fal(job.id, ran_for=job.completed_at - job.started_at if job.started_at else None)
-            output = parse_output(await self._fal.result(job.request, deadline=fetch_by))
-            made = len(output.images)
-            self._metrics.images_made(made, made * self._price)
-            job.result = await self._results.take(job.id, output, deadline=fetch_by)
+        followed_past_deadline = False
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline) as limit:
+                    # The statuses' own retries are bounded in number; the time, by `limit`.
+                    async for status in self._fal.statuses(job.request, deadline=math.inf):
+                        starting = job.started_at is None
+                        await self._apply_status(job, status)
+                        if starting and job.started_at is not None:
+                            limit.reschedule(max(deadline, self._deadline(job, since=job.started_at)))
+                    if job.started_at is None:  # it ran between two statuses (or was handed back)
+                        limit.reschedule(max(deadline, self._deadline(job, since=time.time())))
+                        if await self._left_fals_line(job):
+                            return  # handed back: the hand-back stops this work, and the result would say "cancelled"
+                    job.completed_at = time.time()
+                    fetch_by = limit.when()
+                    assert fetch_by is not None, "a timeout at a time"
+                    # Done at fal, whatever the result: its slot there is free now (the next job
+                    # may be starting), though the result is still to be fetched.
+                    ran_for = job.completed_at - job.started_at if job.started_at else None
+                    self._scheduler.left_fal(job.id, ran_for=ran_for)
+                    output = parse_output(await self._fal.result(job.request, deadline=fetch_by))
+                    made = len(output.images)
+                    self._metrics.images_made(made, made * self._price)
+                    job.result = await self._results.take(job.id, output, deadline=fetch_by)
+                break
+            except TimeoutError:
+                answer = await self._cancel_quietly(job)
+                unseen_start = job.started_at is None and answer in ("CANCELLATION_REQUESTED", "ALREADY_COMPLETED")
+                if followed_past_deadline or not unseen_start:
+                    raise
+                log.info("job %d: fal started it before its deadline (%s); following it on", job.id, answer)
+                followed_past_deadline = True
+                deadline = self._deadline(job, since=time.time())
         # Stored now only if files in DATA_DIR depend on it; images held in memory are gone
         # after a restart anyway, which then follows the request at fal again.
         on_disk = any(image.on_disk for image in job.result.images)
@@ -594,13 +608,15 @@ class JobRunner:
             self._results.discard(job.id, job.result)
             await self._fail(job, "result_expired" if isinstance(exc, FalResultExpired) else "missing_files", None)
 
-    async def _cancel_quietly(self, job: Job) -> None:
+    async def _cancel_quietly(self, job: Job) -> str | None:
+        """Cancel the job at fal; fal's answer, or None when it could not be asked."""
         assert job.request is not None
         self._store.ensure_held(job)
         try:
-            await self._fal.cancel(job.request)
+            return await self._fal.cancel(job.request)
         except Exception:
             log.warning("job %d: cancel at fal failed", job.id, exc_info=True)
+            return None
 
     async def _fail(self, job: Job, code: str, detail: str | None) -> None:
         job.error_code = code

@@ -305,3 +305,24 @@ async def test_a_cancel_fal_honours_ends_as_cancelled(world):
     handle, _ = await cancel_once_fal_has_started(world, script)
     message = await finished(handle)
     assert text(message).startswith("🚫 Cancelled by")
+
+
+@pytest.mark.parametrize("answer", ["ALREADY_COMPLETED", "CANCELLATION_REQUESTED"])
+async def test_a_job_fal_started_unseen_before_its_timeout_is_followed_to_its_result(world, answer):
+    """fal started the job after the last status the bot saw, before its deadline: the timeout's
+    cancel comes too late (fal answers that the job is done, or that it runs: the model finishes
+    and bills it), so the job is followed to its images rather than reported as too slow."""
+    if answer == "ALREADY_COMPLETED":
+        # Polls right after the submit and 4 s later; fal runs it from 2 s to 2.5 s, the deadline is 3 s.
+        world.fal.default = JobScript(queue_positions=(0,), step=2.0, run_time=0.5)
+        await world.start_bot(JOB_TIMEOUT="3", FAL_STATUS_STREAM="0", POLL_INTERVAL="4")
+    else:
+        # The first status stream never answers; fal runs the job from 2 s to 4 s.
+        world.fal.default = JobScript(queue_positions=(0,), step=2.0, run_time=2.0)
+        world.fal.fail_next("stream", "hang")
+        await world.start_bot(JOB_TIMEOUT="3", FAL_READ_TIMEOUT="10")
+    message = await finished(await world.kontext(), timeout=20)
+    assert text(message).startswith("✅"), text(message)
+    assert len(message.files) == 1
+    assert world.fal.count("cancel") == 1
+    assert f"fal started it before its deadline ({answer})" in world.bot.log_text()

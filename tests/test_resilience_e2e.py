@@ -637,6 +637,11 @@ async def test_fal_down_while_following_ends_in_a_clear_message(world, op, fault
     handles = [await world.kontext(), await world.kontext()]  # the member's two places
     for handle in handles:
         message = await finished(handle, timeout=20)
+        if op == "status" and fault == "hang":
+            # The hanging polls run into the deadline, where the cancel's answer shows the job
+            # done at fal (and billed): its result, which fal still serves, is posted.
+            assert text(message).startswith("✅"), text(message)
+            continue
         assert text(message).startswith("❌")
         assert "fal.ai is not answering" in text(message) or "took too long" in text(message), text(message)
     world.fal._faults[op].clear()
