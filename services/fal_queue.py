@@ -11,8 +11,8 @@ What is retried follows how fal behaves (fal-queue-api.md, part 2):
 - A completed job's error is final: fal answers every later result GET the same way, 5xx
   included, so it is reported at once in fal's own words.
 - Transport failures, 408/409/429 and ingress errors while following a job are retried (a few
-  times for a status, twice as many for a billed result's fetch and download), then reported as
-  `FalUnavailable`.
+  times for the status of a job fal has not started, twice as many once it runs, and so is
+  billed, and for its result's fetch and download), then reported as `FalUnavailable`.
 
 Follow-up calls use the URLs fal returned on submit, never URLs built from the endpoint id (fal
 drops the endpoint's sub-path from them), and the key is sent only to the configured queue host.
@@ -48,8 +48,9 @@ MAX_BROKEN_STREAMS = 3
 # "A few times": attempts of an idempotent call (status, result, cancel, download) through
 # transport failures and ingress errors before fal counts as unavailable.
 FOLLOW_ATTEMPTS = 6
-# A made (and billed) result, which fal keeps for an hour: tried through an outage of about a
-# minute and a half with the default backoff (0.5 s doubling to 10 s), as fal-client's 10 tries.
+# A made (and billed) result, which fal keeps for an hour, and the status of a job fal runs (and
+# bills, whatever the bot does): tried through an outage of about a minute and a half with the
+# default backoff (0.5 s doubling to 10 s), as fal-client's 10 tries.
 RESULT_ATTEMPTS = 12
 # fal's detail type for a refusal by its safety system.
 CONTENT_POLICY = "content_policy_violation"
@@ -413,7 +414,7 @@ class FalQueueClient:
         broken_streams = 0
         while True:
             streaming = self._use_stream and broken_streams < MAX_BROKEN_STREAMS
-            source = self._stream(request) if streaming else self._poll(request, deadline)
+            source = self._stream(request) if streaming else self._poll(request, deadline, last)
             try:
                 async for status in source:
                     if status != last:
@@ -438,7 +439,7 @@ class FalQueueClient:
                     request.request_id,
                     describe_error(exc),
                 )
-            status = await self.status(request, deadline=deadline)
+            status = await self.status(request, deadline=deadline, attempts=_status_attempts(last))
             if status != last:
                 if quiet:  # the stream kept quiet through a change: it cannot be relied on
                     broken_streams += 1
@@ -449,8 +450,8 @@ class FalQueueClient:
             if not quiet:
                 await asyncio.sleep(self._backoff.delay(broken_streams))
 
-    async def status(self, request: FalRequest, *, deadline: float) -> QueueStatus:
-        """One status poll, retried through transport failures."""
+    async def status(self, request: FalRequest, *, deadline: float, attempts: int = FOLLOW_ATTEMPTS) -> QueueStatus:
+        """One status poll, retried through transport failures (`attempts` calls at most)."""
 
         async def attempt() -> QueueStatus:
             try:
@@ -459,12 +460,12 @@ class FalQueueClient:
                 # A status GET changes nothing at fal: a 5xx here is worth another try.
                 raise _Transient(f"status answered {exc.status}", status=exc.status) from None
 
-        result: QueueStatus = await self._retried(attempt, what="fal status", deadline=deadline)
+        result: QueueStatus = await self._retried(attempt, what="fal status", deadline=deadline, attempts=attempts)
         return result
 
-    async def _poll(self, request: FalRequest, deadline: float) -> AsyncIterator[QueueStatus]:
+    async def _poll(self, request: FalRequest, deadline: float, last: QueueStatus | None) -> AsyncIterator[QueueStatus]:
         while True:
-            status = await self.status(request, deadline=deadline)
+            status = last = await self.status(request, deadline=deadline, attempts=_status_attempts(last))
             yield status
             if status.state == "COMPLETED":
                 return
@@ -566,6 +567,12 @@ class FalQueueClient:
             attempt, what="result download", deadline=deadline, attempts=RESULT_ATTEMPTS
         )
         return size_and_type
+
+
+def _status_attempts(last: QueueStatus | None) -> int:
+    """How often a status poll is tried: a job last seen running is billed whatever happens, so
+    it is followed through an outage as long as its result's fetch would be."""
+    return RESULT_ATTEMPTS if last is not None and last.state == "IN_PROGRESS" else FOLLOW_ATTEMPTS
 
 
 class _StreamUnsupported(Exception):

@@ -326,3 +326,16 @@ async def test_a_job_fal_started_unseen_before_its_timeout_is_followed_to_its_re
     assert len(message.files) == 1
     assert world.fal.count("cancel") == 1
     assert f"fal started it before its deadline ({answer})" in world.bot.log_text()
+
+
+async def test_a_running_job_is_followed_through_a_short_fal_outage(world):
+    """Once fal runs a job it bills it, and a cancel would not stop it: its status is followed
+    through an outage as long as its result's fetch would be, not given up after a few tries."""
+    world.fal.default = JobScript(queue_positions=(0,), step=0.05, run_time=1.5)
+    await world.start_bot(FAL_STATUS_STREAM="0")
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "Generating"))
+    world.fal.fail_next("status", status="ingress_503", times=8)
+    message = await finished(handle, timeout=30)
+    assert text(message).startswith("✅"), text(message)
+    assert world.fal.count("cancel") == 0
