@@ -535,45 +535,51 @@ class JobRunner:
         At a deadline the job is cancelled at fal; if fal answers that it runs or is done (it
         started after the last status the bot saw), it is billed all the same and followed on,
         once, as a job seen starting then."""
-        assert job.request is not None
-        followed_past_deadline = False
-        while True:
+        for last_chance in (False, True):
             try:
-                async with asyncio.timeout_at(deadline) as limit:
-                    # The statuses' own retries are bounded in number; the time, by `limit`.
-                    async for status in self._fal.statuses(job.request, deadline=math.inf):
-                        starting = job.started_at is None
-                        await self._apply_status(job, status)
-                        if starting and job.started_at is not None:
-                            limit.reschedule(max(deadline, self._deadline(job, since=job.started_at)))
-                    if job.started_at is None:  # it ran between two statuses (or was handed back)
-                        limit.reschedule(max(deadline, self._deadline(job, since=time.time())))
-                        if await self._left_fals_line(job):
-                            return  # handed back: the hand-back stops this work, and the result would say "cancelled"
-                    job.completed_at = time.time()
-                    fetch_by = limit.when()
-                    assert fetch_by is not None, "a timeout at a time"
-                    # Done at fal, whatever the result: its slot there is free now (the next job
-                    # may be starting), though the result is still to be fetched.
-                    ran_for = job.completed_at - job.started_at if job.started_at else None
-                    self._scheduler.left_fal(job.id, ran_for=ran_for)
-                    output = parse_output(await self._fal.result(job.request, deadline=fetch_by))
-                    made = len(output.images)
-                    self._metrics.images_made(made, made * self._price)
-                    job.result = await self._results.take(job.id, output, deadline=fetch_by)
+                if not await self._follow_to_result(job, deadline):
+                    return  # handed back: the hand-back stops this work, and the result would say "cancelled"
                 break
             except TimeoutError:
                 answer = await self._cancel_quietly(job)
-                unseen_start = job.started_at is None and answer in ("CANCELLATION_REQUESTED", "ALREADY_COMPLETED")
-                if followed_past_deadline or not unseen_start:
+                started_unseen = job.started_at is None and answer in ("CANCELLATION_REQUESTED", "ALREADY_COMPLETED")
+                if last_chance or not started_unseen:
                     raise
                 log.info("job %d: fal started it before its deadline (%s); following it on", job.id, answer)
-                followed_past_deadline = True
                 deadline = self._deadline(job, since=time.time())
+        assert job.result is not None
         # Stored now only if files in DATA_DIR depend on it; images held in memory are gone
         # after a restart anyway, which then follows the request at fal again.
         on_disk = any(image.on_disk for image in job.result.images)
         await self._transition(job, JobState.SUCCEEDED, store=on_disk)
+
+    async def _follow_to_result(self, job: Job, deadline: float) -> bool:
+        """The job's statuses until fal is done with it, then its result taken into custody
+        (`job.result`), by `deadline` (moved on once fal starts it); False if it was handed back
+        from fal's line meanwhile. Raises TimeoutError at the deadline."""
+        assert job.request is not None
+        async with asyncio.timeout_at(deadline) as limit:
+            # The statuses' own retries are bounded in number; the time, by `limit`.
+            async for status in self._fal.statuses(job.request, deadline=math.inf):
+                starting = job.started_at is None
+                await self._apply_status(job, status)
+                if starting and job.started_at is not None:
+                    limit.reschedule(max(deadline, self._deadline(job, since=job.started_at)))
+            if job.started_at is None:  # it ran between two statuses (or was handed back)
+                limit.reschedule(max(deadline, self._deadline(job, since=time.time())))
+                if await self._left_fals_line(job):
+                    return False
+            job.completed_at = time.time()
+            fetch_by = limit.when()
+            assert fetch_by is not None, "a timeout at a time"
+            # Done at fal, whatever the result: its slot there is free now (the next job may be
+            # starting), though the result is still to be fetched.
+            self._scheduler.left_fal(job.id, ran_for=job.completed_at - job.started_at if job.started_at else None)
+            output = parse_output(await self._fal.result(job.request, deadline=fetch_by))
+            made = len(output.images)
+            self._metrics.images_made(made, made * self._price)
+            job.result = await self._results.take(job.id, output, deadline=fetch_by)
+        return True
 
     async def _apply_status(self, job: Job, status: QueueStatus) -> None:
         for line in status.logs:
