@@ -446,7 +446,7 @@ class JobRunner:
         except InputUnavailable as exc:
             log.info("job %d: input unavailable: %s", job.id, exc)
             await self._fail(job, "input_unavailable", texts(job.locale).error(exc))
-        except TimeoutError:  # cancelled at fal by `_follow`, if it was there
+        except TimeoutError:  # cancelled at fal by `_follow`, if it was there (as when fal is down)
             log.warning("job %d timed out after %.0fs", job.id, self._job_timeout)
             await self._fail(job, "timeout", None)
         except Exception:
@@ -477,8 +477,6 @@ class JobRunner:
             return
         if isinstance(exc, FalAccountLocked):
             self.account.locked(exc.reason)
-        elif isinstance(exc, FalUnavailable) and job.request is not None:
-            await self._cancel_quietly(job)  # if fal is back, it must not run (and bill) it unseen
         log.warning("job %d failed: %s (%s)", job.id, exc, exc.code, extra=_ids(job))
         await self._fail(job, exc.code, _describe_detail(exc))
 
@@ -532,20 +530,22 @@ class JobRunner:
         """Follow the job at fal to its result. JOB_TIMEOUT bounds the wait for fal to start it;
         once fal runs it, it is billed whatever the bot does, so it is followed for as long
         again, and its result fetched, rather than cancelled (a running job ignores a cancel).
-        At a deadline the job is cancelled at fal; if fal answers that it runs or is done (it
-        started after the last status the bot saw), it is billed all the same and followed on,
-        once, as a job seen starting then."""
+        At a deadline, or when fal stops answering, the job is cancelled at fal (if fal is back,
+        it must not run and bill it unseen); if fal answers that it runs or is done (it started
+        after the last status the bot saw), it is billed all the same and followed on, once, as a
+        job seen starting then."""
         for last_chance in (False, True):
             try:
                 if not await self._follow_to_result(job, deadline):
                     return  # handed back: the hand-back stops this work, and the result would say "cancelled"
                 break
-            except TimeoutError:
+            except (TimeoutError, FalUnavailable) as exc:
                 answer = await self._cancel_quietly(job)
                 started_unseen = job.started_at is None and answer in ("CANCELLATION_REQUESTED", "ALREADY_COMPLETED")
                 if last_chance or not started_unseen:
                     raise
-                log.info("job %d: fal started it before its deadline (%s); following it on", job.id, answer)
+                why = "past its deadline" if isinstance(exc, TimeoutError) else "its status unanswered"
+                log.info("job %d: %s, yet fal started it (%s); following it on", job.id, why, answer)
                 deadline = self._deadline(job, since=time.time())
         assert job.result is not None
         # Stored now only if files in DATA_DIR depend on it; images held in memory are gone

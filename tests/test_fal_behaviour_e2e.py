@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from fakes.fal_fake import JobScript, infra_error, model_error
+from services.fal_queue import FOLLOW_ATTEMPTS
 from tests.e2e import attachment_bytes, button, fal_job, finished, has_button, private_answer, shows, text
 
 
@@ -325,7 +326,21 @@ async def test_a_job_fal_started_unseen_before_its_timeout_is_followed_to_its_re
     assert text(message).startswith("✅"), text(message)
     assert len(message.files) == 1
     assert world.fal.count("cancel") == 1
-    assert f"fal started it before its deadline ({answer})" in world.bot.log_text()
+    assert f"past its deadline, yet fal started it ({answer})" in world.bot.log_text()
+
+
+async def test_a_queued_job_fal_starts_while_its_status_fails_is_followed_to_its_result(world):
+    """fal stops answering the job's status while it waits in fal's line, for longer than the bot
+    tries; fal starts it meanwhile. The cancel the bot then sends finds it running (it ignores
+    the cancel: the model finishes and bills it), so it is followed to its images rather than
+    reported as fal not answering."""
+    world.fal.default = JobScript(queue_positions=(0,), step=1.0, run_time=3.0)
+    await world.start_bot(FAL_STATUS_STREAM="0", RETRY_BASE_DELAY="0.05")
+    world.fal.fail_next("status", status="ingress_503", times=FOLLOW_ATTEMPTS)
+    message = await finished(await world.kontext(), timeout=20)
+    assert text(message).startswith("✅"), text(message)
+    assert world.fal.count("cancel") == 1
+    assert "its status unanswered, yet fal started it (CANCELLATION_REQUESTED)" in world.bot.log_text()
 
 
 async def test_a_running_job_is_followed_through_a_short_fal_outage(world):
