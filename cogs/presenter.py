@@ -81,6 +81,9 @@ IMAGE_LINK = N_("image {number}")
 # Images over the upload limit where they are posted are linked instead, with this line.
 TOO_LARGE_FOR_SERVER = N_("📦 Too large for this server's upload limit: {links}")
 TOO_LARGE_FOR_DM = N_("📦 Too large to send in a DM: {links}")
+# The first line of what comes by DM after the reply's 15 minutes: a result, or other news of it.
+LATE_DM_READY = N_("📬 Your edit from {reply} is ready: the reply there could only be updated for 15 minutes.")
+LATE_DM_NEWS = N_("📬 An update on your edit from {reply}: the reply there could only be updated for 15 minutes.")
 # All replies together get at most this many progress edits per second.
 MAX_PROGRESS_EDITS_PER_SECOND = 20
 
@@ -388,8 +391,10 @@ class DiscordPresenter:
             if job.posts_late_in_channel:  # the bot may not post there: its messages are not the channel's
                 job.notes = {**job.notes, NOTE_LATE_BY_DM: True}
             channel = await self._bot.create_dm(discord.Object(job.user_id))
+            # "Ready" only where there are images to show: a failure, a cancel or a result
+            # withheld whole is news of the edit, not its result.
             lead = _(
-                "📬 Your edit from {reply} is ready: the reply there could only be updated for 15 minutes.",
+                LATE_DM_READY if rendered.files else LATE_DM_NEWS,
                 reply=f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{job.message_id}",
             )
         assert isinstance(channel, discord.abc.Messageable)

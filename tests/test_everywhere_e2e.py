@@ -17,7 +17,7 @@ from fakes.discord_fake import (
     custom_ids,
     media_gallery_items,
 )
-from fakes.fal_fake import JobScript
+from fakes.fal_fake import JobScript, model_error
 from services.config import SettingsError, load_settings
 from tests.e2e import admin, button, contents, details, finished, private_answer, shows, text
 
@@ -225,6 +225,25 @@ async def test_a_job_outliving_its_reply_where_the_bot_cannot_post_comes_by_dm(w
     delete = await world.discord.click_button(card.id, button(card, "delete"), user="alice")
     await delete.wait_for_callback()
     await world.discord.wait_until(lambda: card.deleted, timeout=5)
+
+
+async def test_a_failure_outliving_its_reply_is_not_announced_as_ready(world):
+    """fal refuses the job after the reply's token ended: the DM tells the failure, with Try
+    again, and does not announce a result that is not there."""
+    world.fal.default = model_error("downstream_service_error", "BFL could not do it", queue_positions=(1, 0), step=0.4)
+    await world.start_bot(**PERSONAL)
+    alone = server_without_the_bot(world)
+    handle = await kontext_in(world, guild_id=alone.id, context="user_guild")
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    world.discord.expire_token(handle.token)
+    await world.discord.wait_until(lambda: dm_messages(world), timeout=15)
+    (news,) = dm_messages(world)
+    link = f"https://discord.com/channels/{alone.id}/{handle.channel_id}/{handle.original.id}"
+    assert text(news) == (
+        f"📬 An update on your edit from {link}: the reply there could only be updated for 15 minutes.\n"
+        "❌ FLUX.1 Kontext refused this edit: BFL could not do it"
+    )
+    assert button(news, "retry") and bot_posts_in(world, alone) == []
 
 
 async def test_the_follow_up_limit_of_an_app_the_server_has_not_added(world):
