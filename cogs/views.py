@@ -136,14 +136,15 @@ async def edit_job(interaction: Interaction, job: Job) -> None:
 
 
 async def delete_result(interaction: Interaction, job: Job) -> None:
-    """Every message of the result goes, not only the one whose button was pressed (where the
-    bot may not delete with its own token, a server without the bot, the others stay)."""
+    """Every message of the result goes, not only the one whose button was pressed: in a server
+    channel and in the member's DM with the bot, the bot deletes the others with its own token
+    (where it may not, a group DM or a server without the bot, the others stay)."""
     await interaction.response.defer()
     pressed = interaction.message.id if interaction.message is not None else None
     channel = interaction.channel
     # A result shown again elsewhere ("Show here") is one message of its own.
     for message_id in job.posted_message_ids if pressed in job.posted_message_ids else ():
-        if message_id != pressed and isinstance(channel, (discord.TextChannel, discord.Thread, discord.VoiceChannel)):
+        if message_id != pressed and isinstance(channel, ServerChannel | discord.DMChannel):
             with contextlib.suppress(discord.NotFound, discord.Forbidden):
                 await channel.get_partial_message(message_id).delete()
     await interaction.delete_original_response()

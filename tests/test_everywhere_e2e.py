@@ -103,6 +103,20 @@ async def test_a_dm_with_the_bot(world):
     assert text(await finished(again)).startswith("✅") and [r["place"] for r in job_rows(world)] == ["bot_dm"] * 2
 
 
+async def test_delete_in_a_dm_removes_every_message_of_the_result(world):
+    """A classic result split over messages to fit the DM's upload limit is one result there
+    too: the bot may delete its own messages in its DM, so Delete on one part removes them all."""
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot(**PERSONAL, RESULT_CARDS="0")
+    handle = await kontext_in(world, context="bot_dm", options={"num_images": 4}, attachment_size_limit=100_000)
+    message = await finished(handle)
+    await handle.wait_until(lambda h: len(h.followups) == 1)
+    (part,) = handle.followups
+    click = await world.discord.click_button(part.id, button(part, "delete"), user="alice")
+    await click.wait_for_callback()
+    await world.discord.wait_until(lambda: message.deleted and part.deleted, timeout=5)
+
+
 async def test_a_server_without_the_bot(world):
     world.fal.default = JobScript(queue_positions=(1, 0), step=0.2)
     await world.start_bot(**PERSONAL)
