@@ -34,27 +34,28 @@ def _when(moment: float) -> str:
 
 def standing_line(standing: Standing, _: Texts, *, personal: bool) -> tuple[str, str]:
     """One limit as the member reads it: its name and where they stand (⛔ when the next job
-    would be refused by it)."""
+    would be refused by it), counts and money written as the member's language writes them."""
     reason = standing.reason
     used, limit = standing.used, standing.limit
+    counted = {"used": _.number(used), "limit": _.number(limit)}
     if reason is RefusalReason.OPERATOR_BUDGET:
         name = _("The bot's monthly budget (all servers)")
         value = _("{used} of {limit}", used=_.money(used), limit=_.money(limit))
     elif reason is RefusalReason.MEMBER_CONCURRENCY:
         name = _("Your jobs running")
-        value = _("{used} of {limit}", used=int(used), limit=int(limit))
+        value = _("{used} of {limit}", **counted)
     elif reason is RefusalReason.GUILD_CONCURRENCY:
         name = _("Jobs running in this server")
-        value = _("{used} of {limit}", used=int(used), limit=int(limit))
+        value = _("{used} of {limit}", **counted)
     elif reason is RefusalReason.COOLDOWN:
         name = _("Cooldown")
-        value = _("one job every {seconds} s", seconds=int(limit))
+        value = _("one job every {seconds} s", seconds=_.number(limit))
     elif reason is RefusalReason.DAILY_LIMIT:
         name = _("Your jobs today outside servers") if personal else _("Your jobs today")
-        value = _("{used} of {limit}", used=int(used), limit=int(limit))
+        value = _("{used} of {limit}", **counted)
     elif reason is RefusalReason.MONTHLY_IMAGE_BUDGET:
         name = _("This server's monthly budget")
-        value = _("{used} of {limit} images", used=int(used), limit=int(limit))
+        value = _("{used} of {limit} images", **counted)
     else:
         name = _("This server's monthly budget")
         value = _("{used} of {limit}", used=_.money(used), limit=_.money(limit))

@@ -101,3 +101,17 @@ async def test_the_next_job_is_judged_with_the_members_own_number_of_images(worl
     budget = field(embed, "This server's monthly budget")
     assert budget["name"].startswith("⛔") and budget["value"].startswith("2 of 3 images")
     assert embed["description"] == "⛔ marks a limit that stops your next job."
+
+
+async def test_the_figures_are_written_as_the_member_s_language_writes_numbers(world):
+    """Counts as the refusals write them (and as money is written beside them): 5,000 in
+    English, 5.000 in German, not 5000."""
+    await world.start_bot()
+    await admin(world, "limits", monthly_images=5000, cooldown_seconds=3600)
+    english = await my_quota(world)
+    assert field(english, "This server's monthly budget")["value"].startswith("0 of 5,000 images · ")
+    assert field(english, "Cooldown")["value"] == "one job every 3,600 s · ready now"
+    german = await my_quota(world, locale="de")
+    values = [f["value"] for f in german["fields"]]
+    assert any(v.startswith("0 von 5.000 Bildern · ") for v in values), values
+    assert "ein Auftrag alle 3.600 s · jetzt bereit" in values, values
