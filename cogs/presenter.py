@@ -324,7 +324,7 @@ class DiscordPresenter:
     async def _deliver_by_interaction(
         self, job: Job, rendered: Rendered, progress: DeliveryProgress, as_card: bool
     ) -> None:
-        rendered, groups = _packed(job, rendered, as_card, job.upload_limit, TOO_LARGE_FOR_SERVER)
+        rendered, groups = _packed(job, rendered, as_card, job.upload_limit, _too_large_where_asked(job))
         webhook = self._webhook(job)
         for index in range(job.delivered_parts, len(groups)):
             shown = self._shown(job, rendered, groups[index], as_card)
@@ -448,7 +448,7 @@ class DiscordPresenter:
         member's Nitro) and holds for its reply alone, and for the parts after those it showed:
         they keep its packing, so the rest resumes where it stopped."""
         if job.delivered_parts > 0 and job.posted_message_ids[:1] == [job.message_id]:
-            return job.upload_limit, TOO_LARGE_FOR_SERVER
+            return job.upload_limit, _too_large_where_asked(job)
         if in_channel and job.guild_id is not None:
             guild = self._bot.get_guild(job.guild_id)
             own = guild.filesize_limit if guild else discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
@@ -501,6 +501,12 @@ def _packed(
         links = ", ".join(f"[{_(IMAGE_LINK, number=i + 1)}]({rendered.files[i].url})" for i in too_large)
         rendered = dataclasses.replace(rendered, content=rendered.content + "\n" + _(too_large_text, links=links))
     return rendered, groups or [[]]
+
+
+def _too_large_where_asked(job: Job) -> str:
+    """The line linking images over the interaction's upload limit, naming where it was used: a
+    server, or a DM (the member's with the bot, a group DM), which has no server's limit."""
+    return TOO_LARGE_FOR_SERVER if job.guild_id is not None else TOO_LARGE_FOR_DM
 
 
 def _reply_deleted(job: Job, exc: discord.HTTPException) -> bool:

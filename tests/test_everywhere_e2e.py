@@ -117,6 +117,16 @@ async def test_delete_in_a_dm_removes_every_message_of_the_result(world):
     await world.discord.wait_until(lambda: message.deleted and part.deleted, timeout=5)
 
 
+async def test_an_image_over_a_dm_s_upload_limit_is_linked_as_too_large_for_a_dm(world):
+    """The line that links an image over the upload limit names the place it was shown in: in
+    the member's DM with the bot there is no server whose limit it could be."""
+    world.fal.default = JobScript(image_size=150_000)
+    await world.start_bot(**PERSONAL)
+    message = await finished(await kontext_in(world, context="bot_dm", attachment_size_limit=100_000))
+    assert text(message).startswith("✅ Done.\n📦 Too large to send in a DM: [image 1](http"), text(message)
+    assert message.files == {}
+
+
 async def test_a_server_without_the_bot(world):
     world.fal.default = JobScript(queue_positions=(1, 0), step=0.2)
     await world.start_bot(**PERSONAL)
