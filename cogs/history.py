@@ -474,7 +474,7 @@ async def show_here(interaction: Interaction, job: Job) -> None:
         raise UserFacingError(N_("Job #{id} has no images that can be shown here."), id=job.id)
     if all(image.size > interaction.filesize_limit for image in rendered.files):
         raise UserFacingError(
-            N_("The images of job #{id} are over this server's upload limit: open the original instead."), id=job.id
+            N_("The images of job #{id} are over the upload limit here: open the original instead."), id=job.id
         )
     callback = await interaction.response.defer(thinking=True)
     if callback is not None and callback.is_ephemeral():
@@ -490,9 +490,9 @@ async def show_here(interaction: Interaction, job: Job) -> None:
             )
         if missing := len(rendered.files) - len(files):
             rendered.content += "\n" + _.ngettext(
-                "📦 {count} image could not be shown again here (over this server's upload limit, or gone "
+                "📦 {count} image could not be shown again here (over the upload limit here, or gone "
                 "from Discord): the original has it.",
-                "📦 {count} images could not be shown again here (over this server's upload limit, or gone "
+                "📦 {count} images could not be shown again here (over the upload limit here, or gone "
                 "from Discord): the original has them.",
                 missing,
             )

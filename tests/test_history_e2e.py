@@ -348,7 +348,7 @@ async def test_show_here_says_what_it_could_not_show_again(world):
         page.id, entry_button(page, "show", 1), user="alice", attachment_size_limit=30_000
     )
     await small.wait_for_callback()
-    assert "over this server's upload limit" in private_answer(small)
+    assert "over the upload limit here" in private_answer(small)
     gone = original.attachments[1]["url"].split("?")[0].removeprefix(world.discord.base_url)
     del world.discord.cdn_files[gone]  # Discord lost one of the two
     shown = await finished(await press(world, page, entry_button(page, "show", 1)))
