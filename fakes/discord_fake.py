@@ -362,7 +362,7 @@ class RecordedRequest:
     json: Any
     files: dict  # field name -> (filename, bytes)
     time: float
-    status: int = 0
+    status: int = 0  # 0 while unanswered (or held by a "hang" fault); 499: the client went away mid-body
     response: Any = None
 
 
@@ -2487,7 +2487,13 @@ class FakeDiscord:
         where = f"{method} {path}"
         try:
             try:
-                body, files, had_body = await self._read_body(request)
+                try:
+                    body, files, had_body = await self._read_body(request)
+                except ConnectionResetError:
+                    # The client went away mid-body (a bot killed while uploading): Discord never
+                    # gets the request whole, so nothing is done. 499: "client closed request".
+                    rec.status = 499
+                    return web.Response(status=499)
                 rec.json = body
                 rec.files = {k: (v[0], v[1]) for k, v in files.items()}
                 # fault injection first (Discord/Cloudflare answers before validating)

@@ -474,3 +474,29 @@ async def test_fresh_message_fetch_refreshes_expired_cdn_urls(cdn_fake):
     assert await _cdn_get(fetched["proxy_url"]) == (200, PNG)
     # an unexpired URL is handed out unchanged
     assert fake.refresh_cdn_url(fetched["url"]) == fetched["url"]
+
+
+async def test_a_client_gone_mid_upload_is_not_a_fault_of_the_fake():
+    """A bot killed while it uploads a file leaves its request half sent: Discord never gets it
+    whole, so nothing is posted, and the fake reports no error of its own."""
+    fake = FakeDiscord(token="t0k")
+    await fake.start()
+    try:
+        host, port = fake.api_base.split("//")[1].split("/")[0].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        path = f"/api/v10/channels/{fake.channel_id}/messages"
+        boundary = "b0undary"
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bot t0k\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 1000000\r\n\r\n"
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files[0]"; filename="a.png"\r\n\r\n'
+        )
+        writer.write(head.encode() + b"\x89PNG" * 1000)
+        await writer.drain()
+        await fake.wait_until(lambda: any(r.path.endswith("/messages") for r in fake.requests), timeout=5)
+        writer.close()
+        await fake.wait_until(lambda: all(r.status != 0 for r in fake.requests), timeout=5)
+        assert fake.violations == []
+        assert fake.channel_messages() == []
+    finally:
+        await fake.stop()
