@@ -235,8 +235,9 @@ def standings(
     price_per_image: float,
     operator: OperatorLimits = NO_OPERATOR_LIMITS,
 ) -> list[Standing]:
-    """Every usage limit that applies, in the order `resolve` reports them: the operator's
-    budget, concurrency (member, then server), cooldown, the daily limit, the server's budgets.
+    """Every usage limit that applies, in the order `resolve` reports them (after any set to 0):
+    the operator's budget, concurrency (member, then server), cooldown, the daily limit, the
+    server's budgets.
     A limit left unset (None, or no cooldown) is not listed."""
     found: list[Standing] = []
     month_end = next_month_start(now)
@@ -319,10 +320,12 @@ def _check(
     refused = access_refusal(policy, requester)
     if refused is not None:
         return refused
-    for standing in standings(policy, usage, ask, now=now, price_per_image=price, operator=operator):
-        if standing.reached:
-            return Refused(standing.reason, standing.resets_at, standing.limit)
-    return None
+    reached = [s for s in standings(policy, usage, ask, now=now, price_per_image=price, operator=operator) if s.reached]
+    if not reached:
+        return None
+    # A limit set to 0 first: waiting for another to free up would only end in this one.
+    standing = next((s for s in reached if s.limit == 0), reached[0])
+    return Refused(standing.reason, standing.resets_at, standing.limit)
 
 
 def resolve(

@@ -247,3 +247,15 @@ async def test_a_limit_set_to_0_is_told_as_a_pause(world):
     await admin(world, "limits", daily_jobs=0)
     assert "moderators set “Daily jobs per member” to 0" in await refused(world)
     assert world.fal.submits == []
+
+
+async def test_a_pause_is_told_before_a_limit_that_waiting_frees(world):
+    """A member in their cooldown when moderators set daily jobs to 0 is told of the pause, not
+    to come back when the cooldown ends (only to be told of the pause then)."""
+    await world.start_bot()
+    await admin(world, "limits", cooldown_seconds=600)
+    await finished(await world.kontext())
+    await admin(world, "limits", daily_jobs=0)
+    answer = await refused(world)
+    assert answer == "`/kontext` is paused in this server: its moderators set “Daily jobs per member” to 0.", answer
+    assert len(world.fal.submits) == 1
