@@ -259,3 +259,15 @@ async def test_a_pause_is_told_before_a_limit_that_waiting_frees(world):
     answer = await refused(world)
     assert answer == "`/kontext` is paused in this server: its moderators set “Daily jobs per member” to 0.", answer
     assert len(world.fal.submits) == 1
+
+
+async def test_kontext_me_does_not_promise_a_paused_limit_frees_up(world):
+    """/kontext-me's line for a limit set to 0 says it is paused, not that it frees up when a job
+    finishes or resets at midnight: neither lets a job start."""
+    await world.start_bot()
+    await admin(world, "limits", member_concurrent=0, daily_jobs=0)
+    me = await world.discord.invoke_slash("kontext-me")
+    await me.wait_for_callback()
+    fields = {field["name"]: field["value"] for field in me.callback["data"]["embeds"][0]["fields"]}
+    assert fields["⛔ Your jobs running"] == "0 of 0 · paused by the moderators", fields
+    assert fields["⛔ Your jobs today"] == "0 of 0 · paused by the moderators", fields
