@@ -2870,8 +2870,15 @@ class FakeDiscord:
         return 200, msg.to_payload()
 
     async def _h_delete_message(self, req, p, body, files):
-        self._channel_or_404(p["cid"])
+        """Delete Message (docs resources/message.mdx): the bot's own messages; another's in a
+        guild channel "requires the MANAGE_MESSAGES permission", and in a DM none (403 50003
+        "Cannot execute action on a DM channel", topics/opcodes-and-status-codes.mdx)."""
+        ch = self._channel_or_404(p["cid"])
         msg = self._msg_or_404(p["cid"], p["mid"])
+        own = msg.author.get("id") == self.bot_user["id"]
+        if not ch.get("guild_id") and not own:
+            raise ApiError(403, {"message": "Cannot execute action on a DM channel", "code": 50003})
+        self._check_bot_permissions(ch, 0 if own else MANAGE_MESSAGES, "delete a message")
         self._delete(msg)
         return 204, None
 

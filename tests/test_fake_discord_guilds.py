@@ -207,6 +207,32 @@ async def test_the_bots_channel_permissions_are_discords(fake):
     assert fake.violations == []
 
 
+async def test_the_bot_deletes_its_own_messages_and_others_only_with_manage_messages(fake):
+    """Delete Message (resources/message.mdx): the bot may delete its own messages; another's in
+    a guild channel needs MANAGE_MESSAGES there (50013 without it); in a DM it may delete only
+    its own (50003 "Cannot execute action on a DM channel")."""
+    cid = fake.channel_id
+    posts = f"/channels/{cid}/messages"
+    status, own = await _bot_request(fake, "POST", posts, json={"content": "mine"})
+    assert status == 200
+    alices = fake.post_user_message("hers")
+    assert await _bot_request(fake, "DELETE", f"{posts}/{alices.id}") == (403, MISSING_PERMISSIONS)
+    assert not alices.deleted
+    assert (await _bot_request(fake, "DELETE", f"{posts}/{own['id']}"))[0] == 204
+    fake.set_permission_overwrite(cid, fake.default_guild.bot_role_id, allow=MANAGE_MESSAGES)
+    assert (await _bot_request(fake, "DELETE", f"{posts}/{alices.id}"))[0] == 204 and alices.deleted
+
+    dm = fake._dm_channel(fake.alice["id"])["id"]
+    dm_posts = f"/channels/{dm}/messages"
+    status, own_dm = await _bot_request(fake, "POST", dm_posts, json={"content": "mine"})
+    assert status == 200
+    in_dm = fake.post_user_message("hers", channel_id=dm)
+    refused = {"message": "Cannot execute action on a DM channel", "code": 50003}
+    assert await _bot_request(fake, "DELETE", f"{dm_posts}/{in_dm.id}") == (403, refused)
+    assert (await _bot_request(fake, "DELETE", f"{dm_posts}/{own_dm['id']}"))[0] == 204
+    fake.violations.clear()  # refused on purpose
+
+
 async def test_discord_py_sees_the_bots_permissions_as_the_fake_enforces_them(fake):
     """The bot's role is in GUILD_CREATE and an overwrite set while it runs comes as
     CHANNEL_UPDATE, so discord.py's permissions_for(guild.me) and the interaction's
