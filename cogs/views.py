@@ -234,7 +234,18 @@ async def _share(interaction: Interaction, job: Job) -> None:
 
 
 async def _channel_of(bot: KontextBot, job: Job) -> ServerChannel:
-    channel = bot.get_channel(job.channel_id) or await bot.fetch_channel(job.channel_id)
+    """The result's channel, for the bot to post in with its own token. One its cache lacks is
+    fetched; Discord refuses (403) a private thread the bot was never added to, whose members
+    alone see it, and any channel of a server the bot has left."""
+    try:
+        channel = bot.get_channel(job.channel_id) or await bot.fetch_channel(job.channel_id)
+    except discord.Forbidden:
+        raise UserFacingError(
+            N_(
+                "The bot can't see the channel of this result, so it can't be shared there. In a private "
+                "thread, someone in it can add the bot (mention it there); then press Share again."
+            )
+        ) from None
     assert isinstance(channel, ServerChannel)
     return channel
 

@@ -296,3 +296,22 @@ async def test_share_from_the_dm_needs_the_member_still_able_to_post_in_the_chan
     await refused.wait_for_callback()
     assert "can no longer post in the channel of this result" in private_answer(refused)
     assert [m for m in world.discord.channel_messages() if not m.ephemeral] == []
+
+
+async def test_share_from_the_dm_to_a_private_thread_the_bot_is_not_in_says_so(world):
+    """A private result from a private thread the bot was never added to came by DM: the bot may
+    not see that thread (Discord answers 403 50001 to its fetch), so Share says the bot cannot post
+    there and how to let it, instead of an error "on the bot's side"."""
+    fake = world.discord
+    thread = fake.add_thread(fake.channel_id, "alice's corner", owner="alice", type=12)
+    card = await private_result_by_dm(world, channel_id=thread["id"])
+    share = await fake.click_button(card.id, button(card, "share"), user="alice")
+    await share.wait_for_callback()
+    answer = private_answer(share)
+    assert answer.startswith("The bot can't see the channel of this result, so it can't be shared there."), answer
+    assert [m for m in fake.channel_messages(thread["id"]) if not m.ephemeral] == []
+    assert "unexpected error" not in world.bot.log_text()
+    fake.add_thread_member(thread["id"], fake.bot_user)  # alice mentions the bot in the thread
+    shared = await fake.click_button(card.id, button(card, "share"), user="alice")
+    await shared.wait_for_callback()
+    await fake.wait_until(lambda: [m for m in fake.channel_messages(thread["id"]) if m.flags & IS_COMPONENTS_V2])
