@@ -19,7 +19,7 @@ from services.i18n import N_, texts
 from services.job import NOTE_SHARED_AS, Job, ResultImage
 from services.runner import CancelOutcome
 
-from .errors import UserFacingError, report, tell
+from .errors import UserFacingError, place_of, report, tell
 from .inputs import image_url, is_image_attachment
 from .intake import is_nsfw_channel, requester_in
 from .modal import PromptModal, answer_of, form_id, start_edit
@@ -138,12 +138,14 @@ async def edit_job(interaction: Interaction, job: Job) -> None:
 async def delete_result(interaction: Interaction, job: Job) -> None:
     """Every message of the result goes, not only the one whose button was pressed: in a server
     channel and in the member's DM with the bot, the bot deletes the others with its own token
-    (where it may not, a group DM or a server without the bot, the others stay)."""
+    (where it may not, a group DM or a server without the bot, the others stay: Discord would
+    refuse the bot's token there, and each refusal counts towards its invalid-request limit)."""
     await interaction.response.defer()
     pressed = interaction.message.id if interaction.message is not None else None
     channel = interaction.channel
     # A result shown again elsewhere ("Show here") is one message of its own.
-    for message_id in job.posted_message_ids if pressed in job.posted_message_ids else ():
+    of_result = pressed in job.posted_message_ids
+    for message_id in job.posted_message_ids if of_result and place_of(interaction).bot_can_post else ():
         if message_id != pressed and isinstance(channel, ServerChannel | discord.DMChannel):
             with contextlib.suppress(discord.NotFound, discord.Forbidden):
                 await channel.get_partial_message(message_id).delete()

@@ -117,6 +117,28 @@ async def test_delete_in_a_dm_removes_every_message_of_the_result(world):
     await world.discord.wait_until(lambda: message.deleted and part.deleted, timeout=5)
 
 
+async def test_delete_in_a_server_without_the_bot_asks_discord_nothing_it_refuses(world):
+    """Where only the member's install brings the app, the bot's token may not touch the channel:
+    Delete on one part of a result removes that part through the interaction and sends no
+    bot-token delete, which Discord would refuse (403 50001, counted as an invalid request)."""
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot(**PERSONAL, RESULT_CARDS="0")
+    alone = server_without_the_bot(world)
+    options = {"num_images": 4}
+    handle = await kontext_in(
+        world, guild_id=alone.id, context="user_guild", options=options, attachment_size_limit=100_000
+    )
+    message = await finished(handle)
+    await handle.wait_until(lambda h: len(h.followups) == 1)
+    (part,) = handle.followups
+    click = await world.discord.click_button(part.id, button(part, "delete"), user="alice")
+    await click.wait_for_callback()
+    await world.discord.wait_until(lambda: part.deleted, timeout=5)
+    assert not message.deleted  # the bot may not delete it there
+    assert world.discord.requests_to("DELETE", r"^/channels/") == []
+    assert not any(status == 403 for status, *_ in world.discord.rejections), world.discord.rejections
+
+
 async def test_an_image_over_a_dm_s_upload_limit_is_linked_as_too_large_for_a_dm(world):
     """The line that links an image over the upload limit names the place it was shown in: in
     the member's DM with the bot there is no server whose limit it could be."""
