@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 import logging
 import time
@@ -474,16 +475,23 @@ class FalQueueClient:
     async def _stream(self, request: FalRequest) -> AsyncIterator[QueueStatus]:
         url = self._check_host(f"{request.status_url}/stream")
         headers = {**self._auth, "Accept": "text/event-stream"}
-        async with self._session.get(url, params={"logs": "1"}, headers=headers) as response:
+        loop = asyncio.get_running_loop()
+        quiet_at = loop.time() + self._event_timeout
+        async with contextlib.AsyncExitStack() as stack:
+            # Its answer is awaited no longer than an event: a stream that never opens is broken
+            # (a TimeoutError, polled around), not waited for as long as an ordinary call.
+            async with asyncio.timeout_at(quiet_at):
+                response = await stack.enter_async_context(
+                    self._session.get(url, params={"logs": "1"}, headers=headers)
+                )
             if response.status >= 300:
                 raise _StreamUnsupported(f"status stream answered {response.status}")
+            quiet_at = loop.time() + self._event_timeout
             # Read whatever has arrived (usually one whole event) rather than line by line:
             # a job's stream lives for its whole run, so its parsing is per-job CPU.
             decoder = codecs.getincrementaldecoder("utf-8")()
             pending = ""
             data_lines: list[str] = []
-            loop = asyncio.get_running_loop()
-            quiet_at = loop.time() + self._event_timeout
             while True:
                 # Only the read is timed: a timeout around a `yield` would fire in the caller.
                 try:

@@ -318,10 +318,11 @@ async def test_a_job_fal_started_unseen_before_its_timeout_is_followed_to_its_re
         world.fal.default = JobScript(queue_positions=(0,), step=2.0, run_time=0.5)
         await world.start_bot(JOB_TIMEOUT="3", FAL_STATUS_STREAM="0", POLL_INTERVAL="4")
     else:
-        # The first status stream never answers; fal runs the job from 2 s to 4 s.
+        # The first status stream never answers (given up only after 10 s); fal runs the job
+        # from 2 s to 4 s.
         world.fal.default = JobScript(queue_positions=(0,), step=2.0, run_time=2.0)
         world.fal.fail_next("stream", "hang")
-        await world.start_bot(JOB_TIMEOUT="3", FAL_READ_TIMEOUT="10")
+        await world.start_bot(JOB_TIMEOUT="3", FAL_READ_TIMEOUT="10", FAL_STREAM_EVENT_TIMEOUT="10")
     message = await finished(await world.kontext(), timeout=20)
     assert text(message).startswith("✅"), text(message)
     assert len(message.files) == 1

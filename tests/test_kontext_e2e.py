@@ -164,6 +164,16 @@ async def test_broken_status_stream_falls_back_to_polling(world, mode):
     assert world.fal.count("status") >= 1
 
 
+async def test_a_status_stream_that_never_opens_is_given_up_as_soon_as_a_quiet_one(world):
+    """fal takes the stream's request but never answers it: the bot polls around it after the
+    stream's event timeout, not after the much longer read timeout of ordinary calls."""
+    world.fal.default = JobScript(queue_positions=(0,), step=0.2, run_time=0.3)
+    world.fal.fail_next("stream", "hang")
+    await world.start_bot(FAL_STREAM_EVENT_TIMEOUT="1", FAL_READ_TIMEOUT="30")
+    message = await finished(await world.kontext(), timeout=10)
+    assert text(message).startswith("✅")
+
+
 async def test_polling_mode_when_the_stream_is_disabled(world):
     world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.2)
     await world.start_bot(FAL_STATUS_STREAM="0")
