@@ -13,7 +13,7 @@ from services.fal_queue import FalAccountLocked
 from services.flux_kontext import InvalidEdit
 from services.i18n import N_, LocalizedError, Texts
 from services.job import JobPlace
-from services.policy import POLICY_FIELDS, GuildPolicy, RefusalReason, Refused
+from services.policy import POLICY_FIELDS, GuildPolicy, RefusalReason, Refused, Standing
 from services.recipes import RecipeRefused
 from services.runner import RunnerStopped
 
@@ -62,9 +62,9 @@ PAUSING_LIMITS = {
 }
 
 
-def is_paused(refused: Refused) -> bool:
-    """Whether the refusal is by a limit set to 0: waiting does not help."""
-    return refused.reason in PAUSING_LIMITS and refused.limit == 0
+def is_paused(limit: Refused | Standing) -> bool:
+    """Whether a refusal (or a member's standing) is by a limit set to 0: waiting does not help."""
+    return limit.reason in PAUSING_LIMITS and limit.limit == 0
 
 
 def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: bool = False) -> str:

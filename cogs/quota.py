@@ -14,7 +14,7 @@ from discord.ext import commands
 from services.i18n import N_, Texts
 from services.policy import JobAsk, RefusalReason, Refused, Standing, resolve, standings
 
-from .errors import PAUSING_LIMITS, is_paused, refusal_text
+from .errors import is_paused, refusal_text
 from .intake import requester_of
 from .render import EMBED_COLOUR
 from .translation import member_texts
@@ -65,7 +65,7 @@ def standing_line(standing: Standing, _: Texts, *, personal: bool) -> tuple[str,
 
 def _when_free(standing: Standing, _: Texts) -> str:
     reason = standing.reason
-    if reason in PAUSING_LIMITS and standing.limit == 0:  # no job ending or new day lets one start
+    if is_paused(standing):  # no job ending or new day lets one start
         return _("paused by the moderators")
     if reason in (RefusalReason.MEMBER_CONCURRENCY, RefusalReason.GUILD_CONCURRENCY):
         return _("frees up when a job finishes") if standing.reached else _("a job can start now")

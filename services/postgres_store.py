@@ -446,12 +446,7 @@ class PostgresStore(Store):
             await self._notify(RELEASED_CHANNEL, self.slot)
 
     def holds(self, job: Job) -> bool:
-        lease = self._held.get(job.id)
-        return (
-            lease is not None
-            and lease.job is job
-            and _lease_clock() < lease.granted_at + self._lease_seconds * SELF_FENCE_FRACTION
-        )
+        return self.held_for(job) > self._lease_seconds * (1 - SELF_FENCE_FRACTION)
 
     def held_for(self, job: Job) -> float:
         lease = self._held.get(job.id)

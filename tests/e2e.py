@@ -94,10 +94,11 @@ def data_uri(world, attachment: dict, content_type: str = "image/png") -> str:
     return f"data:{content_type};base64," + base64.b64encode(attachment_bytes(world, attachment)).decode()
 
 
-async def outliving_its_reply(world, *, bot_denied: int = 0):
+async def outliving_its_reply(world, *, bot_denied: int = 0, script: JobScript | None = None):
     """A job still at fal when its reply's 15-minute token ends, so the bot posts its result
-    itself, in a channel where the bot's role is denied `bot_denied` (permission bits)."""
-    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
+    itself, in a channel where the bot's role is denied `bot_denied` (permission bits). `script`:
+    how the job goes at fal (default: a success), as long as it waits a moment in fal's queue."""
+    world.fal.default = script or JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2)
     if bot_denied:
         fake = world.discord
         fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=bot_denied)

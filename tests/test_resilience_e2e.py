@@ -400,15 +400,9 @@ async def test_a_late_result_from_a_private_thread_the_bot_is_not_in_comes_by_dm
 async def test_a_late_failure_where_the_bot_may_not_upload_is_said_in_the_channel(world):
     """The bot may send messages but not upload files in the channel: a job that fails after its
     token has nothing to upload, so the member learns it there, replying to the reply, not by DM."""
-    world.fal.default = model_error(
-        "content_policy_violation", "The image was flagged for graphic violence.", queue_positions=(1, 0), step=0.3
-    )
+    refused = model_error("content_policy_violation", "flagged for graphic violence.", queue_positions=(1, 0), step=0.3)
+    await outliving_its_reply(world, bot_denied=ATTACH_FILES, script=refused)
     fake = world.discord
-    fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=ATTACH_FILES)
-    await world.start_bot()
-    handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "In queue"))
-    fake.expire_token(handle.token)
     await fake.wait_until(lambda: bot_posts(world), timeout=15)
     (post,) = bot_posts(world)
     assert post.channel_id == fake.channel_id and post.message_reference is not None, post
