@@ -8,8 +8,9 @@ jobs. So the scheduler watches for fal's account limit at work, that is our jobs
 other jobs of ours finish, the number running always coming back to the same ceiling. Once every
 running slot has been handed from a finished job to a waiting one like that, it keeps that many
 plus a small margin at fal and the rest in its own line. The line serves the server with the
-fewest jobs at fal first (ties: the one served longest ago), and within a server the member with
-the fewest, each member's jobs in order. Jobs already waiting in fal's line when the limit shows
+fewest jobs at fal first (ties: the one whose turn came longest ago, that is last served, or
+joined the line with nothing waiting or at fal), and within a server the member with the fewest,
+each member's jobs in order. Jobs already waiting in fal's line when the limit shows
 are handed back (a queued job cancelled at fal is removed and never billed), but for the margin,
 chosen the same fair way, so they take their turn too. A number running held above the ceiling
 means the limit rose (or was never there): every job goes to fal at once again.
@@ -68,7 +69,7 @@ def fair_order(
     last_served: Mapping[int | Owner, int],
 ) -> Iterator[tuple[Owner, T]]:
     """Items grouped by server, then member, in the order they should be served: the server
-    holding the fewest `shares` first (ties: the one served longest ago, then the first listed),
+    holding the fewest `shares` first (ties: the lowest `last_served`, then the first listed),
     within it likewise the member, each member's items in order. Serving one counts as a share."""
     held = Counter(shares)
     serial = max(last_served.values(), default=0)
@@ -123,6 +124,7 @@ class FairScheduler:
         # Our jobs at fal, by id: True once it runs.
         self._at_fal: dict[int, bool] = {}
         self._owners: dict[int, Owner] = {}  # job -> (server, member), while at fal
+        self._shares_held: Counter[int | Owner] = Counter()  # jobs at fal by server and by (server, member)
         # The line: server -> member -> their waiting jobs, in the order they were accepted.
         self._line: dict[int, dict[int, list[_Waiter]]] = {}
         self._waiters: dict[int, _Waiter] = {}
@@ -137,8 +139,11 @@ class FairScheduler:
         self._level_since = -math.inf
         self._left_ceiling_at: float | None = None
         self._starts_off_ceiling = 0  # starts seen since the count left the ceiling
-        # When each server, and each member, was last let in (a serial number): ties go to the
-        # one served longest ago, so servers with equal shares take turns.
+        # When each server, and each member, with jobs waiting or at fal had its turn (a serial
+        # number): when last let in, or when it joined the line with nothing waiting or at fal.
+        # Ties go to the lowest, so servers with equal shares take turns and one joining the
+        # line takes its turn after those already in it. Those that leave are forgotten: a bot
+        # serving thousands of servers must not remember every member it ever let in.
         self._served = 0
         self._last_served: dict[int | Owner, int] = {}
         self._job_length = FIRST_JOB_LENGTH_GUESS
@@ -166,7 +171,7 @@ class FairScheduler:
         """A job found at fal after a restart: it counts as at fal without waiting its turn."""
         if not self._at_fal.setdefault(job_id, False):
             self._in_fals_line.add(job_id)
-        self._owners[job_id] = (guild_id, user_id)
+        self._own(job_id, (guild_id, user_id))
 
     def submitted(self, job_id: int) -> None:
         """fal took the job: it joins the back of fal's line, which fal serves first come, first
@@ -202,7 +207,7 @@ class FairScheduler:
     def left_fal(self, job_id: int, *, ran_for: float | None) -> None:
         """The job ended at fal (done, failed, cancelled) or was handed back to the line."""
         was_running = self._at_fal.pop(job_id, None)
-        self._owners.pop(job_id, None)
+        self._disown(job_id)
         self._in_fals_line.discard(job_id)
         self._displacing.discard(job_id)
         if was_running:
@@ -288,9 +293,11 @@ class FairScheduler:
         before the member's later jobs and after their earlier ones."""
         if not self.must_wait():
             self._at_fal[job_id] = False
-            self._owners[job_id] = (guild_id, user_id)
+            self._own(job_id, (guild_id, user_id))
             return
         waiter = _Waiter(job_id, guild_id, user_id, asyncio.get_running_loop().create_future())
+        self._last_served.setdefault(guild_id, self._served)
+        self._last_served.setdefault((guild_id, user_id), self._served)
         members = self._line.setdefault(guild_id, {})
         bisect.insort(members.setdefault(user_id, []), waiter, key=lambda other: other.job_id)
         self._waiters[job_id] = waiter
@@ -304,7 +311,7 @@ class FairScheduler:
             elif waiter.ready.done() and not waiter.ready.cancelled():
                 # Let in just as it gave up: the room it held goes to the next.
                 self._at_fal.pop(job_id, None)
-                self._owners.pop(job_id, None)
+                self._disown(job_id)
                 self._release_waiters()
             raise
 
@@ -317,18 +324,47 @@ class FairScheduler:
             del members[waiter.user_id]
         if not members:
             del self._line[waiter.guild_id]
+        self._forget_if_gone((waiter.guild_id, waiter.user_id))
 
-    def _shares(self, *, running_only: bool = False) -> Counter[int | Owner]:
-        """Jobs at fal by server and by (server, member)."""
+    def _own(self, job_id: int, owner: Owner) -> None:
+        """The job counts as at fal, in its server's and member's shares."""
+        if self._owners.get(job_id) == owner:
+            return
+        self._disown(job_id)
+        self._owners[job_id] = owner
+        self._shares_held[owner[0]] += 1
+        self._shares_held[owner] += 1
+
+    def _disown(self, job_id: int) -> None:
+        owner = self._owners.pop(job_id, None)
+        if owner is None:
+            return
+        for key in owner[0], owner:
+            self._shares_held[key] -= 1
+            if not self._shares_held[key]:
+                del self._shares_held[key]
+        self._forget_if_gone(owner)
+
+    def _forget_if_gone(self, owner: Owner) -> None:
+        """A member, or server, with nothing left waiting or at fal leaves the turn order."""
+        guild, member = owner
+        waiting = self._line.get(guild, {})
+        if owner not in self._shares_held and member not in waiting:
+            self._last_served.pop(owner, None)
+        if guild not in self._shares_held and not waiting:
+            self._last_served.pop(guild, None)
+
+    def _running_shares(self) -> Counter[int | Owner]:
+        """Jobs running at fal by server and by (server, member)."""
         shares: Counter[int | Owner] = Counter()
         for job_id, owner in self._owners.items():
-            if not running_only or self._at_fal.get(job_id):
+            if self._at_fal.get(job_id):
                 shares[owner[0]] += 1
                 shares[owner] += 1
         return shares
 
     def _serving_order(self) -> Iterator[tuple[Owner, _Waiter]]:
-        return fair_order(self._line, self._shares(), self._last_served)
+        return fair_order(self._line, self._shares_held, self._last_served)
 
     def _release_waiters(self) -> None:
         changed = False
@@ -346,7 +382,7 @@ class FairScheduler:
             self._served += 1
             self._last_served[owner[0]] = self._last_served[owner] = self._served
             self._at_fal[waiter.job_id] = False  # holds its room until it is submitted or gives up
-            self._owners[waiter.job_id] = owner
+            self._own(waiter.job_id, owner)
             waiter.ready.set_result(None)
         if changed:
             self._schedule_places()
@@ -361,7 +397,7 @@ class FairScheduler:
             if job_id in self._in_fals_line and job_id not in self._displacing:
                 guild_id, user_id = self._owners.get(job_id, (0, 0))
                 queued.setdefault(guild_id, {}).setdefault(user_id, []).append(job_id)
-        order = fair_order(queued, self._shares(running_only=True), self._last_served)
+        order = fair_order(queued, self._running_shares(), self._last_served)
         for _, job_id in list(order)[self.margin :]:
             self._displacing.add(job_id)
             self._on_displace(job_id)

@@ -341,3 +341,46 @@ async def test_a_member_s_jobs_handed_back_keep_their_order():
         s.left_fal(job, ran_for=None)  # whatever was at fal ends, making room
     await asyncio.wait_for(asyncio.gather(*waits), 1)
     assert order == [*sorted(handed_back), 100]
+
+
+async def test_the_line_forgets_whom_it_served_once_that_decides_no_tie():
+    """A bot serving thousands of servers for months meets millions of members. Ties go to the
+    one served longest ago, which matters only against those still waiting or at fal: the line
+    must not remember everyone it ever let in, nor look through them all at every turn."""
+    s, _, _ = scheduler(Clock(), cap=1)
+    await s.admit(0, 0, 0)
+    for job in range(1, 5000):
+        waiting = asyncio.ensure_future(s.admit(job, guild_id=job, user_id=job))
+        await asyncio.sleep(0)
+        s.left_fal(job - 1, ran_for=None)
+        await asyncio.wait_for(waiting, 1)
+    assert len(s._last_served) < 200
+
+
+async def test_newcomers_do_not_keep_a_server_already_waiting_behind_them():
+    """Ties between servers with as many jobs at fal go to the one whose turn came longest ago. A
+    server joining the line takes its turn after those already in it: a stream of new servers
+    must not hold back one that waits with its second job."""
+    s, _, _ = scheduler(Clock(), cap=1)
+    await s.admit(0, 9, 9)
+    served: list[int] = []
+
+    async def wait(job: int, guild: int) -> None:
+        await s.admit(job, guild, guild)
+        served.append(job)
+
+    waits = [asyncio.ensure_future(wait(1, 1)), asyncio.ensure_future(wait(2, 1))]
+    await asyncio.sleep(0)
+    running = 0
+    for newcomer in range(100, 106):
+        waits.append(asyncio.ensure_future(wait(newcomer, newcomer)))
+        await asyncio.sleep(0)
+        s.left_fal(running, ran_for=None)
+        await asyncio.sleep(0)
+        running = served[-1]
+    s.left_fal(running, ran_for=None)
+    for _ in range(len(waits)):
+        await asyncio.sleep(0)
+        s.left_fal(served[-1], ran_for=None)
+    await asyncio.wait_for(asyncio.gather(*waits), 1)
+    assert served[:3] == [1, 100, 2]
