@@ -32,7 +32,17 @@ from asyncpg.pool import PoolConnectionProxy
 from .job import Job
 from .redact import describe_error
 from .settings_cache import SettingKind
-from .store import MIGRATIONS, LeaseLost, LeaseReport, Row, Signal, Store, StoreUnavailable, migration_text
+from .store import (
+    CANCEL_TOO_LATE,
+    MIGRATIONS,
+    LeaseLost,
+    LeaseReport,
+    Row,
+    Signal,
+    Store,
+    StoreUnavailable,
+    migration_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -490,8 +500,10 @@ class PostgresStore(Store):
         try:
             while True:
                 answered.clear()
-                rows = await self._fetch("SELECT cancel_answer FROM jobs WHERE id = :id", {"id": job_id})
+                rows = await self._fetch("SELECT cancel_answer, delivered_at FROM jobs WHERE id = :id", {"id": job_id})
                 answer = rows[0]["cancel_answer"] if rows else None
+                if answer is None and rows and rows[0]["delivered_at"] is not None:
+                    return CANCEL_TOO_LATE
                 remaining = deadline - loop.time()
                 if answer is not None or remaining <= 0:
                     return str(answer) if answer is not None else None

@@ -41,7 +41,7 @@ from .redact import describe_error
 from .results import ResultCustody
 from .retry import Backoff, retrying
 from .scheduler import FairScheduler, Place
-from .store import LeaseLost, Store, StoreFailed
+from .store import CANCEL_TOO_LATE, LeaseLost, Store, StoreFailed
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class CancelOutcome(enum.Enum):
     # fal had started it: it asked the model to stop, which usually finishes (and bills) anyway,
     # so the member gets the images.
     STARTED = "started"
-    TOO_LATE = "too_late"  # already finished at fal; the result is on its way
+    TOO_LATE = CANCEL_TOO_LATE  # already finished at fal; the result is on its way
     # Another process drives it and has not answered yet: it stops it when it reads the request.
     FORWARDED = "forwarded"
 

@@ -37,6 +37,9 @@ from .settings_cache import SettingKind, SettingsCache
 log = logging.getLogger(__name__)
 
 WRITE_BACKOFF = Backoff(base=0.2, factor=2.0, cap=5.0)
+# The answer to a cancel asked of a job that another process delivered before it could answer:
+# it had no job left to cancel.
+CANCEL_TOO_LATE = "too_late"
 
 
 @dataclass(frozen=True)
@@ -630,7 +633,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def cancel_answer(self, job_id: int, *, wait: float) -> str | None:
-        """The answer to a cancel requested for the job, waiting up to `wait` seconds for it."""
+        """The answer to a cancel requested for the job, waiting up to `wait` seconds for it;
+        `CANCEL_TOO_LATE` as soon as the job is delivered unanswered."""
 
     @abc.abstractmethod
     def on_signal(self, kind: Signal, callback: Callable[[], None]) -> None:

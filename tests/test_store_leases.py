@@ -17,7 +17,7 @@ from services.job import JobState
 from services.member_defaults import MemberDefaults
 from services.policy import GuildPolicy
 from services.postgres_store import PostgresStore
-from services.store import MIGRATIONS, LeaseLost
+from services.store import CANCEL_TOO_LATE, MIGRATIONS, LeaseLost
 from tests.test_store import request
 
 
@@ -173,6 +173,23 @@ async def test_a_cancel_asked_in_another_process_reaches_the_owner_and_its_answe
     await owner.save(job)
     assert not await other.request_cancel(job.id, by_user=9)  # finished: nothing to ask
     assert await other.cancel_answer(job.id + 1, wait=0.1) is None
+
+
+async def test_a_cancel_asked_as_the_job_is_delivered_elsewhere_is_answered_too_late_at_once(
+    database_url: str, processes
+):
+    """The driving process delivered the job just after the request reached it, so it had no
+    job left to cancel and no answer to give: the asking process must not wait out its five
+    seconds and then say the edit will be stopped in a moment."""
+    owner, other = await processes("a"), await processes("b")
+    job = await owner.create_job(request())
+    assert await other.request_cancel(job.id, by_user=9)
+    waiting = asyncio.create_task(other.cancel_answer(job.id, wait=5))
+    job.state, job.delivered_at = JobState.SUCCEEDED, time.time()
+    await owner.save(job)
+    started = time.monotonic()
+    assert await waiting == CANCEL_TOO_LATE
+    assert time.monotonic() - started < 1.0
 
 
 # Woken by NOTIFY, a waiter answers well before its next poll of the row.
