@@ -209,6 +209,7 @@ class JobIntake:
                     parent_job_id=parent_job_id,
                     place=place,
                     locale=interaction.locale.value,
+                    guild_locale=interaction.guild_locale.value if interaction.guild_locale is not None else None,
                     member_prompt=member_prompt,
                 )
             )

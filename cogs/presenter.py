@@ -265,7 +265,9 @@ class DiscordPresenter:
         except Exception as exc:
             log.warning("job %d: no log line (the server's policy could not be read: %s)", job.id, describe_error(exc))
             return
-        await post_to_log_channel(self._bot, policy, job_log_line(job, server_texts(self._bot, guild_id)))
+        await post_to_log_channel(
+            self._bot, policy, job_log_line(job, server_texts(self._bot, guild_id, job.guild_locale))
+        )
 
     async def _show(self, job: Job, progress: DeliveryProgress) -> None:
         rendered = render(job)

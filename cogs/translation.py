@@ -46,7 +46,9 @@ def member_texts(interaction: discord.Interaction) -> Texts:
     return texts(interaction.locale.value)
 
 
-def server_texts(bot: KontextBot, guild_id: int) -> Texts:
-    """Texts in the server's preferred language (for its moderators' log channel)."""
+def server_texts(bot: KontextBot, guild_id: int, known_locale: str | None = None) -> Texts:
+    """Texts in the server's preferred language (for its moderators' log channel): as the cache
+    has it, else `known_locale`, the language the server had when a job was asked for (the
+    cache holds only this process's shards, and only once the gateway sent the server)."""
     guild = bot.get_guild(guild_id)
-    return texts(guild.preferred_locale.value if guild is not None else None)
+    return texts(guild.preferred_locale.value if guild is not None else known_locale)

@@ -2752,8 +2752,10 @@ class FakeDiscord:
         self._check_bot_permissions(ch, 0, "get a channel")  # one it may not see: 50001
         return 200, dict(ch)
 
-    async def _h_get_guild(self, req, p, body, files):
-        g = self.guild_payload(self._guild_for_bot(p["gid"]))
+    def guild_object(self, guild: Any = None) -> dict:
+        """The guild object of Get Guild and GUILD_UPDATE: GUILD_CREATE's payload without the
+        fields only GUILD_CREATE carries (docs events/gateway-events.mdx, Guild Create)."""
+        g = self.guild_payload(guild)
         for k in (
             "channels",
             "members",
@@ -2766,7 +2768,20 @@ class FakeDiscord:
             "unavailable",
         ):
             g.pop(k, None)
-        return 200, g
+        return g
+
+    async def set_preferred_locale(self, guild: Any, locale: str) -> None:
+        """A server's admin changes its language (Server Settings, Community, Server Primary
+        Language): GUILD_UPDATE reaches the bot on that guild's shard, if it is connected."""
+        if locale not in LOCALES:
+            raise ValueError(f"{locale!r} is not one of Discord's locales")
+        g = self.get_guild(guild)
+        g.preferred_locale = locale
+        if g.bot_present:
+            await self._dispatch_if_connected("GUILD_UPDATE", self.guild_object(g))
+
+    async def _h_get_guild(self, req, p, body, files):
+        return 200, self.guild_object(self._guild_for_bot(p["gid"]))
 
     async def _h_get_guild_channels(self, req, p, body, files):
         g = self._guild_for_bot(p["gid"])

@@ -162,6 +162,11 @@ class JobRequest:
     place: JobPlace = JobPlace.SERVER
     # The member's Discord locale: everything the bot shows of the job is in its language.
     locale: str = "en-US"
+    # The server's preferred locale when the job was asked for (None outside a server, and for
+    # jobs from before it was kept): its moderators' log line is in that language when the
+    # process writing it does not have the server in its cache (another shard's process took
+    # the job over, or a restart resumed it before the server was back in the cache).
+    guild_locale: str | None = None
     # The prompt as the member typed it, before a server recipe wrapped it (None: they typed
     # none, e.g. Re-roll): what /kontext's autocomplete offers them again, never a recipe's text.
     member_prompt: str | None = None

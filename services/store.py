@@ -384,6 +384,10 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
         CREATE INDEX jobs_member_prompts ON jobs (user_id, created_at) WHERE member_prompt IS NOT NULL;
         """,
     ),
+    # Where a job came from, as the process that took it knew it: the server's language.
+    """
+    ALTER TABLE jobs ADD COLUMN guild_locale TEXT;
+    """,
 )
 
 

@@ -17,7 +17,7 @@ from fakes.bot_process import BotProcess
 from fakes.discord_fake import FakeGuild, shard_of
 from fakes.fal_fake import JobScript
 from fakes.world import World
-from tests.e2e import button, fal_job, finished, has_button, shows
+from tests.e2e import admin, button, fal_job, finished, has_button, shows
 from tests.test_resilience_e2e import assert_delivered_once
 
 # Short leases, so a takeover after a crash takes seconds (each is an ordinary setting); long
@@ -246,3 +246,23 @@ async def test_a_stopping_process_waits_for_a_slow_post_only_while_the_job_s_lea
     started = time.monotonic()
     assert await cluster.a.stop(timeout=3 * LEASE_SECONDS) == 0
     assert time.monotonic() - started < LEASE_SECONDS + 2
+
+
+async def test_a_job_taken_over_is_logged_in_its_servers_language(cluster: Cluster):
+    """b does not have a's server in its cache (another shard's): the moderators' log line it
+    writes for the job it took over is still in the server's language, as a's would have been."""
+    world = cluster.world
+    fake = world.discord
+    await fake.set_preferred_locale(fake.default_guild, "fr")
+    channel = fake.add_channel("journal-kontext")
+    await fake.dispatch("CHANNEL_CREATE", channel)
+    await admin(world, "log-channel", channel=channel["id"])
+    world.fal.default = SLOW_QUEUE
+    handle = await world.kontext(prompt="un chat bleu")
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await cluster.a.kill()
+    await finished(handle, timeout=20)
+    await fake.wait_until(lambda: len(fake.channel_messages(channel["id"])) == 2, timeout=10)
+    job_line = fake.channel_messages(channel["id"])[-1].content
+    assert (await cluster.settled_row())["owner"] == "b"
+    assert job_line.startswith(f"✅ Tâche n° 1 de <@{fake.alice['id']}> dans <#"), job_line

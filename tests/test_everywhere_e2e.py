@@ -403,6 +403,29 @@ async def test_the_moderators_log_follows_the_servers_language(world):
     assert "· tolérance 2 · réussie · « un chat bleu » ·" in job_line
 
 
+async def test_a_job_resumed_before_its_server_is_cached_is_logged_in_the_servers_language(world):
+    """A restart resumes jobs before the gateway sends the servers (here it is down: the cache
+    stays empty): the log line of a job finished then is in the server's language all the same."""
+    world.discord.default_guild.preferred_locale = "fr"
+    world.fal.default = JobScript(queue_positions=(3, 2, 1, 0), step=0.4, run_time=0.1)
+    await world.start_bot()
+    channel = world.discord.add_channel("journal-kontext")
+    await world.discord.dispatch("CHANNEL_CREATE", channel)
+    await admin(world, "log-channel", channel=channel["id"])
+    handle = await world.kontext(prompt="un chat bleu")
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await world.bot.kill()
+    await world.discord.start_gateway_outage()
+    world.bot = world.new_bot()
+    await world.bot.start()
+    assert text(await finished(handle)).startswith("✅")
+    await world.discord.wait_until(lambda: len(world.discord.channel_messages(channel["id"])) == 2)
+    assert world.discord.identify_count == 1  # the restarted bot never had the server in its cache
+    job_line = world.discord.channel_messages(channel["id"])[-1].content
+    assert job_line.startswith(f"✅ Tâche n° 1 de <@{world.discord.alice['id']}> dans <#"), job_line
+    world.discord.end_gateway_outage()
+
+
 async def test_a_result_discord_kept_private_shown_again_says_so_only_where_it_is(world):
     """Show here of a job whose reply Discord made private: in a server that added the bot the
     copy is for everyone and says nothing of privacy; back where Discord keeps the app's replies

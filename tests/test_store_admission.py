@@ -81,6 +81,7 @@ def interaction(user_id: int, guild_id: int | None) -> Any:
         created_at=datetime.now(UTC),
         filesize_limit=10 << 20,
         locale=SimpleNamespace(value="en-US"),
+        guild_locale=SimpleNamespace(value="en-US") if guild_id is not None else None,
         response=SimpleNamespace(defer=defer),
     )
 
