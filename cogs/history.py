@@ -117,8 +117,10 @@ class Lookup:
 
 def moderates_channel(interaction: Interaction, channel_id: int) -> bool:
     """Whether the member asking may see a channel of this server and moderates it: their roles
-    and the channel's overwrites as the bot's cache has them (a thread as its parent). A channel
-    the cache does not know (deleted, or a thread long archived) counts as not moderated."""
+    and the channel's overwrites as the bot's cache has them (a thread as its parent). A private
+    thread is seen only by its members and those who may manage threads (resources/channel.mdx,
+    Channel Types), and the bot does not learn who else joined it: it takes Manage Threads. A
+    channel the cache does not know (deleted, or a thread long archived) counts as not moderated."""
     guild, member = interaction.guild, interaction.user
     channel = guild.get_channel_or_thread(channel_id) if guild is not None else None
     if channel is None or not isinstance(member, discord.Member):
@@ -126,6 +128,8 @@ def moderates_channel(interaction: Interaction, channel_id: int) -> bool:
     try:
         permissions = channel.permissions_for(member)
     except discord.ClientException:  # a thread whose parent channel is not cached
+        return False
+    if isinstance(channel, discord.Thread) and channel.is_private() and not permissions.manage_threads:
         return False
     return permissions.view_channel and moderates(permissions)
 

@@ -11,6 +11,7 @@ from fakes.discord_fake import (
     EPHEMERAL,
     IS_COMPONENTS_V2,
     MANAGE_MESSAGES,
+    MANAGE_THREADS,
     MOD_PERMISSIONS,
     READ_MESSAGE_HISTORY,
     VIEW_CHANNEL,
@@ -435,4 +436,24 @@ async def test_a_moderator_sees_only_the_jobs_of_channels_they_may_see(world):
     assert listed(looked_up) == [1]
     assert "staff-only mock-up" not in "\n".join(text_displays(looked_up.components))
     fake.add_member(user_id=fake.mod, permissions=MOD_PERMISSIONS, roles=[staff])  # now one of the staff
+    assert listed((await history(world, user="mod", member="alice")).original) == [2, 1]
+
+
+async def test_a_moderator_sees_the_jobs_of_a_private_thread_only_if_they_manage_threads(world):
+    """A private thread is seen only by its members and by those who may manage threads
+    (resources/channel.mdx, Channel Types): Manage Messages in its channel does not open it, so
+    its jobs (prompt, image, link) stay out of a moderator's list."""
+    fake = world.discord
+    keepers = fake.add_role("thread keepers", MANAGE_THREADS)
+    secret = fake.add_thread(fake.channel_id, "alice and bob", owner="alice", type=12)
+    await world.start_bot()
+    fake.add_thread_member(secret["id"], fake.bot_user)
+    await results(world, 1)
+    hidden = await finished(await world.kontext(channel_id=secret["id"], prompt="a surprise for bob"))
+    assert text(hidden).startswith("✅")
+    assert not fake.member_permissions_in(fake.mod["id"], secret["id"]) & VIEW_CHANNEL
+    looked_up = (await history(world, user="mod", member="alice")).original
+    assert listed(looked_up) == [1]
+    assert "a surprise for bob" not in "\n".join(text_displays(looked_up.components))
+    fake.add_member(user_id=fake.mod, permissions=MOD_PERMISSIONS, roles=[keepers])
     assert listed((await history(world, user="mod", member="alice")).original) == [2, 1]
