@@ -107,7 +107,7 @@ class Lookup:
         if job.user_id != self.subject:
             return False
         if self.subject != self.owner and (
-            job.place is not JobPlace.SERVER or not moderates_channel(interaction, job.channel_id)
+            job.place is not JobPlace.SERVER or not moderates_channel_of(interaction, job)
         ):
             return False
         if self.scope is Scope.SERVER and job.guild_id != server_of(self, interaction):
@@ -115,21 +115,28 @@ class Lookup:
         return job.place.personal or (job.guild_id is not None and still_in(bot, job.guild_id))
 
 
-def moderates_channel(interaction: Interaction, channel_id: int) -> bool:
-    """Whether the member asking may see a channel of this server and moderates it: their roles
-    and the channel's overwrites as the bot's cache has them (a thread as its parent). A private
-    thread is seen only by its members and those who may manage threads (resources/channel.mdx,
-    Channel Types), and the bot does not learn who else joined it: it takes Manage Threads. A
-    channel the cache does not know (deleted, or a thread long archived) counts as not moderated."""
+def moderates_channel_of(interaction: Interaction, job: Job) -> bool:
+    """Whether the member asking may see the job's channel in this server and moderates it: their
+    roles and the channel's overwrites as the bot's cache has them (a thread as its parent; one
+    archived since, which discord.py keeps out of its cache, as the parent the job recorded). A
+    private thread is seen only by its members and those who may manage threads
+    (resources/channel.mdx, Channel Types), and the bot does not learn who else joined it: it
+    takes Manage Threads. A channel the cache does not know (deleted, or the thread of a job from
+    before its parent was recorded) counts as not moderated."""
     guild, member = interaction.guild, interaction.user
-    channel = guild.get_channel_or_thread(channel_id) if guild is not None else None
-    if channel is None or not isinstance(member, discord.Member):
+    if guild is None or not isinstance(member, discord.Member):
+        return False
+    channel = guild.get_channel_or_thread(job.channel_id)
+    if channel is None and job.parent_channel_id is not None:
+        channel = guild.get_channel(job.parent_channel_id)
+    if channel is None:
         return False
     try:
         permissions = channel.permissions_for(member)
     except discord.ClientException:  # a thread whose parent channel is not cached
         return False
-    if isinstance(channel, discord.Thread) and channel.is_private() and not permissions.manage_threads:
+    private_thread = job.private_thread or (isinstance(channel, discord.Thread) and channel.is_private())
+    if private_thread and not permissions.manage_threads:
         return False
     return permissions.view_channel and moderates(permissions)
 

@@ -210,6 +210,8 @@ class JobIntake:
                     place=place,
                     locale=interaction.locale.value,
                     guild_locale=interaction.guild_locale.value if interaction.guild_locale is not None else None,
+                    parent_channel_id=requester.parent_channel_id,
+                    private_thread=isinstance(interaction.channel, discord.Thread) and interaction.channel.is_private(),
                     member_prompt=member_prompt,
                 )
             )

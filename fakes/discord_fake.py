@@ -936,6 +936,18 @@ class FakeDiscord:
         g.thread_members[ch["id"]] = {ch["owner_id"]}
         return ch
 
+    async def archive_thread(self, thread_id: Any) -> None:
+        """The thread is archived (by a member, or after its auto_archive_duration without a
+        message): a connected bot that can see it gets THREAD_UPDATE with `archived` true, and
+        GUILD_CREATE lists it no more, as it lists only active threads (docs
+        events/gateway-events.mdx, Thread Update and Guild Create; topics/threads.mdx)."""
+        ch, g = self.find_channel(thread_id)
+        if ch is None or g is None or ch["type"] not in THREAD_TYPES:
+            raise KeyError(f"{thread_id} is not a thread")
+        ch["thread_metadata"] = {**ch["thread_metadata"], "archived": True, "archive_timestamp": _now_iso()}
+        if g.bot_present and self.bot_permissions(ch["id"]) & VIEW_CHANNEL:
+            await self._dispatch_if_connected("THREAD_UPDATE", dict(ch))
+
     def add_thread_member(self, thread_id: Any, user: Any) -> None:
         """`user` (a member, or the bot: `fake.bot_user`) joins the thread, or is added to a
         private one (docs resources/channel.mdx, Add Thread Member). A connected bot added to a
@@ -1212,7 +1224,9 @@ class FakeDiscord:
             "threads": [
                 dict(c)
                 for c in g.channels.values()
-                if c["type"] in THREAD_TYPES and self.bot_permissions(c["id"]) & VIEW_CHANNEL
+                if c["type"] in THREAD_TYPES
+                and not c["thread_metadata"]["archived"]
+                and self.bot_permissions(c["id"]) & VIEW_CHANNEL
             ],
             "emojis": [],
             "stickers": [],

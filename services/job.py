@@ -167,6 +167,11 @@ class JobRequest:
     # process writing it does not have the server in its cache (another shard's process took
     # the job over, or a restart resumed it before the server was back in the cache).
     guild_locale: str | None = None
+    # A thread's channel, and whether the thread is private (None, False: not a thread, or a job
+    # from before they were kept): who may look the job up is decided there once the thread is
+    # archived, which takes it out of discord.py's cache.
+    parent_channel_id: int | None = None
+    private_thread: bool = False
     # The prompt as the member typed it, before a server recipe wrapped it (None: they typed
     # none, e.g. Re-roll): what /kontext's autocomplete offers them again, never a recipe's text.
     member_prompt: str | None = None

@@ -384,9 +384,12 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
         CREATE INDEX jobs_member_prompts ON jobs (user_id, created_at) WHERE member_prompt IS NOT NULL;
         """,
     ),
-    # Where a job came from, as the process that took it knew it: the server's language.
+    # Where a job came from, as the process that took it knew it: the server's language, and a
+    # thread's channel and kind.
     """
     ALTER TABLE jobs ADD COLUMN guild_locale TEXT;
+    ALTER TABLE jobs ADD COLUMN parent_channel_id BIGINT;
+    ALTER TABLE jobs ADD COLUMN private_thread INTEGER NOT NULL DEFAULT 0;
     """,
 )
 
@@ -417,7 +420,7 @@ _IMAGES = "images"
 _IMAGES_THIS_MONTH = "COALESCE((SELECT images FROM monthly_images WHERE month = :month AND scope = {scope}), 0)"
 
 _JSON_COLUMNS = ("notes", "posted_message_ids", "posted_image_urls")
-_BOOL_COLUMNS = ("channel_nsfw", "delivered_in_channel")
+_BOOL_COLUMNS = ("channel_nsfw", "delivered_in_channel", "private_thread")
 _REQUEST_FIELDS = ("request_id", "status_url", "response_url", "cancel_url")
 _SCALAR_COLUMNS = tuple(
     f.name

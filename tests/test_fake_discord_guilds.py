@@ -346,3 +346,19 @@ async def test_a_private_thread_is_seen_by_its_members_and_thread_managers(fake)
         fake.set_permission_overwrite(fake.channel_id, fake.alice, deny=VIEW_CHANNEL)
         with pytest.raises(KeyError, match="cannot see"):
             await fake.invoke_slash("where")
+
+
+async def test_an_archived_thread_leaves_discord_py_s_cache_and_the_next_guild_create(fake):
+    """Archiving sends THREAD_UPDATE (discord.py then drops the thread from its cache), and
+    GUILD_CREATE lists only active threads, so a bot connecting again does not see it either."""
+    thread = fake.add_thread(fake.channel_id, "sketches")
+    bot = new_bot(fake)
+    async with running(fake, bot, sync=False):
+        guild = bot.get_guild(int(fake.guild_id))
+        assert guild.get_thread(int(thread["id"])) is not None
+        await fake.archive_thread(thread["id"])
+        await fake.wait_until(lambda: guild.get_thread(int(thread["id"])) is None, timeout=5)
+    assert fake.guild_payload()["threads"] == []
+    status, fetched = await _bot_get(fake, f"/channels/{thread['id']}")
+    assert status == 200 and fetched["thread_metadata"]["archived"] is True
+    assert fake.violations == []

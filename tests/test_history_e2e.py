@@ -24,6 +24,7 @@ from tests import test_cluster_e2e
 from tests.e2e import admin, button, details, finished, has_button, outliving_its_reply, private_answer, text
 from tests.test_cluster_e2e import Cluster
 from tests.test_member_settings_e2e import settings
+from tests.test_resilience_e2e import restart
 
 cluster = test_cluster_e2e.cluster  # two processes, each serving the server on its shard
 
@@ -456,4 +457,24 @@ async def test_a_moderator_sees_the_jobs_of_a_private_thread_only_if_they_manage
     assert listed(looked_up) == [1]
     assert "a surprise for bob" not in "\n".join(text_displays(looked_up.components))
     fake.add_member(user_id=fake.mod, permissions=MOD_PERMISSIONS, roles=[keepers])
+    assert listed((await history(world, user="mod", member="alice")).original) == [2, 1]
+
+
+async def test_a_moderator_still_sees_the_jobs_of_a_thread_since_archived(world):
+    """discord.py drops an archived thread from its cache, and a restart's GUILD_CREATE lists
+    only active threads: the job keeps the thread's channel, whose moderators still see it, and
+    a private thread stays closed to those who may not manage threads."""
+    fake = world.discord
+    thread = fake.add_thread(fake.channel_id, "sketches", owner="alice")
+    secret = fake.add_thread(fake.channel_id, "alice and bob", owner="alice", type=12)
+    await world.start_bot()
+    fake.add_thread_member(secret["id"], fake.bot_user)
+    await results(world, 1)
+    for channel in (thread, secret):
+        assert text(await finished(await world.kontext(channel_id=channel["id"]))).startswith("✅")
+    assert listed((await history(world, user="mod", member="alice")).original) == [2, 1]
+    for channel in (thread, secret):
+        await fake.archive_thread(channel["id"])
+    assert listed((await history(world, user="mod", member="alice")).original) == [2, 1]
+    await restart(world)
     assert listed((await history(world, user="mod", member="alice")).original) == [2, 1]

@@ -102,7 +102,15 @@ async def test_upgrading_an_old_postgres_database_keeps_policies_and_jobs(databa
 
 async def test_a_job_round_trips_with_everything_it_carries_and_resumes_after_a_restart(new_store: Opener):
     async with new_store() as store:
-        job = await store.create_job(request(notes={"safety_limited_to": 3}, parent_job_id=None, guild_locale="fr"))
+        job = await store.create_job(
+            request(
+                notes={"safety_limited_to": 3},
+                parent_job_id=None,
+                guild_locale="fr",
+                parent_channel_id=1 << 60,
+                private_thread=True,
+            )
+        )
         job.state = JobState.SUCCEEDED
         job.message_id = 77
         job.request = FalRequest("rid", "s", "r", "c")
