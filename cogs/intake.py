@@ -174,59 +174,61 @@ class JobIntake:
         if bot.runner.account.refuses():
             raise FalAccountLocked("refused up front", detail=bot.runner.account.locked_reason)
         place = self._place(interaction)
-        async with bot.store.admitting(self._scopes(interaction, place)):
-            requester = requester_of(interaction)
-            now = time.time()
-            governing = await self.governing(interaction, now)
-            policy = governing.policy
-            ask = JobAsk(edit.options.safety_tolerance, edit.options.image_count)
-            decision = resolve(
-                policy,
-                requester,
-                governing.usage,
-                ask,
-                now=now,
-                price_per_image=bot.settings.price_per_image_usd,
-                operator=governing.operator,
-            )
-            if isinstance(decision, Refused):
-                raise PolicyRefusal(decision, policy, personal=place.personal)
-            if decision.limited_to is not None:
-                notes[NOTE_SAFETY_LIMITED_TO] = decision.limited_to
-            job = await bot.runner.accept(
-                JobRequest(
-                    guild_id=interaction.guild_id,
-                    channel_id=interaction.channel_id or 0,
-                    user_id=interaction.user.id,
-                    application_id=interaction.application_id,
-                    interaction_token=interaction.token,
-                    interaction_created_at=interaction.created_at.timestamp(),
-                    message_id=None,
-                    channel_nsfw=requester.channel_nsfw,
-                    upload_limit=interaction.filesize_limit,
-                    edit=edit.with_options(safety_tolerance=decision.safety_tolerance),
-                    notes=notes,
-                    parent_job_id=parent_job_id,
-                    place=place,
-                    locale=interaction.locale.value,
-                    guild_locale=interaction.guild_locale.value if interaction.guild_locale is not None else None,
-                    parent_channel_id=requester.parent_channel_id,
-                    private_thread=isinstance(interaction.channel, discord.Thread) and interaction.channel.is_private(),
-                    member_prompt=member_prompt,
+        async with bot.runner.admission():
+            async with bot.store.admitting(self._scopes(interaction, place)):
+                requester = requester_of(interaction)
+                now = time.time()
+                governing = await self.governing(interaction, now)
+                policy = governing.policy
+                ask = JobAsk(edit.options.safety_tolerance, edit.options.image_count)
+                decision = resolve(
+                    policy,
+                    requester,
+                    governing.usage,
+                    ask,
+                    now=now,
+                    price_per_image=bot.settings.price_per_image_usd,
+                    operator=governing.operator,
                 )
-            )
-        # Acknowledge outside the lock: a burst in one server must not queue up behind Discord's
-        # round trips (each interaction has its own 3 seconds).
-        try:
-            callback = await interaction.response.defer(thinking=True, ephemeral=defaults.private_first)
-            message_id = callback.message_id if callback is not None else None
-            if message_id is None:
-                message_id = (await interaction.original_response()).id
-        except discord.HTTPException as exc:
-            await bot.runner.abandon(job, f"could not acknowledge the interaction: {exc}")
-            raise
-        if callback is not None and callback.is_ephemeral() and not defaults.private_first:
-            # A server that keeps the replies of apps it has not added private (its "Use External
-            # Apps" permission is off): Discord made the reply ephemeral; the card says so.
-            job.notes = {**job.notes, NOTE_PRIVATE_REPLY: True}
-        bot.runner.start(job, message_id=message_id)
+                if isinstance(decision, Refused):
+                    raise PolicyRefusal(decision, policy, personal=place.personal)
+                if decision.limited_to is not None:
+                    notes[NOTE_SAFETY_LIMITED_TO] = decision.limited_to
+                job = await bot.runner.accept(
+                    JobRequest(
+                        guild_id=interaction.guild_id,
+                        channel_id=interaction.channel_id or 0,
+                        user_id=interaction.user.id,
+                        application_id=interaction.application_id,
+                        interaction_token=interaction.token,
+                        interaction_created_at=interaction.created_at.timestamp(),
+                        message_id=None,
+                        channel_nsfw=requester.channel_nsfw,
+                        upload_limit=interaction.filesize_limit,
+                        edit=edit.with_options(safety_tolerance=decision.safety_tolerance),
+                        notes=notes,
+                        parent_job_id=parent_job_id,
+                        place=place,
+                        locale=interaction.locale.value,
+                        guild_locale=interaction.guild_locale.value if interaction.guild_locale is not None else None,
+                        parent_channel_id=requester.parent_channel_id,
+                        private_thread=isinstance(interaction.channel, discord.Thread)
+                        and interaction.channel.is_private(),
+                        member_prompt=member_prompt,
+                    )
+                )
+            # Acknowledge outside the lock: a burst in one server must not queue up behind Discord's
+            # round trips (each interaction has its own 3 seconds).
+            try:
+                callback = await interaction.response.defer(thinking=True, ephemeral=defaults.private_first)
+                message_id = callback.message_id if callback is not None else None
+                if message_id is None:
+                    message_id = (await interaction.original_response()).id
+            except discord.HTTPException as exc:
+                await bot.runner.abandon(job, f"could not acknowledge the interaction: {exc}")
+                raise
+            if callback is not None and callback.is_ephemeral() and not defaults.private_first:
+                # A server that keeps the replies of apps it has not added private (its "Use External
+                # Apps" permission is off): Discord made the reply ephemeral; the card says so.
+                job.notes = {**job.notes, NOTE_PRIVATE_REPLY: True}
+            await bot.runner.start(job, message_id=message_id)

@@ -10,7 +10,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from .fal_account import AccountGate
@@ -152,6 +152,8 @@ class JobRunner:
         # For each job showing a start estimate, the timer that takes it down once it passes.
         self._estimate_expiries: dict[int, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # New jobs on their way from their row to `start`, each resolved when it gets there.
+        self._admissions: set[asyncio.Future[None]] = set()
         self._stopping = False
         metrics.set_live_sources(self._jobs_by_state, lambda: self._scheduler.waiting)
 
@@ -163,10 +165,27 @@ class JobRunner:
 
     # -- public interface -------------------------------------------------------------------
 
-    async def accept(self, request: JobRequest) -> Job:
-        """Record a new job before anything is spent; `start` drives it once its reply exists."""
+    @contextlib.asynccontextmanager
+    async def admission(self) -> AsyncIterator[None]:
+        """A new job's way from its row (`accept`) to `start` (or `abandon`), its reply created
+        meanwhile. Raises RunnerStopped once stopping. A stop begun on the way lets it finish
+        (within its grace) before it lets the jobs go: the job is then kept with its reply, to be
+        resumed like every unfinished job, not closed as abandoned with its reply left thinking,
+        nor written after the jobs were handed to the other processes (then held by none until
+        its lease ran out)."""
         if self._stopping:
             raise RunnerStopped()
+        over = asyncio.get_running_loop().create_future()
+        self._admissions.add(over)
+        try:
+            yield
+        finally:
+            self._admissions.discard(over)
+            over.set_result(None)
+
+    async def accept(self, request: JobRequest) -> Job:
+        """Record a new job before anything is spent, within an `admission`; `start` drives it
+        once its reply exists."""
         job = await self._store.create_job(request)
         self._metrics.job_accepted()
         log.info(
@@ -179,14 +198,16 @@ class JobRunner:
         )
         return job
 
-    def start(self, job: Job, *, message_id: int) -> None:
+    async def start(self, job: Job, *, message_id: int) -> None:
         """Start driving an accepted job whose reply message is `message_id` (stored with the
         job's next write: before its inputs are staged, at once if it has to wait for a slot, else
-        with SUBMITTING). Raises RunnerStopped once stopping: the job stays as stored, with no reply
-        on record."""
-        if self._stopping:
-            raise RunnerStopped()
+        with SUBMITTING). Stopping, only its reply is stored: it resumes at the next start (or in
+        another process) from there."""
         job.message_id = message_id
+        if self._stopping:
+            await self._store.save(job)
+            self._store.let_go(job)
+            return
         self._start(job)
 
     async def abandon(self, job: Job, reason: str) -> None:
@@ -323,22 +344,26 @@ class JobRunner:
         post under way (within `delivery_grace`): cut short, one Discord received whole would be
         shown twice after the restart (a follow-up or channel message is not an idempotent edit).
         Not beyond its lease, though: another process may post it then, so an upload still going
-        is better cut off. A delivery waiting to try again is stopped at once, like any other."""
+        is better cut off. A delivery waiting to try again is stopped at once, like any other. A
+        new job whose reply is on its way (an `admission`) is let get it within `grace` too."""
         self._stopping = True
         drivers = dict(self._drivers)
         for job_id, task in drivers.items():
             if job_id not in self._delivering:
                 task.cancel()
-        if not drivers:
+        admissions = set(self._admissions)  # each ends by storing its job's reply, or abandoning it
+        if not drivers and not admissions:
             return
-        _, pending = await asyncio.wait(drivers.values(), timeout=grace)
+        waited: set[asyncio.Future[None]] = {*drivers.values(), *admissions}
+        _, pending = await asyncio.wait(waited, timeout=grace)
+        pending -= admissions  # one still waiting for Discord: its job is closed at the next start
         posting = {job_id: task for job_id, task in drivers.items() if task in pending and job_id in self._delivering}
         if posting:
             held = min(self._store.held_for(self._jobs[job_id]) for job_id in posting)
             _, still_posting = await asyncio.wait(posting.values(), timeout=max(0.0, min(delivery_grace - grace, held)))
             pending = (pending - set(posting.values())) | still_posting
-        for task in pending:
-            task.cancel()
+        for still_running in pending:
+            still_running.cancel()
         if pending:
             await asyncio.wait(pending, timeout=1.0)
 

@@ -231,6 +231,26 @@ async def test_a_job_whose_process_ends_while_its_input_uploads_is_finished_by_t
     assert (row["state"], row["owner"]) == ("succeeded", "b")
 
 
+@pytest.mark.parametrize("cluster", [{"LEASE_SECONDS": "30"}], indirect=True)
+async def test_a_job_admitted_as_its_process_stops_is_finished_by_the_other_at_once(cluster: Cluster):
+    """SIGTERM while Discord takes its time over a new job's acknowledgement: a lets the
+    admission finish, stores the job's reply and hands the job over with the others, so b
+    finishes it in that reply long before the 30 s lease (it closed it as abandoned, the reply
+    left thinking)."""
+    world = cluster.world
+    world.discord.fail_next("POST", r"/interactions/\d+/[^/]+/callback$", status="slow", delay=1.0)
+    handle = await world.kontext()
+    await world.discord.wait_until(lambda: "accepted" in cluster.a.log_text())
+    stopped_at = time.monotonic()
+    assert await cluster.a.stop() == 0
+    await finished(handle, timeout=15)
+    assert time.monotonic() - stopped_at < 10
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1
+    row = await cluster.settled_row()
+    assert (row["state"], row["owner"]) == ("succeeded", "b")
+
+
 async def test_a_stopping_process_waits_for_a_slow_post_only_while_the_job_s_lease_lasts(cluster: Cluster):
     """A stop lets a post under way finish (Discord may have it whole), but not past the job's
     lease: the other process may take the job over then, and an upload still going is better

@@ -115,6 +115,23 @@ async def test_kill_before_the_reply_exists_closes_the_job_without_sending_it(wo
     await still_serving(world)
 
 
+async def test_a_sigterm_while_discord_takes_the_acknowledgement_resumes_the_job(world):
+    """Accepted, and stopped while Discord takes its time over the acknowledgement that creates
+    the reply: the stop lets that admission finish and keeps its reply, so the restarted bot
+    delivers the job there. It closed it as abandoned, the reply left thinking for good (and, in
+    a process sharing the database, counting toward the member's jobs until its lease ran out)."""
+    fake = world.discord
+    await world.start_bot()
+    fake.fail_next("POST", r"/interactions/\d+/[^/]+/callback$", status="slow", delay=1.0)
+    handle = await world.kontext()
+    await fake.wait_until(lambda: "accepted" in world.bot.log_text())
+    await restart(world, kill=False)
+    await finished(handle)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
 @pytest.mark.parametrize("kill", [True, False], ids=["kill", "sigterm"])
 async def test_a_stop_while_the_input_goes_to_fal_s_storage_resumes_the_job(world, kill):
     """Stopped while the member's photo is on its way to fal's storage (before anything was

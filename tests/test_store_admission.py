@@ -36,10 +36,14 @@ class Runner:
         self.account = SimpleNamespace(refuses=lambda: False)
         self.started: list[Job] = []
 
+    @contextlib.asynccontextmanager
+    async def admission(self) -> AsyncIterator[None]:
+        yield
+
     async def accept(self, request: JobRequest) -> Job:
         return await self._store.create_job(request)
 
-    def start(self, job: Job, *, message_id: int) -> None:
+    async def start(self, job: Job, *, message_id: int) -> None:
         self.started.append(job)
 
 
