@@ -33,6 +33,7 @@ from services.policy import (
     resolve,
     showing_refusal,
 )
+from services.redact import describe_error
 
 from .errors import NotServedHere, PersonalUseOff, PolicyRefusal, place_of
 
@@ -224,8 +225,8 @@ class JobIntake:
                 message_id = callback.message_id if callback is not None else None
                 if message_id is None:
                     message_id = (await interaction.original_response()).id
-            except discord.HTTPException as exc:
-                await bot.runner.abandon(job, f"could not acknowledge the interaction: {exc}")
+            except Exception as exc:  # Discord's refusal, or no answer at all (aiohttp's errors)
+                await bot.runner.abandon(job, f"could not acknowledge the interaction: {describe_error(exc)}")
                 raise
             if callback is not None and callback.is_ephemeral() and not defaults.private_first:
                 # A server that keeps the replies of apps it has not added private (its "Use External

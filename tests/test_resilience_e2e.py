@@ -115,6 +115,23 @@ async def test_kill_before_the_reply_exists_closes_the_job_without_sending_it(wo
     await still_serving(world)
 
 
+async def test_an_acknowledgement_whose_connection_drops_closes_the_job_at_once(world):
+    """The connection carrying the acknowledgement dropped (no HTTP answer at all, which
+    discord.py raises as aiohttp's error, not as an HTTPException): the job is closed as
+    abandoned there and then. It stayed under way until the next restart, each one a place of
+    the member's concurrent jobs: two such and the member was refused for jobs running."""
+    fake = world.discord
+    await world.start_bot()
+    for attempt in (1, 2):
+        fake.fail_next("POST", r"/interactions/\d+/[^/]+/callback$", status="hang")
+        await world.kontext()
+        await fake.wait_until(lambda: fake.hanging == 1)
+        fake.release_hangs()
+        await fake.wait_until(lambda n=attempt: world.bot.log_text().count("abandoned before it started") == n)
+    assert [(row["state"], row["error_code"]) for row in db_rows(world)] == [("failed", "abandoned")] * 2
+    await still_serving(world)
+
+
 async def test_a_sigterm_while_discord_takes_the_acknowledgement_resumes_the_job(world):
     """Accepted, and stopped while Discord takes its time over the acknowledgement that creates
     the reply: the stop lets that admission finish and keeps its reply, so the restarted bot
