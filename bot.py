@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -35,7 +35,7 @@ from services.input_images import InputStager
 from services.leases import LeaseKeeper
 from services.log_format import configure_logging
 from services.metrics import Metrics, RateLimitCounter
-from services.ops_server import HealthReport, OpsServer, fal_health
+from services.ops_server import HealthCheck, HealthReport, OpsServer, fal_health
 from services.postgres_store import PostgresStore
 from services.redact import describe_error
 from services.results import ResultCustody
@@ -215,6 +215,15 @@ class KontextBot(commands.AutoShardedBot):
         await self.store.set_meta(key, digest)
         log.info("synced %d application command(s) %s", len(synced), where)
 
+    async def liveness(self) -> HealthReport:
+        """For /livez: this process works, whatever the services it needs are doing. Answering at
+        all says its event loop runs (a hung one answers nothing, which a probe's timeout counts
+        as a failure); its Discord client must not have been closed. Discord's gateway, the
+        database and fal are /healthz's: an outage of theirs is not cured by a restart, which
+        would only cut off the jobs in flight, and discord.py reconnects to the gateway itself."""
+        running = not self.is_closed()
+        return HealthReport({"running": running}, [] if running else ["the bot is stopping"])
+
     async def health(self) -> HealthReport:
         """For /healthz: connected to Discord's gateway, the database takes a write, fal answered
         recently (or nothing was asked of it)."""
@@ -283,7 +292,7 @@ async def run(settings: Settings) -> None:
         _open_store(settings) as store,
         _http_session(settings) as http,
         KontextBot(settings, store=store, http=http, metrics=metrics) as bot,
-        _ops_endpoint(settings, metrics, bot.health),
+        _ops_endpoint(settings, metrics, bot.health, bot.liveness),
     ):
         running = asyncio.create_task(bot.start(settings.discord_token))
         stopping = asyncio.create_task(stop.wait())
@@ -334,18 +343,18 @@ async def _open_store(settings: Settings) -> AsyncIterator[Store]:
 
 @contextlib.asynccontextmanager
 async def _ops_endpoint(
-    settings: Settings, metrics: Metrics, health: Callable[[], Awaitable[HealthReport]]
+    settings: Settings, metrics: Metrics, health: HealthCheck, liveness: HealthCheck
 ) -> AsyncIterator[None]:
-    """The operators' /healthz and /metrics, when HTTP_PORT is set."""
+    """The operators' /livez, /healthz and /metrics, when HTTP_PORT is set."""
     if settings.http_port is None:
         yield
         return
-    server = OpsServer(settings.http_host, settings.http_port, metrics, health)
+    server = OpsServer(settings.http_host, settings.http_port, metrics, health, liveness)
     try:
         await server.start()
     except OSError as exc:  # the port taken, the host not an address of this machine, or unknown
         where = f"{settings.http_host}:{settings.http_port} (HTTP_HOST, HTTP_PORT)"
-        raise CannotStart(f"cannot serve /healthz and /metrics on {where}: {exc}") from None
+        raise CannotStart(f"cannot serve /livez, /healthz and /metrics on {where}: {exc}") from None
     try:
         yield
     finally:

@@ -1,6 +1,7 @@
-"""The operators' HTTP endpoint: `/healthz` for Docker and orchestrators, `/metrics` for
-Prometheus. It runs in the bot's own event loop, so the health check sees the bot as it is and
-the metrics' live gauges are read on the loop's thread."""
+"""The operators' HTTP endpoint: `/livez` and `/healthz` for Docker and orchestrators, `/metrics`
+for Prometheus. It runs in the bot's own event loop, so the health checks see the bot as it is
+(an event loop that hangs answers nothing) and the metrics' live gauges are read on the loop's
+thread."""
 
 from __future__ import annotations
 
@@ -50,16 +51,25 @@ def fal_health(
     return False, f"fal: the last call failed {now - last_failure:.0f}s ago and none succeeded since"
 
 
-class OpsServer:
-    """`GET /healthz` (200 or 503, JSON) and `GET /metrics` on `host:port`; port 0 binds a free
-    port, then found in `.port`."""
+HealthCheck = Callable[[], Awaitable[HealthReport]]
 
-    def __init__(self, host: str, port: int, metrics: Metrics, health: Callable[[], Awaitable[HealthReport]]) -> None:
+
+class OpsServer:
+    """`GET /livez` and `GET /healthz` (200 or 503, JSON) and `GET /metrics` on `host:port`; port
+    0 binds a free port, then found in `.port`.
+
+    Two checks, because they answer two questions: `liveness` whether this process works at all
+    (restarting it is the cure when it does not), `health` whether it is ready to do jobs, the
+    services it needs included (an outage at fal or Discord, which a restart does not cure)."""
+
+    def __init__(self, host: str, port: int, metrics: Metrics, health: HealthCheck, liveness: HealthCheck) -> None:
         self._host = host
         self.port = port
         self._metrics = metrics
         self._health = health
+        self._liveness = liveness
         app = web.Application()
+        app.router.add_get("/livez", self._livez)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics_page)
         # No access log: a scrape every few seconds would drown the bot's own lines.
@@ -75,15 +85,21 @@ class OpsServer:
             await self._runner.cleanup()
             raise
         self.port = self._runner.addresses[0][1]
-        log.info("ops endpoint on http://%s:%d (/healthz, /metrics)", self._host, self.port)
+        log.info("ops endpoint on http://%s:%d (/livez, /healthz, /metrics)", self._host, self.port)
 
     async def stop(self) -> None:
         await self._runner.cleanup()
 
+    async def _livez(self, request: web.Request) -> web.Response:
+        return await self._answer(self._liveness)
+
     async def _healthz(self, request: web.Request) -> web.Response:
+        return await self._answer(self._health)
+
+    async def _answer(self, check: HealthCheck) -> web.Response:
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
-                report = await self._health()
+                report = await check()
         except TimeoutError:
             report = HealthReport({}, [f"the health check did not answer within {HEALTH_TIMEOUT:.0f}s"])
         except Exception as exc:

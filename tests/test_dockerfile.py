@@ -69,21 +69,27 @@ async def run_check(port: int) -> int:
 
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[OpsServer, list[HealthReport]]]:
-    reports = [HealthReport({"discord": True}, [])]
+    """An endpoint whose readiness always fails (fal down) and whose liveness is the last report."""
+    reports = [HealthReport({"running": True}, [])]
 
-    async def health() -> HealthReport:
+    async def fal_down() -> HealthReport:
+        return HealthReport({"fal": False}, ["fal: the last call failed 3s ago and none succeeded since"])
+
+    async def liveness() -> HealthReport:
         return reports[-1]
 
-    ops = OpsServer("127.0.0.1", 0, Metrics(), health)
+    ops = OpsServer("127.0.0.1", 0, Metrics(), fal_down, liveness)
     await ops.start()
     yield ops, reports
     await ops.stop()
 
 
-async def test_the_check_passes_while_healthy_and_fails_on_503(server):
+async def test_the_check_asks_liveness_and_fails_on_503(server):
+    """What acts on the check restarts the container, so it follows /livez, not /healthz: an
+    outage at fal is not cured by a restart."""
     ops, reports = server
     assert await run_check(ops.port) == 0
-    reports.append(HealthReport({"discord": False}, ["discord: gateway disconnected"]))
+    reports.append(HealthReport({"running": False}, ["the bot is stopping"]))
     assert await run_check(ops.port) == 1
 
 

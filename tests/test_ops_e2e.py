@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import signal
 import socket
 import sqlite3
 
@@ -16,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fakes.fal_fake import JobScript, model_error
 from tests.e2e import admin, finished, text
+from tests.test_dockerfile import run_check
 
 
 def free_port() -> int:
@@ -126,6 +129,29 @@ async def test_healthz_follows_fal(world, fault):
     assert text(await finished(await world.kontext(user="mod"))).startswith("✅")
     status, _ = await get(port, "/healthz")
     assert status == 200
+
+
+async def test_the_image_s_health_check_fails_a_hung_bot_but_not_one_riding_out_a_fal_outage(world):
+    """The Dockerfile's HEALTHCHECK, as Docker runs it, against the real bot: what acts on it
+    restarts the container, which would cut off the jobs in flight and bring fal back no sooner.
+    So it passes while fal is down (and /healthz, the readiness, says so), and fails once the
+    process no longer answers."""
+    port = free_port()
+    await world.start_bot(HTTP_PORT=str(port), JOB_TIMEOUT="3")
+    for op in ("submit", "status", "stream", "result"):
+        world.fal.fail_next(op, status="ingress_503", times=10_000)
+    await finished(await world.kontext(), timeout=20)
+    assert (await get(port, "/healthz"))[0] == 503
+    status, body = await get(port, "/livez")
+    assert (status, json.loads(body)) == (200, {"status": "ok", "checks": {"running": True}})
+    assert await run_check(port) == 0
+    assert world.bot is not None
+    os.kill(world.bot.pid, signal.SIGSTOP)  # a hung process: its event loop answers nothing
+    try:
+        assert await run_check(port) == 1
+    finally:
+        os.kill(world.bot.pid, signal.SIGCONT)
+    assert await run_check(port) == 0
 
 
 async def test_a_job_the_model_failed_leaves_fal_healthy_and_is_counted_as_such(world):

@@ -24,12 +24,15 @@ def answering(report: HealthReport) -> HealthCheck:
     return health
 
 
+ALIVE = answering(HealthReport({"running": True}, []))
+
+
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[HealthCheck, Metrics], Awaitable[str]]]:
+async def serve() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     servers: list[OpsServer] = []
 
-    async def start(health: HealthCheck, metrics: Metrics) -> str:
-        server = OpsServer("127.0.0.1", 0, metrics, health)
+    async def start(health: HealthCheck, metrics: Metrics, liveness: HealthCheck = ALIVE) -> str:
+        server = OpsServer("127.0.0.1", 0, metrics, health, liveness)
         await server.start()
         servers.append(server)
         return f"http://127.0.0.1:{server.port}"
@@ -64,6 +67,22 @@ async def test_unhealthy_is_503_with_the_problems(serve):
         "problems": ["discord: gateway disconnected for 95s"],
         "checks": {"discord": False, "fal": True},
     }
+
+
+async def test_liveness_and_readiness_are_answered_each_by_its_own_check(serve):
+    """/livez says whether the process works, /healthz whether it can do jobs: fal down fails
+    only the second (a restart would not bring fal back), a stopping bot the first."""
+    fal_down = HealthReport({"fal": False}, ["fal: the last call failed 3s ago and none succeeded since"])
+    base = await serve(answering(fal_down), Metrics())
+    assert (await get_json(f"{base}/healthz"))[0] == 503
+    assert await get_json(f"{base}/livez") == (200, {"status": "ok", "checks": {"running": True}})
+    stopping = HealthReport({"running": False}, ["the bot is stopping"])
+    base = await serve(answering(HealthReport({"fal": True}, [])), Metrics(), answering(stopping))
+    assert (await get_json(f"{base}/healthz"))[0] == 200
+    assert await get_json(f"{base}/livez") == (
+        503,
+        {"status": "unhealthy", "problems": ["the bot is stopping"], "checks": {"running": False}},
+    )
 
 
 async def test_a_failing_check_alone_makes_it_unhealthy(serve):
@@ -122,11 +141,11 @@ async def test_a_fixed_port_is_bound_and_released_on_stop():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = OpsServer("127.0.0.1", port, Metrics(), answering(HealthReport({}, [])))
+    server = OpsServer("127.0.0.1", port, Metrics(), answering(HealthReport({}, [])), ALIVE)
     await server.start()
     assert server.port == port
     assert (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200
-    taken = OpsServer("127.0.0.1", port, Metrics(), answering(HealthReport({}, [])))
+    taken = OpsServer("127.0.0.1", port, Metrics(), answering(HealthReport({}, [])), ALIVE)
     with pytest.raises(OSError):
         await taken.start()
     await server.stop()
