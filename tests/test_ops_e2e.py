@@ -92,7 +92,11 @@ async def test_a_job_whose_reply_discord_refused_is_counted_as_finished(world):
     )
     await world.kontext()
     await world.discord.wait_until(lambda: "abandoned before it started" in world.bot.log_text())
-    now = samples((await get(port, "/metrics"))[1])
+    # The line is logged before the job is saved and counted: read /metrics until it shows it.
+    finished = ("kontext_jobs_finished_total", (("error_code", "abandoned"), ("outcome", "failed")))
+    async with asyncio.timeout(10):
+        while (now := samples((await get(port, "/metrics"))[1])).get(finished) == was.get(finished):  # noqa: ASYNC110 - another process
+            await asyncio.sleep(0.02)
 
     def moved(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
