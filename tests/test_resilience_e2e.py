@@ -124,10 +124,14 @@ async def test_an_acknowledgement_whose_connection_drops_closes_the_job_at_once(
     await world.start_bot()
     for attempt in (1, 2):
         fake.fail_next("POST", r"/interactions/\d+/[^/]+/callback$", status="hang")
-        await world.kontext()
+        handle = await world.kontext()
         await fake.wait_until(lambda: fake.hanging == 1)
         fake.release_hangs()
         await fake.wait_until(lambda n=attempt: world.bot.log_text().count("abandoned before it started") == n)
+        # The member is told something went wrong (the dropped acknowledgement never reached
+        # Discord); awaited, so the next attempt's fault is not taken by this answer.
+        callback = await handle.wait_for_callback()
+        assert callback["type"] == 4 and callback["data"]["flags"] & 64, callback
     assert [(row["state"], row["error_code"]) for row in db_rows(world)] == [("failed", "abandoned")] * 2
     await still_serving(world)
 
