@@ -45,8 +45,11 @@ class Settings:
     discord_token: str = field(repr=False)
     fal_key: str = field(repr=False)
     discord_api_base: str = "https://discord.com/api/v10"
-    # Where attachments are fetched from (Discord's CDN and media proxy), as host[:port].
-    discord_cdn_hosts: frozenset[str] = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
+    # Where input images are fetched from, as host[:port]: Discord's CDN and media proxy
+    # (attachments), and its external-media proxy, which serves the images of links' embeds.
+    discord_cdn_hosts: frozenset[str] = frozenset(
+        {"cdn.discordapp.com", "media.discordapp.net", "images-ext-1.discordapp.net", "images-ext-2.discordapp.net"}
+    )
     fal_queue_url: str = "https://queue.fal.run"
     # fal's REST host, for uploads to fal's storage (the upload host comes from its token answer).
     fal_rest_url: str = "https://rest.fal.ai"

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from services.config import SettingsError, load_settings
+from services.input_images import hosted_on
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {"DISCORD_TOKEN": "discord-secret", "FAL_KEY": "fal-secret"}
@@ -17,6 +18,21 @@ def test_defaults_apply_when_only_secrets_are_set():
     assert settings.fal_queue_url == "https://queue.fal.run"
     assert settings.data_dir == Path("./data")
     assert settings.use_status_stream is True
+
+
+def test_the_default_discord_hosts_serve_every_image_a_message_shows():
+    """Attachments come from Discord's CDN (or its media proxy); the image or thumbnail of a
+    link's embed (a tweet, a YouTube video, a pasted image address) comes through Discord's
+    external-media proxy, `images-ext-1` or `images-ext-2.discordapp.net`, as real messages'
+    `proxy_url` shows: "Edit with Kontext" on a link must find its picture."""
+    hosts = load_settings(SECRETS).discord_cdn_hosts
+    for url in (
+        "https://cdn.discordapp.com/attachments/1/2/cat.png?ex=69000000&is=68ff0000&hm=ab&",
+        "https://media.discordapp.net/attachments/1/2/cat.png?ex=69000000&is=68ff0000&hm=ab&",
+        "https://images-ext-1.discordapp.net/external/gk1nrmD5dvvSyYrFm1tMGNOm6f80Ps1hyX8zf9bYImw/https/i.ytimg.com/vi/5dqixBi8TPU/maxresdefault.jpg",
+        "https://images-ext-2.discordapp.net/external/cIug7WIdKZEuKDYvrigQl93hRoZCqzYbE01cipoWXH0/https/pbs.twimg.com/media/GmjNdbcakAAukds.jpg",
+    ):
+        assert hosted_on(url, hosts), url
 
 
 def test_secrets_never_appear_in_repr():
