@@ -36,7 +36,15 @@ INLINE_MAX_BYTES = 64 * 1024
 # How long fal keeps an uploaded input, and how long the bot reuses it.
 INPUT_LIFETIME_SECONDS = 30 * 86400
 REUSE_MARGIN_SECONDS = 86400
-_PILLOW_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+# Pillow's format names. "MPO" is a JPEG whose Multi-Picture index lists more pictures after the
+# first (a camera's preview, a phone's HDR gain map): any JPEG reader shows its first, the photo.
+_PILLOW_FORMATS = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+}
 
 
 class InputRejected(LocalizedError):

@@ -15,7 +15,17 @@ from PIL import Image
 
 from fakes.fal_fake import JobScript, infra_error, model_error
 from services.fal_queue import FOLLOW_ATTEMPTS
-from tests.e2e import attachment_bytes, button, fal_job, finished, has_button, private_answer, shows, text
+from tests.e2e import (
+    attachment_bytes,
+    button,
+    data_uri,
+    fal_job,
+    finished,
+    has_button,
+    private_answer,
+    shows,
+    text,
+)
 
 
 def elapsed_since_completion(world) -> float:
@@ -243,6 +253,20 @@ async def test_a_cut_off_jpeg_is_refused(world):
     await handle.wait_until(lambda h: bool(h.followups), timeout=10)
     assert "`cut.jpg` is damaged" in text(handle.followups[0])
     assert world.fal.count("submit") == 0
+
+
+async def test_a_camera_jpeg_with_a_second_picture_inside_is_an_ordinary_jpeg(world):
+    """Cameras and phones write JPEGs whose Multi-Picture index holds a preview or an HDR gain
+    map after the photo (Pillow names the format "MPO"); any JPEG reader shows the photo, so
+    it is handed to fal byte for byte like any JPEG."""
+    buffer = io.BytesIO()
+    photo, gain_map = Image.new("RGB", (96, 64), "teal"), Image.new("L", (48, 32), 128)
+    photo.save(buffer, "MPO", save_all=True, append_images=[gain_map])
+    attachment = world.discord.add_cdn_file(buffer.getvalue(), "DSC_0042.JPG", "image/jpeg")
+    await world.start_bot()
+    message = await finished(await world.kontext(image=attachment))
+    assert text(message).startswith("✅"), text(message)
+    assert fal_job(world).payload["image_url"] == data_uri(world, attachment, "image/jpeg")
 
 
 def png_claiming(width: int, height: int) -> bytes:
