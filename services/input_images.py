@@ -93,9 +93,35 @@ def check_image(data: bytes, name: str) -> str:
     if pillow_type != sniffed:
         raise InputRejected(N_("`{name}` is not an image FLUX.1 Kontext can read."), name=name)
     # Pillow's verify does not read JPEG data to its end: a cut-off file lacks its end marker.
-    if sniffed == "image/jpeg" and b"\xff\xd9" not in data[-4096:]:
+    if sniffed == "image/jpeg" and not _jpeg_reaches_its_end(data):
         raise InputRejected(N_("`{name}` is damaged: the image is cut off."), name=name)
     return sniffed
+
+
+_JPEG_START_OF_SCAN = 0xDA
+# Markers that stand alone, with no length after them: TEM, SOI and the restart markers.
+_JPEG_STANDALONE_MARKERS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
+
+
+def _jpeg_reaches_its_end(data: bytes) -> bool:
+    """Whether the JPEG's image data is followed by its end marker (EOI). It is looked for after
+    the image data starts, not in the file's last bytes: a phone's motion photo has a video after
+    it, and the segments before the image data (a comment, an EXIF thumbnail) may hold the same
+    two bytes. In the image data itself a 0xFF byte is always followed by 0x00 or a restart
+    marker, so the first EOI there ends it."""
+    position = 2  # after SOI
+    while position + 4 <= len(data):
+        if data[position] != 0xFF or data[position + 1] == 0xFF:
+            position += 1  # fill bytes, or stray ones between segments (decoders skip them)
+            continue
+        marker = data[position + 1]
+        if marker in _JPEG_STANDALONE_MARKERS:
+            position += 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == _JPEG_START_OF_SCAN:
+            return data.find(b"\xff\xd9", position) != -1
+    return False
 
 
 class InputStager:

@@ -255,6 +255,19 @@ async def test_a_cut_off_jpeg_is_refused(world):
     assert world.fal.count("submit") == 0
 
 
+async def test_a_motion_photo_whose_video_follows_the_jpeg_is_not_taken_for_a_cut_off_one(world):
+    """A phone's motion photo is a whole JPEG with a short video (an MP4) after its end marker:
+    the photo is there, so it is not refused as cut off."""
+    jpeg = attachment_bytes(world, world.input_image(size=80_000, fmt="jpeg"))
+    video = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(range(0xFF)) * 800  # no 0xFF byte
+    photo = world.discord.add_cdn_file(jpeg + video, "PXL_20260101_120000000.MP.jpg", "image/jpeg")
+    await world.start_bot()
+    message = await finished(await world.kontext(image=photo))
+    assert text(message).startswith("✅"), text(message)
+    (upload,) = world.fal.uploads
+    assert upload.data == jpeg + video and upload.content_type == "image/jpeg"
+
+
 async def test_a_camera_jpeg_with_a_second_picture_inside_is_an_ordinary_jpeg(world):
     """Cameras and phones write JPEGs whose Multi-Picture index holds a preview or an HDR gain
     map after the photo (Pillow names the format "MPO"); any JPEG reader shows the photo, so
