@@ -74,6 +74,8 @@ UNKNOWN_MESSAGE = 10008
 MAX_FOLLOWUPS_REACHED = 40094
 # Errors after which the interaction can show no more: the bot posts the rest itself.
 INTERACTION_EXHAUSTED = frozenset({INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE, MAX_FOLLOWUPS_REACHED})
+# 413: a file over what Discord takes there, whatever limit the interaction announced.
+REQUEST_ENTITY_TOO_LARGE = 40005
 # A reply only the interaction can edit (EXTERNAL places) says this long before its token ends
 # that the result will come by DM (the token's last 30 s are kept for the final upload).
 REPLY_NOTICE_BEFORE = 120
@@ -296,6 +298,8 @@ class DiscordPresenter:
                 # A moderator deleted the reply: what it showed is not posted again.
                 job.notes = {**job.notes, NOTE_WITHDRAWN: "its reply was deleted"}
                 return
+            if exc.code == REQUEST_ENTITY_TOO_LARGE and _upload_less(job):
+                raise  # tried again within the smaller limit
             if 400 <= exc.status < 500 and exc.status != 429:
                 # Sent again, it would be refused again: the message itself (a 400), or the
                 # channel is gone, the bot may not see or post in it, the member's DMs are
@@ -509,6 +513,20 @@ def _too_large_where_asked(job: Job) -> str:
     """The line linking images over the interaction's upload limit, naming where it was used: a
     server, or a DM (the member's with the bot, a group DM), which has no server's limit."""
     return TOO_LARGE_FOR_SERVER if job.guild_id is not None else TOO_LARGE_FOR_DM
+
+
+def _upload_less(job: Job) -> bool:
+    """Discord refused an upload as too large though it fit the limit it was packed for (an
+    interaction announces the member's Nitro limit, which a bot's upload does not always get):
+    lower the job's limit to Discord's default, then to nothing (every image linked), so the
+    next try shows the result rather than none of it. False when there is nothing left to take
+    off, or part of the result is shown already (a new packing would not match what it shows)."""
+    if job.delivered_parts > 0 or job.upload_limit <= 0:
+        return False
+    default = discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
+    job.upload_limit = default if job.upload_limit > default else 0
+    log.info("job %d: Discord refused the upload as too large; trying within %d bytes", job.id, job.upload_limit)
+    return True
 
 
 def _reply_deleted(job: Job, exc: discord.HTTPException) -> bool:
