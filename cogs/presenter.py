@@ -420,9 +420,16 @@ class DiscordPresenter:
             first = index == start
             if as_card:
                 card = result_card(job, rendered, [(file.filename, image) for image, file in shown])
-                message = await channel.send(view=card, files=files, reference=reference, allowed_mentions=mentions)  # type: ignore[arg-type]
+                message = await channel.send(
+                    view=card,
+                    files=files,
+                    reference=reference,  # type: ignore[arg-type]
+                    allowed_mentions=mentions,
+                    nonce=_post_nonce(job, index),
+                )
             else:
                 message = await channel.send(
+                    nonce=_post_nonce(job, index),
                     content=rendered.content if first else None,
                     embed=rendered.embed if index == 0 else None,  # type: ignore[arg-type]
                     files=files,
@@ -513,6 +520,14 @@ def _too_large_where_asked(job: Job) -> str:
     """The line linking images over the interaction's upload limit, naming where it was used: a
     server, or a DM (the member's with the bot, a group DM), which has no server's limit."""
     return TOO_LARGE_FOR_SERVER if job.guild_id is not None else TOO_LARGE_FOR_DM
+
+
+def _post_nonce(job: Job, index: int) -> str:
+    """The nonce of the bot's own post of the result's part `index`, the same at every try and
+    after a restart: discord.py sends it with enforce_nonce, so Discord returns the message it
+    made for an earlier try whose answer was lost (a restart, a dropped connection) instead of
+    posting the part again (message.mdx, Create Message). Its reply's id makes it unique."""
+    return f"{job.message_id}-{index}"
 
 
 def _upload_less(job: Job) -> bool:

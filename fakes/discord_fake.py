@@ -137,6 +137,10 @@ CALLBACK_WINDOW = 3.0
 CDN_URL_LIFETIME = 86400
 CDN_GONE_TEXT = "This content is no longer available."
 TOKEN_LIFETIME = 15 * 60.0
+# docs resources/message.mdx (Create Message, enforce_nonce): "checked for uniqueness in the past
+# few minutes. If another message was created by the same author with the same nonce, that
+# message will be returned and no new message will be created." The fake takes the short end.
+NONCE_WINDOW = 120.0
 JOINED_AT = "2026-01-01T00:00:00+00:00"
 
 _snow_counter = itertools.count()
@@ -684,6 +688,9 @@ class FakeDiscord:
         self._cdn_secret = secrets.token_bytes(16)
         self._cdn_max_ex = 0
         self._faults: list[dict] = []
+        # nonce -> the message the bot created with it and when (enforce_nonce; the bot is the
+        # only author posting through the API)
+        self._nonces: dict[str, tuple[FakeMessage, float]] = {}
         self._hang_release = asyncio.Event()
         self._hanging = 0
 
@@ -1458,10 +1465,14 @@ class FakeDiscord:
         headers: dict | None = None,
         skip: int = 0,
         delay: float = 0.0,
+        applied: bool = False,
     ) -> None:
         """Answer the next `times` requests matching METHOD and regex (searched in the path after
         /api/v10) with `status`, after letting `skip` matching requests through. 429 gets
         Discord's body and a `Via` header by default.
+
+        applied=True: carry the request out first, then answer `status` all the same (a 5xx from
+        Discord's edge for a request its backend did: the client cannot tell it was done).
 
         status="hang": record the request, never apply it and never answer until `release_hangs()`
         or stop() (then the connection is dropped): a request lost in flight.
@@ -1511,6 +1522,7 @@ class FakeDiscord:
                 "json": json,
                 "headers": hdrs,
                 "skip": skip,
+                "applied": applied,
             }
         )
 
@@ -2510,6 +2522,7 @@ class FakeDiscord:
                     return web.Response(status=499)
                 rec.json = body
                 rec.files = {k: (v[0], v[1]) for k, v in files.items()}
+                lost_answer: dict | None = None
                 # fault injection first (Discord/Cloudflare answers before validating)
                 for f in self._faults:
                     if f["times"] > 0 and f["method"] == method and f["rx"].search(path):
@@ -2523,6 +2536,9 @@ class FakeDiscord:
                             return web.Response(status=500)  # the connection is gone
                         if f["status"] == "slow":
                             await asyncio.sleep(f["delay"])
+                            break
+                        if f.get("applied"):
+                            lost_answer = f
                             break
                         raise ApiError(f["status"], f["json"], f["headers"])
                 # route: must exist in Discord's spec
@@ -2558,6 +2574,8 @@ class FakeDiscord:
                     if errors is not None:
                         raise invalid_form(errors, f"spec violation {where}: {json.dumps(errors)[:1500]}")
                 status, out = await handler(request, params, body, files)
+                if lost_answer is not None:
+                    raise ApiError(lost_answer["status"], lost_answer["json"], lost_answer["headers"])
             except ApiError as e:
                 if e.violation:
                     self.violations.append(e.violation)
@@ -2852,6 +2870,11 @@ class FakeDiscord:
         if files:
             needed |= ATTACH_FILES
         self._check_bot_permissions(ch, needed, "post a message")
+        nonce = str(body["nonce"]) if body.get("enforce_nonce") and body.get("nonce") else None
+        if nonce is not None and nonce in self._nonces:
+            earlier, at = self._nonces[nonce]
+            if time.monotonic() - at < NONCE_WINDOW:
+                return 200, earlier.to_payload()
         msg = FakeMessage(self, ch["id"], author=dict(self.bot_user), type=0, guild_id=gid)
         ref = body.get("message_reference")
         if ref:
@@ -2887,6 +2910,8 @@ class FakeDiscord:
         ):
             raise ApiError(400, {"message": "Cannot send an empty message", "code": 50006})
         self._record_message(msg, "create")
+        if nonce is not None:
+            self._nonces[nonce] = (msg, time.monotonic())
         return 200, msg.to_payload()
 
     async def _h_patch_message(self, req, p, body, files):

@@ -7,9 +7,10 @@ import sqlite3
 
 from fakes.discord_fake import DEFAULT_SIZE_LIMIT, media_gallery_items
 from fakes.fal_fake import JobScript
-from tests.e2e import finished, shows, text
+from tests.e2e import finished, outliving_its_reply, shows, text
 
 WEBHOOK_MESSAGE = r"/webhooks/\d+/[^/]+/messages/"
+CHANNEL_POSTS = r"^/channels/\d+/messages$"
 TOO_LARGE = {"message": "Request entity too large", "code": 40005}
 
 
@@ -58,3 +59,26 @@ async def test_an_upload_discord_keeps_refusing_as_too_large_links_the_image(wor
     assert text(message).startswith("✅"), text(message)
     assert "Too large for this server's upload limit: [image 1](http" in text(message), text(message)
     assert message.files == {} and media_gallery_items(message) == []
+
+
+def late_posts(world) -> list:
+    return [m for m in world.discord.channel_messages() if m.interaction is None]
+
+
+async def test_a_late_post_discord_made_as_the_bot_died_is_not_posted_again(world):
+    """After the reply's 15 minutes the bot posts the result itself. Killed while Discord made
+    that post (its answer never arrived), the restarted bot posted the result a second time:
+    each post had a random nonce. Each part now has its own nonce, the same after a restart,
+    and Discord, told to enforce it, returns the message it made the first time."""
+    fake = world.discord
+    fake.fail_next("POST", CHANNEL_POSTS, status="slow", delay=1.0)
+    handle = await outliving_its_reply(world)
+    await fake.wait_until(lambda: fake.requests_to("POST", CHANNEL_POSTS), timeout=15)
+    await world.bot.kill()
+    await fake.wait_until(lambda: late_posts(world), timeout=5)  # Discord carried on with it
+    await world.start_bot()
+    await fake.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=15)
+    assert len(fake.requests_to("POST", CHANNEL_POSTS)) == 2
+    (post,) = late_posts(world)
+    assert post.files and post.message_reference["message_id"] == handle.original.id
+    assert db_rows(world)[0]["posted_message_ids"] == f"[{post.id}]"

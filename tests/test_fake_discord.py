@@ -291,6 +291,34 @@ async def test_spec_violation_and_rules_raw():
 
 
 @pytest.mark.asyncio
+async def test_a_post_discord_did_but_answered_with_a_5xx_and_enforce_nonce():
+    """applied=True: the message exists though the answer was a 502. Posted again with the same
+    nonce and enforce_nonce, Discord returns that message instead of creating another one; a
+    nonce without enforce_nonce, or another nonce, creates one."""
+    fake = FakeDiscord(token="t0k")
+    await fake.start()
+    try:
+        auth = {"Authorization": "Bot t0k"}
+        url = f"{fake.api_base}/channels/{fake.channel_id}/messages"
+        once = {"content": "result", "nonce": "42-1", "enforce_nonce": True}
+        fake.fail_next("POST", r"/messages$", status=502, applied=True)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json=once, headers=auth) as r:
+                assert r.status == 502
+            (created,) = fake.channel_messages()
+            async with s.post(url, json=once, headers=auth) as r:
+                assert r.status == 200 and (await r.json())["id"] == created.id
+            assert len(fake.channel_messages()) == 1
+            for other in ({**once, "enforce_nonce": False}, {**once, "nonce": "42-2"}):
+                async with s.post(url, json=other, headers=auth) as r:
+                    assert r.status == 200 and (await r.json())["id"] != created.id
+        assert len(fake.channel_messages()) == 3
+        assert fake.violations == []
+    finally:
+        await fake.stop()
+
+
+@pytest.mark.asyncio
 async def test_a_webhook_edit_is_validated_against_the_spec():
     """What the bot sends in an edit passes; a field of the wrong type is refused with Discord's
     form error, at the field's path. (How fast validation is belongs to the benchmark.)"""
