@@ -86,6 +86,8 @@ TOO_LARGE_FOR_DM = N_("📦 Too large to send in a DM: {links}")
 # The first line of what comes by DM after the reply's 15 minutes: a result, or other news of it.
 LATE_DM_READY = N_("📬 Your edit from {reply} is ready: the reply there could only be updated for 15 minutes.")
 LATE_DM_NEWS = N_("📬 An update on your edit from {reply}: the reply there could only be updated for 15 minutes.")
+# What the reply says in place of its progress when Discord refuses what was to replace it.
+NOT_SHOWN = N_("❌ Discord refused to show how this edit ended (error {code}).")
 # All replies together get at most this many progress edits per second.
 MAX_PROGRESS_EDITS_PER_SECOND = 20
 
@@ -304,8 +306,24 @@ class DiscordPresenter:
                 # Sent again, it would be refused again: the message itself (a 400), or the
                 # channel is gone, the bot may not see or post in it, the member's DMs are
                 # closed to it. Final, on either path.
+                await self._say_not_shown(job, exc)
                 raise Undeliverable(f"Discord refused the bot's post: {exc.status} {exc.code}") from exc
             raise
+
+    async def _say_not_shown(self, job: Job, refused: discord.HTTPException) -> None:
+        """Discord refused the job's final state for good: the reply says so, rather than go on
+        showing its progress ("Generating…") forever. Only while the interaction can edit it
+        and before any of the result is shown; the one line and nothing else, so that it is not
+        refused in turn."""
+        if job.delivered_parts > 0 or job.message_id is None or not job.token_valid():
+            return
+        _ = texts(job.locale)
+        try:
+            await self._webhook(job).edit_message(
+                job.message_id, content=_(NOT_SHOWN, code=refused.code), embed=None, view=None, attachments=[]
+            )
+        except discord.HTTPException as exc:
+            log.warning("job %d: the reply could not say its result was refused: %s", job.id, describe_error(exc))
 
     async def _tell_requester(
         self, job: Job, text: str, progress: DeliveryProgress, *, replace_reply: bool = False

@@ -82,3 +82,16 @@ async def test_a_late_post_discord_made_as_the_bot_died_is_not_posted_again(worl
     (post,) = late_posts(world)
     assert post.files and post.message_reference["message_id"] == handle.original.id
     assert db_rows(world)[0]["posted_message_ids"] == f"[{post.id}]"
+
+
+async def test_a_final_edit_discord_refuses_for_good_leaves_a_clear_reply(world):
+    """Discord refused the result's edit as invalid (400, 50035): the job was closed, and the
+    reply went on saying "Generating…" for good. Now it says Discord refused to show it."""
+    handle = await generating(world)
+    world.discord.fail_next(
+        "PATCH", WEBHOOK_MESSAGE, status=400, json={"message": "Invalid Form Body", "code": 50035, "errors": {}}
+    )
+    message = await finished(handle)
+    assert text(message) == "❌ Discord refused to show how this edit ended (error 50035).", text(message)
+    assert message.embeds == [] and message.components == [] and message.files == {}
+    await world.discord.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=5)
