@@ -1502,16 +1502,20 @@ class FakeDiscord:
         hdrs = {}
         if status == 429:
             ra = json.get("retry_after", 0.2)
+            # docs topics/rate-limits.mdx (Header Format): X-RateLimit-Global is "returned only on
+            # HTTP 429 responses if the rate limit encountered is the global rate limit", and
+            # X-RateLimit-Scope is then "global" (a route's own limit: "user").
             hdrs = {
                 "Via": "1.1 google",
                 "Retry-After": str(max(1, int(ra + 0.999))),
-                "X-RateLimit-Scope": "user",
-                "X-RateLimit-Global": "true" if json.get("global") else "false",
+                "X-RateLimit-Scope": "global" if json.get("global") else "user",
                 "X-RateLimit-Limit": "5",
                 "X-RateLimit-Remaining": "0",
                 "X-RateLimit-Reset-After": str(ra),
                 "X-RateLimit-Bucket": "fakebucket",
             }
+            if json.get("global"):
+                hdrs["X-RateLimit-Global"] = "true"
         hdrs.update(headers or {})
         self._faults.append(
             {

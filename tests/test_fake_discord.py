@@ -284,6 +284,13 @@ async def test_spec_violation_and_rules_raw():
             fake.fail_next("GET", r"^/users/@me$", status=429)
             async with s.get(f"{fake.api_base}/users/@me", headers=auth) as r:
                 assert r.status == 429 and r.headers["Via"] and (await r.json())["retry_after"] == 0.2
+                assert r.headers["X-RateLimit-Scope"] == "user" and "X-RateLimit-Global" not in r.headers
+            fake.fail_next(
+                "GET", r"^/users/@me$", status=429, json={"message": "x", "retry_after": 1.5, "global": True}
+            )
+            async with s.get(f"{fake.api_base}/users/@me", headers=auth) as r:
+                assert r.status == 429 and r.headers["Retry-After"] == "2"
+                assert r.headers["X-RateLimit-Scope"] == "global" and r.headers["X-RateLimit-Global"] == "true"
             async with s.get(f"{fake.api_base}/users/@me", headers=auth) as r:
                 assert r.status == 200
     finally:
