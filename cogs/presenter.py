@@ -544,8 +544,9 @@ def _post_nonce(job: Job, index: int) -> str:
     """The nonce of the bot's own post of the result's part `index`, the same at every try and
     after a restart: discord.py sends it with enforce_nonce, so Discord returns the message it
     made for an earlier try whose answer was lost (a restart, a dropped connection) instead of
-    posting the part again (message.mdx, Create Message). Its reply's id makes it unique."""
-    return f"{job.message_id}-{index}"
+    posting the part again (message.mdx, Create Message). Its reply's id makes it unique (the
+    job's, for a job with no reply on record)."""
+    return f"{job.message_id}-{index}" if job.message_id is not None else f"job{job.id}-{index}"
 
 
 def _upload_less(job: Job) -> bool:
