@@ -10,7 +10,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from .fal_account import AccountGate
@@ -72,6 +72,11 @@ class Undeliverable(Exception):
 
 # A job not shown within this time of its request is given up, across restarts too.
 DELIVERY_GIVE_UP_SECONDS = 24 * 3600
+# A delivery is retried at the runner's pace this long; then, Discord having an outage (they
+# last minutes to hours), less and less often up to this wait, so as not to add to the load it is
+# coming back under nor prolong a ban for too many failed requests.
+DELIVERY_RETRY_SECONDS = 120.0
+DELIVERY_OUTAGE_MAX_WAIT = 300.0
 # How long a stop waits for a post under way (four images at a server's upload limit take a
 # while): within compose's stop_grace_period (30 s), with room for the rest of the shutdown.
 DELIVERY_STOP_SECONDS = 20.0
@@ -778,7 +783,6 @@ class JobRunner:
 
     async def _deliver(self, job: Job) -> None:
         """Hand the final state to the listener until it is shown, then forget the images."""
-        loop = asyncio.get_running_loop()
 
         async def attempt() -> None:
             self._store.ensure_held(job)  # nothing is shown by a process that lost the job
@@ -794,21 +798,10 @@ class JobRunner:
 
         try:
             try:
-                if time.time() - job.created_at > DELIVERY_GIVE_UP_SECONDS:
-                    raise Undeliverable("not shown within a day of the request")
-                await retrying(
-                    attempt,
-                    retryable=lambda exc: not isinstance(exc, Undeliverable),
-                    backoff=self._backoff,
-                    deadline=loop.time() + 120,
-                    what=f"job {job.id} delivery",
-                )
+                await self._retry_delivery(job, attempt)
             except Undeliverable as exc:
                 log.warning("job %d cannot be shown (%s); it is closed", job.id, exc)
                 job.notes = {**job.notes, NOTE_UNDELIVERABLE: str(exc)}
-            except Exception:
-                log.exception("job %d could not be delivered; it will be tried again at the next start", job.id)
-                return
             job.delivered_at = time.time()
             job.interaction_token = ""  # of no more use, and not kept where a copy could leak it
             await self._store.save(job)
@@ -822,6 +815,34 @@ class JobRunner:
         if job.state is JobState.SUCCEEDED and job.completed_at is not None and outcome != "undeliverable":
             self._metrics.observe_completion_to_posted(job.delivered_at - job.completed_at)
         self._results.discard(job.id, job.result)
+
+    async def _retry_delivery(self, job: Job, attempt: Callable[[], Awaitable[None]]) -> None:
+        """Run `attempt` until it succeeds: at the runner's pace for `DELIVERY_RETRY_SECONDS`,
+        then (an outage at Discord) less and less often, until a day after the request, when it
+        raises Undeliverable. Nothing waits for a restart to try again."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + job.created_at + DELIVERY_GIVE_UP_SECONDS - time.time()
+        outage = Backoff(base=self._backoff.cap, cap=max(self._backoff.cap, DELIVERY_OUTAGE_MAX_WAIT))
+        phases = ((self._backoff, min(give_up, loop.time() + DELIVERY_RETRY_SECONDS)), (outage, give_up))
+        for backoff, deadline in phases:
+            if deadline <= loop.time():
+                break
+            try:
+                await retrying(
+                    attempt,
+                    retryable=lambda exc: not isinstance(exc, Undeliverable | LeaseLost),
+                    backoff=backoff,
+                    deadline=deadline,
+                    what=f"job {job.id} delivery",
+                )
+                return
+            except (Undeliverable, LeaseLost):
+                raise
+            except Exception as exc:
+                if deadline >= give_up:
+                    raise Undeliverable(f"not shown within a day of the request: {describe_error(exc)}") from exc
+                log.warning("job %d: not shown after %.0fs; trying less often", job.id, DELIVERY_RETRY_SECONDS)
+        raise Undeliverable("not shown within a day of the request")
 
 
 class _StoredProgress:

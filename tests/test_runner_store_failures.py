@@ -78,3 +78,54 @@ async def test_a_hand_back_whose_write_failed_leaves_the_job_in_fals_line_for_a_
         assert await jobs.cancel_here(job.id, by_user=7) is CancelOutcome.CANCELLED
         assert fal.cancels == ["req-1"]
         work.cancel()
+
+
+class Results:
+    """Result custody for a job with no images: nothing to keep, release or discard."""
+
+    async def keep_on_disk(self, job_id: int, result: object) -> bool:
+        return False
+
+    def release(self, image: object) -> None:
+        pass
+
+    def discard(self, job_id: int, result: object) -> None:
+        pass
+
+
+async def test_a_delivery_rides_out_a_discord_outage_of_hours_without_a_restart(tmp_path: Path):
+    """Discord answering 5xx for a long while (its outages last minutes to hours): the bot tries
+    again, less often as it lasts, and shows the job once Discord is back, up to a day after
+    the request. It gave up after two minutes and left the reply showing its progress until the
+    bot happened to restart. The event loop's clock is moved on by ten minutes at each refusal."""
+    loop = asyncio.get_running_loop()
+    real_time = loop.time
+    ahead = 0.0
+
+    class Outage(Listener):
+        refusals = 12
+
+        async def deliver(self, job: Job, progress: object) -> None:
+            nonlocal ahead
+            if self.refusals:
+                self.refusals -= 1
+                ahead += 600
+                raise ConnectionResetError("Discord is down")
+
+    async with SqliteStore(tmp_path / "db.sqlite3") as store:
+        job = await store.create_job(request(message_id=5))
+        job.state, job.error_code = JobState.FAILED, "fal_failed"
+        await store.save(job)
+        listener = Outage()
+        jobs = runner(store, Fal())
+        jobs._listener = cast(Any, listener)
+        jobs._results = cast(Any, Results())
+        jobs._backoff = Backoff(base=0.001, cap=0.002)
+        loop.time = lambda: real_time() + ahead  # type: ignore[method-assign]
+        try:
+            await jobs._deliver(job)  # no timeout: the loop's clock runs ahead
+        finally:
+            loop.time = real_time  # type: ignore[method-assign]
+        assert listener.refusals == 0 and job.delivered_at is not None
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.delivered_at is not None
