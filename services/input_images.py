@@ -111,8 +111,10 @@ def _jpeg_reaches_its_end(data: bytes) -> bool:
     marker, so the first EOI there ends it."""
     position = 2  # after SOI
     while position + 4 <= len(data):
-        if data[position] != 0xFF or data[position + 1] == 0xFF:
-            position += 1  # fill bytes, or stray ones between segments (decoders skip them)
+        if data[position] != 0xFF or data[position + 1] in (0xFF, 0x00):
+            # Fill bytes, or stray ones between segments, a stuffed 0xFF 0x00 among them: they
+            # start no segment, and decoders skip them (libjpeg's "extraneous bytes").
+            position += 1
             continue
         marker = data[position + 1]
         if marker in _JPEG_STANDALONE_MARKERS:

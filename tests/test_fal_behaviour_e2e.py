@@ -268,6 +268,23 @@ async def test_a_motion_photo_whose_video_follows_the_jpeg_is_not_taken_for_a_cu
     assert upload.data == jpeg + video and upload.content_type == "image/jpeg"
 
 
+async def test_a_jpeg_with_stray_bytes_between_its_segments_is_not_taken_for_a_cut_off_one(world):
+    """Some encoders leave stray bytes between a JPEG's segments, a stuffed 0xFF 0x00 among them:
+    JPEG decoders skip those as they skip any byte that starts no marker (libjpeg counts them as
+    "extraneous bytes before marker" and reads on), so the image is whole and readable."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 64), "teal").save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    quantization_table = jpeg.index(b"\xff\xdb")  # after SOI and the JFIF header
+    assert quantization_table == 20
+    stray = jpeg[:quantization_table] + b"\xff\x00" + jpeg[quantization_table:]
+    attachment = world.discord.add_cdn_file(stray, "webcam.jpg", "image/jpeg")
+    await world.start_bot()
+    message = await finished(await world.kontext(image=attachment))
+    assert text(message).startswith("✅"), text(message)
+    assert fal_job(world).payload["image_url"] == data_uri(world, attachment, "image/jpeg")
+
+
 async def test_a_camera_jpeg_with_a_second_picture_inside_is_an_ordinary_jpeg(world):
     """Cameras and phones write JPEGs whose Multi-Picture index holds a preview or an HDR gain
     map after the photo (Pillow names the format "MPO"); any JPEG reader shows the photo, so
