@@ -90,6 +90,8 @@ LATE_DM_NEWS = N_("📬 An update on your edit from {reply}: the reply there cou
 NOT_SHOWN = N_("❌ Discord refused to show how this edit ended (error {code}).")
 # All replies together get at most this many progress edits per second.
 MAX_PROGRESS_EDITS_PER_SECOND = 20
+# How long the final state waits for a progress edit under way to land.
+EDIT_LANDING_WAIT = 10.0
 
 
 class ProgressTicker:
@@ -121,6 +123,8 @@ class ProgressTicker:
         self._held = held
         self._shown: Rendered | None = None
         self._changed = asyncio.Event()
+        self._editing = False
+        self._closing = False
         self._task = asyncio.create_task(self._run(), name=f"progress-{job.id}")
 
     def poke(self) -> None:
@@ -140,7 +144,11 @@ class ProgressTicker:
                 rendered = render(self._job)
                 if self._shown is not None and rendered.key() == self._shown.key():
                     continue
-                await self._edit(rendered)
+                self._editing = True
+                try:
+                    await self._edit(rendered)
+                finally:
+                    self._editing = False
                 self._shown = rendered
                 self._metrics.progress_edit()
             except discord.NotFound as exc:
@@ -152,6 +160,8 @@ class ProgressTicker:
             except Exception as exc:
                 self._metrics.discord_error(discord_error_kind(exc))
                 log.warning("job %d: progress edit failed: %s", self._job.id, describe_error(exc))
+            if self._closing:
+                return
             await asyncio.sleep(self._pace())
 
     async def _next_change(self) -> None:
@@ -182,6 +192,13 @@ class ProgressTicker:
         self._task.cancel()
 
     async def close(self) -> None:
+        """Stop editing, an edit under way let land first (for up to `EDIT_LANDING_WAIT`): a
+        request cancelled once sent may still be carried out by Discord, after what replaces it,
+        putting old progress back over a result (or refused on the card)."""
+        self._closing = True
+        if self._editing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), EDIT_LANDING_WAIT)
         self.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

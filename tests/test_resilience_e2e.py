@@ -850,3 +850,21 @@ async def test_database_is_consistent_after_kill(world):
     rows = db_rows(world)
     assert [r["state"] for r in rows] == ["succeeded"] * 4
     assert all(r["delivered_at"] is not None for r in rows)
+
+
+async def test_a_progress_edit_discord_carries_out_late_never_lands_after_the_result(world):
+    """Discord takes its time over a progress edit, and the job finishes meanwhile: the result
+    must not be sent until that edit has landed. Sent at once, the result landed first and the
+    old progress edit after it, on a reply that had become the card (content on a
+    components-v2 message, which Discord refuses; on a classic reply it would have put
+    "Generating…" back over the result)."""
+    fake = world.discord
+    world.fal.default = JobScript(queue_positions=(0,), step=0.2, run_time=0.3)
+    await world.start_bot()
+    edits = r"^/webhooks/\d+/[^/]+/messages/\d+$"
+    fake.fail_next("PATCH", edits, status="slow", delay=1.5)  # the first progress edit
+    handle = await world.kontext()
+    await finished(handle, timeout=15)
+    await fake.wait_until(lambda: all(r.status for r in fake.requests_to("PATCH", edits)))
+    assert shows(handle, "Done"), contents(handle)
+    assert_delivered_once(world, handle)
