@@ -12,7 +12,9 @@ fewest jobs at fal first (ties: the one whose turn came longest ago, that is las
 joined the line with nothing waiting or at fal), and within a server the member with the fewest,
 each member's jobs in order. Jobs already waiting in fal's line when the limit shows
 are handed back (a queued job cancelled at fal is removed and never billed), but for the margin,
-chosen the same fair way, so they take their turn too. A number running held above the ceiling
+chosen the same fair way, so they take their turn too; and a server joining the line with fewer
+jobs running than the server of a job in the margin takes that job's place at the front of fal's
+line. A number running held above the ceiling
 means the limit rose (or was never there): every job goes to fal at once again.
 
 An operator's cap (`MAX_CONCURRENT_JOBS`) bounds the jobs at fal whatever fal shows.
@@ -301,6 +303,7 @@ class FairScheduler:
         members = self._line.setdefault(guild_id, {})
         bisect.insort(members.setdefault(user_id, []), waiter, key=lambda other: other.job_id)
         self._waiters[job_id] = waiter
+        self._make_way_for(guild_id)
         self._schedule_places()
         try:
             await waiter.ready
@@ -401,6 +404,21 @@ class FairScheduler:
         for _, job_id in list(order)[self.margin :]:
             self._displacing.add(job_id)
             self._on_displace(job_id)
+
+    def _make_way_for(self, guild_id: int) -> None:
+        """A server joins the line with fewer jobs running than the server of a job kept in fal's
+        line (the margin, there to take the next freed slot): that job is handed back, and its
+        room goes to the line's next, so this server's job is at the front of fal's line, not
+        behind it (up to a job-length later). Only for strictly fewer running: servers as well
+        served as each other do not take each other's places back and forth."""
+        if self.limit is None:
+            return
+        running = self._running_shares()
+        queued = [job for job in self._in_fals_line if job not in self._displacing and job in self._owners]
+        most = max(queued, key=lambda job: (running[self._owners[job][0]], job), default=None)
+        if most is not None and running[self._owners[most][0]] > running[guild_id]:
+            self._displacing.add(most)
+            self._on_displace(most)
 
     def stay(self, job_id: int) -> None:
         """A job asked back from fal had already started there: it stays."""

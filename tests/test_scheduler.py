@@ -384,3 +384,29 @@ async def test_newcomers_do_not_keep_a_server_already_waiting_behind_them():
         s.left_fal(served[-1], ran_for=None)
     await asyncio.wait_for(asyncio.gather(*waits), 1)
     assert served[:3] == [1, 100, 2]
+
+
+async def test_a_server_with_fewer_jobs_running_takes_the_margin_s_place_in_fal_s_line():
+    """The limit shows with server 1's jobs running and one of its jobs kept in fal's line (the
+    margin, for the next freed slot). A job of server 2, with nothing running, joins the line:
+    server 1's queued job is handed back, so server 2's goes to the front of fal's line and
+    starts at the next finish, not behind it (up to a job-length later)."""
+    clock = Clock()
+    s, handed_back, _ = scheduler(clock)
+    still_queued = run_at_the_limit(s, clock, limit=4, queued=30)
+    kept = [job for job in still_queued if job not in handed_back]
+    assert s.limit == 4 and len(kept) == s.margin == 1
+    for job in handed_back:
+        s.left_fal(job, ran_for=None)  # out of fal's line, back in the bot's
+    waiting = asyncio.ensure_future(s.admit(100, guild_id=2, user_id=50))
+    await asyncio.sleep(0)
+    assert handed_back[-1] == kept[0]
+    s.left_fal(kept[0], ran_for=None)  # fal took it out of its line
+    await asyncio.wait_for(waiting, 1)  # its room went to server 2's job
+    # A job of the server with jobs running takes nobody's place.
+    again = asyncio.ensure_future(s.admit(101, guild_id=1, user_id=1))
+    await asyncio.sleep(0)
+    s.submitted(100)
+    assert handed_back[-1] == kept[0] and not again.done()
+    again.cancel()
+    await asyncio.gather(again, return_exceptions=True)
