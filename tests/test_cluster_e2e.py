@@ -126,6 +126,17 @@ async def test_a_killed_process_s_job_is_delivered_once_by_the_other(cluster: Cl
     assert len(world.discord.requests_to("PUT", r"/applications/\d+/commands$")) == 1
 
 
+async def stopped_and_finished_by_b(cluster: Cluster, handle):
+    """a stops (SIGTERM) and b finishes the job, once, long before its lease; its settled row."""
+    stopped_at = time.monotonic()
+    assert await cluster.a.stop() == 0
+    await finished(handle, timeout=15)
+    assert time.monotonic() - stopped_at < 10
+    assert_delivered_once(cluster.world, handle)
+    assert cluster.world.fal.count("submit") == 1
+    return await cluster.settled_row()
+
+
 @pytest.mark.parametrize("cluster", [{"LEASE_SECONDS": "30"}], indirect=True)
 async def test_a_stopped_process_hands_its_job_over_at_once(cluster: Cluster):
     """SIGTERM: a hands its jobs back as it stops, so b takes over long before the 30 s lease."""
@@ -133,13 +144,7 @@ async def test_a_stopped_process_hands_its_job_over_at_once(cluster: Cluster):
     world.fal.default = SLOW_QUEUE
     handle = await world.kontext()
     await handle.wait_until(lambda h: shows(h, "In queue"))
-    stopped_at = time.monotonic()
-    assert await cluster.a.stop() == 0
-    await finished(handle, timeout=15)
-    assert time.monotonic() - stopped_at < 10
-    assert_delivered_once(world, handle)
-    assert world.fal.count("submit") == 1
-    row = await cluster.settled_row()
+    row = await stopped_and_finished_by_b(cluster, handle)
     assert (row["state"], row["owner"], row["lease_epoch"]) == ("succeeded", "b", 2)
     assert "are handed to the other processes" in cluster.a.log_text()
 
@@ -241,13 +246,7 @@ async def test_a_job_admitted_as_its_process_stops_is_finished_by_the_other_at_o
     world.discord.fail_next("POST", r"/interactions/\d+/[^/]+/callback$", status="slow", delay=1.0)
     handle = await world.kontext()
     await world.discord.wait_until(lambda: "accepted" in cluster.a.log_text())
-    stopped_at = time.monotonic()
-    assert await cluster.a.stop() == 0
-    await finished(handle, timeout=15)
-    assert time.monotonic() - stopped_at < 10
-    assert_delivered_once(world, handle)
-    assert world.fal.count("submit") == 1
-    row = await cluster.settled_row()
+    row = await stopped_and_finished_by_b(cluster, handle)
     assert (row["state"], row["owner"]) == ("succeeded", "b")
 
 
