@@ -260,6 +260,8 @@ class FairScheduler:
     def _check_for_limit(self) -> None:
         if self._handoffs < max(HANDOFFS_TO_SEE_A_LIMIT, self._ceiling) or self.limit == self._ceiling:
             return
+        if self._ceiling == 0:
+            return  # jobs that end as they start, none running long enough to count: no limit
         self.limit = self._ceiling
         log.info("fal's account limit shows: %d jobs at once; sharing it fairly", self.limit)
         self._displace_excess()

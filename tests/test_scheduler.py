@@ -410,3 +410,19 @@ async def test_a_server_with_fewer_jobs_running_takes_the_margin_s_place_in_fal_
     assert handed_back[-1] == kept[0] and not again.done()
     again.cancel()
     await asyncio.gather(again, return_exceptions=True)
+
+
+async def test_jobs_that_end_as_soon_as_they_start_show_no_limit():
+    """fal fails invalid inputs within a moment of starting them: jobs starting and ending at
+    once, none running long enough to count, are no limit at work (they made it 0, which held
+    every other job in the bot's line but one, and broke the start estimates)."""
+    clock = Clock()
+    s, handed_back, _ = scheduler(clock)
+    for job in range(10):
+        s.resumed_at_fal(job, 1, job)
+    for job in range(HANDOFFS_TO_SEE_A_LIMIT + 2):
+        clock.now += 0.1
+        s.started(job)
+        clock.now += 0.1
+        s.left_fal(job, ran_for=None)  # failed: no run time to learn from
+    assert s.limit is None and handed_back == [] and not s.must_wait()
