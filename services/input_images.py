@@ -93,7 +93,10 @@ def check_image(data: bytes, name: str) -> str:
     if pillow_type != sniffed:
         raise InputRejected(N_("`{name}` is not an image FLUX.1 Kontext can read."), name=name)
     # Pillow's verify does not read JPEG data to its end: a cut-off file lacks its end marker.
-    if sniffed == "image/jpeg" and not _jpeg_reaches_its_end(data):
+    # Nor GIF data: a cut-off file's first frame, the one FLUX.1 Kontext edits, lacks its end.
+    if (sniffed == "image/jpeg" and not _jpeg_reaches_its_end(data)) or (
+        sniffed == "image/gif" and not _gif_first_frame_is_whole(data)
+    ):
         raise InputRejected(N_("`{name}` is damaged: the image is cut off."), name=name)
     return sniffed
 
@@ -123,6 +126,43 @@ def _jpeg_reaches_its_end(data: bytes) -> bool:
         position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
         if marker == _JPEG_START_OF_SCAN:
             return data.find(b"\xff\xd9", position) != -1
+    return False
+
+
+_GIF_EXTENSION, _GIF_IMAGE = 0x21, 0x2C
+_GIF_HEADER_BYTES = 13  # the signature, then the logical screen descriptor
+_GIF_IMAGE_DESCRIPTOR_BYTES = 10  # its separator, position, size and flags
+
+
+def _gif_color_table_bytes(flags: int) -> int:
+    """The size of the colour table a GIF's screen or image descriptor flags announce."""
+    return 3 << ((flags & 0x07) + 1) if flags & 0x80 else 0
+
+
+def _gif_first_frame_is_whole(data: bytes) -> bool:
+    """Whether the GIF's first image arrived to its last data sub-block. Extensions before it
+    (an animation's loop count, a frame's delay) are skipped; later frames do not matter, as
+    fal reads the first one."""
+    if len(data) < _GIF_HEADER_BYTES:
+        return False
+    position = _GIF_HEADER_BYTES + _gif_color_table_bytes(data[10])
+    while position < len(data):
+        block = data[position]
+        if block == _GIF_EXTENSION:
+            position += 2  # the introducer and the extension's label
+        elif block == _GIF_IMAGE:
+            if position + _GIF_IMAGE_DESCRIPTOR_BYTES > len(data):
+                return False
+            position += _GIF_IMAGE_DESCRIPTOR_BYTES + _gif_color_table_bytes(data[position + 9]) + 1  # + LZW size
+        else:
+            return False  # the trailer, or bytes that start no block, before any image
+        while position < len(data) and data[position] != 0:  # sub-blocks, each led by its size
+            position += 1 + data[position]
+        if position >= len(data):
+            return False
+        if block == _GIF_IMAGE:
+            return True
+        position += 1  # the terminator
     return False
 
 

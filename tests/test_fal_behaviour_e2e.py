@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 import struct
 import time
 import zlib
@@ -253,6 +254,30 @@ async def test_a_cut_off_jpeg_is_refused(world):
     await handle.wait_until(lambda h: bool(h.followups), timeout=10)
     assert "`cut.jpg` is damaged" in text(handle.followups[0])
     assert world.fal.count("submit") == 0
+
+
+def animated_gif(frames: int = 3) -> bytes:
+    """A small animated GIF of noise: each frame's data runs over many sub-blocks."""
+    pictures = [Image.frombytes("RGB", (64, 64), random.Random(i).randbytes(64 * 64 * 3)) for i in range(frames)]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, "GIF", save_all=True, append_images=pictures[1:], loop=0, duration=100)
+    return buffer.getvalue()
+
+
+async def test_a_gif_cut_off_in_its_first_frame_is_refused_and_one_cut_in_a_later_frame_is_edited(world):
+    """fal edits a GIF's first frame: a file that ends inside it would fail at fal after the
+    member waited in its queue, while one whose first frame arrived whole is read as it is."""
+    gif = animated_gif()
+    first_frame_ends = gif.index(b"\x00\x21\xf9\x04", 800) + 1  # the second frame's control extension
+    await world.start_bot()
+    cut = world.discord.add_cdn_file(gif[: first_frame_ends // 2], "cut.gif", "image/gif")
+    handle = await world.kontext(image=cut)
+    await handle.wait_until(lambda h: bool(h.followups), timeout=10)
+    assert "`cut.gif` is damaged: the image is cut off" in text(handle.followups[0])
+    assert world.fal.count("submit") == 0
+    later = world.discord.add_cdn_file(gif[: first_frame_ends + 100], "later.gif", "image/gif")
+    message = await finished(await world.kontext(image=later))
+    assert text(message).startswith("✅"), text(message)
 
 
 async def test_a_motion_photo_whose_video_follows_the_jpeg_is_not_taken_for_a_cut_off_one(world):
