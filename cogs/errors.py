@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -67,9 +68,16 @@ def is_paused(limit: Refused | Standing) -> bool:
     return limit.reason in PAUSING_LIMITS and limit.limit == 0
 
 
+def timestamp_when_free(moment: float) -> str:
+    """When a limit frees up, as a Discord timestamp. Those are whole seconds: rounded up, since a
+    moment shown early (a cooldown ends at a job's own instant plus its seconds) has the member
+    try at it and be refused again, told a moment that has passed."""
+    return f"<t:{math.ceil(moment)}:R>"
+
+
 def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: bool = False) -> str:
     """Why a member may not start a job now, and when they can try again."""
-    when = f"<t:{int(refused.retry_at)}:R>" if refused.retry_at else ""
+    when = timestamp_when_free(refused.retry_at) if refused.retry_at else ""
     limit = int(refused.limit) if isinstance(refused.limit, int) else 0
     reason = refused.reason
     if reason is RefusalReason.CHANNEL_NOT_ALLOWED:

@@ -14,7 +14,7 @@ from discord.ext import commands
 from services.i18n import N_, Texts
 from services.policy import JobAsk, RefusalReason, Refused, Standing, resolve, standings
 
-from .errors import is_paused, refusal_text
+from .errors import is_paused, refusal_text, timestamp_when_free
 from .intake import requester_of
 from .render import EMBED_COLOUR
 from .translation import member_texts
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 # Refusals about where and who, not how much: no figure explains them.
 ACCESS_REASONS = (RefusalReason.CHANNEL_NOT_ALLOWED, RefusalReason.MISSING_ROLE)
-
-
-def _when(moment: float) -> str:
-    return f"<t:{int(moment)}:R>"
 
 
 def standing_line(standing: Standing, _: Texts, *, personal: bool) -> tuple[str, str]:
@@ -72,9 +68,9 @@ def _when_free(standing: Standing, _: Texts) -> str:
     if reason is RefusalReason.COOLDOWN:
         if standing.resets_at is None:
             return _("ready now")
-        return _("ready {when}", when=_when(standing.resets_at))
+        return _("ready {when}", when=timestamp_when_free(standing.resets_at))
     assert standing.resets_at is not None, "counted limits reset at a known moment"
-    return _("resets {when}", when=_when(standing.resets_at))
+    return _("resets {when}", when=timestamp_when_free(standing.resets_at))
 
 
 class Quota(commands.Cog):

@@ -4,6 +4,7 @@ figures the policy refuses on."""
 from __future__ import annotations
 
 import re
+import sqlite3
 
 from fakes.discord_fake import EPHEMERAL
 from fakes.fal_fake import JobScript
@@ -56,6 +57,23 @@ async def test_the_figures_match_the_refusal_they_explain(world):
     budget = field(embed, "This server's monthly budget")
     assert not budget["name"].startswith("⛔") and budget["value"].startswith("2 of 3 images")
     assert embed["description"] == "⛔ marks a limit that stops your next job."
+
+
+async def test_a_cooldown_is_told_to_end_no_earlier_than_it_does(world):
+    """Discord's timestamps are whole seconds and a job starts at any instant: the moment told
+    (in the refusal, and by /kontext-me) is rounded up, never down to a second at which the
+    member would be refused again."""
+    await world.start_bot()
+    await admin(world, "limits", cooldown_seconds=600)
+    await finished(await world.kontext())
+    handle = await world.kontext()
+    await handle.wait_for_callback()
+    refusal = private_answer(handle)
+    (told,) = timestamps(refusal)
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        ((created_at,),) = db.execute("SELECT created_at FROM jobs").fetchall()
+    assert created_at + 600 <= int(told[3:-3]) < created_at + 601
+    assert timestamps(field(await my_quota(world), "Cooldown")["value"]) == [told]
 
 
 async def test_running_jobs_count_while_they_run(world):
