@@ -129,7 +129,12 @@ def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: b
             when=when,
         )
     if reason is RefusalReason.OPERATOR_BUDGET:
-        return _("The bot's monthly budget is used up. It resets {when}.", when=when)
+        # This job's images would pass it, which a smaller job might not: not "used up".
+        return _(
+            "The bot's monthly budget of {amount} would be exceeded. It resets {when}.",
+            amount=_.money(float(refused.limit or 0)),
+            when=when,
+        )
     if reason is RefusalReason.SAFETY_ABOVE_MAXIMUM:
         return _(
             "This result was made at a higher safety tolerance than this channel allows (at most {maximum}), "

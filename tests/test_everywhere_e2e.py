@@ -207,7 +207,7 @@ async def test_the_operators_budget_counts_personal_use(world):
     await delivered(world, 1)
     refused = await world.kontext()  # in a server: the same budget is used up
     await refused.wait_for_callback()
-    assert "The bot's monthly budget is used up" in private_answer(refused)
+    assert "The bot's monthly budget of $0.16 would be exceeded" in private_answer(refused)
 
 
 async def test_personal_use_turned_off_refuses_commands_discord_still_offers(world):

@@ -298,9 +298,21 @@ async def test_servers_outside_the_allowlist_are_refused_and_left(world):
     assert world.fal.submits == []
 
 
+async def test_a_job_larger_than_what_is_left_of_the_operators_budget_is_not_told_it_is_used_up(world):
+    """Two images are left and four asked for: the member is told the job would pass the budget,
+    not that it is used up until next month, when a smaller job starts at once."""
+    await world.start_bot(MONTHLY_BUDGET_USD="0.32")  # four images at $0.08
+    await finished(await world.kontext(num_images=2))
+    handle = await world.kontext(num_images=4)
+    await handle.wait_for_callback()
+    refusal = private_answer(handle)
+    assert refusal.startswith("The bot's monthly budget of $0.32 would be exceeded. It resets <t:"), refusal
+    assert text(await finished(await world.kontext(num_images=2))).startswith("✅")
+
+
 async def test_the_operators_monthly_budget_binds_every_server(world):
     await world.start_bot(MONTHLY_BUDGET_USD="0.16")  # two images at $0.08
     assert text(await finished(await world.kontext(num_images=2))).startswith("✅")
     handle = await world.kontext(user="mod")
     await handle.wait_for_callback()
-    assert "The bot's monthly budget is used up" in private_answer(handle)
+    assert "The bot's monthly budget of $0.16 would be exceeded" in private_answer(handle)
