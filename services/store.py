@@ -408,6 +408,10 @@ _SPENT = (
     f"({_ACTIVE} OR state = 'succeeded' OR (started_at IS NOT NULL AND request_id IS NOT NULL"
     f" AND NOT (state = 'failed' AND error_code IN {_UNBILLED_FAILURES})))"
 )
+# The jobs the cooldown paces: every job a member started, but not one the bot closed before
+# Discord took its acknowledgement (`JobRunner.abandon`): the member was told something went wrong
+# on the bot's side and to try again, and never saw a job.
+_PACED = "(error_code IS NULL OR error_code != 'abandoned')"
 # Jobs a server's policy governs; the others (DMs, servers without the bot) count against the
 # operator's policy for personal use, per member.
 _SERVER = "place = 'server'"
@@ -912,10 +916,12 @@ class Store(abc.ABC):
         today, the unfinished jobs, the server's jobs this month), never the whole history; the
         images of every server this month only when an operator's budget needs them. A member's
         day counts the jobs the budgets count (`_SPENT`): one cancelled before it started, or
-        failed on fal's side, cost nothing and does not use the day up; the cooldown counts all."""
+        failed on fal's side, cost nothing and does not use the day up; the cooldown counts all but
+        those the bot closed before they were acknowledged (`_PACED`)."""
         sql = f"""
             SELECT
-                (SELECT MAX(created_at) FROM jobs WHERE guild_id = :guild AND user_id = :user AND {_SERVER}),
+                (SELECT MAX(created_at) FROM jobs WHERE guild_id = :guild AND user_id = :user AND {_PACED}
+                    AND {_SERVER}),
                 (SELECT COUNT(*) FROM jobs WHERE guild_id = :guild AND user_id = :user AND created_at >= :day
                     AND {_SPENT} AND {_SERVER}),
                 (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND guild_id = :guild AND user_id = :user
@@ -934,7 +940,7 @@ class Store(abc.ABC):
         operator's policy limits per member: the server figures are zero."""
         sql = f"""
             SELECT
-                (SELECT MAX(created_at) FROM jobs WHERE user_id = :user AND {_PERSONAL}),
+                (SELECT MAX(created_at) FROM jobs WHERE user_id = :user AND {_PACED} AND {_PERSONAL}),
                 (SELECT COUNT(*) FROM jobs WHERE user_id = :user AND created_at >= :day AND {_SPENT}
                     AND {_PERSONAL}),
                 (SELECT COUNT(*) FROM jobs WHERE delivered_at IS NULL AND user_id = :user AND {_ACTIVE}

@@ -81,6 +81,23 @@ async def test_cooldown_refuses_with_when_and_submits_nothing(world):
     assert len(world.fal.submits) == 1
 
 
+async def test_a_job_whose_acknowledgement_failed_does_not_start_the_cooldown(world):
+    """Discord never took the acknowledgement: the bot closed the job unseen and told the member
+    something went wrong and to try again. Trying again is not refused as too soon."""
+    fake = world.discord
+    await world.start_bot()
+    await admin(world, "limits", cooldown_seconds=600)
+    fake.fail_next("POST", r"/interactions/\d+/[^/]+/callback$", status="hang")
+    lost = await world.kontext()
+    await fake.wait_until(lambda: fake.hanging == 1)
+    fake.release_hangs()
+    await fake.wait_until(lambda: "abandoned before it started" in world.bot.log_text())
+    await lost.wait_for_callback()
+    assert "please try again" in private_answer(lost)
+    assert text(await finished(await world.kontext())) == "✅ Done."
+    assert "Slow down" in await refused(world)  # the job the member saw paces the next one
+
+
 async def test_daily_limit_and_member_concurrency(world):
     world.fal.default = JobScript(queue_positions=(0,), step=2.0)
     await world.start_bot()

@@ -152,6 +152,21 @@ async def test_usage_counts_what_the_limits_are_about(new_store: Opener):
         assert (await store.usage(1, 3, NOW, all_servers=True)).all_images_this_month == 2 + 2 + 2 + 2
 
 
+async def test_the_cooldown_leaves_out_a_job_the_bot_closed_before_it_was_acknowledged(new_store: Opener):
+    """The member was told something went wrong on the bot's side and to try again: that job,
+    in a server or outside one, does not start their cooldown; one they saw does."""
+    async with new_store() as store:
+        seen = await store.create_job(request())
+        seen.state, seen.delivered_at, seen.error_code = JobState.FAILED, NOW, "bad_input"
+        await store.save(seen)
+        for place in (JobPlace.SERVER, JobPlace.BOT_DM):
+            abandoned = await store.create_job(request(place=place))
+            abandoned.state, abandoned.delivered_at, abandoned.error_code = JobState.FAILED, NOW, "abandoned"
+            await store.save(abandoned)
+        assert (await store.usage(1, 3, NOW)).member_last_job_at == seen.created_at
+        assert (await store.personal_usage(3, NOW)).member_last_job_at is None
+
+
 async def test_the_monthly_counters_follow_every_transition_as_a_sum_over_the_jobs_would(new_store: Opener):
     """Budgets read counters the database keeps with each job write; whatever jobs go through
     (billed or not, moved to another month, personal), they equal the sum they replace."""
