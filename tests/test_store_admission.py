@@ -20,7 +20,7 @@ from cogs.intake import JobIntake
 from services.config import load_settings
 from services.flux_kontext import KontextEdit, KontextOptions
 from services.job import Job, JobRequest
-from services.policy import RefusalReason
+from services.policy import GuildPolicy, RefusalReason
 from services.postgres_store import POOL_SIZE, PostgresStore
 from services.sqlite_store import SqliteStore
 from services.store import Store
@@ -186,3 +186,18 @@ async def test_a_heartbeat_during_an_admission_keeps_the_job_it_inserts(stores):
     await intake.start(interaction(7, guild_id=1), edit())
     (job,) = runner.started
     assert renewals[0].lost == () and store.holds(job)
+
+
+async def test_a_servers_daily_limit_raced_through_two_processes_admits_what_is_left(stores):
+    """One member's burst in a server whose commands reach two processes (two shards): the day's
+    last two places go to two of the requests, whichever process took them."""
+    store_a, store_b = await stores("a"), await stores("b")
+    await store_a.save_policy(
+        1, GuildPolicy(daily_jobs_per_member=2, concurrent_jobs_per_member=None), by_user=9, now=0
+    )
+    for store in (store_a, store_b):
+        slow_usage_reads(store)
+    (a, runner_a), (b, runner_b) = process(store_a), process(store_b)
+    admitted, refused = await race(*((intake, interaction(7, guild_id=1)) for intake in (a, b, a, b)))
+    assert (admitted, refused) == (2, [RefusalReason.DAILY_LIMIT] * 2)
+    assert len(runner_a.started) + len(runner_b.started) == 2
