@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fakes.discord_fake import EPHEMERAL, SEND_MESSAGES
-from fakes.fal_fake import JobScript
+from fakes.fal_fake import JobScript, model_error
 from tests.e2e import admin, details, finished, private_answer, text
 
 
@@ -109,6 +111,22 @@ async def test_daily_limit_and_member_concurrency(world):
     await admin(world, "limits", daily_jobs=1)
     assert "for today" in await refused(world)
     assert len(world.fal.submits) == 1
+
+
+async def test_jobs_fal_did_not_run_or_bill_use_up_neither_the_day_nor_the_budget(world):
+    """One refused by fal at its result (validation errors come from the result, not the
+    submit), one refused at its submit for the account's lock: the member's one job of the day
+    and the server's four images are still there for the next job."""
+    await world.start_bot(FAL_LOCK_RETRY_SECONDS="0.2")
+    await admin(world, "limits", daily_jobs=1, monthly_images=4)
+    world.fal.script_next(model_error("image_load_error"))
+    assert "refused this edit" in text(await finished(await world.kontext(num_images=4)))
+    world.fal.lock_account("Exhausted balance")
+    assert "out of credit" in text(await finished(await world.kontext(num_images=4)))
+    world.fal.unlock_account()
+    assert "0 images, about $0.00 · 0 jobs running now" in await admin(world, "show")
+    await asyncio.sleep(0.2)  # the bot lets a job through to fal again
+    assert text(await finished(await world.kontext(num_images=4))) == "✅ Done."
 
 
 async def test_monthly_budget_counts_the_images_asked_for(world):
