@@ -254,6 +254,12 @@ class KontextBot(commands.AutoShardedBot):
     async def on_guild_join(self, guild: discord.Guild) -> None:
         await self._leave_unless_allowed(guild)
 
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        self.presenter.channel_deleted(channel.id)
+
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        self.presenter.channel_deleted(payload.thread_id)
+
     async def _leave_unless_allowed(self, guild: discord.Guild) -> None:
         """With ALLOWED_GUILD_IDS set, a server outside it (anyone can add a public bot, and the
         operator pays for its jobs) is left at once."""

@@ -14,8 +14,8 @@ bot may post with its own token (a server that added it, with the permissions to
 that channel, the member's DM with it), a channel message that replies to it (where the bot may
 read the channel's history), and anywhere else (a group DM, a server without the bot: only the
 interaction can show anything there) a DM to the member, who was told so on the reply before
-the token ran out. A reply that is gone (a moderator deleted it) is not posted again: the job is
-withdrawn and the member told privately.
+the token ran out. A reply that is gone (a moderator deleted it, or its channel) is not posted
+again: the job is withdrawn and the member told privately where that can still be seen.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ log = logging.getLogger(__name__)
 INVALID_WEBHOOK_TOKEN = 50027
 # The message is gone (deleted).
 UNKNOWN_MESSAGE = 10008
+# The channel or thread is gone (deleted), and every message in it.
+UNKNOWN_CHANNEL = 10003
+# What withdraws a job whose reply is gone, by the Discord error that says so.
+REPLY_GONE = {UNKNOWN_MESSAGE: "its reply was deleted", UNKNOWN_CHANNEL: "its channel was deleted"}
 # An interaction of an app the server has not added takes at most 5 follow-ups
 # (receiving-and-responding.mdx, Create Followup Message): the classic fallback of a 4-image
 # result needs 3 at most, but whatever Discord refuses moves on like an expired token.
@@ -105,7 +109,7 @@ class ProgressTicker:
         job: Job,
         webhook: discord.Webhook,
         pace: Callable[[], float],
-        on_reply_gone: Callable[[], None],
+        on_reply_gone: Callable[[str], None],
         metrics: Metrics,
         held: Callable[[], bool],
         posts_late_in_channel: Callable[[], bool],
@@ -152,8 +156,8 @@ class ProgressTicker:
                 self._shown = rendered
                 self._metrics.progress_edit()
             except discord.NotFound as exc:
-                if exc.code == UNKNOWN_MESSAGE:
-                    self._on_reply_gone()
+                if exc.code in REPLY_GONE:
+                    self._on_reply_gone(REPLY_GONE[exc.code])
                     return
                 self._metrics.discord_error(discord_error_kind(exc))
                 log.warning("job %d: progress edit failed: %s", self._job.id, describe_error(exc))
@@ -232,7 +236,7 @@ class DiscordPresenter:
                 job,
                 self._webhook(job),
                 self._progress_pace,
-                lambda: self._reply_gone(job),
+                lambda reason: self.withdraw(job, reason),
                 self._metrics,
                 held=lambda: self._bot.store.holds(job),
                 posts_late_in_channel=lambda: self._late_place(job).in_channel,
@@ -249,9 +253,17 @@ class DiscordPresenter:
         jobs are in progress so the bot's own work stays bounded. Final results never wait."""
         return max(self._edit_interval, len(self._tickers) / MAX_PROGRESS_EDITS_PER_SECOND)
 
-    def _reply_gone(self, job: Job) -> None:
-        log.info("job %d: its reply was deleted; the job is withdrawn", job.id)
-        self._in_background(self._bot.runner.withdraw(job.id, "its reply was deleted"))
+    def withdraw(self, job: Job, reason: str) -> None:
+        """The job's reply is gone (`reason`: it was deleted, or the channel with it): nothing
+        more of the job is shown there."""
+        log.info("job %d: %s; the job is withdrawn", job.id, reason)
+        self._in_background(self._bot.runner.withdraw(job.id, reason))
+
+    def channel_deleted(self, channel_id: int) -> None:
+        """Discord says a channel or thread was deleted: the jobs asked there are withdrawn at
+        once, not left running (and holding their members' places) for replies no one can see."""
+        for job in self._bot.runner.jobs_in_channel(channel_id):
+            self.withdraw(job, REPLY_GONE[UNKNOWN_CHANNEL])
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -355,12 +367,13 @@ class DiscordPresenter:
                         await webhook.delete_message(job.message_id)
                 message = await webhook.send(text, ephemeral=True, wait=True)
             except discord.HTTPException as exc:
-                if exc.code != INVALID_WEBHOOK_TOKEN:  # Discord's clock ended the token first
+                # Discord's clock ended the token first, or the channel is gone with its replies.
+                if exc.code not in (INVALID_WEBHOOK_TOKEN, UNKNOWN_CHANNEL):
                     raise
             else:
                 await progress.posted(job.delivered_parts, message_id=message.id, in_channel=False)
                 return
-        log.info("job %d: too late to tell the member privately", job.id)
+        log.info("job %d: the member can no longer be told privately", job.id)
 
     async def _deliver_by_interaction(
         self, job: Job, rendered: Rendered, progress: DeliveryProgress, as_card: bool

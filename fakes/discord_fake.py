@@ -744,6 +744,7 @@ class FakeDiscord:
         # messages to them get 50007.
         self.dms_closed: set[str] = set()
         self._messages_by_channel: dict[str, list[FakeMessage]] = {}
+        self.deleted_channels: set[str] = set()  # see delete_channel
         self.guild_id = snowflake()
         self.channel_id = snowflake()
         self.nsfw_channel_id = snowflake()
@@ -954,6 +955,33 @@ class FakeDiscord:
         ch["thread_metadata"] = {**ch["thread_metadata"], "archived": True, "archive_timestamp": _now_iso()}
         if g.bot_present and self.bot_permissions(ch["id"]) & VIEW_CHANNEL:
             await self._dispatch_if_connected("THREAD_UPDATE", dict(ch))
+
+    async def delete_channel(self, channel_id: Any) -> None:
+        """A moderator deletes a guild channel or thread (docs resources/channel.mdx, Delete/Close
+        Channel): it is gone with its messages, and with a channel its threads. A connected bot
+        that could see it gets CHANNEL_DELETE with the channel object, or for a thread
+        THREAD_DELETE with only `id`, `guild_id`, `parent_id` and `type` (docs
+        events/gateway-events.mdx). Every call about it afterwards, interaction webhooks of
+        interactions used there included, is answered 404 10003 Unknown Channel."""
+        ch, g = self.find_channel(channel_id)
+        if ch is None or g is None:
+            raise KeyError(f"{channel_id} is not a guild channel")
+        threads = [c for c in g.channels.values() if c.get("parent_id") == ch["id"] and c["type"] in THREAD_TYPES]
+        seen = g.bot_present and bool(self.bot_permissions(ch["id"]) & VIEW_CHANNEL)
+        for gone in [ch, *threads]:
+            del g.channels[gone["id"]]
+            g.thread_members.pop(gone["id"], None)
+            self.deleted_channels.add(gone["id"])
+            for msg in self._messages_by_channel.get(gone["id"], []):
+                if not msg.deleted:
+                    self._delete(msg)
+        if not seen:
+            return
+        if ch["type"] in THREAD_TYPES:
+            event = {k: ch[k] for k in ("id", "guild_id", "parent_id", "type")}
+            await self._dispatch_if_connected("THREAD_DELETE", event)
+        else:
+            await self._dispatch_if_connected("CHANNEL_DELETE", dict(ch))
 
     def add_thread_member(self, thread_id: Any, user: Any) -> None:
         """`user` (a member, or the bot: `fake.bot_user`) joins the thread, or is added to a
@@ -3217,6 +3245,8 @@ class FakeDiscord:
         h = self._by_token.get(tok)
         if h is None or h.age > TOKEN_LIFETIME:
             raise ApiError(401, {"message": "Invalid Webhook Token", "code": 50027})
+        if h.channel_id in self.deleted_channels:
+            raise ApiError(404, {"message": "Unknown Channel", "code": 10003})
         return h
 
     def _message_type_for(self, h: InteractionHandle) -> int:

@@ -258,6 +258,10 @@ class JobRunner:
     def active_job(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)
 
+    def jobs_in_channel(self, channel_id: int) -> list[Job]:
+        """The jobs this process drives that were asked in that channel."""
+        return [job for job in self._jobs.values() if job.channel_id == channel_id]
+
     async def cancel(self, job_id: int, by_user: int) -> CancelOutcome:
         """A member's cancel, wherever the job is driven: here, or (through the database) by
         another process."""

@@ -1,0 +1,55 @@
+"""The Discord world changing under a job in flight: the place it was asked in deleted, archived
+or refused to the bot, the bot's gateway session lost. Each job still ends (a result, or a clear
+message where one can still be seen), frees its member's place, and is not retried for ever."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from fakes.fal_fake import JobScript
+from tests.e2e import fal_job, shows
+
+WEBHOOK = r"/webhooks/\d+/[^/]+"
+
+
+def db_rows(world) -> list[sqlite3.Row]:
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.row_factory = sqlite3.Row
+        return db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+
+
+def refused(world, code: int) -> list:
+    return [r for r in world.discord.rejections if r[1] and r[1].get("code") == code]
+
+
+@pytest.mark.parametrize("where", ["thread", "channel", "unseen"])
+async def test_a_channel_deleted_while_its_job_waits_stops_the_job_and_frees_the_members_place(world, where):
+    """A moderator deletes the thread (a forum post) or channel a job was asked in while it waits
+    in fal's queue: the reply went with it, so nothing of the job can be shown any more. The job
+    is taken out of fal's queue (nothing billed) and closed at once, so the member may start
+    another, on THREAD_DELETE or CHANNEL_DELETE, or (the event missed while the gateway was down)
+    at the first progress edit Discord refuses with 10003 Unknown Channel; the bot does not go
+    on editing a reply that is gone."""
+    world.fal.default = JobScript(queue_positions=tuple(range(30, -1, -1)), step=0.5, run_time=0.2)
+    fake = world.discord
+    if where == "channel":
+        asked_in = fake.add_channel("requests")
+    else:
+        asked_in = fake.add_thread(fake.channel_id, "alice's post", owner="alice")
+    await world.start_bot(EDIT_INTERVAL="0.2")
+    handle = await world.kontext(channel_id=asked_in["id"])
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    if where == "unseen":
+        await fake.start_gateway_outage()
+    await fake.delete_channel(asked_in["id"])
+    await fake.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=8)
+    assert fal_job(world).cancelled
+    assert len(refused(world, 10003)) <= 2, refused(world, 10003)
+    tried = len(fake.requests_to("PATCH", WEBHOOK)) + len(fake.requests_to("POST", WEBHOOK))
+    fake.end_gateway_outage()
+    await world.bot.stop()
+    assert len(fake.requests_to("PATCH", WEBHOOK)) + len(fake.requests_to("POST", WEBHOOK)) == tried
+    job_id = db_rows(world)[0]["id"]
+    assert f"job {job_id}: its channel was deleted" in world.bot.log_text()
