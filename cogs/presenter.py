@@ -76,8 +76,11 @@ REPLY_GONE = {UNKNOWN_MESSAGE: "its reply was deleted", UNKNOWN_CHANNEL: "its ch
 # (receiving-and-responding.mdx, Create Followup Message): the classic fallback of a 4-image
 # result needs 3 at most, but whatever Discord refuses moves on like an expired token.
 MAX_FOLLOWUPS_REACHED = 40094
+# The thread was archived (a member closed their forum post): Discord refuses every edit of a
+# message there, but a new message unarchives it (channel.mdx, Thread), as the bot's own post does.
+ARCHIVED_THREAD = 50083
 # Errors after which the interaction can show no more: the bot posts the rest itself.
-INTERACTION_EXHAUSTED = frozenset({INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE, MAX_FOLLOWUPS_REACHED})
+INTERACTION_EXHAUSTED = frozenset({INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE, MAX_FOLLOWUPS_REACHED, ARCHIVED_THREAD})
 # 413: a file over what Discord takes there, whatever limit the interaction announced.
 REQUEST_ENTITY_TOO_LARGE = 40005
 # A reply only the interaction can edit (EXTERNAL places) says this long before its token ends
@@ -155,9 +158,13 @@ class ProgressTicker:
                     self._editing = False
                 self._shown = rendered
                 self._metrics.progress_edit()
-            except discord.NotFound as exc:
+            except discord.HTTPException as exc:
                 if exc.code in REPLY_GONE:
                     self._on_reply_gone(REPLY_GONE[exc.code])
+                    return
+                if exc.code == ARCHIVED_THREAD:
+                    # Every further edit would be refused the same: the result comes as a new post.
+                    log.info("job %d: its thread was archived; its progress is no longer shown", self._job.id)
                     return
                 self._metrics.discord_error(discord_error_kind(exc))
                 log.warning("job %d: progress edit failed: %s", self._job.id, describe_error(exc))

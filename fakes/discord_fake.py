@@ -983,6 +983,27 @@ class FakeDiscord:
         else:
             await self._dispatch_if_connected("CHANNEL_DELETE", dict(ch))
 
+    def _refuse_edits_if_archived(self, channel_id: str) -> None:
+        """Archived threads "are generally immutable": editing a message there is refused with
+        50083 (docs resources/channel.mdx, Thread; topics/opcodes-and-status-codes.mdx)."""
+        ch, _ = self.find_channel(channel_id)
+        if ch is not None and (ch.get("thread_metadata") or {}).get("archived"):
+            # The docs give the code's meaning, not Discord's wording of the message.
+            raise ApiError(400, {"message": "Thread is archived", "code": 50083})
+
+    async def _unarchive_for_a_message(self, channel_id: str) -> None:
+        """A new message unarchives its thread: "The API will helpfully automatically unarchive a
+        thread when sending a message in that thread" (docs resources/channel.mdx, Thread). Only
+        those with MANAGE_THREADS may unarchive a locked one, which this fake does not model."""
+        ch, g = self.find_channel(channel_id)
+        meta = (ch or {}).get("thread_metadata") or {}
+        if ch is None or g is None or not meta.get("archived"):
+            return
+        if meta.get("locked"):
+            raise KeyError(f"posting in locked thread {channel_id} is not modelled")
+        ch["thread_metadata"] = {**meta, "archived": False, "archive_timestamp": _now_iso()}
+        await self._dispatch_if_connected("THREAD_UPDATE", dict(ch))
+
     def add_thread_member(self, thread_id: Any, user: Any) -> None:
         """`user` (a member, or the bot: `fake.bot_user`) joins the thread, or is added to a
         private one (docs resources/channel.mdx, Add Thread Member). A connected bot added to a
@@ -2902,6 +2923,7 @@ class FakeDiscord:
         if files:
             needed |= ATTACH_FILES
         self._check_bot_permissions(ch, needed, "post a message")
+        await self._unarchive_for_a_message(ch["id"])
         nonce = str(body["nonce"]) if body.get("enforce_nonce") and body.get("nonce") else None
         if nonce is not None and nonce in self._nonces:
             earlier, at = self._nonces[nonce]
@@ -2949,6 +2971,7 @@ class FakeDiscord:
     async def _h_patch_message(self, req, p, body, files):
         self._channel_or_404(p["cid"])
         msg = self._msg_or_404(p["cid"], p["mid"])
+        self._refuse_edits_if_archived(msg.channel_id)
         if msg.author.get("id") != self.bot_user["id"]:
             raise ApiError(403, {"message": "Cannot edit a message authored by another user", "code": 50005})
         self._apply_write(msg, body or {}, files, DEFAULT_SIZE_LIMIT, create=False)
@@ -3436,6 +3459,7 @@ class FakeDiscord:
     async def _h_wh_patch(self, req, p, body, files):
         h = self._handle_for_token(p["app"], p["tok"])
         msg = self._wh_message(h, p["mid"])
+        self._refuse_edits_if_archived(msg.channel_id)
         self._apply_write(msg, body or {}, files, h.attachment_size_limit, create=False)
         msg.flags &= ~LOADING
         if msg is h.original:

@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from fakes.fal_fake import JobScript
-from tests.e2e import fal_job, shows
+from tests.e2e import fal_job, shows, text
 
 WEBHOOK = r"/webhooks/\d+/[^/]+"
 
@@ -53,3 +53,27 @@ async def test_a_channel_deleted_while_its_job_waits_stops_the_job_and_frees_the
     assert len(fake.requests_to("PATCH", WEBHOOK)) + len(fake.requests_to("POST", WEBHOOK)) == tried
     job_id = db_rows(world)[0]["id"]
     assert f"job {job_id}: its channel was deleted" in world.bot.log_text()
+
+
+async def test_a_result_whose_thread_was_closed_meanwhile_is_posted_there_not_lost(world):
+    """The member closes (archives) their forum post while the job waits at fal: Discord refuses
+    every edit of a message in an archived thread (50083), so the reply cannot become the result.
+    A new message reopens the thread, as Discord does for any message there: the result is posted
+    as the bot's reply to the reply, mentioning the member, once."""
+    world.fal.default = JobScript(queue_positions=(3, 2, 1, 0), step=0.5, run_time=0.2)
+    fake = world.discord
+    thread = fake.add_thread(fake.channel_id, "alice's post", owner="alice")
+    await world.start_bot()
+    handle = await world.kontext(channel_id=thread["id"])
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await fake.archive_thread(thread["id"])
+    await fake.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=15)
+    posts = [m for m in fake.channel_messages(thread["id"]) if m.interaction is None]
+    assert len(posts) == 1, posts
+    (post,) = posts
+    assert text(post).startswith(f"<@{fake.alice['id']}>") and len(post.files) == 1, text(post)
+    assert post.message_reference is not None and post.message_reference["message_id"] == handle.original.id
+    assert not thread["thread_metadata"]["archived"]
+    assert world.fal.count("submit") == 1
+    # One progress edit refused, then the final one: the bot does not keep editing a closed thread.
+    assert len(refused(world, 50083)) <= 2, refused(world, 50083)
