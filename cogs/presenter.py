@@ -81,6 +81,12 @@ MAX_FOLLOWUPS_REACHED = 40094
 ARCHIVED_THREAD = 50083
 # Errors after which the interaction can show no more: the bot posts the rest itself.
 INTERACTION_EXHAUSTED = frozenset({INVALID_WEBHOOK_TOKEN, UNKNOWN_MESSAGE, MAX_FOLLOWUPS_REACHED, ARCHIVED_THREAD})
+# Progress edits Discord will refuse every time from then on, by the error that says so: the
+# ticker stops (a 401 counts towards Discord's limit on invalid requests, rate-limits.mdx).
+EDITS_OVER = {
+    INVALID_WEBHOOK_TOKEN: "Discord ended its reply's token",
+    ARCHIVED_THREAD: "its thread was archived",
+}
 # 413: a file over what Discord takes there, whatever limit the interaction announced.
 REQUEST_ENTITY_TOO_LARGE = 40005
 # A reply only the interaction can edit (EXTERNAL places) says this long before its token ends
@@ -162,9 +168,9 @@ class ProgressTicker:
                 if exc.code in REPLY_GONE:
                     self._on_reply_gone(REPLY_GONE[exc.code])
                     return
-                if exc.code == ARCHIVED_THREAD:
-                    # Every further edit would be refused the same: the result comes as a new post.
-                    log.info("job %d: its thread was archived; its progress is no longer shown", self._job.id)
+                if exc.code in EDITS_OVER:
+                    # The result comes as the bot's own post (see INTERACTION_EXHAUSTED).
+                    log.info("job %d: %s; its progress is no longer shown", self._job.id, EDITS_OVER[exc.code])
                     return
                 self._metrics.discord_error(discord_error_kind(exc))
                 log.warning("job %d: progress edit failed: %s", self._job.id, describe_error(exc))

@@ -77,3 +77,21 @@ async def test_a_result_whose_thread_was_closed_meanwhile_is_posted_there_not_lo
     assert world.fal.count("submit") == 1
     # One progress edit refused, then the final one: the bot does not keep editing a closed thread.
     assert len(refused(world, 50083)) <= 2, refused(world, 50083)
+
+
+async def test_a_token_discord_ended_early_is_not_tried_again_for_every_progress_step(world):
+    """Discord ends the reply's token before the bot's clock says so (the host's clock runs
+    late, or the interaction reached the bot late) while the job waits in a long line: the first
+    progress edit refused with 401 50027 is the last (each 401 counts towards the invalid
+    requests Discord bans an IP for), and the result still comes, as the bot's reply to the reply."""
+    world.fal.default = JobScript(queue_positions=tuple(range(12, -1, -1)), step=0.3, run_time=0.2)
+    fake = world.discord
+    await world.start_bot(EDIT_INTERVAL="0.2")
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    fake.expire_token(handle.token)
+    await fake.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=15)
+    progress = [r for r in refused(world, 50027) if r[2].startswith("PATCH")]
+    assert len(progress) <= 2, progress  # one progress edit, and the final edit that finds the token over
+    (post,) = [m for m in fake.channel_messages() if m.interaction is None]
+    assert text(post).startswith(f"<@{fake.alice['id']}> ✅") and len(post.files) == 1, text(post)
