@@ -64,6 +64,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Discord takes an interaction's acknowledgement within this many seconds of the interaction
+# (discord-platform.md), or never: after it, a reply the bot asked for exists or never will.
+ACKNOWLEDGEMENT_WINDOW = 3.0
 # Discord answers 401 with this code once an interaction token is older than 15 minutes.
 INVALID_WEBHOOK_TOKEN = 50027
 # The message is gone (deleted).
@@ -260,6 +263,25 @@ class DiscordPresenter:
         ticker = self._tickers.pop(job.id, None)
         if ticker is not None:
             ticker.stop()
+
+    async def abandoned(self, job: Job) -> None:
+        """The reply of a job closed unsent at the start (see `JobListener.abandoned`) shows its
+        failure, with Try again, in place of "thinking…". Sent once Discord has taken or dropped
+        the acknowledgement the stopped process had sent, so as not to miss a reply still on its
+        way; a reply that does not exist (the acknowledgement never reached Discord) is left be."""
+        if not job.token_valid():
+            return
+        await asyncio.sleep(max(0.0, job.interaction_created_at + ACKNOWLEDGEMENT_WINDOW - time.time()))
+        rendered = render(job)
+        try:
+            # The job never learnt its reply's id: the interaction's own name for it.
+            await self._webhook(job).edit_message(  # type: ignore[call-overload]
+                "@original", content=rendered.content, embed=rendered.embed, view=job_view(job, rendered.buttons)
+            )
+        except Exception as exc:  # no reply to edit (Unknown Message), or Discord not answering
+            log.info("job %d: its reply could not say the job did not start: %s", job.id, describe_error(exc))
+            return
+        log.info("job %d: its reply says the job did not start", job.id)
 
     def _progress_pace(self) -> float:
         """Seconds between two progress edits of one reply: EDIT_INTERVAL, stretched when many

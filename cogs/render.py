@@ -74,6 +74,10 @@ FAILURE_MESSAGES: dict[str, str] = {
     "bad_output": N_("fal.ai sent back something that is not a usable image. Please try again."),
     "timeout": N_("This edit took too long and was stopped. Please try again later."),
     "missing_files": N_("The result files were lost before they could be posted. Please run the command again."),
+    "abandoned": N_(
+        "The bot restarted before this edit could start, so it was not sent to fal.ai and nothing was "
+        "billed. Press Try again to send it again."
+    ),
 }
 GENERIC_FAILURE = N_("Something went wrong with this edit. Please try again.")
 # Failures whose detail is the bot's own words (the input checks), shown as they are; any other

@@ -95,6 +95,12 @@ class JobListener(Protocol):
         """This process stopped driving the job before it was shown (another process took it
         over, or it stops): show nothing more of it from here."""
 
+    async def abandoned(self, job: Job) -> None:
+        """A job found without its reply at the start was closed unsent (`abandon`): Discord may
+        have taken its acknowledgement all the same, the reply "thinking" until the token ends.
+        Say there that it did not start, if there is such a reply and it can still be edited;
+        never raises."""
+
 
 class RunnerStopped(Exception):
     """The bot is shutting down and takes no new jobs."""
@@ -406,8 +412,10 @@ class JobRunner:
     async def _drive(self, job: Job) -> None:
         if job.message_id is None:
             # Accepted, then the process stopped before the job's reply was stored, which is
-            # before anything was sent to fal: nothing was spent, and there is nowhere to show it.
+            # before anything was sent to fal: nothing was spent. Discord may have made the reply
+            # all the same, which then says so.
             await self.abandon(job, "the bot stopped before the job started")
+            await self._listener.abandoned(job)
             return
         handed_back = False
         while not job.state.is_final:

@@ -115,6 +115,25 @@ async def test_kill_before_the_reply_exists_closes_the_job_without_sending_it(wo
     await still_serving(world)
 
 
+async def test_kill_while_discord_takes_the_acknowledgement_says_so_on_the_reply(world):
+    """Killed while Discord was taking the acknowledgement, which it then carried out: the
+    member's reply says "thinking…". The restarted bot closes the job unsent, as above, and the
+    reply says the edit did not start and can be sent again (with Try again), instead of
+    thinking until Discord gives up on it."""
+    fake = world.discord
+    await world.start_bot()
+    fake.fail_next("POST", r"/interactions/\d+/[^/]+/callback$", status="slow", delay=1.0)
+    handle = await world.kontext()
+    await fake.wait_until(lambda: "accepted" in world.bot.log_text())
+    await restart(world)
+    await world.discord.wait_until(lambda: "abandoned before it started" in world.bot.log_text())
+    message = await finished(handle)
+    assert text(message).startswith("❌") and "send" in text(message).lower(), text(message)
+    assert has_button(message, "retry"), message.components
+    assert world.fal.count("submit") == 0
+    await still_serving(world)
+
+
 async def test_an_acknowledgement_whose_connection_drops_closes_the_job_at_once(world):
     """The connection carrying the acknowledgement dropped (no HTTP answer at all, which
     discord.py raises as aiohttp's error, not as an HTTPException): the job is closed as
