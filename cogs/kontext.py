@@ -147,16 +147,17 @@ class Kontext(commands.Cog):
 
     @commands.Cog.listener("on_interaction")
     async def submit_menu_form(self, interaction: Interaction) -> None:
-        """A submitted "Edit with Kontext" form: its image as remembered, else (the bot restarted
-        since) the message's first image read again where the bot can read it."""
+        """A submitted "Edit with Kontext" form: the message's first image read again where the
+        bot can read it, else as remembered when the form was opened."""
         match = MENU_FORM.fullmatch(form_id(interaction) or "")
         if match is None:
             return
         prompt = answer_of(interaction).prompt
         try:
-            url = self._open_forms.get(match[0]) or await self._first_image(
-                int(match["channel_id"]), int(match["message_id"])
-            )
+            # Read again where the bot can: the link remembered is signed and expires (about a
+            # day; a form may stay open longer), and Discord signs the message's links afresh.
+            channel_id, message_id = int(match["channel_id"]), int(match["message_id"])
+            url = await self._first_image(channel_id, message_id) or self._open_forms.get(match[0])
             if url is None:
                 raise UserFacingError(
                     N_("This form was opened before the bot restarted: open it again from the message's Apps menu.")

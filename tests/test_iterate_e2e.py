@@ -104,6 +104,21 @@ async def test_an_edit_with_kontext_form_open_across_a_restart_reads_the_message
     assert world.fal.submits[-1]["image_url"] == data_uri(world, photo)
 
 
+async def test_an_edit_with_kontext_form_sent_after_its_image_link_expired_reads_the_message_again(world):
+    """A form left open past the life of the image's signed link (about a day): the bot reads
+    the message again for a fresh link rather than fetch the one it was opened with, which
+    Discord's CDN no longer serves."""
+    await world.start_bot()
+    photo = world.input_image()
+    post = world.discord.post_user_message("look at this", user="mod", attachments=[photo])
+    menu = await world.discord.invoke_message_command("Edit with Kontext", post.id, user="alice")
+    assert (await menu.wait_for_callback())["type"] == 9
+    world.discord.expire_cdn_urls()
+    submitted = await world.discord.submit_modal(menu, {"prompt": "add a rainbow"}, user="alice")
+    assert text(await finished(submitted)).startswith("✅"), text(submitted.original)
+    assert world.fal.submits[-1]["image_url"] == data_uri(world, photo)
+
+
 async def test_an_edit_with_kontext_form_whose_message_is_gone_after_a_restart_says_so(world):
     await world.start_bot()
     post = world.discord.post_user_message("look at this", user="mod", attachments=[world.input_image()])
