@@ -5,7 +5,7 @@ attachment URLs are signed and expire (about a day). So the bot fetches each inp
 only from Discord's CDN or media proxy (never an address a member controls), within the size
 limit, checks that the bytes really are an image fal can read (a lying content type or a broken
 file costs nothing), and hands fal a copy that lasts: a data URI for a small image, else an upload
-to fal's storage, reused for every job built on the same attachment.
+to fal's storage, reused for every job built on the same picture.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import io
 import logging
 import time
@@ -56,9 +57,12 @@ class InputUnavailable(LocalizedError):
     be reached."""
 
 
-def _source_key(url: yarl.URL) -> str:
-    """An attachment's identity: its address without the signature, which changes."""
-    return str(url.with_query(None).with_fragment(None))
+def _copy_key(data: bytes) -> str:
+    """What an upload of `data` is found again by: its bytes, not the address they came from.
+    The same attachment comes with a new signature (`ex`, `is`, `hm`) each time Discord hands it
+    out, and a link whose picture changes (a webcam's latest.jpg) keeps its address at Discord's
+    media proxy."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 # A few kilobytes can claim a picture of billions of pixels (a "decompression bomb"): past
@@ -194,22 +198,17 @@ class InputStager:
     async def _durable(self, url: str, deadline: float) -> str:
         if not hosted_on(url, self._discord_hosts):
             return url  # a data URI or a copy at fal made before
-        source = yarl.URL(url)
-        key = _source_key(source)
+        name = (yarl.URL(url).name or "image").replace("`", "'")  # shown between backticks
+        data = await self._fetch(url, name, deadline)
+        if len(data) <= INLINE_MAX_BYTES:
+            # Reading a small image costs less than a trip to a worker thread.
+            return f"data:{check_image(data, name)};base64,{base64.b64encode(data).decode()}"
+        key = await asyncio.to_thread(_copy_key, data)
         now = time.time()
         reused = await self._store.staged_input(key, now=now + REUSE_MARGIN_SECONDS)
         if reused is not None:
-            return reused
-        name = (source.name or "image").replace("`", "'")  # shown between backticks
-        data = await self._fetch(url, name, deadline)
-        # Reading a small image costs less than a trip to a worker thread.
-        content_type = (
-            check_image(data, name)
-            if len(data) <= INLINE_MAX_BYTES
-            else await asyncio.to_thread(check_image, data, name)
-        )
-        if len(data) <= INLINE_MAX_BYTES:
-            return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
+            return reused  # checked when it was uploaded
+        content_type = await asyncio.to_thread(check_image, data, name)
         durable = await self._storage.upload(
             data,
             content_type,

@@ -9,6 +9,7 @@ import io
 import random
 import struct
 import time
+import urllib.parse
 import zlib
 
 import pytest
@@ -226,6 +227,29 @@ async def test_reroll_and_edit_a_week_later_work_and_reuse_the_upload(world):
     await edit.wait_for_callback()
     edited = await finished(await world.discord.submit_modal(edit, {"prompt": "now in winter"}))
     assert text(edited).startswith("✅")
+
+
+async def test_a_link_whose_picture_changed_is_not_edited_from_the_old_picture(world):
+    """A link that always shows the latest picture (a webcam's latest.png), posted again once the
+    picture changed: Discord's media proxy serves it at the same address both times, and the bot
+    must hand fal the new picture, not the copy it uploaded of the old one."""
+    await world.start_bot()
+    fake = world.discord
+    link = "https://cam.example/latest.png"
+    proxied = f"{fake.base_url}/cdn/external/k3Xq/https/cam.example/latest.png"
+    pictures = []
+    for size in (200_000, 210_000):  # past the inline size: uploaded to fal's storage
+        picture = attachment_bytes(world, world.input_image(size=size))
+        pictures.append(picture)
+        fake.cdn_files[urllib.parse.urlsplit(proxied).path] = (picture, "image/png")
+        post = fake.post_user_message("the view now", user="mod")
+        post.embeds = [{"type": "image", "url": link, "thumbnail": {"url": link, "proxy_url": proxied}}]
+        menu = await fake.invoke_message_command("Edit with Kontext", post.id, user="alice")
+        assert (await menu.wait_for_callback())["type"] == 9
+        submitted = await fake.submit_modal(menu, {"prompt": "add snow"}, user="alice")
+        assert text(await finished(submitted)).startswith("✅")
+    assert [upload.data for upload in world.fal.uploads] == pictures
+    assert [submit["image_url"] for submit in world.fal.submits] == [upload.url for upload in world.fal.uploads]
 
 
 async def lying_attachment(world, data: bytes, name: str = "photo.png"):
