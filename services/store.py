@@ -50,15 +50,24 @@ class Dialects:
     postgres: str
 
 
-def _sqlite_image_counters() -> str:
+# Failures fal does not charge for: an input it rejected before any GPU time, its own 5xx.
+_UNBILLED_FAILURES = "('fal_rejected', 'content_policy', 'fal_failed')"
+# Failures after fal made the images, and charged for them: the bot could not fetch or use what
+# it made. Billed even when the bot never saw the job start (it ran during a restart).
+_BILLED_FAILURES = "('result_expired', 'missing_files', 'bad_output')"
+
+
+def _sqlite_image_counters(*, billed_failures: str | None = None, create_table: bool = True) -> str:
     """SQLite's text of the monthly image counters (below): its triggers cannot call functions
-    of our own, so the expressions are written out for the old and the new row."""
+    of our own, so the expressions are written out for the old and the new row. The first
+    counters did not count `billed_failures`; the migration that does replaces their triggers."""
 
     def spent(row: str) -> str:
+        made = f" OR ({row}.state = 'failed' AND {row}.error_code IN {billed_failures})" if billed_failures else ""
         return (
-            f"(CASE WHEN {row}.state IN ('pending', 'submitting', 'queued', 'running', 'succeeded')"
+            f"(CASE WHEN {row}.state IN ('pending', 'submitting', 'queued', 'running', 'succeeded'){made}"
             f" OR ({row}.started_at IS NOT NULL AND {row}.request_id IS NOT NULL AND NOT ({row}.state = 'failed'"
-            f" AND {row}.error_code IN ('fal_rejected', 'content_policy', 'fal_failed'))) THEN {row}.images ELSE 0 END)"
+            f" AND {row}.error_code IN {_UNBILLED_FAILURES})) THEN {row}.images ELSE 0 END)"
         )
 
     def month(row: str) -> str:
@@ -71,13 +80,18 @@ def _sqlite_image_counters() -> str:
             INSERT INTO monthly_images SELECT {month(row)}, {row}.guild_id, {sign}{spent(row)}
                 WHERE {spent(row)} > 0 AND {row}.place = 'server' {upsert};"""
 
-    return f"""
+    table = """
         CREATE TABLE monthly_images (
             month INTEGER NOT NULL,
             scope INTEGER NOT NULL,
             images INTEGER NOT NULL,
             PRIMARY KEY (month, scope)
-        ) WITHOUT ROWID;
+        ) WITHOUT ROWID;"""
+    replaced = """
+        DROP TRIGGER jobs_count_images_insert;
+        DROP TRIGGER jobs_count_images_update;
+        DELETE FROM monthly_images;"""
+    return f"""{table if create_table else replaced}
         CREATE TRIGGER jobs_count_images_insert AFTER INSERT ON jobs BEGIN {count("NEW", "")}
         END;
         CREATE TRIGGER jobs_count_images_update
@@ -88,6 +102,16 @@ def _sqlite_image_counters() -> str:
         END;
         INSERT INTO monthly_images SELECT {month("jobs")}, 0, SUM({spent("jobs")}) FROM jobs GROUP BY 1;
         INSERT INTO monthly_images SELECT {month("jobs")}, guild_id, SUM({spent("jobs")}) FROM jobs
+            WHERE place = 'server' GROUP BY 1, 2;
+        """
+
+
+# PostgreSQL's count of the monthly images from the jobs there (`job_images_spent`).
+_POSTGRES_IMAGE_RECOUNT = """
+        INSERT INTO monthly_images
+            SELECT month_of(created_at), 0, SUM(job_images_spent(jobs)) FROM jobs GROUP BY 1;
+        INSERT INTO monthly_images
+            SELECT month_of(created_at), guild_id, SUM(job_images_spent(jobs)) FROM jobs
             WHERE place = 'server' GROUP BY 1, 2;
         """
 
@@ -301,13 +325,8 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
             FOR EACH ROW WHEN (
                 job_images_spent(OLD) <> job_images_spent(NEW) OR OLD.created_at <> NEW.created_at
                 OR OLD.guild_id IS DISTINCT FROM NEW.guild_id OR OLD.place <> NEW.place
-            ) EXECUTE FUNCTION jobs_count_images();
-        INSERT INTO monthly_images
-            SELECT month_of(created_at), 0, SUM(job_images_spent(jobs)) FROM jobs GROUP BY 1;
-        INSERT INTO monthly_images
-            SELECT month_of(created_at), guild_id, SUM(job_images_spent(jobs)) FROM jobs
-            WHERE place = 'server' GROUP BY 1, 2;
-        """,
+            ) EXECUTE FUNCTION jobs_count_images();"""
+        + _POSTGRES_IMAGE_RECOUNT,
     ),
     # A member's own defaults (/kontext-settings), one row per member for every place they use
     # the bot: JSON, read tolerantly (services.member_defaults).
@@ -391,6 +410,21 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
     ALTER TABLE jobs ADD COLUMN parent_channel_id BIGINT;
     ALTER TABLE jobs ADD COLUMN private_thread INTEGER NOT NULL DEFAULT 0;
     """,
+    # The counters count the images of a job that failed after fal made them (fal billed them),
+    # and are counted again with that rule.
+    Dialects(
+        sqlite=_sqlite_image_counters(billed_failures=_BILLED_FAILURES, create_table=False),
+        postgres=f"""
+        CREATE OR REPLACE FUNCTION job_images_spent(job jobs) RETURNS BIGINT LANGUAGE sql AS $$
+            SELECT CASE WHEN job.state IN ('pending', 'submitting', 'queued', 'running', 'succeeded')
+                OR (job.state = 'failed' AND job.error_code IN {_BILLED_FAILURES})
+                OR (job.started_at IS NOT NULL AND job.request_id IS NOT NULL
+                    AND NOT (job.state = 'failed' AND job.error_code IN {_UNBILLED_FAILURES}))
+            THEN job.images ELSE 0 END
+        $$;
+        DELETE FROM monthly_images;"""
+        + _POSTGRES_IMAGE_RECOUNT,
+    ),
 )
 
 
@@ -400,12 +434,12 @@ def migration_text(migration: str | Dialects, dialect: Literal["sqlite", "postgr
 
 # SQL fragments over job rows; the state names are our own enum values, never user input.
 _ACTIVE = "state IN ({})".format(", ".join(f"'{state.value}'" for state in JobState if not state.is_final))
-# Failures fal does not charge for: an input it rejected before any GPU time, its own 5xx.
-_UNBILLED_FAILURES = "('fal_rejected', 'content_policy', 'fal_failed')"
-# Budgets count the images of jobs in flight (reserved) and of those fal billed: succeeded, or
-# ended after fal started them (a cancel then rarely stops it). A job that never ran is free.
+# Budgets count the images of jobs in flight (reserved) and of those fal billed: succeeded,
+# failed once made, or ended after fal started them (a cancel then rarely stops it). A job that
+# never ran is free.
 _SPENT = (
-    f"({_ACTIVE} OR state = 'succeeded' OR (started_at IS NOT NULL AND request_id IS NOT NULL"
+    f"({_ACTIVE} OR state = 'succeeded' OR (state = 'failed' AND error_code IN {_BILLED_FAILURES})"
+    f" OR (started_at IS NOT NULL AND request_id IS NOT NULL"
     f" AND NOT (state = 'failed' AND error_code IN {_UNBILLED_FAILURES})))"
 )
 # The jobs the cooldown paces: every job a member started, but not one the bot closed before

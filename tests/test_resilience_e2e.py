@@ -14,7 +14,7 @@ import pytest
 
 from fakes.discord_fake import ATTACH_FILES, READ_MESSAGE_HISTORY, SEND_MESSAGES
 from fakes.fal_fake import JobScript, model_error
-from tests.e2e import button, contents, fal_job, finished, has_button, outliving_its_reply, shows, text
+from tests.e2e import admin, button, contents, fal_job, finished, has_button, outliving_its_reply, shows, text
 
 WEBHOOK_MESSAGE = r"/webhooks/\d+/[^/]+/messages/"
 
@@ -604,6 +604,8 @@ async def test_result_expired_during_a_restart(world):
     message = await finished(handle)
     assert "no longer has this result" in text(message), text(message)
     assert world.fal.count("submit") == 1
+    # fal made the image and billed it, though the bot never saw it start: it counts.
+    assert "1 image, about $0.08" in await admin(world, "show")
     await still_serving(world)
 
 
@@ -615,6 +617,7 @@ async def test_result_files_gone_from_the_cdn(world):
     world.fal.expire_files()
     message = await finished(handle)
     assert "no longer has this result" in text(message), text(message)
+    assert "1 image, about $0.08" in await admin(world, "show")
     await still_serving(world)
 
 

@@ -186,7 +186,7 @@ async def test_the_monthly_counters_follow_every_transition_as_a_sum_over_the_jo
             job.state = rng.choice(list(JobState))
             job.started_at = rng.choice((None, month + 5))
             job.request = rng.choice((None, FalRequest("rid", "s", "r", "c")))
-            job.error_code = rng.choice((None, "fal_rejected", "fal_failed", "timeout"))
+            job.error_code = rng.choice((None, "fal_rejected", "fal_failed", "timeout", "result_expired", "bad_output"))
             if rng.random() < 0.1:  # another month, before or into this one
                 job.created_at = rng.choice((month - 86400, month + 3600))
             await store.save(job)
@@ -200,34 +200,41 @@ async def test_the_monthly_counters_follow_every_transition_as_a_sum_over_the_jo
 
 
 async def test_the_monthly_counters_start_from_the_jobs_an_upgraded_database_holds(tmp_path: Path, database_url: str):
-    """The migration that adds the counters fills them from the jobs already there."""
+    """The migrations that add the counters, then count the images of jobs that failed once
+    fal made them, count the jobs already there: one succeeded, one whose result expired while
+    the bot was stopped (fal billed it, though the bot never saw it start)."""
     counters = next(i for i, m in enumerate(MIGRATIONS) if "monthly_images" in migration_text(m, "sqlite"))
-    job = Job(**{f.name: getattr(request(), f.name) for f in dataclasses.fields(JobRequest)})
-    job.state, job.request, job.started_at = JobState.SUCCEEDED, FalRequest("rid", "s", "r", "c"), NOW
+    jobs = [Job(**{f.name: getattr(request(), f.name) for f in dataclasses.fields(JobRequest)}) for _ in range(2)]
+    jobs[0].state, jobs[0].request, jobs[0].started_at = JobState.SUCCEEDED, FalRequest("rid", "s", "r", "c"), NOW
+    jobs[1].state, jobs[1].request = JobState.FAILED, FalRequest("r2", "s", "r", "c")
+    jobs[1].error_code = "result_expired"
     path = tmp_path / "kontext.sqlite3"
     with sqlite3.connect(path) as db:
         for number, migration in enumerate(MIGRATIONS[:counters], start=1):
             db.executescript(f"{migration_text(migration, 'sqlite')}\nPRAGMA user_version = {number};")
         columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
-        row = {name: value for name, value in _to_row(job).items() if name in columns}
-        db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join(':' + n for n in row)})", row)
+        rows = [{name: value for name, value in _to_row(job).items() if name in columns} for job in jobs]
+        for number, row in enumerate(rows, start=1):
+            row["id"] = number
+            db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join(':' + n for n in row)})", row)
     pg = await asyncpg.connect(database_url)
     try:
         await pg.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
         await pg.execute("INSERT INTO schema_version VALUES ($1)", counters)
         for migration in MIGRATIONS[:counters]:
             await pg.execute(migration_text(migration, "postgres"))
-        row = {name: value for name, value in row.items() if name != "id"}
-        await pg.execute(
-            f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join(f'${i}' for i in range(1, len(row) + 1))})",
-            *row.values(),
-        )
+        for row in rows:
+            row = {name: value for name, value in row.items() if name != "id"}
+            await pg.execute(
+                f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join(f'${i}' for i in range(1, len(row) + 1))})",
+                *row.values(),
+            )
     finally:
         await pg.close()
     for store in (SqliteStore(path), PostgresStore(database_url, instance_id="bot-0", lease_seconds=60)):
         async with store:
             usage = await store.usage(1, 3, NOW, all_servers=True)
-            assert (usage.guild_images_this_month, usage.all_images_this_month) == (2, 2)
+            assert (usage.guild_images_this_month, usage.all_images_this_month) == (4, 4)
 
 
 async def test_daily_images_are_counted_per_utc_day(new_store: Opener):
