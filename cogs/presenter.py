@@ -37,6 +37,8 @@ from services.job import (
     NOTE_LATE_BY_DM,
     NOTE_REPLY_EXPIRING,
     NOTE_WITHDRAWN,
+    REPLY_EXPIRING_BY_DM,
+    REPLY_EXPIRING_IN_CHANNEL,
     Job,
     JobPlace,
     JobState,
@@ -92,8 +94,8 @@ EDITS_OVER = {
 }
 # 413: a file over what Discord takes there, whatever limit the interaction announced.
 REQUEST_ENTITY_TOO_LARGE = 40005
-# A reply only the interaction can edit (EXTERNAL places) says this long before its token ends
-# that the result will come by DM (the token's last 30 s are kept for the final upload).
+# A reply says this long before its token ends where the result will come (the token's last
+# 30 s are kept for the final upload).
 REPLY_NOTICE_BEFORE = 120
 IMAGE_LINK = N_("image {number}")
 # Images over the upload limit where they are posted are linked instead, with this line.
@@ -127,8 +129,8 @@ class ProgressTicker:
         posts_late_in_channel: Callable[[], bool],
     ) -> None:
         self._job = job
-        # Where the bot cannot post the result itself after the token, the reply says in time
-        # that it will come by DM (whether it can is known only then: see _late_place).
+        # The reply says in time where the result will come after its token: in the channel, or
+        # by DM where the bot cannot post it there (known only then: see _late_place).
         self._notice_at: float | None = job.interaction_created_at + INTERACTION_TOKEN_LIFETIME - REPLY_NOTICE_BEFORE
         self._posts_late_in_channel = posts_late_in_channel
         self._webhook = webhook
@@ -194,8 +196,8 @@ class ProgressTicker:
                 await self._changed.wait()
         except TimeoutError:
             self._notice_at = None
-            if not self._posts_late_in_channel():
-                self._job.notes = {**self._job.notes, NOTE_REPLY_EXPIRING: True}
+            late = REPLY_EXPIRING_IN_CHANNEL if self._posts_late_in_channel() else REPLY_EXPIRING_BY_DM
+            self._job.notes = {**self._job.notes, NOTE_REPLY_EXPIRING: late}
 
     async def _edit(self, rendered: Rendered) -> None:
         # Only what changed is sent: Discord keeps the fields an edit leaves out.

@@ -29,6 +29,7 @@ from services.job import (
     NOTE_REPLY_EXPIRING,
     NOTE_SAFETY_LIMITED_TO,
     NOTE_SHARED_AS,
+    REPLY_EXPIRING_IN_CHANNEL,
     Job,
     JobState,
     ResultImage,
@@ -187,9 +188,12 @@ def render(job: Job) -> Rendered:
     """The message for `job` as it stands now, in the language of the member who asked."""
     _ = texts(job.locale)
     rendered = _render(job, _)
-    if not job.state.is_final and job.notes.get(NOTE_REPLY_EXPIRING):
-        rendered.content += "\n" + _(
-            "📬 This reply can only be updated for 15 minutes: the result will come in a DM from the bot."
+    late = job.notes.get(NOTE_REPLY_EXPIRING)
+    if not job.state.is_final and late:
+        rendered.content += "\n" + (
+            _("📬 This reply can only be updated for 15 minutes: the result will be posted in this channel.")
+            if late == REPLY_EXPIRING_IN_CHANNEL
+            else _("📬 This reply can only be updated for 15 minutes: the result will come in a DM from the bot.")
         )
     return rendered
 

@@ -19,12 +19,16 @@ NOTE_CANCEL_REQUESTED_BY = "cancel_requested_by"  # a cancel came once fal had s
 NOTE_UNDELIVERABLE = "undeliverable"  # why the final state could not be shown
 NOTE_WITHDRAWN = "withdrawn"  # why nothing more is shown in the channel (its reply was deleted)
 NOTE_HANDED_BACK = "handed_back"  # asked out of fal's line, to take its turn in the bot's
-NOTE_REPLY_EXPIRING = "reply_expiring"  # the reply's token ends soon: the result will come by DM
+NOTE_REPLY_EXPIRING = "reply_expiring"  # the reply's token ends soon: where the result will come (REPLY_EXPIRING_*)
 NOTE_PRIVATE_REPLY = "private_reply"  # Discord made the reply ephemeral (the server keeps apps it lacks private)
 NOTE_FROM_DEFAULTS = "from_defaults"  # the options filled from the member's defaults (/kontext-settings)
 NOTE_PRIVATE_FIRST = "private_first"  # the member sees the result alone first, with Share to channel
 NOTE_SHARED_AS = "shared_as"  # the message that shared a private-first result in the channel
 NOTE_LATE_BY_DM = "late_by_dm"  # the bot could not post in the channel: the late result came by DM
+
+# Where a result that outlives its reply's token will come (NOTE_REPLY_EXPIRING).
+REPLY_EXPIRING_IN_CHANNEL = "channel"
+REPLY_EXPIRING_BY_DM = "dm"
 
 # The interaction token of the reply lives 15 minutes; leave a margin for the final upload.
 INTERACTION_TOKEN_LIFETIME = 15 * 60

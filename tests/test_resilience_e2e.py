@@ -409,6 +409,29 @@ async def test_a_late_result_where_the_bot_may_not_read_history_is_posted_withou
     await still_serving(world)
 
 
+async def test_a_reply_about_to_lose_its_token_says_the_result_will_be_posted_in_the_channel(world):
+    """A job still in line as its reply's 15 minutes end: the reply can show nothing after them
+    (its queue position and start estimate stay as they were, the estimate soon "ago"), so it
+    says in time that the result will be posted in the channel, and it is, replying to it."""
+    world.fal.default = JobScript(queue_positions=(6, 5, 4, 3, 2, 1, 0), step=1.0)
+    fake = world.discord
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await world.bot.kill()
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:  # 13.5 minutes old, as the bot sees it
+        db.execute("UPDATE jobs SET interaction_created_at = interaction_created_at - 810")
+    await world.start_bot()
+    await handle.wait_until(lambda h: shows(h, "the result will be posted in this channel"), timeout=10)
+    assert shows(handle, "In queue")
+    fake.age_interactions(16 * 60)
+    await fake.wait_until(lambda: bot_posts(world), timeout=15)
+    (post,) = bot_posts(world)
+    assert post.channel_id == fake.channel_id and post.message_reference is not None, post
+    assert text(post).startswith(f"<@{fake.alice['id']}> ✅") and len(post.files) == 1, text(post)
+    assert world.fal.count("submit") == 1
+
+
 @pytest.mark.parametrize("denied", [SEND_MESSAGES, ATTACH_FILES], ids=["no-send", "no-attach"])
 async def test_a_late_result_where_the_bot_may_not_post_comes_by_dm(world, denied):
     """The bot may not send messages (or upload files) in the channel, where members may still
