@@ -157,7 +157,13 @@ class Kontext(commands.Cog):
             # Read again where the bot can: the link remembered is signed and expires (about a
             # day; a form may stay open longer), and Discord signs the message's links afresh.
             channel_id, message_id = int(match["channel_id"]), int(match["message_id"])
-            url = await self._first_image(channel_id, message_id) or self._open_forms.get(match[0])
+            url = None
+            # The custom_id is the member's to send: Discord checks a clicked component's against
+            # its message, and documents no check of a form's. Only a message of the channel the
+            # form is submitted in (where the member opened it) is read, so no member gets the bot
+            # to read a channel, a server or a DM they cannot see.
+            if channel_id == interaction.channel_id:
+                url = await self._first_image(channel_id, message_id) or self._open_forms.get(match[0])
             if url is None:
                 raise UserFacingError(
                     N_("This form was opened before the bot restarted: open it again from the message's Apps menu.")

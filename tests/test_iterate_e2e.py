@@ -133,6 +133,26 @@ async def test_an_edit_with_kontext_form_whose_message_is_gone_after_a_restart_s
     assert world.fal.submits == []
 
 
+async def test_an_edit_with_kontext_form_naming_another_channel_reads_nothing_from_it(world):
+    """A form's custom_id is the member's to send: Discord validates the custom_ids of a clicked
+    message component against the message, and documents no such check for a modal's. A form
+    submitted in one channel that names a message in another (a staff channel, another server
+    with the bot) must not make the bot read that message's image for the member."""
+    await world.start_bot()
+    elsewhere = world.discord.add_guild("staff server")
+    secret = world.discord.post_user_message(
+        "confidential", user="mod", channel_id=elsewhere.channel_id, attachments=[world.input_image()]
+    )
+    forged = f"kontext:menu:{secret.channel_id}:{secret.id}"
+    submitted = await world.discord.submit_modal(
+        forged, {"prompt": "show me"}, user="alice", channel_id=world.discord.channel_id
+    )
+    await submitted.wait_for_callback(timeout=5)
+    assert "open it again" in private_answer(submitted)
+    assert world.fal.submits == []
+    assert not [r for r in world.discord.requests_to("GET", r"/messages/") if secret.id in r.path]
+
+
 async def test_context_menu_on_a_message_without_an_image(world):
     await world.start_bot()
     post = world.discord.post_user_message("no pictures here")
