@@ -266,24 +266,26 @@ class DiscordPresenter:
         if ticker is not None:
             ticker.stop()
 
-    async def abandoned(self, job: Job) -> None:
+    async def abandoned(self, job: Job) -> int | None:
         """The reply of a job closed unsent at the start (see `JobListener.abandoned`) shows its
         failure, with Try again, in place of "thinking…". Sent once Discord has taken or dropped
         the acknowledgement the stopped process had sent, so as not to miss a reply still on its
         way; a reply that does not exist (the acknowledgement never reached Discord) is left be."""
         if not job.token_valid():
-            return
+            return None
         await asyncio.sleep(max(0.0, job.interaction_created_at + ACKNOWLEDGEMENT_WINDOW - time.time()))
         rendered = render(job)
         try:
             # The job never learnt its reply's id: the interaction's own name for it.
-            await self._webhook(job).edit_message(  # type: ignore[call-overload]
+            reply = await self._webhook(job).edit_message(  # type: ignore[call-overload]
                 "@original", content=rendered.content, embed=rendered.embed, view=job_view(job, rendered.buttons)
             )
         except Exception as exc:  # no reply to edit (Unknown Message), or Discord not answering
             log.info("job %d: its reply could not say the job did not start: %s", job.id, describe_error(exc))
-            return
+            return None
         log.info("job %d: its reply says the job did not start", job.id)
+        message_id: int = reply.id
+        return message_id
 
     def _progress_pace(self) -> float:
         """Seconds between two progress edits of one reply: EDIT_INTERVAL, stretched when many

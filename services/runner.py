@@ -95,11 +95,11 @@ class JobListener(Protocol):
         """This process stopped driving the job before it was shown (another process took it
         over, or it stops): show nothing more of it from here."""
 
-    async def abandoned(self, job: Job) -> None:
+    async def abandoned(self, job: Job) -> int | None:
         """A job found without its reply at the start was closed unsent (`abandon`): Discord may
         have taken its acknowledgement all the same, the reply "thinking" until the token ends.
         Say there that it did not start, if there is such a reply and it can still be edited;
-        never raises."""
+        the id of the reply that says so (None: there was none); never raises."""
 
 
 class RunnerStopped(Exception):
@@ -415,7 +415,11 @@ class JobRunner:
             # before anything was sent to fal: nothing was spent. Discord may have made the reply
             # all the same, which then says so.
             await self.abandon(job, "the bot stopped before the job started")
-            await self._listener.abandoned(job)
+            reply = await self._listener.abandoned(job)
+            if reply is not None:
+                # Its buttons (Try again) act only on the job whose reply they are on.
+                job.message_id = reply
+                await self._store.save(job)
             return
         handed_back = False
         while not job.state.is_final:

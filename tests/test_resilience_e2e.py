@@ -131,6 +131,9 @@ async def test_kill_while_discord_takes_the_acknowledgement_says_so_on_the_reply
     assert text(message).startswith("❌") and "send" in text(message).lower(), text(message)
     assert has_button(message, "retry"), message.components
     assert world.fal.count("submit") == 0
+    again = await fake.click_button(message.id, button(message, "retry"), user="alice")
+    assert text(await finished(again)).startswith("✅"), again.callbacks
+    assert world.fal.count("submit") == 1
     await still_serving(world)
 
 
