@@ -173,10 +173,16 @@ class Kontext(commands.Cog):
             await report(interaction, exc, typed=prompt)
 
     async def _first_image(self, channel_id: int, message_id: int) -> str | None:
+        """The message's first image as Discord serves it now; None where the bot may not read
+        the message (a server without the bot): the image remembered stands in for it there."""
         try:
             message = await self.bot.get_partial_messageable(channel_id).fetch_message(message_id)
-        except (discord.NotFound, discord.Forbidden):
-            return None  # gone, or not the bot's to read (a server without the bot)
+        except discord.NotFound:
+            # Deleted (a moderator removed it, or its channel) while the form was open: its image
+            # is not edited and posted again, though the link remembered may still be served.
+            raise UserFacingError(N_("That message was deleted, so there is no image left to edit.")) from None
+        except discord.Forbidden:
+            return None
         settings = self.bot.settings
         return first_image_url(message, settings.max_input_bytes, settings.discord_cdn_hosts)
 

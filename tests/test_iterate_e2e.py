@@ -129,7 +129,24 @@ async def test_an_edit_with_kontext_form_whose_message_is_gone_after_a_restart_s
     await world.start_bot()
     submitted = await world.discord.submit_modal(menu, {"prompt": "add a rainbow"}, user="alice")
     await submitted.wait_for_callback(timeout=5)
-    assert "open it again" in private_answer(submitted)
+    assert "was deleted" in private_answer(submitted)
+    assert world.fal.submits == []
+
+
+async def test_an_edit_with_kontext_form_whose_message_was_deleted_meanwhile_edits_nothing(world):
+    """A moderator deletes a message while a member has its form open: Discord says the message
+    is gone (Unknown Message), and the image the form remembered is not edited and posted again
+    (its signed link may outlive the message at Discord's CDN). The link remembered stands in
+    only where the bot cannot read the message."""
+    await world.start_bot()
+    world.discord.add_member(name="bob")
+    post = world.discord.post_user_message("look at this", user="alice", attachments=[world.input_image()])
+    menu = await world.discord.invoke_message_command("Edit with Kontext", post.id, user="bob")
+    assert (await menu.wait_for_callback())["type"] == 9
+    world.discord._delete(post)  # a moderator removed it
+    submitted = await world.discord.submit_modal(menu, {"prompt": "post it again"}, user="bob")
+    await submitted.wait_for_callback(timeout=5)
+    assert "was deleted" in private_answer(submitted)
     assert world.fal.submits == []
 
 
