@@ -284,8 +284,7 @@ class DiscordPresenter:
             log.info("job %d: its reply could not say the job did not start: %s", job.id, describe_error(exc))
             return None
         log.info("job %d: its reply says the job did not start", job.id)
-        message_id: int = reply.id
-        return message_id
+        return int(reply.id)
 
     def _progress_pace(self) -> float:
         """Seconds between two progress edits of one reply: EDIT_INTERVAL, stretched when many
