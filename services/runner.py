@@ -265,8 +265,9 @@ class JobRunner:
         return self._jobs.get(job_id)
 
     def jobs_in_channel(self, channel_id: int) -> list[Job]:
-        """The jobs this process drives that were asked in that channel."""
-        return [job for job in self._jobs.values() if job.channel_id == channel_id]
+        """The jobs this process drives that were asked in that channel or in one of its threads
+        (deleting a channel deletes its threads, and Discord then tells only of the channel)."""
+        return [job for job in self._jobs.values() if channel_id in (job.channel_id, job.parent_channel_id)]
 
     async def cancel(self, job_id: int, by_user: int) -> CancelOutcome:
         """A member's cancel, wherever the job is driven: here, or (through the database) by

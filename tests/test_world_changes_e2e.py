@@ -55,6 +55,24 @@ async def test_a_channel_deleted_while_its_job_waits_stops_the_job_and_frees_the
     assert f"job {job_id}: its channel was deleted" in world.bot.log_text()
 
 
+async def test_a_job_in_a_private_thread_goes_with_the_channel_deleted_under_it(world):
+    """A member's job in a private thread the bot was never added to (the bot's cache never had
+    it), then a moderator deletes the thread's channel: Discord sends CHANNEL_DELETE for the
+    channel alone, and the job is withdrawn then, not at its next progress edit (here half a
+    minute away) with the member's place held meanwhile."""
+    world.fal.default = JobScript(queue_positions=tuple(range(30, -1, -1)), step=0.5, run_time=0.2)
+    fake = world.discord
+    channel = fake.add_channel("requests")
+    thread = fake.add_thread(channel["id"], "alice's corner", owner="alice", type=12)
+    await world.start_bot(EDIT_INTERVAL="30")
+    await world.kontext(channel_id=thread["id"])
+    await world.fal.wait_for_submits(1)
+    await fake.delete_channel(channel["id"])
+    await fake.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=8)
+    assert fal_job(world).cancelled
+    assert not [r for r in refused(world, 10003) if r[2].startswith("PATCH")]  # no progress edit found it
+
+
 async def test_a_result_whose_thread_was_closed_meanwhile_is_posted_there_not_lost(world):
     """The member closes (archives) their forum post while the job waits at fal: Discord refuses
     every edit of a message in an archived thread (50083), so the reply cannot become the result.
