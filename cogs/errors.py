@@ -13,6 +13,7 @@ from discord import app_commands
 from services.fal_queue import FalAccountLocked
 from services.flux_kontext import InvalidEdit
 from services.i18n import N_, LocalizedError, Texts
+from services.input_images import InputExpired
 from services.job import JobPlace
 from services.policy import POLICY_FIELDS, GuildPolicy, RefusalReason, Refused, Standing
 from services.recipes import RecipeRefused
@@ -171,6 +172,8 @@ def describe(error: Exception, _: Texts) -> str | None:
         error = error.original
     if isinstance(error, (UserFacingError, RecipeRefused)):
         return _.error(error)
+    if isinstance(error, InputExpired):
+        return _("{detail} Please attach the image again.", detail=_.error(error))
     if isinstance(error, NotServedHere):
         return _("The Kontext bot is not enabled for this server.")
     if isinstance(error, PersonalUseOff):

@@ -172,6 +172,7 @@ class JobIntake:
         if defaults.private_first:
             notes[NOTE_PRIVATE_FIRST] = True
         edit.options.check()
+        await bot.runner.check_inputs_last(edit)
         if bot.runner.account.refuses():
             raise FalAccountLocked("refused up front", detail=bot.runner.account.locked_reason)
         place = self._place(interaction)

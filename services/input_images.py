@@ -57,6 +57,11 @@ class InputUnavailable(LocalizedError):
     be reached."""
 
 
+class InputExpired(InputUnavailable):
+    """The durable copy of an earlier job's input is gone at fal, or will be before a job built
+    on it could start: it cannot be re-rolled or tried again as it is."""
+
+
 def _copy_key(data: bytes) -> str:
     """What an upload of `data` is found again by: its bytes, not the address they came from.
     The same attachment comes with a new signature (`ex`, `is`, `hm`) each time Discord hands it
@@ -189,9 +194,33 @@ class InputStager:
         self._max_mb = max_bytes // (1024 * 1024)
         self._backoff = backoff
 
+    async def check_lasting(self, edit: KontextEdit) -> None:
+        """Raise InputExpired if an earlier copy at fal among `edit`'s inputs (a Re-roll's, a
+        Try again's) does not last long enough to be used (REUSE_MARGIN_SECONDS, as for reusing
+        it): fal fetches inputs only when a job starts, so the job would wait in fal's queue and
+        then fail. Data URIs last, and Discord's links are fetched afresh by `stage`."""
+        lasting_past = time.time() + REUSE_MARGIN_SECONDS
+        several = len(edit.image_urls) > 1
+        for number, url in enumerate(edit.image_urls, start=1):
+            if url.startswith("data:") or hosted_on(url, self._discord_hosts):
+                continue
+            if not await self._store.staged_url_lasts(url, now=lasting_past):
+                days = INPUT_LIFETIME_SECONDS // 86400
+                if several:
+                    raise InputExpired(
+                        N_("The bot no longer has image {number} of this job (it keeps copies for {days} days)."),
+                        number=number,
+                        days=days,
+                    )
+                raise InputExpired(
+                    N_("The bot no longer has the image of this job (it keeps copies for {days} days)."), days=days
+                )
+
     async def stage(self, edit: KontextEdit, *, deadline: float) -> KontextEdit:
         """The same edit with every Discord-hosted input replaced by a durable copy. Inputs
-        that are durable already (data URIs, earlier copies) are kept as they are."""
+        that are durable already (data URIs, earlier copies) are kept as they are, once they
+        are known to last (`check_lasting`)."""
+        await self.check_lasting(edit)
         urls = await asyncio.gather(*(self._durable(url, deadline) for url in edit.image_urls))
         return dataclasses.replace(edit, image_urls=tuple(urls))
 

@@ -24,7 +24,7 @@ from .fal_queue import (
     FalUnavailable,
     QueueStatus,
 )
-from .flux_kontext import parse_output
+from .flux_kontext import KontextEdit, parse_output
 from .i18n import texts
 from .input_images import InputRejected, InputStager, InputUnavailable
 from .job import (
@@ -193,6 +193,11 @@ class JobRunner:
         finally:
             self._admissions.discard(over)
             over.set_result(None)
+
+    async def check_inputs_last(self, edit: KontextEdit) -> None:
+        """Raise InputExpired, before anything is spent, if `edit` is built on a copy of an
+        input that no longer lasts (see InputStager.check_lasting)."""
+        await self._inputs.check_lasting(edit)
 
     async def accept(self, request: JobRequest) -> Job:
         """Record a new job before anything is spent, within an `admission`; `start` drives it

@@ -425,6 +425,10 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
         DELETE FROM monthly_images;"""
         + _POSTGRES_IMAGE_RECOUNT,
     ),
+    # An earlier job's durable input looked up by its URL, to tell whether it still lasts.
+    """
+    CREATE INDEX staged_inputs_url ON staged_inputs (url);
+    """,
 )
 
 
@@ -1032,6 +1036,13 @@ class Store(abc.ABC):
         sql = "SELECT url FROM staged_inputs WHERE source = :source AND expires_at > :now"
         rows = await self._fetch(sql, {"source": source, "now": now})
         return str(rows[0]["url"]) if rows else None
+
+    async def staged_url_lasts(self, url: str, *, now: float) -> bool:
+        """Whether `url`, a durable copy made for an earlier job, lasts past `now`. A copy
+        the store no longer lists was replaced by a newer upload of the same picture, made
+        because it was about to expire: it does not last."""
+        sql = "SELECT 1 FROM staged_inputs WHERE url = :url AND expires_at > :now"
+        return bool(await self._fetch(sql, {"url": url, "now": now}))
 
     async def record_staged_input(self, source: str, url: str, *, expires_at: float) -> None:
         await self._execute(

@@ -40,6 +40,9 @@ class Runner:
     async def admission(self) -> AsyncIterator[None]:
         yield
 
+    async def check_inputs_last(self, edit: KontextEdit) -> None:
+        """Every edit here is a new request, its image just attached: nothing to refuse."""
+
     async def accept(self, request: JobRequest) -> Job:
         return await self._store.create_job(request)
 

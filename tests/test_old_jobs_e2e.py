@@ -1,0 +1,62 @@
+"""Building on an old job (Re-roll, Try again, Edit, the context menu on a result the bot
+posted) once the durable copies of its inputs may be gone: fal keeps an uploaded input only for
+its lifetime and fetches inputs when a job starts (fal-queue-api.md, part 2), so a copy that
+expired must be found afresh or refused at once, never sent to wait in fal's queue and fail."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from tests.e2e import button, finished, private_answer, text
+
+
+def age_staged_inputs(world, seconds: float) -> None:
+    """Make the bot's record of its uploads `seconds` older (as if that long had passed)."""
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.execute("UPDATE staged_inputs SET expires_at = expires_at - ?", (seconds,))
+
+
+async def test_a_reroll_of_a_job_whose_uploaded_input_expired_is_refused_at_once(world):
+    await world.start_bot()
+    photo = world.input_image(size=200_000)  # past the inline size: uploaded to fal's storage
+    first = await finished(await world.kontext(image=photo))
+    assert text(first).startswith("✅")
+    # 31 days on: fal deleted the upload (its lifetime ran out), Discord's links expired.
+    age_staged_inputs(world, 31 * 86400)
+    world.fal.expire_uploads()
+    world.discord.advance_cdn_clock(31 * 86400)
+    again = await world.discord.click_button(first.id, button(first, "reroll"))
+    await again.wait_for_callback()
+    assert private_answer(again) == (
+        "The bot no longer has the image of this job (it keeps copies for 30 days). Please attach the image again."
+    )
+    assert world.fal.count("submit") == 1  # the first job only
+
+
+async def test_a_reroll_of_a_combination_names_the_one_image_whose_copy_expired(world):
+    """Two uploaded inputs, only the second one's copy gone: the member is told which."""
+    await world.start_bot()
+    photos = [world.input_image(size=size) for size in (200_000, 210_000)]
+    first = await finished(await world.kontext(image=photos[0], image2=photos[1]))
+    assert text(first).startswith("✅")
+    second_copy = world.fal.submits[0]["image_urls"][1]
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.execute("UPDATE staged_inputs SET expires_at = ? WHERE url = ?", (time.time() - 60, second_copy))
+    world.fal.expire_uploads(second_copy)
+    again = await world.discord.click_button(first.id, button(first, "reroll"))
+    await again.wait_for_callback()
+    assert private_answer(again) == (
+        "The bot no longer has image 2 of this job (it keeps copies for 30 days). Please attach the image again."
+    )
+    assert world.fal.count("submit") == 1
+
+
+async def test_a_reroll_of_a_job_whose_copies_still_last_is_sent_from_them(world):
+    """A copy close to the end of its lifetime, but not within the margin, is still used."""
+    await world.start_bot()
+    first = await finished(await world.kontext(image=world.input_image(size=200_000)))
+    age_staged_inputs(world, 28 * 86400)
+    again = await finished(await world.discord.click_button(first.id, button(first, "reroll")))
+    assert text(again).startswith("✅")
+    assert len(world.fal.uploads) == 1 and world.fal.submits[1]["image_url"] == world.fal.uploads[0].url
