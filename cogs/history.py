@@ -23,6 +23,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from services.i18n import N_, Texts
+from services.input_images import url_expired
 from services.job import NOTE_LATE_BY_DM, NOTE_PRIVATE_REPLY, NOTE_SHARED_AS, Job, JobPlace, JobState, ResultImage
 
 from .errors import UserFacingError, place_of, report
@@ -182,15 +183,6 @@ async def load_page(interaction: Interaction, lookup: Lookup, anchor: Job | None
     if not more:  # walked back to the newest jobs: that is the first page
         return await load_page(interaction, lookup, None, newer=False)
     return Page(jobs[::-1], newer=True, older=True)
-
-
-def url_expired(url: str, now: float) -> bool:
-    """Whether a signed Discord CDN URL is past its expiry (`ex`, hex unix time)."""
-    expires = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).get("ex")
-    try:
-        return expires is not None and int(expires[0], 16) <= now
-    except ValueError:
-        return True
 
 
 async def fetch_result_attachments(bot: KontextBot, job: Job) -> list[discord.Attachment]:

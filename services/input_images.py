@@ -17,6 +17,7 @@ import hashlib
 import io
 import logging
 import time
+import urllib.parse
 
 import aiohttp
 import yarl
@@ -58,8 +59,17 @@ class InputUnavailable(LocalizedError):
 
 
 class InputExpired(InputUnavailable):
-    """The durable copy of an earlier job's input is gone at fal, or will be before a job built
-    on it could start: it cannot be re-rolled or tried again as it is."""
+    """An earlier job's input can no longer be had, so the job cannot be re-rolled or tried
+    again as it is: its copy at fal is gone, or will be before a job built on it could start,
+    or (a job that failed before its copy was made) its Discord link expired."""
+
+
+_DISCORD_LINK_GONE = N_("Discord no longer has `{name}` (the link expired or the message is gone).")
+
+
+def _shown_name(url: str) -> str:
+    """An input's file name as the member is told it, between backticks."""
+    return (yarl.URL(url).name or "image").replace("`", "'")
 
 
 def _copy_key(data: bytes) -> str:
@@ -198,11 +208,18 @@ class InputStager:
         """Raise InputExpired if an earlier copy at fal among `edit`'s inputs (a Re-roll's, a
         Try again's) does not last long enough to be used (REUSE_MARGIN_SECONDS, as for reusing
         it): fal fetches inputs only when a job starts, so the job would wait in fal's queue and
-        then fail. Data URIs last, and Discord's links are fetched afresh by `stage`."""
-        lasting_past = time.time() + REUSE_MARGIN_SECONDS
+        then fail. Data URIs last. A Discord link (a job that failed before its copy was made)
+        is fetched at once by `stage`, so it only needs to be still signed: one past its expiry
+        is refused too, before anything is acknowledged, as Discord no longer serves it."""
+        now = time.time()
+        lasting_past = now + REUSE_MARGIN_SECONDS
         several = len(edit.image_urls) > 1
         for number, url in enumerate(edit.image_urls, start=1):
-            if url.startswith("data:") or hosted_on(url, self._discord_hosts):
+            if url.startswith("data:"):
+                continue
+            if hosted_on(url, self._discord_hosts):
+                if url_expired(url, now):
+                    raise InputExpired(_DISCORD_LINK_GONE, name=_shown_name(url))
                 continue
             if not await self._store.staged_url_lasts(url, now=lasting_past):
                 days = INPUT_LIFETIME_SECONDS // 86400
@@ -227,7 +244,7 @@ class InputStager:
     async def _durable(self, url: str, deadline: float) -> str:
         if not hosted_on(url, self._discord_hosts):
             return url  # a data URI or a copy at fal made before
-        name = (yarl.URL(url).name or "image").replace("`", "'")  # shown between backticks
+        name = _shown_name(url)
         data = await self._fetch(url, name, deadline)
         if len(data) <= INLINE_MAX_BYTES:
             # Reading a small image costs less than a trip to a worker thread.
@@ -252,9 +269,7 @@ class InputStager:
         async def attempt() -> bytes:
             async with self._session.get(url) as response:
                 if response.status in (403, 404, 410):
-                    raise InputUnavailable(
-                        N_("Discord no longer has `{name}` (the link expired or the message is gone)."), name=name
-                    )
+                    raise InputUnavailable(_DISCORD_LINK_GONE, name=name)
                 if response.status >= 300:
                     raise aiohttp.ClientResponseError(response.request_info, (), status=response.status)
                 if (response.content_length or 0) > self._max_bytes:
@@ -282,6 +297,15 @@ class InputStager:
             log.warning("could not fetch an input image from Discord: %s", describe_error(exc))
             raise InputUnavailable(N_("`{name}` could not be fetched from Discord right now."), name=name) from None
         return data
+
+
+def url_expired(url: str, now: float) -> bool:
+    """Whether a signed Discord CDN URL is past its expiry (`ex`, hex unix time)."""
+    expires = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).get("ex")
+    try:
+        return expires is not None and int(expires[0], 16) <= now
+    except ValueError:
+        return True
 
 
 def hosted_on(url: str, hosts: frozenset[str]) -> bool:

@@ -5,9 +5,12 @@ expired must be found afresh or refused at once, never sent to wait in fal's que
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
+import urllib.parse
 
+from fakes.fal_fake import JobScript, make_image
 from tests.e2e import button, finished, private_answer, text
 
 
@@ -60,3 +63,43 @@ async def test_a_reroll_of_a_job_whose_copies_still_last_is_sent_from_them(world
     again = await finished(await world.discord.click_button(first.id, button(first, "reroll")))
     assert text(again).startswith("✅")
     assert len(world.fal.uploads) == 1 and world.fal.submits[1]["image_url"] == world.fal.uploads[0].url
+
+
+async def test_a_result_the_bot_posted_is_edited_again_a_week_later_from_one_upload(world):
+    """The result's images are Discord attachments of the bot's own message: the context menu on
+    it, a week on (every link handed out then expired), reads the message again, and a second
+    edit of the same picture reuses the copy uploaded for the first."""
+    world.fal.fetch_inputs = True
+    world.fal.default = JobScript(image_size=150_000)  # past the inline size: uploaded to fal's storage
+    await world.start_bot()
+    first = await finished(await world.kontext(prompt="a lighthouse", image=None))
+    assert text(first).startswith("✅")
+    world.discord.advance_cdn_clock(7 * 86400)
+    for prompt in ("add snow", "add fog"):
+        menu = await world.discord.invoke_message_command("Edit with Kontext", first.id, user="mod")
+        assert (await menu.wait_for_callback())["type"] == 9
+        edited = await finished(await world.discord.submit_modal(menu, {"prompt": prompt}, user="mod"))
+        assert text(edited).startswith("✅"), text(edited)
+    (upload,) = world.fal.uploads
+    assert [submit.get("image_url") for submit in world.fal.submits[1:]] == [upload.url, upload.url]
+
+
+async def test_try_again_of_a_job_whose_discord_link_expired_is_refused_at_once(world):
+    """A job that failed before the bot made its copy (fal's storage down) keeps Discord's signed
+    link, which expires: a Try again after that is refused privately at once, with nothing
+    posted in the channel, rather than acknowledged in public to fail at the download."""
+    await world.start_bot()
+    data, width, height = make_image("png", 200_000, 64, 64)
+    photo = world.discord.add_cdn_file(data, "input.png", "image/png", width=width, height=height, lifetime=2)
+    for op in ("storage_token", "storage_initiate"):
+        world.fal.fail_next(op, 500, times=3)
+    failed = await finished(await world.kontext(image=photo))
+    assert text(failed).startswith("❌ The image could not be handed to fal.ai")
+    expires = int(urllib.parse.parse_qs(urllib.parse.urlsplit(photo["url"]).query)["ex"][0], 16)
+    await asyncio.sleep(max(0.0, expires - time.time()) + 0.05)
+    again = await world.discord.click_button(failed.id, button(failed, "retry"))
+    await again.wait_for_callback()
+    assert private_answer(again) == (
+        "Discord no longer has `input.png` (the link expired or the message is gone). Please attach the image again."
+    )
+    assert world.fal.count("submit") == 0
