@@ -27,11 +27,10 @@ from services.input_images import url_expired
 from services.job import NOTE_LATE_BY_DM, NOTE_PRIVATE_REPLY, NOTE_SHARED_AS, Job, JobPlace, JobState, ResultImage
 
 from .errors import UserFacingError, place_of, report
-from .inputs import is_image_attachment
 from .intake import is_nsfw_channel
 from .render import in_public, plain_text, posted_names, render
 from .translation import member_texts
-from .views import is_moderator, moderates, result_card
+from .views import fetch_result_attachments, is_moderator, moderates, result_card
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -183,22 +182,6 @@ async def load_page(interaction: Interaction, lookup: Lookup, anchor: Job | None
     if not more:  # walked back to the newest jobs: that is the first page
         return await load_page(interaction, lookup, None, newer=False)
     return Page(jobs[::-1], newer=True, older=True)
-
-
-async def fetch_result_attachments(bot: KontextBot, job: Job) -> list[discord.Attachment]:
-    """The images on the messages that show the job's result, fetched again (with URLs Discord
-    signs afresh) where the bot can read them: not where only the member's interaction could post.
-    Messages deleted are skipped; discord.Forbidden where the bot may not read the channel's
-    history (its role, the channel's overwrites): the result is there, unread."""
-    if not job.place.bot_can_post:
-        return []
-    channel = bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-    found: list[discord.Attachment] = []
-    for message_id in job.posted_message_ids:
-        with contextlib.suppress(discord.NotFound):
-            message = await channel.fetch_message(message_id)
-            found += [a for a in message.attachments if is_image_attachment(a)]
-    return found
 
 
 def _bot_reads_result(job: Job) -> bool:

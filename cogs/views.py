@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from services.fal_queue import FalError
+from services.flux_kontext import KontextEdit
 from services.i18n import N_, texts
 from services.job import NOTE_SHARED_AS, Job, ResultImage
 from services.runner import CancelOutcome
@@ -34,6 +35,9 @@ ServerChannel = discord.TextChannel | discord.Thread | discord.VoiceChannel | di
 # Discord's limit of items in one Media Gallery (components/reference.mdx).
 MAX_GALLERY_ITEMS = 10
 
+# How long a Re-roll or Try again looks for its inputs again (see `inputs_found_again`): the
+# member's interaction is answered after it, within Discord's 3 seconds.
+FIND_AGAIN_SECONDS = 1.5
 # The ✏️ Edit form's custom_id: the job it edits and its key, as on the job's buttons.
 EDIT_FORM = re.compile(r"kontext:form:(?P<job_id>[0-9]+)(?::(?P<key>[0-9a-f]+))?")
 
@@ -81,6 +85,22 @@ def image_attachments(message: discord.Message | None) -> list[discord.Attachmen
     return [a for a in (message.attachments if message else []) if is_image_attachment(a)]
 
 
+async def fetch_result_attachments(bot: KontextBot, job: Job) -> list[discord.Attachment]:
+    """The images on the messages that show the job's result, fetched again (with URLs Discord
+    signs afresh) where the bot can read them: not where only the member's interaction could post.
+    Messages deleted are skipped; discord.Forbidden where the bot may not read the channel's
+    history (its role, the channel's overwrites): the result is there, unread."""
+    if not job.place.bot_can_post:
+        return []
+    channel = bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+    found: list[discord.Attachment] = []
+    for message_id in job.posted_message_ids:
+        with contextlib.suppress(discord.NotFound):
+            message = await channel.fetch_message(message_id)
+            found += [a for a in message.attachments if is_image_attachment(a)]
+    return found
+
+
 # -- what each button does --------------------------------------------------------------------
 
 
@@ -109,13 +129,39 @@ async def cancel_job(interaction: Interaction, job: Job) -> None:
 
 async def reroll_job(interaction: Interaction, job: Job) -> None:
     """Same inputs, a new seed, as a new reply."""
-    await interaction.client.intake.start(interaction, job.edit.with_options(seed=None), parent_job_id=job.id)
+    edit = await inputs_found_again(interaction.client, job)
+    await interaction.client.intake.start(interaction, edit.with_options(seed=None), parent_job_id=job.id)
 
 
 async def retry_job(interaction: Interaction, job: Job) -> None:
     """A failed job made nothing to vary: the same job again, as the member asked for it, the
     seed they chose included."""
-    await interaction.client.intake.start(interaction, job.edit, parent_job_id=job.id)
+    edit = await inputs_found_again(interaction.client, job)
+    await interaction.client.intake.start(interaction, edit, parent_job_id=job.id)
+
+
+async def inputs_found_again(bot: KontextBot, job: Job) -> KontextEdit:
+    """The job's edit, with the copies of its inputs that no longer last (older than their
+    lifetime at fal) found again where the bot can: a job built on a result (✏️ Edit, and the
+    re-rolls of it, which share its inputs) edits one of that result's images, which the bot
+    reads again from the result's message if it is still there. Looked for briefly, as the
+    member's interaction is answered after it; copies not found are refused by the intake."""
+
+    async def images_of_the_result_edited() -> list[str]:
+        source = job
+        while source.parent_job_id is not None:
+            parent = await bot.store.get_job(source.parent_job_id)
+            if parent is None:
+                break
+            if parent.edit.image_urls != source.edit.image_urls:  # `source` edited `parent`'s result
+                try:
+                    return [a.url for a in await fetch_result_attachments(bot, parent)]
+                except discord.HTTPException:
+                    break
+            source = parent
+        return []
+
+    return await bot.runner.inputs_found_again(job.edit, images_of_the_result_edited, within=FIND_AGAIN_SECONDS)
 
 
 async def edit_job(interaction: Interaction, job: Job) -> None:

@@ -18,6 +18,7 @@ import io
 import logging
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 import yarl
@@ -204,6 +205,43 @@ class InputStager:
         self._max_mb = max_bytes // (1024 * 1024)
         self._backoff = backoff
 
+    async def _lasts(self, url: str, now: float) -> bool:
+        """Whether an earlier copy at fal can still be used (see `check_lasting`)."""
+        return await self._store.staged_url_lasts(url, now=now + REUSE_MARGIN_SECONDS)
+
+    async def found_again(
+        self, edit: KontextEdit, candidates: Callable[[], Awaitable[Sequence[str]]], *, deadline: float
+    ) -> KontextEdit:
+        """`edit` with each earlier copy at fal that no longer lasts replaced by the one of
+        `candidates()` (Discord links to where the pictures came from, signed afresh; asked for
+        only when a copy is missing) that holds the very same bytes, for `stage` to copy again.
+        Copies none of them holds are left as they are (`check_lasting` refuses them); a
+        candidate Discord no longer serves is skipped."""
+        now = time.time()
+        wanted: dict[str, str] = {}  # the picture's key -> its copy that no longer lasts
+        for url in edit.image_urls:
+            if url.startswith("data:") or hosted_on(url, self._discord_hosts) or await self._lasts(url, now):
+                continue
+            source = await self._store.staged_source(url)
+            if source is not None:
+                wanted[source] = url
+        if not wanted:
+            return edit
+        found: dict[str, str] = {}  # the copy that no longer lasts -> a fresh Discord link
+        for candidate in await candidates():
+            if not wanted:
+                break
+            if not hosted_on(candidate, self._discord_hosts):
+                continue
+            try:
+                data = await self._fetch(candidate, _shown_name(candidate), deadline)
+            except (InputUnavailable, InputRejected):
+                continue
+            copy = wanted.pop(await asyncio.to_thread(_copy_key, data), None)
+            if copy is not None:
+                found[copy] = candidate
+        return dataclasses.replace(edit, image_urls=tuple(found.get(url, url) for url in edit.image_urls))
+
     async def check_lasting(self, edit: KontextEdit) -> None:
         """Raise InputExpired if an earlier copy at fal among `edit`'s inputs (a Re-roll's, a
         Try again's) does not last long enough to be used (REUSE_MARGIN_SECONDS, as for reusing
@@ -212,7 +250,6 @@ class InputStager:
         is fetched at once by `stage`, so it only needs to be still signed: one past its expiry
         is refused too, before anything is acknowledged, as Discord no longer serves it."""
         now = time.time()
-        lasting_past = now + REUSE_MARGIN_SECONDS
         several = len(edit.image_urls) > 1
         for number, url in enumerate(edit.image_urls, start=1):
             if url.startswith("data:"):
@@ -221,7 +258,7 @@ class InputStager:
                 if url_expired(url, now):
                     raise InputExpired(_DISCORD_LINK_GONE, name=_shown_name(url))
                 continue
-            if not await self._store.staged_url_lasts(url, now=lasting_past):
+            if not await self._lasts(url, now):
                 days = INPUT_LIFETIME_SECONDS // 86400
                 if several:
                     raise InputExpired(

@@ -199,6 +199,18 @@ class JobRunner:
         input that no longer lasts (see InputStager.check_lasting)."""
         await self._inputs.check_lasting(edit)
 
+    async def inputs_found_again(
+        self, edit: KontextEdit, candidates: Callable[[], Awaitable[Sequence[str]]], *, within: float
+    ) -> KontextEdit:
+        """`edit` with its copies that no longer last replaced by the same pictures among
+        `candidates()`, looked for `within` seconds (see InputStager.found_again)."""
+        deadline = asyncio.get_running_loop().time() + within
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._inputs.found_again(edit, candidates, deadline=deadline)
+        except TimeoutError:
+            return edit
+
     async def accept(self, request: JobRequest) -> Job:
         """Record a new job before anything is spent, within an `admission`; `start` drives it
         once its reply exists."""

@@ -1044,6 +1044,12 @@ class Store(abc.ABC):
         sql = "SELECT 1 FROM staged_inputs WHERE url = :url AND expires_at > :now"
         return bool(await self._fetch(sql, {"url": url, "now": now}))
 
+    async def staged_source(self, url: str) -> str | None:
+        """What a durable copy made for an earlier job was made of (see `staged_input`), lasting
+        or not; None once a newer copy of the same picture replaced it."""
+        rows = await self._fetch("SELECT source FROM staged_inputs WHERE url = :url", {"url": url})
+        return str(rows[0]["source"]) if rows else None
+
     async def record_staged_input(self, source: str, url: str, *, expires_at: float) -> None:
         await self._execute(
             "INSERT INTO staged_inputs (source, url, expires_at) VALUES (:source, :url, :expires) "

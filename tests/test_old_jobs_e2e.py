@@ -103,3 +103,46 @@ async def test_try_again_of_a_job_whose_discord_link_expired_is_refused_at_once(
         "Discord no longer has `input.png` (the link expired or the message is gone). Please attach the image again."
     )
     assert world.fal.count("submit") == 0
+
+
+async def edit_of_a_result_a_month_old(world):
+    """A result the bot made, then an ✏️ Edit of it; then 31 days pass: fal deleted the copy of
+    the result's image the edit was sent from. Returns the result, the edit and that copy."""
+    world.fal.fetch_inputs = True
+    world.fal.default = JobScript(image_size=150_000)  # past the inline size: uploaded to fal's storage
+    await world.start_bot()
+    made = await finished(await world.kontext(prompt="a lighthouse", image=None))
+    form = await world.discord.click_button(made.id, button(made, "edit"))
+    await form.wait_for_callback()
+    edited = await finished(await world.discord.submit_modal(form, {"prompt": "add snow"}))
+    assert text(edited).startswith("✅")
+    (old_copy,) = world.fal.uploads
+    age_staged_inputs(world, 31 * 86400)
+    world.fal.expire_uploads()
+    world.discord.advance_cdn_clock(31 * 86400)
+    return made, edited, old_copy
+
+
+async def test_a_reroll_of_an_edit_of_a_result_whose_copy_expired_copies_the_result_again(world):
+    """The result's message is still there: the bot reads it again and copies the same picture
+    afresh, and a re-roll of that re-roll uses the new copy."""
+    _, edited, old_copy = await edit_of_a_result_a_month_old(world)
+    again = await finished(await world.discord.click_button(edited.id, button(edited, "reroll")))
+    assert text(again).startswith("✅"), text(again)
+    fresh_copy = world.fal.uploads[-1]
+    assert fresh_copy.data == old_copy.data and fresh_copy.url != old_copy.url
+    assert world.fal.submits[-1]["image_url"] == fresh_copy.url
+    again_again = await finished(await world.discord.click_button(again.id, button(again, "reroll")))
+    assert text(again_again).startswith("✅")
+    assert world.fal.uploads[-1] is fresh_copy and world.fal.submits[-1]["image_url"] == fresh_copy.url
+
+
+async def test_a_reroll_of_an_edit_of_a_result_deleted_since_is_refused_at_once(world):
+    made, edited, _ = await edit_of_a_result_a_month_old(world)
+    world.discord.messages[made.id].deleted = True
+    again = await world.discord.click_button(edited.id, button(edited, "reroll"))
+    await again.wait_for_callback()
+    assert private_answer(again) == (
+        "The bot no longer has the image of this job (it keeps copies for 30 days). Please attach the image again."
+    )
+    assert world.fal.count("submit") == 2
