@@ -212,32 +212,43 @@ class InputStager:
     async def found_again(
         self, edit: KontextEdit, candidates: Callable[[], Awaitable[Sequence[str]]], *, deadline: float
     ) -> KontextEdit:
-        """`edit` with each earlier copy at fal that no longer lasts replaced by the one of
+        """`edit` with each input that can no longer be used replaced by the one of
         `candidates()` (Discord links to where the pictures came from, signed afresh; asked for
-        only when a copy is missing) that holds the very same bytes, for `stage` to copy again.
-        Copies none of them holds are left as they are (`check_lasting` refuses them); a
-        candidate Discord no longer serves is skipped."""
+        only when an input is missing) that holds the same picture, for `stage` to copy: for an
+        earlier copy at fal that no longer lasts, the candidate with the very same bytes; for a
+        Discord link past its expiry (a job that failed before its copy was made), the same
+        attachment signed afresh. Inputs none of them holds are left as they are
+        (`check_lasting` refuses them); a candidate Discord no longer serves is skipped."""
         now = time.time()
-        wanted: dict[str, str] = {}  # the picture's key -> its copy that no longer lasts
+        copies: dict[str, str] = {}  # the picture's key -> its copy that no longer lasts
+        links: dict[str, str] = {}  # the attachment (its link's path) -> its link past its expiry
         for url in edit.image_urls:
-            if url.startswith("data:") or hosted_on(url, self._discord_hosts) or await self._lasts(url, now):
+            if url.startswith("data:"):
                 continue
-            source = await self._store.staged_source(url)
-            if source is not None:
-                wanted[source] = url
-        if not wanted:
+            if hosted_on(url, self._discord_hosts):
+                if url_expired(url, now):
+                    links[yarl.URL(url).path] = url
+            elif not await self._lasts(url, now):
+                source = await self._store.staged_source(url)
+                if source is not None:
+                    copies[source] = url
+        if not copies and not links:
             return edit
-        found: dict[str, str] = {}  # the copy that no longer lasts -> a fresh Discord link
+        found: dict[str, str] = {}  # the input that can no longer be used -> a fresh Discord link
         for candidate in await candidates():
-            if not wanted:
-                break
             if not hosted_on(candidate, self._discord_hosts):
+                continue
+            link = links.pop(yarl.URL(candidate).path, None)
+            if link is not None:
+                found[link] = candidate
+                continue
+            if not copies:
                 continue
             try:
                 data = await self._fetch(candidate, _shown_name(candidate), deadline)
             except (InputUnavailable, InputRejected):
                 continue
-            copy = wanted.pop(await asyncio.to_thread(_copy_key, data), None)
+            copy = copies.pop(await asyncio.to_thread(_copy_key, data), None)
             if copy is not None:
                 found[copy] = candidate
         return dataclasses.replace(edit, image_urls=tuple(found.get(url, url) for url in edit.image_urls))

@@ -11,7 +11,7 @@ import time
 import urllib.parse
 
 from fakes.fal_fake import JobScript, make_image
-from tests.e2e import button, finished, private_answer, text
+from tests.e2e import attachment_bytes, button, finished, private_answer, text
 
 
 def age_staged_inputs(world, seconds: float) -> None:
@@ -146,3 +146,26 @@ async def test_a_reroll_of_an_edit_of_a_result_deleted_since_is_refused_at_once(
         "The bot no longer has the image of this job (it keeps copies for 30 days). Please attach the image again."
     )
     assert world.fal.count("submit") == 2
+
+
+async def test_try_again_of_an_edit_of_a_result_whose_discord_link_expired_reads_the_result_again(world):
+    """An ✏️ Edit that failed before its copy was made keeps the result's Discord link; once that
+    expired, Try again reads the result's message again for the same image, signed afresh."""
+    world.fal.default = JobScript(image_size=150_000)  # past the inline size: uploaded to fal's storage
+    world.discord.upload_url_lifetime = 2  # seconds, on the clocks of both Discord and the bot
+    await world.start_bot()
+    made = await finished(await world.kontext(prompt="a lighthouse", image=None))
+    form = await world.discord.click_button(made.id, button(made, "edit"))
+    await form.wait_for_callback()
+    for op in ("storage_token", "storage_initiate"):
+        world.fal.fail_next(op, 500, times=3)
+    failed = await finished(await world.discord.submit_modal(form, {"prompt": "add snow"}))
+    assert text(failed).startswith("❌ The image could not be handed to fal.ai")
+    link = made.attachments[0]["url"]
+    expires = int(urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["ex"][0], 16)
+    await asyncio.sleep(max(0.0, expires - time.time()) + 1.05)  # every link signed by then expired
+    again = await finished(await world.discord.click_button(failed.id, button(failed, "retry")))
+    assert text(again).startswith("✅"), text(again)
+    (upload,) = world.fal.uploads
+    assert upload.data == attachment_bytes(world, made.attachments[0])
+    assert world.fal.submits[-1]["image_url"] == upload.url
