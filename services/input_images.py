@@ -66,6 +66,7 @@ class InputExpired(InputUnavailable):
 
 
 _DISCORD_LINK_GONE = N_("Discord no longer has `{name}` (the link expired or the message is gone).")
+_NOT_FETCHED = N_("`{name}` could not be fetched from Discord right now.")
 
 
 def _shown_name(url: str) -> str:
@@ -315,9 +316,13 @@ class InputStager:
 
     async def _fetch(self, url: str, name: str, deadline: float) -> bytes:
         async def attempt() -> bytes:
-            async with self._session.get(url) as response:
+            # Not followed: a redirect could lead anywhere, the operator's own network included.
+            async with self._session.get(url, allow_redirects=False) as response:
                 if response.status in (403, 404, 410):
                     raise InputUnavailable(_DISCORD_LINK_GONE, name=name)
+                if 300 <= response.status < 400:
+                    log.warning("an input image's download was redirected; the redirect is not followed")
+                    raise InputUnavailable(_NOT_FETCHED, name=name)
                 if response.status >= 300:
                     raise aiohttp.ClientResponseError(response.request_info, (), status=response.status)
                 if (response.content_length or 0) > self._max_bytes:
@@ -343,7 +348,7 @@ class InputStager:
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("could not fetch an input image from Discord: %s", describe_error(exc))
-            raise InputUnavailable(N_("`{name}` could not be fetched from Discord right now."), name=name) from None
+            raise InputUnavailable(_NOT_FETCHED, name=name) from None
         return data
 
 
