@@ -147,6 +147,8 @@ class KontextBot(commands.AutoShardedBot):
             else None
         )
         self._max_concurrency: int | None = None
+        # Held while leaving a server outside ALLOWED_GUILD_IDS (see _leave_unless_allowed).
+        self._leaving = asyncio.Lock()
 
     async def setup_hook(self) -> None:
         # Result buttons are posted by the presenter whichever command started the job; the
@@ -247,11 +249,13 @@ class KontextBot(commands.AutoShardedBot):
             problems.append(why)
         return HealthReport({"discord": gateway, "database": store, "fal": fal}, problems)
 
-    async def on_ready(self) -> None:
-        for guild in self.guilds:
-            await self._leave_unless_allowed(guild)
-
     async def on_guild_join(self, guild: discord.Guild) -> None:
+        await self._leave_unless_allowed(guild)
+
+    async def on_guild_available(self, guild: discord.Guild) -> None:
+        """Every server a READY lists comes as available (at start-up, and when one shard of
+        several identifies again alone, for which discord.py dispatches no on_ready), one that
+        added the bot while its shard had no session included."""
         await self._leave_unless_allowed(guild)
 
     async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
@@ -262,10 +266,13 @@ class KontextBot(commands.AutoShardedBot):
 
     async def _leave_unless_allowed(self, guild: discord.Guild) -> None:
         """With ALLOWED_GUILD_IDS set, a server outside it (anyone can add a public bot, and the
-        operator pays for its jobs) is left at once."""
+        operator pays for its jobs) is left at once. One at a time: each server of a READY
+        comes as its own event, and a bot in thousands outside the list would otherwise send a
+        request for each of them at once, far past Discord's global limit (50 a second)."""
         if not self.settings.serves_guild(guild.id):
-            log.warning("leaving guild %d: it is not in ALLOWED_GUILD_IDS", guild.id)
-            await guild.leave()
+            async with self._leaving:
+                log.warning("leaving guild %d: it is not in ALLOWED_GUILD_IDS", guild.id)
+                await guild.leave()
 
     async def close(self) -> None:
         """Stop taking jobs, leave running ones resumable, and close the Discord connection (the

@@ -5,6 +5,7 @@ real bot: nothing leaked, nothing stuck, nothing billed twice, nothing posted wh
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import sqlite3
@@ -316,3 +317,39 @@ async def test_the_operators_monthly_budget_binds_every_server(world):
     handle = await world.kontext(user="mod")
     await handle.wait_for_callback()
     assert "The bot's monthly budget of $0.16 would be exceeded" in private_answer(handle)
+
+
+async def test_a_server_added_while_a_shard_identifies_again_is_left_too(world):
+    """With several shards, one shard whose session Discord invalidated IDENTIFYs again alone: a
+    server outside ALLOWED_GUILD_IDS that added the bot meanwhile comes only in that shard's new
+    READY (then its GUILD_CREATE, as "available"), not as a join, and discord.py dispatches no
+    on_ready for one shard of several. It is left all the same."""
+    fake = world.discord
+    fake.shard_count = 2  # GET /gateway/bot recommends two shards
+    fake.enforce_identify_limit = False  # discord.py's own 5 s pacing is not what this is about
+    # After op 9 discord.py connects to DEFAULT_GATEWAY (wss://gateway.discord.gg): here instead.
+    await world.start_bot(ALLOWED_GUILD_IDS=fake.guild_id, DISCORD_GATEWAY_URL=fake.gateway_url)
+    await fake.wait_until(lambda: fake.identify_count == 2, timeout=20)
+    other = 1 - fake.shard_for(fake.default_guild)
+    await fake.invalidate_session(shard=other)
+    await fake.wait_until(lambda: fake._route(None, shard=other) is None)
+    stranger = fake.add_guild("Stranger", shard=(other, 2))  # no session for its shard: READY lists it
+    await fake.wait_until(lambda: fake.identify_count == 3, timeout=20)
+    await fake.wait_until(lambda: stranger.bot_left, timeout=10)
+    assert not fake.default_guild.bot_left
+
+
+async def test_servers_outside_the_allowlist_are_left_one_at_a_time(world):
+    """Each server a READY lists comes as its own event: a bot in many servers outside
+    ALLOWED_GUILD_IDS (a public bot given the list later) leaves them one request after the
+    other, not all at once against Discord's global limit of 50 requests a second."""
+    fake = world.discord
+    strangers = [fake.add_guild(f"Stranger {n}") for n in range(3)]
+    fake.fail_next("DELETE", r"^/users/@me/guilds/", status="slow", delay=0.3, times=len(strangers))
+    await world.start_bot(ALLOWED_GUILD_IDS=fake.guild_id)
+    await fake.wait_until(lambda: all(g.bot_left for g in strangers), timeout=10)
+    arrivals = [r.time for r in fake.requests if r.method == "DELETE" and r.path.startswith("/users/@me/guilds/")]
+    assert len(arrivals) == len(strangers)
+    # each sent once Discord answered the one before (0.3 s after it arrived)
+    assert all(later - earlier >= 0.3 for earlier, later in itertools.pairwise(arrivals)), arrivals
+    assert not fake.default_guild.bot_left
