@@ -231,7 +231,7 @@ class Admin(
         server = server_texts(self.bot, interaction.guild_id)
         policy = await self.bot.store.policy(interaction.guild_id)
         line = server(template, moderator=interaction.user.mention, name=plain_text(name, MAX_RECIPE_NAME))
-        await post_to_log_channel(self.bot, policy, line)
+        await post_to_log_channel(self.bot, interaction.guild_id, policy, line)
 
     # -- changing -----------------------------------------------------------------------------
 
@@ -350,7 +350,9 @@ class Admin(
         await interaction.response.send_message(_change_text(changed, old, new, _), ephemeral=True)
         server = server_texts(self.bot, interaction.guild_id)
         heading = server(POLICY_CHANGED, moderator=interaction.user.mention)
-        await post_to_log_channel(self.bot, new, f"{heading}\n{_change_text(changed, old, new, server)}")
+        await post_to_log_channel(
+            self.bot, interaction.guild_id, new, f"{heading}\n{_change_text(changed, old, new, server)}"
+        )
 
 
 def _fair_shares(lengths: list[int], room: int) -> list[int]:

@@ -53,6 +53,7 @@ from .render import Rendered, attachment_name, job_log_line, pack_files, render
 from .translation import server_texts
 from .views import (
     MAX_GALLERY_ITEMS,
+    cached_channel,
     image_attachments,
     job_view,
     may_post_images,
@@ -337,7 +338,7 @@ class DiscordPresenter:
             log.warning("job %d: no log line (the server's policy could not be read: %s)", job.id, describe_error(exc))
             return
         await post_to_log_channel(
-            self._bot, policy, job_log_line(job, server_texts(self._bot, guild_id, job.guild_locale))
+            self._bot, guild_id, policy, job_log_line(job, server_texts(self._bot, guild_id, job.guild_locale))
         )
 
     async def _show(self, job: Job, progress: DeliveryProgress) -> None:
@@ -472,7 +473,9 @@ class DiscordPresenter:
         reference: discord.MessageReference | None = None
         mentions = discord.AllowedMentions.none()
         if place.in_channel:
-            channel = self._bot.get_channel(job.channel_id) or await self._bot.fetch_channel(job.channel_id)
+            channel = cached_channel(self._bot, job.guild_id, job.channel_id) or await self._bot.fetch_channel(
+                job.channel_id
+            )
             lead = f"<@{job.user_id}>"
             mentions = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
             if job.message_id and place.as_reply:
@@ -534,7 +537,7 @@ class DiscordPresenter:
         (message.mdx, Create Message: replies need READ_MESSAGE_HISTORY)."""
         if not job.posts_late_in_channel:
             return LatePlace(in_channel=False, as_reply=False)
-        channel = self._bot.get_channel(job.channel_id)
+        channel = cached_channel(self._bot, job.guild_id, job.channel_id)
         permissions = own_permissions(channel)
         if permissions is None:
             return LatePlace(in_channel=True, as_reply=True)  # not in the cache: Discord decides

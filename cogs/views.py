@@ -58,6 +58,15 @@ def moderates(permissions: discord.Permissions) -> bool:
     return permissions.manage_messages or permissions.manage_guild
 
 
+def cached_channel(bot: discord.Client, guild_id: int | None, channel_id: int) -> object | None:
+    """A channel or thread from discord.py's cache, looked up in its server: `Client.get_channel`
+    searches every server the bot is in, a cost that grows with them (0.5 ms at 2,500)."""
+    if guild_id is None:
+        return bot.get_channel(channel_id)  # a DM: found before any server is searched
+    guild = bot.get_guild(guild_id)
+    return guild.get_channel_or_thread(channel_id) if guild is not None else None
+
+
 def own_permissions(channel: object) -> discord.Permissions | None:
     """The bot's own permissions in a server channel, as Discord last sent them (its roles and
     the channel's overwrites); None where the bot's cache cannot tell."""
@@ -286,7 +295,7 @@ async def _channel_of(bot: KontextBot, job: Job) -> ServerChannel:
     fetched; Discord refuses (403) a private thread the bot was never added to, whose members
     alone see it, and any channel of a server the bot has left."""
     try:
-        channel = bot.get_channel(job.channel_id) or await bot.fetch_channel(job.channel_id)
+        channel = cached_channel(bot, job.guild_id, job.channel_id) or await bot.fetch_channel(job.channel_id)
     except discord.Forbidden:
         raise UserFacingError(
             N_(
