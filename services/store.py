@@ -116,6 +116,21 @@ _POSTGRES_IMAGE_RECOUNT = """
         """
 
 
+def _staged_copies_by_url(time_type: str) -> str:
+    """The durable copies of inputs keyed by their URL (each copy made), their picture indexed."""
+    return f"""
+        CREATE TABLE staged_copies (
+            url TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            expires_at {time_type} NOT NULL
+        );
+        INSERT INTO staged_copies (url, source, expires_at) SELECT url, source, expires_at FROM staged_inputs;
+        DROP TABLE staged_inputs;
+        ALTER TABLE staged_copies RENAME TO staged_inputs;
+        CREATE INDEX staged_inputs_source ON staged_inputs (source, expires_at);
+        """
+
+
 # Append-only: each entry upgrades the schema by one version, on either engine; never edit a
 # released one. SQLite's column types are affinities, so its first texts keep INTEGER and REAL;
 # PostgreSQL needs BIGINT for Discord's 64-bit ids and DOUBLE PRECISION for unix times.
@@ -429,6 +444,13 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
     """
     CREATE INDEX staged_inputs_url ON staged_inputs (url);
     """,
+    # Every copy made is kept, one row each, not only the newest of each picture: two jobs can
+    # upload the same picture at once (each misses the other's copy), and the first one's copy,
+    # which lasts at fal all the same, was otherwise forgotten and its job's Re-roll refused.
+    Dialects(
+        sqlite=_staged_copies_by_url("REAL"),
+        postgres=_staged_copies_by_url("DOUBLE PRECISION"),
+    ),
 )
 
 
@@ -1032,28 +1054,34 @@ class Store(abc.ABC):
             return max(wait, 0.0)
 
     async def staged_input(self, source: str, *, now: float) -> str | None:
-        """The durable copy of an input image made before, if it lasts past `now`."""
-        sql = "SELECT url FROM staged_inputs WHERE source = :source AND expires_at > :now"
+        """The durable copy of an input image made before that lasts longest, if it lasts past
+        `now`."""
+        sql = (
+            "SELECT url FROM staged_inputs WHERE source = :source AND expires_at > :now"
+            " ORDER BY expires_at DESC LIMIT 1"
+        )
         rows = await self._fetch(sql, {"source": source, "now": now})
         return str(rows[0]["url"]) if rows else None
 
     async def staged_url_lasts(self, url: str, *, now: float) -> bool:
-        """Whether `url`, a durable copy made for an earlier job, lasts past `now`. A copy
-        the store no longer lists was replaced by a newer upload of the same picture, made
-        because it was about to expire: it does not last."""
+        """Whether `url`, a durable copy made for an earlier job, lasts past `now`. A copy the
+        store does not list was not made by the bot (or before it kept them): it is not known to
+        last."""
         sql = "SELECT 1 FROM staged_inputs WHERE url = :url AND expires_at > :now"
         return bool(await self._fetch(sql, {"url": url, "now": now}))
 
     async def staged_source(self, url: str) -> str | None:
         """What a durable copy made for an earlier job was made of (see `staged_input`), lasting
-        or not; None once a newer copy of the same picture replaced it."""
+        or not; None for a copy the store does not list."""
         rows = await self._fetch("SELECT source FROM staged_inputs WHERE url = :url", {"url": url})
         return str(rows[0]["source"]) if rows else None
 
     async def record_staged_input(self, source: str, url: str, *, expires_at: float) -> None:
+        """Record a copy made of `source`; the copies made before of the same picture stay
+        listed, as their jobs are built on them until they expire."""
         await self._execute(
             "INSERT INTO staged_inputs (source, url, expires_at) VALUES (:source, :url, :expires) "
-            "ON CONFLICT (source) DO UPDATE SET url = excluded.url, expires_at = excluded.expires_at",
+            "ON CONFLICT (url) DO UPDATE SET source = excluded.source, expires_at = excluded.expires_at",
             {"source": source, "url": url, "expires": expires_at},
         )
 

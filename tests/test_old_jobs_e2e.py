@@ -169,3 +169,21 @@ async def test_try_again_of_an_edit_of_a_result_whose_discord_link_expired_reads
     (upload,) = world.fal.uploads
     assert upload.data == attachment_bytes(world, made.attachments[0])
     assert world.fal.submits[-1]["image_url"] == upload.url
+
+
+async def test_a_reroll_of_a_combination_of_one_picture_twice_is_sent_from_its_copies(world):
+    """The same picture attached twice (two files with the same bytes) is uploaded for both at
+    once: each copy lasts its lifetime at fal, and a Re-roll is sent from them, not refused."""
+    await world.start_bot()
+    data, width, height = make_image("png", 200_000, 64, 64)  # past the inline size: uploaded
+    photos = [
+        world.discord.add_cdn_file(data, name, "image/png", width=width, height=height)
+        for name in ("front.png", "again.png")
+    ]
+    first = await finished(await world.kontext(image=photos[0], image2=photos[1]))
+    assert text(first).startswith("✅")
+    press = await world.discord.click_button(first.id, button(first, "reroll"))
+    assert (await press.wait_for_callback())["type"] != 4, private_answer(press)
+    again = await finished(press)
+    assert text(again).startswith("✅"), text(again)
+    assert world.fal.submits[1]["image_urls"] == world.fal.submits[0]["image_urls"]

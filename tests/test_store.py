@@ -312,6 +312,9 @@ async def test_meta_and_staged_inputs_are_kept(new_store: Opener):
         assert await store.meta("synced") == "b" and await store.meta("other") is None
         assert await store.staged_input("cdn/x.png", now=NOW + 90) == "https://fal/y"
         assert await store.staged_input("cdn/x.png", now=NOW + 121) is None
+        # The first copy is still listed: a job built on it can use it until it expires.
+        assert await store.staged_url_lasts("https://fal/x", now=NOW + 30)
+        assert await store.staged_source("https://fal/x") == "cdn/x.png"
 
 
 async def test_an_unreadable_row_is_closed_at_the_next_start(new_store: Opener):
