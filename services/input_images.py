@@ -74,6 +74,12 @@ def _shown_name(url: str) -> str:
     return (yarl.URL(url).name or "image").replace("`", "'")
 
 
+def _earlier_copy_key(url: str) -> str:
+    """What versions before `_copy_key` recorded a copy by: the attachment's address without its
+    signature. Such copies last up to INPUT_LIFETIME_SECONDS after those versions ran."""
+    return str(yarl.URL(url).with_query(None).with_fragment(None))
+
+
 def _copy_key(data: bytes) -> str:
     """What an upload of `data` is found again by: its bytes, not the address they came from.
     The same attachment comes with a new signature (`ex`, `is`, `hm`) each time Discord hands it
@@ -216,9 +222,9 @@ class InputStager:
         """`edit` with each input that can no longer be used replaced by the one of
         `candidates()` (Discord links to where the pictures came from, signed afresh; asked for
         only when an input is missing) that holds the same picture, for `stage` to copy: for an
-        earlier copy at fal that no longer lasts, the candidate with the very same bytes; for a
-        Discord link past its expiry (a job that failed before its copy was made), the same
-        attachment signed afresh. Inputs none of them holds are left as they are
+        earlier copy at fal that no longer lasts, the candidate with the very same bytes (the
+        same attachment, for a copy recorded by `_earlier_copy_key`); for a Discord link past its
+        expiry (a job that failed before its copy was made), the same attachment signed afresh. Inputs none of them holds are left as they are
         (`check_lasting` refuses them); a candidate Discord no longer serves is skipped."""
         now = time.time()
         copies: dict[str, str] = {}  # the picture's key -> its copy that no longer lasts
@@ -239,9 +245,10 @@ class InputStager:
         for candidate in await candidates():
             if not hosted_on(candidate, self._discord_hosts):
                 continue
-            link = links.pop(yarl.URL(candidate).path, None)
-            if link is not None:
-                found[link] = candidate
+            # The same attachment: a link past its expiry, or a copy an earlier version recorded.
+            same = links.pop(yarl.URL(candidate).path, None) or copies.pop(_earlier_copy_key(candidate), None)
+            if same is not None:
+                found[same] = candidate
                 continue
             if not copies:
                 continue

@@ -187,3 +187,16 @@ async def test_a_reroll_of_a_combination_of_one_picture_twice_is_sent_from_its_c
     again = await finished(press)
     assert text(again).startswith("✅"), text(again)
     assert world.fal.submits[1]["image_urls"] == world.fal.submits[0]["image_urls"]
+
+
+async def test_a_reroll_of_an_edit_whose_copy_an_earlier_version_recorded_copies_the_result_again(world):
+    """Versions before the copies were keyed by their bytes recorded them by the attachment's
+    link without its signature: such a copy that expired is found again on the result as well."""
+    made, edited, old_copy = await edit_of_a_result_a_month_old(world)
+    link = made.attachments[0]["url"]
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.execute("UPDATE staged_inputs SET source = ?", (link.split("?", 1)[0],))
+    again = await finished(await world.discord.click_button(edited.id, button(edited, "reroll")))
+    assert text(again).startswith("✅"), text(again)
+    fresh_copy = world.fal.uploads[-1]
+    assert fresh_copy.data == old_copy.data and world.fal.submits[-1]["image_url"] == fresh_copy.url
