@@ -17,7 +17,7 @@ import discord
 from services.fal_queue import FalError
 from services.flux_kontext import KontextEdit
 from services.i18n import N_, texts
-from services.job import NOTE_SHARED_AS, Job, ResultImage
+from services.job import NOTE_SHARED_AS, Job, JobState, ResultImage
 from services.runner import CancelOutcome
 
 from .errors import UserFacingError, place_of, report, tell
@@ -162,7 +162,9 @@ async def inputs_found_again(bot: KontextBot, job: Job) -> KontextEdit:
             parent = await bot.store.get_job(source.parent_job_id)
             if parent is None:
                 break
-            if parent.edit.image_urls != source.edit.image_urls:  # `source` edited `parent`'s result
+            # `source` edited `parent`'s result, rather than repeating `parent` (a Re-roll, a Try
+            # again, which may have made copies of their own): only a result has ✏️ Edit.
+            if parent.state is JobState.SUCCEEDED and not await bot.runner.same_inputs(parent.edit, source.edit):
                 try:
                     return [a.url for a in await fetch_result_attachments(bot, parent)]
                 except discord.HTTPException:

@@ -261,6 +261,18 @@ class InputStager:
                 found[copy] = candidate
         return dataclasses.replace(edit, image_urls=tuple(found.get(url, url) for url in edit.image_urls))
 
+    async def same_pictures(self, one: KontextEdit, other: KontextEdit) -> bool:
+        """Whether two edits are built on the same pictures: the same inputs, or copies made of
+        the same pictures (a Re-roll whose copy was found again, `found_again`, made its own)."""
+        if len(one.image_urls) != len(other.image_urls):
+            return False
+        for url, other_url in zip(one.image_urls, other.image_urls, strict=True):
+            if url != other_url:
+                source = await self._store.staged_source(url)
+                if source is None or source != await self._store.staged_source(other_url):
+                    return False
+        return True
+
     async def check_lasting(self, edit: KontextEdit) -> None:
         """Raise InputExpired if an earlier copy at fal among `edit`'s inputs (a Re-roll's, a
         Try again's) does not last long enough to be used (REUSE_MARGIN_SECONDS, as for reusing

@@ -199,6 +199,10 @@ class JobRunner:
         input that no longer lasts (see InputStager.check_lasting)."""
         await self._inputs.check_lasting(edit)
 
+    async def same_inputs(self, one: KontextEdit, other: KontextEdit) -> bool:
+        """Whether two edits are built on the same pictures (see InputStager.same_pictures)."""
+        return await self._inputs.same_pictures(one, other)
+
     async def inputs_found_again(
         self, edit: KontextEdit, candidates: Callable[[], Awaitable[Sequence[str]]], *, within: float
     ) -> KontextEdit:

@@ -200,3 +200,52 @@ async def test_a_reroll_of_an_edit_whose_copy_an_earlier_version_recorded_copies
     assert text(again).startswith("✅"), text(again)
     fresh_copy = world.fal.uploads[-1]
     assert fresh_copy.data == old_copy.data and world.fal.submits[-1]["image_url"] == fresh_copy.url
+
+
+async def test_a_reroll_of_a_reroll_that_copied_the_result_again_does_so_once_more_a_month_on(world):
+    """The re-roll that copied the result afresh is still a re-roll of the edit: once its own
+    copy expired too, its re-roll reads the same result again rather than being refused."""
+    world.fal.fetch_inputs = True
+    world.fal.default = JobScript(image_size=150_000)  # past the inline size: uploaded to fal's storage
+    await world.start_bot()
+    made = await finished(await world.kontext(prompt="a lighthouse", image=None))
+    world.fal.default = JobScript(image_size=160_000)  # the edits make other pictures
+    form = await world.discord.click_button(made.id, button(made, "edit"))
+    await form.wait_for_callback()
+    edited = await finished(await world.discord.submit_modal(form, {"prompt": "add snow"}))
+    assert text(edited).startswith("✅")
+    for _ in range(2):  # a month on, each time
+        age_staged_inputs(world, 31 * 86400)
+        world.fal.expire_uploads()
+        world.discord.advance_cdn_clock(31 * 86400)
+        press = await world.discord.click_button(edited.id, button(edited, "reroll"))
+        assert (await press.wait_for_callback())["type"] != 4, private_answer(press)
+        edited = await finished(press)
+        assert text(edited).startswith("✅"), text(edited)
+    assert [upload.data for upload in world.fal.uploads] == [attachment_bytes(world, made.attachments[0])] * 3
+    assert world.fal.submits[-1]["image_url"] == world.fal.uploads[-1].url
+
+
+async def test_a_reroll_of_a_try_again_of_an_edit_a_month_on_copies_the_result_edited(world):
+    """A failed ✏️ Edit has no result of its own to have been edited: a Re-roll of its Try again,
+    once that one's copy expired, reads the result the edit was made on."""
+    world.fal.fetch_inputs = True
+    world.fal.default = JobScript(image_size=150_000)  # past the inline size: uploaded to fal's storage
+    await world.start_bot()
+    made = await finished(await world.kontext(prompt="a lighthouse", image=None))
+    world.fal.default = JobScript(image_size=160_000)  # the edits make other pictures
+    form = await world.discord.click_button(made.id, button(made, "edit"))
+    await form.wait_for_callback()
+    for op in ("storage_token", "storage_initiate"):
+        world.fal.fail_next(op, 500, times=3)
+    failed = await finished(await world.discord.submit_modal(form, {"prompt": "add snow"}))
+    assert text(failed).startswith("❌ The image could not be handed to fal.ai")
+    again = await finished(await world.discord.click_button(failed.id, button(failed, "retry")))
+    assert text(again).startswith("✅"), text(again)
+    age_staged_inputs(world, 31 * 86400)
+    world.fal.expire_uploads()
+    world.discord.advance_cdn_clock(31 * 86400)
+    press = await world.discord.click_button(again.id, button(again, "reroll"))
+    assert (await press.wait_for_callback())["type"] != 4, private_answer(press)
+    assert text(await finished(press)).startswith("✅")
+    assert [upload.data for upload in world.fal.uploads] == [attachment_bytes(world, made.attachments[0])] * 2
