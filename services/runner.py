@@ -441,7 +441,7 @@ class JobRunner:
             if reply is not None:
                 # Its buttons (Try again) act only on the job whose reply they are on.
                 job.message_id = reply
-                await self._store.save(job)
+                await self._store.set_closed_reply(job.id, reply)
             return
         handed_back = False
         while not job.state.is_final:

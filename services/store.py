@@ -854,6 +854,13 @@ class Store(abc.ABC):
         sql = "UPDATE jobs SET posted_image_urls = :urls WHERE id = :id AND delivered_at IS NOT NULL"
         await self._execute(sql, {"urls": json.dumps(list(urls)), "id": job_id})
 
+    async def set_closed_reply(self, job_id: int, message_id: int) -> None:
+        """The reply of a job closed before it learnt it (`JobRunner.abandon`), recorded once that
+        reply says so: the job is finished, so no process writes its row any more (nor holds it,
+        which `save` needs where several share the database)."""
+        sql = "UPDATE jobs SET message_id = :message WHERE id = :id AND delivered_at IS NOT NULL AND message_id IS NULL"
+        await self._execute(sql, {"message": message_id, "id": job_id})
+
     async def record_shown(self, message_id: int, job_id: int, *, channel_id: int, by_user: int, now: float) -> None:
         """A job's result was shown again as `message_id` ("Show here"): its buttons act on it."""
         await self._execute(

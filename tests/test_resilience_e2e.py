@@ -137,6 +137,25 @@ async def test_kill_while_discord_takes_the_acknowledgement_says_so_on_the_reply
     await still_serving(world)
 
 
+async def test_kill_while_discord_takes_the_acknowledgement_on_postgresql_try_again_works(world, database_url):
+    """As above, with the jobs in PostgreSQL, where a process writes only the jobs it holds: the
+    reply's id is recorded with the closed job all the same, so its Try again sends the edit."""
+    fake = world.discord
+    shared = {"DATABASE_URL": database_url, "INSTANCE_ID": "a"}
+    await world.start_bot(**shared)
+    fake.fail_next("POST", r"/interactions/\d+/[^/]+/callback$", status="slow", delay=1.0)
+    handle = await world.kontext()
+    await fake.wait_until(lambda: "accepted" in world.bot.log_text())
+    await restart(world, **shared)
+    await fake.wait_until(lambda: "abandoned before it started" in world.bot.log_text())
+    message = await finished(handle)
+    assert has_button(message, "retry"), message.components
+    again = await fake.click_button(message.id, button(message, "retry"), user="alice")
+    assert text(await finished(again)).startswith("✅"), again.callbacks
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
+
+
 async def test_an_acknowledgement_whose_connection_drops_closes_the_job_at_once(world):
     """The connection carrying the acknowledgement dropped (no HTTP answer at all, which
     discord.py raises as aiohttp's error, not as an HTTPException): the job is closed as
