@@ -224,8 +224,9 @@ class InputStager:
         only when an input is missing) that holds the same picture, for `stage` to copy: for an
         earlier copy at fal that no longer lasts, the candidate with the very same bytes (the
         same attachment, for a copy recorded by `_earlier_copy_key`); for a Discord link past its
-        expiry (a job that failed before its copy was made), the same attachment signed afresh. Inputs none of them holds are left as they are
-        (`check_lasting` refuses them); a candidate Discord no longer serves is skipped."""
+        expiry (a job that failed before its copy was made), the same attachment signed afresh.
+        Inputs none of them holds are left as they are (`check_lasting` refuses them); a
+        candidate Discord no longer serves is skipped."""
         now = time.time()
         copies: dict[str, str] = {}  # the picture's key -> its copy that no longer lasts
         links: dict[str, str] = {}  # the attachment (its link's path) -> its link past its expiry

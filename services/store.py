@@ -440,13 +440,10 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
         DELETE FROM monthly_images;"""
         + _POSTGRES_IMAGE_RECOUNT,
     ),
-    # An earlier job's durable input looked up by its URL, to tell whether it still lasts.
-    """
-    CREATE INDEX staged_inputs_url ON staged_inputs (url);
-    """,
-    # Every copy made is kept, one row each, not only the newest of each picture: two jobs can
-    # upload the same picture at once (each misses the other's copy), and the first one's copy,
-    # which lasts at fal all the same, was otherwise forgotten and its job's Re-roll refused.
+    # Every copy made is kept, one row each, looked up by its URL to tell whether an earlier
+    # job's input still lasts; not only the newest of each picture: two jobs can upload the same
+    # picture at once (each misses the other's copy), and the first one's copy, which lasts at
+    # fal all the same, was otherwise forgotten and its job's Re-roll refused.
     Dialects(
         sqlite=_staged_copies_by_url("REAL"),
         postgres=_staged_copies_by_url("DOUBLE PRECISION"),
