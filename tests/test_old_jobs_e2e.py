@@ -14,6 +14,13 @@ from fakes.fal_fake import JobScript, make_image
 from tests.e2e import attachment_bytes, button, finished, private_answer, text
 
 
+async def answer_to_pressing(world, message, action: str) -> str:
+    """The private answer a member gets for pressing the message's `action` button."""
+    pressed = await world.discord.click_button(message.id, button(message, action))
+    await pressed.wait_for_callback()
+    return private_answer(pressed)
+
+
 def age_staged_inputs(world, seconds: float) -> None:
     """Make the bot's record of its uploads `seconds` older (as if that long had passed)."""
     with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
@@ -25,13 +32,8 @@ async def test_a_reroll_of_a_job_whose_uploaded_input_expired_is_refused_at_once
     photo = world.input_image(size=200_000)  # past the inline size: uploaded to fal's storage
     first = await finished(await world.kontext(image=photo))
     assert text(first).startswith("✅")
-    # 31 days on: fal deleted the upload (its lifetime ran out), Discord's links expired.
-    age_staged_inputs(world, 31 * 86400)
-    world.fal.expire_uploads()
-    world.discord.advance_cdn_clock(31 * 86400)
-    again = await world.discord.click_button(first.id, button(first, "reroll"))
-    await again.wait_for_callback()
-    assert private_answer(again) == (
+    a_month_passes(world)
+    assert await answer_to_pressing(world, first, "reroll") == (
         "The bot no longer has the image of this job (it keeps copies for 30 days). Please attach the image again."
     )
     assert world.fal.count("submit") == 1  # the first job only
@@ -47,9 +49,7 @@ async def test_a_reroll_of_a_combination_names_the_one_image_whose_copy_expired(
     with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
         db.execute("UPDATE staged_inputs SET expires_at = ? WHERE url = ?", (time.time() - 60, second_copy))
     world.fal.expire_uploads(second_copy)
-    again = await world.discord.click_button(first.id, button(first, "reroll"))
-    await again.wait_for_callback()
-    assert private_answer(again) == (
+    assert await answer_to_pressing(world, first, "reroll") == (
         "The bot no longer has image 2 of this job (it keeps copies for 30 days). Please attach the image again."
     )
     assert world.fal.count("submit") == 1
@@ -97,29 +97,41 @@ async def test_try_again_of_a_job_whose_discord_link_expired_is_refused_at_once(
     assert text(failed).startswith("❌ The image could not be handed to fal.ai")
     expires = int(urllib.parse.parse_qs(urllib.parse.urlsplit(photo["url"]).query)["ex"][0], 16)
     await asyncio.sleep(max(0.0, expires - time.time()) + 0.05)
-    again = await world.discord.click_button(failed.id, button(failed, "retry"))
-    await again.wait_for_callback()
-    assert private_answer(again) == (
+    assert await answer_to_pressing(world, failed, "retry") == (
         "Discord no longer has `input.png` (the link expired or the message is gone). Please attach the image again."
     )
     assert world.fal.count("submit") == 0
 
 
-async def edit_of_a_result_a_month_old(world):
-    """A result the bot made, then an ✏️ Edit of it; then 31 days pass: fal deleted the copy of
-    the result's image the edit was sent from. Returns the result, the edit and that copy."""
-    world.fal.fetch_inputs = True
-    world.fal.default = JobScript(image_size=150_000)  # past the inline size: uploaded to fal's storage
-    await world.start_bot()
-    made = await finished(await world.kontext(prompt="a lighthouse", image=None))
-    form = await world.discord.click_button(made.id, button(made, "edit"))
-    await form.wait_for_callback()
-    edited = await finished(await world.discord.submit_modal(form, {"prompt": "add snow"}))
-    assert text(edited).startswith("✅")
-    (old_copy,) = world.fal.uploads
+def a_month_passes(world) -> None:
+    """31 days on: fal deleted the uploads (their lifetime ran out), Discord's links expired."""
     age_staged_inputs(world, 31 * 86400)
     world.fal.expire_uploads()
     world.discord.advance_cdn_clock(31 * 86400)
+
+
+async def a_result_and_its_edit_form(world, *, edits_make_other_pictures: bool = False):
+    """A result the bot made from a prompt alone (its image past the inline size, so edits of it
+    are uploaded to fal's storage), and the ✏️ Edit form opened on it: (result, form)."""
+    world.fal.fetch_inputs = True
+    world.fal.default = JobScript(image_size=150_000)
+    await world.start_bot()
+    made = await finished(await world.kontext(prompt="a lighthouse", image=None))
+    if edits_make_other_pictures:
+        world.fal.default = JobScript(image_size=160_000)
+    form = await world.discord.click_button(made.id, button(made, "edit"))
+    await form.wait_for_callback()
+    return made, form
+
+
+async def edit_of_a_result_a_month_old(world):
+    """A result the bot made, then an ✏️ Edit of it; then 31 days pass: fal deleted the copy of
+    the result's image the edit was sent from. Returns the result, the edit and that copy."""
+    made, form = await a_result_and_its_edit_form(world)
+    edited = await finished(await world.discord.submit_modal(form, {"prompt": "add snow"}))
+    assert text(edited).startswith("✅")
+    (old_copy,) = world.fal.uploads
+    a_month_passes(world)
     return made, edited, old_copy
 
 
@@ -140,9 +152,7 @@ async def test_a_reroll_of_an_edit_of_a_result_whose_copy_expired_copies_the_res
 async def test_a_reroll_of_an_edit_of_a_result_deleted_since_is_refused_at_once(world):
     made, edited, _ = await edit_of_a_result_a_month_old(world)
     world.discord.messages[made.id].deleted = True
-    again = await world.discord.click_button(edited.id, button(edited, "reroll"))
-    await again.wait_for_callback()
-    assert private_answer(again) == (
+    assert await answer_to_pressing(world, edited, "reroll") == (
         "The bot no longer has the image of this job (it keeps copies for 30 days). Please attach the image again."
     )
     assert world.fal.count("submit") == 2
@@ -205,19 +215,11 @@ async def test_a_reroll_of_an_edit_whose_copy_an_earlier_version_recorded_copies
 async def test_a_reroll_of_a_reroll_that_copied_the_result_again_does_so_once_more_a_month_on(world):
     """The re-roll that copied the result afresh is still a re-roll of the edit: once its own
     copy expired too, its re-roll reads the same result again rather than being refused."""
-    world.fal.fetch_inputs = True
-    world.fal.default = JobScript(image_size=150_000)  # past the inline size: uploaded to fal's storage
-    await world.start_bot()
-    made = await finished(await world.kontext(prompt="a lighthouse", image=None))
-    world.fal.default = JobScript(image_size=160_000)  # the edits make other pictures
-    form = await world.discord.click_button(made.id, button(made, "edit"))
-    await form.wait_for_callback()
+    made, form = await a_result_and_its_edit_form(world, edits_make_other_pictures=True)
     edited = await finished(await world.discord.submit_modal(form, {"prompt": "add snow"}))
     assert text(edited).startswith("✅")
     for _ in range(2):  # a month on, each time
-        age_staged_inputs(world, 31 * 86400)
-        world.fal.expire_uploads()
-        world.discord.advance_cdn_clock(31 * 86400)
+        a_month_passes(world)
         press = await world.discord.click_button(edited.id, button(edited, "reroll"))
         assert (await press.wait_for_callback())["type"] != 4, private_answer(press)
         edited = await finished(press)
@@ -229,22 +231,14 @@ async def test_a_reroll_of_a_reroll_that_copied_the_result_again_does_so_once_mo
 async def test_a_reroll_of_a_try_again_of_an_edit_a_month_on_copies_the_result_edited(world):
     """A failed ✏️ Edit has no result of its own to have been edited: a Re-roll of its Try again,
     once that one's copy expired, reads the result the edit was made on."""
-    world.fal.fetch_inputs = True
-    world.fal.default = JobScript(image_size=150_000)  # past the inline size: uploaded to fal's storage
-    await world.start_bot()
-    made = await finished(await world.kontext(prompt="a lighthouse", image=None))
-    world.fal.default = JobScript(image_size=160_000)  # the edits make other pictures
-    form = await world.discord.click_button(made.id, button(made, "edit"))
-    await form.wait_for_callback()
+    made, form = await a_result_and_its_edit_form(world, edits_make_other_pictures=True)
     for op in ("storage_token", "storage_initiate"):
         world.fal.fail_next(op, 500, times=3)
     failed = await finished(await world.discord.submit_modal(form, {"prompt": "add snow"}))
     assert text(failed).startswith("❌ The image could not be handed to fal.ai")
     again = await finished(await world.discord.click_button(failed.id, button(failed, "retry")))
     assert text(again).startswith("✅"), text(again)
-    age_staged_inputs(world, 31 * 86400)
-    world.fal.expire_uploads()
-    world.discord.advance_cdn_clock(31 * 86400)
+    a_month_passes(world)
     press = await world.discord.click_button(again.id, button(again, "reroll"))
     assert (await press.wait_for_callback())["type"] != 4, private_answer(press)
     assert text(await finished(press)).startswith("✅")

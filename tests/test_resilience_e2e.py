@@ -431,19 +431,26 @@ async def test_a_late_result_where_the_bot_may_not_read_history_is_posted_withou
     await still_serving(world)
 
 
+async def a_job_restarted_as_its_token_nears_its_end(world):
+    """A job in fal's line, the bot restarted as its reply's token has 90 s left (13.5 minutes
+    old, as the bot sees it); returns the job's interaction."""
+    await world.start_bot()
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    await world.bot.kill()
+    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:
+        db.execute("UPDATE jobs SET interaction_created_at = interaction_created_at - 810")
+    await world.start_bot()
+    return handle
+
+
 async def test_a_reply_about_to_lose_its_token_says_the_result_will_be_posted_in_the_channel(world):
     """A job still in line as its reply's 15 minutes end: the reply can show nothing after them
     (its queue position and start estimate stay as they were, the estimate soon "ago"), so it
     says in time that the result will be posted in the channel, and it is, replying to it."""
     world.fal.default = JobScript(queue_positions=(6, 5, 4, 3, 2, 1, 0), step=1.0)
     fake = world.discord
-    await world.start_bot()
-    handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "In queue"))
-    await world.bot.kill()
-    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:  # 13.5 minutes old, as the bot sees it
-        db.execute("UPDATE jobs SET interaction_created_at = interaction_created_at - 810")
-    await world.start_bot()
+    handle = await a_job_restarted_as_its_token_nears_its_end(world)
     await handle.wait_until(lambda h: shows(h, "the result will be posted in this channel"), timeout=10)
     assert shows(handle, "In queue")
     fake.age_interactions(16 * 60)
@@ -461,13 +468,7 @@ async def test_a_late_result_where_the_bot_may_not_post_comes_by_dm(world, denie
     world.fal.default = JobScript(queue_positions=(6, 5, 4, 3, 2, 1, 0), step=1.0)
     fake = world.discord
     fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=denied)
-    await world.start_bot()
-    handle = await world.kontext()
-    await handle.wait_until(lambda h: shows(h, "In queue"))
-    await world.bot.kill()
-    with sqlite3.connect(world.data_dir / "kontext.sqlite3") as db:  # 13.5 minutes old, as the bot sees it
-        db.execute("UPDATE jobs SET interaction_created_at = interaction_created_at - 810")
-    await world.start_bot()
+    handle = await a_job_restarted_as_its_token_nears_its_end(world)
     await handle.wait_until(lambda h: shows(h, "the result will come in a DM from the bot"), timeout=10)
     fake.age_interactions(16 * 60)
     await fake.wait_until(lambda: bot_posts(world), timeout=15)
