@@ -276,30 +276,30 @@ async def test_an_input_download_that_redirects_is_not_followed(world):
     address of their choosing. A redirect from one of them (a misconfigured proxy, a host
     listed in DISCORD_CDN_HOSTS that redirects) would take it anywhere, the operator's own network
     included: it is not followed, and the member is told the image could not be fetched."""
-    fetched_outside: list[str] = []
+    redirected_to: list[str] = []
 
-    async def outside(request: web.Request) -> web.Response:
-        fetched_outside.append(request.path)
+    async def target(request: web.Request) -> web.Response:
+        redirected_to.append(request.path)
         return web.Response(body=attachment_bytes(world, world.input_image()), content_type="image/png")
 
     async def redirecting(request: web.Request) -> web.Response:
-        raise web.HTTPFound(f"http://127.0.0.1:{outside_port}/internal/secret.png")
+        raise web.HTTPFound(f"http://127.0.0.1:{port}/internal/secret.png")  # any address would do
 
     app = web.Application()
-    app.router.add_get("/internal/secret.png", outside)
+    app.router.add_get("/internal/secret.png", target)
     app.router.add_get("/attachments/{name}", redirecting)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    outside_port = port = runner.addresses[0][1]
+    port = runner.addresses[0][1]
     try:
         await world.start_bot(DISCORD_CDN_HOSTS=f"127.0.0.1:{world.discord.port},127.0.0.1:{port}")
         photo = world.input_image()
         photo["url"] = photo["proxy_url"] = f"http://127.0.0.1:{port}/attachments/photo.png"
         message = await finished(await world.kontext(image=photo))
         assert "`photo.png` could not be fetched from Discord" in text(message), text(message)
-        assert fetched_outside == [] and world.fal.count("submit") == 0
+        assert redirected_to == [] and world.fal.count("submit") == 0
     finally:
         await runner.cleanup()
 
