@@ -36,6 +36,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from services.allocator import keep_image_buffers_on_the_heap
+
 MIB = 1024 * 1024
 INPUT = os.urandom(4096)
 RESULT = os.urandom(MIB)
@@ -211,6 +213,7 @@ async def client(discord: str, fal: str, jobs: int, arrival_seconds: float, poll
 
 
 def run_client(discord: str, fal: str, jobs: int, arrival_seconds: float, poll_interval: float | None) -> None:
+    keep_image_buffers_on_the_heap()  # as the bot does: the floor is what its traffic costs it
     try:
         import uvloop
     except ImportError:
