@@ -27,7 +27,7 @@ from cogs.presenter import DiscordPresenter
 from cogs.translation import KontextTranslator
 from cogs.views import JobButton, submit_edit_form
 from services.allocator import keep_image_buffers_on_the_heap
-from services.config import CommandSync, Settings, SettingsError, load_settings
+from services.config import CommandSync, Settings, SettingsError, allocator_tuned_by_operator, load_settings
 from services.fal_account import AccountGate
 from services.fal_queue import FalQueueClient
 from services.fal_storage import FalStorage
@@ -409,7 +409,7 @@ def main() -> int:
     log.info("texts in English and %s", ", ".join(catalogs().languages) or "no other language")
     # Everything the bot writes (database, result files) is readable by its own user only.
     os.umask(0o077)
-    keep_image_buffers_on_the_heap()
+    keep_image_buffers_on_the_heap(tuned_by_operator=allocator_tuned_by_operator())
     try:
         _event_loop_runner()(run(settings))
     except discord.LoginFailure:

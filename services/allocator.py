@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -23,14 +22,12 @@ log = logging.getLogger(__name__)
 HEAP_BYTES = 32 * 1024 * 1024  # glibc's largest mmap threshold on 64-bit systems
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
-# An operator's own tuning of the allocator, which is left as it is.
-_OPERATOR_TUNING = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
-def keep_image_buffers_on_the_heap() -> bool:
+def keep_image_buffers_on_the_heap(*, tuned_by_operator: bool) -> bool:
     """Tune glibc's malloc as the module says; whether it was done (not on other C libraries,
-    such as musl or macOS's, nor over the operator's own MALLOC_* or GLIBC_TUNABLES)."""
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _OPERATOR_TUNING):
+    such as musl or macOS's, nor over the operator's own tuning: `allocator_tuned_by_operator`)."""
+    if tuned_by_operator or not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None)  # the C library the interpreter itself runs on
     if not hasattr(libc, "gnu_get_libc_version"):

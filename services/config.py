@@ -216,6 +216,17 @@ def _hosts(raw: str) -> frozenset[str]:
     return hosts
 
 
+# Variables glibc itself reads to tune malloc: not settings of the bot's, but where an operator
+# set one, the bot leaves the allocator as they tuned it (services/allocator.py).
+GLIBC_MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+
+
+def allocator_tuned_by_operator(env: Mapping[str, str] | None = None) -> bool:
+    """Whether `env` (default: the process environment) tunes glibc's malloc already."""
+    env = os.environ if env is None else env
+    return any(name in env for name in GLIBC_MALLOC_VARIABLES)
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from `env` (default: the process environment)."""
     env = os.environ if env is None else env

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from services.config import allocator_tuned_by_operator
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
@@ -23,8 +25,9 @@ pytestmark = pytest.mark.skipif(
 LOAD = """
 import json, resource, sys
 from services.allocator import keep_image_buffers_on_the_heap
+from services.config import allocator_tuned_by_operator
 
-tuned = keep_image_buffers_on_the_heap() if sys.argv[1] == "tune" else False
+tuned = keep_image_buffers_on_the_heap(tuned_by_operator=allocator_tuned_by_operator()) if sys.argv[1] == "tune" else False
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -66,3 +69,8 @@ def test_tuned_heap_serves_image_buffers_again_without_page_faults() -> None:
 def test_operators_own_tuning_is_left_alone(setting: str) -> None:
     name, _, value = setting.partition("=")
     assert run_load("tune", **{name: value})["tuned"] is False
+
+
+def test_the_operators_tuning_is_told_by_glibcs_own_variables() -> None:
+    assert allocator_tuned_by_operator({"MALLOC_TOP_PAD_": "0"}) is True
+    assert allocator_tuned_by_operator({"MALLOC_ARENA_MAX": "2", "DISCORD_TOKEN": "x"}) is False

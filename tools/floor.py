@@ -37,6 +37,7 @@ import aiohttp
 from aiohttp import web
 
 from services.allocator import keep_image_buffers_on_the_heap
+from services.config import allocator_tuned_by_operator
 
 MIB = 1024 * 1024
 INPUT = os.urandom(4096)
@@ -213,7 +214,8 @@ async def client(discord: str, fal: str, jobs: int, arrival_seconds: float, poll
 
 
 def run_client(discord: str, fal: str, jobs: int, arrival_seconds: float, poll_interval: float | None) -> None:
-    keep_image_buffers_on_the_heap()  # as the bot does: the floor is what its traffic costs it
+    # As the bot does: the floor is what its traffic costs it.
+    keep_image_buffers_on_the_heap(tuned_by_operator=allocator_tuned_by_operator())
     try:
         import uvloop
     except ImportError:
