@@ -731,7 +731,10 @@ async def test_hanging_submit_ends_in_a_clear_message(world):
 async def test_fal_down_while_following_ends_in_a_clear_message(world, op, fault):
     """Whatever the outage looks like and wherever it hits, the job ends with a clear message
     and frees the member's places (the default allows 2 jobs at once per member)."""
-    world.fal.default = JobScript(stream_mode="drop") if op == "status" else JobScript()
+    # With the status polls down, the stream's one event before it drops must not already say
+    # COMPLETED (a loaded machine may open it after a 0.1 s job ended; the bot then rightly
+    # delivers), so that job runs for longer than the bot waits.
+    world.fal.default = JobScript(stream_mode="drop", run_time=30) if op == "status" else JobScript()
     await world.start_bot(JOB_TIMEOUT="3")
     world.fal.fail_next(op, status=fault, times=100_000)
     if op == "status":  # and the cancel sent then, whose answer would show the job done at fal
