@@ -157,7 +157,9 @@ async def test_fal_down_ends_in_a_clear_message(world):
 
 @pytest.mark.parametrize("mode", ["unavailable", "drop", "stall"])
 async def test_broken_status_stream_falls_back_to_polling(world, mode):
-    world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.2, stream_mode=mode)
+    # A dropped stream's one event must not already say COMPLETED (then no poll is needed), which
+    # it would if a loaded machine opened the stream after the job ended: the job lasts 1.2 s.
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.5, run_time=0.2, stream_mode=mode)
     await world.start_bot()
     message = await finished(await world.kontext())
     assert text(message).startswith("✅")

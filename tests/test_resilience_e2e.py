@@ -699,12 +699,15 @@ async def test_fal_fault_is_ridden_out(world, op, status, times):
 
 
 async def test_hanging_status_poll_times_out_and_is_retried(world):
-    world.fal.default = JobScript(queue_positions=(1, 0), step=0.2, run_time=0.2, stream_mode="drop")
+    # The stream's one event before it drops must not already say COMPLETED, which it would if
+    # a loaded machine opened it after the job ended: the job lasts 1.2 s, far past that.
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.5, run_time=0.2, stream_mode="drop")
     await world.start_bot()
     world.fal.fail_next("status", status="hang")
     handle = await world.kontext()
     await finished(handle)
     assert_delivered_once(world, handle)
+    assert world.fal.count("status") >= 2  # the poll that hung, and the one that replaced it
     await still_serving(world)
 
 
