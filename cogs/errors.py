@@ -80,6 +80,7 @@ def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: b
     """Why a member may not start a job now, and when they can try again."""
     when = timestamp_when_free(refused.retry_at) if refused.retry_at else ""
     limit = int(refused.limit) if isinstance(refused.limit, int) else 0
+    running = int(refused.used) if refused.used is not None else limit  # for the concurrency refusals
     reason = refused.reason
     if reason is RefusalReason.CHANNEL_NOT_ALLOWED:
         channels = channel_list(policy.allowed_channel_ids, _)
@@ -93,13 +94,13 @@ def refusal_text(refused: Refused, policy: GuildPolicy, _: Texts, *, personal: b
         return _.ngettext(
             "You already have {count} edit running. Wait for it to finish, then try again.",
             "You already have {count} edits running. Wait for one to finish, then try again.",
-            limit,
+            running,
         )
     if reason is RefusalReason.GUILD_CONCURRENCY:
         return _.ngettext(
             "This server already has {count} edit running. Please try again in a moment.",
             "This server already has {count} edits running. Please try again in a moment.",
-            limit,
+            running,
         )
     if reason is RefusalReason.COOLDOWN:
         return _.ngettext(

@@ -141,6 +141,9 @@ class Refused:
     retry_at: float | None
     # The policy value that was hit (seconds, jobs, images or USD), for the reply.
     limit: int | float | None
+    # How much of it is in use, for the reply: the jobs running may outnumber a concurrency limit
+    # a moderator lowered meanwhile. None for the refusals that count nothing (access, tolerance).
+    used: float | None = None
 
 
 Decision = Allowed | Refused
@@ -325,7 +328,7 @@ def _check(
         return None
     # A limit set to 0 first: waiting for another to free up would only end in this one.
     standing = next((s for s in reached if s.limit == 0), reached[0])
-    return Refused(standing.reason, standing.resets_at, standing.limit)
+    return Refused(standing.reason, standing.resets_at, standing.limit, standing.used)
 
 
 def resolve(

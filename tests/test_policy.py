@@ -202,7 +202,7 @@ def test_a_result_is_shown_again_only_where_a_job_could_have_used_its_tolerance(
 def test_member_concurrency() -> None:
     policy = GuildPolicy(concurrent_jobs_per_member=2)
     assert isinstance(run(policy, use=usage(member_active=1)), Allowed)
-    assert run(policy, use=usage(member_active=2)) == Refused(RefusalReason.MEMBER_CONCURRENCY, None, 2)
+    assert run(policy, use=usage(member_active=2)) == Refused(RefusalReason.MEMBER_CONCURRENCY, None, 2, used=2)
     unlimited = GuildPolicy(concurrent_jobs_per_member=None)
     assert isinstance(run(unlimited, use=usage(member_active=500)), Allowed)
 
@@ -210,14 +210,14 @@ def test_member_concurrency() -> None:
 def test_guild_concurrency() -> None:
     policy = GuildPolicy(concurrent_jobs_per_guild=5, concurrent_jobs_per_member=None)
     assert isinstance(run(policy, use=usage(guild_active=4)), Allowed)
-    assert run(policy, use=usage(guild_active=5)) == Refused(RefusalReason.GUILD_CONCURRENCY, None, 5)
+    assert run(policy, use=usage(guild_active=5)) == Refused(RefusalReason.GUILD_CONCURRENCY, None, 5, used=5)
     assert isinstance(run(GuildPolicy(), use=usage(guild_active=10_000)), Allowed)
 
 
 def test_cooldown() -> None:
     policy = GuildPolicy(cooldown_seconds=60)
     last = NOW - 59.5
-    assert run(policy, use=usage(last=last)) == Refused(RefusalReason.COOLDOWN, last + 60, 60)
+    assert run(policy, use=usage(last=last)) == Refused(RefusalReason.COOLDOWN, last + 60, 60, used=59.5)
     assert isinstance(run(policy, use=usage(last=NOW - 60)), Allowed)  # exactly over
     assert isinstance(run(policy, use=usage(last=None)), Allowed)  # first job ever
     assert isinstance(run(GuildPolicy(cooldown_seconds=0), use=usage(last=NOW)), Allowed)
@@ -226,7 +226,7 @@ def test_cooldown() -> None:
 def test_daily_limit_retry_at_next_utc_midnight() -> None:
     policy = GuildPolicy(daily_jobs_per_member=3)
     assert isinstance(run(policy, use=usage(today=2)), Allowed)
-    assert run(policy, use=usage(today=3)) == Refused(RefusalReason.DAILY_LIMIT, ts(2026, 11, 26), 3)
+    assert run(policy, use=usage(today=3)) == Refused(RefusalReason.DAILY_LIMIT, ts(2026, 11, 26), 3, used=3)
     late = ts(2026, 12, 31, 23, 59, 59)
     refused = run(policy, use=usage(today=3), now=late)
     assert isinstance(refused, Refused) and refused.retry_at == ts(2027, 1, 1)
@@ -239,7 +239,7 @@ def test_monthly_image_budget_counts_this_job() -> None:
     assert isinstance(run(policy, use=usage(month_images=9), ask=JobAsk(None, 1)), Allowed)
     assert isinstance(run(policy, use=usage(month_images=6), ask=JobAsk(None, 4)), Allowed)
     assert run(policy, use=usage(month_images=7), ask=JobAsk(None, 4)) == Refused(
-        RefusalReason.MONTHLY_IMAGE_BUDGET, ts(2026, 12, 1), 10
+        RefusalReason.MONTHLY_IMAGE_BUDGET, ts(2026, 12, 1), 10, used=7
     )
     assert run(policy, use=usage(month_images=10)).reason is RefusalReason.MONTHLY_IMAGE_BUDGET
 
@@ -251,7 +251,9 @@ def test_monthly_usd_budget_exact_float_boundary() -> None:
         assert isinstance(result, Allowed), done
     assert isinstance(run(policy, use=usage(month_images=0), ask=JobAsk(None, 10)), Allowed)
     assert isinstance(run(policy, use=usage(month_images=6), ask=JobAsk(None, 4)), Allowed)
-    assert run(policy, use=usage(month_images=10)) == Refused(RefusalReason.MONTHLY_USD_BUDGET, ts(2026, 12, 1), 0.80)
+    assert run(policy, use=usage(month_images=10)) == Refused(
+        RefusalReason.MONTHLY_USD_BUDGET, ts(2026, 12, 1), 0.80, used=0.80
+    )
     assert run(policy, use=usage(month_images=7), ask=JobAsk(None, 4)).reason is (RefusalReason.MONTHLY_USD_BUDGET)
 
 
@@ -272,10 +274,10 @@ def test_usd_budget_with_free_images_never_refuses() -> None:
 def test_budget_retry_at_rolls_over_december() -> None:
     policy = GuildPolicy(monthly_image_budget=1, monthly_usd_budget=None)
     refused = run(policy, use=usage(month_images=1), now=ts(2026, 12, 15, 12))
-    assert refused == Refused(RefusalReason.MONTHLY_IMAGE_BUDGET, ts(2027, 1, 1), 1)
+    assert refused == Refused(RefusalReason.MONTHLY_IMAGE_BUDGET, ts(2027, 1, 1), 1, used=1)
     policy = GuildPolicy(monthly_usd_budget=0.08)
     refused = run(policy, use=usage(month_images=1), now=ts(2026, 12, 31, 23, 59, 59))
-    assert refused == Refused(RefusalReason.MONTHLY_USD_BUDGET, ts(2027, 1, 1), 0.08)
+    assert refused == Refused(RefusalReason.MONTHLY_USD_BUDGET, ts(2027, 1, 1), 0.08, used=0.08)
 
 
 # --- order of checks ---------------------------------------------------------------------
@@ -565,7 +567,9 @@ def test_objects_are_frozen() -> None:
 def test_a_new_server_starts_with_a_monthly_image_budget() -> None:
     """Anyone may add a public bot and the operator pays: no server starts unlimited."""
     assert GuildPolicy().monthly_image_budget == 250
-    assert run(use=usage(month_images=250)) == Refused(RefusalReason.MONTHLY_IMAGE_BUDGET, ts(2026, 12, 1), 250)
+    assert run(use=usage(month_images=250)) == Refused(
+        RefusalReason.MONTHLY_IMAGE_BUDGET, ts(2026, 12, 1), 250, used=250
+    )
 
 
 def test_the_operators_budget_binds_every_server_after_access() -> None:
@@ -573,7 +577,7 @@ def test_the_operators_budget_binds_every_server_after_access() -> None:
     unlimited = GuildPolicy(monthly_image_budget=None)
     spent = Usage(None, 0, 0, 0, guild_images_this_month=0, all_images_this_month=100)
     refused = resolve(unlimited, who(), spent, JobAsk(None, 1), now=NOW, price_per_image=PRICE, operator=operator)
-    assert refused == Refused(RefusalReason.OPERATOR_BUDGET, ts(2026, 12, 1), 8.0)
+    assert refused == Refused(RefusalReason.OPERATOR_BUDGET, ts(2026, 12, 1), 8.0, used=8.0)
     below = dataclasses.replace(spent, all_images_this_month=99)
     assert isinstance(
         resolve(unlimited, who(), below, JobAsk(None, 1), now=NOW, price_per_image=PRICE, operator=operator), Allowed

@@ -113,6 +113,21 @@ async def test_daily_limit_and_member_concurrency(world):
     assert len(world.fal.submits) == 1
 
 
+async def test_a_member_refused_for_running_jobs_is_told_how_many_run_not_the_new_limit(world):
+    """A moderator lowered the limit while the member's jobs ran: the refusal counts the jobs
+    running, not the limit they now exceed (the jobs wait 5 s in fal's line: still running then)."""
+    world.fal.default = JobScript(queue_positions=(0,), step=5.0)
+    await world.start_bot()
+    await admin(world, "limits", member_concurrent=2)
+    running = [await world.kontext(), await world.kontext()]
+    for handle in running:
+        await handle.wait_for_callback()
+    await admin(world, "limits", member_concurrent=1)
+    assert "You already have 2 edits running" in await refused(world)
+    for handle in running:
+        assert text(await finished(handle)) == "✅ Done."
+
+
 async def test_jobs_fal_did_not_run_or_bill_use_up_neither_the_day_nor_the_budget(world):
     """One refused by fal at its result (validation errors come from the result, not the
     submit), one refused at its submit for the account's lock: the member's one job of the day

@@ -91,6 +91,7 @@ def test_a_refusal_is_always_the_first_limit_reached():
         decision = resolve(policy, ANYONE, facts, NEXT_JOB, now=NOW, price_per_image=PRICE)
         reached = [s for s in standings(policy, facts, NEXT_JOB, now=NOW, price_per_image=PRICE) if s.reached]
         if reached:
-            assert decision == Refused(reached[0].reason, reached[0].resets_at, reached[0].limit)
+            first = reached[0]
+            assert decision == Refused(first.reason, first.resets_at, first.limit, first.used)
         else:
             assert not isinstance(decision, Refused)
