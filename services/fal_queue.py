@@ -134,7 +134,8 @@ class FalSubmitUncertain(FalError):
 
 
 class FalResultExpired(FalError):
-    """fal no longer has the result (results of 10 KB and more are kept only 6 minutes)."""
+    """fal no longer has the result (kept an hour after the job, 6 minutes if 10 KB or more; a
+    Kontext result, its images' addresses, is smaller) or its file on the CDN."""
 
     code = "result_expired"
 
@@ -260,6 +261,11 @@ def error_for(status: int, body: Any, headers: Mapping[str, str]) -> FalError:
     return FalRejected(f"fal answered {status}", status=status, detail=detail)
 
 
+# Failures before the request went out: the connection was refused, or not made in time
+# (`sock_connect`: aiohttp's ConnectionTimeoutError is a timeout, not a ClientConnectorError).
+NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
 def _is_transport_failure(exc: BaseException) -> bool:
     return isinstance(exc, (_Transient, aiohttp.ClientError, asyncio.TimeoutError))
 
@@ -373,21 +379,21 @@ class FalQueueClient:
                 if exc.surely_not_recorded:
                     raise  # safe to send again
                 raise FalSubmitUncertain(f"fal answered {exc.status} to the submit", status=exc.status) from None
-            except aiohttp.ClientConnectorError:
-                raise  # not sent: safe to send again
+            except NOT_SENT:
+                raise  # no connection was made: safe to send again
             except FalJobFailed as exc:
                 raise FalSubmitUncertain(f"fal answered {exc.status} to the submit", status=exc.status) from None
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise FalSubmitUncertain(f"submit outcome unknown: {describe_error(exc)}") from None
 
         def not_recorded(exc: BaseException) -> bool:
-            return isinstance(exc, (_Transient, aiohttp.ClientConnectorError))
+            return isinstance(exc, (_Transient, *NOT_SENT))
 
         try:
             body = await retrying(
                 attempt, retryable=not_recorded, backoff=self._backoff, deadline=deadline, what="fal submit"
             )
-        except (_Transient, aiohttp.ClientConnectorError) as exc:
+        except (_Transient, *NOT_SENT) as exc:
             raise FalUnavailable(f"could not submit to fal: {describe_error(exc)}") from None
         try:
             request = FalRequest(
