@@ -3,8 +3,10 @@
 fal answers a submit (and an upload) with 403 "User is locked" when the account is out of
 credit or locked by fal. Every job would then fail the same way, so after one such answer the
 bot stops submitting for a while and refuses new requests up front (nothing billed, nothing
-queued in vain), then lets one job through to find out; each further lock doubles the pause, up
-to ten minutes. The operator is told once per lock, in one ERROR line with fal's own words.
+queued in vain), then lets jobs through again to find out; a lock seen after a pause doubles the
+next one, up to ten minutes (or the first pause, if longer). Refusals of submits already on
+their way during a pause are the same lock and change nothing. The operator is told once per
+lock, in one ERROR line with fal's own words.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class AccountGate:
         if self._reason is None:
             log.error("fal refused the bot's account: %s. No jobs are submitted until fal accepts them again.", reason)
             self._pause = self._first_pause
+        elif self.refuses():
+            self._reason = reason  # a submit sent before this pause began: the same lock
+            return
         else:
             self._pause = min(max(LONGEST_PAUSE_SECONDS, self._first_pause), self._pause * 2)
         self._reason = reason

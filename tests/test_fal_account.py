@@ -1,0 +1,54 @@
+"""How long the bot stops submitting after fal's "User is locked" (services/fal_account.py)."""
+
+from __future__ import annotations
+
+from services.fal_account import AccountGate
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_refusals_of_submits_sent_together_are_one_lock():
+    clock = Clock()
+    gate = AccountGate(30, clock=clock)
+    for _ in range(4):  # four submits on their way when the credit ran out
+        gate.locked("Exhausted balance")
+    clock.now += 29
+    assert gate.refuses()
+    clock.now += 2
+    assert not gate.refuses()  # 30 s, not 240 s
+
+
+def test_a_lock_seen_after_a_pause_doubles_the_next_up_to_ten_minutes():
+    clock = Clock()
+    gate = AccountGate(30, clock=clock)
+    pauses = []
+    for _ in range(7):
+        gate.locked("Exhausted balance")
+        start = clock.now
+        while gate.refuses():
+            clock.now += 1
+        pauses.append(clock.now - start)
+    assert pauses == [30, 60, 120, 240, 480, 600, 600]
+    gate.accepted()
+    gate.locked("Exhausted balance")
+    assert gate.refuses() and gate.locked_reason == "Exhausted balance"
+    clock.now += 30
+    assert not gate.refuses()  # taken again: the pause starts over
+
+
+def test_a_first_pause_longer_than_ten_minutes_is_kept():
+    clock = Clock()
+    gate = AccountGate(900, clock=clock)
+    gate.locked("User is locked")
+    clock.now += 900
+    gate.locked("User is locked")
+    clock.now += 899
+    assert gate.refuses()
+    clock.now += 1
+    assert not gate.refuses()
