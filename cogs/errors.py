@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -157,6 +159,19 @@ async def tell(interaction: discord.Interaction, message: str, embed: discord.Em
         await interaction.followup.send(message, ephemeral=True, **extra)
     else:
         await interaction.response.send_message(message, ephemeral=True, **extra)
+
+
+@contextlib.asynccontextmanager
+async def placeholder_withdrawn_on_failure(interaction: discord.Interaction) -> AsyncIterator[None]:
+    """Around the work after a public "thinking…" answer: if it fails, the placeholder is
+    deleted first, so `tell` reaches the member alone (the first followup after a deferral would
+    replace the placeholder and stay as public as it)."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(discord.HTTPException):
+            await interaction.delete_original_response()
+        raise
 
 
 def words_back(typed: str, _: Texts) -> discord.Embed:

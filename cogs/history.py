@@ -8,7 +8,6 @@ shows, the filter and where the page starts, so they keep working after a restar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import io
@@ -26,7 +25,7 @@ from services.i18n import N_, Texts
 from services.input_images import url_expired
 from services.job import NOTE_LATE_BY_DM, NOTE_PRIVATE_REPLY, NOTE_SHARED_AS, Job, JobPlace, JobState, ResultImage
 
-from .errors import UserFacingError, place_of, report
+from .errors import UserFacingError, place_of, placeholder_withdrawn_on_failure, report
 from .intake import is_nsfw_channel
 from .render import in_public, plain_text, posted_names, render
 from .translation import member_texts
@@ -467,7 +466,7 @@ async def show_here(interaction: Interaction, job: Job) -> None:
         # Where the server keeps the replies of apps it has not added private, so is this copy.
         here = dataclasses.replace(here, notes={**here.notes, NOTE_PRIVATE_REPLY: True})
         rendered = render(here)
-    try:
+    async with placeholder_withdrawn_on_failure(interaction):
         files = await result_files(bot, job, rendered.files, interaction.filesize_limit)
         if not files:
             raise UserFacingError(
@@ -487,10 +486,6 @@ async def show_here(interaction: Interaction, job: Job) -> None:
             rendered.content += " · " + _("[original]({url})", url=url)
         card = result_card(here, rendered, [(file.filename or "", image) for file, image in files])
         message = await interaction.edit_original_response(view=card, attachments=[file for file, _image in files])
-    except BaseException:
-        with contextlib.suppress(discord.HTTPException):
-            await interaction.delete_original_response()  # the "thinking…" placeholder
-        raise
     await bot.store.record_shown(
         message.id, job.id, channel_id=interaction.channel_id or 0, by_user=interaction.user.id, now=time.time()
     )

@@ -445,7 +445,10 @@ class DiscordPresenter:
                     1, message_id=job.message_id, in_channel=False, repeatable=True, image_urls=image_urls(reply)
                 )
             else:
-                message = await webhook.send(files=files, view=job_view(job, rendered.buttons), wait=True)
+                # As private as the reply: a followup's privacy is its own, not its interaction's.
+                message = await webhook.send(
+                    files=files, view=job_view(job, rendered.buttons), ephemeral=job.private_first, wait=True
+                )
                 await progress.posted(
                     index + 1, message_id=message.id, in_channel=False, image_urls=image_urls(message)
                 )

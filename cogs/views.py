@@ -20,7 +20,7 @@ from services.i18n import N_, texts
 from services.job import NOTE_SHARED_AS, Job, JobState, ResultImage
 from services.runner import CancelOutcome
 
-from .errors import UserFacingError, place_of, report, tell
+from .errors import UserFacingError, place_of, placeholder_withdrawn_on_failure, report, tell
 from .inputs import image_url, is_image_attachment
 from .intake import is_nsfw_channel, requester_in
 from .modal import PromptModal, answer_of, form_id, start_edit
@@ -259,36 +259,38 @@ async def _share(interaction: Interaction, job: Job) -> None:
         raise UserFacingError(N_("This message has no image left to share."))
     # From the reply: a new message in the channel, for everyone; elsewhere a private answer.
     callback = await interaction.response.defer(thinking=True, ephemeral=not from_reply)
-    if from_reply and callback is not None and callback.is_ephemeral():
-        # Discord keeps this answer private, as it kept the reply: posted, it would be shared with no one.
-        raise UserFacingError(
-            N_("This server keeps the replies of apps it has not added private, so a result can't be shared here.")
-        )
-    as_card = bot.settings.result_cards and len(shown) <= MAX_GALLERY_ITEMS
-    files = [
-        discord.File(io.BytesIO(await held[name].read()), filename=name, spoiler=image.nsfw and not as_card)
-        for name, image in shown
-    ]
-    message: discord.Message
-    if from_reply and as_card:
-        # A deferred reply becomes a card only by this edit (see presenter._deliver_by_interaction).
-        card = result_card(public, rendered, shown)
-        message = await interaction.edit_original_response(content=None, embed=None, attachments=files, view=card)
-    elif from_reply:
-        view = job_view(public, rendered.buttons)
-        message = await interaction.edit_original_response(
-            content=rendered.content, embed=rendered.embed, attachments=files, view=view
-        )
-    else:
-        assert channel is not None
-        if as_card:
-            message = await channel.send(view=result_card(public, rendered, shown), files=files)
-        else:
-            message = await channel.send(
-                rendered.content, embed=rendered.embed, files=files, view=job_view(public, rendered.buttons)
+    async with placeholder_withdrawn_on_failure(interaction):
+        if from_reply and callback is not None and callback.is_ephemeral():
+            # Discord keeps this answer private, as it kept the reply: posted, it would be shared with no one.
+            raise UserFacingError(
+                N_("This server keeps the replies of apps it has not added private, so a result can't be shared here.")
             )
-        await interaction.edit_original_response(content=_("📣 Shared: {link}", link=message.jump_url))
+        as_card = bot.settings.result_cards and len(shown) <= MAX_GALLERY_ITEMS
+        files = [
+            discord.File(io.BytesIO(await held[name].read()), filename=name, spoiler=image.nsfw and not as_card)
+            for name, image in shown
+        ]
+        message: discord.Message
+        if from_reply and as_card:
+            # A deferred reply becomes a card only by this edit (see presenter._deliver_by_interaction).
+            card = result_card(public, rendered, shown)
+            message = await interaction.edit_original_response(content=None, embed=None, attachments=files, view=card)
+        elif from_reply:
+            view = job_view(public, rendered.buttons)
+            message = await interaction.edit_original_response(
+                content=rendered.content, embed=rendered.embed, attachments=files, view=view
+            )
+        else:
+            assert channel is not None
+            if as_card:
+                message = await channel.send(view=result_card(public, rendered, shown), files=files)
+            else:
+                message = await channel.send(
+                    rendered.content, embed=rendered.embed, files=files, view=job_view(public, rendered.buttons)
+                )
     await bot.store.record_share(job, message.id)
+    if not from_reply:
+        await interaction.edit_original_response(content=_("📣 Shared: {link}", link=message.jump_url))
     log.info("job %d: shared to the channel by its member (message %d)", job.id, message.id)
 
 

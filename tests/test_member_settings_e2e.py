@@ -152,6 +152,41 @@ async def test_share_of_a_classic_result_keeps_its_flagged_image_behind_a_spoile
     assert sorted(shared.files) == sorted(private.files)
 
 
+async def test_a_private_first_result_in_several_messages_stays_private_in_all(world):
+    """Four images over the channel's upload limit go in two messages; each followup is private
+    in its own right, like the reply."""
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot(RESULT_CARDS="0")
+    await settings(world, results="private_first")
+    handle = await world.discord.invoke_slash(
+        "kontext",
+        options={"image": world.input_image(), "prompt": "four", "num_images": 4},
+        attachment_size_limit=100_000,
+    )
+    reply = await finished(handle)
+    await handle.wait_until(lambda h: len(h.followups) == 1)
+    (part,) = handle.followups
+    assert reply.ephemeral and part.ephemeral
+    assert len(reply.files) + len(part.files) == 4
+    assert not [m for m in world.discord.channel_messages() if not m.ephemeral and m.files]
+
+
+async def test_a_share_that_fails_tells_its_member_privately(world):
+    """Share answers "thinking…" in the channel; when the share then fails, that placeholder goes
+    and the member alone reads why (a followup would have replaced it, in public)."""
+    await world.start_bot()
+    await settings(world, results="private_first")
+    private = await finished(await world.kontext(image=None, prompt="a secret garden"))
+    world.discord.fail_next("PATCH", r"/webhooks/.*/messages/@original", status=400)
+    share = await world.discord.click_button(private.id, button(private, "share"), user="alice")
+    await share.wait_for_callback()
+    await share.wait_until(lambda h: any(m.content for m in h.followups))
+    (told,) = share.followups
+    assert told.ephemeral and "Something went wrong" in told.content
+    assert share.original is None or share.original.deleted
+    assert not [m for m in world.discord.channel_messages() if not m.ephemeral]
+
+
 async def test_share_applies_the_channels_policy_as_it_is_now(world):
     await world.start_bot()
     await settings(world, results="private_first")
