@@ -70,8 +70,10 @@ FAILURE_MESSAGES: dict[str, str] = {
     "input_unavailable": N_("{detail} Please attach the image again."),
     "upload_failed": N_("The image could not be handed to fal.ai right now. Please try again in a few minutes."),
     "result_expired": N_(
-        "fal.ai no longer has this result (it keeps results only a few minutes). Please run the command again."
+        "fal.ai no longer has this result (it keeps one for about an hour). Please run the command again."
     ),
+    # fal honoured a cancel no member asked for (the bot's own, of a job it could not follow).
+    "fal_cancelled": N_("fal.ai stopped this edit before it was finished. Please try again."),
     "bad_output": N_("fal.ai sent back something that is not a usable image. Please try again."),
     "timeout": N_("This edit took too long and was stopped. Please try again later."),
     "missing_files": N_("The result files were lost before they could be posted. Please run the command again."),

@@ -36,6 +36,7 @@ KNOWN_ERROR_CODES = frozenset(
         "fal_failed",
         "fal_auth",
         "fal_account_locked",
+        "fal_cancelled",
         "fal_unavailable",
         "submit_uncertain",
         "result_expired",

@@ -166,8 +166,8 @@ class ResultCustody:
         return self._dir / f"job-{job_id}-{index + 1}"
 
     async def take(self, job_id: int, output: KontextOutput, *, deadline: float) -> JobResult:
-        """Download every image of a finished job at once (fal keeps results of 10 KB and more
-        for only 6 minutes)."""
+        """Download every image of a finished job at once, for its post (fal's CDN keeps the
+        files for days; `restore` fetches them again by the same addresses)."""
         result = JobResult(
             seed=output.seed,
             images=[ResultImage(0, "", image.nsfw, image.width, image.height, image.url) for image in output.images],

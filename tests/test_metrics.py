@@ -14,6 +14,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+import services.fal_storage  # noqa: F401  (its FalUploadFailed among FalError's subclasses)
+from services.fal_queue import FalError
 from services.metrics import KNOWN_ERROR_CODES, Metrics, RateLimitCounter
 from services.redact import RedactingFilter
 
@@ -66,10 +68,22 @@ def test_finished_jobs_keep_to_known_outcomes_and_error_codes():
     }
 
 
+def fal_error_codes() -> set[str]:
+    """The code of every FalError a job can fail with (not the base class's, nor the client's
+    private retry signal)."""
+    classes, found = [FalError], set()
+    while classes:
+        for sub in classes.pop().__subclasses__():
+            classes.append(sub)
+            if not sub.__name__.startswith("_"):
+                found.add(sub.code)
+    return found
+
+
 def test_every_code_the_runner_and_store_write_is_known():
-    codes = {"fal_rejected", "content_policy", "fal_failed", "fal_auth", "fal_account_locked", "fal_unavailable"}
-    codes |= {"submit_uncertain", "result_expired", "bad_output", "upload_failed"}
-    codes |= {"timeout", "missing_files", "bad_input", "input_unavailable", "internal", "abandoned", "unreadable"}
+    codes = fal_error_codes() | {"timeout", "missing_files", "bad_input", "input_unavailable", "internal"}
+    codes |= {"abandoned", "unreadable"}  # the runner's and the store's own
+    assert "fal_cancelled" in codes and "upload_failed" in codes
     assert codes == KNOWN_ERROR_CODES
 
 

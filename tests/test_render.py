@@ -7,6 +7,7 @@ from cogs.render import FAILURE_MESSAGES, JobAction, failure_text, job_log_line,
 from services.flux_kontext import KontextEdit, KontextOptions
 from services.i18n import english
 from services.job import NOTE_FROM_DEFAULTS, NOTE_PRIVATE_FIRST, NOTE_SHARED_AS, Job, JobResult, JobState, ResultImage
+from services.metrics import KNOWN_ERROR_CODES
 
 MIB = 1024 * 1024
 
@@ -82,6 +83,10 @@ def test_every_failure_code_has_words(code):
     rendered = render(make_job(state=JobState.FAILED, error_code=code, error_detail="image too small"))
     assert rendered.content.startswith("❌ ")
     assert "{detail}" not in rendered.content
+
+
+def test_only_the_bots_own_faults_get_the_generic_words():
+    assert set(FAILURE_MESSAGES) == KNOWN_ERROR_CODES - {"internal", "unreadable"}
 
 
 def test_fal_detail_is_passed_on_and_unknown_codes_are_generic():
