@@ -57,7 +57,7 @@ class Settings:
     log_level: str = "INFO"
     # "text" or "json" (one JSON object per line, for log collectors).
     log_format: str = "text"
-    # The operators' endpoint (/healthz, /metrics): off unless a port is given.
+    # The operators' endpoint (/livez, /healthz, /metrics): off unless a port is given.
     http_port: int | None = None
     http_host: str = "127.0.0.1"
     dev_guild_id: int | None = None
@@ -76,10 +76,11 @@ class Settings:
     stream_event_timeout: float = 20.0
     # Silence after which an answer from fal (or Discord's CDN) counts as lost.
     read_timeout: float = 30.0
-    # A job that has not finished after this many seconds is cancelled at fal and reported.
+    # A job fal has not started after this many seconds is cancelled at fal and reported; one fal
+    # started is followed for as long again from its start.
     job_timeout: float = 600.0
-    # After fal refuses the account (out of credit, locked), seconds before a job is let through
-    # to find out whether it is back; doubled at each further refusal, up to ten minutes.
+    # After fal refuses the account (out of credit, locked), seconds before jobs are let through
+    # to find out whether it is back; doubled by a refusal after a pause (services/fal_account.py).
     fal_lock_retry_seconds: float = 30.0
     # Base delay of the exponential backoff for retried fal and Discord calls.
     retry_base_delay: float = 0.5
@@ -395,5 +396,5 @@ def _log_format(raw: str) -> str:
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ValueError("use DEBUG, INFO, WARNING or ERROR")
+        raise ValueError("use DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return level

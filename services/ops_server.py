@@ -40,9 +40,9 @@ def fal_health(
     """Whether fal counts as reachable, from when its last call succeeded and failed.
 
     Unhealthy only when a call failed within the last `window` seconds and none succeeded
-    since: a failure followed by a success is over, an old failure with no call since is no
-    evidence about fal now, and a bot that asked fal nothing has nothing against it. A single
-    failure is enough: the bot already retries before it counts a call as failed.
+    since: a failure followed by a success (its own retry's, or any other call's) is over, an
+    old failure with no call since is no evidence about fal now, and a bot that asked fal
+    nothing has nothing against it.
     """
     if last_failure is None or now - last_failure > window:
         return True, None
