@@ -23,6 +23,7 @@ from services.i18n import N_, Texts, texts
 from services.images import EXTENSIONS
 from services.job import (
     NOTE_CANCEL_REQUESTED_BY,
+    NOTE_FAL_SILENT,
     NOTE_FROM_DEFAULTS,
     NOTE_PRIVATE_FIRST,
     NOTE_PRIVATE_REPLY,
@@ -207,6 +208,12 @@ def _render(job: Job, _: Texts) -> Rendered:
         return Rendered(job.id, _waiting_text(job, _), embed, WHILE_WAITING)
     if state is JobState.SUBMITTING:
         return Rendered(job.id, _("📤 Sending your edit to FLUX.1 Kontext…"), embed)
+    if state is JobState.QUEUED and job.notes.get(NOTE_FAL_SILENT):
+        text = _(
+            "📡 fal.ai is not answering. Your edit may still be in its queue, so the bot keeps asking: "
+            "you get the result if fal makes it; if not, it is cancelled there, unbilled."
+        )
+        return Rendered(job.id, text, embed, WHILE_WAITING)
     if state is JobState.QUEUED:
         position = _place((job.queue_position or 0) + 1, _, mark="")
         if job.starts_at:

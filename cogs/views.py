@@ -259,12 +259,12 @@ async def _share(interaction: Interaction, job: Job) -> None:
         raise UserFacingError(N_("This message has no image left to share."))
     # From the reply: a new message in the channel, for everyone; elsewhere a private answer.
     callback = await interaction.response.defer(thinking=True, ephemeral=not from_reply)
+    if from_reply and callback is not None and callback.is_ephemeral():
+        # Discord keeps this answer private, as it kept the reply: posted, it would be shared with no one.
+        raise UserFacingError(
+            N_("This server keeps the replies of apps it has not added private, so a result can't be shared here.")
+        )
     async with placeholder_withdrawn_on_failure(interaction):
-        if from_reply and callback is not None and callback.is_ephemeral():
-            # Discord keeps this answer private, as it kept the reply: posted, it would be shared with no one.
-            raise UserFacingError(
-                N_("This server keeps the replies of apps it has not added private, so a result can't be shared here.")
-            )
         as_card = bot.settings.result_cards and len(shown) <= MAX_GALLERY_ITEMS
         files = [
             discord.File(io.BytesIO(await held[name].read()), filename=name, spoiler=image.nsfw and not as_card)

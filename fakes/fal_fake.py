@@ -1205,6 +1205,11 @@ class FakeFal:
             raise ValueError(f"status must be an HTTP code or one of {FAULT_KINDS}")
         self._faults[op].extend([Fault(status, json, headers)] * times)
 
+    def clear_faults(self, *ops: str) -> None:
+        """fal is back: the faults still waiting for `ops` (all of them without any) are dropped."""
+        for op in ops or OPS:
+            self._faults[op].clear()
+
     def _pick_script(self, payload: Any) -> JobScript:
         if self._scripts:
             return self._scripts.popleft()

@@ -24,6 +24,7 @@ NOTE_PRIVATE_REPLY = "private_reply"  # Discord made the reply ephemeral (the se
 NOTE_FROM_DEFAULTS = "from_defaults"  # the options filled from the member's defaults (/kontext-settings)
 NOTE_PRIVATE_FIRST = "private_first"  # the member sees the result alone first, with Share to channel
 NOTE_SHARED_AS = "shared_as"  # the message that shared a private-first result in the channel
+NOTE_FAL_SILENT = "fal_silent"  # neither its status nor a cancel got through: fal may still run it
 NOTE_LATE_BY_DM = "late_by_dm"  # the bot could not post in the channel: the late result came by DM
 
 # Where a result that outlives its reply's token will come (NOTE_REPLY_EXPIRING).

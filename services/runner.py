@@ -29,6 +29,7 @@ from .i18n import texts
 from .input_images import InputRejected, InputStager, InputUnavailable
 from .job import (
     NOTE_CANCEL_REQUESTED_BY,
+    NOTE_FAL_SILENT,
     NOTE_HANDED_BACK,
     NOTE_UNDELIVERABLE,
     NOTE_WITHDRAWN,
@@ -77,6 +78,9 @@ DELIVERY_GIVE_UP_SECONDS = 24 * 3600
 # coming back under nor prolong a ban for too many failed requests.
 DELIVERY_RETRY_SECONDS = 120.0
 DELIVERY_OUTAGE_MAX_WAIT = 300.0
+# A job in fal's line that fal answers nothing about, neither its status nor a cancel, is asked
+# again, as a delivery is, until a day after the request: fal never drops a queued job, and
+# runs (and bills) it when it is back.
 # How long a stop waits for a post under way (four images at a server's upload limit take a
 # while): within compose's stop_grace_period (30 s), with room for the rest of the shutdown.
 DELIVERY_STOP_SECONDS = 20.0
@@ -608,7 +612,7 @@ class JobRunner:
                     return  # handed back: the hand-back stops this work, and the result would say "cancelled"
                 break
             except (TimeoutError, FalUnavailable) as exc:
-                answer = await self._cancel_quietly(job)
+                answer = await self._cancel_until_answered(job)
                 started_unseen = job.started_at is None and answer in ("CANCELLATION_REQUESTED", "ALREADY_COMPLETED")
                 if last_chance or not started_unseen:
                     raise
@@ -650,6 +654,8 @@ class JobRunner:
         return True
 
     async def _apply_status(self, job: Job, status: QueueStatus) -> None:
+        if NOTE_FAL_SILENT in job.notes:  # stored by a run stopped while fal was silent: it answers now
+            job.notes = {key: value for key, value in job.notes.items() if key != NOTE_FAL_SILENT}
         for line in status.logs:
             log.debug("job %d fal log: %s", job.id, line)
         if status.state == "IN_QUEUE":
@@ -681,6 +687,29 @@ class JobRunner:
             log.warning("job %d: result images could not be fetched again: %s", job.id, describe_error(exc))
             self._results.discard(job.id, job.result)
             await self._fail(job, "result_expired" if isinstance(exc, FalResultExpired) else "missing_files", None)
+
+    async def _cancel_until_answered(self, job: Job) -> str | None:
+        """Cancel the job at fal; fal's answer, or None when it never came. One fal was not seen
+        starting may still be in its line (fal keeps a queued job through its own outages, and
+        runs and bills it later), so while fal answers nothing the cancel is asked again, less
+        and less often, until a day after the request, and the member's reply says so. Stopped
+        meanwhile, the bot follows the job again at its next start."""
+        answer = await self._cancel_quietly(job)
+        if answer is not None or job.started_at is not None:
+            return answer
+        log.warning("job %d: fal answers neither its status nor a cancel; asking until it does", job.id)
+        job.notes = {**job.notes, NOTE_FAL_SILENT: True}
+        self._listener.job_changed(job)
+        outage = Backoff(base=self._backoff.cap, cap=max(self._backoff.cap, DELIVERY_OUTAGE_MAX_WAIT))
+        attempt = 0
+        try:
+            while answer is None and time.time() < job.created_at + DELIVERY_GIVE_UP_SECONDS:
+                attempt += 1
+                await asyncio.sleep(outage.delay(attempt))
+                answer = await self._cancel_quietly(job)
+        finally:
+            job.notes = {key: value for key, value in job.notes.items() if key != NOTE_FAL_SILENT}
+        return answer
 
     async def _cancel_quietly(self, job: Job) -> str | None:
         """Cancel the job at fal; fal's answer, or None when it could not be asked."""

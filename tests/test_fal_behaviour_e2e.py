@@ -25,6 +25,7 @@ from tests.e2e import (
     fal_job,
     finished,
     has_button,
+    is_final,
     private_answer,
     shows,
     text,
@@ -479,6 +480,26 @@ async def test_a_queued_job_fal_starts_while_its_status_fails_is_followed_to_its
     assert text(message).startswith("✅"), text(message)
     assert world.fal.count("cancel") == 1
     assert "its status unanswered, yet fal started it (CANCELLATION_REQUESTED)" in world.bot.log_text()
+
+
+async def test_a_queued_job_fal_answers_nothing_about_is_asked_after_until_fal_ran_it(world):
+    """An outage at fal's front hits the job's status polls and the cancel alike while the job
+    waits in fal's line. fal keeps it there and runs (and bills) it. The bot keeps asking, says
+    so meanwhile, and when fal answers again delivers the result instead of leaving it unseen."""
+    world.fal.default = JobScript(queue_positions=(0,), step=3.0, run_time=0.2)
+    await world.start_bot(FAL_STATUS_STREAM="0", RETRY_BASE_DELAY="0.05")
+    world.fal.fail_next("status", status="ingress_503", times=FOLLOW_ATTEMPTS)
+    world.fal.fail_next("cancel", status="ingress_503", times=100_000)
+    handle = await world.kontext()
+    await handle.wait_until(
+        lambda h: shows(h, "fal.ai is not answering. Your edit may still be in its queue"), timeout=30
+    )
+    assert fal_job(world).state == "COMPLETED" and not is_final(handle)
+    world.fal.clear_faults("cancel")  # fal is back
+    message = await finished(handle, timeout=20)
+    assert text(message).startswith("✅"), text(message)
+    assert world.fal.count("submit") == 1 and world.fal.count("result") == 1
+    assert "fal answers neither its status nor a cancel" in world.bot.log_text()
 
 
 async def test_a_running_job_is_followed_through_a_short_fal_outage(world):
