@@ -232,5 +232,5 @@ class JobIntake:
             if callback is not None and callback.is_ephemeral() and not defaults.private_first:
                 # A server that keeps the replies of apps it has not added private (its "Use External
                 # Apps" permission is off): Discord made the reply ephemeral; the card says so.
-                job.notes = {**job.notes, NOTE_PRIVATE_REPLY: True}
+                job.note(NOTE_PRIVATE_REPLY, True)
             await bot.runner.start(job, message_id=message_id)

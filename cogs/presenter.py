@@ -198,7 +198,7 @@ class ProgressTicker:
         except TimeoutError:
             self._notice_at = None
             late = REPLY_EXPIRING_IN_CHANNEL if self._posts_late_in_channel() else REPLY_EXPIRING_BY_DM
-            self._job.notes = {**self._job.notes, NOTE_REPLY_EXPIRING: late}
+            self._job.note(NOTE_REPLY_EXPIRING, late)
 
     async def _edit(self, rendered: Rendered) -> None:
         # Only what changed is sent: Discord keeps the fields an edit leaves out.
@@ -366,7 +366,7 @@ class DiscordPresenter:
         except discord.HTTPException as exc:
             if _reply_deleted(job, exc):
                 # A moderator deleted the reply: what it showed is not posted again.
-                job.notes = {**job.notes, NOTE_WITHDRAWN: "its reply was deleted"}
+                job.note(NOTE_WITHDRAWN, "its reply was deleted")
                 return
             if exc.code == REQUEST_ENTITY_TOO_LARGE and _upload_less(job):
                 raise  # tried again within the smaller limit
@@ -487,7 +487,7 @@ class DiscordPresenter:
                 )
         else:
             if job.posts_late_in_channel:  # the bot may not post there: its messages are not the channel's
-                job.notes = {**job.notes, NOTE_LATE_BY_DM: True}
+                job.note(NOTE_LATE_BY_DM, True)
             channel = await self._bot.create_dm(discord.Object(job.user_id))
             # "Ready" only where there are images to show: a failure, a cancel or a result
             # withheld whole is news of the edit, not its result.

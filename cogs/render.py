@@ -22,6 +22,7 @@ from services.flux_kontext import KontextOptions
 from services.i18n import N_, Texts, texts
 from services.images import EXTENSIONS
 from services.job import (
+    FAL_SILENT_STARTED,
     NOTE_CANCEL_REQUESTED_BY,
     NOTE_FAL_SILENT,
     NOTE_FROM_DEFAULTS,
@@ -208,7 +209,14 @@ def _render(job: Job, _: Texts) -> Rendered:
         return Rendered(job.id, _waiting_text(job, _), embed, WHILE_WAITING)
     if state is JobState.SUBMITTING:
         return Rendered(job.id, _("📤 Sending your edit to FLUX.1 Kontext…"), embed)
-    if state is JobState.QUEUED and job.notes.get(NOTE_FAL_SILENT):
+    silent = job.notes.get(NOTE_FAL_SILENT)
+    if silent == FAL_SILENT_STARTED and state in (JobState.QUEUED, JobState.RUNNING):
+        text = _(
+            "📡 fal.ai is not answering. It has started your edit, so the bot keeps asking for the "
+            "result: you get it once fal is back."
+        )
+        return Rendered(job.id, text, embed)
+    if state is JobState.QUEUED and silent:
         text = _(
             "📡 fal.ai is not answering. Your edit may still be in its queue, so the bot keeps asking: "
             "you get the result if fal makes it; if not, it is cancelled there, unbilled."

@@ -24,8 +24,12 @@ NOTE_PRIVATE_REPLY = "private_reply"  # Discord made the reply ephemeral (the se
 NOTE_FROM_DEFAULTS = "from_defaults"  # the options filled from the member's defaults (/kontext-settings)
 NOTE_PRIVATE_FIRST = "private_first"  # the member sees the result alone first, with Share to channel
 NOTE_SHARED_AS = "shared_as"  # the message that shared a private-first result in the channel
-NOTE_FAL_SILENT = "fal_silent"  # neither its status nor a cancel got through: fal may still run it
+NOTE_FAL_SILENT = "fal_silent"  # fal answers nothing about the job: FAL_SILENT_*
 NOTE_LATE_BY_DM = "late_by_dm"  # the bot could not post in the channel: the late result came by DM
+
+# What fal's silence means for the job (NOTE_FAL_SILENT).
+FAL_SILENT_QUEUED = "queued"  # neither its status nor a cancel got through: fal may still run it
+FAL_SILENT_STARTED = "started"  # fal runs or ran it (billed): its result is waited for
 
 # Where a result that outlives its reply's token will come (NOTE_REPLY_EXPIRING).
 REPLY_EXPIRING_IN_CHANNEL = "channel"
@@ -224,6 +228,13 @@ class Job(JobRequest):
         """Whether the reply can still be edited through the interaction token."""
         age = (now or time.time()) - self.interaction_created_at
         return age < INTERACTION_TOKEN_LIFETIME - TOKEN_SAFETY_MARGIN
+
+    # The notes are replaced, never changed in place: copies of the job (a render's) share them.
+    def note(self, key: str, value: Any) -> None:
+        self.notes = {**self.notes, key: value}
+
+    def drop_note(self, key: str) -> None:
+        self.notes = {name: value for name, value in self.notes.items() if name != key}
 
     @property
     def private_first(self) -> bool:

@@ -28,6 +28,8 @@ from .flux_kontext import KontextEdit, parse_output
 from .i18n import texts
 from .input_images import InputRejected, InputStager, InputUnavailable
 from .job import (
+    FAL_SILENT_QUEUED,
+    FAL_SILENT_STARTED,
     NOTE_CANCEL_REQUESTED_BY,
     NOTE_FAL_SILENT,
     NOTE_HANDED_BACK,
@@ -78,9 +80,6 @@ DELIVERY_GIVE_UP_SECONDS = 24 * 3600
 # coming back under nor prolong a ban for too many failed requests.
 DELIVERY_RETRY_SECONDS = 120.0
 DELIVERY_OUTAGE_MAX_WAIT = 300.0
-# A job in fal's line that fal answers nothing about, neither its status nor a cancel, is asked
-# again, as a delivery is, until a day after the request: fal never drops a queued job, and
-# runs (and bills) it when it is back.
 # How long a stop waits for a post under way (four images at a server's upload limit take a
 # while): within compose's stop_grace_period (30 s), with room for the rest of the shutdown.
 DELIVERY_STOP_SECONDS = 20.0
@@ -337,7 +336,7 @@ class JobRunner:
         job = self._jobs.get(job_id)
         if job is None or job.state.is_final or NOTE_WITHDRAWN in job.notes:
             return
-        job.notes = {**job.notes, NOTE_WITHDRAWN: reason}
+        job.note(NOTE_WITHDRAWN, reason)
         try:
             await self.cancel_here(job_id, by_user=0)
         except FalError as exc:
@@ -361,7 +360,7 @@ class JobRunner:
             # It runs: fal passes the request on, and the model most likely finishes and bills
             # it anyway. Keep following it; the member gets what was paid for (or the cancel,
             # if fal does stop it).
-            job.notes = {**job.notes, NOTE_CANCEL_REQUESTED_BY: by_user}
+            job.note(NOTE_CANCEL_REQUESTED_BY, by_user)
             self._listener.job_changed(job)
         return answer
 
@@ -552,6 +551,12 @@ class JobRunner:
         log.warning("job %d failed: %s (%s)", job.id, exc, exc.code, extra=_ids(job))
         await self._fail(job, exc.code, _describe_detail(exc))
 
+    @property
+    def _outage_backoff(self) -> Backoff:
+        """Retries through an outage (at fal or Discord, lasting minutes to hours): less and less
+        often, from where the runner's own pace stops."""
+        return Backoff(base=self._backoff.cap, cap=max(self._backoff.cap, DELIVERY_OUTAGE_MAX_WAIT))
+
     def _deadline(self, job: Job, *, since: float | None = None) -> float:
         """When the job times out, on the loop's clock: JOB_TIMEOUT after it was made (or `since`)."""
         loop = asyncio.get_running_loop()
@@ -599,25 +604,29 @@ class JobRunner:
         await self._apply_status(job, status)
 
     async def _follow(self, job: Job, deadline: float) -> None:
-        """Follow the job at fal to its result. JOB_TIMEOUT bounds the wait for fal to start it;
-        once fal runs it, it is billed whatever the bot does, so it is followed for as long
-        again, and its result fetched, rather than cancelled (a running job ignores a cancel).
-        At a deadline, or when fal stops answering, the job is cancelled at fal (if fal is back,
-        it must not run and bill it unseen); if fal answers that it runs or is done (it started
-        after the last status the bot saw), it is billed all the same and followed on, once, as a
-        job seen starting then."""
-        for last_chance in (False, True):
+        """Follow the job at fal to its result. JOB_TIMEOUT bounds the wait for fal to start it.
+        At that deadline, or when fal stops answering, a job fal was not seen starting is
+        cancelled at fal (if fal is back, it must not run and bill it unseen), unless fal answers
+        that it runs or is done (it started between two statuses). A job fal started is billed
+        whatever the bot does, so it is followed until its result is in hand (fal keeps the job,
+        and its result, through its own outages; a running job ignores a cancel), or until
+        fal still runs it JOB_TIMEOUT after it started."""
+        started_unseen = False  # fal answered a cancel: it had started the job between statuses
+        while True:
             try:
                 if not await self._follow_to_result(job, deadline):
                     return  # handed back: the hand-back stops this work, and the result would say "cancelled"
                 break
             except (TimeoutError, FalUnavailable) as exc:
-                answer = await self._cancel_until_answered(job)
-                started_unseen = job.started_at is None and answer in ("CANCELLATION_REQUESTED", "ALREADY_COMPLETED")
-                if last_chance or not started_unseen:
-                    raise
-                why = "past its deadline" if isinstance(exc, TimeoutError) else "its status unanswered"
-                log.info("job %d: %s, yet fal started it (%s); following it on", job.id, why, answer)
+                if job.started_at is not None or started_unseen:
+                    await self._pursue_billed(job, exc)
+                else:
+                    answer = await self._cancel_until_answered(job)
+                    if answer not in ("CANCELLATION_REQUESTED", "ALREADY_COMPLETED"):
+                        raise
+                    started_unseen = True
+                    why = "past its deadline" if isinstance(exc, TimeoutError) else "its status unanswered"
+                    log.info("job %d: %s, yet fal started it (%s); following it on", job.id, why, answer)
                 deadline = self._deadline(job, since=time.time())
         assert job.result is not None
         # Stored now only if files in DATA_DIR depend on it; images held in memory are gone
@@ -655,7 +664,7 @@ class JobRunner:
 
     async def _apply_status(self, job: Job, status: QueueStatus) -> None:
         if NOTE_FAL_SILENT in job.notes:  # stored by a run stopped while fal was silent: it answers now
-            job.notes = {key: value for key, value in job.notes.items() if key != NOTE_FAL_SILENT}
+            job.drop_note(NOTE_FAL_SILENT)
         for line in status.logs:
             log.debug("job %d fal log: %s", job.id, line)
         if status.state == "IN_QUEUE":
@@ -688,6 +697,53 @@ class JobRunner:
             self._results.discard(job.id, job.result)
             await self._fail(job, "result_expired" if isinstance(exc, FalResultExpired) else "missing_files", None)
 
+    async def _pursue_billed(self, job: Job, failure: TimeoutError | FalUnavailable) -> None:
+        """After `failure`, make ready another round of following a job fal started, or raise it:
+        fal still runs the job past its deadline (then cancelled, though it rarely stops), or fal
+        has not answered about it for a day."""
+        assert job.request is not None
+        silent = isinstance(failure, FalUnavailable)
+        if not silent:  # the deadline: a stuck job, or fal not answering (a hang looks the same)
+            status = await self._status_if_answered(job)
+            if status is not None and status.state != "COMPLETED":
+                await self._cancel_quietly(job)
+                raise failure
+            silent = status is None
+            if not silent:
+                log.info("job %d: done at fal, its result not in hand by its deadline; fetching it again", job.id)
+        if silent and not await self._until_fal_answers(job):
+            raise failure
+        if time.time() >= job.created_at + DELIVERY_GIVE_UP_SECONDS:
+            raise failure
+
+    async def _until_fal_answers(self, job: Job) -> bool:
+        """Wait for fal to answer about a job it started, asking its status less and less often,
+        until a day after the request (False then); the member's reply says so meanwhile."""
+        log.warning("job %d: fal does not answer about a job it started; asking until it does", job.id)
+        job.note(NOTE_FAL_SILENT, FAL_SILENT_STARTED)
+        self._listener.job_changed(job)
+        attempt = 0
+        try:
+            while time.time() < job.created_at + DELIVERY_GIVE_UP_SECONDS:
+                attempt += 1
+                await asyncio.sleep(self._outage_backoff.delay(attempt))
+                if await self._status_if_answered(job) is not None:
+                    break
+            else:
+                return False
+        finally:
+            job.drop_note(NOTE_FAL_SILENT)
+        self._listener.job_changed(job)  # the reply no longer says fal is silent
+        return True
+
+    async def _status_if_answered(self, job: Job) -> QueueStatus | None:
+        """The job's status at fal in one call; None if fal does not answer it."""
+        assert job.request is not None
+        try:
+            return await self._fal.status(job.request, deadline=math.inf, attempts=1)
+        except FalUnavailable:
+            return None
+
     async def _cancel_until_answered(self, job: Job) -> str | None:
         """Cancel the job at fal; fal's answer, or None when it never came. One fal was not seen
         starting may still be in its line (fal keeps a queued job through its own outages, and
@@ -698,17 +754,16 @@ class JobRunner:
         if answer is not None or job.started_at is not None:
             return answer
         log.warning("job %d: fal answers neither its status nor a cancel; asking until it does", job.id)
-        job.notes = {**job.notes, NOTE_FAL_SILENT: True}
+        job.note(NOTE_FAL_SILENT, FAL_SILENT_QUEUED)
         self._listener.job_changed(job)
-        outage = Backoff(base=self._backoff.cap, cap=max(self._backoff.cap, DELIVERY_OUTAGE_MAX_WAIT))
         attempt = 0
         try:
             while answer is None and time.time() < job.created_at + DELIVERY_GIVE_UP_SECONDS:
                 attempt += 1
-                await asyncio.sleep(outage.delay(attempt))
+                await asyncio.sleep(self._outage_backoff.delay(attempt))
                 answer = await self._cancel_quietly(job)
         finally:
-            job.notes = {key: value for key, value in job.notes.items() if key != NOTE_FAL_SILENT}
+            job.drop_note(NOTE_FAL_SILENT)
         return answer
 
     async def _cancel_quietly(self, job: Job) -> str | None:
@@ -811,7 +866,7 @@ class JobRunner:
             self._scheduler.stay(job_id)
             return
         self._handing_back.add(job_id)
-        job.notes = {**job.notes, NOTE_HANDED_BACK: True}
+        job.note(NOTE_HANDED_BACK, True)
         answered = self._hand_back_answers[job_id] = asyncio.get_running_loop().create_future()
         answer, asked = "not asked", False
         try:
@@ -832,7 +887,7 @@ class JobRunner:
             self._handing_back.discard(job_id)
             # It runs, or fal never heard of the hand-back; any other answer may hide a lost OK.
             if answer == "CANCELLATION_REQUESTED" or not asked:
-                job.notes = {key: value for key, value in job.notes.items() if key != NOTE_HANDED_BACK}
+                job.drop_note(NOTE_HANDED_BACK)
             self._scheduler.stay(job_id)
             return
         if not job.state.is_final:  # not cancelled by its member meanwhile
@@ -841,7 +896,7 @@ class JobRunner:
 
     async def _back_in_line(self, job: Job) -> None:
         self._handing_back.discard(job.id)
-        job.notes = {key: value for key, value in job.notes.items() if key != NOTE_HANDED_BACK}
+        job.drop_note(NOTE_HANDED_BACK)
         job.request = None
         job.submitted_at = job.queue_position = job.starts_at = None
         await self._transition(job, JobState.PENDING)
@@ -868,7 +923,7 @@ class JobRunner:
                 await self._retry_delivery(job, attempt)
             except Undeliverable as exc:
                 log.warning("job %d cannot be shown (%s); it is closed", job.id, exc)
-                job.notes = {**job.notes, NOTE_UNDELIVERABLE: str(exc)}
+                job.note(NOTE_UNDELIVERABLE, str(exc))
             job.delivered_at = time.time()
             job.interaction_token = ""  # of no more use, and not kept where a copy could leak it
             await self._store.save(job)
@@ -889,8 +944,10 @@ class JobRunner:
         raises Undeliverable. Nothing waits for a restart to try again."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + job.created_at + DELIVERY_GIVE_UP_SECONDS - time.time()
-        outage = Backoff(base=self._backoff.cap, cap=max(self._backoff.cap, DELIVERY_OUTAGE_MAX_WAIT))
-        phases = ((self._backoff, min(give_up, loop.time() + DELIVERY_RETRY_SECONDS)), (outage, give_up))
+        phases = (
+            (self._backoff, min(give_up, loop.time() + DELIVERY_RETRY_SECONDS)),
+            (self._outage_backoff, give_up),
+        )
         for backoff, deadline in phases:
             if deadline <= loop.time():
                 break

@@ -969,7 +969,7 @@ class Store(abc.ABC):
         buttons too (see cogs.views). Only these two columns, without a lease: the job is done,
         and whichever process drives or drove it writes nothing more."""
         job.posted_message_ids = [*job.posted_message_ids, message_id]
-        job.notes = {**job.notes, NOTE_SHARED_AS: message_id}
+        job.note(NOTE_SHARED_AS, message_id)
         await self._execute(
             "UPDATE jobs SET posted_message_ids = :ids, notes = :notes WHERE id = :id",
             {"ids": json.dumps(job.posted_message_ids), "notes": json.dumps(job.notes), "id": job.id},

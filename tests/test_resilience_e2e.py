@@ -729,32 +729,60 @@ async def test_hanging_submit_ends_in_a_clear_message(world):
     await still_serving(world)
 
 
-@pytest.mark.parametrize("op", ["status", "result", "file"])  # a stream alone down is polled around
 @pytest.mark.parametrize("fault", ["ingress_503", "drop", "hang"])
-async def test_fal_down_while_following_ends_in_a_clear_message(world, op, fault):
-    """Whatever the outage looks like and wherever it hits, the job ends with a clear message
-    and frees the member's places (the default allows 2 jobs at once per member)."""
-    # With the status polls down, the stream's one event before it drops must not already say
-    # COMPLETED (a loaded machine may open it after a 0.1 s job ended; the bot then rightly
-    # delivers), so that job runs for longer than the bot waits.
-    world.fal.default = JobScript(stream_mode="drop", run_time=30) if op == "status" else JobScript()
+async def test_fal_down_about_queued_jobs_ends_in_a_clear_message(world, fault):
+    """Whatever the outage looks like, jobs fal had not started end with a clear message and
+    free the member's places (the default allows 2 jobs at once per member)."""
+    # Queued for longer than the bot waits, and the stream's one event before it drops says so.
+    world.fal.default = JobScript(queue_positions=(3, 2, 1, 0), step=10, stream_mode="drop")
     await world.start_bot(JOB_TIMEOUT="3")
-    world.fal.fail_next(op, status=fault, times=100_000)
-    if op == "status":  # and the cancel sent then, whose answer would show the job done at fal
-        world.fal.fail_next("cancel", status=fault, times=100_000)
+    world.fal.fail_next("status", status=fault, times=100_000)
+    world.fal.fail_next("cancel", status=fault, times=100_000)  # so fal is silent about them
     handles = [await world.kontext(), await world.kontext()]  # the member's two places
-    if op == "status":
-        # fal may still hold the jobs, and would run them: the bot keeps asking, and says so,
-        # until fal answers (test_fal_behaviour_e2e.py shows a job fal ran meanwhile delivered).
-        for handle in handles:
-            await handle.wait_until(lambda h: shows(h, "fal.ai is not answering. Your edit may still be"), timeout=25)
-        world.fal.clear_faults()
+    # fal may still hold the jobs, and would run them: the bot keeps asking, and says so, until
+    # fal answers (test_fal_behaviour_e2e.py shows a job fal ran meanwhile delivered).
+    for handle in handles:
+        await handle.wait_until(lambda h: shows(h, "fal.ai is not answering. Your edit may still be"), timeout=25)
+    world.fal.clear_faults()
     for handle in handles:
         message = await finished(handle, timeout=20)
         assert text(message).startswith("❌")
         assert "fal.ai is not answering" in text(message) or "took too long" in text(message), text(message)
-    world.fal.clear_faults()
+    assert all(job.cancelled for job in world.fal.jobs.values()), world.fal.jobs  # never run unseen
     await still_serving(world)  # the places were given back
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        ("status",),  # while the job runs
+        ("status", "result"),  # fal's queue host down once it is done
+        ("file",),  # fal's CDN down: the result is known, its images are not at hand
+    ],
+    ids=["running", "done", "cdn"],
+)
+@pytest.mark.parametrize("fault", ["ingress_503", "drop", "hang"])
+async def test_a_job_fal_started_is_delivered_once_fal_is_back(world, ops, fault):
+    """fal bills a job it started whatever the bot does, and keeps it and its result through its
+    own outage: whatever the outage looks like and wherever it hits, the bot keeps asking (and
+    says so where fal is silent) and delivers once fal is back."""
+    # Seen running at once (the stream's one event before it drops), done a second later.
+    world.fal.default = JobScript(queue_positions=(0,), step=0, run_time=1.0, stream_mode="drop")
+    await world.start_bot(JOB_TIMEOUT="3")
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "Generating"))
+    for op in ops:
+        world.fal.fail_next(op, status=fault, times=100_000)
+    if ops == ("file",) and fault == "hang":
+        # fal answers the status: each round ends at the deadline, then the files are asked again.
+        await world.discord.wait_until(lambda: "fetching it again" in world.bot.log_text(), timeout=25)
+    else:
+        await handle.wait_until(lambda h: shows(h, "fal.ai is not answering. It has started your edit"), timeout=25)
+    world.fal.clear_faults()
+    await finished(handle, timeout=20)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("submit") == 1
+    await still_serving(world)
 
 
 # -- 6. Discord 5xx on the final edit -------------------------------------------------------------
