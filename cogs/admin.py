@@ -6,6 +6,7 @@ import dataclasses
 import io
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,16 @@ CHART_DAYS = 30
 # embeds of a message together.
 FIELD_VALUE_LIMIT = 1024
 EMBEDS_TOTAL_LIMIT = 6000
+
+
+# What a policy command changes, given the policy as it is: {field: new value}.
+PolicyEdit = Callable[[GuildPolicy], dict[str, Any]]
+
+
+def _given(**values: Any) -> PolicyEdit:
+    """The options a moderator gave, whatever the policy was (None: an option left out)."""
+    given = {name: value for name, value in values.items() if value is not None}
+    return lambda old: given
 
 
 class AllowableChannel(app_commands.Transformer):
@@ -249,28 +260,39 @@ class Admin(
         nsfw_maximum: app_commands.Range[int, 1, 6] | None = None,
     ) -> None:
         await self._change(
-            interaction, safety_default=default, safety_maximum=maximum, safety_nsfw_maximum=nsfw_maximum
+            interaction, _given(safety_default=default, safety_maximum=maximum, safety_nsfw_maximum=nsfw_maximum)
         )
 
     @access.command(name="channel-add", description=N_("Allow /kontext in this channel (then only listed channels)"))
     async def channel_add(self, interaction: discord.Interaction, channel: AllowedChannel) -> None:
-        policy = await self.bot.store.policy(interaction.guild_id or 0)
-        await self._change(interaction, allowed_channel_ids=policy.allowed_channel_ids | {channel.id})
+        await self._change(interaction, lambda old: {"allowed_channel_ids": old.allowed_channel_ids | {channel.id}})
 
     @access.command(name="channel-remove", description=N_("Stop allowing /kontext in this channel"))
     async def channel_remove(self, interaction: discord.Interaction, channel: AllowedChannel) -> None:
-        policy = await self.bot.store.policy(interaction.guild_id or 0)
-        if channel.id not in policy.allowed_channel_ids:
-            raise UserFacingError(N_("{channel} is not in the list of allowed channels."), channel=channel.mention)
-        await self._change(interaction, allowed_channel_ids=policy.allowed_channel_ids - {channel.id})
+        def without_it(old: GuildPolicy) -> dict[str, Any]:
+            if channel.id not in old.allowed_channel_ids:
+                raise UserFacingError(N_("{channel} is not in the list of allowed channels."), channel=channel.mention)
+            if old.allowed_channel_ids == {channel.id}:
+                # An empty list allows every channel: the opposite of what removing one means.
+                raise UserFacingError(
+                    N_(
+                        "{channel} is the only channel /kontext is allowed in, and with none listed it is allowed "
+                        "in every channel. Add the channel it should be used in instead first, or use "
+                        "`/kontext-admin access all-channels` to allow every channel."
+                    ),
+                    channel=channel.mention,
+                )
+            return {"allowed_channel_ids": old.allowed_channel_ids - {channel.id}}
+
+        await self._change(interaction, without_it)
 
     @access.command(name="all-channels", description=N_("Allow /kontext in every channel again"))
     async def all_channels(self, interaction: discord.Interaction) -> None:
-        await self._change(interaction, allowed_channel_ids=frozenset())
+        await self._change(interaction, _given(allowed_channel_ids=frozenset()))
 
     @access.command(name="role", description=N_("Require a role to use /kontext (reset it to allow everyone)"))
     async def role(self, interaction: discord.Interaction, role: discord.Role) -> None:
-        await self._change(interaction, required_role_id=role.id)
+        await self._change(interaction, _given(required_role_id=role.id))
 
     @app_commands.command(name="limits", description=N_("How often and how much members may use the bot"))
     @app_commands.describe(
@@ -293,12 +315,14 @@ class Admin(
     ) -> None:
         await self._change(
             interaction,
-            cooldown_seconds=cooldown_seconds,
-            daily_jobs_per_member=daily_jobs,
-            concurrent_jobs_per_member=member_concurrent,
-            concurrent_jobs_per_guild=server_concurrent,
-            monthly_image_budget=monthly_images,
-            monthly_usd_budget=monthly_usd,
+            _given(
+                cooldown_seconds=cooldown_seconds,
+                daily_jobs_per_member=daily_jobs,
+                concurrent_jobs_per_member=member_concurrent,
+                concurrent_jobs_per_guild=server_concurrent,
+                monthly_image_budget=monthly_images,
+                monthly_usd_budget=monthly_usd,
+            ),
         )
 
     @app_commands.command(name="log-channel", description=N_("Post one line per job (and every policy change) here"))
@@ -314,7 +338,7 @@ class Admin(
                 ),
                 channel=channel.mention,
             )
-        await self._change(interaction, log_channel_id=channel.id)
+        await self._change(interaction, _given(log_channel_id=channel.id))
 
     @app_commands.command(name="reset", description=N_("Put a setting (or everything) back to its default"))
     @app_commands.choices(
@@ -323,36 +347,43 @@ class Admin(
     )
     async def reset(self, interaction: discord.Interaction, setting: str) -> None:
         names = list(POLICY_FIELDS) if setting == EVERYTHING else [setting]
-        await self._change(interaction, _explicit=True, **{name: POLICY_FIELDS[name].default for name in names})
+        defaults = {name: POLICY_FIELDS[name].default for name in names}
+        await self._change(interaction, lambda old: defaults)
 
-    async def _change(self, interaction: discord.Interaction, _explicit: bool = False, **values: Any) -> None:
-        """Apply the given values (None = option not given, unless `_explicit`), validate, store,
-        confirm to the moderator (in their language) and note it in the log channel (in the
-        server's)."""
-        assert interaction.guild_id is not None
+    async def _change(self, interaction: discord.Interaction, changes_to: PolicyEdit) -> None:
+        """Apply the changes `changes_to` makes of the policy as it is, validate, store, confirm to
+        the moderator (in their language) and note it in the log channel (in the server's), and
+        in the one it was until now. One change at a time per server: two moderators at once
+        would each write back the policy they read, undoing the other's change."""
+        guild_id = interaction.guild_id
+        assert guild_id is not None
         _ = member_texts(interaction)
-        changes = values if _explicit else {name: value for name, value in values.items() if value is not None}
-        if not changes:
-            raise UserFacingError(N_("Give at least one option to change."))
-        old = await self.bot.store.policy(interaction.guild_id)
-        new = dataclasses.replace(old, **changes)
-        problems = validate_policy(new, _)
-        if problems:
-            raise UserFacingError(N_("Not saved: {problems}"), problems="; ".join(problems))
-        await self.bot.store.save_policy(interaction.guild_id, new, by_user=interaction.user.id, now=time.time())
+        async with self.bot.store.exclusive(f"policy:{guild_id}"):
+            old = await self.bot.store.policy(guild_id)
+            changes = changes_to(old)
+            if not changes:
+                raise UserFacingError(N_("Give at least one option to change."))
+            new = dataclasses.replace(old, **changes)
+            problems = validate_policy(new, _)
+            if problems:
+                raise UserFacingError(N_("Not saved: {problems}"), problems="; ".join(problems))
+            await self.bot.store.save_policy(guild_id, new, by_user=interaction.user.id, now=time.time())
         changed = [name for name in changes if getattr(old, name) != getattr(new, name)]
         log.info(
             "guild %d: %s changed the policy: %s",
-            interaction.guild_id,
+            guild_id,
             interaction.user.id,
             {name: getattr(new, name) for name in changes},
         )
         await interaction.response.send_message(_change_text(changed, old, new, _), ephemeral=True)
-        server = server_texts(self.bot, interaction.guild_id)
-        heading = server(POLICY_CHANGED, moderator=interaction.user.mention)
-        await post_to_log_channel(
-            self.bot, interaction.guild_id, new, f"{heading}\n{_change_text(changed, old, new, server)}"
+        server = server_texts(self.bot, guild_id)
+        note = (
+            f"{server(POLICY_CHANGED, moderator=interaction.user.mention)}\n{_change_text(changed, old, new, server)}"
         )
+        await post_to_log_channel(self.bot, guild_id, new, note)
+        if old.log_channel_id not in (None, new.log_channel_id):
+            # Moved or turned off: the moderators reading the old log see where it went.
+            await post_to_log_channel(self.bot, guild_id, old, note)
 
 
 def _fair_shares(lengths: list[int], room: int) -> list[int]:

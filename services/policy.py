@@ -477,7 +477,7 @@ def validate_policy(policy: GuildPolicy, in_language: Texts | None = None) -> li
         if value is not None and value < 0:
             problems.append(_("{setting} must not be negative (is {value}).", setting=label[name], value=value))
 
-    # A zero budget would silently stop the bot; "unlimited" is None, a pause is a channel list.
+    # A zero budget would silently stop the bot; "unlimited" is None.
     if policy.monthly_image_budget is not None and policy.monthly_image_budget <= 0:
         problems.append(
             _(

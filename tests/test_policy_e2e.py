@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fakes.discord_fake import EPHEMERAL, SEND_MESSAGES
+from fakes.discord_fake import EPHEMERAL, MOD_PERMISSIONS, SEND_MESSAGES
 from fakes.fal_fake import JobScript, model_error
 from tests.e2e import admin, details, finished, private_answer, text
 
@@ -176,6 +176,33 @@ async def test_access_by_channel_and_role(world):
     assert len(world.fal.submits) == 2
 
 
+async def test_the_last_allowed_channel_is_not_removed_into_every_channel(world):
+    """With no channel listed, /kontext is allowed in every channel: removing the only one
+    listed would open the bot everywhere (age-restricted channels too), the opposite of what the
+    moderator asked. It is refused, saying how to do either."""
+    await world.start_bot()
+    await admin(world, "access channel-add", channel=world.discord.nsfw_channel_id)
+    answer = await admin(world, "access channel-remove", channel=world.discord.nsfw_channel_id)
+    assert "is the only channel /kontext is allowed in" in answer and "access all-channels" in answer, answer
+    assert "isn't enabled in this channel" in await refused(world)
+    assert f"**Allowed channels**: <#{world.discord.nsfw_channel_id}>" in await admin(world, "show")
+
+
+async def test_two_moderators_changing_the_policy_at_once_keep_both_changes(world):
+    """Each change is made to the policy as the one before left it, not as both read it."""
+    fake = world.discord
+    fake.add_member(name="mod2", permissions=MOD_PERMISSIONS)
+    channels = [fake.add_channel(f"art-{i}")["id"] for i in range(4)]
+    await world.start_bot()
+    pressed = [
+        await fake.invoke_slash("kontext-admin access channel-add", options={"channel": channel}, user=user)
+        for channel, user in zip(channels, ["mod", "mod2"] * 2, strict=True)
+    ]
+    await asyncio.gather(*(handle.wait_for_callback() for handle in pressed))
+    shown = await admin(world, "show")
+    assert all(f"<#{channel}>" in shown for channel in channels), shown
+
+
 async def test_a_server_with_many_allowed_channels_can_still_be_moderated(world):
     channels = [world.discord.add_channel(f"art-{i}")["id"] for i in range(50)]
     await world.start_bot()
@@ -238,6 +265,21 @@ async def test_changes_and_jobs_are_posted_in_the_log_channel(world):
     assert not any(m.flags & EPHEMERAL for m in world.discord.channel_messages(log_channel))
 
 
+async def test_moving_or_turning_off_the_log_channel_is_noted_in_the_old_one(world):
+    """The moderators reading the log see where it went: a log moved to a channel only one of
+    them sees, or turned off, before other changes, would leave them none the wiser."""
+    fake = world.discord
+    first, second = fake.add_channel("kontext-log"), fake.add_channel("mods-only")
+    await world.start_bot()
+    await admin(world, "log-channel", channel=first["id"])
+    await admin(world, "log-channel", channel=second["id"])
+    await fake.wait_until(lambda: f"<#{second['id']}>" in text(fake.channel_messages(first["id"])[-1]))
+    assert f"<#{first['id']}> → <#{second['id']}>" in text(fake.channel_messages(second["id"])[-1])
+    await admin(world, "reset", setting="log_channel_id")
+    await fake.wait_until(lambda: "→ not set" in text(fake.channel_messages(second["id"])[-1]))
+    assert len(fake.channel_messages(first["id"])) == 2
+
+
 async def test_a_log_channel_that_does_not_answer_does_not_hold_the_job_open(world):
     """The log line is the moderators' side note: the job is done once its member has the
     result, however long the log channel takes (here: the post is lost in flight)."""
@@ -267,7 +309,7 @@ async def test_a_forum_can_be_allowed_and_its_posts_follow_it(world):
     assert text(message).startswith("✅")
     assert "isn't enabled in this channel" in await refused(world)
     assert f"<#{forum['id']}>" in await admin(world, "show")
-    await admin(world, "access channel-remove", channel=forum["id"])
+    await admin(world, "access all-channels")
     assert "every channel" in await admin(world, "show")
 
 
