@@ -49,7 +49,7 @@ from services.redact import describe_error
 from services.runner import DeliveryProgress, Undeliverable
 
 from .modlog import post_to_log_channel
-from .render import Rendered, attachment_name, job_log_line, pack_files, render
+from .render import STARTS_A_JOB, Rendered, attachment_name, job_log_line, pack_files, render
 from .translation import server_texts
 from .views import (
     MAX_GALLERY_ITEMS,
@@ -502,7 +502,13 @@ class DiscordPresenter:
             await channel.fetch_message(job.message_id)
         rendered, groups = _packed(job, rendered, as_card, *self._own_upload_limit(job, place.in_channel))
         content = f"{lead} {rendered.content}" if place.in_channel else f"{lead}\n{rendered.content}"
-        rendered = dataclasses.replace(rendered, content=content)  # the caller's stays as it was, for a DM after all
+        buttons = rendered.buttons
+        if not place.in_channel and not job.place.personal:
+            # A server's job in the member's DM, where a new job would follow the rules for
+            # personal use: its Re-roll, Edit and Try again stay in the server (see views.job_for).
+            buttons = tuple(action for action in buttons if action not in STARTS_A_JOB)
+        # The caller's stays as it was, for a DM after all.
+        rendered = dataclasses.replace(rendered, content=content, buttons=buttons)
         # Parts already shown through the interaction (public follow-ups) are not posted again;
         # the first one posted here says what it is.
         start = job.delivered_parts

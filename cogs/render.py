@@ -118,6 +118,8 @@ ON_RESULT = (JobAction.REROLL, JobAction.EDIT, JobAction.DELETE)
 # A result the member sees alone first, until they share it.
 ON_PRIVATE_RESULT = (JobAction.SHARE, *ON_RESULT)
 ON_FAILURE = (JobAction.RETRY,)
+# The buttons that start a new job, governed by the place they are pressed in.
+STARTS_A_JOB = frozenset({JobAction.REROLL, JobAction.RETRY, JobAction.EDIT})
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .errors import UserFacingError, place_of, placeholder_withdrawn_on_failure,
 from .inputs import image_url, is_image_attachment
 from .intake import is_nsfw_channel, requester_in
 from .modal import PromptModal, answer_of, form_id, start_edit
-from .render import JobAction, Rendered, in_public, posted_names, render
+from .render import STARTS_A_JOB, JobAction, Rendered, in_public, posted_names, render
 from .translation import member_texts
 
 log = logging.getLogger(__name__)
@@ -483,6 +483,14 @@ async def job_for(interaction: Interaction, job_id: int, key: str | None, action
     refusal = BUTTONS[action].refusal
     if refusal is not None and interaction.user.id != job.user_id and not is_moderator(interaction):
         raise UserFacingError(refusal)
+    if action in STARTS_A_JOB and interaction.guild_id is None and not job.place.personal:
+        # A server's job in the member's DM (its copies there carry no such button since): a new
+        # job here would follow the rules for personal use, not the server's.
+        shared_as = job.notes.get(NOTE_SHARED_AS)
+        raise UserFacingError(
+            N_("This edit was made in a server and follows its rules: re-roll or edit it there, {where}."),
+            where=_message_link(job, shared_as) if shared_as is not None else f"<#{job.channel_id}>",
+        )
     return job
 
 

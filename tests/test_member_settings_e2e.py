@@ -216,6 +216,26 @@ async def private_result_by_dm(world, **options):
     return card
 
 
+async def test_a_servers_result_in_the_dm_is_re_rolled_and_edited_only_in_the_server(world):
+    """Pressed in the DM, Re-roll, Edit or Try again would start a job under the rules for
+    personal use (off by default: "works only in servers"), not the server's: the DM copy of a
+    server's job carries none, and such a button on an older copy says where to press it."""
+    card = await private_result_by_dm(world)
+    assert has_button(card, "share") and has_button(card, "delete")
+    assert not has_button(card, "reroll") and not has_button(card, "edit"), card.components
+    job_id, key = button(card, "share").split(":")[2:]
+    reroll = f"kontext:reroll:{job_id}:{key}"
+    world.discord.messages[card.id].components.append(
+        {"type": 1, "components": [{"type": 2, "style": 1, "label": "Re-roll", "custom_id": reroll}]}
+    )
+    pressed = await world.discord.click_button(card.id, reroll, user="alice")
+    await pressed.wait_for_callback()
+    assert private_answer(pressed) == (
+        f"This edit was made in a server and follows its rules: re-roll or edit it there, <#{world.discord.channel_id}>."
+    )
+    assert world.fal.count("submit") == 1
+
+
 async def test_share_from_the_dm_applies_the_policy_of_the_channel_it_posts_in(world):
     adult = world.discord.nsfw_channel_id
     card = await private_result_by_dm(world, channel_id=adult, safety_tolerance=4)
