@@ -15,7 +15,10 @@ are handed back (a queued job cancelled at fal is removed and never billed), but
 chosen the same fair way, so they take their turn too; and a server joining the line with fewer
 jobs running than the server of a job in the margin takes that job's place at the front of fal's
 line. A number running held above the ceiling
-means the limit rose (or was never there): every job goes to fal at once again.
+means the limit rose (or was never there): the limit is raised to it, and a margin more goes to
+fal, again and again while the number keeps rising. One kept below
+it for a job length while a job of ours waits in fal's line means the limit fell: the ceiling
+comes down to what runs, and the limit is seen again there.
 
 An operator's cap (`MAX_CONCURRENT_JOBS`) bounds the jobs at fal whatever fal shows.
 """
@@ -130,8 +133,10 @@ class FairScheduler:
         # The line: server -> member -> their waiting jobs, in the order they were accepted.
         self._line: dict[int, dict[int, list[_Waiter]]] = {}
         self._waiters: dict[int, _Waiter] = {}
-        # Our jobs fal has taken and not started: its line (jobs still being sent are not in it).
+        # Our jobs fal has taken and not started: its line (jobs still being sent are not in it),
+        # and since when it has held one without a break (on `clock`).
         self._in_fals_line: set[int] = set()
+        self._fals_line_held_since: float | None = None
         self._displacing: set[int] = set()
         # What fal shows of the account's limit.
         self.limit: int | None = None
@@ -141,6 +146,7 @@ class FairScheduler:
         self._level_since = -math.inf
         self._left_ceiling_at: float | None = None
         self._starts_off_ceiling = 0  # starts seen since the count left the ceiling
+        self._highest_off_ceiling = 0  # the highest count held since then
         # When each server, and each member, with jobs waiting or at fal had its turn (a serial
         # number): when last let in, or when it joined the line with nothing waiting or at fal.
         # Ties go to the lowest, so servers with equal shares take turns and one joining the
@@ -172,7 +178,7 @@ class FairScheduler:
     def resumed_at_fal(self, job_id: int, guild_id: int, user_id: int) -> None:
         """A job found at fal after a restart: it counts as at fal without waiting its turn."""
         if not self._at_fal.setdefault(job_id, False):
-            self._in_fals_line.add(job_id)
+            self._joined_fals_line(job_id)
         self._own(job_id, (guild_id, user_id))
 
     def submitted(self, job_id: int) -> None:
@@ -185,7 +191,7 @@ class FairScheduler:
         if job_id not in self._at_fal:
             return
         self._at_fal[job_id] = self._at_fal.pop(job_id)
-        self._in_fals_line.add(job_id)
+        self._joined_fals_line(job_id)
         if self.limit is None:
             return  # every job goes to fal at once: nothing to count (a pass over all of them)
         kept = sum(
@@ -202,7 +208,7 @@ class FairScheduler:
         if self._at_fal.get(job_id, True):
             return  # unknown, or already running
         self._at_fal[job_id] = True
-        self._in_fals_line.discard(job_id)
+        self._left_fals_line(job_id)
         self._running_changed(started=True)
         self._release_waiters()  # the ceiling may have risen past the limit
 
@@ -210,7 +216,7 @@ class FairScheduler:
         """The job ended at fal (done, failed, cancelled) or was handed back to the line."""
         was_running = self._at_fal.pop(job_id, None)
         self._disown(job_id)
-        self._in_fals_line.discard(job_id)
+        self._left_fals_line(job_id)
         self._displacing.discard(job_id)
         if was_running:
             if ran_for is not None and ran_for > 0:
@@ -219,6 +225,16 @@ class FairScheduler:
                 self._runs_seen += 1
             self._running_changed()
         self._release_waiters()
+
+    def _joined_fals_line(self, job_id: int) -> None:
+        if not self._in_fals_line:
+            self._fals_line_held_since = self._clock()
+        self._in_fals_line.add(job_id)
+
+    def _left_fals_line(self, job_id: int) -> None:
+        self._in_fals_line.discard(job_id)
+        if not self._in_fals_line:
+            self._fals_line_held_since = None
 
     @property
     def _handoff_window(self) -> float:
@@ -236,7 +252,7 @@ class FairScheduler:
         if now - self._level_since > window:
             self._held(previous)
         if previous == self._ceiling != running:
-            self._left_ceiling_at, self._starts_off_ceiling = now, 0
+            self._left_ceiling_at, self._starts_off_ceiling, self._highest_off_ceiling = now, 0, 0
         self._starts_off_ceiling += started
         if (
             running == self._ceiling != previous
@@ -247,15 +263,46 @@ class FairScheduler:
             self._handoffs += self._starts_off_ceiling  # each start took a freed slot
             self._check_for_limit()
         self._level, self._level_since = running, now
+        self._lower_a_ceiling_out_of_reach(now)
 
     def _held(self, running: int) -> None:
         if running > self._ceiling:
-            # More at once than ever: no limit in sight (or a higher one).
+            # More at once than ever: no limit in sight, or a higher one. A known limit is raised
+            # to the count, so a margin more goes to fal, and again while the count keeps rising:
+            # a few steps to fal's new limit, where setting it aside would send the whole line
+            # to fal, to be handed back again if the rise was a start seen before the finish
+            # that made room for it.
             self._ceiling = running
             self._handoffs = 0
-            self.limit = None
-        elif running < self._ceiling and self.queued_at_fal:
-            self._handoffs = 0  # room to spare while jobs waited at fal: no limit at work
+            if self.limit is not None:
+                self.limit = running
+                log.info("more of our jobs run at once (%d): fal's limit rose", running)
+        elif running < self._ceiling:
+            self._highest_off_ceiling = max(self._highest_off_ceiling, running)
+            if self.queued_at_fal:
+                self._handoffs = 0  # room to spare while jobs waited at fal: no limit at work
+
+    def _lower_a_ceiling_out_of_reach(self, now: float) -> None:
+        """fal's line has held jobs of ours since the count left the ceiling, a job length ago
+        and more, and no more than `_highest_off_ceiling` ran meanwhile: fal allows no more now. Its limit fell (another app on the key, fal's own choice), or a start seen long
+        before the finish that made room raised the ceiling past it. So the ceiling comes down,
+        and the limit is seen again there."""
+        left = self._left_ceiling_at
+        if left is None or self._level >= self._ceiling or now - left < self._job_length:
+            return
+        held_since = self._fals_line_held_since
+        if held_since is None or held_since > left or not self._highest_off_ceiling:
+            return
+        log.info(
+            "fewer of our jobs run than before (%d, not %d): watching for a lower limit",
+            self._highest_off_ceiling,
+            self._ceiling,
+        )
+        self._ceiling = self._highest_off_ceiling
+        self._handoffs = 0
+        # Below the new ceiling still (a count held while the line drained): watched afresh.
+        self._left_ceiling_at = now if self._level < self._ceiling else None
+        self._highest_off_ceiling = 0
 
     def _check_for_limit(self) -> None:
         if self._handoffs < max(HANDOFFS_TO_SEE_A_LIMIT, self._ceiling) or self.limit == self._ceiling:

@@ -195,17 +195,60 @@ async def test_starts_that_do_not_follow_finishes_show_no_limit():
     assert s.limit is None and handed_back == []
 
 
-async def test_a_start_past_the_ceiling_means_the_limit_rose():
+async def test_a_count_held_past_the_ceiling_raises_the_limit_a_step_at_a_time():
+    """fal's limit rose: each count held above the ceiling is the new limit, so a margin more goes
+    to fal, and the count rises again, to fal's new limit in a few steps."""
     clock = Clock()
     s, _, _ = scheduler(clock)
     run_at_the_limit(s, clock, limit=2, queued=10)
     assert s.limit == 2
-    s.resumed_at_fal(999, 1, 999)
-    s.started(999)  # a third one runs at once, and no finish makes room for it
-    clock.now += HANDOFF_SECONDS + 0.5
-    s.resumed_at_fal(1000, 1, 1000)
-    s.started(1000)
-    assert s.limit is None and not s.must_wait()
+    for extra in (999, 1000, 1001):  # a third, then a fourth runs, with no finish making room
+        s.resumed_at_fal(extra, 1, extra)
+        s.started(extra)
+        clock.now += HANDOFF_SECONDS + 0.5
+    assert s.limit == 4
+
+
+def fal_at(limit: int, s: FairScheduler, clock: Clock, running: list[int], line: list[int], finishes: int) -> None:
+    """fal allowing `limit` of our jobs at once: one of those running finishes every 1.5 s, and
+    the first of its `line` start while fewer run."""
+    for _ in range(finishes):
+        clock.now += 1.5
+        s.left_fal(running.pop(0), ran_for=4.0)
+        while len(running) < limit and line:
+            running.append(line.pop(0))
+            s.started(running[-1])
+
+
+async def test_a_limit_that_fell_is_seen_again():
+    """Fewer of our jobs run than the limit for a job length and more while ours wait in fal's
+    line: fal's limit fell (another app on the key). The ceiling comes down to what runs, and the
+    limit is seen there: kept at the old one, the bot would leave jobs in fal's first-come line."""
+    clock = Clock()
+    s, _, _ = scheduler(clock)
+    line = run_at_the_limit(s, clock, limit=4, queued=40, job_length=4.0)
+    assert s.limit == 4
+    running = list(range(line[0] - 4, line[0]))
+    fal_at(2, s, clock, running, line, finishes=20)
+    assert s.limit == 2
+
+
+async def test_a_ceiling_raised_by_a_start_seen_early_comes_down_again():
+    """A start seen long before the finish that made room for it (a status that came late) makes
+    one more look held: the limit is raised a step, then lowered again once fal shows that it
+    runs no more. Before, the ceiling stayed up, the limit was never seen again, and every job
+    went to fal's first-come line for good."""
+    clock = Clock()
+    s, _, _ = scheduler(clock)
+    line = run_at_the_limit(s, clock, limit=4, queued=40, job_length=4.0)
+    running = list(range(line[0] - 4, line[0]))
+    running.append(line.pop(0))
+    s.started(running[-1])
+    clock.now += 1.5
+    s.left_fal(running.pop(0), ran_for=4.0)  # its finish, seen 1.5 s late
+    assert s.limit == 5
+    fal_at(4, s, clock, running, line, finishes=12)
+    assert s.limit == 4
 
 
 async def test_a_start_seen_just_before_the_finish_that_made_room_is_a_handoff():
