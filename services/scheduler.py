@@ -128,6 +128,10 @@ class FairScheduler:
         self._wall_clock = wall_clock
         # Our jobs at fal, by id: True once it runs.
         self._at_fal: dict[int, bool] = {}
+        # When each running job started (on `wall_clock`), for the start estimates; and when
+        # they should end, soonest first, while no job starts or ends.
+        self._started_at: dict[int, float] = {}
+        self._ends: list[float] | None = None
         self._owners: dict[int, Owner] = {}  # job -> (server, member), while at fal
         self._shares_held: Counter[int | Owner] = Counter()  # jobs at fal by server and by (server, member)
         # The line: server -> member -> their waiting jobs, in the order they were accepted.
@@ -208,6 +212,8 @@ class FairScheduler:
         if self._at_fal.get(job_id, True):
             return  # unknown, or already running
         self._at_fal[job_id] = True
+        self._started_at[job_id] = self._wall_clock()
+        self._ends = None
         self._left_fals_line(job_id)
         self._running_changed(started=True)
         self._release_waiters()  # the ceiling may have risen past the limit
@@ -218,6 +224,8 @@ class FairScheduler:
         self._disown(job_id)
         self._left_fals_line(job_id)
         self._displacing.discard(job_id)
+        if self._started_at.pop(job_id, None) is not None:
+            self._ends = None
         if was_running:
             if ran_for is not None and ran_for > 0:
                 # The first job seen replaces the guess; later ones move a running average.
@@ -504,7 +512,14 @@ class FairScheduler:
 
     def start_estimate(self, ahead: int) -> float | None:
         """When a job with `ahead` jobs queued before it (itself counted) should start, once fal's
-        limit is known: every job length, `limit` of them start."""
+        limit is known: each takes the slot of the next running job to end (a job length after
+        its start), and each slot starts another every job length."""
         if self.limit is None:
             return None
-        return self._wall_clock() + math.ceil(ahead / self.limit) * self._job_length
+        now = self._wall_clock()
+        if self._ends is None:
+            self._ends = sorted(started + self._job_length for started in self._started_at.values())
+        rounds, slot = divmod(ahead - 1, max(self.limit, 1))
+        # A slot no job of ours holds is free at once; a job past its length may end any moment.
+        first = self._ends[slot] if slot < len(self._ends) else now
+        return max(now, first) + rounds * self._job_length

@@ -334,13 +334,21 @@ async def test_places_are_reported_at_once_then_at_most_once_an_interval():
     await asyncio.gather(*waits, return_exceptions=True)
 
 
-async def test_start_estimates_once_the_limit_is_known():
+async def test_start_estimates_follow_the_ends_of_the_running_jobs():
+    """Once the limit is known, each job waiting takes the slot of the next running job to end,
+    and each slot starts another every job length. Rounded up to whole job lengths, as they
+    were, the first 4 in line all read "in 8 s" and the fifth "in 16 s"."""
     clock = Clock()
     s, _, _ = scheduler(clock)
     assert s.start_estimate(5) is None
-    run_at_the_limit(s, clock, limit=4, queued=10, job_length=8.0)
-    estimate = s.start_estimate(9)
-    assert estimate is not None and estimate > clock.now
+    line = run_at_the_limit(s, clock, limit=4, queued=20, job_length=8.0)
+    running = list(range(line[0] - 4, line[0]))
+    for _ in range(4):  # fal's slots handed on 2 s apart: the jobs now running end 2 s apart
+        clock.now += 2.0
+        s.left_fal(running.pop(0), ran_for=8.0)
+        running.append(line.pop(0))
+        s.started(running[-1])
+    assert [s.start_estimate(ahead) - clock.now for ahead in (1, 2, 4, 5, 9)] == [2, 4, 8, 10, 18]
 
 
 async def test_a_job_that_gives_up_while_another_leaves_fal_does_not_break_the_line():
