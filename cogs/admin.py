@@ -375,7 +375,15 @@ class Admin(
             interaction.user.id,
             {name: getattr(new, name) for name in changes},
         )
-        await interaction.response.send_message(_change_text(changed, old, new, _), ephemeral=True)
+        answer = _change_text(changed, old, new, _)
+        if {"safety_maximum", "safety_nsfw_maximum"} & set(changed) and new.safety_nsfw_maximum < new.safety_maximum:
+            # Allowed (a server may want its age-restricted channels stricter), rarely meant.
+            answer += "\n" + _(
+                "⚠️ Age-restricted channels keep their own maximum, {maximum}, stricter than the one for other "
+                "channels: set `nsfw_maximum` too to allow more there.",
+                maximum=new.safety_nsfw_maximum,
+            )
+        await interaction.response.send_message(answer, ephemeral=True)
         server = server_texts(self.bot, guild_id)
         note = (
             f"{server(POLICY_CHANGED, moderator=interaction.user.mention)}\n{_change_text(changed, old, new, server)}"

@@ -176,6 +176,19 @@ async def test_access_by_channel_and_role(world):
     assert len(world.fal.submits) == 2
 
 
+async def test_a_maximum_above_the_nsfw_maximum_is_pointed_out(world):
+    """Age-restricted channels have a maximum of their own (4 by default), which replaces the
+    ordinary one: raising the ordinary one past it leaves them the stricter, which is allowed
+    but rarely what a moderator means, so the confirmation says so."""
+    await world.start_bot()
+    answer = await admin(world, "safety", maximum=5)
+    assert answer.endswith(
+        "⚠️ Age-restricted channels keep their own maximum, 4, stricter than the one for other channels: "
+        "set `nsfw_maximum` too to allow more there."
+    ), answer
+    assert "⚠️" not in await admin(world, "safety", nsfw_maximum=5)
+
+
 async def test_the_last_allowed_channel_is_not_removed_into_every_channel(world):
     """With no channel listed, /kontext is allowed in every channel: removing the only one
     listed would open the bot everywhere (age-restricted channels too), the opposite of what the
