@@ -159,6 +159,8 @@ class JobRunner:
         self._work: dict[int, asyncio.Task[None]] = {}
         self._cancel_requests: dict[int, int] = {}
         self._delivering: set[int] = set()
+        # Jobs whose run fal went silent about: their time at fal is no job length.
+        self._runs_unseen: set[int] = set()
         # Jobs being handed back from fal's line to the bot's (see FairScheduler), and for those
         # whose cancel is on its way, whether fal took them out of its line.
         self._handing_back: set[int] = set()
@@ -276,6 +278,9 @@ class JobRunner:
             if job.state.at_fal:
                 # Already at fal: it must be followed now, not queued again.
                 self._scheduler.resumed_at_fal(job.id, job.guild_id or 0, job.user_id)
+                if job.state is JobState.RUNNING:  # stored as fal went silent about it
+                    self._runs_unseen.add(job.id)
+                    self._scheduler.started(job.id)
             self._start(job)
 
     def drop(self, job_id: int) -> None:
@@ -527,10 +532,11 @@ class JobRunner:
             await self._fail(job, "internal", None)
         finally:
             if admitted:
-                ran = job.completed_at - job.started_at if job.completed_at and job.started_at else None
+                ran = self._run_time(job)
                 if ran is not None:
                     self._metrics.observe_run_time(ran)
                 self._scheduler.left_fal(job.id, ran_for=ran)
+            self._runs_unseen.discard(job.id)
 
     async def _failed_at_fal(self, job: Job, exc: FalError) -> None:
         by_user = self._cancel_requests.get(job.id)
@@ -556,6 +562,12 @@ class JobRunner:
         """Retries through an outage (at fal or Discord, lasting minutes to hours): less and less
         often, from where the runner's own pace stops."""
         return Backoff(base=self._backoff.cap, cap=max(self._backoff.cap, DELIVERY_OUTAGE_MAX_WAIT))
+
+    def _run_time(self, job: Job) -> float | None:
+        """How long fal ran the job, as far as the bot saw it whole (not through fal's silence)."""
+        if job.completed_at is None or job.started_at is None or job.id in self._runs_unseen:
+            return None
+        return job.completed_at - job.started_at
 
     def _deadline(self, job: Job, *, since: float | None = None) -> float:
         """When the job times out, on the loop's clock: JOB_TIMEOUT after it was made (or `since`)."""
@@ -612,14 +624,16 @@ class JobRunner:
         and its result, through its own outages; a running job ignores a cancel), or until
         fal still runs it JOB_TIMEOUT after it started."""
         started_unseen = False  # fal answered a cancel: it had started the job between statuses
+        asked = 0  # how often fal was asked through its silence about the job: the pace slows
         while True:
             try:
                 if not await self._follow_to_result(job, deadline):
                     return  # handed back: the hand-back stops this work, and the result would say "cancelled"
                 break
             except (TimeoutError, FalUnavailable) as exc:
-                if job.started_at is not None or started_unseen:
-                    await self._pursue_billed(job, exc)
+                # Billed: seen running, said to have started, or stored running by a previous run.
+                if job.started_at is not None or started_unseen or job.state is JobState.RUNNING:
+                    asked = await self._pursue_billed(job, exc, asked)
                 else:
                     answer = await self._cancel_until_answered(job)
                     if answer not in ("CANCELLATION_REQUESTED", "ALREADY_COMPLETED"):
@@ -629,6 +643,7 @@ class JobRunner:
                     log.info("job %d: %s, yet fal started it (%s); following it on", job.id, why, answer)
                 deadline = self._deadline(job, since=time.time())
         assert job.result is not None
+        job.drop_note(NOTE_FAL_SILENT)
         # Stored now only if files in DATA_DIR depend on it; images held in memory are gone
         # after a restart anyway, which then follows the request at fal again.
         on_disk = any(image.on_disk for image in job.result.images)
@@ -655,7 +670,7 @@ class JobRunner:
             assert fetch_by is not None, "a timeout at a time"
             # Done at fal, whatever the result: its slot there is free now (the next job may be
             # starting), though the result is still to be fetched.
-            self._scheduler.left_fal(job.id, ran_for=job.completed_at - job.started_at if job.started_at else None)
+            self._scheduler.left_fal(job.id, ran_for=self._run_time(job))
             output = parse_output(await self._fal.result(job.request, deadline=fetch_by))
             made = len(output.images)
             self._metrics.images_made(made, made * self._price)
@@ -663,7 +678,10 @@ class JobRunner:
         return True
 
     async def _apply_status(self, job: Job, status: QueueStatus) -> None:
-        if NOTE_FAL_SILENT in job.notes:  # stored by a run stopped while fal was silent: it answers now
+        silent = job.notes.get(NOTE_FAL_SILENT)
+        # fal answers again. A started job's note stays until its result is in hand: the fetch
+        # may meet the same outage, and the reply is not to flicker.
+        if silent is not None and not (silent == FAL_SILENT_STARTED and status.state == "COMPLETED"):
             job.drop_note(NOTE_FAL_SILENT)
         for line in status.logs:
             log.debug("job %d fal log: %s", job.id, line)
@@ -697,10 +715,11 @@ class JobRunner:
             self._results.discard(job.id, job.result)
             await self._fail(job, "result_expired" if isinstance(exc, FalResultExpired) else "missing_files", None)
 
-    async def _pursue_billed(self, job: Job, failure: TimeoutError | FalUnavailable) -> None:
+    async def _pursue_billed(self, job: Job, failure: TimeoutError | FalUnavailable, asked: int) -> int:
         """After `failure`, make ready another round of following a job fal started, or raise it:
         fal still runs the job past its deadline (then cancelled, though it rarely stops), or fal
-        has not answered about it for a day."""
+        has not answered about it for a day. `asked`: how often fal was asked about it through
+        its silence so far; returns the count now."""
         assert job.request is not None
         silent = isinstance(failure, FalUnavailable)
         if not silent:  # the deadline: a stuck job, or fal not answering (a hang looks the same)
@@ -711,30 +730,39 @@ class JobRunner:
             silent = status is None
             if not silent:
                 log.info("job %d: done at fal, its result not in hand by its deadline; fetching it again", job.id)
-        if silent and not await self._until_fal_answers(job):
-            raise failure
+        if silent:
+            answered_after = await self._until_fal_answers(job, asked)
+            if answered_after is None:
+                raise failure
+            asked = answered_after
         if time.time() >= job.created_at + DELIVERY_GIVE_UP_SECONDS:
             raise failure
+        return asked
 
-    async def _until_fal_answers(self, job: Job) -> bool:
-        """Wait for fal to answer about a job it started, asking its status less and less often,
-        until a day after the request (False then); the member's reply says so meanwhile."""
-        log.warning("job %d: fal does not answer about a job it started; asking until it does", job.id)
-        job.note(NOTE_FAL_SILENT, FAL_SILENT_STARTED)
-        self._listener.job_changed(job)
-        attempt = 0
-        try:
-            while time.time() < job.created_at + DELIVERY_GIVE_UP_SECONDS:
-                attempt += 1
-                await asyncio.sleep(self._outage_backoff.delay(attempt))
-                if await self._status_if_answered(job) is not None:
-                    break
-            else:
-                return False
-        finally:
-            job.drop_note(NOTE_FAL_SILENT)
-        self._listener.job_changed(job)  # the reply no longer says fal is silent
-        return True
+    async def _until_fal_answers(self, job: Job, asked: int) -> int | None:
+        """Wait for fal to answer about a job it started, asking its status less and less often
+        (at the pace `asked` times before left it), until a day after the request (None then);
+        how often it was asked in all. The member's reply says so meanwhile; the job is stored as
+        running, so that a restart meanwhile takes it for what it is: billed, not to be cancelled."""
+        if job.notes.get(NOTE_FAL_SILENT) != FAL_SILENT_STARTED:
+            log.warning("job %d: fal does not answer about a job it started; asking until it does", job.id)
+            self._runs_unseen.add(job.id)
+            self._scheduler.started(job.id)  # if fal started it between two statuses
+            job.note(NOTE_FAL_SILENT, FAL_SILENT_STARTED)
+            await self._transition(job, JobState.RUNNING)
+        while time.time() < job.created_at + DELIVERY_GIVE_UP_SECONDS:
+            asked += 1
+            await asyncio.sleep(self._outage_backoff.delay(asked))
+            status = await self._status_if_answered(job)
+            if status is None:
+                continue
+            if status.state != "COMPLETED":
+                # It runs: the reply says so again. Done, the note stays until the result is
+                # in hand (its fetch may meet the same outage), so the reply does not flicker.
+                job.drop_note(NOTE_FAL_SILENT)
+                self._listener.job_changed(job)
+            return asked
+        return None
 
     async def _status_if_answered(self, job: Job) -> QueueStatus | None:
         """The job's status at fal in one call; None if fal does not answer it."""
@@ -764,6 +792,7 @@ class JobRunner:
                 answer = await self._cancel_quietly(job)
         finally:
             job.drop_note(NOTE_FAL_SILENT)
+        self._listener.job_changed(job)  # followed on if fal started it: no longer "unbilled"
         return answer
 
     async def _cancel_quietly(self, job: Job) -> str | None:

@@ -778,11 +778,41 @@ async def test_a_job_fal_started_is_delivered_once_fal_is_back(world, ops, fault
         await world.discord.wait_until(lambda: "fetching it again" in world.bot.log_text(), timeout=25)
     else:
         await handle.wait_until(lambda h: shows(h, "fal.ai is not answering. It has started your edit"), timeout=25)
+    if ops == ("file",) and fault == "ingress_503":
+        # fal answers each status, the files fail round after round: the reply keeps saying so
+        # (it used to switch back to "Generating…" at every status fal answered).
+        rounds_from = world.fal.count("file")
+        await world.discord.wait_until(lambda: world.fal.count("file") >= rounds_from + 24, timeout=30)
+        shown = [f"{state['content']}{state['embeds']}{state['components']}" for state in handle.original.history]
+        since_silent = shown[next(i for i, state in enumerate(shown) if "It has started your edit" in state) :]
+        assert not any("Generating" in state for state in since_silent), since_silent
     world.fal.clear_faults()
     await finished(handle, timeout=20)
     assert_delivered_once(world, handle)
     assert world.fal.count("submit") == 1
     await still_serving(world)
+
+
+async def test_a_job_fal_started_is_still_billed_after_a_restart_while_fal_is_silent(world):
+    """A restart while fal answers nothing about a job it runs: the running state is stored as
+    fal goes silent, so the restarted bot keeps asking for the result, as its reply says, never
+    cancelling the job nor telling the member it was not billed."""
+    world.fal.default = JobScript(queue_positions=(0,), step=0, run_time=3.0, stream_mode="drop")
+    await world.start_bot(JOB_TIMEOUT="3")
+    handle = await world.kontext()
+    await handle.wait_until(lambda h: shows(h, "Generating"))
+    world.fal.fail_next("status", status="drop", times=100_000)
+    world.fal.fail_next("cancel", status="drop", times=100_000)
+    await handle.wait_until(lambda h: shows(h, "fal.ai is not answering. It has started your edit"), timeout=25)
+    assert db_rows(world)[0]["state"] == "running"
+    await restart(world, JOB_TIMEOUT="3")
+    await world.discord.wait_until(
+        lambda: "fal does not answer about a job it started" in world.bot.log_text(), timeout=25
+    )
+    world.fal.clear_faults()
+    await finished(handle, timeout=20)
+    assert_delivered_once(world, handle)
+    assert world.fal.count("cancel") == 0  # the queued job's path: cancelled, said to be "unbilled"
 
 
 # -- 6. Discord 5xx on the final edit -------------------------------------------------------------
