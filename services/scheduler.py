@@ -15,7 +15,8 @@ are handed back (a queued job cancelled at fal is removed and never billed), but
 chosen the same fair way, so they take their turn too; and a server joining the line with fewer
 jobs running than the server of a job in the margin takes that job's place at the front of fal's
 line. A number running held above the ceiling
-means the limit rose (or was never there): the limit is raised to it, and a margin more goes to
+(longer, once a limit is known: a finish seen late looks the same for a moment) means the limit
+rose (or was never there): the limit is raised to it, and a margin more goes to
 fal, again and again while the number keeps rising. One kept below
 it for a job length while a job of ours waits in fal's line means the limit fell: the ceiling
 comes down to what runs, and the limit is seen again there.
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 HANDOFF_SECONDS = 1.0
 # The limit shows once this many handoffs (and at least one per running slot) came in a row.
 HANDOFFS_TO_SEE_A_LIMIT = 3
+# A count above a known limit is taken for a rise once held this many handoff windows.
+RISE_HOLD = 3.0
 # Before a job length is known (no job has run yet).
 FIRST_JOB_LENGTH_GUESS = 10.0
 
@@ -258,7 +261,7 @@ class FairScheduler:
         window = self._handoff_window
         previous, running = self._level, self.running
         if now - self._level_since > window:
-            self._held(previous)
+            self._held(previous, now - self._level_since)
         if previous == self._ceiling != running:
             self._left_ceiling_at, self._starts_off_ceiling, self._highest_off_ceiling = now, 0, 0
         self._starts_off_ceiling += started
@@ -273,7 +276,9 @@ class FairScheduler:
         self._level, self._level_since = running, now
         self._lower_a_ceiling_out_of_reach(now)
 
-    def _held(self, running: int) -> None:
+    def _held(self, running: int, held_for: float) -> None:
+        if running > self._ceiling and self.limit is not None and held_for < RISE_HOLD * self._handoff_window:
+            return  # one more than a known limit, briefly: as likely a finish seen late
         if running > self._ceiling:
             # More at once than ever: no limit in sight, or a higher one. A known limit is raised
             # to the count, so a margin more goes to fal, and again while the count keeps rising:

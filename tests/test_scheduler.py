@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from services.scheduler import HANDOFF_SECONDS, HANDOFFS_TO_SEE_A_LIMIT, FairScheduler, Place
+from services.scheduler import HANDOFF_SECONDS, HANDOFFS_TO_SEE_A_LIMIT, RISE_HOLD, FairScheduler, Place
 
 
 class Clock:
@@ -205,7 +205,7 @@ async def test_a_count_held_past_the_ceiling_raises_the_limit_a_step_at_a_time()
     for extra in (999, 1000, 1001):  # a third, then a fourth runs, with no finish making room
         s.resumed_at_fal(extra, 1, extra)
         s.started(extra)
-        clock.now += HANDOFF_SECONDS + 0.5
+        clock.now += RISE_HOLD * HANDOFF_SECONDS + 0.5
     assert s.limit == 4
 
 
@@ -235,18 +235,20 @@ async def test_a_limit_that_fell_is_seen_again():
 
 async def test_a_ceiling_raised_by_a_start_seen_early_comes_down_again():
     """A start seen long before the finish that made room for it (a status that came late) makes
-    one more look held: the limit is raised a step, then lowered again once fal shows that it
-    runs no more. Before, the ceiling stayed up, the limit was never seen again, and every job
-    went to fal's first-come line for good."""
+    one more look held. Briefly, it is taken for what it most likely is; for longer, the limit is
+    raised a step, then lowered again once fal shows that it runs no more. Before, the ceiling
+    stayed up, the limit was never seen again, and every job went to fal's first-come line."""
     clock = Clock()
     s, _, _ = scheduler(clock)
-    line = run_at_the_limit(s, clock, limit=4, queued=40, job_length=4.0)
+    line = run_at_the_limit(s, clock, limit=4, queued=40, job_length=16.0)
     running = list(range(line[0] - 4, line[0]))
-    running.append(line.pop(0))
-    s.started(running[-1])
-    clock.now += 1.5
-    s.left_fal(running.pop(0), ran_for=4.0)  # its finish, seen 1.5 s late
-    assert s.limit == 5
+    for late_by, limit_then in ((1.5, 4), (RISE_HOLD * HANDOFF_SECONDS + 0.5, 5)):
+        running.append(line.pop(0))
+        s.started(running[-1])
+        clock.now += late_by
+        s.left_fal(running.pop(0), ran_for=16.0)  # its finish, seen late
+        clock.now += 0.5
+        assert s.limit == limit_then
     fal_at(4, s, clock, running, line, finishes=12)
     assert s.limit == 4
 
