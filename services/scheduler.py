@@ -87,14 +87,17 @@ def fair_order(
 
     servers = [(*rank(guild, i), guild) for i, guild in enumerate(groups)]
     heapq.heapify(servers)
+    # A server's members are ranked when it is first served: the line's next job (all most
+    # callers take) costs the servers and that one server's members, not every member waiting.
     members: dict[int, list[tuple[int, int, int, int]]] = {}
-    for guild, by_member in groups.items():
-        members[guild] = [(*rank((guild, member), i), member) for i, member in enumerate(by_member)]
-        heapq.heapify(members[guild])
     served: Counter[Owner] = Counter()
     while servers:
         _, _, i, guild = heapq.heappop(servers)
-        in_server = members[guild]
+        in_server = members.get(guild)
+        if in_server is None:
+            in_server = [(*rank((guild, member), j), member) for j, member in enumerate(groups[guild])]
+            heapq.heapify(in_server)
+            members[guild] = in_server
         _, _, j, member = heapq.heappop(in_server)
         owner = (guild, member)
         items = groups[guild][member]
