@@ -483,9 +483,12 @@ async def job_for(interaction: Interaction, job_id: int, key: str | None, action
     refusal = BUTTONS[action].refusal
     if refusal is not None and interaction.user.id != job.user_id and not is_moderator(interaction):
         raise UserFacingError(refusal)
-    if action in STARTS_A_JOB and interaction.guild_id is None and not job.place.personal:
+    message = interaction.message
+    own_copy = message is not None and message.id in (job.message_id, *job.posted_message_ids)
+    if action in STARTS_A_JOB and interaction.guild_id is None and not job.place.personal and own_copy:
         # A server's job in the member's DM (its copies there carry no such button since): a new
-        # job here would follow the rules for personal use, not the server's.
+        # job here would follow the rules for personal use, not the server's. A copy the member
+        # showed here ("Show here") is the DM's, as they could have asked for it here.
         shared_as = job.notes.get(NOTE_SHARED_AS)
         raise UserFacingError(
             N_("This edit was made in a server and follows its rules: re-roll or edit it there, {where}."),

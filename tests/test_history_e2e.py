@@ -334,6 +334,11 @@ async def test_history_in_dms_lists_personal_use_and_shows_results_there(world):
     (item,) = media_gallery_items(shown)
     (source,) = media_gallery_items(external.original)
     assert item["data"] == source["data"]
+    # The server's job shown here is the DM's to build on, under the rules for personal use.
+    click = await press(world, page, entry_button(page, "show", 1))
+    shown = await finished(click)
+    again = await finished(await world.discord.click_button(shown.id, button(shown, "reroll"), user="alice"))
+    assert text(again).startswith("✅"), text(again)
     world.discord.expire_cdn_urls()
     click = await press(world, page, entry_button(page, "show", 2))
     await click.wait_until(lambda h: bool(h.followups))
