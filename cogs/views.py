@@ -233,7 +233,9 @@ async def _share(interaction: Interaction, job: Job) -> None:
     result came in, with the bot's own token, where the bot may post."""
     bot = interaction.client
     _ = member_texts(interaction)
-    shared_as = job.notes.get(NOTE_SHARED_AS)
+    assert interaction.message is not None, "a button's interaction has its message"
+    pressed = interaction.message.id  # a result too large for one message is shared a part at a time
+    shared_as = job.shared_as(pressed)
     if shared_as is not None:
         raise UserFacingError(N_("Already shared: {link}"), link=_message_link(job, shared_as))
     from_reply = (interaction.guild_id, interaction.channel_id) == (job.guild_id, job.channel_id)
@@ -288,7 +290,7 @@ async def _share(interaction: Interaction, job: Job) -> None:
                 message = await channel.send(
                     rendered.content, embed=rendered.embed, files=files, view=job_view(public, rendered.buttons)
                 )
-    await bot.store.record_share(job, message.id)
+    await bot.store.record_share(job, message.id, part=pressed)
     if not from_reply:
         await interaction.edit_original_response(content=_("📣 Shared: {link}", link=message.jump_url))
     log.info("job %d: shared to the channel by its member (message %d)", job.id, message.id)

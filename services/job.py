@@ -23,7 +23,8 @@ NOTE_REPLY_EXPIRING = "reply_expiring"  # the reply's token ends soon: where the
 NOTE_PRIVATE_REPLY = "private_reply"  # Discord made the reply ephemeral (the server keeps apps it lacks private)
 NOTE_FROM_DEFAULTS = "from_defaults"  # the options filled from the member's defaults (/kontext-settings)
 NOTE_PRIVATE_FIRST = "private_first"  # the member sees the result alone first, with Share to channel
-NOTE_SHARED_AS = "shared_as"  # the message that shared a private-first result in the channel
+NOTE_SHARED_AS = "shared_as"  # the message that shared a private-first result in the channel (the first)
+NOTE_SHARED_PARTS = "shared_parts"  # {its message (str id): the channel message that shared it}
 NOTE_FAL_SILENT = "fal_silent"  # fal answers nothing about the job: FAL_SILENT_*
 NOTE_LATE_BY_DM = "late_by_dm"  # the bot could not post in the channel: the late result came by DM
 
@@ -228,6 +229,16 @@ class Job(JobRequest):
         """Whether the reply can still be edited through the interaction token."""
         age = (now or time.time()) - self.interaction_created_at
         return age < INTERACTION_TOKEN_LIFETIME - TOKEN_SAFETY_MARGIN
+
+    def shared_as(self, part: int) -> int | None:
+        """The channel message that shared `part` (one of the messages of a private-first result
+        too large for one), if it was shared."""
+        parts = self.notes.get(NOTE_SHARED_PARTS)
+        if parts is None:  # shared before its parts were told apart: whole
+            shared: int | None = self.notes.get(NOTE_SHARED_AS)
+            return shared
+        found: int | None = parts.get(str(part))
+        return found
 
     # The notes are replaced, never changed in place: copies of the job (a render's) share them.
     def note(self, key: str, value: Any) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol, Self
 
 from .fal_queue import FalRequest
 from .flux_kontext import KontextEdit
-from .job import NOTE_SHARED_AS, Job, JobPlace, JobRequest, JobResult, JobState
+from .job import NOTE_SHARED_AS, NOTE_SHARED_PARTS, Job, JobPlace, JobRequest, JobResult, JobState
 from .member_defaults import MemberDefaults
 from .policy import GuildPolicy, Usage, day_start, month_start, policy_from_dict, policy_to_dict
 from .recipes import PastPrompt, Recipe, reading_order
@@ -964,12 +964,15 @@ class Store(abc.ABC):
             )
         await self._forget_everywhere("defaults", user_id)
 
-    async def record_share(self, job: Job, message_id: int) -> None:
-        """A finished result the member shared to the channel: its new message carries the job's
-        buttons too (see cogs.views). Only these two columns, without a lease: the job is done,
-        and whichever process drives or drove it writes nothing more."""
+    async def record_share(self, job: Job, message_id: int, *, part: int) -> None:
+        """A finished result the member shared to the channel, `part` of it (one of its messages):
+        the new message carries the job's buttons too (see cogs.views). Only these two columns,
+        without a lease: the job is done, and whichever process drives or drove it writes
+        nothing more."""
         job.posted_message_ids = [*job.posted_message_ids, message_id]
-        job.note(NOTE_SHARED_AS, message_id)
+        if NOTE_SHARED_AS not in job.notes:
+            job.note(NOTE_SHARED_AS, message_id)
+        job.note(NOTE_SHARED_PARTS, {**job.notes.get(NOTE_SHARED_PARTS, {}), str(part): message_id})
         await self._execute(
             "UPDATE jobs SET posted_message_ids = :ids, notes = :notes WHERE id = :id",
             {"ids": json.dumps(job.posted_message_ids), "notes": json.dumps(job.notes), "id": job.id},

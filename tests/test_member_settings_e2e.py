@@ -171,6 +171,32 @@ async def test_a_private_first_result_in_several_messages_stays_private_in_all(w
     assert not [m for m in world.discord.channel_messages() if not m.ephemeral and m.files]
 
 
+async def test_a_private_first_result_in_several_messages_is_shared_a_part_at_a_time(world):
+    """Each part has its Share: the first share used to count for the whole result, the other
+    part's Share then answering "Already shared" with half of the images never in the channel."""
+    world.fal.default = JobScript(image_size=40_000)
+    await world.start_bot(RESULT_CARDS="0")
+    await settings(world, results="private_first")
+    handle = await world.discord.invoke_slash(
+        "kontext",
+        options={"image": world.input_image(), "prompt": "four", "num_images": 4},
+        attachment_size_limit=100_000,
+    )
+    reply = await finished(handle)
+    await handle.wait_until(lambda h: len(h.followups) == 1)
+    (part,) = handle.followups
+    public = lambda: [m for m in world.discord.channel_messages() if not m.ephemeral and m.files]  # noqa: E731
+    for count, message in enumerate((reply, part), start=1):
+        share = await world.discord.click_button(message.id, button(message, "share"), user="alice")
+        await share.wait_for_callback()
+        await world.discord.wait_until(lambda n=count: len(public()) == n)
+    assert sorted(name for m in public() for name in m.files) == sorted([*reply.files, *part.files])
+    again = await world.discord.click_button(part.id, button(part, "share"), user="alice")
+    await again.wait_for_callback()
+    assert private_answer(again).startswith("Already shared: https://discord.com/channels/")
+    assert len(public()) == 2
+
+
 async def test_a_share_that_fails_tells_its_member_privately(world):
     """Share answers "thinking…" in the channel; when the share then fails, that placeholder goes
     and the member alone reads why (a followup would have replaced it, in public)."""

@@ -40,9 +40,9 @@ async def test_a_share_adds_its_message_to_a_finished_job(new_store: Opener):
         job.posted_message_ids = [11]
         job.delivered_at = NOW
         await store.save(job)
-        await store.record_share(job, SNOWFLAKE)
+        await store.record_share(job, SNOWFLAKE, part=11)
     async with new_store() as store:
         loaded = await store.get_job(job.id)
         assert loaded is not None
         assert loaded.posted_message_ids == [11, SNOWFLAKE]
-        assert loaded.notes[NOTE_SHARED_AS] == SNOWFLAKE
+        assert loaded.notes[NOTE_SHARED_AS] == SNOWFLAKE and loaded.shared_as(11) == SNOWFLAKE
