@@ -152,9 +152,8 @@ async def test_share_of_a_classic_result_keeps_its_flagged_image_behind_a_spoile
     assert sorted(shared.files) == sorted(private.files)
 
 
-async def test_a_private_first_result_in_several_messages_stays_private_in_all(world):
-    """Four images over the channel's upload limit go in two messages; each followup is private
-    in its own right, like the reply."""
+async def private_result_in_two_messages(world):
+    """Four images over the channel's upload limit, seen privately first: the reply and a followup."""
     world.fal.default = JobScript(image_size=40_000)
     await world.start_bot(RESULT_CARDS="0")
     await settings(world, results="private_first")
@@ -166,6 +165,13 @@ async def test_a_private_first_result_in_several_messages_stays_private_in_all(w
     reply = await finished(handle)
     await handle.wait_until(lambda h: len(h.followups) == 1)
     (part,) = handle.followups
+    return reply, part
+
+
+async def test_a_private_first_result_in_several_messages_stays_private_in_all(world):
+    """Four images over the channel's upload limit go in two messages; each followup is private
+    in its own right, like the reply."""
+    reply, part = await private_result_in_two_messages(world)
     assert reply.ephemeral and part.ephemeral
     assert len(reply.files) + len(part.files) == 4
     assert not [m for m in world.discord.channel_messages() if not m.ephemeral and m.files]
@@ -174,17 +180,7 @@ async def test_a_private_first_result_in_several_messages_stays_private_in_all(w
 async def test_a_private_first_result_in_several_messages_is_shared_a_part_at_a_time(world):
     """Each part has its Share: the first share used to count for the whole result, the other
     part's Share then answering "Already shared" with half of the images never in the channel."""
-    world.fal.default = JobScript(image_size=40_000)
-    await world.start_bot(RESULT_CARDS="0")
-    await settings(world, results="private_first")
-    handle = await world.discord.invoke_slash(
-        "kontext",
-        options={"image": world.input_image(), "prompt": "four", "num_images": 4},
-        attachment_size_limit=100_000,
-    )
-    reply = await finished(handle)
-    await handle.wait_until(lambda h: len(h.followups) == 1)
-    (part,) = handle.followups
+    reply, part = await private_result_in_two_messages(world)
     public = lambda: [m for m in world.discord.channel_messages() if not m.ephemeral and m.files]  # noqa: E731
     for count, message in enumerate((reply, part), start=1):
         share = await world.discord.click_button(message.id, button(message, "share"), user="alice")
