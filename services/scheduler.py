@@ -166,6 +166,10 @@ class FairScheduler:
         self._last_served: dict[int | Owner, int] = {}
         self._job_length = FIRST_JOB_LENGTH_GUESS
         self._runs_seen = 0
+        # When each job let in from the line was (on `clock`), until fal takes it, and how long
+        # that takes on average: the slots freed meanwhile are the margin's to take.
+        self._let_in_at: dict[int, float] = {}
+        self._submit_time = 0.0
         self._places_due = False
         self._places_interval = places_interval
         self._places_reported_at = -math.inf  # on the event loop's clock
@@ -202,6 +206,12 @@ class FairScheduler:
             return
         self._at_fal[job_id] = self._at_fal.pop(job_id)
         self._joined_fals_line(job_id)
+        let_in_at = self._let_in_at.pop(job_id, None)
+        if let_in_at is not None:
+            # A submit held up once (a retry) must not keep a large margin: each counts at most
+            # half a job length, in a moving average.
+            took = min(self._clock() - let_in_at, self._job_length / 2)
+            self._submit_time = 0.8 * self._submit_time + 0.2 * took
         if self.limit is None:
             return  # every job goes to fal at once: nothing to count (a pass over all of them)
         kept = sum(
@@ -227,6 +237,7 @@ class FairScheduler:
     def left_fal(self, job_id: int, *, ran_for: float | None) -> None:
         """The job ended at fal (done, failed, cancelled) or was handed back to the line."""
         was_running = self._at_fal.pop(job_id, None)
+        self._let_in_at.pop(job_id, None)
         self._disown(job_id)
         self._left_fals_line(job_id)
         self._displacing.discard(job_id)
@@ -334,8 +345,12 @@ class FairScheduler:
 
     @property
     def margin(self) -> int:
-        """Jobs kept queued at fal beyond those running, so a freed slot is taken at once."""
-        return max(1, (self.limit or 0) // 4)
+        """Jobs kept queued at fal beyond those running, so a freed slot is taken at once: a
+        quarter of the limit, or the slots that free up while a job let in from the line reaches
+        fal (its submit), if more; at most the limit."""
+        limit = self.limit or 0
+        in_transit = math.ceil(limit * self._submit_time / self._job_length)
+        return max(1, limit // 4, min(limit, in_transit))
 
     def _room(self) -> int | None:
         """How many more jobs may go to fal now (None: any number)."""
@@ -451,6 +466,7 @@ class FairScheduler:
             self._last_served[owner[0]] = self._last_served[owner] = self._served
             self._at_fal[waiter.job_id] = False  # holds its room until it is submitted or gives up
             self._own(waiter.job_id, owner)
+            self._let_in_at[waiter.job_id] = self._clock()
             waiter.ready.set_result(None)
         if changed:
             self._schedule_places()
