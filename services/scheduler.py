@@ -14,12 +14,11 @@ each member's jobs in order. Jobs already waiting in fal's line when the limit s
 are handed back (a queued job cancelled at fal is removed and never billed), but for the margin,
 chosen the same fair way, so they take their turn too; and a server joining the line with fewer
 jobs running than the server of a job in the margin takes that job's place at the front of fal's
-line. A number running held above the ceiling
-(longer, once a limit is known: a finish seen late looks the same for a moment) means the limit
-rose (or was never there): the limit is raised to it, and a margin more goes to
-fal, again and again while the number keeps rising. One kept below
-it for a job length while a job of ours waits in fal's line means the limit fell: the ceiling
-comes down to what runs, and the limit is seen again there.
+line. A number running held above the ceiling (longer, once a limit is known: a finish seen
+late looks the same for a moment) means the limit rose (or was never there): the limit is raised
+to it, and a margin more goes to fal, again and again while the number keeps rising. One kept
+below it for a job length while a job of ours waits in fal's line means the limit fell: the
+ceiling comes down to what runs, and the limit is seen again there.
 
 An operator's cap (`MAX_CONCURRENT_JOBS`) bounds the jobs at fal whatever fal shows.
 """
@@ -311,9 +310,10 @@ class FairScheduler:
 
     def _lower_a_ceiling_out_of_reach(self, now: float) -> None:
         """fal's line has held jobs of ours since the count left the ceiling, a job length ago
-        and more, and no more than `_highest_off_ceiling` ran meanwhile: fal allows no more now. Its limit fell (another app on the key, fal's own choice), or a start seen long
-        before the finish that made room raised the ceiling past it. So the ceiling comes down,
-        and the limit is seen again there."""
+        and more, and no more than `_highest_off_ceiling` ran meanwhile: fal allows no more now.
+        Its limit fell (another app on the key, fal's own choice), or a start seen long before
+        the finish that made room raised the ceiling past it. So the ceiling comes down, and the
+        limit is seen again there."""
         left = self._left_ceiling_at
         if left is None or self._level >= self._ceiling or now - left < self._job_length:
             return
