@@ -375,14 +375,7 @@ class Admin(
             interaction.user.id,
             {name: getattr(new, name) for name in changes},
         )
-        answer = _change_text(changed, old, new, _)
-        if {"safety_maximum", "safety_nsfw_maximum"} & set(changed) and new.safety_nsfw_maximum < new.safety_maximum:
-            # Allowed (a server may want its age-restricted channels stricter), rarely meant.
-            answer += "\n" + _(
-                "⚠️ Age-restricted channels keep their own maximum, {maximum}, stricter than the one for other "
-                "channels: set `nsfw_maximum` too to allow more there.",
-                maximum=new.safety_nsfw_maximum,
-            )
+        answer = "\n".join([_change_text(changed, old, new, _), *_caveats(changed, new, _)])
         await interaction.response.send_message(answer, ephemeral=True)
         server = server_texts(self.bot, guild_id)
         note = (
@@ -392,6 +385,21 @@ class Admin(
         if old.log_channel_id not in (None, new.log_channel_id):
             # Moved or turned off: the moderators reading the old log see where it went.
             await post_to_log_channel(self.bot, guild_id, old, note)
+
+
+def _caveats(changed: list[str], new: GuildPolicy, _: Texts) -> list[str]:
+    """What the moderator should know of a change that is allowed but rarely meant."""
+    found = []
+    if {"safety_maximum", "safety_nsfw_maximum"} & set(changed) and new.safety_nsfw_maximum < new.safety_maximum:
+        # A server may want its age-restricted channels the stricter; most want the opposite.
+        found.append(
+            _(
+                "⚠️ Age-restricted channels keep their own maximum, {maximum}, stricter than the one for other "
+                "channels: set `nsfw_maximum` too to allow more there.",
+                maximum=new.safety_nsfw_maximum,
+            )
+        )
+    return found
 
 
 def _fair_shares(lengths: list[int], room: int) -> list[int]:

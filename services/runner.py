@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .fal_account import AccountGate
 from .fal_queue import (
@@ -83,6 +83,8 @@ DELIVERY_OUTAGE_MAX_WAIT = 300.0
 # How long a stop waits for a post under way (four images at a server's upload limit take a
 # while): within compose's stop_grace_period (30 s), with room for the rest of the shutdown.
 DELIVERY_STOP_SECONDS = 20.0
+
+T = TypeVar("T")
 
 
 class JobListener(Protocol):
@@ -750,19 +752,29 @@ class JobRunner:
             self._scheduler.started(job.id)  # if fal started it between two statuses
             job.note(NOTE_FAL_SILENT, FAL_SILENT_STARTED)
             await self._transition(job, JobState.RUNNING)
+        status, asked = await self._asked_until_answered(job, lambda: self._status_if_answered(job), asked)
+        if status is None:
+            return None
+        if status.state != "COMPLETED":
+            # It runs: the reply says so again. Done, the note stays until the result is in
+            # hand (its fetch may meet the same outage), so the reply does not flicker.
+            job.drop_note(NOTE_FAL_SILENT)
+            self._listener.job_changed(job)
+        return asked
+
+    async def _asked_until_answered(
+        self, job: Job, ask: Callable[[], Awaitable[T | None]], asked: int = 0
+    ) -> tuple[T | None, int]:
+        """`ask` fal again (after `asked` times), less and less often, until it answers (not
+        None) or a day after the job's request; its answer (None: none came) and how often it
+        was asked in all."""
         while time.time() < job.created_at + DELIVERY_GIVE_UP_SECONDS:
             asked += 1
             await asyncio.sleep(self._outage_backoff.delay(asked))
-            status = await self._status_if_answered(job)
-            if status is None:
-                continue
-            if status.state != "COMPLETED":
-                # It runs: the reply says so again. Done, the note stays until the result is
-                # in hand (its fetch may meet the same outage), so the reply does not flicker.
-                job.drop_note(NOTE_FAL_SILENT)
-                self._listener.job_changed(job)
-            return asked
-        return None
+            answer = await ask()
+            if answer is not None:
+                return answer, asked
+        return None, asked
 
     async def _status_if_answered(self, job: Job) -> QueueStatus | None:
         """The job's status at fal in one call; None if fal does not answer it."""
@@ -784,12 +796,8 @@ class JobRunner:
         log.warning("job %d: fal answers neither its status nor a cancel; asking until it does", job.id)
         job.note(NOTE_FAL_SILENT, FAL_SILENT_QUEUED)
         self._listener.job_changed(job)
-        attempt = 0
         try:
-            while answer is None and time.time() < job.created_at + DELIVERY_GIVE_UP_SECONDS:
-                attempt += 1
-                await asyncio.sleep(self._outage_backoff.delay(attempt))
-                answer = await self._cancel_quietly(job)
+            answer, _ = await self._asked_until_answered(job, lambda: self._cancel_quietly(job))
         finally:
             job.drop_note(NOTE_FAL_SILENT)
         self._listener.job_changed(job)  # followed on if fal started it: no longer "unbilled"
