@@ -4,6 +4,8 @@ use), acknowledges within Discord's 3 seconds, records the job and hands it to t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -19,6 +21,7 @@ from services.job import (
     NOTE_PRIVATE_FIRST,
     NOTE_PRIVATE_REPLY,
     NOTE_SAFETY_LIMITED_TO,
+    Job,
     JobPlace,
     JobRequest,
 )
@@ -41,6 +44,11 @@ if TYPE_CHECKING:
     from bot import KontextBot
 
 log = logging.getLogger(__name__)
+
+# Discord drops an interaction not acknowledged within 3 seconds of its creation (10062). The
+# intake acknowledges once its checks and the job's row are done, or at this point in any case,
+# leaving Discord's round trip the rest.
+ACKNOWLEDGE_BY = 2.0
 
 
 def is_nsfw_channel(channel: Any) -> bool:
@@ -72,6 +80,51 @@ class Governing:
     usage: Usage
     operator: OperatorLimits
     personal: bool  # the operator's policy for personal use, not a server's
+
+
+class Acknowledgement:
+    """The "thinking…" reply a job's interaction is answered with: sent when the intake is ready
+    (`sent`), or ACKNOWLEDGE_BY seconds after the interaction whatever the intake still waits
+    for (a slow disk, the database's write lock, Discord slow to return a message read before
+    it), so that the member never sees "The application did not respond". As private as the
+    member wants their replies (`privacy`); sent before their settings were read, it is private,
+    and the job then is too. Sent early and the job refused after all, it is withdrawn, so the
+    refusal reaches the member alone (see `placeholder_withdrawn_on_failure`)."""
+
+    def __init__(self, interaction: discord.Interaction[KontextBot]) -> None:
+        self._interaction = interaction
+        self._private: bool | None = None
+        self._sending: asyncio.Task[discord.InteractionCallbackResponse[KontextBot] | None] | None = None
+        delay = interaction.created_at.timestamp() + ACKNOWLEDGE_BY - time.time()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._send)
+
+    def privacy(self, wanted: bool) -> bool:
+        """Whether the reply is private: as the member wants, unless it was sent before that
+        was known."""
+        if self._private is None:
+            self._private = wanted
+        return self._private
+
+    def _send(self) -> asyncio.Task[discord.InteractionCallbackResponse[KontextBot] | None]:
+        if self._sending is None:
+            private = self.privacy(True)
+            self._sending = asyncio.create_task(self._interaction.response.defer(thinking=True, ephemeral=private))
+        return self._sending
+
+    async def sent(self) -> discord.InteractionCallbackResponse[KontextBot] | None:
+        """Acknowledge now, unless that was done already: Discord's answer."""
+        self._timer.cancel()
+        return await self._send()
+
+    async def withdraw(self) -> None:
+        """The job is refused: an early "thinking…" is deleted, and none is sent any more."""
+        self._timer.cancel()
+        if self._sending is None:
+            return
+        # Whatever went wrong with it, the refusal is what the member must hear.
+        with contextlib.suppress(Exception):
+            await self._sending
+            await self._interaction.delete_original_response()
 
 
 class JobIntake:
@@ -161,6 +214,30 @@ class JobIntake:
         The member's own settings (/kontext-settings): with `fill_defaults` (a request they just
         typed, not a re-roll of a job as it was) their defaults fill the options they left out,
         and the job notes which; whether the result is theirs alone first applies to every job."""
+        acknowledgement = Acknowledgement(interaction)
+        job: Job | None = None
+        try:
+            edit, notes = await self._checked(interaction, edit, acknowledgement, fill_defaults=fill_defaults)
+            async with self._bot.runner.admission():
+                job = await self._recorded(
+                    interaction, edit, notes, parent_job_id=parent_job_id, member_prompt=member_prompt
+                )
+                await self._acknowledge_and_start(interaction, job, acknowledgement)
+        except BaseException:
+            if job is None:  # refused, or the bot is stopping: no job, no reply
+                await acknowledgement.withdraw()
+            raise
+
+    async def _checked(
+        self,
+        interaction: discord.Interaction[KontextBot],
+        edit: KontextEdit,
+        acknowledgement: Acknowledgement,
+        *,
+        fill_defaults: bool,
+    ) -> tuple[KontextEdit, dict[str, Any]]:
+        """`edit` with the member's defaults, and the job's notes so far; refused (an error the
+        member is told of) if it cannot be sent as it is."""
         bot = self._bot
         defaults = await bot.store.member_defaults(interaction.user.id)
         notes: dict[str, Any] = {}
@@ -169,68 +246,85 @@ class JobIntake:
             edit = dataclasses.replace(edit, options=options)
             if filled:
                 notes[NOTE_FROM_DEFAULTS] = list(filled)
-        if defaults.private_first:
+        if acknowledgement.privacy(defaults.private_first):
             notes[NOTE_PRIVATE_FIRST] = True
         edit.options.check()
         await bot.runner.check_inputs_last(edit)
         if bot.runner.account.refuses():
             raise FalAccountLocked("refused up front", detail=bot.runner.account.locked_reason)
+        return edit, notes
+
+    async def _recorded(
+        self,
+        interaction: discord.Interaction[KontextBot],
+        edit: KontextEdit,
+        notes: dict[str, Any],
+        *,
+        parent_job_id: int | None,
+        member_prompt: str | None,
+    ) -> Job:
+        """The job, recorded under the limits of the place it may run in (PolicyRefusal if it
+        may not)."""
+        bot = self._bot
         place = self._place(interaction)
-        async with bot.runner.admission():
-            async with bot.store.admitting(self._scopes(interaction, place)):
-                requester = requester_of(interaction)
-                now = time.time()
-                governing = await self.governing(interaction, now)
-                policy = governing.policy
-                ask = JobAsk(edit.options.safety_tolerance, edit.options.image_count)
-                decision = resolve(
-                    policy,
-                    requester,
-                    governing.usage,
-                    ask,
-                    now=now,
-                    price_per_image=bot.settings.price_per_image_usd,
-                    operator=governing.operator,
+        async with bot.store.admitting(self._scopes(interaction, place)):
+            requester = requester_of(interaction)
+            now = time.time()
+            governing = await self.governing(interaction, now)
+            policy = governing.policy
+            ask = JobAsk(edit.options.safety_tolerance, edit.options.image_count)
+            decision = resolve(
+                policy,
+                requester,
+                governing.usage,
+                ask,
+                now=now,
+                price_per_image=bot.settings.price_per_image_usd,
+                operator=governing.operator,
+            )
+            if isinstance(decision, Refused):
+                raise PolicyRefusal(decision, policy, personal=place.personal)
+            if decision.limited_to is not None:
+                notes[NOTE_SAFETY_LIMITED_TO] = decision.limited_to
+            return await bot.runner.accept(
+                JobRequest(
+                    guild_id=interaction.guild_id,
+                    channel_id=interaction.channel_id or 0,
+                    user_id=interaction.user.id,
+                    application_id=interaction.application_id,
+                    interaction_token=interaction.token,
+                    interaction_created_at=interaction.created_at.timestamp(),
+                    message_id=None,
+                    channel_nsfw=requester.channel_nsfw,
+                    upload_limit=interaction.filesize_limit,
+                    edit=edit.with_options(safety_tolerance=decision.safety_tolerance),
+                    notes=notes,
+                    parent_job_id=parent_job_id,
+                    place=place,
+                    locale=interaction.locale.value,
+                    guild_locale=interaction.guild_locale.value if interaction.guild_locale is not None else None,
+                    parent_channel_id=requester.parent_channel_id,
+                    private_thread=isinstance(interaction.channel, discord.Thread) and interaction.channel.is_private(),
+                    member_prompt=member_prompt,
                 )
-                if isinstance(decision, Refused):
-                    raise PolicyRefusal(decision, policy, personal=place.personal)
-                if decision.limited_to is not None:
-                    notes[NOTE_SAFETY_LIMITED_TO] = decision.limited_to
-                job = await bot.runner.accept(
-                    JobRequest(
-                        guild_id=interaction.guild_id,
-                        channel_id=interaction.channel_id or 0,
-                        user_id=interaction.user.id,
-                        application_id=interaction.application_id,
-                        interaction_token=interaction.token,
-                        interaction_created_at=interaction.created_at.timestamp(),
-                        message_id=None,
-                        channel_nsfw=requester.channel_nsfw,
-                        upload_limit=interaction.filesize_limit,
-                        edit=edit.with_options(safety_tolerance=decision.safety_tolerance),
-                        notes=notes,
-                        parent_job_id=parent_job_id,
-                        place=place,
-                        locale=interaction.locale.value,
-                        guild_locale=interaction.guild_locale.value if interaction.guild_locale is not None else None,
-                        parent_channel_id=requester.parent_channel_id,
-                        private_thread=isinstance(interaction.channel, discord.Thread)
-                        and interaction.channel.is_private(),
-                        member_prompt=member_prompt,
-                    )
-                )
-            # Acknowledge outside the lock: a burst in one server must not queue up behind Discord's
-            # round trips (each interaction has its own 3 seconds).
-            try:
-                callback = await interaction.response.defer(thinking=True, ephemeral=defaults.private_first)
-                message_id = callback.message_id if callback is not None else None
-                if message_id is None:
-                    message_id = (await interaction.original_response()).id
-            except Exception as exc:  # Discord's refusal, or no answer at all (aiohttp's errors)
-                await bot.runner.abandon(job, f"could not acknowledge the interaction: {describe_error(exc)}")
-                raise
-            if callback is not None and callback.is_ephemeral() and not defaults.private_first:
-                # A server that keeps the replies of apps it has not added private (its "Use External
-                # Apps" permission is off): Discord made the reply ephemeral; the card says so.
-                job.note(NOTE_PRIVATE_REPLY, True)
-            await bot.runner.start(job, message_id=message_id)
+            )
+
+    async def _acknowledge_and_start(
+        self, interaction: discord.Interaction[KontextBot], job: Job, acknowledgement: Acknowledgement
+    ) -> None:
+        """Acknowledged once the job is recorded (unless that was done already), outside the
+        limits' lock: a burst in one server must not queue up behind Discord's round trips (each
+        interaction has its own 3 seconds). Not acknowledged, the job is closed unsent."""
+        try:
+            callback = await acknowledgement.sent()
+            message_id = callback.message_id if callback is not None else None
+            if message_id is None:
+                message_id = (await interaction.original_response()).id
+        except Exception as exc:  # Discord's refusal, or no answer at all (aiohttp's errors)
+            await self._bot.runner.abandon(job, f"could not acknowledge the interaction: {describe_error(exc)}")
+            raise
+        if callback is not None and callback.is_ephemeral() and not job.private_first:
+            # A server that keeps the replies of apps it has not added private (its "Use External
+            # Apps" permission is off): Discord made the reply ephemeral; the card says so.
+            job.note(NOTE_PRIVATE_REPLY, True)
+        await self._bot.runner.start(job, message_id=message_id)

@@ -7,12 +7,13 @@ the result exactly once or a clear message, fal ran each job once, and the bot k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 
 import pytest
 
-from fakes.discord_fake import ATTACH_FILES, READ_MESSAGE_HISTORY, SEND_MESSAGES
+from fakes.discord_fake import ATTACH_FILES, EPHEMERAL, READ_MESSAGE_HISTORY, SEND_MESSAGES
 from fakes.fal_fake import JobScript, model_error
 from tests.e2e import admin, button, contents, fal_job, finished, has_button, outliving_its_reply, shows, text
 
@@ -1005,3 +1006,78 @@ async def test_a_progress_edit_discord_carries_out_late_never_lands_after_the_re
     await fake.wait_until(lambda: all(r.status for r in fake.requests_to("PATCH", edits)))
     assert shows(handle, "Done"), contents(handle)
     assert_delivered_once(world, handle)
+
+
+# -- 11. Discord's 3 seconds, whatever the intake waits for ----------------------------------------
+
+
+@contextlib.contextmanager
+def database_write_locked(world):
+    """Another connection holds SQLite's write lock (a slow disk's fsync, a long checkpoint):
+    the bot's writes wait for it (its busy timeout) until the block ends."""
+    db = sqlite3.connect(world.data_dir / "kontext.sqlite3", isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        db.execute("COMMIT")
+        db.close()
+
+
+async def waiting_for_the_lock(world, user: str):
+    """A /kontext whose job's row waits for the lock: the bot's one connection to the database
+    is busy with it, so whatever the next interaction reads waits behind it."""
+    handle = await world.kontext(user=user)
+    await handle.wait_until(lambda h: h.age > 0.5)
+    return handle
+
+
+async def test_a_database_slow_to_write_does_not_cost_the_member_their_3_seconds(world):
+    """The job's row waits for the database, longer than Discord's 3 seconds: the interaction
+    is acknowledged in time all the same (public, as the member's replies are), and the job runs
+    once the row is written. It used to be acknowledged after the row only: Discord said "The
+    application did not respond", and the bot's answers after it were refused (10062)."""
+    await world.start_bot()
+    with database_write_locked(world):
+        handle = await world.kontext()
+        assert await handle.wait_for_callback(timeout=3) == {"type": 5}
+        await asyncio.sleep(3.5 - handle.age)
+    assert text(await finished(handle)) == "✅ Done."
+    assert world.fal.count("submit") == 1
+    assert world.discord.violations == []
+
+
+async def test_a_refusal_after_an_early_acknowledgement_reaches_the_member_alone(world):
+    """Acknowledged before the database let the policy decide, and then refused (the cooldown):
+    the "thinking…" it showed the channel is withdrawn, and the refusal is the member's alone."""
+    await world.start_bot()
+    await admin(world, "limits", cooldown_seconds=600)
+    await finished(await world.kontext())
+    world.discord.add_member(name="bob")
+    with database_write_locked(world):
+        bob = await waiting_for_the_lock(world, "bob")
+        alice = await world.kontext()
+        assert await alice.wait_for_callback(timeout=3) == {"type": 5}
+        await asyncio.sleep(3.5 - bob.age)
+    await alice.wait_until(lambda h: bool(h.followups))
+    (refusal,) = alice.followups
+    assert "Slow down" in refusal.content and refusal.flags & EPHEMERAL, refusal
+    assert alice.original is not None and alice.original.deleted
+    assert text(await finished(bob)) == "✅ Done."
+    assert world.fal.count("submit") == 2
+
+
+async def test_a_member_whose_settings_are_not_read_in_time_gets_their_result_privately_first(world):
+    """Acknowledged before even the member's settings were read (behind another member's job
+    waiting for the database): the reply is private, as the member may want their results so,
+    and their result can be shared from it."""
+    await world.start_bot()
+    world.discord.add_member(name="bob")
+    with database_write_locked(world):
+        alice = await waiting_for_the_lock(world, "alice")
+        bob = await world.kontext(user="bob")
+        callbacks = [await handle.wait_for_callback(timeout=3) for handle in (alice, bob)]
+        await asyncio.sleep(3.5 - alice.age)
+    assert callbacks == [{"type": 5}, {"type": 5, "data": {"flags": EPHEMERAL}}], callbacks
+    assert text(await finished(alice)) == "✅ Done."
+    assert has_button(await finished(bob), "share")
