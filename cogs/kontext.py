@@ -3,6 +3,8 @@ intake: an edit of the images attached, or with none an image made from the prom
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from typing import TYPE_CHECKING
 
@@ -40,10 +42,15 @@ if TYPE_CHECKING:
 
     Interaction = discord.Interaction[KontextBot]
 
+log = logging.getLogger(__name__)
+
 # The context menu's form: the message whose first image it edits.
 MENU_FORM = re.compile(r"kontext:menu:(?P<channel_id>[0-9]+):(?P<message_id>[0-9]+)")
 # Messages whose image is remembered for their forms (the oldest forgotten first).
 MAX_OPEN_FORMS = 1000
+# How long a submitted form waits for its message read again, of the 3 seconds it has to be
+# acknowledged in (see Acknowledgement).
+MESSAGE_READ_WITHIN = 1.5
 
 
 class Kontext(commands.Cog):
@@ -174,9 +181,15 @@ class Kontext(commands.Cog):
 
     async def _first_image(self, channel_id: int, message_id: int) -> str | None:
         """The message's first image as Discord serves it now; None where the bot may not read
-        the message (a server without the bot): the image remembered stands in for it there."""
+        the message (a server without the bot), or Discord does not return it soon enough (its
+        retries of a 5xx take seconds, and the form's 3 seconds run): the image remembered
+        stands in for it there."""
         try:
-            message = await self.bot.get_partial_messageable(channel_id).fetch_message(message_id)
+            async with asyncio.timeout(MESSAGE_READ_WITHIN):
+                message = await self.bot.get_partial_messageable(channel_id).fetch_message(message_id)
+        except TimeoutError:
+            log.info("the message of an Edit with Kontext form was not read within %.1f s", MESSAGE_READ_WITHIN)
+            return None
         except discord.NotFound:
             # Deleted (a moderator removed it, or its channel) while the form was open: its image
             # is not edited and posted again, though the link remembered may still be served.
