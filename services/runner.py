@@ -606,7 +606,9 @@ class JobRunner:
         job.queue_position = status.queue_position
         self._scheduler.submitted(job.id)  # may hand it back, once it is queued (see _hand_back)
         try:
-            await self._transition(job, JobState.QUEUED)
+            # Durable as the submit's own write: lost to a power loss, fal's id would leave a job
+            # fal runs and bills resumed as one the bot cannot tell it sent, its result never had.
+            await self._transition(job, JobState.QUEUED, durable=True)
         except StoreFailed:
             # fal has the job and the database does not: resumed, it would count as lost in its
             # submit. Taken back while queued it costs nothing (no other process knows its id).

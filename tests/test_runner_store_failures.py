@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from services.fal_account import AccountGate
-from services.fal_queue import FalRequest
+from services.fal_queue import FalRequest, QueueStatus
 from services.job import NOTE_HANDED_BACK, Job, JobState
 from services.metrics import Metrics
 from services.retry import Backoff
@@ -129,3 +129,22 @@ async def test_a_delivery_rides_out_a_discord_outage_of_hours_without_a_restart(
         assert listener.refusals == 0 and job.delivered_at is not None
         stored = await store.get_job(job.id)
         assert stored is not None and stored.delivered_at is not None
+
+
+async def test_the_write_recording_fals_id_for_a_job_survives_a_power_loss(tmp_path: Path):
+    """fal's id for a job is what the bot follows it, and fetches its billed result, by: its
+    write commits with synchronous=FULL, as the submit's does (see test_store), not only after
+    the next job's durable write, which on a quiet bot may be minutes away."""
+    async with SqliteStore(tmp_path / "db.sqlite3") as store:
+        job = await store.create_job(request())
+        job.state = JobState.SUBMITTING
+        await store.save(job, durable=True)
+        statements: list[str] = []
+        await store._db.set_trace_callback(statements.append)
+        status = QueueStatus("IN_QUEUE", queue_position=0)
+        await runner(store, Fal())._record_submission(job, FalRequest("req-1", "s", "r", "c"), status)
+        writes = [s.split(" SET")[0] for s in dict.fromkeys(statements) if not s.startswith("SELECT")]
+        assert writes == ["PRAGMA synchronous=FULL", "UPDATE jobs", "PRAGMA synchronous=NORMAL"]
+        loaded = await store.get_job(job.id)
+        assert loaded is not None and loaded.state is JobState.QUEUED and loaded.request == job.request
+
