@@ -10,8 +10,8 @@ import enum
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 from .fal_account import AccountGate
 from .fal_queue import (
@@ -437,9 +437,29 @@ class JobRunner:
         if isinstance(error, LeaseLost):
             log.warning("job %d: another process holds it now; this one stopped driving it", job_id)
         elif error is not None:
-            # Only the store failing can get here (StoreFailed): the job resumes from its row
-            # at the next start (sharing the database: once its lease runs out, here or elsewhere).
+            # Only the store failing can get here (StoreFailed): the job resumes from its row,
+            # sharing the database once its lease runs out (here or elsewhere), else here once
+            # the database answers again.
             log.error("job %d stopped unfinished", job_id, exc_info=error)
+            if not self._store.shared:
+                self._in_background(self._resume_when_the_store_answers(job_id), name=f"job-{job_id}-resume")
+
+    async def _resume_when_the_store_answers(self, job_id: int) -> None:
+        """Resume, from its row, a job whose writes failed for longer than the store tries them
+        (a full disk, another writer holding the lock): no other process will, and left until
+        the next start it would hold its member's place and leave its reply as it was. Read
+        again less and less often while the database does not answer."""
+        attempt = 0
+        while not self._stopping:
+            attempt += 1
+            await asyncio.sleep(self._backoff.delay(attempt))
+            try:
+                job = await self._store.get_job(job_id)
+            except self._store.transient_errors:
+                continue
+            if job is not None and not job.finished:
+                self.adopt([job])
+            return
 
     async def _drive(self, job: Job) -> None:
         if job.message_id is None:
@@ -893,7 +913,10 @@ class JobRunner:
         return job.id in self._handing_back
 
     def _hand_back_soon(self, job_id: int) -> None:
-        task = asyncio.create_task(self._hand_back(job_id), name=f"job-{job_id}-hand-back")
+        self._in_background(self._hand_back(job_id), name=f"job-{job_id}-hand-back")
+
+    def _in_background(self, work: Coroutine[Any, Any, None], *, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -148,3 +148,45 @@ async def test_the_write_recording_fals_id_for_a_job_survives_a_power_loss(tmp_p
         loaded = await store.get_job(job.id)
         assert loaded is not None and loaded.state is JobState.QUEUED and loaded.request == job.request
 
+
+async def test_a_job_let_go_as_the_database_failed_its_writes_is_resumed_once_they_go_through(tmp_path: Path):
+    """Its writes failed for longer than the store tries them (a full disk): on SQLite no other
+    process takes the job over, so this one resumes it from its row once the database answers,
+    rather than leave it until the next start, holding its member's place with its reply as it
+    was. Here its delivery's write fails three times over."""
+
+    class Delivering(Listener):
+        async def deliver(self, job: Job, progress: object) -> None:
+            shown.append(job.id)
+            if failures == 0:
+                last_try.set()
+
+    shown: list[int] = []
+    last_try = asyncio.Event()
+    async with SqliteStore(tmp_path / "db.sqlite3") as store:
+        store.write_retry_seconds = 0
+        job = await store.create_job(request(message_id=5))
+        job.state, job.error_code = JobState.FAILED, "fal_failed"
+        await store.save(job)
+        jobs = runner(store, Fal())
+        jobs._listener = cast(Any, Delivering())
+        jobs._results = cast(Any, Results())
+        jobs._backoff = Backoff(base=0.01, cap=0.02)
+        update, failures = store._update_job, 3
+
+        async def disk_full_for_a_while(*args: Any, **kwargs: Any) -> None:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise sqlite3.OperationalError("database or disk is full")
+            await update(*args, **kwargs)
+
+        store._update_job = disk_full_for_a_while  # type: ignore[method-assign]
+        jobs.adopt([job])
+        await asyncio.wait_for(last_try.wait(), 5)
+        driver = jobs._drivers.get(job.id)
+        if driver is not None:
+            await driver
+        assert shown == [job.id] * 4 and jobs.active_job(job.id) is None
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.delivered_at is not None
