@@ -115,9 +115,11 @@ async def fetch_result_attachments(bot: KontextBot, job: Job) -> list[discord.At
 
 async def cancel_job(interaction: Interaction, job: Job) -> None:
     _ = member_texts(interaction)
-    await interaction.response.defer()
+    await interaction.response.defer()  # an update of the message pressed on: its token edits it
+    on_reply = interaction.message is not None and interaction.message.id == job.message_id
+    reply_token = (interaction.token, interaction.created_at.timestamp()) if on_reply else None
     try:
-        outcome = await interaction.client.runner.cancel(job.id, interaction.user.id)
+        outcome = await interaction.client.runner.cancel(job.id, interaction.user.id, reply_token=reply_token)
     except FalError:
         raise UserFacingError(N_("fal.ai did not answer the cancel request. Please try again in a moment.")) from None
     if outcome is CancelOutcome.TOO_LATE:

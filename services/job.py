@@ -230,6 +230,13 @@ class Job(JobRequest):
         age = (now or time.time()) - self.interaction_created_at
         return age < INTERACTION_TOKEN_LIFETIME - TOKEN_SAFETY_MARGIN
 
+    def reply_through(self, token: str, created_at: float) -> None:
+        """Edit the reply through a later interaction on it (a button pressed on it, answered as
+        an update of it) if its token outlives the one the reply has: past the reply's own 15
+        minutes, a Cancel pressed on it shows the job cancelled there, not in a new post."""
+        if created_at > self.interaction_created_at:
+            self.interaction_token, self.interaction_created_at = token, created_at
+
     def shared_as(self, part: int) -> int | None:
         """The channel message that shared `part` (one of the messages of a private-first result
         too large for one), if it was shared."""

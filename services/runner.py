@@ -300,9 +300,13 @@ class JobRunner:
         (deleting a channel deletes its threads, and Discord then tells only of the channel)."""
         return [job for job in self._jobs.values() if channel_id in (job.channel_id, job.parent_channel_id)]
 
-    async def cancel(self, job_id: int, by_user: int) -> CancelOutcome:
+    async def cancel(self, job_id: int, by_user: int, *, reply_token: tuple[str, float] | None = None) -> CancelOutcome:
         """A member's cancel, wherever the job is driven: here, or (through the database) by
-        another process."""
+        another process. `reply_token`: the token and creation time of the cancel's own
+        interaction, when it was pressed on the job's reply (see `Job.reply_through`)."""
+        job = self._jobs.get(job_id)
+        if job is not None and reply_token is not None:
+            job.reply_through(*reply_token)
         outcome = await self.cancel_here(job_id, by_user)
         if outcome is not None:
             return outcome

@@ -415,6 +415,23 @@ async def test_token_expired_mid_job_posts_a_reply_in_the_channel(world):
     await still_serving(world)
 
 
+async def test_a_cancel_pressed_after_the_token_shows_on_the_reply_it_was_pressed_on(world):
+    """Past its 15 minutes the reply showed its last place in line, with Cancel. The press is a
+    new interaction, answered as an update of that reply, whose token edits it: the reply shows
+    the job cancelled, without Cancel. It went on saying "In queue" with a Cancel that answered
+    "already finished", and the bot posted the cancel in the channel, pinging the member about
+    their own press."""
+    handle = await outliving_its_reply(world, script=JobScript(queue_positions=(3, 2, 1, 0), step=2.0))
+    reply = handle.original
+    press = await world.discord.click_button(reply.id, button(reply, "cancel"), user="alice")
+    assert (await press.wait_for_callback())["type"] == 6
+    cancelled = await finished(handle)
+    assert text(cancelled).startswith("🚫") and not has_button(cancelled, "cancel"), text(cancelled)
+    assert bot_posts(world) == []
+    assert world.fal.count("cancel") == 1
+    await still_serving(world)
+
+
 async def test_a_late_result_where_the_bot_may_not_read_history_is_posted_without_replying(world):
     """The bot's role may not Read Message History in the channel (the README calls it what lets
     late results *reply*): Discord refuses the bot both fetching the reply and replying to it
