@@ -90,6 +90,17 @@ def may_post_images(channel: object, permissions: discord.Permissions) -> bool:
     return may_send(channel, permissions) and permissions.attach_files
 
 
+def may_ask_here(interaction: Interaction) -> bool:
+    """Whether the member could ask for a job where they press a button: in a server channel,
+    post in it and use its app commands, as Discord sends their permissions there (overwrites
+    included). Buttons stay pressable without either (discord-api-docs#7900), so a member muted
+    there could otherwise have the bot post for them. A DM carries no permissions to check."""
+    if interaction.guild_id is None:
+        return True
+    permissions = interaction.permissions
+    return may_send(interaction.channel, permissions) and permissions.use_application_commands
+
+
 def image_attachments(message: discord.Message | None) -> list[discord.Attachment]:
     return [a for a in (message.attachments if message else []) if is_image_attachment(a)]
 
@@ -487,6 +498,10 @@ async def job_for(interaction: Interaction, job_id: int, key: str | None, action
     refusal = BUTTONS[action].refusal
     if refusal is not None and interaction.user.id != job.user_id and not is_moderator(interaction):
         raise UserFacingError(refusal)
+    if action in STARTS_A_JOB and not may_ask_here(interaction):
+        raise UserFacingError(
+            N_("You can't post or use app commands in this channel, so nothing new can be started here for you.")
+        )
     message = interaction.message
     own_copy = message is not None and message.id in (job.message_id, *job.posted_message_ids)
     if action in STARTS_A_JOB and interaction.guild_id is None and not job.place.personal and own_copy:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fakes.discord_fake import EPHEMERAL, custom_ids
+from fakes.discord_fake import EPHEMERAL, SEND_MESSAGES, USE_APPLICATION_COMMANDS, custom_ids
 from fakes.fal_fake import JobScript, model_error
 from tests.e2e import admin, button, data_uri, details, finished, private_answer, text
 
@@ -306,6 +306,32 @@ async def test_try_again_repeats_a_failed_job_as_it_was_its_seed_too(world):
     assert second == first and second["seed"] == 7
     assert "**Seed** 7" in details(again)
     assert footer(again) == "Job #2 · from job #1"
+
+
+@pytest.mark.parametrize("denied", [SEND_MESSAGES, USE_APPLICATION_COMMANDS], ids=["send", "commands"])
+async def test_a_member_muted_in_the_channel_cannot_start_edits_there_through_buttons(world, denied):
+    """The moderators take Send Messages (or Use Application Commands) from alice in the channel:
+    Discord no longer lets her post or run /kontext there, but buttons stay pressable
+    (discord-api-docs#7900). The bot starts nothing there for her that she could not ask for
+    herself: Re-roll, Edit and an Edit form she opened before are refused privately. Deleting
+    her own result posts nothing and still works."""
+    fake = world.discord
+    await world.start_bot()
+    message = await first_result(world)
+    opened = await fake.click_button(message.id, button(message, "edit"), user="alice")
+    assert (await opened.wait_for_callback())["type"] == 9
+    fake.set_permission_overwrite(fake.channel_id, fake.alice, deny=denied)
+    for action in ("reroll", "edit"):
+        click = await fake.click_button(message.id, button(message, action), user="alice")
+        await click.wait_for_callback()
+        assert "can't post or use app commands in this channel" in private_answer(click)
+    submitted = await fake.submit_modal(opened, {"prompt": "now at night"}, user="alice")
+    await submitted.wait_for_callback()
+    assert "can't post or use app commands in this channel" in private_answer(submitted)
+    assert len(world.fal.submits) == 1
+    delete = await fake.click_button(message.id, button(message, "delete"), user="alice")
+    await delete.wait_for_callback()
+    await fake.wait_until(lambda: message.deleted)
 
 
 async def test_an_edit_of_a_result_image_over_the_input_limit_is_refused_before_it_starts(world):
