@@ -17,7 +17,7 @@ import discord
 from services.fal_queue import FalError
 from services.flux_kontext import KontextEdit
 from services.i18n import N_, texts
-from services.job import NOTE_SHARED_AS, Job, JobState, ResultImage
+from services.job import NOTE_SHARED_AS, Job, JobPlace, JobState, ResultImage
 from services.runner import CancelOutcome
 
 from .errors import UserFacingError, place_of, placeholder_withdrawn_on_failure, report, tell
@@ -359,8 +359,8 @@ class ButtonSpec:
     emoji: str
     style: discord.ButtonStyle
     handler: Callable[[Interaction, Job], Awaitable[None]]
-    # Only the member who asked and moderators may press it, and this is what anyone else is
-    # told; None: anyone in the channel may.
+    # Only the member who asked and the moderators of a server that added the bot may press it,
+    # and this is what anyone else is told; None: anyone in the channel may.
     refusal: str | None
 
 
@@ -496,8 +496,16 @@ async def job_for(interaction: Interaction, job_id: int, key: str | None, action
     if job is None or not await _belongs_to(job, key, interaction):
         return None
     refusal = BUTTONS[action].refusal
-    if refusal is not None and interaction.user.id != job.user_id and not is_moderator(interaction):
-        raise UserFacingError(refusal)
+    if refusal is not None and interaction.user.id != job.user_id:
+        if not is_moderator(interaction):
+            raise UserFacingError(refusal)
+        if place_of(interaction) is not JobPlace.SERVER:
+            # Where the button is pressed, as for /kontext-history's lookups: where only members'
+            # own installs bring the app (a server without the bot, where a result can also be
+            # shown again), no server governs their jobs, and its moderators are none of theirs.
+            raise UserFacingError(
+                N_("Acting on another member's edit is for the moderators of a server that added the bot.")
+            )
     if action in STARTS_A_JOB and not may_ask_here(interaction):
         raise UserFacingError(
             N_("You can't post or use app commands in this channel, so nothing new can be started here for you.")

@@ -13,6 +13,7 @@ import pytest
 from fakes.discord_fake import (
     EPHEMERAL,
     IS_COMPONENTS_V2,
+    MOD_PERMISSIONS,
     CommandNotAvailable,
     custom_ids,
     media_gallery_items,
@@ -162,6 +163,26 @@ async def test_a_server_without_the_bot(world):
     assert bot_posts_in(world, alone) == [] and handle.followups == []
     (row,) = job_rows(world)
     assert row["place"] == "external" and row["guild_id"] == int(alone.id)
+
+
+async def test_in_a_server_without_the_bot_its_moderators_have_no_say_over_a_members_job(world):
+    """Only alice's own install brings the app to that server: no server governs her job, and
+    its moderators are none of hers. They may not cancel it, nor delete its result; told why."""
+    world.fal.default = JobScript(queue_positions=(3, 2, 1, 0), step=0.5)
+    await world.start_bot(**PERSONAL)
+    alone = server_without_the_bot(world)
+    world.discord.add_member(name="nosy", permissions=MOD_PERMISSIONS, guild=alone)
+    handle = await kontext_in(world, guild_id=alone.id, context="user_guild")
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    cancel = await world.discord.click_button(handle.original.id, button(handle.original, "cancel"), user="nosy")
+    await cancel.wait_for_callback()
+    assert "for the moderators of a server that added the bot" in private_answer(cancel)
+    message = await finished(handle)
+    assert text(message) == "✅ Done."
+    delete = await world.discord.click_button(message.id, button(message, "delete"), user="nosy")
+    await delete.wait_for_callback()
+    assert "for the moderators of a server that added the bot" in private_answer(delete)
+    assert not message.deleted
 
 
 async def test_a_server_that_keeps_external_apps_private(world):
