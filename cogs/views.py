@@ -8,7 +8,7 @@ import contextlib
 import io
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +121,29 @@ async def fetch_result_attachments(bot: KontextBot, job: Job) -> list[discord.At
     return found
 
 
+# The presses being handled now, by action, job and member: a new job is started, a share
+# recorded, only at the end of its press, so a second press meanwhile (a double click, a double
+# tap) is told instead of doing it twice. In-process is enough: both presses of one message come
+# through the same gateway shard.
+_pressed: set[tuple[JobAction, int, int]] = set()
+
+ALREADY_STARTING = N_("This edit is already being started from your first press.")
+
+
+@contextlib.contextmanager
+def one_press_at_a_time(interaction: Interaction, job: Job, action: JobAction, refusal: str) -> Iterator[None]:
+    """Do `action` to `job` for this member once at a time, telling a press meanwhile `refusal`.
+    Pressed again once the first is done, it is done again (re-rolling many times is the point)."""
+    pressed = (action, job.id, interaction.user.id)
+    if pressed in _pressed:
+        raise UserFacingError(refusal)
+    _pressed.add(pressed)
+    try:
+        yield
+    finally:
+        _pressed.discard(pressed)
+
+
 # -- what each button does --------------------------------------------------------------------
 
 
@@ -151,15 +174,17 @@ async def cancel_job(interaction: Interaction, job: Job) -> None:
 
 async def reroll_job(interaction: Interaction, job: Job) -> None:
     """Same inputs, a new seed, as a new reply."""
-    edit = await inputs_found_again(interaction.client, job)
-    await interaction.client.intake.start(interaction, edit.with_options(seed=None), parent_job_id=job.id)
+    with one_press_at_a_time(interaction, job, JobAction.REROLL, ALREADY_STARTING):
+        edit = await inputs_found_again(interaction.client, job)
+        await interaction.client.intake.start(interaction, edit.with_options(seed=None), parent_job_id=job.id)
 
 
 async def retry_job(interaction: Interaction, job: Job) -> None:
     """A failed job made nothing to vary: the same job again, as the member asked for it, the
     seed they chose included."""
-    edit = await inputs_found_again(interaction.client, job)
-    await interaction.client.intake.start(interaction, edit, parent_job_id=job.id)
+    with one_press_at_a_time(interaction, job, JobAction.RETRY, ALREADY_STARTING):
+        edit = await inputs_found_again(interaction.client, job)
+        await interaction.client.intake.start(interaction, edit, parent_job_id=job.id)
 
 
 async def inputs_found_again(bot: KontextBot, job: Job) -> KontextEdit:
@@ -222,21 +247,10 @@ async def delete_result(interaction: Interaction, job: Job) -> None:
     await interaction.delete_original_response()
 
 
-# The jobs whose result is being shared now: the share is recorded only once it is posted, so a
-# second press meanwhile is told instead of posting it twice. In-process is enough: both presses
-# of one message come through the same gateway shard.
-_sharing: set[int] = set()
-
-
 async def share_result(interaction: Interaction, job: Job) -> None:
     """Post a result its member saw alone first to the channel, once however often it is pressed."""
-    if job.id in _sharing:
-        raise UserFacingError(N_("This result is already being shared."))
-    _sharing.add(job.id)
-    try:
+    with one_press_at_a_time(interaction, job, JobAction.SHARE, N_("This result is already being shared.")):
         await _share(interaction, job)
-    finally:
-        _sharing.discard(job.id)
 
 
 async def _share(interaction: Interaction, job: Job) -> None:
@@ -558,6 +572,7 @@ async def submit_edit_form(interaction: Interaction) -> None:
         # Checked as an attached image is, before anything is acknowledged or spent.
         url = image_url(images[answer.image], interaction.client.settings.max_input_bytes)
         options = job.edit.options.for_follow_up_edit()
-        await start_edit(interaction, answer.prompt, url, options, parent_job_id=job.id)
+        with one_press_at_a_time(interaction, job, JobAction.EDIT, ALREADY_STARTING):
+            await start_edit(interaction, answer.prompt, url, options, parent_job_id=job.id)
     except Exception as exc:
         await report(interaction, exc, typed=answer.prompt)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fakes.discord_fake import EPHEMERAL, SEND_MESSAGES, USE_APPLICATION_COMMANDS, custom_ids
 from fakes.fal_fake import JobScript, model_error
 from tests.e2e import admin, button, data_uri, details, finished, private_answer, text
+
+# An interaction's acknowledgement or answer (receiving-and-responding.mdx).
+CALLBACK = r"/interactions/\d+/[^/]+/callback$"
 
 
 async def first_result(world, **options):
@@ -306,6 +311,60 @@ async def test_try_again_repeats_a_failed_job_as_it_was_its_seed_too(world):
     assert second == first and second["seed"] == 7
     assert "**Seed** 7" in details(again)
     assert footer(again) == "Job #2 · from job #1"
+
+
+async def test_a_double_click_on_try_again_starts_the_failed_job_once(world):
+    """Two presses of 🔁 Try again at once (a double tap on mobile) are one press: fal runs and
+    bills the job again once, and the second press is told so privately. Pressed again later, on
+    purpose, it starts again (as Re-roll does: re-rolling many times is the point)."""
+    world.fal.default = JobScript(result_status=500, result_body=model_error("internal_server_error"))
+    await world.start_bot()
+    failed = await finished(await world.kontext(prompt="a red scarf"))
+    assert text(failed).startswith("❌"), text(failed)
+    world.fal.default = model_error("downstream_service_unavailable", "The partner API is unavailable")
+    retry = button(failed, "retry")
+    world.discord.fail_next("POST", CALLBACK, status="slow", delay=0.5, times=2)  # Discord's round trips
+    clicks = await asyncio.gather(*(world.discord.click_button(failed.id, retry, user="alice") for _ in range(2)))
+    for click in clicks:
+        await click.wait_for_callback()
+    started, pending = sorted(clicks, key=lambda click: click.callback["type"] == 4)
+    assert "already being started" in private_answer(pending)
+    assert text(await finished(started)).startswith("❌")
+    assert len(world.fal.submits) == 2
+    world.fal.default = JobScript()
+    again = await finished(await world.discord.click_button(failed.id, retry, user="alice"))
+    assert text(again).startswith("✅") and len(world.fal.submits) == 3
+
+
+async def test_re_roll_pressed_again_once_the_first_has_started_rolls_again(world):
+    """Only presses at once are one press: re-rolling many times is the point."""
+    await world.start_bot()
+    message = await first_result(world)
+    rolls = []
+    for _ in range(2):
+        rolls.append(await world.discord.click_button(message.id, button(message, "reroll"), user="alice"))
+        assert (await rolls[-1].wait_for_callback())["type"] == 5
+    for roll in rolls:
+        assert text(await finished(roll)).startswith("✅")
+    assert len(world.fal.submits) == 3
+
+
+async def test_an_edit_form_sent_twice_at_once_starts_one_edit(world):
+    """A double click on the ✏️ Edit form's Submit: one edit, and the second submit told so."""
+    await world.start_bot()
+    message = await first_result(world)
+    opened = await world.discord.click_button(message.id, button(message, "edit"), user="alice")
+    await opened.wait_for_callback()
+    world.discord.fail_next("POST", CALLBACK, status="slow", delay=0.5, times=2)  # Discord's round trips
+    submits = await asyncio.gather(
+        *(world.discord.submit_modal(opened, {"prompt": "now at night"}, user="alice") for _ in range(2))
+    )
+    for submitted in submits:
+        await submitted.wait_for_callback()
+    started, pending = sorted(submits, key=lambda submitted: submitted.callback["type"] == 4)
+    assert "already being started" in private_answer(pending)
+    assert text(await finished(started)).startswith("✅")
+    assert len(world.fal.submits) == 2
 
 
 @pytest.mark.parametrize("denied", [SEND_MESSAGES, USE_APPLICATION_COMMANDS], ids=["send", "commands"])
