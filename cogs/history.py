@@ -238,14 +238,16 @@ def entry_text(job: Job, made_from: int, _: Texts) -> str:
     else:
         where = _("a DM") if job.place is JobPlace.BOT_DM else _("a group DM")
     lines = [f"**#{job.id}** · {_(outcome)} · <t:{int(job.created_at)}:R> · {where}"]
-    lines.append("> " + (plain_text(job.prompt, PROMPT_SHOWN) or "…"))
-    chain = []
+    lines.append("> " + (plain_text(job.shown_prompt, PROMPT_SHOWN) or "…"))
+    notes = []
+    if job.recipe is not None:
+        notes.append(_("recipe “{name}”", name=plain_text(job.recipe["name"])))
     if job.parent_job_id is not None:
-        chain.append(_("from job #{id}", id=job.parent_job_id))
+        notes.append(_("from job #{id}", id=job.parent_job_id))
     if made_from:
-        chain.append(_.ngettext("{count} job made from it", "{count} jobs made from it", made_from))
-    if chain:
-        lines.append("-# " + " · ".join(chain))
+        notes.append(_.ngettext("{count} job made from it", "{count} jobs made from it", made_from))
+    if notes:
+        lines.append("-# " + " · ".join(notes))
     return "\n".join(lines)
 
 

@@ -20,10 +20,12 @@ from services.job import (
     NOTE_FROM_DEFAULTS,
     NOTE_PRIVATE_FIRST,
     NOTE_PRIVATE_REPLY,
+    NOTE_RECIPE,
     NOTE_SAFETY_LIMITED_TO,
     Job,
     JobPlace,
     JobRequest,
+    RecipeNote,
 )
 from services.policy import (
     GuildPolicy,
@@ -205,6 +207,7 @@ class JobIntake:
         parent_job_id: int | None = None,
         fill_defaults: bool = False,
         member_prompt: str | None = None,
+        recipe: RecipeNote | None = None,
     ) -> None:
         """Apply the policy that governs where the member is (the server's; where no server
         governs, the operator's for personal use) to `edit` (its safety tolerance is what the
@@ -213,11 +216,14 @@ class JobIntake:
 
         The member's own settings (/kontext-settings): with `fill_defaults` (a request they just
         typed, not a re-roll of a job as it was) their defaults fill the options they left out,
-        and the job notes which; whether the result is theirs alone first applies to every job."""
+        and the job notes which; whether the result is theirs alone first applies to every job.
+        `recipe`: the server recipe that made the prompt, which members see in place of its text."""
         acknowledgement = Acknowledgement(interaction)
         job: Job | None = None
         try:
-            edit, notes = await self._checked(interaction, edit, acknowledgement, fill_defaults=fill_defaults)
+            edit, notes = await self._checked(
+                interaction, edit, acknowledgement, fill_defaults=fill_defaults, recipe=recipe
+            )
             async with self._bot.runner.admission():
                 job = await self._recorded(
                     interaction, edit, notes, parent_job_id=parent_job_id, member_prompt=member_prompt
@@ -235,12 +241,15 @@ class JobIntake:
         acknowledgement: Acknowledgement,
         *,
         fill_defaults: bool,
+        recipe: RecipeNote | None,
     ) -> tuple[KontextEdit, dict[str, Any]]:
         """`edit` with the member's defaults, and the job's notes so far; refused (an error the
         member is told of) if it cannot be sent as it is."""
         bot = self._bot
         defaults = await bot.store.member_defaults(interaction.user.id)
         notes: dict[str, Any] = {}
+        if recipe is not None:
+            notes[NOTE_RECIPE] = recipe
         if fill_defaults:
             options, filled = defaults.apply(edit.options)
             edit = dataclasses.replace(edit, options=options)

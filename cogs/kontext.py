@@ -116,7 +116,7 @@ class Kontext(commands.Cog):
         # private answer and nothing is spent.
         if image is None and (image2 or image3 or image4):
             raise UserFacingError(N_("Attach the first image as `image`: `image2` to `image4` are combined with it."))
-        prompt, member_prompt = await resolve_prompt(interaction, prompt)
+        read = await resolve_prompt(interaction, prompt)
         limit = self.bot.settings.max_input_bytes
         urls = tuple(image_url(a, limit) for a in (image, image2, image3, image4) if a is not None)
         options = KontextOptions(
@@ -129,7 +129,11 @@ class Kontext(commands.Cog):
             safety_tolerance=safety_tolerance,
         )
         await self.bot.intake.start(
-            interaction, KontextEdit(prompt, urls, options), fill_defaults=True, member_prompt=member_prompt
+            interaction,
+            KontextEdit(read.sent, urls, options),
+            fill_defaults=True,
+            member_prompt=read.member_prompt,
+            recipe=read.recipe,
         )
 
     @kontext.autocomplete("prompt")

@@ -89,11 +89,12 @@ async def start_edit(
 ) -> None:
     """What a submitted form does, whichever form: the prompt read (a recipe, a past prompt, the
     member's words) and a job started on the image."""
-    prompt, member_prompt = await resolve_prompt(interaction, submitted)
+    read = await resolve_prompt(interaction, submitted)
     await interaction.client.intake.start(
         interaction,
-        KontextEdit(prompt, (url,), options),
+        KontextEdit(read.sent, (url,), options),
         parent_job_id=parent_job_id,
         fill_defaults=True,
-        member_prompt=member_prompt,
+        member_prompt=read.member_prompt,
+        recipe=read.recipe,
     )

@@ -298,9 +298,9 @@ def _render_result(job: Job, embed: discord.Embed, _: Texts) -> Rendered:
         embed,
         (ON_PRIVATE_RESULT if _unshared(job) else ON_RESULT) if shown else ON_FAILURE,
         files=shown,
-        quoted_prompt=_quote(job.prompt),
+        quoted_prompt=_quote(job.shown_prompt),
         details_rest=_card_details(job, _),
-        alt_text=_shortened(" ".join(job.prompt.split()), ALT_TEXT_LIMIT),
+        alt_text=_shortened(" ".join(job.shown_prompt.split()), ALT_TEXT_LIMIT),
     )
 
 
@@ -339,6 +339,8 @@ def _request_fields(job: Job, _: Texts) -> list[_Field]:
     if source:
         options = f"{source} · {options}" if options else source
     fields = [_Field(_("Requested by"), f"<@{job.user_id}>")]
+    if job.recipe is not None:
+        fields.append(_Field(_("Recipe"), plain_text(job.recipe["name"])))  # a moderator's words
     if options:
         fields.append(_Field(_("Options"), options, inline=False))
     limited_to = job.notes.get(NOTE_SAFETY_LIMITED_TO)
@@ -371,7 +373,7 @@ def _footer(job: Job, _: Texts) -> str:
 
 
 def _request_embed(job: Job, _: Texts) -> discord.Embed:
-    embed = discord.Embed(description=_quote(job.prompt), colour=EMBED_COLOUR)
+    embed = discord.Embed(description=_quote(job.shown_prompt), colour=EMBED_COLOUR)
     embed.set_author(name=BRAND)
     for item in _request_fields(job, _):
         embed.add_field(name=item.name, value=item.value, inline=item.inline)
@@ -446,7 +448,8 @@ OUTCOME_MARKS = {JobState.SUCCEEDED: "✅", JobState.FAILED: "❌", JobState.CAN
 
 def job_log_line(job: Job, _: Texts) -> str:
     """One line for the moderators' log channel (in the server's language): who, where, what, at
-    which tolerance, outcome."""
+    which tolerance, outcome. What: the prompt sent, a server recipe's text included (the
+    moderators' own), since that is what made the image they moderate."""
     prompt = plain_text(job.prompt, limit=200)  # one line, no markdown or mentions: it cannot forge entries
     if job.state is JobState.SUCCEEDED:
         outcome = _("succeeded")

@@ -173,10 +173,12 @@ async def cancel_job(interaction: Interaction, job: Job) -> None:
 
 
 async def reroll_job(interaction: Interaction, job: Job) -> None:
-    """Same inputs, a new seed, as a new reply."""
+    """Same inputs, a new seed, as a new reply, shown as the job is (a recipe's words and name)."""
     with one_press_at_a_time(interaction, job, JobAction.REROLL, ALREADY_STARTING):
         edit = await inputs_found_again(interaction.client, job)
-        await interaction.client.intake.start(interaction, edit.with_options(seed=None), parent_job_id=job.id)
+        await interaction.client.intake.start(
+            interaction, edit.with_options(seed=None), parent_job_id=job.id, recipe=job.recipe
+        )
 
 
 async def retry_job(interaction: Interaction, job: Job) -> None:
@@ -184,7 +186,7 @@ async def retry_job(interaction: Interaction, job: Job) -> None:
     seed they chose included."""
     with one_press_at_a_time(interaction, job, JobAction.RETRY, ALREADY_STARTING):
         edit = await inputs_found_again(interaction.client, job)
-        await interaction.client.intake.start(interaction, edit, parent_job_id=job.id)
+        await interaction.client.intake.start(interaction, edit, parent_job_id=job.id, recipe=job.recipe)
 
 
 async def inputs_found_again(bot: KontextBot, job: Job) -> KontextEdit:

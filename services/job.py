@@ -8,7 +8,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from .fal_queue import FalRequest
 from .flux_kontext import KontextEdit
@@ -27,6 +27,7 @@ NOTE_SHARED_AS = "shared_as"  # the message that shared a private-first result i
 NOTE_SHARED_PARTS = "shared_parts"  # {its message (str id): the channel message that shared it}
 NOTE_FAL_SILENT = "fal_silent"  # fal answers nothing about the job: FAL_SILENT_*
 NOTE_LATE_BY_DM = "late_by_dm"  # the bot could not post in the channel: the late result came by DM
+NOTE_RECIPE = "recipe"  # a server recipe made the prompt: what members see of it (RecipeNote)
 
 # What fal's silence means for the job (NOTE_FAL_SILENT).
 FAL_SILENT_QUEUED = "queued"  # neither its status nor a cancel got through: fal may still run it
@@ -39,6 +40,15 @@ REPLY_EXPIRING_BY_DM = "dm"
 # The interaction token of the reply lives 15 minutes; leave a margin for the final upload.
 INTERACTION_TOKEN_LIFETIME = 15 * 60
 TOKEN_SAFETY_MARGIN = 30
+
+
+class RecipeNote(TypedDict):
+    """A server recipe as a job used it. Its text is its moderators' (a wrapper is hidden from
+    members, a complete prompt is offered by its name alone), so members see its name and the
+    words they gave it, never the prompt sent."""
+
+    name: str
+    words: NotRequired[str]  # a wrapper's: the member's words it took
 
 
 class JobPlace(enum.StrEnum):
@@ -266,4 +276,19 @@ class Job(JobRequest):
 
     @property
     def prompt(self) -> str:
+        """The prompt sent to the model."""
         return self.edit.prompt
+
+    @property
+    def recipe(self) -> RecipeNote | None:
+        """The server recipe that made the prompt (None: none, or a job from before it was kept)."""
+        note: RecipeNote | None = self.notes.get(NOTE_RECIPE)
+        return note
+
+    @property
+    def shown_prompt(self) -> str:
+        """The prompt as members are shown it: made by a server recipe, the words they gave it
+        (or, for a complete one, its name), never its text."""
+        if self.recipe is None:
+            return self.prompt
+        return self.recipe.get("words") or self.recipe["name"]

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .i18n import N_, LocalizedError
+from .job import RecipeNote
 
 MAX_CHOICES = 25
 MAX_CHOICE_LENGTH = 100
@@ -77,6 +78,11 @@ class Recipe:
                 N_("Type your own words first, then pick “{name}”: it puts them into its prompt."), name=self.name
             )
         return self.text.replace(WORDS, words.strip())
+
+    def note(self, words: str) -> RecipeNote:
+        """What members are shown of a job it made, in place of its text: its name, and for a
+        wrapper the member's words (on one line, as the autocomplete offers them)."""
+        return RecipeNote(name=self.name, words=" ".join(words.split())) if self.wraps else RecipeNote(name=self.name)
 
 
 def reading_order(recipe: Recipe) -> tuple[str, str]:

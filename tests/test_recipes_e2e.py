@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from fakes.discord_fake import media_gallery_items, text_displays
 from services.recipes import BUILT_IN_RECIPES, PAST_PROMPT_TOKEN, RECIPE_TOKEN
-from tests.e2e import admin, button, finished, private_answer, text
+from tests.e2e import admin, button, details, finished, private_answer, text
+from tests.test_history_e2e import history
 
 MASCOT = "{prompt}, drawn in the style of our fox mascot with thick ink lines"
+POSTER = "Turn it into a retro event poster with bold lettering"
 
 
 async def suggestions(world, typed: str, user: str = "alice", **where) -> list[dict]:
@@ -42,9 +45,7 @@ async def test_a_servers_recipe_wraps_the_members_words_without_showing_them(wor
     await world.start_bot()
     answer = await admin(world, "recipes add", name="Mascot style", prompt=MASCOT)
     assert "Added the recipe “Mascot style”" in answer
-    await admin(
-        world, "recipes add", name="Event poster", prompt="Turn it into a retro event poster with bold lettering"
-    )
+    await admin(world, "recipes add", name="Event poster", prompt=POSTER)
     choices = await suggestions(world, "a red fox on a bike")
     assert choices[0]["name"] == "Mascot style: a red fox on a bike"
     assert all("thick ink" not in c["name"] and "retro" not in c["name"] for c in choices)
@@ -55,7 +56,7 @@ async def test_a_servers_recipe_wraps_the_members_words_without_showing_them(wor
     assert world.fal.submits[-1]["prompt"] == MASCOT.replace("{prompt}", "a blue whale")
     (poster,) = [c for c in await suggestions(world, "poster") if c["name"] == "Event poster"]
     await finished(await kontext(world, poster["value"]))
-    assert world.fal.submits[-1]["prompt"] == "Turn it into a retro event poster with bold lettering"
+    assert world.fal.submits[-1]["prompt"] == POSTER
     # What the member is offered again is their own words, never the wrapper.
     again = [c for c in await suggestions(world, "whale") if not c["value"].startswith(RECIPE_TOKEN)]
     assert [c["value"] for c in again] == ["a blue whale"]
@@ -64,6 +65,52 @@ async def test_a_servers_recipe_wraps_the_members_words_without_showing_them(wor
     refused = await kontext(world, empty["value"])
     await refused.wait_for_callback()
     assert "Type your own words first" in private_answer(refused)
+
+
+async def test_members_see_their_words_and_the_recipes_name_never_its_text(world):
+    """The model gets the wrapper; everyone else sees what the member typed and which recipe
+    made it: on the result card, in its alt text, on a Re-roll's card and in /kontext-history.
+    An Edit of the result takes the new words as they are. The moderators' log keeps the prompt
+    sent, theirs to moderate."""
+    log_channel = world.discord.add_channel("kontext-log")["id"]
+    await world.start_bot()
+    await admin(world, "log-channel", channel=log_channel)
+    await admin(world, "recipes add", name="Mascot style", prompt=MASCOT)
+    (choice,) = [c for c in await suggestions(world, "a red fox") if c["name"] == "Mascot style: a red fox"]
+    message = await finished(await kontext(world, choice["value"]))
+    wrapped = MASCOT.replace("{prompt}", "a red fox")
+    again = await finished(await world.discord.click_button(message.id, button(message, "reroll"), user="alice"))
+    assert [submit["prompt"] for submit in world.fal.submits] == [wrapped, wrapped]
+    for card in (message, again):
+        assert "\n> a red fox\n**Requested by**" in details(card) and "**Recipe** Mascot style" in details(card)
+        assert "thick ink" not in details(card)
+        assert [item["description"] for item in media_gallery_items(card)] == ["a red fox"]
+    click = await world.discord.click_button(message.id, button(message, "edit"), user="alice")
+    await click.wait_for_callback()
+    edited = await finished(await world.discord.submit_modal(click, {"prompt": "now at night"}, user="alice"))
+    assert world.fal.submits[-1]["prompt"] == "now at night" and "**Recipe**" not in details(edited)
+    listing = "\n".join(text_displays((await history(world)).original.components))
+    assert listing.count("> a red fox") == 2 and listing.count("recipe “Mascot style”") == 2
+    assert "thick ink" not in listing
+
+    def job_lines() -> dict[str, str]:
+        lines = [text(m) for m in world.discord.channel_messages(log_channel)]
+        return {line.split(" ", 3)[2]: line for line in lines if " Job #" in line}
+
+    await world.discord.wait_until(lambda: len(job_lines()) == 3)
+    assert f"“{wrapped}”" in job_lines()["#1"] and f"“{wrapped}”" in job_lines()["#2"]
+
+
+async def test_a_complete_recipe_is_shown_by_its_name_on_a_classic_message(world):
+    """A recipe without {prompt} is the moderators' whole prompt: members picked its name, and
+    its name is what they see, while it waits and on the result."""
+    await world.start_bot(RESULT_CARDS="0")
+    await admin(world, "recipes add", name="Event poster", prompt=POSTER)
+    message = await finished(await kontext(world, "Event poster"))
+    assert world.fal.submits[-1]["prompt"] == POSTER
+    shown = [embed for snapshot in message.history for embed in snapshot["embeds"]]
+    assert len(shown) > 1 and all(embed["description"] == "> Event poster" for embed in shown)
+    assert all({"name": "Recipe", "value": "Event poster", "inline": True} in embed["fields"] for embed in shown)
 
 
 async def test_moderators_add_list_and_remove_recipes(world):
@@ -145,8 +192,9 @@ async def test_a_recipe_works_in_the_edit_form_by_its_name(world):
     message = await finished(await kontext(world, "make the sky purple"))
     click = await world.discord.click_button(message.id, button(message, "edit"), user="alice")
     await click.wait_for_callback()
-    await finished(await world.discord.submit_modal(click, {"prompt": "Mascot style: at night"}, user="alice"))
+    edited = await finished(await world.discord.submit_modal(click, {"prompt": "Mascot style: at night"}, user="alice"))
     assert world.fal.submits[-1]["prompt"] == MASCOT.replace("{prompt}", "at night")
+    assert "\n> at night\n" in details(edited) and "**Recipe** Mascot style" in details(edited)
 
 
 async def test_no_suggestions_where_the_bot_does_not_work(world):
