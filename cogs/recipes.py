@@ -61,7 +61,7 @@ async def resolve_prompt(interaction: Interaction, submitted: str) -> ReadPrompt
             raise UserFacingError(N_("That recipe is not on this server any more: pick another or type your prompt."))
         sent = clean_prompt(recipe.prompt(choice.words))
         note = recipe.note(choice.words)
-        return ReadPrompt(sent, note.get("words"), note)
+        return ReadPrompt(sent, note.get("words") or None, note)
     if choice.job_id is not None:
         job = await interaction.client.store.get_job(choice.job_id)
         if job is None or job.user_id != interaction.user.id or job.member_prompt is None:
