@@ -351,7 +351,9 @@ class DiscordPresenter:
             and job.state is JobState.SUCCEEDED
             and len(rendered.files) <= MAX_GALLERY_ITEMS
         )
-        late = job.delivered_in_channel or not job.token_valid()
+        # Once the bot's own posts show part of the result (in the channel or by DM), the rest
+        # follows them, the interaction's token notwithstanding (see INTERACTION_EXHAUSTED).
+        late = job.delivered_in_channel or NOTE_LATE_BY_DM in job.notes or not job.token_valid()
         try:
             if not late:
                 try:
@@ -457,7 +459,8 @@ class DiscordPresenter:
         """After the 15-minute token, with the bot's own token (see `_late_place`). Where Discord
         refuses the bot the channel before any of the result is there, the result goes to the
         member's DM instead of being lost: the bot's cache could not tell (a private thread it
-        was never added to, which only its members see, is never in it)."""
+        was never added to, which only its members see, is never in it). Its other parts then
+        follow it there (see `_late_place`)."""
         place = self._late_place(job, with_files=bool(rendered.files))
         try:
             await self._post_late(job, rendered, progress, as_card, place)
@@ -535,16 +538,20 @@ class DiscordPresenter:
                     reference=reference,  # type: ignore[arg-type]
                     allowed_mentions=mentions if first else discord.AllowedMentions.none(),
                 )
-            await progress.posted(index + 1, message_id=message.id, in_channel=True, image_urls=image_urls(message))
+            await progress.posted(
+                index + 1, message_id=message.id, in_channel=place.in_channel, image_urls=image_urls(message)
+            )
 
     def _late_place(self, job: Job, *, with_files: bool = True) -> LatePlace:
         """Where the result goes after the reply's token. The job's channel where the bot may post
         (`Job.posts_late_in_channel`) and its permissions there, as Discord last sent them, let it
         post the message (images, unless `with_files` is false: a failure is only text): members
         may use the bot's commands in a channel where the bot itself may not write. Elsewhere the
-        member's DM. As a reply to the reply only where the bot may read the channel's history
-        (message.mdx, Create Message: replies need READ_MESSAGE_HISTORY)."""
-        if not job.posts_late_in_channel:
+        member's DM, and where the result began to go by DM (`NOTE_LATE_BY_DM`): its other
+        parts are not sent after it to a channel that refused it, or that the cache now says the
+        bot may post in. As a reply to the reply only where the bot may read the channel's
+        history (message.mdx, Create Message: replies need READ_MESSAGE_HISTORY)."""
+        if not job.posts_late_in_channel or NOTE_LATE_BY_DM in job.notes:
             return LatePlace(in_channel=False, as_reply=False)
         channel = cached_channel(self._bot, job.guild_id, job.channel_id)
         permissions = own_permissions(channel)

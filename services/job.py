@@ -26,7 +26,7 @@ NOTE_PRIVATE_FIRST = "private_first"  # the member sees the result alone first, 
 NOTE_SHARED_AS = "shared_as"  # the message that shared a private-first result in the channel (the first)
 NOTE_SHARED_PARTS = "shared_parts"  # {its message (str id): the channel message that shared it}
 NOTE_FAL_SILENT = "fal_silent"  # fal answers nothing about the job: FAL_SILENT_*
-NOTE_LATE_BY_DM = "late_by_dm"  # the bot could not post in the channel: the late result came by DM
+NOTE_LATE_BY_DM = "late_by_dm"  # the bot could not post in the channel: the late result came by DM, all of it
 NOTE_RECIPE = "recipe"  # a server recipe made the prompt: what members see of it (RecipeNote)
 
 # What fal's silence means for the job (NOTE_FAL_SILENT).
@@ -214,7 +214,8 @@ class Job(JobRequest):
     completed_at: float | None = None
     delivered_at: float | None = None
     # Delivery progress, stored as it goes, so a delivery cut short resumes without repeating a
-    # message: how many of the result's messages are posted, and whether it moved to the channel.
+    # message: how many of the result's messages are posted, and whether the last went to the
+    # channel as the bot's own post (by DM, see NOTE_LATE_BY_DM).
     delivered_parts: int = 0
     delivered_in_channel: bool = False
     error_code: str | None = None

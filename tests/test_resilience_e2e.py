@@ -518,6 +518,39 @@ async def test_a_late_result_from_a_private_thread_the_bot_is_not_in_comes_by_dm
     assert world.fal.count("submit") == 1
 
 
+async def test_a_late_result_the_channel_refused_goes_on_by_dm_after_a_discord_outage(world):
+    """Four images in two classic messages, after the reply's token: the bot's cache says it may
+    post in the channel, Discord refuses (403), and the result goes by DM. Its second message
+    meets an outage at Discord (503): the retry went back to the channel, was refused again and
+    took that for final, as if part of the result were there; images 3 and 4 never came. The
+    rest now follows the first part by DM, and the channel is asked once."""
+    world.settings["RESULT_CARDS"] = "0"  # the classic message, split to fit the upload limit
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=0.2, image_size=40_000)
+    fake = world.discord
+    await world.start_bot()
+    handle = await fake.invoke_slash(
+        "kontext",
+        options={"image": world.input_image(), "prompt": "four", "num_images": 4},
+        attachment_size_limit=100_000,
+    )
+    await handle.wait_until(lambda h: shows(h, "In queue"))
+    fake.expire_token(handle.token)
+    channel_posts = rf"^/channels/{fake.channel_id}/messages$"
+    refused = {"message": "Missing Permissions", "code": 50013}
+    fake.fail_next("POST", channel_posts, status=403, json=refused, times=10_000)
+    fake.fail_next("POST", rf"^/channels/(?!{fake.channel_id})\d+/messages$", status=503, times=2, skip=1)
+    await fake.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=20)
+    first, rest = bot_posts(world)
+    assert {first.channel_id, rest.channel_id} == {fake.dm_channels[fake.alice["id"]]}
+    assert [sorted(m.files) for m in (first, rest)] == [
+        ["kontext-1-1.jpg", "kontext-1-2.jpg"],
+        ["kontext-1-3.jpg", "kontext-1-4.jpg"],
+    ]
+    assert text(first).startswith("📬 Your edit from"), text(first)
+    assert "undeliverable" not in db_rows(world)[0]["notes"]
+    assert len(fake.requests_to("POST", channel_posts)) == 1
+
+
 async def test_a_late_failure_where_the_bot_may_not_upload_is_said_in_the_channel(world):
     """The bot may send messages but not upload files in the channel: a job that fails after its
     token has nothing to upload, so the member learns it there, replying to the reply, not by DM."""
