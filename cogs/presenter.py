@@ -11,11 +11,13 @@ a media gallery, or, with RESULT_CARDS=0 or more images than a gallery holds, th
 
 Where it goes: the interaction's reply while its 15-minute token lives; after that, where the
 bot may post with its own token (a server that added it, with the permissions to post images in
-that channel, the member's DM with it), a channel message that replies to it (where the bot may
-read the channel's history), and anywhere else (a group DM, a server without the bot: only the
-interaction can show anything there) a DM to the member, who was told so on the reply before
-the token ran out. A reply that is gone (a moderator deleted it, or its channel) is not posted
-again: the job is withdrawn and the member told privately where that can still be seen.
+that channel and read its history, the member's DM with it), a channel message that replies to
+it, and anywhere else (a group DM, a server without the bot: only the interaction can show
+anything there) a DM to the member, who was told so on the reply before the token ran out. A
+reply that is gone (a moderator deleted it, or its channel) is not posted again: the job is
+withdrawn and the member told privately where that can still be seen. The bot learns that by
+reading the reply (it gets no message events: it asks only for the guilds intent), so it
+posts in the channel only where it may read the channel's history.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -131,7 +132,7 @@ class ProgressTicker:
     ) -> None:
         self._job = job
         # The reply says in time where the result will come after its token: in the channel, or
-        # by DM where the bot cannot post it there (known only then: see _late_place).
+        # by DM where the bot cannot post it there (known only then: see _late_in_channel).
         self._notice_at: float | None = job.interaction_created_at + INTERACTION_TOKEN_LIFETIME - REPLY_NOTICE_BEFORE
         self._posts_late_in_channel = posts_late_in_channel
         self._webhook = webhook
@@ -227,14 +228,6 @@ class ProgressTicker:
             await self._task
 
 
-@dataclass(frozen=True)
-class LatePlace:
-    """Where the bot posts a result itself, once the interaction's token is over."""
-
-    in_channel: bool  # the job's channel; else the member's DM with the bot
-    as_reply: bool  # replying to the interaction's reply there
-
-
 class DiscordPresenter:
     """The runner's listener (see `services.runner.JobListener`)."""
 
@@ -258,7 +251,7 @@ class DiscordPresenter:
                 lambda reason: self.withdraw(job, reason),
                 self._metrics,
                 held=lambda: self._bot.store.holds(job),
-                posts_late_in_channel=lambda: self._late_place(job).in_channel,
+                posts_late_in_channel=lambda: self._late_in_channel(job),
             )
         ticker.poke()
 
@@ -456,40 +449,40 @@ class DiscordPresenter:
                 )
 
     async def _deliver_late(self, job: Job, rendered: Rendered, progress: DeliveryProgress, as_card: bool) -> None:
-        """After the 15-minute token, with the bot's own token (see `_late_place`). Where Discord
-        refuses the bot the channel before any of the result is there, the result goes to the
-        member's DM instead of being lost: the bot's cache could not tell (a private thread it
-        was never added to, which only its members see, is never in it). Its other parts then
-        follow it there (see `_late_place`)."""
-        place = self._late_place(job, with_files=bool(rendered.files))
+        """After the 15-minute token, with the bot's own token (see `_late_in_channel`). Where
+        Discord refuses the bot the channel before any of the result is there, the result goes
+        to the member's DM instead of being lost: the bot's cache could not tell (a private
+        thread it was never added to, which only its members see, is never in it). Its other
+        parts then follow it there."""
+        in_channel = self._late_in_channel(job, with_files=bool(rendered.files))
         try:
-            await self._post_late(job, rendered, progress, as_card, place)
+            await self._post_late(job, rendered, progress, as_card, in_channel=in_channel)
         except discord.Forbidden as exc:
-            if not place.in_channel or job.delivered_in_channel:
+            if not in_channel or job.delivered_in_channel:
                 raise
             log.info("job %d: Discord refused the bot the channel (%s); the result goes by DM", job.id, exc.code)
-            await self._post_late(job, rendered, progress, as_card, LatePlace(in_channel=False, as_reply=False))
+            await self._post_late(job, rendered, progress, as_card, in_channel=False)
 
     async def _post_late(
-        self, job: Job, rendered: Rendered, progress: DeliveryProgress, as_card: bool, place: LatePlace
+        self, job: Job, rendered: Rendered, progress: DeliveryProgress, as_card: bool, *, in_channel: bool
     ) -> None:
-        """In the channel, a message (replying to the original where it may) that mentions only
-        the member who asked; elsewhere a DM to the member that links the reply it belongs to."""
+        """In the channel, a message replying to the original that mentions only the member who
+        asked; elsewhere a DM to the member that links the reply it belongs to."""
         _ = texts(job.locale)
         reference: discord.MessageReference | None = None
         mentions = discord.AllowedMentions.none()
-        if place.in_channel:
+        if in_channel:
             channel = cached_channel(self._bot, job.guild_id, job.channel_id) or await self._bot.fetch_channel(
                 job.channel_id
             )
             lead = f"<@{job.user_id}>"
             mentions = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
-            if job.message_id and place.as_reply:
+            if job.message_id:
                 reference = discord.MessageReference(
                     message_id=job.message_id, channel_id=job.channel_id, fail_if_not_exists=False
                 )
         else:
-            if job.posts_late_in_channel:  # the bot may not post there: its messages are not the channel's
+            if job.posts_late_in_channel:  # the bot may not post or read there: its messages are not the channel's
                 job.note(NOTE_LATE_BY_DM, True)
             channel = await self._bot.create_dm(discord.Object(job.user_id))
             # "Ready" only where there are images to show: a failure, a cancel or a result
@@ -503,10 +496,10 @@ class DiscordPresenter:
             # No progress edit may have noticed that a moderator deleted the reply (its text had
             # not changed for a while): Unknown Message here withdraws the job (see _show).
             await channel.fetch_message(job.message_id)
-        rendered, groups = _packed(job, rendered, as_card, *self._own_upload_limit(job, place.in_channel))
-        content = f"{lead} {rendered.content}" if place.in_channel else f"{lead}\n{rendered.content}"
+        rendered, groups = _packed(job, rendered, as_card, *self._own_upload_limit(job, in_channel))
+        content = f"{lead} {rendered.content}" if in_channel else f"{lead}\n{rendered.content}"
         buttons = rendered.buttons
-        if not place.in_channel and not job.place.personal:
+        if not in_channel and not job.place.personal:
             # A server's job in the member's DM, where a new job would follow the rules for
             # personal use: its Re-roll, Edit and Try again stay in the server (see views.job_for).
             buttons = tuple(action for action in buttons if action not in STARTS_A_JOB)
@@ -539,26 +532,27 @@ class DiscordPresenter:
                     allowed_mentions=mentions if first else discord.AllowedMentions.none(),
                 )
             await progress.posted(
-                index + 1, message_id=message.id, in_channel=place.in_channel, image_urls=image_urls(message)
+                index + 1, message_id=message.id, in_channel=in_channel, image_urls=image_urls(message)
             )
 
-    def _late_place(self, job: Job, *, with_files: bool = True) -> LatePlace:
-        """Where the result goes after the reply's token. The job's channel where the bot may post
-        (`Job.posts_late_in_channel`) and its permissions there, as Discord last sent them, let it
-        post the message (images, unless `with_files` is false: a failure is only text): members
-        may use the bot's commands in a channel where the bot itself may not write. Elsewhere the
-        member's DM, and where the result began to go by DM (`NOTE_LATE_BY_DM`): its other
-        parts are not sent after it to a channel that refused it, or that the cache now says the
-        bot may post in. As a reply to the reply only where the bot may read the channel's
-        history (message.mdx, Create Message: replies need READ_MESSAGE_HISTORY)."""
+    def _late_in_channel(self, job: Job, *, with_files: bool = True) -> bool:
+        """Whether the result goes to the job's channel after the reply's token, else to the
+        member's DM. The channel where the bot may post (`Job.posts_late_in_channel`) and its
+        permissions there, as Discord last sent them, let it post the message (images, unless
+        `with_files` is false: a failure is only text) and read the channel's history: members
+        may use the bot's commands in a channel where the bot itself may not write, and without
+        the history the bot can neither reply to the reply (message.mdx, Create Message) nor see
+        that a moderator deleted it, whose result is not posted there again. Not where the
+        result began to go by DM (`NOTE_LATE_BY_DM`): its other parts are not sent after it to a
+        channel that refused it, or that the cache now says the bot may post in."""
         if not job.posts_late_in_channel or NOTE_LATE_BY_DM in job.notes:
-            return LatePlace(in_channel=False, as_reply=False)
+            return False
         channel = cached_channel(self._bot, job.guild_id, job.channel_id)
         permissions = own_permissions(channel)
         if permissions is None:
-            return LatePlace(in_channel=True, as_reply=True)  # not in the cache: Discord decides
-        in_channel = may_post_images(channel, permissions) if with_files else may_send(channel, permissions)
-        return LatePlace(in_channel=in_channel, as_reply=in_channel and permissions.read_message_history)
+            return True  # not in the cache: Discord decides (its refusal sends the result by DM)
+        posts = may_post_images(channel, permissions) if with_files else may_send(channel, permissions)
+        return posts and permissions.read_message_history
 
     def _own_upload_limit(self, job: Job, in_channel: bool) -> tuple[int, str]:
         """What the bot's own post may upload, and the line linking images over it: the server's

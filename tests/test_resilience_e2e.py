@@ -432,23 +432,6 @@ async def test_a_cancel_pressed_after_the_token_shows_on_the_reply_it_was_presse
     await still_serving(world)
 
 
-async def test_a_late_result_where_the_bot_may_not_read_history_is_posted_without_replying(world):
-    """The bot's role may not Read Message History in the channel (the README calls it what lets
-    late results *reply*): Discord refuses the bot both fetching the reply and replying to it
-    (message.mdx, Get Channel Message and Create Message), so the result is posted in the channel
-    as a plain message mentioning the member, not lost."""
-    await outliving_its_reply(world, bot_denied=READ_MESSAGE_HISTORY)
-    fake = world.discord
-    alice = fake.alice["id"]
-    await fake.wait_until(lambda: bot_posts(world), timeout=15)
-    (post,) = bot_posts(world)
-    assert post.type == 0 and post.message_reference is None
-    assert text(post).startswith(f"<@{alice}> ✅") and len(post.files) == 1, text(post)
-    assert [str(u) for u in post.allowed_mentions.get("users", [])] == [alice]
-    assert not any(status == 403 for status, *_ in fake.rejections), fake.rejections
-    await still_serving(world)
-
-
 async def a_job_restarted_as_its_token_nears_its_end(world):
     """A job in fal's line, the bot restarted as its reply's token has 90 s left (13.5 minutes
     old, as the bot sees it); returns the job's interaction."""
@@ -479,10 +462,14 @@ async def test_a_reply_about_to_lose_its_token_says_the_result_will_be_posted_in
     assert world.fal.count("submit") == 1
 
 
-@pytest.mark.parametrize("denied", [SEND_MESSAGES, ATTACH_FILES], ids=["no-send", "no-attach"])
+@pytest.mark.parametrize(
+    "denied", [SEND_MESSAGES, ATTACH_FILES, READ_MESSAGE_HISTORY], ids=["no-send", "no-attach", "no-history"]
+)
 async def test_a_late_result_where_the_bot_may_not_post_comes_by_dm(world, denied):
     """The bot may not send messages (or upload files) in the channel, where members may still
-    use its commands: the reply says in time that the result will come by DM, and it does."""
+    use its commands, or not read its history (without which it can neither reply to the reply
+    nor see that a moderator deleted it): the reply says in time that the result will come by
+    DM, and it does."""
     world.fal.default = JobScript(queue_positions=(6, 5, 4, 3, 2, 1, 0), step=1.0)
     fake = world.discord
     fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=denied)
@@ -577,6 +564,25 @@ async def test_a_reply_deleted_while_generating_is_not_posted_again_after_its_to
     assert [m for m in world.discord.channel_messages() if m.interaction is None] == []
     assert "withdrawn" in db_rows(world)[0]["notes"]
     await still_serving(world)
+
+
+async def test_a_reply_deleted_where_the_bot_may_not_read_history_is_not_posted_again(world):
+    """As above, where the bot's role may not Read Message History: it cannot read the reply to
+    see that it is gone, nor reply to it, and the result came back as a new channel post, prompt
+    and all, pinging the member. It now comes by DM, to the member alone."""
+    world.fal.default = JobScript(queue_positions=(1, 0), step=0.3, run_time=3.0)
+    fake = world.discord
+    fake.set_permission_overwrite(fake.channel_id, fake.default_guild.bot_role_id, deny=READ_MESSAGE_HISTORY)
+    await world.start_bot()
+    handle = await world.kontext(prompt="something the moderator removed")
+    await handle.wait_until(lambda h: shows(h, "Generating"), timeout=10)
+    fake._delete(handle.original)
+    fake.expire_token(handle.token)
+    await fake.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=20)
+    assert [m for m in fake.channel_messages() if m.interaction is None] == []
+    (card,) = bot_posts(world)
+    assert card.channel_id == fake.dm_channels[fake.alice["id"]]
+    assert text(card).startswith("📬 Your edit from") and len(card.files) == 1, text(card)
 
 
 async def test_a_late_reply_links_an_image_over_the_servers_upload_limit(world):
