@@ -50,7 +50,7 @@ from services.redact import describe_error
 from services.runner import DeliveryProgress, Undeliverable
 
 from .modlog import post_to_log_channel
-from .render import STARTS_A_JOB, Rendered, attachment_name, job_log_line, pack_files, render
+from .render import STARTS_A_JOB, Rendered, attachment_name, job_log_line, pack_files, posted_names, render
 from .translation import server_texts
 from .views import (
     MAX_GALLERY_ITEMS,
@@ -495,7 +495,12 @@ class DiscordPresenter:
         if reference is not None and job.message_id and job.delivered_parts == 0:
             # No progress edit may have noticed that a moderator deleted the reply (its text had
             # not changed for a while): Unknown Message here withdraws the job (see _show).
-            await channel.fetch_message(job.message_id)
+            reply = await channel.fetch_message(job.message_id)
+            if _shows_final_state(job, reply, rendered, as_card):
+                # The final edit, which Discord carried out as the bot stopped, before the job was
+                # stored (an edit of the reply is not: made again, it shows the same).
+                log.info("job %d: its reply already shows how it ended; only the rest is posted", job.id)
+                await progress.posted(1, message_id=job.message_id, in_channel=False, image_urls=image_urls(reply))
         rendered, groups = _packed(job, rendered, as_card, *self._own_upload_limit(job, in_channel))
         content = f"{lead} {rendered.content}" if in_channel else f"{lead}\n{rendered.content}"
         buttons = rendered.buttons
@@ -613,6 +618,17 @@ def _packed(
         links = ", ".join(f"[{_(IMAGE_LINK, number=i + 1)}]({rendered.files[i].url})" for i in too_large)
         rendered = dataclasses.replace(rendered, content=rendered.content + "\n" + _(too_large_text, links=links))
     return rendered, groups or [[]]
+
+
+def _shows_final_state(job: Job, reply: discord.Message, rendered: Rendered, as_card: bool) -> bool:
+    """Whether the reply shows the first message of the job's final state, told by what no
+    progress edit gives it: images named as the result's, the card, or the final text."""
+    if {a.filename.removeprefix("SPOILER_") for a in reply.attachments} & posted_names(job).keys():
+        return True
+    if as_card:
+        return reply.flags.components_v2
+    final, _ = _packed(job, rendered, as_card, job.upload_limit, _too_large_where_asked(job))
+    return bool(reply.content) and reply.content == final.content
 
 
 def _too_large_where_asked(job: Job) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from fakes.discord_fake import DEFAULT_SIZE_LIMIT, media_gallery_items
 from fakes.fal_fake import JobScript
 from tests.e2e import finished, outliving_its_reply, shows, text
@@ -82,6 +84,32 @@ async def test_a_late_post_discord_made_as_the_bot_died_is_not_posted_again(worl
     (post,) = late_posts(world)
     assert post.files and post.message_reference["message_id"] == handle.original.id
     assert db_rows(world)[0]["posted_message_ids"] == f"[{post.id}]"
+
+
+@pytest.mark.parametrize("cards", ["1", "0"], ids=["card", "classic"])
+async def test_a_reply_edit_discord_made_as_the_bot_died_is_not_posted_again_after_the_token(world, cards):
+    """The final edit turns the reply into the result; the bot is killed before it stores that
+    (an edit of the reply is not stored: made again, it shows the same). Restarted once the
+    token is over, it posted the result a second time, a channel post pinging the member. It
+    now sees on the reply, which it reads before posting, that the result is there already."""
+    world.settings["RESULT_CARDS"] = cards
+    fake = world.discord
+    handle = await generating(world)
+    fake.fail_next("PATCH", WEBHOOK_MESSAGE, status="slow", delay=1.5)
+
+    def final_edits() -> list:
+        return [r for r in fake.requests_to("PATCH", WEBHOOK_MESSAGE) if r.files and handle.token in r.path]
+
+    await fake.wait_until(final_edits, timeout=15)
+    await world.bot.kill()
+    await fake.wait_until(lambda: text(handle.original).startswith("✅"), timeout=5)  # Discord carried it out
+    fake.expire_token(handle.token)
+    await world.start_bot()
+    await fake.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=15)
+    assert late_posts(world) == [], [text(m) for m in late_posts(world)]
+    assert text(handle.original).startswith("✅") and len(handle.original.files) == 1
+    assert len(final_edits()) == 2  # the one Discord made, and the one the token's end refused
+    assert db_rows(world)[0]["posted_message_ids"] == f"[{handle.original.id}]"
 
 
 async def test_a_final_edit_discord_refuses_for_good_leaves_a_clear_reply(world):
