@@ -68,6 +68,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The reply, as the interaction whose token the job holds names it: its own response, whether it
+# made it (the command, Re-roll) or was pressed on it (see Job.reply_through), where Discord
+# documents editing by id only for the messages a token sent. discord.py types a message id as an
+# int; its webhook routes take this name as Discord's do.
+REPLY: Any = "@original"
 # Discord takes an interaction's acknowledgement within this many seconds of the interaction
 # (discord-platform.md), or never: after it, a reply the bot asked for exists or never will.
 ACKNOWLEDGEMENT_WINDOW = 3.0
@@ -209,8 +214,7 @@ class ProgressTicker:
             changes["embed"] = rendered.embed
         if shown is None or rendered.buttons != shown.buttons:
             changes["view"] = job_view(self._job, rendered.buttons)
-        assert self._job.message_id is not None, "a job is started once its reply exists"
-        await self._webhook.edit_message(self._job.message_id, **changes)
+        await self._webhook.edit_message(REPLY, **changes)
 
     def stop(self) -> None:
         self._task.cancel()
@@ -271,8 +275,8 @@ class DiscordPresenter:
         rendered = render(job)
         try:
             # The job never learnt its reply's id: the interaction's own name for it.
-            reply = await self._webhook(job).edit_message(  # type: ignore[call-overload]
-                "@original", content=rendered.content, embed=rendered.embed, view=job_view(job, rendered.buttons)
+            reply = await self._webhook(job).edit_message(
+                REPLY, content=rendered.content, embed=rendered.embed, view=job_view(job, rendered.buttons)
             )
         except Exception as exc:  # no reply to edit (Unknown Message), or Discord not answering
             log.info("job %d: its reply could not say the job did not start: %s", job.id, describe_error(exc))
@@ -383,7 +387,7 @@ class DiscordPresenter:
         _ = texts(job.locale)
         try:
             await self._webhook(job).edit_message(
-                job.message_id, content=_(NOT_SHOWN, code=refused.code), embed=None, view=None, attachments=[]
+                REPLY, content=_(NOT_SHOWN, code=refused.code), embed=None, view=None, attachments=[]
             )
         except discord.HTTPException as exc:
             log.warning("job %d: the reply could not say its result was refused: %s", job.id, describe_error(exc))
@@ -398,7 +402,7 @@ class DiscordPresenter:
             try:
                 if replace_reply and job.message_id is not None:
                     with contextlib.suppress(discord.NotFound):
-                        await webhook.delete_message(job.message_id)
+                        await webhook.delete_message(REPLY)
                 message = await webhook.send(text, ephemeral=True, wait=True)
             except discord.HTTPException as exc:
                 # Discord's clock ended the token first, or the channel is gone with its replies.
@@ -425,11 +429,11 @@ class DiscordPresenter:
                     # discord.py's typing forbids content with a LayoutView, but its docs ask for
                     # content=None and embed=None to turn a message into a card (Webhook.edit_message).
                     reply = await webhook.edit_message(  # type: ignore[call-overload]
-                        job.message_id, content=None, embed=None, attachments=files, view=card
+                        REPLY, content=None, embed=None, attachments=files, view=card
                     )
                 else:
                     reply = await webhook.edit_message(
-                        job.message_id,
+                        REPLY,
                         content=rendered.content,
                         embed=rendered.embed,
                         attachments=files,

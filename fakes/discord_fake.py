@@ -502,6 +502,8 @@ class InteractionHandle:
         self.callback: dict | None = None
         self.callback_files: dict = {}
         self.original: FakeMessage | None = None
+        # Its response is the message it was pressed on (callback type 6 or 7), not one it sent.
+        self.responded_on_source = False
         self.followups: list[FakeMessage] = []
         self.dispatched_at = time.monotonic()
         self.age_offset = 0.0
@@ -3369,6 +3371,7 @@ class FakeDiscord:
                     f"callback {ctype} without a message",
                 )
             h.original = src
+            h.responded_on_source = True
             if ctype == 7:
                 self._apply_write(src, data, files, h.attachment_size_limit, create=False)
                 self._record_message(src, "edit")
@@ -3443,11 +3446,17 @@ class FakeDiscord:
                 )
 
     def _wh_message(self, h: InteractionHandle, mid: str) -> FakeMessage:
+        """The message an interaction's webhook route names: `@original`, its response (the
+        message a component was pressed on, once answered by type 6 or 7), or by id one it sent
+        itself. Discord documents editing by id for messages "from the same token" (webhook.mdx,
+        Edit Webhook Message), so a pressed message, which another interaction sent, is named
+        only `@original` here [inference: the documented form; by id, unconfirmed]."""
         if mid == "@original":
             if h.original is None or h.original.deleted:
                 raise ApiError(404, {"message": "Unknown Message", "code": 10008})
             return h.original
-        for m in ([h.original] if h.original else []) + h.followups:
+        sent = [h.original] if h.original is not None and not h.responded_on_source else []
+        for m in sent + h.followups:
             if m.id == mid and not m.deleted:
                 return m
         raise ApiError(404, {"message": "Unknown Message", "code": 10008})
