@@ -77,6 +77,10 @@ FAILURE_MESSAGES: dict[str, str] = {
     # fal honoured a cancel no member asked for (the bot's own, of a job it could not follow).
     "fal_cancelled": N_("fal.ai stopped this edit before it was finished. Please try again."),
     "bad_output": N_("fal.ai sent back something that is not a usable image. Please try again."),
+    "result_refused": N_(
+        "fal.ai made this edit but its file server refused the bot the images (the fal account keeps "
+        "its results private). The bot's operator can change that in fal's settings."
+    ),
     "timeout": N_("This edit took too long and was stopped. Please try again later."),
     "missing_files": N_("The result files were lost before they could be posted. Please run the command again."),
     "abandoned": N_(

@@ -146,6 +146,14 @@ class FalBadOutput(FalError):
     code = "bad_output"
 
 
+class FalResultRefused(FalError):
+    """fal's CDN refuses the bot the result's file for good (a 4xx: outputs the account's or the
+    request's access controls keep private, fal-queue-api.md part 2 §1.7): made and billed, and
+    never to be had by asking again."""
+
+    code = "result_refused"
+
+
 class _Transient(FalError):
     """An answer that says nothing was done (408, 409, 429, an ingress error): retry a call
     that changes nothing at fal; a submit only if it `surely_not_recorded`."""
@@ -566,6 +574,14 @@ class FalQueueClient:
                     # The CDN deleted the file: the same "gone" as an expired result.
                     raise FalResultExpired(
                         f"fal no longer has this result file ({response.status})", status=response.status
+                    )
+                if 400 <= response.status < 500 and response.status not in (408, 409, 429):
+                    log.error(
+                        "fal's CDN refused a result file (%d): the fal account may keep its results private",
+                        response.status,
+                    )
+                    raise FalResultRefused(
+                        f"fal's CDN refused the result file ({response.status})", status=response.status
                     )
                 if response.status >= 300:
                     raise _Transient(f"fal's CDN answered {response.status}", status=response.status)

@@ -41,6 +41,7 @@ KNOWN_ERROR_CODES = frozenset(
         "submit_uncertain",
         "result_expired",
         "bad_output",
+        "result_refused",
         "timeout",
         "missing_files",
         "bad_input",

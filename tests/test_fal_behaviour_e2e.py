@@ -101,6 +101,20 @@ async def test_a_billed_result_survives_a_short_fal_outage(world):
     assert world.fal.count("result") == 9 and not fal_job(world).cancelled
 
 
+async def test_a_result_file_fals_cdn_refuses_for_good_ends_the_job_plainly(world):
+    """fal's CDN refuses the result's file (403: an account's access controls can keep outputs
+    private, fal-queue-api.md part 2 §1.7), while fal answers every status and the result: the
+    job ends at once saying so, the operator gets an ERROR line. It was taken for fal not
+    answering: "📡 fal.ai is not answering…" and the file asked again for an hour or more."""
+    await world.start_bot()
+    world.fal.fail_next("file", 403, times=1000, json={"detail": "Forbidden"})
+    message = await finished(await world.kontext(), timeout=10)
+    assert text(message).startswith("❌") and "refused the bot the images" in text(message), text(message)
+    assert world.fal.count("file") == 1
+    errors = [line for line in world.bot.log_text().splitlines() if "ERROR" in line and "refused a result file" in line]
+    assert len(errors) == 1, errors
+
+
 async def test_a_job_still_running_at_its_timeout_is_followed_to_its_result(world):
     """JOB_TIMEOUT bounds the wait for fal to start a job; once running it is billed, and a
     cancel would not stop it: its images are posted."""
