@@ -81,8 +81,9 @@ class FalStorage:
 
     async def _retry(self, call: Any, deadline: float) -> str:
         def transient(exc: BaseException) -> bool:
+            # "Try again" answers as fal-client retries them for uploads: 408, 409, 429 and 5xx.
             return isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)) or (
-                isinstance(exc, FalUploadFailed) and (exc.status or 0) >= 500
+                isinstance(exc, FalUploadFailed) and ((exc.status or 0) >= 500 or exc.status in (408, 409, 429))
             )
 
         url: str = await retrying(

@@ -194,6 +194,21 @@ async def test_an_account_locked_at_the_upload_of_a_large_input_is_told_like_a_l
     assert len(errors) == 1 and "Exhausted balance" in errors[0], errors
 
 
+async def test_a_storage_call_answered_429_is_tried_again(world):
+    """A short burst of rate limiting at fal's storage: 429 to the CDN token, and (the CDN's
+    upload refused, so the storage's own flow is used) to its initiate call. Each is tried
+    again, as fal-client retries 408, 409 and 429 on uploads (fal-queue-api.md part 1 §4), and
+    the member's large photo is edited. The job failed at once ("could not be handed to fal.ai
+    right now"), nothing submitted."""
+    await world.start_bot()
+    world.fal.fail_next("storage_token", 429, json={"detail": "Too many requests"})
+    world.fal.fail_next("upload", 403, json={"detail": "Forbidden"})
+    world.fal.fail_next("storage_initiate", 429, json={"detail": "Too many requests"})
+    message = await finished(await world.kontext(image=world.input_image(size=200_000)))
+    assert text(message).startswith("✅"), text(message)
+    assert [world.fal.count(op) for op in ("storage_token", "upload", "storage_initiate", "submit")] == [2, 1, 2, 1]
+
+
 async def test_a_rejected_key_stays_its_own_message(world):
     await world.start_bot(FAL_KEY="not-the-right-key")
     message = await finished(await world.kontext())
