@@ -620,7 +620,18 @@ class JobRunner:
         await self._record_submission(job, request, status)
         self.account.accepted()
         by_user = self._cancel_requests.get(job.id)
-        if by_user is not None and await self._ask_fal_to_cancel(job, by_user) in ("OK", "NOT_FOUND"):
+        if by_user is None:
+            return
+        answer: str | None
+        try:
+            answer = await self._ask_fal_to_cancel(job, by_user)
+        except FalError as exc:
+            # The job is in fal's line, and a cancel asked for it (its member's, a withdrawal):
+            # asked until fal answers, or fal would run and bill it unseen.
+            log.warning("job %d: fal did not take the cancel asked during its submit: %s", job.id, exc)
+            self._cancel_requests[job.id] = by_user
+            answer = await self._cancel_until_answered(job)
+        if answer in ("OK", "NOT_FOUND"):
             job.cancelled_by = by_user
             await self._transition(job, JobState.CANCELLED)
 

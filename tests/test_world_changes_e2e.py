@@ -55,6 +55,32 @@ async def test_a_channel_deleted_while_its_job_waits_stops_the_job_and_frees_the
     assert f"job {job_id}: its channel was deleted" in world.bot.log_text()
 
 
+async def test_a_job_withdrawn_during_its_submit_is_taken_out_of_fals_line_once_fal_takes_the_cancel(world):
+    """The channel is deleted while the job's submit is on its way (fal answers 429 a few times
+    first), and fal's cancel endpoint then fails for a while: the job is in fal's line, so the
+    cancel is asked again until fal takes it, and nothing runs unseen. The job was closed as
+    failed (fal_unavailable) at the first failed cancel, and fal ran and billed it."""
+    world.fal.default = JobScript(queue_positions=tuple(range(40, -1, -1)), step=0.5, run_time=0.2)
+    fake = world.discord
+    asked_in = fake.add_channel("requests")
+    await world.start_bot()
+    world.fal.fail_next("submit", 429, times=25)  # the submit is retried for a few seconds
+    world.fal.fail_next("cancel", "ingress_503", times=1000)
+    await world.kontext(channel_id=asked_in["id"])
+    await world.fal.wait_for_requests("submit", 2, timeout=10)
+    await fake.delete_channel(asked_in["id"])
+    # The cancel's own retries (15 s) run out; before, the job was then closed as failed.
+    await fake.wait_until(
+        lambda: "did not take the cancel" in world.bot.log_text() or db_rows(world)[0]["delivered_at"] is not None,
+        timeout=30,
+    )
+    assert db_rows(world)[0]["delivered_at"] is None, tuple(db_rows(world)[0])
+    world.fal.clear_faults()  # fal's cancel endpoint is back
+    await fake.wait_until(lambda: db_rows(world)[0]["delivered_at"] is not None, timeout=30)
+    assert fal_job(world).cancelled
+    assert db_rows(world)[0]["state"] == "cancelled"
+
+
 async def test_a_job_in_a_private_thread_goes_with_the_channel_deleted_under_it(world):
     """A member's job in a private thread the bot was never added to (the bot's cache never had
     it), then a moderator deletes the thread's channel: Discord sends CHANNEL_DELETE for the
