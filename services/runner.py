@@ -744,15 +744,30 @@ class JobRunner:
     async def _restore_images(self, job: Job) -> None:
         """A succeeded job found after a restart whose images are not at hand (held in memory by
         the previous run, or files lost with a cleaned volume): fetch them again from fal's CDN,
-        or say plainly that they are lost."""
+        or say plainly that they are lost. fal's CDN not answering is asked again, less and less
+        often, until a day after the request: the images were paid for, as a started job is
+        followed through fal's outages."""
         assert job.result is not None
-        deadline = asyncio.get_running_loop().time() + 60
-        try:
-            await self._results.restore(job.id, job.result, deadline=deadline)
-        except Exception as exc:
-            log.warning("job %d: result images could not be fetched again: %s", job.id, describe_error(exc))
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            try:
+                await self._results.restore(job.id, job.result, deadline=loop.time() + 60)
+                return
+            except (FalUnavailable, TimeoutError) as exc:
+                attempt += 1
+                wait = self._outage_backoff.delay(attempt)
+                if time.time() + wait < job.created_at + DELIVERY_GIVE_UP_SECONDS:
+                    log.info("job %d: fal's CDN did not give the result again (%s); asking again", job.id, exc)
+                    await asyncio.sleep(wait)
+                    continue
+                failure: Exception = exc
+            except Exception as exc:
+                failure = exc
+            log.warning("job %d: result images could not be fetched again: %s", job.id, describe_error(failure))
             self._results.discard(job.id, job.result)
-            await self._fail(job, "result_expired" if isinstance(exc, FalResultExpired) else "missing_files", None)
+            await self._fail(job, "result_expired" if isinstance(failure, FalResultExpired) else "missing_files", None)
+            return
 
     async def _pursue_billed(self, job: Job, failure: TimeoutError | FalUnavailable, asked: int) -> int:
         """After `failure`, make ready another round of following a job fal started, or raise it:

@@ -15,6 +15,7 @@ import pytest
 
 from fakes.discord_fake import ATTACH_FILES, EPHEMERAL, READ_MESSAGE_HISTORY, SEND_MESSAGES
 from fakes.fal_fake import JobScript, model_error
+from services.fal_queue import RESULT_ATTEMPTS
 from tests.e2e import admin, button, contents, fal_job, finished, has_button, outliving_its_reply, shows, text
 
 WEBHOOK_MESSAGE = r"/webhooks/\d+/[^/]+/messages/"
@@ -722,6 +723,23 @@ async def test_result_files_gone_from_the_cdn(world):
     assert "no longer has this result" in text(message), text(message)
     assert "1 image, about $0.08" in await admin(world, "show")
     await still_serving(world)
+
+
+async def test_a_paid_result_fetched_again_after_a_restart_rides_out_a_short_cdn_outage(world):
+    """A succeeded job whose files are gone after a restart (a cleaned volume, another process
+    taking it over) is fetched again from fal's CDN, which answers 503 for a few seconds: asked
+    again until it is back, as a running job is followed through fal's outages. The paid result
+    was lost at the first failed fetch ("The result files were lost…")."""
+    handle = await kill_while_posting(world, RESULT_MEMORY_BYTES="0")
+    for path in result_files(world):
+        path.unlink()
+    world.fal.fail_next("file", "ingress_503", times=1000)
+    await world.start_bot(RESULT_MEMORY_BYTES="0")
+    # More than a fetch's own retries: the result was given up when they ran out.
+    await world.fal.wait_for_requests("file", 2 * RESULT_ATTEMPTS, timeout=30)
+    world.fal.clear_faults()
+    await finished(handle, timeout=20)
+    assert_delivered_once(world, handle)
 
 
 # -- 5. fal faults of every kind -----------------------------------------------------------------
