@@ -313,6 +313,16 @@ async def test_try_again_repeats_a_failed_job_as_it_was_its_seed_too(world):
     assert footer(again) == "Job #2 · from job #1"
 
 
+async def the_one_started(presses):
+    """Of presses made at once, the one that started the job; the other is told privately that
+    it is already being started."""
+    for press in presses:
+        await press.wait_for_callback()
+    started, pending = sorted(presses, key=lambda press: press.callback["type"] == 4)
+    assert "already being started" in private_answer(pending)
+    return started
+
+
 async def test_a_double_click_on_try_again_starts_the_failed_job_once(world):
     """Two presses of 🔁 Try again at once (a double tap on mobile) are one press: fal runs and
     bills the job again once, and the second press is told so privately. Pressed again later, on
@@ -325,11 +335,7 @@ async def test_a_double_click_on_try_again_starts_the_failed_job_once(world):
     retry = button(failed, "retry")
     world.discord.fail_next("POST", CALLBACK, status="slow", delay=0.5, times=2)  # Discord's round trips
     clicks = await asyncio.gather(*(world.discord.click_button(failed.id, retry, user="alice") for _ in range(2)))
-    for click in clicks:
-        await click.wait_for_callback()
-    started, pending = sorted(clicks, key=lambda click: click.callback["type"] == 4)
-    assert "already being started" in private_answer(pending)
-    assert text(await finished(started)).startswith("❌")
+    assert text(await finished(await the_one_started(clicks))).startswith("❌")
     assert len(world.fal.submits) == 2
     world.fal.default = JobScript()
     again = await finished(await world.discord.click_button(failed.id, retry, user="alice"))
@@ -359,11 +365,7 @@ async def test_an_edit_form_sent_twice_at_once_starts_one_edit(world):
     submits = await asyncio.gather(
         *(world.discord.submit_modal(opened, {"prompt": "now at night"}, user="alice") for _ in range(2))
     )
-    for submitted in submits:
-        await submitted.wait_for_callback()
-    started, pending = sorted(submits, key=lambda submitted: submitted.callback["type"] == 4)
-    assert "already being started" in private_answer(pending)
-    assert text(await finished(started)).startswith("✅")
+    assert text(await finished(await the_one_started(submits))).startswith("✅")
     assert len(world.fal.submits) == 2
 
 
