@@ -60,6 +60,8 @@ DATABASE_CHECK_SECONDS = 2.0
 # token; a setting or the database cannot be used; anything else stopped it (the log's last line
 # names it).
 EXIT_STOPPED, EXIT_TOKEN_REFUSED, EXIT_UNUSABLE_SETTING, EXIT_FAILED = 0, 1, 2, 3
+# `docker stop` and Kubernetes send SIGTERM; Ctrl-C is SIGINT.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class CannotStart(Exception):
@@ -297,32 +299,56 @@ async def run(settings: Settings) -> None:
         # Where discord.py connects with a fixed SHARD_COUNT, and after an invalidated session.
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
     stop = asyncio.Event()
+    starting = asyncio.current_task()
+    assert starting is not None, "asyncio.run runs it as a task"
+
+    def stop_starting() -> None:
+        stop.set()
+        starting.cancel()
+
+    # Until the Discord client runs, a stop signal cancels the start-up at once: opening the
+    # database may wait long (a host that says nothing, another process's migration), and no
+    # job has begun that a stop must let finish. From then on it stops the bot cleanly.
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop_starting)
     metrics = Metrics()
     logging.getLogger("discord").addHandler(RateLimitCounter(metrics))
-    async with (
-        _open_store(settings) as store,
-        _http_session(settings) as http,
-        KontextBot(settings, store=store, http=http, metrics=metrics) as bot,
-        _ops_endpoint(settings, metrics, bot.health, bot.liveness),
-    ):
-        running = asyncio.create_task(bot.start(settings.discord_token))
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if stopping.done():
-            log.info(
-                "stopping: unfinished jobs %s",
-                "are handed to the other processes" if store.shared else "will resume at the next start",
-            )
-            await bot.close()
-            # Closed: a shard still opening its connection (waiting for its turn to IDENTIFY)
-            # would retry for ever, so the start is not waited for.
-            running.cancel()
-        stopping.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running  # re-raises a failed login
+    try:
+        async with (
+            _open_store(settings) as store,
+            _http_session(settings) as http,
+            KontextBot(settings, store=store, http=http, metrics=metrics) as bot,
+            _ops_endpoint(settings, metrics, bot.health, bot.liveness),
+        ):
+            for signum in STOP_SIGNALS:
+                loop.add_signal_handler(signum, stop.set)
+            await _serve(bot, stop)
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        starting.uncancel()
+        log.info("stopping during the start-up")
+
+
+async def _serve(bot: KontextBot, stop: asyncio.Event) -> None:
+    """Run the bot until Discord stops it (a failed login, a gateway closed for good) or `stop`
+    is set."""
+    running = asyncio.create_task(bot.start(bot.settings.discord_token))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if stopping.done():
+        log.info(
+            "stopping: unfinished jobs %s",
+            "are handed to the other processes" if bot.store.shared else "will resume at the next start",
+        )
+        await bot.close()
+        # Closed: a shard still opening its connection (waiting for its turn to IDENTIFY)
+        # would retry for ever, so the start is not waited for.
+        running.cancel()
+    stopping.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running  # re-raises a failed login
 
 
 def _shard_options(settings: Settings) -> dict[str, Any]:
@@ -347,7 +373,10 @@ async def _open_store(settings: Settings) -> AsyncIterator[Store]:
     lock = lock_directory(settings.data_dir)
     try:
         shared = PostgresStore(
-            settings.database_url, instance_id=settings.instance_id, lease_seconds=settings.lease_seconds
+            settings.database_url,
+            instance_id=settings.instance_id,
+            lease_seconds=settings.lease_seconds,
+            connect_timeout=settings.database_connect_timeout,
         )
         async with shared:
             yield shared

@@ -98,6 +98,9 @@ class Settings:
     allowed_guild_ids: frozenset[int] | None = None
     # PostgreSQL shared by several bot processes (None: SQLite in DATA_DIR, one process).
     database_url: str | None = None
+    # A connection to it not made within this many seconds has failed (one at the start stops
+    # the bot, with exit 2; one later fails the write that needed it, which is retried).
+    database_connect_timeout: float = 10.0
     # This process among those sharing the database: stable across its restarts, unique among
     # the live ones (default: the host name and DATA_DIR, which only one process can use).
     instance_id: str = "local"
@@ -293,6 +296,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         monthly_budget_usd=monthly_budget,
         allowed_guild_ids=_parse(env, "ALLOWED_GUILD_IDS", _ids, None),
         database_url=database_url,
+        database_connect_timeout=_parse(env, "DATABASE_CONNECT_TIMEOUT", seconds, Settings.database_connect_timeout),
         instance_id=_parse(env, "INSTANCE_ID", _instance_id, _default_instance_id(data_dir)),
         lease_seconds=lease_seconds,
         heartbeat_seconds=heartbeat_seconds,

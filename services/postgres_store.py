@@ -151,7 +151,7 @@ _CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interfa
 
 
 class PostgresStore(Store):
-    """`PostgresStore(dsn, instance_id=..., lease_seconds=...)`."""
+    """`PostgresStore(dsn, instance_id=..., lease_seconds=..., connect_timeout=...)`."""
 
     shared = True
     # The connection lost or refused, the server shutting down or starting, a statement past
@@ -172,10 +172,14 @@ class PostgresStore(Store):
         *,
         instance_id: str,
         lease_seconds: float,
+        connect_timeout: float,
         listener_check_seconds: float = LISTENER_CHECK_SECONDS,
     ) -> None:
         super().__init__()
         self._dsn = dsn
+        # asyncpg's own is 60 s: longer than a stop may take, and than an operator should wait
+        # to learn that DATABASE_URL does not answer.
+        self._connect_timeout = connect_timeout
         self.slot = instance_id
         self.run = secrets.token_hex(8)
         self._lease_seconds = lease_seconds
@@ -200,9 +204,19 @@ class PostgresStore(Store):
 
     async def open(self) -> Self:
         try:
-            self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=POOL_SIZE, command_timeout=STATEMENT_TIMEOUT
-            )
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=1,
+                    max_size=POOL_SIZE,
+                    command_timeout=STATEMENT_TIMEOUT,
+                    timeout=self._connect_timeout,
+                )
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"the database in DATABASE_URL did not answer within {self._connect_timeout:g}s "
+                    "(DATABASE_CONNECT_TIMEOUT)"
+                ) from None
             await self._migrate()
             self._listener = await self._listen()
             self._checking_listener = asyncio.create_task(self._check_listener())
@@ -263,7 +277,7 @@ class PostgresStore(Store):
 
     async def _listen(self) -> asyncpg.Connection:
         """A connection of its own for LISTEN (a pooled one would be reset, and stop listening)."""
-        connection = await asyncpg.connect(self._dsn)
+        connection = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
         for channel in (self._run_channel, RELEASED_CHANNEL, ANSWER_CHANNEL, *SETTING_CHANNELS.values()):
             await connection.add_listener(channel, self._notified)
         connection.add_termination_listener(self._listener_lost)

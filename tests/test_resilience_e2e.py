@@ -1155,3 +1155,56 @@ async def test_a_member_whose_settings_are_not_read_in_time_gets_their_result_pr
     assert callbacks == [{"type": 5}, {"type": 5, "data": {"flags": EPHEMERAL}}], callbacks
     assert text(await finished(alice)) == "✅ Done."
     assert has_button(await finished(bob), "share")
+
+
+# -- 12. a database that takes the connection and says nothing -----------------------------------
+
+
+class SilentDatabase:
+    """What DATABASE_URL may reach: a host that takes the connection and never answers (a server
+    still starting, a firewall dropping the packets, a load balancer with nothing behind it)."""
+
+    def __init__(self) -> None:
+        self.connections: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SilentDatabase:
+        self._server = await asyncio.start_server(self._take, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for connection in self.connections:
+            connection.close()
+
+    async def _take(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections.append(writer)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"postgresql://kontext:pw@127.0.0.1:{self._server.sockets[0].getsockname()[1]}/kontext"
+
+
+async def test_a_sigterm_while_the_database_does_not_answer_stops_the_bot_at_once(world):
+    """`docker stop` (and Kubernetes) send SIGKILL 30 s after SIGTERM: the bot waited for the
+    database's answer first, for asyncpg's 60 s, and was killed."""
+    async with SilentDatabase() as database:
+        bot = world.new_bot(DATABASE_URL=database.url, DATABASE_CONNECT_TIMEOUT="60", LOG_LEVEL="INFO")
+        await bot.start()
+        await world.discord.wait_until(lambda: bool(database.connections), timeout=20)
+        started = time.monotonic()
+        assert await bot.stop(timeout=20) == 0
+        assert time.monotonic() - started < 5
+    assert bot.log_text().strip().splitlines()[-1].endswith("stopping during the start-up")
+
+
+async def test_a_database_that_does_not_answer_stops_the_bot_with_a_line_naming_it(world):
+    async with SilentDatabase() as database:
+        bot = world.new_bot(DATABASE_URL=database.url, DATABASE_CONNECT_TIMEOUT="0.5", LOG_LEVEL="INFO")
+        await bot.start()
+        assert bot.process is not None
+        code = await asyncio.wait_for(bot.process.wait(), 20)
+    last = bot.log_text().strip().splitlines()[-1]
+    assert code == 2 and "the database in DATABASE_URL did not answer within 0.5s" in last, (code, last)

@@ -56,7 +56,7 @@ async def new_store(request, tmp_path: Path) -> Opener:
     if request.param == "sqlite":
         return lambda: SqliteStore(tmp_path / "db.sqlite3")
     url = await request.getfixturevalue("postgres_server").new_database()
-    return lambda: PostgresStore(url, instance_id="bot-0", lease_seconds=60)
+    return lambda: PostgresStore(url, instance_id="bot-0", lease_seconds=60, connect_timeout=10)
 
 
 async def test_upgrading_an_old_sqlite_database_keeps_policies_and_jobs(tmp_path: Path):
@@ -88,7 +88,7 @@ async def test_upgrading_an_old_postgres_database_keeps_policies_and_jobs(databa
         await db.execute("INSERT INTO guild_policies VALUES (1, '{\"safety_maximum\": 4}', 0, 9)")
     finally:
         await db.close()
-    async with PostgresStore(database_url, instance_id="bot-0", lease_seconds=60) as store:
+    async with PostgresStore(database_url, instance_id="bot-0", lease_seconds=60, connect_timeout=10) as store:
         assert (await store.policy(1)).safety_maximum == 4
         job = await store.create_job(request(guild_id=1 << 60))  # a snowflake needs 64 bits
         loaded = await store.get_job(job.id)
@@ -231,7 +231,10 @@ async def test_the_monthly_counters_start_from_the_jobs_an_upgraded_database_hol
             )
     finally:
         await pg.close()
-    for store in (SqliteStore(path), PostgresStore(database_url, instance_id="bot-0", lease_seconds=60)):
+    for store in (
+        SqliteStore(path),
+        PostgresStore(database_url, instance_id="bot-0", lease_seconds=60, connect_timeout=10),
+    ):
         async with store:
             usage = await store.usage(1, 3, NOW, all_servers=True)
             assert (usage.guild_images_this_month, usage.all_images_this_month) == (4, 4)

@@ -111,7 +111,9 @@ async def stores(database_url: str) -> AsyncIterator[Callable[[str], Any]]:
     async with contextlib.AsyncExitStack() as stack:
 
         async def open_store(slot: str) -> PostgresStore:
-            return await stack.enter_async_context(PostgresStore(database_url, instance_id=slot, lease_seconds=60))
+            return await stack.enter_async_context(
+                PostgresStore(database_url, instance_id=slot, lease_seconds=60, connect_timeout=10)
+            )
 
         yield open_store
 
@@ -136,7 +138,7 @@ async def store(request, tmp_path: Path) -> AsyncIterator[Store]:
         opened: Store = SqliteStore(tmp_path / "db.sqlite3")
     else:
         url = await request.getfixturevalue("postgres_server").new_database()
-        opened = PostgresStore(url, instance_id="bot-0", lease_seconds=60)
+        opened = PostgresStore(url, instance_id="bot-0", lease_seconds=60, connect_timeout=10)
     async with opened:
         yield opened
 

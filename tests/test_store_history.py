@@ -103,7 +103,7 @@ async def test_sqlite_reads_a_page_through_an_index(tmp_path: Path):
 
 
 async def test_postgres_reads_a_page_through_an_index(database_url: str):
-    async with PostgresStore(database_url, instance_id="bot-0", lease_seconds=60) as store:
+    async with PostgresStore(database_url, instance_id="bot-0", lease_seconds=60, connect_timeout=10) as store:
         (job,) = await jobs_at(store, [NOW])
         sql, args = await page_statement(store, None, job)
     text, names = _positional(sql)

@@ -28,7 +28,7 @@ async def processes(database_url: str) -> AsyncIterator[Callable[..., Awaitable[
 
         async def start(slot: str, lease_seconds: float = 60) -> PostgresStore:
             return await stack.enter_async_context(
-                PostgresStore(database_url, instance_id=slot, lease_seconds=lease_seconds)
+                PostgresStore(database_url, instance_id=slot, lease_seconds=lease_seconds, connect_timeout=10)
             )
 
         yield start
@@ -265,8 +265,8 @@ async def test_settings_reach_a_process_whose_notification_connection_was_droppe
     path = SilentDropPath(database_url)
     async with (
         path as url,
-        PostgresStore(url, instance_id="a", lease_seconds=60, listener_check_seconds=0.2) as a,
-        PostgresStore(database_url, instance_id="b", lease_seconds=60) as b,
+        PostgresStore(url, instance_id="a", lease_seconds=60, connect_timeout=10, listener_check_seconds=0.2) as a,
+        PostgresStore(database_url, instance_id="b", lease_seconds=60, connect_timeout=10) as b,
     ):
         assert await a.member_defaults(5) == MemberDefaults()
         assert a._listener is not None
