@@ -57,9 +57,13 @@ IDENTIFY_INTERVAL = 5.0 + 0.5
 DATABASE_CHECK_SECONDS = 2.0
 
 # How `python bot.py` ends (README, Operations): stopped by SIGTERM or Ctrl-C; Discord refused the
-# token; a setting or the database cannot be used; anything else stopped it (the log's last line
-# names it).
+# token; a setting (SHARD_COUNT too low among them) or the database cannot be used; anything else
+# stopped it (the log's last line names it).
 EXIT_STOPPED, EXIT_TOKEN_REFUSED, EXIT_UNUSABLE_SETTING, EXIT_FAILED = 0, 1, 2, 3
+# Close codes of the gateway that discord.py does not reconnect after, as Discord's docs name
+# them (topics/opcodes-and-status-codes.mdx), besides 4004 Authentication failed.
+SHARDING_REFUSED = {4010: "Invalid shard", 4011: "Sharding required"}
+INTENTS_REFUSED = {4013: "Invalid intent(s)", 4014: "Disallowed intent(s)"}
 # `docker stop` and Kubernetes send SIGTERM; Ctrl-C is SIGINT.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -441,22 +445,60 @@ def main() -> int:
     keep_image_buffers_on_the_heap(tuned_by_operator=allocator_tuned_by_operator())
     try:
         _event_loop_runner()(run(settings))
-    except discord.LoginFailure:
-        log.error("Discord refused DISCORD_TOKEN; check the token in the Developer Portal")
-        return EXIT_TOKEN_REFUSED
-    except StoreUnavailable as exc:
-        log.error("cannot start: %s", exc)
-        return EXIT_UNUSABLE_SETTING
-    except CannotStart as exc:
-        log.error("cannot start: %s", exc)
-        return EXIT_FAILED
     except Exception as exc:
-        # Discord unreachable at the login or the command sync, or a fault of the bot's
-        # own: one line through the configured (redacted) log, never a raw traceback on stderr.
+        # One line through the configured (redacted) log, never a raw traceback on stderr.
+        known = _known_cause(exc, settings)
+        if known is not None:
+            exit_code, why = known
+            log.error("%s", why)
+            return exit_code
+        # Discord unreachable at the login or the command sync, or a fault of the bot's own.
         log.error("stopped by %s", describe_error(exc))
         log.debug("what stopped the bot", exc_info=exc)
         return EXIT_FAILED
     return EXIT_STOPPED
+
+
+def _known_cause(exc: Exception, settings: Settings) -> tuple[int, str] | None:
+    """The exit code for what stopped the bot and the line saying what to change (README,
+    Operations), where the bot knows the cause."""
+    closed = _gateway_close_code(exc)
+    if isinstance(exc, discord.LoginFailure) or closed == 4004:  # 4004: a token reset while the bot runs
+        return EXIT_TOKEN_REFUSED, "Discord refused DISCORD_TOKEN; check the token in the Developer Portal"
+    if isinstance(exc, StoreUnavailable):
+        return EXIT_UNUSABLE_SETTING, f"cannot start: {exc}"
+    if isinstance(exc, CannotStart):
+        return EXIT_FAILED, f"cannot start: {exc}"
+    if closed in SHARDING_REFUSED:
+        return EXIT_UNUSABLE_SETTING, _more_shards_required(settings, f"{closed} {SHARDING_REFUSED[closed]}")
+    if closed in INTENTS_REFUSED:
+        # discord.py's own text for 4014 advises switching privileged intents on.
+        return EXIT_FAILED, (
+            f"Discord refused the bot's gateway intents ({closed} {INTENTS_REFUSED[closed]}): the bot asks "
+            "only for the guilds intent, which is not privileged, so no Privileged Gateway Intents switch in "
+            "the Developer Portal is needed; report it to Discord, or check the gateway proxy if "
+            "DISCORD_GATEWAY_URL names one"
+        )
+    return None
+
+
+def _gateway_close_code(exc: Exception) -> int | None:
+    """The close code of a gateway Discord closed for good (discord.py raises 4014 as
+    PrivilegedIntentsRequired); None for anything else."""
+    if isinstance(exc, discord.PrivilegedIntentsRequired):
+        return 4014
+    return exc.code if isinstance(exc, discord.ConnectionClosed) else None
+
+
+def _more_shards_required(settings: Settings, how: str) -> str:
+    """The line for a gateway that wants more shards than the bot runs: what to set."""
+    if settings.shard_count is None:
+        return f"Discord requires more shards than it recommended ({how}): set SHARD_COUNT above that count"
+    if settings.shard_ids is None:
+        fix = "raise SHARD_COUNT, or unset it for automatic sharding"
+    else:
+        fix = "raise SHARD_COUNT in every process, with their SHARD_IDS covering the new shards"
+    return f"Discord requires more shards than SHARD_COUNT={settings.shard_count} ({how}): {fix}"
 
 
 if __name__ == "__main__":

@@ -308,6 +308,64 @@ async def test_a_dev_guild_the_bot_is_not_in_stops_it_with_a_line_naming_the_set
     assert "applications.commands" in last
 
 
+async def stopped_by_discord(bot) -> tuple[int, str]:
+    """The exit code of a bot Discord's gateway closed for good, and the log's last line."""
+    assert bot.process is not None
+    code = await asyncio.wait_for(bot.process.wait(), 30)
+    return code, bot.log_text().strip().splitlines()[-1]
+
+
+async def refused_for_too_few_shards(world, **settings: str) -> str:
+    """Run the bot where Discord closes the gateway with 4011 Sharding required (too many servers
+    for the shards run); the log's last line, which names what to set."""
+    world.discord.max_guilds_per_shard = 0
+    bot = world.new_bot(LOG_LEVEL="INFO", **settings)
+    await bot.start()
+    code, last = await stopped_by_discord(bot)
+    assert code == 2 and "Discord requires more shards" in last and "4011 Sharding required" in last, (code, last)
+    return last
+
+
+async def test_a_gateway_that_requires_more_shards_stops_the_bot_with_a_line_naming_shard_count(world):
+    """The last line was discord.py's bare "Shard ID 0 WebSocket closed with 4011", exit 3."""
+    last = await refused_for_too_few_shards(world)  # as many shards as Discord recommends
+    assert last.endswith("set SHARD_COUNT above that count"), last
+    last = await refused_for_too_few_shards(world, SHARD_COUNT="1", DISCORD_GATEWAY_URL=world.discord.gateway_url)
+    assert last.endswith("raise SHARD_COUNT, or unset it for automatic sharding"), last
+
+
+async def test_processes_sharing_the_shards_are_told_to_raise_shard_count_in_each(world, database_url):
+    last = await refused_for_too_few_shards(
+        world,
+        SHARD_COUNT="1",
+        SHARD_IDS="0",
+        DATABASE_URL=database_url,
+        DISCORD_GATEWAY_URL=world.discord.gateway_url,
+    )
+    assert last.endswith("raise SHARD_COUNT in every process, with their SHARD_IDS covering the new shards"), last
+
+
+async def test_a_token_reset_while_the_bot_runs_stops_it_as_a_refused_token(world):
+    """The token reset in the Developer Portal while the bot runs: Discord refuses its next
+    resume with 4004 Authentication failed, which the README's exit 1 is for (it was exit 3)."""
+    bot = await world.start_bot(LOG_LEVEL="INFO", DISCORD_GATEWAY_URL=world.discord.gateway_url)
+    world.discord.token = "the-new-token"
+    await world.discord.disconnect_gateway(code=4000)
+    code, last = await stopped_by_discord(bot)
+    assert code == 1 and last.endswith("Discord refused DISCORD_TOKEN; check the token in the Developer Portal")
+
+
+@pytest.mark.parametrize("close_code", [4013, 4014])
+async def test_refused_intents_stop_the_bot_with_a_line_saying_what_it_asks_for(world, close_code):
+    """4013 Invalid intent(s) and 4014 Disallowed intent(s): discord.py's text for 4014 advises
+    switching privileged intents on, none of which the bot asks for."""
+    bot = await world.start_bot(LOG_LEVEL="INFO")
+    await world.discord.disconnect_gateway(code=close_code)
+    code, last = await stopped_by_discord(bot)
+    assert code == 3 and f"Discord refused the bot's gateway intents ({close_code} " in last, (code, last)
+    assert "the bot asks only for the guilds intent, which is not privileged" in last
+
+
 async def test_commands_are_synced_only_when_they_changed(world):
     """discord.py advises against syncing at every start; the last sync is recorded per app."""
     await world.start_bot()
