@@ -19,7 +19,9 @@ LOG_FORMATS = ("text", "json")
 EXTRA_FIELDS = ("job_id", "guild_id", "request_id", "state")
 
 # discord.py and aiosqlite log request URLs and SQL parameters at DEBUG, and those carry
-# interaction tokens; Pillow logs every image chunk.
+# interaction tokens; Pillow logs every image chunk. They log at INFO whatever the level, and the
+# handler keeps to the level: discord.py's warnings for the 429s it waits out must reach
+# RateLimitCounter (services/metrics.py) even where LOG_LEVEL=ERROR leaves them out of the log.
 NOISY_LOGGERS = ("discord", "aiosqlite", "PIL")
 
 # discord.utils.setup_logging's format, without its colours.
@@ -60,11 +62,13 @@ class _RootHandler(logging.StreamHandler):
 
 def configure_logging(level: int, fmt: str, *, secrets: Iterable[str]) -> None:
     """Log to stderr at `level` in the format `fmt` ("text" or "json"), with `secrets` and
-    interaction tokens redacted, and the noisy loggers kept at INFO or above whatever `level`
-    says. Replaces what an earlier call installed; other handlers are left alone."""
+    interaction tokens redacted, and the noisy loggers kept at INFO whatever `level` says (the
+    handler drops what is below `level`). Replaces what an earlier call installed; other
+    handlers are left alone."""
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
     handler = _RootHandler(sys.stderr)
+    handler.setLevel(level)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -76,4 +80,4 @@ def configure_logging(level: int, fmt: str, *, secrets: Iterable[str]) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(max(level, logging.INFO))
+        logging.getLogger(name).setLevel(logging.INFO)

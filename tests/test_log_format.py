@@ -16,6 +16,7 @@ import pytest
 
 from services.job import JobState
 from services.log_format import NOISY_LOGGERS, configure_logging
+from services.metrics import Metrics, RateLimitCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,8 +119,23 @@ def test_noisy_loggers_stay_at_info_whatever_the_level(capsys):
     logging.getLogger("discord.client").info("logging in")
     messages = [entry["message"] for entry in json_lines(capsys.readouterr().err)]
     assert messages == ["ours", "logging in"]
-    configure_logging(logging.WARNING, "json", secrets=[])
-    assert logging.getLogger("discord").level == logging.WARNING
+
+
+@pytest.mark.parametrize("level", [logging.ERROR, logging.CRITICAL])
+def test_the_level_decides_what_is_written_not_what_is_counted(capsys, level):
+    """LOG_LEVEL=ERROR dropped discord.py's 429 warnings before RateLimitCounter saw them: the
+    metric stayed at 0."""
+    metrics = Metrics()
+    counter = RateLimitCounter(metrics)
+    logging.getLogger("discord").addHandler(counter)
+    try:
+        configure_logging(level, "json", secrets=[])
+        logging.getLogger("discord.http").warning("We are being rate limited. GET /x responded with 429.")
+        logging.getLogger("discord.client").critical("shard lost")
+    finally:
+        logging.getLogger("discord").removeHandler(counter)
+    assert b"kontext_discord_rate_limited_total 1.0" in metrics.exposition()
+    assert [entry["message"] for entry in json_lines(capsys.readouterr().err)] == ["shard lost"]
 
 
 def test_configuring_again_replaces_the_handler_and_keeps_others(capsys):

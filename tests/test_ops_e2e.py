@@ -77,6 +77,19 @@ async def test_metrics_move_by_exactly_the_jobs_run(world):
     assert not any(name[0].startswith("kontext_") and "guild" in dict(name[1]) for name in now)
 
 
+@pytest.mark.parametrize("level", ["ERROR", "CRITICAL"])
+async def test_every_429_is_counted_whatever_the_log_level(world, level):
+    """LOG_LEVEL chooses what is logged: at ERROR the metric, counted from discord.py's
+    warnings, stayed at 0 (the `discord` logger dropped them before any handler saw them)."""
+    port = free_port()
+    await world.start_bot(HTTP_PORT=str(port), LOG_LEVEL=level)
+    world.discord.fail_next("PATCH", r"/webhooks/\d+/[^/]+/messages/", status=429)
+    assert text(await finished(await world.kontext())).startswith("✅")
+    _, metrics = await get(port, "/metrics")
+    assert samples(metrics)[("kontext_discord_rate_limited_total", ())] == 1
+    assert "rate limited" not in world.bot.log_text()
+
+
 async def test_a_job_whose_reply_discord_refused_is_counted_as_finished(world):
     """Accepted, then Discord refused the acknowledgement (too late: 10062 Unknown interaction):
     the job is closed as abandoned, and counted as finished as well as accepted, so accepted
