@@ -112,6 +112,7 @@ class KontextBot(commands.AutoShardedBot):
             stream_event_timeout=settings.stream_event_timeout,
             metrics=metrics,
         )
+        self.fal_storage = FalStorage(http, settings.fal_rest_url, settings.fal_key, backoff=backoff, metrics=metrics)
         self.presenter = DiscordPresenter(self, settings.edit_interval, metrics)
         self.runner = JobRunner(
             store,
@@ -125,7 +126,7 @@ class KontextBot(commands.AutoShardedBot):
             ),
             inputs=InputStager(
                 http,
-                FalStorage(http, settings.fal_rest_url, settings.fal_key, backoff=backoff),
+                self.fal_storage,
                 store,
                 discord_cdn_hosts=settings.discord_cdn_hosts,
                 max_bytes=settings.max_input_bytes,
@@ -234,8 +235,9 @@ class KontextBot(commands.AutoShardedBot):
         return HealthReport({"running": running}, [] if running else ["the bot is stopping"])
 
     async def health(self) -> HealthReport:
-        """For /healthz: connected to Discord's gateway, the database takes a write, fal answered
-        recently (or nothing was asked of it)."""
+        """For /healthz: connected to Discord's gateway, the database takes a write, and nothing
+        stands between fal and the jobs: its queue and storage answered recently (or nothing was
+        asked of them)."""
         problems = []
         shards = self.shards.values()
         gateway = not self.is_closed() and bool(shards) and all(not shard.is_closed() for shard in shards)
@@ -251,10 +253,9 @@ class KontextBot(commands.AutoShardedBot):
         except Exception as exc:
             store = False
             problems.append(f"database: {describe_error(exc)}")
-        fal, why = fal_health(self.fal.last_success, self.fal.last_failure, time.monotonic())
-        if why:
-            problems.append(why)
-        return HealthReport({"discord": gateway, "database": store, "fal": fal}, problems)
+        fal_problems = fal_health({"queue": self.fal.calls, "storage": self.fal_storage.calls}, time.monotonic())
+        problems += fal_problems
+        return HealthReport({"discord": gateway, "database": store, "fal": not fal_problems}, problems)
 
     async def on_guild_join(self, guild: discord.Guild) -> None:
         await self._leave_unless_allowed(guild)

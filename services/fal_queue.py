@@ -274,6 +274,48 @@ def error_for(status: int, body: Any, headers: Mapping[str, str]) -> FalError:
 NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
+class FalCalls:
+    """What the calls to one of fal's services (its queue, its storage) showed, for /healthz and
+    /metrics: when fal's app last answered one and when one last went unanswered (monotonic
+    time), and every call that did not succeed, counted by kind.
+
+    An answer from fal's app layer shows fal is up, even one refusing the call or giving the
+    job's failure (a 504 generation_timeout the model ran into): only calls fal's app never
+    answered (transport, ingress) count against its health."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self._metrics = metrics
+        self.answered_at: float | None = None
+        self.unanswered_at: float | None = None
+
+    def unanswered(self) -> None:
+        """A call failed before any answer came: a connection or read that failed."""
+        self.unanswered_at = time.monotonic()
+        self._count("transport")
+
+    def answer(self, status: int, body: Any, headers: Mapping[str, str], *, with_key: bool = True) -> FalError | None:
+        """Note the answer to a call; returns the error it means, None for a success. `with_key`:
+        the call carried FAL_KEY. A refusal of one that did not (a CDN upload with its short-lived
+        token, a signed upload URL) says nothing about the key: it counts as a rejected call."""
+        if status < 300:
+            self.answered_at = time.monotonic()
+            return None
+        error = error_for(status, body, headers)
+        # fal's app layer answered (its 5xx carry x-fal-request-id), whatever it said.
+        if not isinstance(error, _Transient) and (status < 500 or "x-fal-request-id" in headers):
+            self.answered_at = time.monotonic()
+            kind = FalRejected.code if isinstance(error, FalAuthError) and not with_key else error.code
+        else:
+            self.unanswered_at = time.monotonic()
+            kind = "ingress"
+        self._count(kind)
+        return error
+
+    def _count(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.fal_error(kind)
+
+
 def _is_transport_failure(exc: BaseException) -> bool:
     return isinstance(exc, (_Transient, aiohttp.ClientError, asyncio.TimeoutError))
 
@@ -303,10 +345,7 @@ class FalQueueClient:
         self._use_stream = use_stream
         # A status stream with no event for this long is checked with one poll and reopened.
         self._event_timeout = stream_event_timeout
-        self._metrics = metrics
-        # When fal last answered, and last failed to (monotonic time), for the health check.
-        self.last_success: float | None = None
-        self.last_failure: float | None = None
+        self.calls = FalCalls(metrics)
 
     def __repr__(self) -> str:  # the key stays out of every repr and log line
         return f"<FalQueueClient {self._base_url}>"
@@ -332,32 +371,16 @@ class FalQueueClient:
             ) as response:
                 text = await response.text(errors="replace")
         except (TimeoutError, aiohttp.ClientError):
-            self._answered(False, "transport")
+            self.calls.unanswered()
             raise
         try:
             body = json.loads(text) if text else None
         except ValueError:
             body = text
-        if response.status < 300:
-            self._answered(True)
-            return body
-        error = error_for(response.status, body, response.headers)
-        # fal's app layer answered (its 5xx carry x-fal-request-id), whatever it said.
-        app = not isinstance(error, _Transient) and (response.status < 500 or "x-fal-request-id" in response.headers)
-        self._answered(app, error.code if app else "ingress")
-        raise error
-
-    def _answered(self, up: bool, failure: str | None = None) -> None:
-        """Note whether fal answered (for /healthz) and count a call that did not succeed by
-        kind (for /metrics). An answer from fal's app layer shows fal is up, even one refusing
-        the call or giving the job's failure (a 504 generation_timeout the model ran into): only
-        calls fal's app never answered (transport, ingress) count against its health."""
-        if up:
-            self.last_success = time.monotonic()
-        else:
-            self.last_failure = time.monotonic()
-        if failure is not None and self._metrics is not None:
-            self._metrics.fal_error(failure)
+        error = self.calls.answer(response.status, body, response.headers)
+        if error is not None:
+            raise error
+        return body
 
     async def _retried(self, call: Any, *, what: str, deadline: float, attempts: int | None = FOLLOW_ATTEMPTS) -> Any:
         """Run an idempotent call through transport failures and transient answers; once they

@@ -12,13 +12,16 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from .fal_queue import FalAccountLocked, FalAuthError, FalError, error_for
+from .fal_queue import FalAccountLocked, FalAuthError, FalCalls, FalError
 from .redact import describe_error
 from .retry import Backoff, retrying
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +56,21 @@ def _expiry(value: Any) -> float:
 
 
 class FalStorage:
-    def __init__(self, session: aiohttp.ClientSession, rest_url: str, key: str, *, backoff: Backoff) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        rest_url: str,
+        key: str,
+        *,
+        backoff: Backoff,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._session = session
         self._rest_url = rest_url.rstrip("/")
         self._auth = {"Authorization": f"Key {key}"}
         self._backoff = backoff
+        # Every call, to the REST host and to the upload hosts alike, as the queue client's.
+        self.calls = FalCalls(metrics)
         self._token: _CdnToken | None = None
         self._token_lock = asyncio.Lock()
 
@@ -118,12 +131,13 @@ class FalStorage:
             "X-Fal-File-Name": file_name,
             "X-Fal-Object-Lifecycle-Preference": lifecycle,
         }
-        async with self._session.post(f"{token.upload_base}/files/upload", data=data, headers=headers) as response:
-            body = await self._body(response)
-            if response.status == 401:
-                self._token = None  # expired early: the next try fetches a new one
-            if response.status >= 300:
-                raise FalUploadFailed(f"fal's CDN answered {response.status}", status=response.status, detail=body)
+        status, body, error = await self._send(
+            "POST", f"{token.upload_base}/files/upload", with_key=False, data=data, headers=headers
+        )
+        if status == 401:
+            self._token = None  # expired early: the next try fetches a new one
+        if error is not None:
+            raise FalUploadFailed(f"fal's CDN answered {status}", status=status, detail=body)
         url = body.get("access_url") if isinstance(body, dict) else None
         if not isinstance(url, str) or not url:
             raise FalUploadFailed("fal's CDN answer has no access_url")
@@ -141,24 +155,34 @@ class FalStorage:
             upload_url, file_url = str(body["upload_url"]), str(body["file_url"])
         except (KeyError, TypeError):
             raise FalUploadFailed("fal's initiate answer lacks upload_url or file_url") from None
-        async with self._session.put(upload_url, data=data, headers={"Content-Type": content_type}) as response:
-            if response.status >= 300:
-                raise FalUploadFailed(f"fal's storage answered {response.status} to the upload", status=response.status)
+        status, _, error = await self._send(
+            "PUT", upload_url, with_key=False, data=data, headers={"Content-Type": content_type}
+        )
+        if error is not None:
+            raise FalUploadFailed(f"fal's storage answered {status} to the upload", status=status)
         return file_url
 
     async def _call(
         self, method: str, url: str, *, params: Any, json_body: Any, headers: dict[str, str] | None = None
     ) -> Any:
-        async with self._session.request(
-            method, url, params=params, json=json_body, headers={**self._auth, **(headers or {})}
-        ) as response:
-            body = await self._body(response)
-            if response.status >= 300:
-                error = error_for(response.status, body, response.headers)
-                if isinstance(error, (FalAccountLocked, FalAuthError)):
-                    raise error
-                raise FalUploadFailed(f"fal's storage answered {response.status}", status=response.status, detail=body)
-            return body
+        status, body, error = await self._send(
+            method, url, with_key=True, params=params, json=json_body, headers={**self._auth, **(headers or {})}
+        )
+        if isinstance(error, (FalAccountLocked, FalAuthError)):
+            raise error
+        if error is not None:
+            raise FalUploadFailed(f"fal's storage answered {status}", status=status, detail=body)
+        return body
+
+    async def _send(self, method: str, url: str, *, with_key: bool, **request: Any) -> tuple[int, Any, FalError | None]:
+        """One call, noted in `calls`: its status, its body and the error the answer means."""
+        try:
+            async with self._session.request(method, url, **request) as response:
+                body = await self._body(response)
+        except (TimeoutError, aiohttp.ClientError):
+            self.calls.unanswered()
+            raise
+        return response.status, body, self.calls.answer(response.status, body, response.headers, with_key=with_key)
 
     @staticmethod
     async def _body(response: aiohttp.ClientResponse) -> Any:

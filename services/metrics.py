@@ -53,10 +53,10 @@ KNOWN_ERROR_CODES = frozenset(
     }
 )
 
-# Calls to fal's queue that did not succeed: fal's app answered with an error (the code of its
-# error class: fal is up), or it never answered: a connection or read that failed (transport),
-# an answer from before fal took the call (ingress: 408, 409, 429, or a 5xx from the proxy in
-# front of fal's app, without x-fal-request-id).
+# Calls to fal (its queue and its storage) that did not succeed: fal's app answered with an
+# error (the code of its error class: fal is up), or it never answered: a connection or read
+# that failed (transport), an answer from before fal took the call (ingress: 408, 409, 429, or a
+# 5xx from the proxy in front of fal's app, without x-fal-request-id).
 FAL_ERROR_KINDS = frozenset(
     {
         "fal_rejected",

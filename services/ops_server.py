@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from .fal_queue import FalCalls
 from .metrics import Metrics
 from .redact import describe_error
 
@@ -34,21 +35,25 @@ class HealthReport:
         return not self.problems and all(self.checks.values())
 
 
-def fal_health(
-    last_success: float | None, last_failure: float | None, now: float, window: float = 120.0
-) -> tuple[bool, str | None]:
-    """Whether fal counts as reachable, from when its last call succeeded and failed.
+def fal_health(services: Mapping[str, FalCalls], now: float, window: float = 120.0) -> list[str]:
+    """What stands between fal and the bot's jobs, one line each (none: fal counts as up), from
+    the calls to each of its `services` by name.
 
-    Unhealthy only when a call failed within the last `window` seconds and none succeeded
-    since: a failure followed by a success (its own retry's, or any other call's) is over, an
-    old failure with no call since is no evidence about fal now, and a bot that asked fal
-    nothing has nothing against it.
-    """
-    if last_failure is None or now - last_failure > window:
-        return True, None
-    if last_success is not None and last_success >= last_failure:
-        return True, None
-    return False, f"fal: the last call failed {now - last_failure:.0f}s ago and none succeeded since"
+    A service is down only when a call to it went unanswered within the last `window` seconds
+    and fal answered none since: an unanswered call followed by an answer (its own retry's, or
+    any other call's) is over, an old one with no call since is no evidence about fal now, and
+    a bot that asked fal nothing has nothing against it."""
+    problems = []
+    for name, calls in services.items():
+        failed = calls.unanswered_at
+        if failed is None or now - failed > window:
+            continue
+        if calls.answered_at is not None and calls.answered_at >= failed:
+            continue
+        problems.append(
+            f"fal: the last call to its {name} failed {now - failed:.0f}s ago and fal has answered none since"
+        )
+    return problems
 
 
 HealthCheck = Callable[[], Awaitable[HealthReport]]

@@ -190,6 +190,38 @@ async def test_a_job_the_model_failed_leaves_fal_healthy_and_is_counted_as_such(
     assert (moved("fal_failed"), moved("transport"), moved("ingress")) == (1, 0, 0)
 
 
+STORAGE_OPS = ("storage_token", "storage_initiate", "upload", "upload_put")
+
+
+@pytest.mark.parametrize(("fault", "kind"), [("ingress_503", "ingress"), ("drop", "transport")])
+async def test_healthz_and_metrics_report_fal_s_storage_down(world, fault, kind):
+    """fal's storage (its REST host and CDN) failing while its queue works: every job with an
+    input over the 64 KiB sent inline fails to upload it. /healthz says fal is down, naming its
+    storage, every failed call is counted, and an upload that goes through ends it."""
+    port = free_port()
+    await world.start_bot(HTTP_PORT=str(port), JOB_TIMEOUT="5")
+    was = samples((await get(port, "/metrics"))[1])
+    for op in STORAGE_OPS:
+        world.fal.fail_next(op, status=fault, times=10_000)
+    reply = await finished(await world.kontext(image=world.input_image(size=200_000)), timeout=30)
+    assert text(reply).startswith("❌") and world.fal.count("submit") == 0, text(reply)
+    status, body = await get(port, "/healthz")
+    report = json.loads(body)
+    assert (status, report["checks"]["fal"]) == (503, False), body
+    assert [p.split(" failed ")[0] for p in report["problems"]] == ["fal: the last call to its storage"], report
+    now = samples((await get(port, "/metrics"))[1])
+    moved = {
+        dict(labels)["kind"]: now[name, labels] - was.get((name, labels), 0)
+        for name, labels in now
+        if name == "kontext_fal_errors_total"
+    }
+    calls = sum(world.fal.count(op) for op in STORAGE_OPS)
+    assert moved == {**dict.fromkeys(moved, 0), kind: calls} and calls > 1, (moved, calls)
+    world.fal.clear_faults(*STORAGE_OPS)
+    assert text(await finished(await world.kontext(image=world.input_image(size=200_000)))).startswith("✅")
+    assert (await get(port, "/healthz"))[0] == 200
+
+
 async def test_healthz_follows_the_gateway(world):
     port = free_port()
     # After a failed resume discord.py reconnects to its built-in gateway address: point it here.

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services import ops_server
+from services.fal_queue import FalCalls
 from services.metrics import Metrics
 from services.ops_server import HealthReport, OpsServer, fal_health
 
@@ -153,25 +154,33 @@ async def test_a_fixed_port_is_bound_and_released_on_stop():
         await get(f"http://127.0.0.1:{port}/healthz")
 
 
+def calls(answered_at: float | None = None, unanswered_at: float | None = None) -> FalCalls:
+    record = FalCalls(None)
+    record.answered_at, record.unanswered_at = answered_at, unanswered_at
+    return record
+
+
 @pytest.mark.parametrize(
-    ("last_success", "last_failure", "ok"),
+    ("answered_at", "unanswered_at", "ok"),
     [
         (None, None, True),  # nothing asked of fal yet
         (990.0, None, True),
-        (None, 950.0, False),  # failed within the window, never succeeded
-        (900.0, 950.0, False),  # failed after the last success
-        (960.0, 950.0, True),  # answered since the failure
+        (None, 950.0, False),  # unanswered within the window, never answered
+        (900.0, 950.0, False),  # unanswered after the last answer
+        (960.0, 950.0, True),  # answered since
         (950.0, 950.0, True),
-        (None, 870.0, True),  # the failure is older than the window: no evidence about now
-        (100.0, 880.0, False),  # exactly at the window's edge the failure still counts
+        (None, 870.0, True),  # older than the window: no evidence about now
+        (100.0, 880.0, False),  # exactly at the window's edge it still counts
     ],
 )
-def test_fal_health(last_success, last_failure, ok):
-    healthy, problem = fal_health(last_success, last_failure, now=1000.0)
-    assert healthy is ok
-    assert (problem is None) is ok
+def test_fal_health(answered_at, unanswered_at, ok):
+    problems = fal_health({"queue": calls(answered_at, unanswered_at)}, now=1000.0)
+    assert (problems == []) is ok
 
 
-def test_fal_health_says_how_long_ago_and_respects_the_window():
-    assert fal_health(None, 950.0, now=1000.0) == (False, "fal: the last call failed 50s ago and none succeeded since")
-    assert fal_health(None, 950.0, now=1000.0, window=30.0) == (True, None)
+def test_fal_health_says_which_service_how_long_ago_and_respects_the_window():
+    services = {"queue": calls(990.0), "storage": calls(None, 950.0)}
+    assert fal_health(services, now=1000.0) == [
+        "fal: the last call to its storage failed 50s ago and fal has answered none since"
+    ]
+    assert fal_health(services, now=1000.0, window=30.0) == []
