@@ -237,7 +237,7 @@ class KontextBot(commands.AutoShardedBot):
     async def health(self) -> HealthReport:
         """For /healthz: connected to Discord's gateway, the database takes a write, and nothing
         stands between fal and the jobs: its queue and storage answered recently (or nothing was
-        asked of them)."""
+        asked of them), and it takes FAL_KEY."""
         problems = []
         shards = self.shards.values()
         gateway = not self.is_closed() and bool(shards) and all(not shard.is_closed() for shard in shards)

@@ -277,7 +277,8 @@ NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 class FalCalls:
     """What the calls to one of fal's services (its queue, its storage) showed, for /healthz and
     /metrics: when fal's app last answered one and when one last went unanswered (monotonic
-    time), and every call that did not succeed, counted by kind.
+    time), fal's refusal of FAL_KEY while no call with the key has succeeded since, and every
+    call that did not succeed, counted by kind.
 
     An answer from fal's app layer shows fal is up, even one refusing the call or giving the
     job's failure (a 504 generation_timeout the model ran into): only calls fal's app never
@@ -287,6 +288,8 @@ class FalCalls:
         self._metrics = metrics
         self.answered_at: float | None = None
         self.unanswered_at: float | None = None
+        # The status of fal's refusal (401, or a 403 other than a lock).
+        self.key_refused: int | None = None
 
     def unanswered(self) -> None:
         """A call failed before any answer came: a connection or read that failed."""
@@ -299,12 +302,19 @@ class FalCalls:
         token, a signed upload URL) says nothing about the key: it counts as a rejected call."""
         if status < 300:
             self.answered_at = time.monotonic()
+            if with_key:
+                self.key_refused = None
             return None
         error = error_for(status, body, headers)
         # fal's app layer answered (its 5xx carry x-fal-request-id), whatever it said.
         if not isinstance(error, _Transient) and (status < 500 or "x-fal-request-id" in headers):
             self.answered_at = time.monotonic()
-            kind = FalRejected.code if isinstance(error, FalAuthError) and not with_key else error.code
+            kind = error.code
+            if isinstance(error, FalAuthError):
+                if with_key:
+                    self.key_refused = status
+                else:
+                    kind = FalRejected.code
         else:
             self.unanswered_at = time.monotonic()
             kind = "ingress"

@@ -42,9 +42,14 @@ def fal_health(services: Mapping[str, FalCalls], now: float, window: float = 120
     A service is down only when a call to it went unanswered within the last `window` seconds
     and fal answered none since: an unanswered call followed by an answer (its own retry's, or
     any other call's) is over, an old one with no call since is no evidence about fal now, and
-    a bot that asked fal nothing has nothing against it."""
+    a bot that asked fal nothing has nothing against it. A refused FAL_KEY counts until a call
+    with the key succeeds."""
     problems = []
     for name, calls in services.items():
+        if calls.key_refused is not None:
+            problems.append(
+                f"fal: its {name} refused FAL_KEY ({calls.key_refused}) and no call with the key has succeeded since"
+            )
         failed = calls.unanswered_at
         if failed is None or now - failed > window:
             continue

@@ -222,6 +222,27 @@ async def test_healthz_and_metrics_report_fal_s_storage_down(world, fault, kind)
     assert (await get(port, "/healthz"))[0] == 200
 
 
+@pytest.mark.parametrize("input_size", [4096, 200_000], ids=["at_the_queue", "at_the_storage"])
+async def test_healthz_reports_a_refused_fal_key_until_fal_takes_it(world, input_size):
+    """fal refusing FAL_KEY (revoked, or mistyped) makes every job fail, whichever of fal's
+    services refused it first: /healthz names the setting until a call with the key succeeds."""
+    port = free_port()
+    await world.start_bot(HTTP_PORT=str(port), FAL_KEY="not-the-key")
+    assert (await get(port, "/healthz"))[0] == 200  # nothing asked of fal yet
+    reply = await finished(await world.kontext(image=world.input_image(size=input_size)))
+    assert "fal.ai key was refused" in text(reply), text(reply)
+    status, body = await get(port, "/healthz")
+    report = json.loads(body)
+    assert (status, report["checks"]["fal"]) == (503, False), body
+    assert any(p.startswith("fal: ") and "refused FAL_KEY" in p for p in report["problems"]), report
+    assert "not-the-key" not in body
+    world.fal.key = "not-the-key"  # the key works again at fal
+    assert text(await finished(await world.kontext(user="mod", image=world.input_image(size=input_size)))).startswith(
+        "✅"
+    )
+    assert (await get(port, "/healthz"))[0] == 200
+
+
 async def test_healthz_follows_the_gateway(world):
     port = free_port()
     # After a failed resume discord.py reconnects to its built-in gateway address: point it here.

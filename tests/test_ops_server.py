@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -184,3 +185,19 @@ def test_fal_health_says_which_service_how_long_ago_and_respects_the_window():
         "fal: the last call to its storage failed 50s ago and fal has answered none since"
     ]
     assert fal_health(services, now=1000.0, window=30.0) == []
+
+
+def test_fal_health_reports_a_refused_key_until_a_call_with_it_succeeds():
+    storage = FalCalls(None)
+    storage.answer(401, {"detail": "Invalid authorization credentials"}, {"x-fal-request-id": "r1"})
+    storage.answer(200, {}, {}, with_key=False)  # a CDN upload with its own token
+    line = "fal: its storage refused FAL_KEY (401) and no call with the key has succeeded since"
+    assert fal_health({"storage": storage}, now=time.monotonic()) == [line]
+    storage.answer(200, {}, {})
+    assert fal_health({"storage": storage}, now=time.monotonic()) == []
+
+
+def test_a_refused_upload_token_is_no_refusal_of_the_key():
+    storage = FalCalls(None)
+    storage.answer(401, {"detail": "token expired"}, {"x-fal-request-id": "r1"}, with_key=False)
+    assert storage.key_refused is None and storage.answered_at is not None
