@@ -237,7 +237,7 @@ class KontextBot(commands.AutoShardedBot):
     async def health(self) -> HealthReport:
         """For /healthz: connected to Discord's gateway, the database takes a write, and nothing
         stands between fal and the jobs: its queue and storage answered recently (or nothing was
-        asked of them), and it takes FAL_KEY."""
+        asked of them), it takes FAL_KEY, and it has not locked the account."""
         problems = []
         shards = self.shards.values()
         gateway = not self.is_closed() and bool(shards) and all(not shard.is_closed() for shard in shards)
@@ -253,7 +253,12 @@ class KontextBot(commands.AutoShardedBot):
         except Exception as exc:
             store = False
             problems.append(f"database: {describe_error(exc)}")
-        fal_problems = fal_health({"queue": self.fal.calls, "storage": self.fal_storage.calls}, time.monotonic())
+        fal_problems = fal_health(
+            {"queue": self.fal.calls, "storage": self.fal_storage.calls},
+            self.runner.account,
+            time.monotonic(),
+            secrets=(self.settings.fal_key, self.settings.discord_token),
+        )
         problems += fal_problems
         return HealthReport({"discord": gateway, "database": store, "fal": not fal_problems}, problems)
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from .fal_account import AccountGate
 from .fal_queue import FalCalls
 from .metrics import Metrics
-from .redact import describe_error
+from .redact import describe_error, one_line
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,23 @@ class HealthReport:
         return not self.problems and all(self.checks.values())
 
 
-def fal_health(services: Mapping[str, FalCalls], now: float, window: float = 120.0) -> list[str]:
+def fal_health(
+    services: Mapping[str, FalCalls],
+    account: AccountGate,
+    now: float,
+    *,
+    secrets: Iterable[str] = (),
+    window: float = 120.0,
+) -> list[str]:
     """What stands between fal and the bot's jobs, one line each (none: fal counts as up), from
-    the calls to each of its `services` by name.
+    the calls to each of its `services` by name and the account's gate.
 
     A service is down only when a call to it went unanswered within the last `window` seconds
     and fal answered none since: an unanswered call followed by an answer (its own retry's, or
     any other call's) is over, an old one with no call since is no evidence about fal now, and
     a bot that asked fal nothing has nothing against it. A refused FAL_KEY counts until a call
-    with the key succeeds."""
+    with the key succeeds, and a locked account while the gate refuses new jobs, in fal's words
+    (with `secrets` masked)."""
     problems = []
     for name, calls in services.items():
         if calls.key_refused is not None:
@@ -58,6 +67,9 @@ def fal_health(services: Mapping[str, FalCalls], now: float, window: float = 120
         problems.append(
             f"fal: the last call to its {name} failed {now - failed:.0f}s ago and fal has answered none since"
         )
+    if account.refuses():
+        reason = one_line(account.locked_reason or "", secrets)
+        problems.append(f"fal: the account is locked, so new jobs are refused for now: {reason}")
     return problems
 
 

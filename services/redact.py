@@ -51,6 +51,15 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return without_credentials(_TOKEN_IN_URL.sub(r"\1***", text))
 
 
+def one_line(text: str, secrets: Iterable[str] = (), limit: int = 300) -> str:
+    """Words from outside the bot (fal's detail in an answer) fit for a line an operator reads:
+    secrets and passwords masked, line breaks and control characters as spaces, at most `limit`
+    characters."""
+    printable = "".join(c if c.isprintable() else " " for c in redact(text, secrets))
+    line = " ".join(printable.split())
+    return line if len(line) <= limit else f"{line[: limit - 1]}…"
+
+
 class RedactingFilter(logging.Filter):
     """Replaces the given secrets, any interaction token in a URL and any password with *** in
     every record, its arguments and its traceback."""

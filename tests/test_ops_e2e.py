@@ -243,6 +243,26 @@ async def test_healthz_reports_a_refused_fal_key_until_fal_takes_it(world, input
     assert (await get(port, "/healthz"))[0] == 200
 
 
+async def test_healthz_reports_a_locked_fal_account_in_fal_s_words(world):
+    """fal locked the account (out of credit): the bot refuses new jobs for a while. /healthz says
+    so with fal's reason, and is healthy again once the pause is over."""
+    port = free_port()
+    await world.start_bot(HTTP_PORT=str(port), FAL_LOCK_RETRY_SECONDS="1")
+    world.fal.lock_account("Exhausted balance")
+    reply = await finished(await world.kontext())
+    assert "out of credit or locked" in text(reply), text(reply)
+    status, body = await get(port, "/healthz")
+    report = json.loads(body)
+    assert (status, report["checks"]["fal"]) == (503, False), body
+    assert report["problems"] == [
+        "fal: the account is locked, so new jobs are refused for now: User is locked. Reason: Exhausted balance. "
+        "Top up your balance at fal.ai/dashboard/billing."
+    ]
+    world.fal.unlock_account()
+    await until_status(port, 200)
+    assert text(await finished(await world.kontext(user="mod"))).startswith("✅")
+
+
 async def test_healthz_follows_the_gateway(world):
     port = free_port()
     # After a failed resume discord.py reconnects to its built-in gateway address: point it here.

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services import ops_server
+from services.fal_account import AccountGate
 from services.fal_queue import FalCalls
 from services.metrics import Metrics
 from services.ops_server import HealthReport, OpsServer, fal_health
@@ -175,16 +176,16 @@ def calls(answered_at: float | None = None, unanswered_at: float | None = None) 
     ],
 )
 def test_fal_health(answered_at, unanswered_at, ok):
-    problems = fal_health({"queue": calls(answered_at, unanswered_at)}, now=1000.0)
+    problems = fal_health({"queue": calls(answered_at, unanswered_at)}, AccountGate(30), now=1000.0)
     assert (problems == []) is ok
 
 
 def test_fal_health_says_which_service_how_long_ago_and_respects_the_window():
     services = {"queue": calls(990.0), "storage": calls(None, 950.0)}
-    assert fal_health(services, now=1000.0) == [
+    assert fal_health(services, AccountGate(30), now=1000.0) == [
         "fal: the last call to its storage failed 50s ago and fal has answered none since"
     ]
-    assert fal_health(services, now=1000.0, window=30.0) == []
+    assert fal_health(services, AccountGate(30), now=1000.0, window=30.0) == []
 
 
 def test_fal_health_reports_a_refused_key_until_a_call_with_it_succeeds():
@@ -192,12 +193,25 @@ def test_fal_health_reports_a_refused_key_until_a_call_with_it_succeeds():
     storage.answer(401, {"detail": "Invalid authorization credentials"}, {"x-fal-request-id": "r1"})
     storage.answer(200, {}, {}, with_key=False)  # a CDN upload with its own token
     line = "fal: its storage refused FAL_KEY (401) and no call with the key has succeeded since"
-    assert fal_health({"storage": storage}, now=time.monotonic()) == [line]
+    assert fal_health({"storage": storage}, AccountGate(30), now=time.monotonic()) == [line]
     storage.answer(200, {}, {})
-    assert fal_health({"storage": storage}, now=time.monotonic()) == []
+    assert fal_health({"storage": storage}, AccountGate(30), now=time.monotonic()) == []
 
 
 def test_a_refused_upload_token_is_no_refusal_of_the_key():
     storage = FalCalls(None)
     storage.answer(401, {"detail": "token expired"}, {"x-fal-request-id": "r1"}, with_key=False)
     assert storage.key_refused is None and storage.answered_at is not None
+
+
+def test_fal_health_reports_the_account_s_lock_in_fal_s_words_with_secrets_masked():
+    clock = [0.0]
+    gate = AccountGate(30, clock=lambda: clock[0])
+    gate.locked("User is locked.\nReason: TOP_UP. key-secret-123\x07 " + "x" * 400)
+    (line,) = fal_health({}, gate, now=0.0, secrets=["key-secret-123"])
+    assert line.startswith(
+        "fal: the account is locked, so new jobs are refused for now: User is locked. Reason: TOP_UP. *** x"
+    )
+    assert line.isprintable() and len(line) < 400 and line.endswith("…")
+    clock[0] = 30.0  # the pause is over: the next job finds out
+    assert fal_health({}, gate, now=0.0) == []
