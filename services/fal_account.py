@@ -15,6 +15,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from .redact import one_line
+
 log = logging.getLogger(__name__)
 
 LONGEST_PAUSE_SECONDS = 600.0
@@ -38,7 +40,9 @@ class AccountGate:
         return self._reason is not None and self._clock() < self._closed_until
 
     def locked(self, reason: str) -> None:
-        """fal refused a submit or upload with its account lock."""
+        """fal refused a submit or upload with its account lock, in `reason`'s words: kept as
+        one line, since they reach the log and /healthz (a line break would forge a log line)."""
+        reason = one_line(reason)
         if self._reason is None:
             log.error("fal refused the bot's account: %s. No jobs are submitted until fal accepts them again.", reason)
             self._pause = self._first_pause

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from services.fal_account import AccountGate
 
 
@@ -52,3 +56,14 @@ def test_a_first_pause_longer_than_ten_minutes_is_kept():
     assert gate.refuses()
     clock.now += 1
     assert not gate.refuses()
+
+
+def test_fals_words_for_a_lock_stay_one_line_in_the_log(caplog: pytest.LogCaptureFixture):
+    """fal's detail is text from outside the bot: a line break in it must not start a log line
+    of its own (in the text format, a forged entry)."""
+    gate = AccountGate(30, clock=Clock())
+    with caplog.at_level(logging.ERROR, logger="services.fal_account"):
+        gate.locked("Exhausted balance\n[2026-12-04 12:00:00] [INFO    ] kontext: all is well")
+    (record,) = caplog.records
+    assert "\n" not in record.getMessage()
+    assert gate.locked_reason == "Exhausted balance [2026-12-04 12:00:00] [INFO ] kontext: all is well"
