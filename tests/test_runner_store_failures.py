@@ -184,9 +184,9 @@ async def test_a_job_let_go_as_the_database_failed_its_writes_is_resumed_once_th
         store._update_job = disk_full_for_a_while  # type: ignore[method-assign]
         jobs.adopt([job])
         await asyncio.wait_for(last_try.wait(), 5)
-        driver = jobs._drivers.get(job.id)
-        if driver is not None:
-            await driver
+        async with asyncio.timeout(5):
+            while busy := {*jobs._drivers.values(), *jobs._background}:  # the drivers, the resumes
+                await asyncio.wait(busy)
         assert shown == [job.id] * 4 and jobs.active_job(job.id) is None
         stored = await store.get_job(job.id)
         assert stored is not None and stored.delivered_at is not None
