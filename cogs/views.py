@@ -522,9 +522,10 @@ async def job_for(interaction: Interaction, job_id: int, key: str | None, action
             raise UserFacingError(
                 N_("Acting on another member's edit is for the moderators of a server that added the bot.")
             )
-    if action in STARTS_A_JOB and not may_ask_here(interaction):
+    if (action in STARTS_A_JOB or action is JobAction.SHARE) and not may_ask_here(interaction):
+        # What posts in the channel for the member: a new job's reply, a shared result.
         raise UserFacingError(
-            N_("You can't post or use app commands in this channel, so nothing new can be started here for you.")
+            N_("You can't post or use app commands in this channel, so the bot posts nothing here for you.")
         )
     message = interaction.message
     own_copy = message is not None and message.id in (job.message_id, *job.posted_message_ids)

@@ -118,6 +118,21 @@ async def test_private_first_results_are_shared_to_the_channel_after_a_restart(w
     await world.discord.wait_until(lambda: shared.deleted)
 
 
+async def test_a_member_muted_in_the_channel_cannot_share_a_private_result_there(world):
+    """Moderators take Send Messages from alice in the channel after her private-first result
+    came: Share, still pressable on it, would have the bot post it there for her. Refused
+    privately, as Re-roll and Edit are (test_iterate_e2e); nothing is posted."""
+    fake = world.discord
+    await world.start_bot()
+    await settings(world, results="private_first")
+    private = await finished(await world.kontext(image=None, prompt="a secret garden"))
+    fake.set_permission_overwrite(fake.channel_id, fake.alice, deny=SEND_MESSAGES)
+    share = await fake.click_button(private.id, button(private, "share"), user="alice")
+    await share.wait_for_callback()
+    assert "can't post or use app commands in this channel" in private_answer(share)
+    assert [m for m in fake.channel_messages() if not m.ephemeral and m.flags & IS_COMPONENTS_V2] == []
+
+
 async def test_a_double_click_on_share_posts_the_result_once(world):
     await world.start_bot()
     await settings(world, results="private_first")
